@@ -1,0 +1,712 @@
+//! The codec interface and the TurboQuant codecs.
+//!
+//! A codec maps a vector of `dim` f32 values to a fixed-size code of
+//! `code_size()` bytes. Queries are prepared once (`prepare`: rotate, build
+//! lookup tables) and then scored straight from packed codes (`score_ip`,
+//! `score_l2`) without decoding.
+//!
+//! Code layouts (all little-endian, indices bit-packed LSB-first, see `bitpack`):
+//! - `tq-mse-B`      : `[B·dim bits of indices][f32 ‖x‖]`
+//! - `tq-mse-B-nc`   : `[B·dim bits of indices][f32 ‖x‖ / ⟨u, û⟩]` (norm correction)
+//! - `tq-prod-B`, B≥2: `[(B-1)·dim bits of indices][dim sign bits][f32 ‖x‖][f32 γ = ‖r‖]`
+//! - `tq-prod-1`     : `[dim sign bits][f32 ‖x‖]` (QJL alone, γ = 1)
+//! - `tq-mse-2.5/3.5`: `[hi sub-code][lo sub-code]`, two `tq-mse` codes over a channel split.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::bitpack::{pack, packed_len, unpack};
+use crate::codebook::{LloydMax, SphereCoordinate};
+use crate::error::{Result, TqError};
+use crate::kernels::kernels;
+use crate::rng::derive_seed;
+use crate::rotation::{DenseMatrix, Rotation, RotationKind};
+
+/// A query prepared for one codec: rotated copies and constants.
+#[derive(Clone, Debug)]
+pub struct PreparedQuery {
+    pub(crate) parts: Vec<Vec<f32>>,
+    /// ‖q‖²
+    pub norm_sq: f32,
+}
+
+/// Vectors per rayon task in batch calls (large enough to amortize scheduling;
+/// results do not depend on it: every vector is encoded independently).
+const BATCH_CHUNK: usize = 256;
+
+pub trait Codec: Send + Sync {
+    /// Registry name, e.g. `tq-mse-4`.
+    fn name(&self) -> &str;
+    fn dim(&self) -> usize;
+    fn seed(&self) -> u64;
+    fn rotation_kind(&self) -> RotationKind;
+    /// Bytes per code (fixed).
+    fn code_size(&self) -> usize;
+    /// True storage cost per coordinate, every overhead included.
+    fn bits_per_value(&self) -> f64 {
+        (self.code_size() * 8) as f64 / self.dim() as f64
+    }
+    /// Codec parameters beyond (name, dim, seed, rotation) that stored codes depend on.
+    fn params(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Fits data-dependent parameters (only the fractional codecs have any) on
+    /// a row-major sample. Must be called before encoding, never after.
+    fn train(&mut self, _sample: &[f32]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Encodes one finite vector of length `dim` into `code` (`code_size` bytes).
+    fn encode_unchecked(&self, x: &[f32], code: &mut [u8]);
+    fn decode_unchecked(&self, code: &[u8], out: &mut [f32]);
+    fn prepare_unchecked(&self, q: &[f32]) -> PreparedQuery;
+    /// Estimate of ⟨q, x⟩ from the code.
+    fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32;
+    /// Estimate of ‖q − x‖² from the code.
+    fn score_l2(&self, q: &PreparedQuery, code: &[u8]) -> f32;
+
+    // ---- checked, provided API ----
+
+    fn encode(&self, x: &[f32], code: &mut [u8]) -> Result<()> {
+        check_vectors(x, self.dim())?;
+        check_len(code.len(), self.code_size())?;
+        self.encode_unchecked(x, code);
+        Ok(())
+    }
+
+    fn decode(&self, code: &[u8], out: &mut [f32]) -> Result<()> {
+        check_len(code.len(), self.code_size())?;
+        if out.len() != self.dim() {
+            return Err(TqError::DimMismatch { expected: self.dim(), got: out.len() });
+        }
+        self.decode_unchecked(code, out);
+        Ok(())
+    }
+
+    /// Encodes row-major `xs` (`n·dim` values) into `codes` (`n·code_size` bytes), in parallel.
+    /// The output bytes do not depend on the number of threads.
+    fn encode_batch(&self, xs: &[f32], codes: &mut [u8]) -> Result<()> {
+        let (d, cs) = (self.dim(), self.code_size());
+        check_vectors(xs, d)?;
+        let n = xs.len() / d;
+        check_len(codes.len(), n * cs)?;
+        codes
+            .par_chunks_mut(cs * BATCH_CHUNK)
+            .zip(xs.par_chunks(d * BATCH_CHUNK))
+            .for_each(|(cc, xx)| {
+                for (c, x) in cc.chunks_exact_mut(cs).zip(xx.chunks_exact(d)) {
+                    self.encode_unchecked(x, c);
+                }
+            });
+        Ok(())
+    }
+
+    fn decode_batch(&self, codes: &[u8], out: &mut [f32]) -> Result<()> {
+        let (d, cs) = (self.dim(), self.code_size());
+        if codes.len() % cs != 0 {
+            return Err(TqError::CodeSizeMismatch { expected: cs, got: codes.len() % cs });
+        }
+        let n = codes.len() / cs;
+        if out.len() != n * d {
+            return Err(TqError::DimMismatch { expected: n * d, got: out.len() });
+        }
+        out.par_chunks_mut(d * BATCH_CHUNK).zip(codes.par_chunks(cs * BATCH_CHUNK)).for_each(|(oo, cc)| {
+            for (o, c) in oo.chunks_exact_mut(d).zip(cc.chunks_exact(cs)) {
+                self.decode_unchecked(c, o);
+            }
+        });
+        Ok(())
+    }
+
+    fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
+        check_vectors(q, self.dim())?;
+        if q.len() != self.dim() {
+            return Err(TqError::DimMismatch { expected: self.dim(), got: q.len() });
+        }
+        Ok(self.prepare_unchecked(q))
+    }
+
+    /// Inner-product scores of one prepared query against `n` consecutive codes.
+    fn score_ip_many(&self, q: &PreparedQuery, codes: &[u8], out: &mut [f32]) {
+        for (o, c) in out.iter_mut().zip(codes.chunks_exact(self.code_size())) {
+            *o = self.score_ip(q, c);
+        }
+    }
+}
+
+fn check_len(got: usize, expected: usize) -> Result<()> {
+    if got != expected {
+        return Err(TqError::CodeSizeMismatch { expected, got });
+    }
+    Ok(())
+}
+
+/// Validates a row-major batch: length a multiple of `dim`, all values finite,
+/// every norm representable in f32.
+pub fn check_vectors(xs: &[f32], dim: usize) -> Result<()> {
+    if xs.is_empty() || xs.len() % dim != 0 {
+        return Err(TqError::DimMismatch { expected: dim, got: if xs.is_empty() { 0 } else { xs.len() % dim } });
+    }
+    for (i, v) in xs.chunks_exact(dim).enumerate() {
+        let mut s = 0.0f64;
+        for (j, &x) in v.iter().enumerate() {
+            if !x.is_finite() {
+                return Err(TqError::NonFinite { vector: i, coord: j, value: x });
+            }
+            s += x as f64 * x as f64;
+        }
+        if s.sqrt() > f32::MAX as f64 {
+            return Err(TqError::BadParams(format!("vector {i} has a norm that overflows f32")));
+        }
+    }
+    Ok(())
+}
+
+struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    idx: Vec<u8>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new(), idx: Vec::new() }) };
+}
+
+fn with_scratch<R>(dim: usize, f: impl FnOnce(&mut [f32], &mut [f32], &mut [u8]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.a.len() < dim {
+            s.a.resize(dim, 0.0);
+            s.b.resize(dim, 0.0);
+            s.idx.resize(dim, 0);
+        }
+        let s = &mut *s;
+        f(&mut s.a[..dim], &mut s.b[..dim], &mut s.idx[..dim])
+    })
+}
+
+/// ‖y‖ with the canonical summation order; exact f64 fallback when f32 squares
+/// overflow or underflow (the norm itself is checked to fit f32 at the API).
+fn norm_of(y: &[f32]) -> f32 {
+    let s = (kernels().sum_sq)(y);
+    if s.is_normal() || s == 0.0 && y.iter().all(|&v| v == 0.0) {
+        s.sqrt()
+    } else {
+        let mut t = 0.0f64;
+        for &v in y {
+            t += v as f64 * v as f64;
+        }
+        t.sqrt() as f32
+    }
+}
+
+/// Scales `y` by `1/norm` (multiplying by the reciprocal when it is finite).
+fn normalize(y: &mut [f32], norm: f32) {
+    let inv = 1.0 / norm;
+    if inv.is_finite() {
+        y.iter_mut().for_each(|v| *v *= inv);
+    } else {
+        y.iter_mut().for_each(|v| *v /= norm);
+    }
+}
+
+#[inline]
+fn read_f32(code: &[u8], at: usize) -> f32 {
+    f32::from_le_bytes([code[at], code[at + 1], code[at + 2], code[at + 3]])
+}
+
+// ---------------------------------------------------------------------------
+// TurboQuant_mse (Algorithm 1) with optional norm correction
+// ---------------------------------------------------------------------------
+
+/// TurboQuant_mse: rotate, quantize each coordinate with the Lloyd–Max
+/// codebook of the sphere's coordinate law, store the norm (or, with norm
+/// correction, `‖x‖/⟨u, û⟩`, which makes `⟨q, decode(x)⟩` unbiased).
+pub struct TurboQuantMse {
+    name: String,
+    dim: usize,
+    bits: u32,
+    seed: u64,
+    norm_correction: bool,
+    rotation: Rotation,
+    codebook: Arc<LloydMax>,
+    centroids_sq: Vec<f32>,
+    ones: Vec<f32>,
+    packed: usize,
+}
+
+impl TurboQuantMse {
+    pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, norm_correction: bool) -> Result<Self> {
+        let codebook = LloydMax::get(dim, bits)?;
+        let rotation = Rotation::new(rotation, dim, seed)?;
+        let name = format!("tq-mse-{bits}{}", if norm_correction { "-nc" } else { "" });
+        Ok(Self {
+            name,
+            dim,
+            bits,
+            seed,
+            norm_correction,
+            rotation,
+            centroids_sq: codebook.centroids.iter().map(|c| c * c).collect(),
+            codebook,
+            ones: vec![1.0; dim],
+            packed: packed_len(dim, bits),
+        })
+    }
+
+    pub fn codebook(&self) -> &LloydMax {
+        &self.codebook
+    }
+
+    /// Rotated, normalized → indices; returns the stored scale.
+    fn encode_rotated(&self, y: &mut [f32], tmp: &mut [f32], idx: &mut [u8]) -> f32 {
+        let k = kernels();
+        let norm = norm_of(y);
+        if norm == 0.0 {
+            idx.iter_mut().for_each(|v| *v = 0);
+            return 0.0;
+        }
+        normalize(y, norm);
+        (k.quantize)(y, &self.codebook.boundaries, self.bits, idx);
+        if self.norm_correction {
+            for (t, &i) in tmp.iter_mut().zip(idx.iter()) {
+                *t = self.codebook.centroids[i as usize];
+            }
+            // ⟨u, û⟩ > 0: every term y_j c_j is >= 0 and some is > 0.
+            norm / (k.dot)(y, tmp)
+        } else {
+            norm
+        }
+    }
+}
+
+impl Codec for TurboQuantMse {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+    fn rotation_kind(&self) -> RotationKind {
+        self.rotation.kind()
+    }
+    fn code_size(&self) -> usize {
+        self.packed + 4
+    }
+
+    fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
+        with_scratch(self.dim, |y, tmp, idx| {
+            y.copy_from_slice(x);
+            self.rotation.rotate_in_place(y, tmp);
+            let scale = self.encode_rotated(y, tmp, idx);
+            pack(idx, self.bits, &mut code[..self.packed]);
+            code[self.packed..self.packed + 4].copy_from_slice(&scale.to_le_bytes());
+        })
+    }
+
+    fn decode_unchecked(&self, code: &[u8], out: &mut [f32]) {
+        with_scratch(self.dim, |_, tmp, idx| {
+            unpack(&code[..self.packed], self.bits, idx);
+            for (o, &i) in out.iter_mut().zip(idx.iter()) {
+                *o = self.codebook.centroids[i as usize];
+            }
+            self.rotation.unrotate_in_place(out, tmp);
+            let scale = read_f32(code, self.packed);
+            out.iter_mut().for_each(|v| *v *= scale);
+        })
+    }
+
+    fn prepare_unchecked(&self, q: &[f32]) -> PreparedQuery {
+        let norm_sq = (kernels().sum_sq)(q);
+        PreparedQuery { parts: vec![self.rotation.rotate(q)], norm_sq }
+    }
+
+    fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
+        self.ip_rotated(&q.parts[0], code)
+    }
+
+    /// ‖q − x̂‖², the distance to the decoded vector (asymmetric distance).
+    fn score_l2(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
+        self.l2_rotated(&q.parts[0], q.norm_sq, code)
+    }
+}
+
+impl TurboQuantMse {
+    /// ⟨q, x̂⟩ from the rotated query `qr = Π q`.
+    fn ip_rotated(&self, qr: &[f32], code: &[u8]) -> f32 {
+        let s = (kernels().dot_codes)(qr, &code[..self.packed], self.bits, &self.codebook.centroids);
+        s * read_f32(code, self.packed)
+    }
+
+    fn l2_rotated(&self, qr: &[f32], q_norm_sq: f32, code: &[u8]) -> f32 {
+        let k = kernels();
+        let p = &code[..self.packed];
+        let scale = read_f32(code, self.packed);
+        let ip = (k.dot_codes)(qr, p, self.bits, &self.codebook.centroids) * scale;
+        let cc = (k.dot_codes)(&self.ones, p, self.bits, &self.centroids_sq) * scale * scale;
+        q_norm_sq - 2.0 * ip + cc
+    }
+}
+
+// ---------------------------------------------------------------------------
+// TurboQuant_prod (Algorithm 2); `tq-prod-1` is QJL alone
+// ---------------------------------------------------------------------------
+
+/// The QJL projection `S` of TurboQuant_prod, applied in the rotated domain
+/// (`S Π` has the same law as `S` for both choices). Both use the estimator
+/// constant `κ = 1/(dim · E|T|)` (E|T| the sphere's 1-bit centroid, → √(2/π)/√dim).
+pub enum QjlProjection {
+    /// The paper's `S` (i.i.d. N(0,1) entries) with each row normalized to unit
+    /// length: signs are unchanged, and the estimator becomes unbiased for the
+    /// fixed `S` in use, not only on average over `S` (with raw Gaussian rows one
+    /// fixed `S` at dim 128 showed a 1.3% bias from its row-norm spread). `O(dim²)`.
+    /// `D_prod = E γ² (1/(d² E|T|²) − 1/d²)` ≈ `E γ² · π/(2d)` (the paper's figure).
+    Gaussian(Arc<DenseMatrix>),
+    /// `S = R₂`, a second, independently seeded rotation of the codec's kind
+    /// (orthogonal rows, `O(dim log dim)` with Hadamard). Lower variance:
+    /// `D_prod = E γ² (1/(d² E|T|²) − 1/d)` ≈ `E γ² (π/2 − 1)/d`.
+    Orthogonal(Rotation),
+}
+
+impl QjlProjection {
+    fn project(&self, r: &mut [f32], tmp: &mut [f32]) {
+        match self {
+            QjlProjection::Gaussian(m) => {
+                m.apply(r, tmp);
+                r.copy_from_slice(tmp);
+            }
+            QjlProjection::Orthogonal(rot) => rot.rotate_in_place(r, tmp),
+        }
+    }
+    fn project_t(&self, s: &mut [f32], tmp: &mut [f32]) {
+        match self {
+            QjlProjection::Gaussian(m) => {
+                m.apply_t(s, tmp);
+                s.copy_from_slice(tmp);
+            }
+            QjlProjection::Orthogonal(rot) => rot.unrotate_in_place(s, tmp),
+        }
+    }
+}
+
+/// TurboQuant_prod: `bits-1` bits of TurboQuant_mse, then a 1-bit QJL sketch
+/// `s = sign(S r)` of the residual `r = u − û` and `γ = ‖r‖`;
+/// `est⟨q,x⟩ = ‖x‖ (⟨Πq, c⟩ + γ·κ·⟨SΠq, s⟩)`, unbiased.
+pub struct TurboQuantProd {
+    name: String,
+    dim: usize,
+    bits: u32,
+    seed: u64,
+    rotation: Rotation,
+    qjl: QjlProjection,
+    codebook: Option<Arc<LloydMax>>,
+    qjl_scale: f32,
+    packed_mse: usize,
+    packed_sign: usize,
+}
+
+const SIGN_TABLE: [f32; 2] = [-1.0, 1.0];
+/// Sub-seed purpose tag for the QJL projection.
+const QJL_PURPOSE: u64 = 0x514A_4C;
+
+impl TurboQuantProd {
+    /// `orthogonal`: structured orthogonal projection instead of the paper's Gaussian one.
+    pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, orthogonal: bool) -> Result<Self> {
+        if !(1..=8).contains(&bits) {
+            return Err(TqError::UnsupportedBits(bits));
+        }
+        let codebook = if bits >= 2 { Some(LloydMax::get(dim, bits - 1)?) } else { None };
+        let qjl_seed = derive_seed(seed, QJL_PURPOSE);
+        let qjl = if orthogonal {
+            QjlProjection::Orthogonal(Rotation::new(rotation, dim, qjl_seed)?)
+        } else {
+            QjlProjection::Gaussian(DenseMatrix::random_directions(dim, qjl_seed))
+        };
+        let qjl_scale = (1.0 / (dim as f64 * SphereCoordinate::new(dim).mean_abs())) as f32;
+        Ok(Self {
+            name: format!("tq-prod-{bits}{}", if orthogonal { "-orth" } else { "" }),
+            dim,
+            bits,
+            seed,
+            rotation: Rotation::new(rotation, dim, seed)?,
+            qjl,
+            codebook,
+            qjl_scale,
+            packed_mse: packed_len(dim, bits - 1),
+            packed_sign: packed_len(dim, 1),
+        })
+    }
+
+    fn gamma(&self, code: &[u8]) -> f32 {
+        if self.bits >= 2 {
+            read_f32(code, self.packed_mse + self.packed_sign + 4)
+        } else {
+            1.0
+        }
+    }
+}
+
+impl Codec for TurboQuantProd {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+    fn rotation_kind(&self) -> RotationKind {
+        self.rotation.kind()
+    }
+    fn code_size(&self) -> usize {
+        self.packed_mse + self.packed_sign + if self.bits >= 2 { 8 } else { 4 }
+    }
+
+    fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
+        let k = kernels();
+        with_scratch(self.dim, |y, tmp, idx| {
+            y.copy_from_slice(x);
+            self.rotation.rotate_in_place(y, tmp);
+            let norm = norm_of(y);
+            let (pm, ps) = (self.packed_mse, self.packed_sign);
+            if norm > 0.0 {
+                normalize(y, norm);
+            }
+            let mut gamma = 1.0;
+            if let Some(cb) = &self.codebook {
+                (k.quantize)(y, &cb.boundaries, self.bits - 1, idx);
+                pack(idx, self.bits - 1, &mut code[..pm]);
+                for (r, &i) in y.iter_mut().zip(idx.iter()) {
+                    *r -= cb.centroids[i as usize];
+                }
+                gamma = norm_of(y);
+            }
+            self.qjl.project(y, tmp);
+            for (s, &v) in idx.iter_mut().zip(y.iter()) {
+                *s = (v > 0.0) as u8;
+            }
+            pack(idx, 1, &mut code[pm..pm + ps]);
+            code[pm + ps..pm + ps + 4].copy_from_slice(&norm.to_le_bytes());
+            if self.bits >= 2 {
+                code[pm + ps + 4..pm + ps + 8].copy_from_slice(&gamma.to_le_bytes());
+            }
+        })
+    }
+
+    fn decode_unchecked(&self, code: &[u8], out: &mut [f32]) {
+        let (pm, ps) = (self.packed_mse, self.packed_sign);
+        with_scratch(self.dim, |v, tmp, idx| {
+            unpack(&code[pm..pm + ps], 1, idx);
+            for (o, &s) in v.iter_mut().zip(idx.iter()) {
+                *o = SIGN_TABLE[s as usize];
+            }
+            self.qjl.project_t(v, tmp);
+            let g = self.gamma(code) * self.qjl_scale;
+            v.iter_mut().for_each(|e| *e *= g);
+            if let Some(cb) = &self.codebook {
+                unpack(&code[..pm], self.bits - 1, idx);
+                for (o, &i) in v.iter_mut().zip(idx.iter()) {
+                    *o += cb.centroids[i as usize];
+                }
+            }
+            self.rotation.unrotate_in_place(v, tmp);
+            let norm = read_f32(code, pm + ps);
+            for (o, &e) in out.iter_mut().zip(v.iter()) {
+                *o = e * norm;
+            }
+        })
+    }
+
+    fn prepare_unchecked(&self, q: &[f32]) -> PreparedQuery {
+        let qr = self.rotation.rotate(q);
+        let mut qs = qr.clone();
+        let mut tmp = vec![0.0; self.dim];
+        self.qjl.project(&mut qs, &mut tmp);
+        PreparedQuery { parts: vec![qr, qs], norm_sq: (kernels().sum_sq)(q) }
+    }
+
+    fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
+        let k = kernels();
+        let (pm, ps) = (self.packed_mse, self.packed_sign);
+        let mut s = 0.0;
+        if let Some(cb) = &self.codebook {
+            s = (k.dot_codes)(&q.parts[0], &code[..pm], self.bits - 1, &cb.centroids);
+        }
+        let sk = (k.dot_codes)(&q.parts[1], &code[pm..pm + ps], 1, &SIGN_TABLE);
+        (s + self.gamma(code) * self.qjl_scale * sk) * read_f32(code, pm + ps)
+    }
+
+    /// ‖q‖² + ‖x‖² − 2·est⟨q,x⟩ with the stored (exact) norm: unbiased.
+    fn score_l2(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
+        let norm = read_f32(code, self.packed_mse + self.packed_sign);
+        q.norm_sq + norm * norm - 2.0 * self.score_ip(q, code)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Fractional rates by an outlier-channel split
+// ---------------------------------------------------------------------------
+
+/// `tq-mse-2.5` / `tq-mse-3.5`: two independent TurboQuant_mse instances over a
+/// channel split: `dim/2` *outlier* channels at `hi` bits, the rest at `lo` bits
+/// (2.5 = 3+2, 3.5 = 4+3 on average, before the two f32 norms).
+///
+/// Outlier rule: the `dim/2` channels with the largest mean square over the
+/// training sample (the first vectors of the stream; ties to the lower channel
+/// index), fixed for the whole stream and stored with the codes (`params`).
+/// Untrained, the outliers are channels `0..dim/2`.
+pub struct TurboQuantFractional {
+    name: String,
+    dim: usize,
+    seed: u64,
+    hi: TurboQuantMse,
+    lo: TurboQuantMse,
+    outliers: Vec<u32>,
+    rest: Vec<u32>,
+}
+
+impl TurboQuantFractional {
+    pub fn new(name: &str, dim: usize, hi_bits: u32, lo_bits: u32, seed: u64, rotation: RotationKind) -> Result<Self> {
+        if dim < 4 {
+            return Err(TqError::BadDim(dim, 4));
+        }
+        let n_out = dim / 2;
+        let hi = TurboQuantMse::new(n_out, hi_bits, derive_seed(seed, 1), rotation, false)?;
+        let lo = TurboQuantMse::new(dim - n_out, lo_bits, derive_seed(seed, 2), rotation, false)?;
+        let mut c = Self { name: name.to_string(), dim, seed, hi, lo, outliers: Vec::new(), rest: Vec::new() };
+        c.set_outliers((0..n_out as u32).collect());
+        Ok(c)
+    }
+
+    fn set_outliers(&mut self, mut outliers: Vec<u32>) {
+        outliers.sort_unstable();
+        let mut is_out = vec![false; self.dim];
+        for &o in &outliers {
+            is_out[o as usize] = true;
+        }
+        self.rest = (0..self.dim as u32).filter(|&c| !is_out[c as usize]).collect();
+        self.outliers = outliers;
+    }
+
+    /// Restores the channel split from stored `params`.
+    pub fn with_params(mut self, params: &[u8]) -> Result<Self> {
+        let n_out = self.dim / 2;
+        if params.len() != 4 * n_out {
+            return Err(TqError::BadParams(format!(
+                "{} needs {} outlier channel ids, the stored parameters hold {} bytes",
+                self.name,
+                n_out,
+                params.len()
+            )));
+        }
+        let ids: Vec<u32> = params.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&i| i as usize >= self.dim) {
+            return Err(TqError::BadParams("outlier channel ids must be increasing and < dim".into()));
+        }
+        self.set_outliers(ids);
+        Ok(self)
+    }
+
+    pub fn outliers(&self) -> &[u32] {
+        &self.outliers
+    }
+
+    fn split(&self, x: &[f32], a: &mut [f32], b: &mut [f32]) {
+        for (o, &c) in a.iter_mut().zip(&self.outliers) {
+            *o = x[c as usize];
+        }
+        for (o, &c) in b.iter_mut().zip(&self.rest) {
+            *o = x[c as usize];
+        }
+    }
+}
+
+impl Codec for TurboQuantFractional {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn dim(&self) -> usize {
+        self.dim
+    }
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+    fn rotation_kind(&self) -> RotationKind {
+        self.hi.rotation_kind()
+    }
+    fn code_size(&self) -> usize {
+        self.hi.code_size() + self.lo.code_size()
+    }
+    fn params(&self) -> Vec<u8> {
+        self.outliers.iter().flat_map(|c| c.to_le_bytes()).collect()
+    }
+
+    fn train(&mut self, sample: &[f32]) -> Result<()> {
+        check_vectors(sample, self.dim)?;
+        let mut ms = vec![0.0f64; self.dim];
+        for v in sample.chunks_exact(self.dim) {
+            for (m, &x) in ms.iter_mut().zip(v) {
+                *m += x as f64 * x as f64;
+            }
+        }
+        let mut order: Vec<u32> = (0..self.dim as u32).collect();
+        // largest mean square first; ties to the lower index (stable sort)
+        order.sort_by(|&a, &b| ms[b as usize].total_cmp(&ms[a as usize]));
+        order.truncate(self.dim / 2);
+        self.set_outliers(order);
+        Ok(())
+    }
+
+    fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
+        let mut a = vec![0.0; self.outliers.len()];
+        let mut b = vec![0.0; self.rest.len()];
+        self.split(x, &mut a, &mut b);
+        let h = self.hi.code_size();
+        self.hi.encode_unchecked(&a, &mut code[..h]);
+        self.lo.encode_unchecked(&b, &mut code[h..]);
+    }
+
+    fn decode_unchecked(&self, code: &[u8], out: &mut [f32]) {
+        let mut a = vec![0.0; self.outliers.len()];
+        let mut b = vec![0.0; self.rest.len()];
+        let h = self.hi.code_size();
+        self.hi.decode_unchecked(&code[..h], &mut a);
+        self.lo.decode_unchecked(&code[h..], &mut b);
+        for (&v, &c) in a.iter().zip(&self.outliers) {
+            out[c as usize] = v;
+        }
+        for (&v, &c) in b.iter().zip(&self.rest) {
+            out[c as usize] = v;
+        }
+    }
+
+    fn prepare_unchecked(&self, q: &[f32]) -> PreparedQuery {
+        let mut a = vec![0.0; self.outliers.len()];
+        let mut b = vec![0.0; self.rest.len()];
+        self.split(q, &mut a, &mut b);
+        let pa = self.hi.prepare_unchecked(&a);
+        let pb = self.lo.prepare_unchecked(&b);
+        let norms = vec![pa.norm_sq, pb.norm_sq];
+        let mut parts = pa.parts;
+        parts.extend(pb.parts);
+        parts.push(norms);
+        PreparedQuery { norm_sq: (kernels().sum_sq)(q), parts }
+    }
+
+    fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
+        let h = self.hi.code_size();
+        self.hi.ip_rotated(&q.parts[0], &code[..h]) + self.lo.ip_rotated(&q.parts[1], &code[h..])
+    }
+
+    fn score_l2(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
+        let h = self.hi.code_size();
+        self.hi.l2_rotated(&q.parts[0], q.parts[2][0], &code[..h])
+            + self.lo.l2_rotated(&q.parts[1], q.parts[2][1], &code[h..])
+    }
+}

@@ -1,0 +1,22 @@
+use thiserror::Error;
+
+/// Errors reachable from user input. Messages are one line and name the problem.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum TqError {
+    #[error("unknown codec '{0}' (run `tq codecs` for the list)")]
+    UnknownCodec(String),
+    #[error("unsupported bit width {0}: TurboQuant codecs take 1..=8 bits per coordinate")]
+    UnsupportedBits(u32),
+    #[error("dimension {0} is not supported: need dim >= {1}")]
+    BadDim(usize, usize),
+    #[error("dimension mismatch: codec expects {expected} values per vector, got {got}")]
+    DimMismatch { expected: usize, got: usize },
+    #[error("code buffer has {got} bytes, expected {expected}")]
+    CodeSizeMismatch { expected: usize, got: usize },
+    #[error("non-finite input: value {value} at vector {vector}, coordinate {coord}")]
+    NonFinite { vector: usize, coord: usize, value: f32 },
+    #[error("invalid codec parameters: {0}")]
+    BadParams(String),
+}
+
+pub type Result<T> = std::result::Result<T, TqError>;

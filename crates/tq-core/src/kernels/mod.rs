@@ -1,0 +1,70 @@
+//! Hot kernels: a scalar reference (`*_ref`, always compiled, the test oracle)
+//! and SIMD variants chosen once at run time.
+//!
+//! Bit-exactness contract: `fwht`, `quantize`, `sum_sq` and `dot` give the
+//! *same bits* on every path (they perform the same IEEE operations in the
+//! same order; no FMA), because their results are baked into stored codes.
+//! `dot_codes` (scoring) may differ from the reference by float reassociation
+//! only; parity tests bound that difference.
+//!
+//! Set `TQ_SIMD=scalar` to force the reference path (e.g. to compare).
+
+use std::sync::OnceLock;
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+/// A table of kernel entry points resolved once per process.
+pub struct Kernels {
+    pub name: &'static str,
+    /// In-place unnormalized fast Walsh–Hadamard transform; `x.len()` is a power of two.
+    pub fwht: fn(&mut [f32]),
+    /// `idx[j] = #{k : boundaries[k] < y[j]}`; `boundaries.len() == 2^bits - 1`.
+    pub quantize: fn(&[f32], &[f32], u32, &mut [u8]),
+    /// Σ x² in the canonical order (8 lanes, lane = index mod 8, fixed reduction tree).
+    pub sum_sq: fn(&[f32]) -> f32,
+    /// Σ a·b in the canonical order.
+    pub dot: fn(&[f32], &[f32]) -> f32,
+    /// Σ_j q[j] · table[idx_j] where idx_j is the j-th `bits`-bit field of `packed`
+    /// (LSB-first bit stream); `table.len() >= 2^bits`.
+    pub dot_codes: fn(&[f32], &[u8], u32, &[f32]) -> f32,
+}
+
+pub static SCALAR: Kernels = Kernels {
+    name: "scalar",
+    fwht: scalar::fwht_ref,
+    quantize: scalar::quantize_ref,
+    sum_sq: scalar::sum_sq_ref,
+    dot: scalar::dot_ref,
+    dot_codes: scalar::dot_codes_ref,
+};
+
+/// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).
+pub fn kernels() -> &'static Kernels {
+    static K: OnceLock<&'static Kernels> = OnceLock::new();
+    K.get_or_init(|| {
+        if std::env::var("TQ_SIMD").map(|v| v == "scalar").unwrap_or(false) {
+            return &SCALAR;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if let Some(k) = x86::detect() {
+                return k;
+            }
+        }
+        &SCALAR
+    })
+}
+
+/// Every kernel table usable on this CPU (for parity tests and benchmarks).
+pub fn available() -> Vec<&'static Kernels> {
+    let mut v = vec![&SCALAR];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if let Some(k) = x86::detect() {
+            v.push(k);
+        }
+    }
+    v
+}

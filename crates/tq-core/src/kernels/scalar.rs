@@ -1,0 +1,69 @@
+//! Scalar reference kernels: the oracle every SIMD path is tested against.
+
+/// Unnormalized in-place FWHT (butterfly order: h = 1, 2, 4, ...; `a+b`, `a-b`).
+pub fn fwht_ref(x: &mut [f32]) {
+    let n = x.len();
+    debug_assert!(n.is_power_of_two());
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let a = x[j];
+                let b = x[j + h];
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+}
+
+pub fn quantize_ref(y: &[f32], boundaries: &[f32], _bits: u32, idx: &mut [u8]) {
+    for (o, &v) in idx.iter_mut().zip(y) {
+        *o = boundaries.partition_point(|&b| b < v) as u8;
+    }
+}
+
+/// Fixed reduction tree over the 8 lane sums.
+#[inline]
+pub fn reduce8(l: &[f32; 8]) -> f32 {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
+}
+
+pub fn sum_sq_ref(x: &[f32]) -> f32 {
+    let mut l = [0.0f32; 8];
+    for (i, &v) in x.iter().enumerate() {
+        l[i % 8] += v * v;
+    }
+    reduce8(&l)
+}
+
+pub fn dot_ref(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut l = [0.0f32; 8];
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        l[i % 8] += x * y;
+    }
+    reduce8(&l)
+}
+
+/// The `j`-th `bits`-bit field of an LSB-first bit stream.
+#[inline]
+pub fn get_field(packed: &[u8], bits: u32, j: usize) -> usize {
+    let bit = j * bits as usize;
+    let byte = bit / 8;
+    let shift = bit % 8;
+    let mut w = packed[byte] as u32;
+    if shift + bits as usize > 8 {
+        w |= (packed[byte + 1] as u32) << 8;
+    }
+    ((w >> shift) & ((1u32 << bits) - 1)) as usize
+}
+
+pub fn dot_codes_ref(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for (j, &qj) in q.iter().enumerate() {
+        s += qj * table[get_field(packed, bits, j)];
+    }
+    s
+}

@@ -1,0 +1,268 @@
+//! AVX2 kernels (x86_64), selected at run time by `detect`.
+
+use super::scalar;
+use super::Kernels;
+use std::arch::x86_64::*;
+
+static AVX2: Kernels = Kernels {
+    name: "avx2",
+    fwht: fwht,
+    quantize: quantize,
+    sum_sq: sum_sq,
+    dot: dot,
+    dot_codes: dot_codes,
+};
+
+pub fn detect() -> Option<&'static Kernels> {
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        Some(&AVX2)
+    } else {
+        None
+    }
+}
+
+fn fwht(x: &mut [f32]) {
+    if x.len() < 8 {
+        return scalar::fwht_ref(x);
+    }
+    // SAFETY: `detect` checked AVX2 before this table could be handed out.
+    unsafe { fwht_avx2(x) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn fwht_avx2(x: &mut [f32]) {
+    let n = x.len();
+    let p = x.as_mut_ptr();
+    // Stages h = 1, 2, 4 inside each 8-lane register. Lane j of the low half of a
+    // pair gets x[j] + x[j^h]; the high lane gets x[j^h] - x[j] (= a - b of the reference).
+    for c in (0..n).step_by(8) {
+        // SAFETY: c + 8 <= n because n is a power of two >= 8.
+        unsafe {
+            let mut v = _mm256_loadu_ps(p.add(c));
+            let sw = _mm256_permute_ps(v, 0b10_11_00_01);
+            v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1010_1010);
+            let sw = _mm256_permute_ps(v, 0b01_00_11_10);
+            v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1100_1100);
+            let sw = _mm256_permute2f128_ps(v, v, 1);
+            v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1111_0000);
+            _mm256_storeu_ps(p.add(c), v);
+        }
+    }
+    let mut h = 8;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in (i..i + h).step_by(8) {
+                // SAFETY: j + h + 8 <= i + 2h <= n.
+                unsafe {
+                    let a = _mm256_loadu_ps(p.add(j));
+                    let b = _mm256_loadu_ps(p.add(j + h));
+                    _mm256_storeu_ps(p.add(j), _mm256_add_ps(a, b));
+                    _mm256_storeu_ps(p.add(j + h), _mm256_sub_ps(a, b));
+                }
+            }
+        }
+        h *= 2;
+    }
+}
+
+fn quantize(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) {
+    assert_eq!(boundaries.len(), (1usize << bits) - 1);
+    assert!(idx.len() >= y.len());
+    // SAFETY: AVX2 checked by `detect`; lengths checked above.
+    unsafe { quantize_avx2(y, boundaries, bits, idx) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) {
+    let n = y.len();
+    let full = n / 8 * 8;
+    let mut out = [0i32; 8];
+    if bits <= 4 {
+        let nb = boundaries.len();
+        let mut bv = [_mm256_setzero_ps(); 15];
+        for k in 0..nb {
+            bv[k] = _mm256_set1_ps(boundaries[k]);
+        }
+        for c in (0..full).step_by(8) {
+            // SAFETY: c + 8 <= n.
+            let v = unsafe { _mm256_loadu_ps(y.as_ptr().add(c)) };
+            let mut cnt = _mm256_setzero_si256();
+            for b in bv.iter().take(nb) {
+                // boundary < y  <=>  y > boundary (ordered, non-signalling; inputs are finite)
+                let gt = _mm256_castps_si256(_mm256_cmp_ps(v, *b, _CMP_GT_OQ));
+                cnt = _mm256_sub_epi32(cnt, gt);
+            }
+            // SAFETY: `out` has 8 lanes.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, cnt) };
+            for l in 0..8 {
+                idx[c + l] = out[l] as u8;
+            }
+        }
+    } else {
+        for c in (0..full).step_by(8) {
+            // SAFETY: c + 8 <= n.
+            let v = unsafe { _mm256_loadu_ps(y.as_ptr().add(c)) };
+            let mut pos = _mm256_setzero_si256();
+            let mut step = 1i32 << (bits - 1);
+            while step > 0 {
+                let cand = _mm256_add_epi32(pos, _mm256_set1_epi32(step));
+                // SAFETY: cand - 1 <= 2^bits - 2 < boundaries.len().
+                let thr = unsafe {
+                    _mm256_i32gather_ps::<4>(boundaries.as_ptr(), _mm256_sub_epi32(cand, _mm256_set1_epi32(1)))
+                };
+                let gt = _mm256_castps_si256(_mm256_cmp_ps(v, thr, _CMP_GT_OQ));
+                pos = _mm256_blendv_epi8(pos, cand, gt);
+                step >>= 1;
+            }
+            // SAFETY: `out` has 8 lanes.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, pos) };
+            for l in 0..8 {
+                idx[c + l] = out[l] as u8;
+            }
+        }
+    }
+    scalar::quantize_ref(&y[full..], boundaries, bits, &mut idx[full..n]);
+}
+
+fn sum_sq(x: &[f32]) -> f32 {
+    // SAFETY: AVX2 checked by `detect`.
+    unsafe { sum_sq_avx2(x) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn sum_sq_avx2(x: &[f32]) -> f32 {
+    let full = x.len() / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for c in (0..full).step_by(8) {
+        // SAFETY: c + 8 <= len.
+        let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(c)) };
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+    }
+    let mut l = [0.0f32; 8];
+    // SAFETY: 8 lanes.
+    unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
+    for (i, &v) in x[full..].iter().enumerate() {
+        l[i] += v * v;
+    }
+    scalar::reduce8(&l)
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: AVX2 checked by `detect`; equal lengths.
+    unsafe { dot_avx2(a, b) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let full = a.len() / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    for c in (0..full).step_by(8) {
+        // SAFETY: c + 8 <= len.
+        let (x, y) = unsafe { (_mm256_loadu_ps(a.as_ptr().add(c)), _mm256_loadu_ps(b.as_ptr().add(c))) };
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
+    }
+    let mut l = [0.0f32; 8];
+    // SAFETY: 8 lanes.
+    unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
+    for (i, (&x, &y)) in a[full..].iter().zip(&b[full..]).enumerate() {
+        l[i] += x * y;
+    }
+    scalar::reduce8(&l)
+}
+
+fn dot_codes(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 {
+    assert!((1..=8).contains(&bits));
+    assert!(table.len() >= 1 << bits);
+    assert!(packed.len() * 8 >= q.len() * bits as usize);
+    // SAFETY: AVX2+FMA checked by `detect`; buffer sizes checked above.
+    unsafe { dot_codes_avx2(q, packed, bits, table) }
+}
+
+/// Per bit width: the pshufb control that puts bytes `o, o+1` of the group into
+/// 32-bit lane k (o = k·bits / 8), and the right shift `k·bits mod 8`.
+fn unpack_consts(bits: u32) -> ([i8; 32], [i32; 8]) {
+    let mut shuf = [-1i8; 32];
+    let mut shifts = [0i32; 8];
+    for k in 0..8usize {
+        let start = k * bits as usize;
+        let o = start / 8;
+        shifts[k] = (start % 8) as i32;
+        // lanes 0-3 live in the low 128-bit half, 4-7 in the high half; both halves hold the group.
+        let base = (k % 4) * 4 + if k >= 4 { 16 } else { 0 };
+        shuf[base] = o as i8;
+        if o + 1 < 8 {
+            shuf[base + 1] = (o + 1) as i8;
+        }
+    }
+    (shuf, shifts)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_codes_avx2(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 {
+    let n = q.len();
+    let groups = n / 8;
+    let b = bits as usize;
+    let (shuf, shifts) = unpack_consts(bits);
+    // SAFETY (all loads below): arrays have the sizes the intrinsics read.
+    let (shuf, shifts) = unsafe {
+        (
+            _mm256_loadu_si256(shuf.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
+        )
+    };
+    let mask = _mm256_set1_epi32((1i32 << bits) - 1);
+    let pad = padded8(table);
+    // SAFETY: `pad` has 8 entries; for bits >= 4 the table has at least 16.
+    let t0 = unsafe { _mm256_loadu_ps(if bits <= 3 { pad.as_ptr() } else { table.as_ptr() }) };
+    let t1 = if bits == 4 { unsafe { _mm256_loadu_ps(table.as_ptr().add(8)) } } else { t0 };
+    let mut acc = _mm256_setzero_ps();
+    let mut acc2 = _mm256_setzero_ps();
+    for g in 0..groups {
+        let off = g * b;
+        let w: u64 = if off + 8 <= packed.len() {
+            // SAFETY: 8 bytes in bounds.
+            unsafe { (packed.as_ptr().add(off) as *const u64).read_unaligned() }
+        } else {
+            let mut tmp = [0u8; 8];
+            tmp[..packed.len() - off].copy_from_slice(&packed[off..]);
+            u64::from_le_bytes(tmp)
+        };
+        let bytes = _mm256_set1_epi64x(w as i64);
+        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, shuf), shifts), mask);
+        let vals = match bits {
+            1..=3 => _mm256_permutevar8x32_ps(t0, idx),
+            4 => {
+                let lo = _mm256_permutevar8x32_ps(t0, idx);
+                let hi = _mm256_permutevar8x32_ps(t1, idx);
+                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+            }
+            // SAFETY: idx < 2^bits <= table.len().
+            _ => unsafe { _mm256_i32gather_ps::<4>(table.as_ptr(), idx) },
+        };
+        // SAFETY: g*8 + 8 <= n.
+        let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(g * 8)) };
+        if g % 2 == 0 {
+            acc = _mm256_fmadd_ps(qv, vals, acc);
+        } else {
+            acc2 = _mm256_fmadd_ps(qv, vals, acc2);
+        }
+    }
+    let mut l = [0.0f32; 8];
+    // SAFETY: 8 lanes.
+    unsafe { _mm256_storeu_ps(l.as_mut_ptr(), _mm256_add_ps(acc, acc2)) };
+    let mut s = scalar::reduce8(&l);
+    for j in groups * 8..n {
+        s += q[j] * table[scalar::get_field(packed, bits, j)];
+    }
+    s
+}
+
+/// The first 8 entries of a table with fewer than 8 (padded with zeros).
+#[inline]
+fn padded8(table: &[f32]) -> [f32; 8] {
+    let mut t = [0.0f32; 8];
+    let k = table.len().min(8);
+    t[..k].copy_from_slice(&table[..k]);
+    t
+}

@@ -1,0 +1,18 @@
+//! TurboQuant core: rotations, Lloyd–Max codebooks, codecs, bit packing and
+//! scoring kernels. This crate does no I/O.
+
+pub mod bitpack;
+pub mod codebook;
+pub mod error;
+pub mod kernels;
+pub mod rng;
+pub mod rotation;
+
+pub use error::{Result, TqError};
+pub mod codec;
+pub mod eval;
+pub mod registry;
+
+pub use codec::{Codec, PreparedQuery};
+pub use registry::{build, lookup, registry, CodecEntry, CodecKind};
+pub use rotation::RotationKind;

@@ -1,0 +1,320 @@
+//! Random rotations: a seeded randomized Hadamard transform (fast, default) and
+//! a dense Haar rotation (QR of a seeded Gaussian matrix; the paper-exact mode).
+//!
+//! ## Randomized Hadamard for any dimension
+//! Let `p` be the largest power of two `<= dim`. One *round* multiplies by
+//! random signs (one per coordinate), then applies the orthonormal Walsh–Hadamard
+//! matrix `H_p/√p` to the block `[0, p)` and, when `dim` is not a power of two,
+//! again to the overlapping block `[dim-p, dim)`. Every step is orthogonal, so
+//! the composition is. Powers of two from 64 up use 2 rounds (`H D₂ H D₁`);
+//! other dimensions 3 rounds, so that every output coordinate depends on every
+//! input (and small powers of two rarely map a basis vector to a basis vector).
+//! Cost: `rounds · (dim + 2·p·log₂ p)` flops.
+//!
+//! Determinism: signs come from xoshiro256** seeded by the rotation seed; the
+//! butterflies are exact IEEE adds/subtracts in a fixed order on every kernel
+//! path, so the same seed gives bit-identical output on every machine and
+//! thread count.
+//!
+//! WARNING: the rotation (kind, seed, and this construction) is baked into
+//! stored codes. Changing it requires a new file-format version.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::error::{Result, TqError};
+use crate::kernels::kernels;
+use crate::rng::Xoshiro256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RotationKind {
+    Hadamard,
+    Haar,
+}
+
+impl RotationKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RotationKind::Hadamard => "hadamard",
+            RotationKind::Haar => "haar",
+        }
+    }
+    pub fn id(self) -> u8 {
+        match self {
+            RotationKind::Hadamard => 0,
+            RotationKind::Haar => 1,
+        }
+    }
+    pub fn from_id(id: u8) -> Option<Self> {
+        match id {
+            0 => Some(RotationKind::Hadamard),
+            1 => Some(RotationKind::Haar),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for RotationKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "hadamard" => Ok(RotationKind::Hadamard),
+            "haar" => Ok(RotationKind::Haar),
+            _ => Err(format!("unknown rotation '{s}' (expected hadamard or haar)")),
+        }
+    }
+}
+
+/// Seeded randomized Hadamard transform for any `dim >= 2`.
+#[derive(Clone, Debug)]
+pub struct Hadamard {
+    dim: usize,
+    block: usize,
+    /// Per round, a sign mask per coordinate (0 or 0x8000_0000, XORed into the f32 bits).
+    signs: Vec<Vec<u32>>,
+    scale: f32,
+}
+
+impl Hadamard {
+    pub fn new(dim: usize, seed: u64) -> Self {
+        let block = if dim.is_power_of_two() { dim } else { dim.next_power_of_two() / 2 };
+        let rounds = if dim.is_power_of_two() && dim >= 64 { 2 } else { 3 };
+        let mut rng = Xoshiro256::new(seed);
+        let signs = (0..rounds)
+            .map(|_| (0..dim).map(|_| if rng.next_u64() >> 63 == 1 { 0x8000_0000 } else { 0 }).collect())
+            .collect();
+        Self { dim, block, signs, scale: (1.0 / (block as f64).sqrt()) as f32 }
+    }
+
+    pub fn rounds(&self) -> usize {
+        self.signs.len()
+    }
+
+    fn apply_signs(x: &mut [f32], s: &[u32]) {
+        for (v, &m) in x.iter_mut().zip(s) {
+            *v = f32::from_bits(v.to_bits() ^ m);
+        }
+    }
+
+    fn block_transform(&self, x: &mut [f32]) {
+        let fwht = kernels().fwht;
+        let p = self.block;
+        fwht(&mut x[..p]);
+        for v in &mut x[..p] {
+            *v *= self.scale;
+        }
+        if self.dim != p {
+            let off = self.dim - p;
+            fwht(&mut x[off..]);
+            for v in &mut x[off..] {
+                *v *= self.scale;
+            }
+        }
+    }
+
+    fn block_transform_t(&self, x: &mut [f32]) {
+        let fwht = kernels().fwht;
+        let p = self.block;
+        if self.dim != p {
+            let off = self.dim - p;
+            fwht(&mut x[off..]);
+            for v in &mut x[off..] {
+                *v *= self.scale;
+            }
+        }
+        fwht(&mut x[..p]);
+        for v in &mut x[..p] {
+            *v *= self.scale;
+        }
+    }
+
+    pub fn rotate_in_place(&self, x: &mut [f32]) {
+        for s in &self.signs {
+            Self::apply_signs(x, s);
+            self.block_transform(x);
+        }
+    }
+
+    pub fn unrotate_in_place(&self, x: &mut [f32]) {
+        for s in self.signs.iter().rev() {
+            self.block_transform_t(x);
+            Self::apply_signs(x, s);
+        }
+    }
+}
+
+/// A dense seeded `dim × dim` matrix, stored row-major and transposed so that
+/// both `M x` and `Mᵀ y` are column-axpy loops (element-wise mul/add in a fixed
+/// order: deterministic and auto-vectorized). Cached per `(kind, dim, seed)`.
+#[derive(Debug)]
+pub struct DenseMatrix {
+    dim: usize,
+    m: Vec<f32>,
+    mt: Vec<f32>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum DenseKind {
+    Haar,
+    Gaussian,
+}
+
+impl DenseMatrix {
+    /// Haar-distributed rotation: Gram–Schmidt (twice, in f64) of a seeded
+    /// Gaussian matrix, i.e. the Q of its QR decomposition with positive R
+    /// diagonal, which is exactly Haar. `O(dim³)` to build.
+    pub fn haar(dim: usize, seed: u64) -> Arc<DenseMatrix> {
+        Self::cached(DenseKind::Haar, dim, seed)
+    }
+
+    /// Independent uniformly random unit rows (i.i.d. N(0,1) rows, normalized):
+    /// the paper's QJL matrix with its row scale removed.
+    pub fn random_directions(dim: usize, seed: u64) -> Arc<DenseMatrix> {
+        Self::cached(DenseKind::Gaussian, dim, seed)
+    }
+
+    fn cached(kind: DenseKind, dim: usize, seed: u64) -> Arc<DenseMatrix> {
+        type Cache = Mutex<HashMap<(DenseKind, usize, u64), Arc<DenseMatrix>>>;
+        static CACHE: OnceLock<Cache> = OnceLock::new();
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(h) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&(kind, dim, seed)) {
+            return h.clone();
+        }
+        let rows = match kind {
+            DenseKind::Haar => Self::haar_rows(dim, seed),
+            DenseKind::Gaussian => {
+                let mut rng = Xoshiro256::new(seed);
+                (0..dim)
+                    .map(|_| {
+                        let g: Vec<f64> = (0..dim).map(|_| rng.gaussian()).collect();
+                        let n = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+                        g.iter().map(|x| x / n).collect()
+                    })
+                    .collect()
+            }
+        };
+        let mut m = vec![0.0f32; dim * dim];
+        let mut mt = vec![0.0f32; dim * dim];
+        for i in 0..dim {
+            for j in 0..dim {
+                m[i * dim + j] = rows[i][j] as f32;
+                mt[j * dim + i] = rows[i][j] as f32;
+            }
+        }
+        let h = Arc::new(DenseMatrix { dim, m, mt });
+        cache.lock().unwrap_or_else(|e| e.into_inner()).insert((kind, dim, seed), h.clone());
+        h
+    }
+
+    fn haar_rows(dim: usize, seed: u64) -> Vec<Vec<f64>> {
+        let mut rng = Xoshiro256::new(seed);
+        let mut rows: Vec<Vec<f64>> = Vec::with_capacity(dim);
+        for _ in 0..dim {
+            let mut v: Vec<f64> = (0..dim).map(|_| rng.gaussian()).collect();
+            for _pass in 0..2 {
+                for r in &rows {
+                    let p: f64 = r.iter().zip(&v).map(|(a, b)| a * b).sum();
+                    for (x, &y) in v.iter_mut().zip(r) {
+                        *x -= p * y;
+                    }
+                }
+            }
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter_mut().for_each(|x| *x /= n);
+            rows.push(v);
+        }
+        rows
+    }
+
+    /// `out = Σ_j x_j · (column j of A)` where `cols` holds A's columns row-major.
+    fn axpy_columns(cols: &[f32], dim: usize, x: &[f32], out: &mut [f32]) {
+        out.iter_mut().for_each(|v| *v = 0.0);
+        for (j, &xj) in x.iter().enumerate() {
+            let col = &cols[j * dim..(j + 1) * dim];
+            for (o, &c) in out.iter_mut().zip(col) {
+                *o += xj * c;
+            }
+        }
+    }
+
+    /// `out = M x`.
+    pub fn apply(&self, x: &[f32], out: &mut [f32]) {
+        Self::axpy_columns(&self.mt, self.dim, x, out)
+    }
+
+    /// `out = Mᵀ y`.
+    pub fn apply_t(&self, y: &[f32], out: &mut [f32]) {
+        Self::axpy_columns(&self.m, self.dim, y, out)
+    }
+}
+
+/// A rotation of `R^dim` (see the module docs).
+#[derive(Clone, Debug)]
+pub enum Rotation {
+    Hadamard(Hadamard),
+    Haar(Arc<DenseMatrix>),
+}
+
+impl Rotation {
+    pub fn new(kind: RotationKind, dim: usize, seed: u64) -> Result<Self> {
+        if dim < 2 {
+            return Err(TqError::BadDim(dim, 2));
+        }
+        Ok(match kind {
+            RotationKind::Hadamard => Rotation::Hadamard(Hadamard::new(dim, seed)),
+            RotationKind::Haar => Rotation::Haar(DenseMatrix::haar(dim, seed)),
+        })
+    }
+
+    pub fn kind(&self) -> RotationKind {
+        match self {
+            Rotation::Hadamard(_) => RotationKind::Hadamard,
+            Rotation::Haar(_) => RotationKind::Haar,
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        match self {
+            Rotation::Hadamard(h) => h.dim,
+            Rotation::Haar(h) => h.dim,
+        }
+    }
+
+    /// `x ← Π x`; `scratch` must hold `dim` floats (unused by Hadamard).
+    pub fn rotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        match self {
+            Rotation::Hadamard(h) => h.rotate_in_place(x),
+            Rotation::Haar(h) => {
+                h.apply(x, scratch);
+                x.copy_from_slice(&scratch[..x.len()]);
+            }
+        }
+    }
+
+    /// `x ← Πᵀ x`.
+    pub fn unrotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        match self {
+            Rotation::Hadamard(h) => h.unrotate_in_place(x),
+            Rotation::Haar(h) => {
+                h.apply_t(x, scratch);
+                x.copy_from_slice(&scratch[..x.len()]);
+            }
+        }
+    }
+
+    /// Convenience: `Π x` into a new vector.
+    pub fn rotate(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = x.to_vec();
+        let mut s = vec![0.0; x.len()];
+        self.rotate_in_place(&mut y, &mut s);
+        y
+    }
+
+    /// Convenience: `Πᵀ y` into a new vector.
+    pub fn unrotate(&self, y: &[f32]) -> Vec<f32> {
+        let mut x = y.to_vec();
+        let mut s = vec![0.0; y.len()];
+        self.unrotate_in_place(&mut x, &mut s);
+        x
+    }
+}

@@ -1,0 +1,151 @@
+use proptest::prelude::*;
+use tq_core::bitpack::{pack, packed_len, unpack};
+use tq_core::kernels::{available, scalar, SCALAR};
+use tq_core::rng::Xoshiro256;
+use tq_core::rotation::{Rotation, RotationKind};
+
+fn randv(rng: &mut Xoshiro256, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.gaussian() as f32).collect()
+}
+
+#[test]
+fn fwht_simd_is_bit_identical_to_scalar() {
+    let mut rng = Xoshiro256::new(3);
+    for k in 0..=11 {
+        let n = 1usize << k;
+        let x = randv(&mut rng, n);
+        let mut want = x.clone();
+        scalar::fwht_ref(&mut want);
+        for k in available() {
+            let mut got = x.clone();
+            (k.fwht)(&mut got);
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{} n={n}",
+                k.name
+            );
+        }
+    }
+}
+
+#[test]
+fn fwht_twice_is_n_times_identity() {
+    let mut rng = Xoshiro256::new(4);
+    let x = randv(&mut rng, 64);
+    let mut y = x.clone();
+    scalar::fwht_ref(&mut y);
+    scalar::fwht_ref(&mut y);
+    for (a, b) in x.iter().zip(&y) {
+        assert!((a * 64.0 - b).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn quantize_sum_dot_simd_are_bit_identical_to_scalar() {
+    let mut rng = Xoshiro256::new(5);
+    for bits in 1..=8u32 {
+        let cb = tq_core::codebook::LloydMax::get(64, bits).unwrap();
+        for n in [1usize, 7, 8, 9, 31, 64, 67, 130] {
+            let y: Vec<f32> = randv(&mut rng, n).iter().map(|v| v / 8.0).collect();
+            let mut want = vec![0u8; n];
+            (SCALAR.quantize)(&y, &cb.boundaries, bits, &mut want);
+            // the reference is the count of boundaries below each value
+            for (j, &v) in y.iter().enumerate() {
+                assert_eq!(want[j] as usize, cb.boundaries.iter().filter(|&&b| b < v).count());
+            }
+            for k in available() {
+                let mut got = vec![0u8; n];
+                (k.quantize)(&y, &cb.boundaries, bits, &mut got);
+                assert_eq!(got, want, "{} bits={bits} n={n}", k.name);
+                let z = randv(&mut rng, n);
+                assert_eq!((k.sum_sq)(&y).to_bits(), (SCALAR.sum_sq)(&y).to_bits());
+                assert_eq!((k.dot)(&y, &z).to_bits(), (SCALAR.dot)(&y, &z).to_bits());
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_codes_simd_matches_scalar() {
+    let mut rng = Xoshiro256::new(6);
+    for bits in 1..=8u32 {
+        let table = randv(&mut rng, 1 << bits);
+        for n in [1usize, 5, 8, 9, 16, 50, 64, 127, 128, 384, 1536] {
+            let q = randv(&mut rng, n);
+            let idx: Vec<u8> = (0..n).map(|_| rng.below(1 << bits) as u8).collect();
+            let mut packed = vec![0u8; packed_len(n, bits)];
+            pack(&idx, bits, &mut packed);
+            let want = scalar::dot_codes_ref(&q, &packed, bits, &table);
+            let exact: f64 = q.iter().zip(&idx).map(|(&a, &i)| a as f64 * table[i as usize] as f64).sum();
+            let mag: f64 = q.iter().zip(&idx).map(|(&a, &i)| (a as f64 * table[i as usize] as f64).abs()).sum();
+            for k in available() {
+                let got = (k.dot_codes)(&q, &packed, bits, &table) as f64;
+                // float reassociation only: bounded by n·eps·Σ|terms|
+                let tol = 4.0 * n as f64 * f32::EPSILON as f64 * mag + 1e-30;
+                assert!((got - exact).abs() <= tol, "{} bits={bits} n={n}: {got} vs {exact}", k.name);
+                assert!((want as f64 - exact).abs() <= tol);
+            }
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn roundtrip_bitpack(bits in 1u32..=8, vals in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let idx: Vec<u8> = vals.iter().map(|v| (*v as u32 & ((1 << bits) - 1)) as u8).collect();
+        let mut packed = vec![0u8; packed_len(idx.len(), bits)];
+        pack(&idx, bits, &mut packed);
+        let mut back = vec![0u8; idx.len()];
+        unpack(&packed, bits, &mut back);
+        prop_assert_eq!(&back, &idx);
+        for (j, &v) in idx.iter().enumerate() {
+            prop_assert_eq!(scalar::get_field(&packed, bits, j), v as usize);
+        }
+    }
+
+    #[test]
+    fn rotation_preserves_norm_and_inverts(dim in 2usize..300, seed in any::<u64>(), haar in any::<bool>()) {
+        let kind = if haar && dim <= 96 { RotationKind::Haar } else { RotationKind::Hadamard };
+        let r = Rotation::new(kind, dim, seed).unwrap();
+        let mut rng = Xoshiro256::new(seed ^ 1);
+        let x = randv(&mut rng, dim);
+        let y = r.rotate(&x);
+        let nx: f64 = x.iter().map(|v| (*v as f64).powi(2)).sum();
+        let ny: f64 = y.iter().map(|v| (*v as f64).powi(2)).sum();
+        prop_assert!((nx - ny).abs() <= 1e-5 * nx);
+        let z = r.unrotate(&y);
+        for (a, b) in x.iter().zip(&z) {
+            prop_assert!((a - b).abs() <= 1e-5 * (nx.sqrt() as f32));
+        }
+    }
+}
+
+#[test]
+fn hadamard_spreads_a_basis_vector_in_any_dimension() {
+    // no output coordinate keeps a large share of a basis vector's energy
+    // (a uniformly random rotation gives max_j y_j² ≈ 2 ln(d)/d)
+    for dim in [3usize, 4, 8, 50, 96, 100, 128, 200, 384, 1536] {
+        let r = Rotation::new(RotationKind::Hadamard, dim, 9).unwrap();
+        let bound = if dim < 50 { 0.6 } else { 8.0 * (dim as f32).ln() / dim as f32 };
+        for i in [0, dim / 2, dim - 1] {
+            let mut e = vec![0.0f32; dim];
+            e[i] = 1.0;
+            let y = r.rotate(&e);
+            let m = y.iter().map(|v| v * v).fold(0.0f32, f32::max);
+            assert!(m <= bound, "dim {dim} basis {i}: max share {m} > {bound}");
+        }
+    }
+}
+
+#[test]
+fn rotation_is_deterministic_per_seed() {
+    let x: Vec<f32> = (0..100).map(|i| (i as f32).sin()).collect();
+    for kind in [RotationKind::Hadamard, RotationKind::Haar] {
+        let a = Rotation::new(kind, 100, 11).unwrap().rotate(&x);
+        let b = Rotation::new(kind, 100, 11).unwrap().rotate(&x);
+        let c = Rotation::new(kind, 100, 12).unwrap().rotate(&x);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+}

@@ -1,0 +1,6 @@
+//! tq-core integration tests (one binary). Statistical tolerances are derived
+//! from the measured standard error (`Z` standard errors) or stated by the issue.
+
+mod codecs;
+mod kernels;
+mod theory;
