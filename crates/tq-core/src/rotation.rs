@@ -3,13 +3,15 @@
 //!
 //! ## Randomized Hadamard for any dimension
 //! Let `p` be the largest power of two `<= dim`. One *round* multiplies by
-//! random signs (one per coordinate), then applies the orthonormal Walsh–Hadamard
+//! random signs (one per coordinate), permutes the coordinates by a seeded
+//! random permutation (only when `dim` is not a power of two), then applies the orthonormal Walsh–Hadamard
 //! matrix `H_p/√p` to the block `[0, p)` and, when `dim` is not a power of two,
 //! again to the overlapping block `[dim-p, dim)`. Every step is orthogonal, so
 //! the composition is. Powers of two from 64 up use 2 rounds (`H D₂ H D₁`);
 //! other dimensions 3 rounds, so that every output coordinate depends on every
 //! input (and small powers of two rarely map a basis vector to a basis vector).
-//! Cost: `rounds · (dim + 2·p·log₂ p)` flops.
+//! Cost: `rounds · (dim + 2·p·log₂ p)` flops. Below 8 dimensions the signed
+//! Hadamard blocks form a small discrete group and mix poorly: use `haar` there.
 //!
 //! Determinism: signs come from xoshiro256** seeded by the rotation seed; the
 //! butterflies are exact IEEE adds/subtracts in a fixed order on every kernel
@@ -72,6 +74,9 @@ pub struct Hadamard {
     block: usize,
     /// Per round, a sign mask per coordinate (0 or 0x8000_0000, XORed into the f32 bits).
     signs: Vec<Vec<u32>>,
+    /// Non-powers of two: per round, a permutation applied after the signs
+    /// (`x'[j] = x[perm[j]]`), so that the two overlapping blocks mix well.
+    perms: Vec<Vec<u32>>,
     scale: f32,
 }
 
@@ -83,7 +88,21 @@ impl Hadamard {
         let signs = (0..rounds)
             .map(|_| (0..dim).map(|_| if rng.next_u64() >> 63 == 1 { 0x8000_0000 } else { 0 }).collect())
             .collect();
-        Self { dim, block, signs, scale: (1.0 / (block as f64).sqrt()) as f32 }
+        let perms = if dim == block {
+            Vec::new()
+        } else {
+            (0..rounds)
+                .map(|_| {
+                    // Fisher–Yates with the same generator
+                    let mut p: Vec<u32> = (0..dim as u32).collect();
+                    for i in (1..dim).rev() {
+                        p.swap(i, rng.below(i as u64 + 1) as usize);
+                    }
+                    p
+                })
+                .collect()
+        };
+        Self { dim, block, signs, perms, scale: (1.0 / (block as f64).sqrt()) as f32 }
     }
 
     pub fn rounds(&self) -> usize {
@@ -128,16 +147,30 @@ impl Hadamard {
         }
     }
 
-    pub fn rotate_in_place(&self, x: &mut [f32]) {
-        for s in &self.signs {
+    /// `x ← Π x`; `scratch` holds `dim` floats (used for the permutations).
+    pub fn rotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        for (r, s) in self.signs.iter().enumerate() {
             Self::apply_signs(x, s);
+            if let Some(p) = self.perms.get(r) {
+                scratch[..self.dim].copy_from_slice(x);
+                for (o, &j) in x.iter_mut().zip(p) {
+                    *o = scratch[j as usize];
+                }
+            }
             self.block_transform(x);
         }
     }
 
-    pub fn unrotate_in_place(&self, x: &mut [f32]) {
-        for s in self.signs.iter().rev() {
+    /// `x ← Πᵀ x`.
+    pub fn unrotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        for (r, s) in self.signs.iter().enumerate().rev() {
             self.block_transform_t(x);
+            if let Some(p) = self.perms.get(r) {
+                scratch[..self.dim].copy_from_slice(x);
+                for (&v, &j) in scratch.iter().zip(p) {
+                    x[j as usize] = v;
+                }
+            }
             Self::apply_signs(x, s);
         }
     }
@@ -280,10 +313,10 @@ impl Rotation {
         }
     }
 
-    /// `x ← Π x`; `scratch` must hold `dim` floats (unused by Hadamard).
+    /// `x ← Π x`; `scratch` must hold `dim` floats.
     pub fn rotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
         match self {
-            Rotation::Hadamard(h) => h.rotate_in_place(x),
+            Rotation::Hadamard(h) => h.rotate_in_place(x, scratch),
             Rotation::Haar(h) => {
                 h.apply(x, scratch);
                 x.copy_from_slice(&scratch[..x.len()]);
@@ -294,7 +327,7 @@ impl Rotation {
     /// `x ← Πᵀ x`.
     pub fn unrotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
         match self {
-            Rotation::Hadamard(h) => h.unrotate_in_place(x),
+            Rotation::Hadamard(h) => h.unrotate_in_place(x, scratch),
             Rotation::Haar(h) => {
                 h.apply_t(x, scratch);
                 x.copy_from_slice(&scratch[..x.len()]);
