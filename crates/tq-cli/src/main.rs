@@ -1,1 +1,258 @@
-fn main(){}
+//! `tq`: TurboQuant from the command line. Errors are one line on stderr with
+//! a non-zero exit status; no command leaves a partial output file.
+
+mod bench;
+mod files;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tq_core::eval::{measure_distortion, theory, DEFAULT_RHO};
+use tq_core::{registry, RotationKind};
+
+use files::{CodeFile, Matrix};
+
+#[derive(Parser)]
+#[command(name = "tq", version, about = "TurboQuant: near-optimal online vector quantization")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List the codec registry: name, id, bits per value, code size formula.
+    Codecs {
+        /// Dimension at which bits per value and code size are evaluated.
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure distortion on random unit vectors against the theory.
+    Distortion {
+        #[arg(long)]
+        codec: String,
+        #[arg(long)]
+        dim: usize,
+        #[arg(long, default_value_t = 20_000)]
+        n: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "hadamard")]
+        rotation: RotationKind,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Encode vectors (.npy float32/float64 or .fvecs) into a .tqc code file.
+    Encode {
+        #[arg(long)]
+        codec: String,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "hadamard")]
+        rotation: RotationKind,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode a .tqc code file into a float32 .npy.
+    Decode {
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Benchmarks (one core) with quality beside speed.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+    /// The main job: measure everything that exists and write a report directory.
+    Report {
+        #[arg(long, default_value = "report")]
+        out: PathBuf,
+        /// Vectors per (codec, dim) at dim <= 128 (fewer at 1536; see the report).
+        #[arg(long, default_value_t = 20_000)]
+        n: usize,
+        /// Small, fast run (for smoke tests).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Encode, decode and score-from-codes throughput vs f32 dot products.
+    Encode {
+        #[arg(long)]
+        codec: String,
+        #[arg(long, default_value_t = 128)]
+        dim: usize,
+        #[arg(long, default_value_t = 200_000)]
+        n: usize,
+        #[arg(long, default_value = "hadamard")]
+        rotation: RotationKind,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("error: {}", chain.join(": "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Codecs { dim, json } => codecs(dim, json),
+        Cmd::Distortion { codec, dim, n, seed, rotation, json } => distortion(&codec, dim, n, seed, rotation, json),
+        Cmd::Encode { codec, input, out, seed, rotation, json } => encode(&codec, &input, &out, seed, rotation, json),
+        Cmd::Decode { input, out } => decode(&input, &out),
+        Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, json } } => {
+            bench::encode(&codec, dim, n, rotation, json)
+        }
+        Cmd::Report { out, n, quick } => report::run(&out, n, quick),
+    }
+}
+
+fn codecs(dim: usize, json: bool) -> Result<()> {
+    let rows: Vec<_> = registry()
+        .iter()
+        .map(|e| {
+            json!({
+                "id": e.id, "name": e.name, "nominal_bits": e.nominal_bits(),
+                "bits_per_value": e.bits_per_value(dim), "code_size": e.code_size(dim),
+                "code_size_formula": e.code_size_formula(), "description": e.description(),
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&json!({"dim": dim, "codecs": rows}))?);
+    } else {
+        println!("{:<4} {:<16} {:>10} {:>10}  {:<40} description", "id", "name", "bits/val", "bytes", "code size (bytes)");
+        println!("{:<4} {:<16} {:>10} {:>10}", "", "", format!("@d={dim}"), format!("@d={dim}"));
+        for e in registry() {
+            println!(
+                "{:<4} {:<16} {:>10.4} {:>10}  {:<40} {}",
+                e.id,
+                e.name,
+                e.bits_per_value(dim),
+                e.code_size(dim),
+                e.code_size_formula(),
+                e.description()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn distortion(name: &str, dim: usize, n: usize, seed: u64, rot: RotationKind, json: bool) -> Result<()> {
+    if n < 2 {
+        bail!("--n must be at least 2 (got {n})");
+    }
+    let entry = tq_core::lookup(name)?;
+    let codec = entry.build(dim, seed, rot, &[])?;
+    let pb = indicatif::ProgressBar::new(n as u64);
+    if json {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let s = measure_distortion(codec.as_ref(), n, seed.wrapping_add(1), DEFAULT_RHO, &|k| pb.inc(k as u64));
+    pb.finish_and_clear();
+    let t = theory(entry, dim);
+    let out = json!({
+        "codec": name, "dim": dim, "n": n, "seed": seed, "rotation": rot.name(),
+        "bits_per_value": codec.bits_per_value(),
+        "d_mse": s.d_mse, "d_mse_stderr": s.d_mse_stderr, "d_mse_theory": nan_null(t.d_mse),
+        "d_prod": s.d_prod, "d_prod_stderr": s.d_prod_stderr, "d_prod_theory": nan_null(t.d_prod),
+        "ip_bias": s.ip_bias, "ip_bias_stderr": s.ip_bias_stderr,
+        "rho": s.rho, "ip_bias_rho": s.ip_bias_rho, "ip_bias_rho_stderr": s.ip_bias_rho_stderr,
+        "ip_gain": s.ip_gain, "ip_gain_theory": t.ip_gain,
+    });
+    if json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("{} dim={} n={} rotation={} bits/value={:.4}", name, dim, n, rot.name(), codec.bits_per_value());
+        println!("  d_mse  = {:.6} ± {:.6}   theory {:.6}", s.d_mse, s.d_mse_stderr, t.d_mse);
+        println!("  d_prod·dim = {:.5} ± {:.5}   theory {:.5}", s.d_prod * dim as f64, s.d_prod_stderr * dim as f64, t.d_prod * dim as f64);
+        println!("  ip_bias = {:+.6} ± {:.6} (independent q)", s.ip_bias, s.ip_bias_stderr);
+        println!(
+            "  planted q (ρ={}): bias {:+.6} ± {:.6}, gain {:.5} (theory {:.5})",
+            s.rho, s.ip_bias_rho, s.ip_bias_rho_stderr, s.ip_gain, t.ip_gain
+        );
+    }
+    Ok(())
+}
+
+fn nan_null(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+/// Vectors used to fit data-dependent codec parameters (fractional codecs).
+const TRAIN_SAMPLE: usize = 4096;
+
+fn encode(name: &str, input: &PathBuf, out: &PathBuf, seed: u64, rot: RotationKind, json: bool) -> Result<()> {
+    let entry = tq_core::lookup(name)?;
+    let m = files::read_vectors(input)?;
+    let mut codec = entry.build(m.cols, seed, rot, &[]).with_context(|| format!("{} has dimension {}", input.display(), m.cols))?;
+    tq_core::codec::check_vectors(&m.data, m.cols).with_context(|| format!("bad input {}", input.display()))?;
+    codec.train(&m.data[..m.cols * m.rows.min(TRAIN_SAMPLE)])?;
+    let mut codes = vec![0u8; m.rows * codec.code_size()];
+    let t = std::time::Instant::now();
+    codec.encode_batch(&m.data, &mut codes)?;
+    let secs = t.elapsed().as_secs_f64();
+    let file = CodeFile {
+        codec_name: name.to_string(),
+        rotation: rot,
+        dim: m.cols,
+        count: m.rows,
+        seed,
+        code_size: codec.code_size(),
+        params: codec.params(),
+        codes,
+    };
+    let bytes = files::tqc_bytes(&file)?;
+    files::write_atomic(out, &bytes)?;
+    let info = json!({
+        "codec": name, "dim": m.cols, "count": m.rows, "code_size": codec.code_size(),
+        "bits_per_value": codec.bits_per_value(), "file_bytes": bytes.len(), "encode_seconds": secs,
+        "out": out.display().to_string(),
+    });
+    if json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        eprintln!(
+            "encoded {} × {} with {} into {} ({} bytes, {:.3} bits/value, {:.3} s)",
+            m.rows, m.cols, name, out.display(), bytes.len(), codec.bits_per_value(), secs
+        );
+    }
+    Ok(())
+}
+
+fn decode(input: &PathBuf, out: &PathBuf) -> Result<()> {
+    let f = files::read_tqc(input)?;
+    let entry = tq_core::lookup(&f.codec_name)?;
+    let codec = entry.build(f.dim, f.seed, f.rotation, &f.params).with_context(|| format!("cannot rebuild the codec of {}", input.display()))?;
+    let mut data = vec![0.0f32; f.count * f.dim];
+    codec.decode_batch(&f.codes, &mut data)?;
+    files::write_atomic(out, &files::npy_bytes(&Matrix { rows: f.count, cols: f.dim, data }))?;
+    eprintln!("decoded {} × {} ({}) into {}", f.count, f.dim, f.codec_name, out.display());
+    Ok(())
+}

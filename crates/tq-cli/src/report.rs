@@ -1,0 +1,284 @@
+//! `tq report`: the main job. Measures the distortion of every registered codec
+//! at dim 64, 128 and 1536 on seeded random unit vectors (the embedded default
+//! data: the theorems give the expected answer), compares with the exact
+//! Lloyd–Max theory and the paper's bounds, checks Hadamard against Haar, and
+//! writes `index.md`, `index.html`, `results.json` and SVG plots.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use plotters::prelude::*;
+use serde_json::json;
+use tq_core::eval::{measure_distortion, mse_bounds, theory, DistortionStats, DEFAULT_RHO};
+use tq_core::{registry, CodecEntry, CodecKind, RotationKind};
+
+struct Row {
+    entry: &'static CodecEntry,
+    dim: usize,
+    rotation: RotationKind,
+    bpv: f64,
+    s: DistortionStats,
+    t: tq_core::eval::Theory,
+}
+
+/// Vectors for a (codec, dim) task: the dense O(dim²) Gaussian QJL at 1536 is the slow case.
+fn task_n(entry: &CodecEntry, dim: usize, n: usize) -> usize {
+    match (dim, entry.kind) {
+        (d, CodecKind::Prod { orth: false, .. }) if d >= 1024 => (n / 20).max(200),
+        (d, _) if d >= 1024 => (n / 4).max(200),
+        _ => n,
+    }
+}
+
+pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
+    let n = if quick { n.min(400) } else { n };
+    let dims: &[usize] = if quick { &[64] } else { &[64, 128, 1536] };
+    let mut tasks: Vec<(&'static CodecEntry, usize, RotationKind, usize)> = Vec::new();
+    for &dim in dims {
+        for e in registry() {
+            tasks.push((e, dim, RotationKind::Hadamard, task_n(e, dim, n)));
+        }
+    }
+    let haar_dim = if quick { 64 } else { 128 };
+    for name in ["tq-mse-1", "tq-mse-2", "tq-mse-3", "tq-mse-4", "tq-prod-3"] {
+        tasks.push((tq_core::lookup(name)?, haar_dim, RotationKind::Haar, n));
+    }
+    let total: usize = tasks.iter().map(|t| t.3).sum();
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg:28} [{bar:40}] {pos}/{len} vectors ({eta})")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    let mut rows = Vec::new();
+    for (entry, dim, rotation, tn) in tasks {
+        pb.set_message(format!("{} d={} {}", entry.name, dim, rotation.name()));
+        let codec = entry.build(dim, 42, rotation, &[])?;
+        let s = measure_distortion(codec.as_ref(), tn, 7, DEFAULT_RHO, &|k| pb.inc(k as u64));
+        rows.push(Row { entry, dim, rotation, bpv: codec.bits_per_value(), s, t: theory(entry, dim) });
+    }
+    pb.finish_and_clear();
+
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for &dim in dims {
+        plot(out, dim, &rows)?;
+    }
+    let md = markdown(dims, &rows, n);
+    crate::files::write_atomic(&out.join("index.md"), md.as_bytes())?;
+    crate::files::write_atomic(&out.join("index.html"), html(&md).as_bytes())?;
+    let js: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "codec": r.entry.name, "dim": r.dim, "rotation": r.rotation.name(), "n": r.s.n,
+                "bits_per_value": r.bpv, "d_mse": r.s.d_mse, "d_mse_stderr": r.s.d_mse_stderr,
+                "d_mse_theory": fin(r.t.d_mse), "d_prod": r.s.d_prod, "d_prod_stderr": r.s.d_prod_stderr,
+                "d_prod_theory": fin(r.t.d_prod), "ip_bias": r.s.ip_bias, "ip_bias_stderr": r.s.ip_bias_stderr,
+                "ip_bias_rho": r.s.ip_bias_rho, "ip_bias_rho_stderr": r.s.ip_bias_rho_stderr,
+                "ip_gain": r.s.ip_gain, "ip_gain_theory": r.t.ip_gain,
+            })
+        })
+        .collect();
+    crate::files::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&js)?.as_bytes())?;
+    eprintln!("report written to {}/index.md (and index.html, results.json, distortion_d*.svg)", out.display());
+    Ok(())
+}
+
+fn fin(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+fn fmt_opt(v: f64, prec: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.prec$}")
+    } else {
+        "—".into()
+    }
+}
+
+fn markdown(dims: &[usize], rows: &[Row], n: usize) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# turboquant report\n");
+    let _ = writeln!(
+        s,
+        "Distortion of every registered codec on seeded uniformly random unit vectors x, with independent \
+         random unit queries q and planted queries q = ρx + √(1−ρ²)w (ρ = {DEFAULT_RHO}), n = {n} per row \
+         (fewer at d = 1536: see the n column). `d_mse` = mean ‖x − x̂‖²; `d_prod·d` = d · mean (⟨q,x⟩ − est)²; \
+         bias = mean(est − ⟨q,x⟩) on planted queries ± 1 standard error; gain = mean est / ρ (1 = unbiased). \
+         Theory: exact Lloyd–Max distortion of the sphere's coordinate law at this d; bounds 4^−b (lower) and \
+         (√3π/2)·4^−b (upper) at the nominal bits b. Rotation: randomized Hadamard unless stated.\n"
+    );
+    let _ = writeln!(s, "Regenerate with `cargo run --release -p tq-cli -- report`.\n");
+    for &dim in dims {
+        let _ = writeln!(s, "## d = {dim}\n\n![distortion vs bits, d = {dim}](distortion_d{dim}.svg)\n");
+        let _ = writeln!(
+            s,
+            "| codec | bits/value | n | d_mse | theory | Δ% | lower 4^−b | upper | d_prod·d | theory | planted bias | gain | theory |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for r in rows.iter().filter(|r| r.dim == dim && r.rotation == RotationKind::Hadamard) {
+            let (lo, hi) = mse_bounds(r.entry.nominal_bits());
+            let d = dim as f64;
+            let rel = if r.t.d_mse.is_finite() { fmt_opt(100.0 * (r.s.d_mse / r.t.d_mse - 1.0), 2) } else { "—".into() };
+            let _ = writeln!(
+                s,
+                "| {} | {:.3} | {} | {:.5} | {} | {} | {:.5} | {:.5} | {:.4} | {} | {:+.5} ± {:.5} | {:.4} | {:.4} |",
+                r.entry.name,
+                r.bpv,
+                r.s.n,
+                r.s.d_mse,
+                fmt_opt(r.t.d_mse, 5),
+                rel,
+                lo,
+                hi,
+                r.s.d_prod * d,
+                fmt_opt(r.t.d_prod * d, 4),
+                r.s.ip_bias_rho,
+                r.s.ip_bias_rho_stderr,
+                r.s.ip_gain,
+                r.t.ip_gain
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "## Hadamard vs Haar rotation\n");
+    let _ = writeln!(s, "| codec | d | d_mse Hadamard | d_mse Haar | difference / stderr | d_prod·d Hadamard | d_prod·d Haar |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    for h in rows.iter().filter(|r| r.rotation == RotationKind::Haar) {
+        if let Some(a) = rows.iter().find(|r| r.rotation == RotationKind::Hadamard && r.dim == h.dim && r.entry.id == h.entry.id) {
+            let se = (a.s.d_mse_stderr.powi(2) + h.s.d_mse_stderr.powi(2)).sqrt();
+            let d = h.dim as f64;
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.5} | {:.5} | {:+.2} | {:.4} | {:.4} |",
+                h.entry.name,
+                h.dim,
+                a.s.d_mse,
+                h.s.d_mse,
+                (a.s.d_mse - h.s.d_mse) / se,
+                a.s.d_prod * d,
+                h.s.d_prod * d
+            );
+        }
+    }
+    s
+}
+
+/// A minimal markdown-table-to-HTML rendering (headings, paragraphs, tables, images).
+fn html(md: &str) -> String {
+    let mut h = String::from(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>turboquant report</title>\
+         <style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:13px}\
+         td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child{text-align:left}</style></head><body>\n",
+    );
+    let mut in_table = false;
+    for line in md.lines() {
+        let esc = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+        if line.starts_with('|') {
+            if line.starts_with("|---") {
+                continue;
+            }
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            let tag = if in_table { "td" } else { "th" };
+            if !in_table {
+                h.push_str("<table>\n");
+                in_table = true;
+            }
+            h.push_str("<tr>");
+            for c in cells {
+                let _ = write!(h, "<{tag}>{}</{tag}>", esc(c));
+            }
+            h.push_str("</tr>\n");
+            continue;
+        }
+        if in_table {
+            h.push_str("</table>\n");
+            in_table = false;
+        }
+        if let Some(t) = line.strip_prefix("## ") {
+            let _ = writeln!(h, "<h2>{}</h2>", esc(t));
+        } else if let Some(t) = line.strip_prefix("# ") {
+            let _ = writeln!(h, "<h1>{}</h1>", esc(t));
+        } else if let Some(rest) = line.strip_prefix("![") {
+            if let Some((alt, src)) = rest.split_once("](") {
+                let _ = writeln!(h, "<img alt=\"{}\" src=\"{}\">", esc(alt), esc(src.trim_end_matches(')')));
+            }
+        } else if !line.is_empty() {
+            let _ = writeln!(h, "<p>{}</p>", esc(line));
+        }
+    }
+    if in_table {
+        h.push_str("</table>\n");
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+fn plot(out: &Path, dim: usize, rows: &[Row]) -> Result<()> {
+    let path = out.join(format!("distortion_d{dim}.svg"));
+    let root = SVGBackend::new(&path, (900, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("MSE distortion of unit vectors vs bits, d = {dim}"), ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.8f64..8.2f64, (1e-6f64..3.0f64).log_scale())
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("bits per coordinate (nominal)")
+        .y_desc("E‖x − x̂‖² (log)")
+        .draw()
+        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    let bits: Vec<f64> = (1..=8).map(|b| b as f64).collect();
+    let lower: Vec<(f64, f64)> = bits.iter().map(|&b| (b, mse_bounds(b).0)).collect();
+    let upper: Vec<(f64, f64)> = bits.iter().map(|&b| (b, mse_bounds(b).1)).collect();
+    let sel = |f: &dyn Fn(&CodecKind) -> bool| -> Vec<&Row> {
+        rows.iter().filter(|r| r.dim == dim && r.rotation == RotationKind::Hadamard && f(&r.entry.kind)).collect()
+    };
+    let mse = sel(&|k| matches!(k, CodecKind::Mse { nc: false, .. } | CodecKind::Fractional { .. }));
+    let prod = sel(&|k| matches!(k, CodecKind::Prod { orth: false, .. }));
+    let mut mse_theory: Vec<(f64, f64)> = mse.iter().map(|r| (r.entry.nominal_bits(), r.t.d_mse)).collect();
+    mse_theory.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let err = |e: plotters::drawing::DrawingAreaErrorKind<_>| anyhow::anyhow!("plot: {e}");
+    chart
+        .draw_series(LineSeries::new(lower, BLACK.stroke_width(1)))
+        .map_err(err)?
+        .label("lower bound 4^-b")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    chart
+        .draw_series(LineSeries::new(upper, RED.stroke_width(1)))
+        .map_err(err)?
+        .label("upper bound (√3π/2)·4^-b")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    chart
+        .draw_series(LineSeries::new(mse_theory, BLUE.stroke_width(2)))
+        .map_err(err)?
+        .label("Lloyd–Max theory (this d)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart
+        .draw_series(mse.iter().map(|r| Circle::new((r.entry.nominal_bits(), r.s.d_mse.max(1e-6)), 5, BLUE.filled())))
+        .map_err(err)?
+        .label("tq-mse measured (incl. 2.5, 3.5)")
+        .legend(|(x, y)| Circle::new((x + 10, y), 5, BLUE.filled()));
+    chart
+        .draw_series(prod.iter().map(|r| TriangleMarker::new((r.entry.nominal_bits(), r.s.d_mse.max(1e-6)), 6, GREEN.filled())))
+        .map_err(err)?
+        .label("tq-prod measured (decoded vector)")
+        .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, GREEN.filled()));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(err)?;
+    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    Ok(())
+}
