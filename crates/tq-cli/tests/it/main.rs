@@ -1,1 +1,200 @@
+//! End-to-end tests of the `tq` binary: outputs, exit codes, and bad input.
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tq")).args(args).output().expect("run tq")
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tq-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_npy(path: &Path, rows: usize, cols: usize, data: &[f32]) {
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend_from_slice(header.as_bytes());
+    for v in data {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+fn data(rows: usize, cols: usize) -> Vec<f32> {
+    (0..rows * cols).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * (1.0 + (i % 5) as f32)).collect()
+}
+
+/// Asserts failure with a one-line message containing `needle`.
+fn assert_fails(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.to_lowercase().contains(&needle.to_lowercase()), "'{needle}' not in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn codecs_lists_the_registry_as_json() {
+    let out = tq(&["codecs", "--json", "--dim", "128"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = v["codecs"].as_array().unwrap();
+    assert_eq!(list.len(), tq_core::registry().len());
+    let mse4 = list.iter().find(|c| c["name"] == "tq-mse-4").unwrap();
+    assert_eq!(mse4["code_size"], 68);
+    assert_eq!(mse4["bits_per_value"], 4.25);
+}
+
+#[test]
+fn distortion_json_has_the_documented_keys_and_theory_values() {
+    let out = tq(&["distortion", "--codec", "tq-mse-2", "--dim", "64", "--n", "3000", "--seed", "5", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for k in ["codec", "dim", "n", "bits_per_value", "d_mse", "d_prod", "ip_bias", "ip_bias_stderr"] {
+        assert!(v.get(k).is_some(), "missing {k}");
+    }
+    let (m, se, t) = (v["d_mse"].as_f64().unwrap(), v["d_mse_stderr"].as_f64().unwrap(), v["d_mse_theory"].as_f64().unwrap());
+    assert!((m - t).abs() < 4.0 * se, "{m} vs {t} ± {se}");
+}
+
+#[test]
+fn encode_decode_roundtrip_and_identical_bytes_on_any_thread_count() {
+    let d = tmpdir("rt");
+    let x = data(700, 48);
+    write_npy(&d.join("x.npy"), 700, 48, &x);
+    let run = |threads: &str, out: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_tq"))
+            .env("RAYON_NUM_THREADS", threads)
+            .args(["encode", "--codec", "tq-mse-3.5", "--seed", "9"])
+            .arg("--input")
+            .arg(d.join("x.npy"))
+            .arg("--out")
+            .arg(d.join(out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(d.join(out)).unwrap()
+    };
+    let a = run("1", "a.tqc");
+    let b = run("2", "b.tqc");
+    assert_eq!(a, b);
+    let o = tq(&["decode", d.join("a.tqc").to_str().unwrap(), "--out", d.join("y.npy").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let y = std::fs::read(d.join("y.npy")).unwrap();
+    let hl = u16::from_le_bytes([y[8], y[9]]) as usize;
+    let vals: Vec<f32> = y[10 + hl..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(vals.len(), x.len());
+    let err: f64 = x.iter().zip(&vals).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let nrm: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+    assert!(err / nrm < 0.05, "relative error {}", err / nrm);
+}
+
+#[test]
+fn fvecs_input_is_accepted() {
+    let d = tmpdir("fvecs");
+    let mut b = Vec::new();
+    for v in data(10, 16).chunks(16) {
+        b.extend_from_slice(&16i32.to_le_bytes());
+        for x in v {
+            b.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    std::fs::write(d.join("x.fvecs"), &b).unwrap();
+    let o = tq(&["encode", "--codec", "tq-prod-3", "--input", d.join("x.fvecs").to_str().unwrap(), "--out", d.join("c.tqc").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // a truncated fvecs is refused
+    std::fs::write(d.join("t.fvecs"), &b[..b.len() - 3]).unwrap();
+    let o = tq(&["encode", "--codec", "tq-prod-3", "--input", d.join("t.fvecs").to_str().unwrap(), "--out", d.join("t.tqc").to_str().unwrap()]);
+    assert_fails(&o, "truncated");
+    assert!(!d.join("t.tqc").exists());
+}
+
+#[test]
+fn bad_input_gives_one_line_errors_and_no_partial_output() {
+    let d = tmpdir("bad");
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let mut x = data(20, 8);
+    write_npy(&d.join("ok.npy"), 20, 8, &x);
+    x[13] = f32::NAN;
+    write_npy(&d.join("nan.npy"), 20, 8, &x);
+    x[13] = f32::INFINITY;
+    write_npy(&d.join("inf.npy"), 20, 8, &x);
+    std::fs::write(d.join("empty.npy"), b"").unwrap();
+    // a good output file that failed commands must not clobber
+    std::fs::write(d.join("keep.tqc"), b"precious").unwrap();
+
+    assert_fails(&tq(&["encode", "--codec", "tq-mse-4", "--input", &p("nan.npy"), "--out", &p("keep.tqc")]), "non-finite");
+    assert_fails(&tq(&["encode", "--codec", "tq-mse-4", "--input", &p("inf.npy"), "--out", &p("keep.tqc")]), "non-finite");
+    assert_fails(&tq(&["encode", "--codec", "tq-mse-9", "--input", &p("ok.npy"), "--out", &p("keep.tqc")]), "unsupported bit width 9");
+    assert_fails(&tq(&["encode", "--codec", "tq-mse-0", "--input", &p("ok.npy"), "--out", &p("keep.tqc")]), "unsupported bit width 0");
+    assert_fails(&tq(&["encode", "--codec", "zzz", "--input", &p("ok.npy"), "--out", &p("keep.tqc")]), "unknown codec");
+    assert_fails(&tq(&["encode", "--codec", "tq-mse-4", "--input", &p("empty.npy"), "--out", &p("keep.tqc")]), "empty");
+    assert_fails(&tq(&["encode", "--codec", "tq-mse-4", "--input", &p("missing.npy"), "--out", &p("keep.tqc")]), "cannot open");
+    assert_eq!(std::fs::read(d.join("keep.tqc")).unwrap(), b"precious");
+
+    // a good code file, then damaged copies of it
+    let o = tq(&["encode", "--codec", "tq-mse-4", "--input", &p("ok.npy"), "--out", &p("good.tqc")]);
+    assert!(o.status.success());
+    let good = std::fs::read(d.join("good.tqc")).unwrap();
+    std::fs::write(d.join("keep.npy"), b"precious").unwrap();
+    let check = |name: &str, bytes: &[u8], needle: &str| {
+        std::fs::write(d.join(name), bytes).unwrap();
+        assert_fails(&tq(&["decode", &p(name), "--out", &p("keep.npy")]), needle);
+        assert_eq!(std::fs::read(d.join("keep.npy")).unwrap(), b"precious", "{name}");
+    };
+    check("trunc.tqc", &good[..good.len() - 10], "truncated");
+    check("trunc_header.tqc", &good[..20], "truncated");
+    let mut flip = good.clone();
+    let last = flip.len() - 20;
+    flip[last] ^= 0x40;
+    check("flip.tqc", &flip, "checksum");
+    let mut hdr = good.clone();
+    hdr[30] ^= 1;
+    check("hdr.tqc", &hdr, "corrupt");
+    let mut ver = good.clone();
+    ver[8] = 2;
+    check("ver.tqc", &ver, "newer");
+    check("empty.tqc", b"", "empty");
+    check("junk.tqc", b"hello world, not codes", "bad magic");
+    // decode of the good file works
+    assert!(tq(&["decode", &p("good.tqc"), "--out", &p("out.npy")]).status.success());
+    // no temporary files are left behind
+    let leftovers: Vec<_> = std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn zero_vectors_roundtrip_through_the_cli() {
+    let d = tmpdir("zero");
+    write_npy(&d.join("z.npy"), 3, 16, &[0.0; 48]);
+    let p = |n: &str| d.join(n).to_str().unwrap().to_string();
+    assert!(tq(&["encode", "--codec", "tq-prod-2", "--input", &p("z.npy"), "--out", &p("z.tqc")]).status.success());
+    assert!(tq(&["decode", &p("z.tqc"), "--out", &p("y.npy")]).status.success());
+    let y = std::fs::read(d.join("y.npy")).unwrap();
+    let hl = u16::from_le_bytes([y[8], y[9]]) as usize;
+    let vals: Vec<f32> = y[10 + hl..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(vals.len(), 48);
+    assert!(vals.iter().all(|&v| v == 0.0), "{vals:?}");
+}
+
+#[test]
+fn report_quick_writes_markdown_html_json_and_plots() {
+    let d = tmpdir("report");
+    let o = tq(&["report", "--quick", "--out", d.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let md = std::fs::read_to_string(d.join("index.md")).unwrap();
+    assert!(md.contains("tq-mse-4") && md.contains("Hadamard vs Haar"));
+    let svg = std::fs::read_to_string(d.join("distortion_d64.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("Lloyd"));
+    let js: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("results.json")).unwrap()).unwrap();
+    assert!(js.as_array().unwrap().len() >= tq_core::registry().len());
+    assert!(std::fs::read_to_string(d.join("index.html")).unwrap().contains("<table>"));
+}
