@@ -330,13 +330,70 @@ impl Codec for TurboQuantMse {
         self.ip_rotated(&q.parts[0], code)
     }
 
+    /// Batch scoring. For 1, 2 and 4 bits (whole coordinates per byte) and
+    /// batches of at least `BYTE_LUT_MIN_BATCH` codes, builds a per-query table
+    /// of the partial inner product of every possible byte at every byte
+    /// position (`packed × 256` f32), so a code costs one lookup per byte.
+    fn score_ip_many(&self, q: &PreparedQuery, codes: &[u8], out: &mut [f32]) {
+        let cs = self.code_size();
+        let n = codes.len() / cs;
+        if !matches!(self.bits, 1 | 2 | 4) || n < BYTE_LUT_MIN_BATCH {
+            for (o, c) in out.iter_mut().zip(codes.chunks_exact(cs)) {
+                *o = self.ip_rotated(&q.parts[0], c);
+            }
+            return;
+        }
+        let lut = self.byte_lut(&q.parts[0]);
+        let p = self.packed;
+        for (o, c) in out.iter_mut().zip(codes.chunks_exact(cs)) {
+            let mut acc = [0.0f32; 4];
+            let mut chunks = c[..p].chunks_exact(4);
+            let mut base = 0;
+            for b in &mut chunks {
+                acc[0] += lut[base + b[0] as usize];
+                acc[1] += lut[base + 256 + b[1] as usize];
+                acc[2] += lut[base + 512 + b[2] as usize];
+                acc[3] += lut[base + 768 + b[3] as usize];
+                base += 1024;
+            }
+            for &b in chunks.remainder() {
+                acc[0] += lut[base + b as usize];
+                base += 256;
+            }
+            *o = ((acc[0] + acc[1]) + (acc[2] + acc[3])) * read_f32(c, p);
+        }
+    }
+
     /// ‖q − x̂‖², the distance to the decoded vector (asymmetric distance).
     fn score_l2(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
         self.l2_rotated(&q.parts[0], q.norm_sq, code)
     }
 }
 
+/// Smallest batch for which `score_ip_many` builds a byte lookup table.
+const BYTE_LUT_MIN_BATCH: usize = 64;
+
 impl TurboQuantMse {
+    /// `lut[p·256 + v]` = Σ over the coordinates packed in byte `p` of `qr[j]·c[field]` when byte `p` is `v`.
+    fn byte_lut(&self, qr: &[f32]) -> Vec<f32> {
+        let per = (8 / self.bits) as usize;
+        let mask = (1usize << self.bits) - 1;
+        let mut lut = vec![0.0f32; self.packed * 256];
+        for (p, row) in lut.chunks_exact_mut(256).enumerate() {
+            for (v, e) in row.iter_mut().enumerate() {
+                let mut s = 0.0f32;
+                for k in 0..per {
+                    let j = p * per + k;
+                    if j < self.dim {
+                        s += qr[j] * self.codebook.centroids[(v >> (k * self.bits as usize)) & mask];
+                    }
+                }
+                *e = s;
+            }
+        }
+        lut
+    }
+
     /// ⟨q, x̂⟩ from the rotated query `qr = Π q`.
     fn ip_rotated(&self, qr: &[f32], code: &[u8]) -> f32 {
         let s = (kernels().dot_codes)(qr, &code[..self.packed], self.bits, &self.codebook.centroids);

@@ -147,8 +147,29 @@ impl Hadamard {
         }
     }
 
+    /// Powers of two: all rounds unscaled, then one multiply by `p^(-rounds/2)`
+    /// (a power of two when `rounds` is even, so the result equals per-round scaling).
+    fn pow2_rounds(&self, x: &mut [f32], reverse: bool) {
+        let fwht = kernels().fwht;
+        let order: Vec<usize> = if reverse { (0..self.signs.len()).rev().collect() } else { (0..self.signs.len()).collect() };
+        for r in order {
+            if reverse {
+                fwht(x);
+                Self::apply_signs(x, &self.signs[r]);
+            } else {
+                Self::apply_signs(x, &self.signs[r]);
+                fwht(x);
+            }
+        }
+        let total = (self.block as f64).powf(-(self.signs.len() as f64) / 2.0) as f32;
+        x.iter_mut().for_each(|v| *v *= total);
+    }
+
     /// `x ← Π x`; `scratch` holds `dim` floats (used for the permutations).
     pub fn rotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        if self.dim == self.block && self.signs.len() == 2 {
+            return self.pow2_rounds(x, false);
+        }
         for (r, s) in self.signs.iter().enumerate() {
             Self::apply_signs(x, s);
             if let Some(p) = self.perms.get(r) {
@@ -163,6 +184,9 @@ impl Hadamard {
 
     /// `x ← Πᵀ x`.
     pub fn unrotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        if self.dim == self.block && self.signs.len() == 2 {
+            return self.pow2_rounds(x, true);
+        }
         for (r, s) in self.signs.iter().enumerate().rev() {
             self.block_transform_t(x);
             if let Some(p) = self.perms.get(r) {

@@ -156,3 +156,26 @@ fn fractional_codec_picks_the_highest_energy_channels() {
     bad[0] = 200;
     assert!(e.build(dim, 1, RotationKind::Hadamard, &bad).is_err());
 }
+
+#[test]
+fn batch_scoring_matches_single_scoring() {
+    for name in ["tq-mse-1", "tq-mse-2", "tq-mse-3", "tq-mse-4", "tq-mse-4-nc", "tq-mse-8", "tq-prod-3", "tq-mse-2.5"] {
+        for dim in [50usize, 128, 131] {
+            let c = build(name, dim, 5, RotationKind::Hadamard).unwrap();
+            let n = 300;
+            let xs = data(n, dim, 11);
+            let mut codes = vec![0u8; n * c.code_size()];
+            c.encode_batch(&xs, &mut codes).unwrap();
+            let q = data(1, dim, 12);
+            let pq = c.prepare(&q).unwrap();
+            let mut many = vec![0.0f32; n];
+            c.score_ip_many(&pq, &codes, &mut many);
+            let qn: f32 = q.iter().map(|v| v * v).sum::<f32>().sqrt();
+            for (i, code) in codes.chunks_exact(c.code_size()).enumerate() {
+                let one = c.score_ip(&pq, code);
+                let xn: f32 = xs[i * dim..(i + 1) * dim].iter().map(|v| v * v).sum::<f32>().sqrt();
+                assert!((one - many[i]).abs() <= 1e-5 * qn * xn * 2.0, "{name} dim {dim} #{i}: {one} vs {}", many[i]);
+            }
+        }
+    }
+}
