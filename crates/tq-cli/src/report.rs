@@ -101,6 +101,17 @@ fn fmt_opt(v: f64, prec: usize) -> String {
     }
 }
 
+/// Four significant digits (scientific below 0.01).
+fn sig(v: f64) -> String {
+    if !v.is_finite() {
+        "—".into()
+    } else if v.abs() < 0.01 && v != 0.0 {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
 fn markdown(dims: &[usize], rows: &[Row], n: usize) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# turboquant report\n");
@@ -127,17 +138,17 @@ fn markdown(dims: &[usize], rows: &[Row], n: usize) -> String {
             let rel = if r.t.d_mse.is_finite() { fmt_opt(100.0 * (r.s.d_mse / r.t.d_mse - 1.0), 2) } else { "—".into() };
             let _ = writeln!(
                 s,
-                "| {} | {:.3} | {} | {:.5} | {} | {} | {:.5} | {:.5} | {:.4} | {} | {:+.5} ± {:.5} | {:.4} | {:.4} |",
+                "| {} | {:.3} | {} | {} | {} | {} | {} | {} | {} | {} | {:+.5} ± {:.5} | {:.4} | {:.4} |",
                 r.entry.name,
                 r.bpv,
                 r.s.n,
-                r.s.d_mse,
-                fmt_opt(r.t.d_mse, 5),
+                sig(r.s.d_mse),
+                sig(r.t.d_mse),
                 rel,
-                lo,
-                hi,
-                r.s.d_prod * d,
-                fmt_opt(r.t.d_prod * d, 4),
+                sig(lo),
+                sig(hi),
+                sig(r.s.d_prod * d),
+                sig(r.t.d_prod * d),
                 r.s.ip_bias_rho,
                 r.s.ip_bias_rho_stderr,
                 r.s.ip_gain,
@@ -155,14 +166,14 @@ fn markdown(dims: &[usize], rows: &[Row], n: usize) -> String {
             let d = h.dim as f64;
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.5} | {:.5} | {:+.2} | {:.4} | {:.4} |",
+                "| {} | {} | {} | {} | {:+.2} | {} | {} |",
                 h.entry.name,
                 h.dim,
-                a.s.d_mse,
-                h.s.d_mse,
+                sig(a.s.d_mse),
+                sig(h.s.d_mse),
                 (a.s.d_mse - h.s.d_mse) / se,
-                a.s.d_prod * d,
-                h.s.d_prod * d
+                sig(a.s.d_prod * d),
+                sig(h.s.d_prod * d)
             );
         }
     }
