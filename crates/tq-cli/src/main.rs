@@ -176,8 +176,8 @@ fn distortion(name: &str, dim: usize, n: usize, seed: u64, rot: RotationKind, js
     let out = json!({
         "codec": name, "dim": dim, "n": n, "seed": seed, "rotation": rot.name(),
         "bits_per_value": codec.bits_per_value(),
-        "d_mse": s.d_mse, "d_mse_stderr": s.d_mse_stderr, "d_mse_theory": nan_null(t.d_mse),
-        "d_prod": s.d_prod, "d_prod_stderr": s.d_prod_stderr, "d_prod_theory": nan_null(t.d_prod),
+        "d_mse": s.d_mse, "d_mse_stderr": s.d_mse_stderr, "d_mse_theory": report::fin(t.d_mse),
+        "d_prod": s.d_prod, "d_prod_stderr": s.d_prod_stderr, "d_prod_theory": report::fin(t.d_prod),
         "ip_bias": s.ip_bias, "ip_bias_stderr": s.ip_bias_stderr,
         "rho": s.rho, "ip_bias_rho": s.ip_bias_rho, "ip_bias_rho_stderr": s.ip_bias_rho_stderr,
         "ip_gain": s.ip_gain, "ip_gain_theory": t.ip_gain,
@@ -195,14 +195,6 @@ fn distortion(name: &str, dim: usize, n: usize, seed: u64, rot: RotationKind, js
         );
     }
     Ok(())
-}
-
-fn nan_null(v: f64) -> serde_json::Value {
-    if v.is_finite() {
-        json!(v)
-    } else {
-        serde_json::Value::Null
-    }
 }
 
 /// Vectors used to fit data-dependent codec parameters (fractional codecs).

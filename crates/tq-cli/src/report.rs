@@ -85,7 +85,8 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
     Ok(())
 }
 
-fn fin(v: f64) -> serde_json::Value {
+/// A finite number as JSON, NaN/∞ (no theory) as null.
+pub fn fin(v: f64) -> serde_json::Value {
     if v.is_finite() {
         json!(v)
     } else {

@@ -70,6 +70,9 @@ pub trait Codec: Send + Sync {
     // ---- checked, provided API ----
 
     fn encode(&self, x: &[f32], code: &mut [u8]) -> Result<()> {
+        if x.len() != self.dim() {
+            return Err(TqError::DimMismatch { expected: self.dim(), got: x.len() });
+        }
         check_vectors(x, self.dim())?;
         check_len(code.len(), self.code_size())?;
         self.encode_unchecked(x, code);
@@ -106,7 +109,10 @@ pub trait Codec: Send + Sync {
     fn decode_batch(&self, codes: &[u8], out: &mut [f32]) -> Result<()> {
         let (d, cs) = (self.dim(), self.code_size());
         if codes.len() % cs != 0 {
-            return Err(TqError::CodeSizeMismatch { expected: cs, got: codes.len() % cs });
+            return Err(TqError::BadParams(format!(
+                "code buffer of {} bytes is not a whole number of {cs}-byte codes",
+                codes.len()
+            )));
         }
         let n = codes.len() / cs;
         if out.len() != n * d {
@@ -121,10 +127,10 @@ pub trait Codec: Send + Sync {
     }
 
     fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
-        check_vectors(q, self.dim())?;
         if q.len() != self.dim() {
             return Err(TqError::DimMismatch { expected: self.dim(), got: q.len() });
         }
+        check_vectors(q, self.dim())?;
         Ok(self.prepare_unchecked(q))
     }
 

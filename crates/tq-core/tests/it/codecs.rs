@@ -96,6 +96,9 @@ fn bad_input_is_refused() {
     x[3] = f32::INFINITY;
     assert!(matches!(c.encode(&x, &mut code), Err(TqError::NonFinite { .. })));
     assert!(matches!(c.encode(&[1.0; 7], &mut code), Err(TqError::DimMismatch { .. })));
+    assert!(matches!(c.encode(&[1.0; 16], &mut code), Err(TqError::DimMismatch { expected: 8, got: 16 })));
+    let mut out = [0.0f32; 8];
+    assert!(c.decode_batch(&[0u8; 7], &mut out).is_err());
     assert!(matches!(c.encode(&[1.0; 8], &mut code[..3]), Err(TqError::CodeSizeMismatch { .. })));
     assert!(matches!(c.encode_batch(&[], &mut []), Err(TqError::DimMismatch { .. })));
     assert!(matches!(c.prepare(&[1.0; 9]), Err(TqError::DimMismatch { .. })));
