@@ -5,7 +5,7 @@ mod bench;
 mod files;
 mod report;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -200,7 +200,7 @@ fn distortion(name: &str, dim: usize, n: usize, seed: u64, rot: RotationKind, js
 /// Vectors used to fit data-dependent codec parameters (fractional codecs).
 const TRAIN_SAMPLE: usize = 4096;
 
-fn encode(name: &str, input: &PathBuf, out: &PathBuf, seed: u64, rot: RotationKind, json: bool) -> Result<()> {
+fn encode(name: &str, input: &Path, out: &Path, seed: u64, rot: RotationKind, json: bool) -> Result<()> {
     let entry = tq_core::lookup(name)?;
     let m = files::read_vectors(input)?;
     let mut codec = entry.build(m.cols, seed, rot, &[]).with_context(|| format!("{} has dimension {}", input.display(), m.cols))?;
@@ -238,7 +238,7 @@ fn encode(name: &str, input: &PathBuf, out: &PathBuf, seed: u64, rot: RotationKi
     Ok(())
 }
 
-fn decode(input: &PathBuf, out: &PathBuf) -> Result<()> {
+fn decode(input: &Path, out: &Path) -> Result<()> {
     let f = files::read_tqc(input)?;
     let entry = tq_core::lookup(&f.codec_name)?;
     let codec = entry.build(f.dim, f.seed, f.rotation, &f.params).with_context(|| format!("cannot rebuild the codec of {}", input.display()))?;

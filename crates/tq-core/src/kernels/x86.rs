@@ -6,11 +6,11 @@ use std::arch::x86_64::*;
 
 static AVX2: Kernels = Kernels {
     name: "avx2",
-    fwht: fwht,
-    quantize: quantize,
-    sum_sq: sum_sq,
-    dot: dot,
-    dot_codes: dot_codes,
+    fwht,
+    quantize,
+    sum_sq,
+    dot,
+    dot_codes,
 };
 
 pub fn detect() -> Option<&'static Kernels> {
