@@ -151,13 +151,14 @@ impl Hadamard {
     /// (a power of two when `rounds` is even, so the result equals per-round scaling).
     fn pow2_rounds(&self, x: &mut [f32], reverse: bool) {
         let fwht = kernels().fwht;
-        let order: Vec<usize> = if reverse { (0..self.signs.len()).rev().collect() } else { (0..self.signs.len()).collect() };
-        for r in order {
-            if reverse {
+        if reverse {
+            for s in self.signs.iter().rev() {
                 fwht(x);
-                Self::apply_signs(x, &self.signs[r]);
-            } else {
-                Self::apply_signs(x, &self.signs[r]);
+                Self::apply_signs(x, s);
+            }
+        } else {
+            for s in &self.signs {
+                Self::apply_signs(x, s);
                 fwht(x);
             }
         }
