@@ -30,7 +30,7 @@ pub fn encode(name: &str, dim: usize, n: usize, rot: RotationKind, json: bool) -
     let mut codes = vec![0u8; n * cs];
     let mut dec = vec![0.0f32; n * dim];
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
-    let reps = 3;
+    let reps = 5;
     let (t_enc, t_dec) = pool.install(|| {
         let te = best_of(reps, || codec.encode_batch(&xs, &mut codes).expect("encode"));
         let td = best_of(reps, || codec.decode_batch(&codes, &mut dec).expect("decode"));

@@ -14,7 +14,17 @@ pub fn pack(idx: &[u8], bits: u32, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(idx),
         4 => {
-            for (o, pair) in out.iter_mut().zip(idx.chunks(2)) {
+            // 8 values (one u64) -> 4 bytes: byte i of `w | w >> 4` is v_i | v_{i+1} << 4;
+            // keep the even bytes and compress them.
+            let full = idx.len() / 8;
+            for (o, c) in out.chunks_exact_mut(4).zip(idx.chunks_exact(8)) {
+                let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+                let mut t = (w | (w >> 4)) & 0x00FF_00FF_00FF_00FF;
+                t = (t | (t >> 8)) & 0x0000_FFFF_0000_FFFF;
+                t = (t | (t >> 16)) & 0xFFFF_FFFF;
+                o.copy_from_slice(&(t as u32).to_le_bytes());
+            }
+            for (o, pair) in out[full * 4..].iter_mut().zip(idx[full * 8..].chunks(2)) {
                 *o = pair[0] | (pair.get(1).copied().unwrap_or(0) << 4);
             }
         }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::bitpack::{pack, packed_len, unpack};
 use crate::codebook::{LloydMax, SphereCoordinate};
 use crate::error::{Result, TqError};
-use crate::kernels::kernels;
+use crate::kernels::{kernels, Had2};
 use crate::rng::derive_seed;
 use crate::rotation::{DenseMatrix, Rotation, RotationKind};
 
@@ -155,16 +155,20 @@ pub fn check_vectors(xs: &[f32], dim: usize) -> Result<()> {
     if xs.is_empty() || xs.len() % dim != 0 {
         return Err(TqError::DimMismatch { expected: dim, got: if xs.is_empty() { 0 } else { xs.len() % dim } });
     }
+    // Largest |x| (as ordered bits) per vector: a branch-free, vectorizable scan.
+    // Only vectors with a huge coordinate need the exact f64 norm check.
+    const HUGE: u32 = 0x5D5E_0B6B; // 1e18: below it, Σx² cannot overflow f64 nor ‖x‖ f32
     for (i, v) in xs.chunks_exact(dim).enumerate() {
-        let mut s = 0.0f64;
-        for (j, &x) in v.iter().enumerate() {
-            if !x.is_finite() {
-                return Err(TqError::NonFinite { vector: i, coord: j, value: x });
-            }
-            s += x as f64 * x as f64;
+        let m = v.iter().fold(0u32, |m, &x| m.max(x.to_bits() & 0x7FFF_FFFF));
+        if m >= 0x7F80_0000 {
+            let (j, &x) = v.iter().enumerate().find(|(_, x)| !x.is_finite()).expect("a non-finite value");
+            return Err(TqError::NonFinite { vector: i, coord: j, value: x });
         }
-        if s.sqrt() > f32::MAX as f64 {
-            return Err(TqError::BadParams(format!("vector {i} has a norm that overflows f32")));
+        if m > HUGE {
+            let s: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
+            if s.sqrt() > f32::MAX as f64 {
+                return Err(TqError::BadParams(format!("vector {i} has a norm that overflows f32")));
+            }
         }
     }
     Ok(())
@@ -276,12 +280,17 @@ impl TurboQuantMse {
         }
         normalize(y, norm);
         (k.quantize)(y, &self.codebook.boundaries, self.bits, idx);
+        self.scale_for(norm, y, tmp, idx)
+    }
+
+    /// The stored scale for unit rotated `y` quantized to `idx`.
+    fn scale_for(&self, norm: f32, y: &[f32], tmp: &mut [f32], idx: &[u8]) -> f32 {
         if self.norm_correction {
             for (t, &i) in tmp.iter_mut().zip(idx.iter()) {
                 *t = self.codebook.centroids[i as usize];
             }
             // ⟨u, û⟩ > 0: every term y_j c_j is >= 0 and some is > 0.
-            norm / (k.dot)(y, tmp)
+            norm / (kernels().dot)(y, tmp)
         } else {
             norm
         }
@@ -307,9 +316,20 @@ impl Codec for TurboQuantMse {
 
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
         with_scratch(self.dim, |y, tmp, idx| {
-            y.copy_from_slice(x);
-            self.rotation.rotate_in_place(y, tmp);
-            let scale = self.encode_rotated(y, tmp, idx);
+            let k = kernels();
+            // fused fast path (same bits as the general one); None for zero/extreme norms
+            let fused = self.rotation.two_round_pow2().and_then(|(s1, s2, total)| {
+                let p = Had2 { s1, s2, total, boundaries: &self.codebook.boundaries, bits: self.bits };
+                (k.had2_quantize)(x, &p, y, idx)
+            });
+            let scale = match fused {
+                Some(norm) => self.scale_for(norm, y, tmp, idx),
+                None => {
+                    y.copy_from_slice(x);
+                    self.rotation.rotate_in_place(y, tmp);
+                    self.encode_rotated(y, tmp, idx)
+                }
+            };
             pack(idx, self.bits, &mut code[..self.packed]);
             code[self.packed..self.packed + 4].copy_from_slice(&scale.to_le_bytes());
         })
@@ -475,7 +495,7 @@ pub struct TurboQuantProd {
 
 const SIGN_TABLE: [f32; 2] = [-1.0, 1.0];
 /// Sub-seed purpose tag for the QJL projection.
-const QJL_PURPOSE: u64 = 0x514A_4C;
+const QJL_PURPOSE: u64 = 0x0051_4A4C;
 
 impl TurboQuantProd {
     /// `orthogonal`: structured orthogonal projection instead of the paper's Gaussian one.

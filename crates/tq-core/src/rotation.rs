@@ -78,6 +78,8 @@ pub struct Hadamard {
     /// (`x'[j] = x[perm[j]]`), so that the two overlapping blocks mix well.
     perms: Vec<Vec<u32>>,
     scale: f32,
+    /// Powers of two: the single final scale `block^(-rounds/2)`.
+    total: f32,
 }
 
 impl Hadamard {
@@ -102,7 +104,8 @@ impl Hadamard {
                 })
                 .collect()
         };
-        Self { dim, block, signs, perms, scale: (1.0 / (block as f64).sqrt()) as f32 }
+        let total = (block as f64).powf(-(rounds as f64) / 2.0) as f32;
+        Self { dim, block, signs, perms, scale: (1.0 / (block as f64).sqrt()) as f32, total }
     }
 
     pub fn rounds(&self) -> usize {
@@ -162,8 +165,14 @@ impl Hadamard {
                 fwht(x);
             }
         }
-        let total = (self.block as f64).powf(-(self.signs.len() as f64) / 2.0) as f32;
+        let total = self.total;
         x.iter_mut().for_each(|v| *v *= total);
+    }
+
+    /// For a power of two with two rounds: the sign masks of both rounds and the
+    /// final scale, for the fused encode kernel (`Kernels::had2_quantize`).
+    pub fn two_round_pow2(&self) -> Option<(&[u32], &[u32], f32)> {
+        (self.dim == self.block && self.signs.len() == 2 && self.dim >= 8).then(|| (&self.signs[0][..], &self.signs[1][..], self.total))
     }
 
     /// `x ← Π x`; `scratch` holds `dim` floats (used for the permutations).
@@ -335,6 +344,14 @@ impl Rotation {
         match self {
             Rotation::Hadamard(h) => h.dim,
             Rotation::Haar(h) => h.dim,
+        }
+    }
+
+    /// See `Hadamard::two_round_pow2`.
+    pub fn two_round_pow2(&self) -> Option<(&[u32], &[u32], f32)> {
+        match self {
+            Rotation::Hadamard(h) => h.two_round_pow2(),
+            Rotation::Haar(_) => None,
         }
     }
 

@@ -29,6 +29,27 @@ pub struct Kernels {
     /// Σ_j q[j] · table[idx_j] where idx_j is the j-th `bits`-bit field of `packed`
     /// (LSB-first bit stream); `table.len() >= 2^bits`.
     pub dot_codes: fn(&[f32], &[u8], u32, &[f32]) -> f32,
+    /// Fused TurboQuant_mse front end for a power-of-two length `n >= 8` with
+    /// two Hadamard rounds: `y ← total·H(s2 ⊙ H(s1 ⊙ x))`, `norm = √sum_sq(y)`,
+    /// `y ← y·(1/norm)`, `idx ← quantize(y)`. Returns `None` (outputs
+    /// unspecified) when `Σy²` is not a normal f32 (zero, tiny or huge vectors),
+    /// which the caller handles on the general path. Bit-identical on every path
+    /// to the unfused sequence of the other kernels.
+    pub had2_quantize: Had2Fn,
+}
+
+/// Signature of `Kernels::had2_quantize`.
+pub type Had2Fn = fn(&[f32], &Had2<'_>, &mut [f32], &mut [u8]) -> Option<f32>;
+
+/// Parameters of `Kernels::had2_quantize`.
+pub struct Had2<'a> {
+    /// Sign masks (0 or 0x8000_0000) of the two rounds, `n` each.
+    pub s1: &'a [u32],
+    pub s2: &'a [u32],
+    /// Combined scale `n^-1` of the two unnormalized transforms.
+    pub total: f32,
+    pub boundaries: &'a [f32],
+    pub bits: u32,
 }
 
 pub static SCALAR: Kernels = Kernels {
@@ -38,6 +59,7 @@ pub static SCALAR: Kernels = Kernels {
     sum_sq: scalar::sum_sq_ref,
     dot: scalar::dot_ref,
     dot_codes: scalar::dot_codes_ref,
+    had2_quantize: scalar::had2_quantize_ref,
 };
 
 /// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).

@@ -67,3 +67,26 @@ pub fn dot_codes_ref(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 
     }
     s
 }
+
+/// Reference for the fused power-of-two encode (see `Kernels::had2_quantize`):
+/// exactly the operations of the unfused path, in the same order.
+pub fn had2_quantize_ref(x: &[f32], p: &super::Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
+    for ((o, &v), &m) in y.iter_mut().zip(x).zip(p.s1) {
+        *o = f32::from_bits(v.to_bits() ^ m);
+    }
+    fwht_ref(y);
+    for (o, &m) in y.iter_mut().zip(p.s2) {
+        *o = f32::from_bits(o.to_bits() ^ m);
+    }
+    fwht_ref(y);
+    y.iter_mut().for_each(|v| *v *= p.total);
+    let s = sum_sq_ref(y);
+    if !s.is_normal() {
+        return None;
+    }
+    let norm = s.sqrt();
+    let inv = 1.0 / norm;
+    y.iter_mut().for_each(|v| *v *= inv);
+    quantize_ref(y, p.boundaries, p.bits, idx);
+    Some(norm)
+}

@@ -1,7 +1,7 @@
 //! AVX2 kernels (x86_64), selected at run time by `detect`.
 
 use super::scalar;
-use super::Kernels;
+use super::{Had2, Kernels};
 use std::arch::x86_64::*;
 
 static AVX2: Kernels = Kernels {
@@ -11,6 +11,7 @@ static AVX2: Kernels = Kernels {
     sum_sq,
     dot,
     dot_codes,
+    had2_quantize,
 };
 
 pub fn detect() -> Option<&'static Kernels> {
@@ -33,21 +34,32 @@ fn fwht(x: &mut [f32]) {
 unsafe fn fwht_avx2(x: &mut [f32]) {
     let n = x.len();
     let p = x.as_mut_ptr();
-    // Stages h = 1, 2, 4 inside each 8-lane register. Lane j of the low half of a
-    // pair gets x[j] + x[j^h]; the high lane gets x[j^h] - x[j] (= a - b of the reference).
     for c in (0..n).step_by(8) {
         // SAFETY: c + 8 <= n because n is a power of two >= 8.
-        unsafe {
-            let mut v = _mm256_loadu_ps(p.add(c));
-            let sw = _mm256_permute_ps(v, 0b10_11_00_01);
-            v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1010_1010);
-            let sw = _mm256_permute_ps(v, 0b01_00_11_10);
-            v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1100_1100);
-            let sw = _mm256_permute2f128_ps(v, v, 1);
-            v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1111_0000);
-            _mm256_storeu_ps(p.add(c), v);
-        }
+        unsafe { _mm256_storeu_ps(p.add(c), low3(_mm256_loadu_ps(p.add(c)))) };
     }
+    // SAFETY: n is a power of two >= 8.
+    unsafe { high_stages(p, n) };
+}
+
+/// FWHT stages h = 1, 2, 4 inside one 8-lane register. Lane j of the low half
+/// of a pair gets x[j] + x[j^h]; the high lane gets x[j^h] - x[j] (= a - b of
+/// the reference).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn low3(mut v: __m256) -> __m256 {
+    let sw = _mm256_permute_ps(v, 0b10_11_00_01);
+    v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1010_1010);
+    let sw = _mm256_permute_ps(v, 0b01_00_11_10);
+    v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1100_1100);
+    let sw = _mm256_permute2f128_ps(v, v, 1);
+    _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1111_0000)
+}
+
+/// FWHT stages h = 8 .. n/2 over `n` floats at `p` (n a power of two >= 8).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn high_stages(p: *mut f32, n: usize) {
     let mut h = 8;
     while h < n {
         for i in (0..n).step_by(2 * h) {
@@ -62,6 +74,163 @@ unsafe fn fwht_avx2(x: &mut [f32]) {
             }
         }
         h *= 2;
+    }
+}
+
+/// Both unnormalized signed transforms of `had2_quantize` for `n = 8·R` with
+/// the whole vector held in `R` registers (same operations as `high_stages`).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn rotate2_regs<const R: usize>(x: *const f32, p: &Had2<'_>, y: *mut f32) {
+    let mut v = [_mm256_setzero_ps(); R];
+    for (r, reg) in v.iter_mut().enumerate() {
+        // SAFETY: the caller guarantees 8·R elements in x.
+        *reg = unsafe { _mm256_loadu_ps(x.add(8 * r)) };
+    }
+    // SAFETY: both sign arrays hold 8·R elements.
+    unsafe {
+        signed_fwht_regs(&mut v, p.s1);
+        signed_fwht_regs(&mut v, p.s2);
+    }
+    for (r, reg) in v.iter().enumerate() {
+        // SAFETY: y holds 8·R elements.
+        unsafe { _mm256_storeu_ps(y.add(8 * r), *reg) };
+    }
+}
+
+/// `v ← H (s ⊙ v)` (unnormalized) on a vector held in `R` registers.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn signed_fwht_regs<const R: usize>(v: &mut [__m256; R], s: &[u32]) {
+    for (r, reg) in v.iter_mut().enumerate() {
+        // SAFETY: the caller guarantees 8·R sign masks.
+        let m = unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(s.as_ptr().add(8 * r) as *const __m256i)) };
+        *reg = low3(_mm256_xor_ps(*reg, m));
+    }
+    let mut h = 1;
+    while h < R {
+        for i in (0..R).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (v[j], v[j + h]);
+                v[j] = _mm256_add_ps(a, b);
+                v[j + h] = _mm256_sub_ps(a, b);
+            }
+        }
+        h *= 2;
+    }
+}
+
+fn had2_quantize(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
+    let n = x.len();
+    assert!(n >= 8 && n.is_power_of_two());
+    assert!(p.s1.len() >= n && p.s2.len() >= n && y.len() >= n && idx.len() >= n);
+    assert_eq!(p.boundaries.len(), (1usize << p.bits) - 1);
+    // SAFETY: AVX2 checked by `detect`; lengths checked above.
+    unsafe { had2_quantize_avx2(x, p, &mut y[..n], &mut idx[..n]) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
+    let n = x.len();
+    let yp = y.as_mut_ptr();
+    // SAFETY (every pointer access below): c + 8 <= n for c a multiple of 8,
+    // and x, y, s1, s2, idx all hold at least n elements (checked by the caller).
+    unsafe {
+        match n {
+            64 => rotate2_regs::<8>(x.as_ptr(), p, yp),
+            128 => rotate2_regs::<16>(x.as_ptr(), p, yp),
+            _ => {
+                for c in (0..n).step_by(8) {
+                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(p.s1.as_ptr().add(c) as *const __m256i));
+                    _mm256_storeu_ps(yp.add(c), low3(_mm256_xor_ps(_mm256_loadu_ps(x.as_ptr().add(c)), m)));
+                }
+                high_stages(yp, n);
+                for c in (0..n).step_by(8) {
+                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(p.s2.as_ptr().add(c) as *const __m256i));
+                    _mm256_storeu_ps(yp.add(c), low3(_mm256_xor_ps(_mm256_loadu_ps(yp.add(c)), m)));
+                }
+                high_stages(yp, n);
+            }
+        }
+        let total = _mm256_set1_ps(p.total);
+        let mut acc = _mm256_setzero_ps();
+        for c in (0..n).step_by(8) {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), total);
+            _mm256_storeu_ps(yp.add(c), v);
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
+        }
+        let mut l = [0.0f32; 8];
+        _mm256_storeu_ps(l.as_mut_ptr(), acc);
+        let s = scalar::reduce8(&l);
+        if !s.is_normal() {
+            return None;
+        }
+        let norm = s.sqrt();
+        let inv = _mm256_set1_ps(1.0 / norm);
+        if p.bits > 4 {
+            for c in (0..n).step_by(8) {
+                _mm256_storeu_ps(yp.add(c), _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), inv));
+            }
+            quantize_avx2(y, p.boundaries, p.bits, idx);
+            return Some(norm);
+        }
+        let nb = p.boundaries.len();
+        let mut bv = [_mm256_setzero_ps(); 15];
+        for (r, &b) in bv.iter_mut().zip(p.boundaries) {
+            *r = _mm256_set1_ps(b);
+        }
+        // 4 bits: bisection. After the middle boundary b7, the 7 remaining
+        // candidates of each lane are b0..b6 or b8..b14, one register each, so
+        // each further step is two in-register permutes, a blend and a compare.
+        let (lo7, hi7) = if p.bits == 4 {
+            let mut lo = [0.0f32; 8];
+            let mut hi = [0.0f32; 8];
+            lo[..7].copy_from_slice(&p.boundaries[..7]);
+            hi[..7].copy_from_slice(&p.boundaries[8..15]);
+            (_mm256_loadu_ps(lo.as_ptr()), _mm256_loadu_ps(hi.as_ptr()))
+        } else {
+            (_mm256_setzero_ps(), _mm256_setzero_ps())
+        };
+        let ip = idx.as_mut_ptr();
+        let count8 = |c: usize| -> __m256i {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), inv);
+            _mm256_storeu_ps(yp.add(c), v);
+            if p.bits == 4 {
+                let up = _mm256_cmp_ps(v, bv[7], _CMP_GT_OQ);
+                let upper = _mm256_castps_si256(up);
+                let mut j = _mm256_setzero_si256();
+                for step in [4, 2, 1] {
+                    let k = _mm256_add_epi32(j, _mm256_set1_epi32(step - 1));
+                    let thr = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo7, k), _mm256_permutevar8x32_ps(hi7, k), up);
+                    let gt = _mm256_castps_si256(_mm256_cmp_ps(v, thr, _CMP_GT_OQ));
+                    j = _mm256_add_epi32(j, _mm256_and_si256(gt, _mm256_set1_epi32(step)));
+                }
+                _mm256_add_epi32(j, _mm256_and_si256(upper, _mm256_set1_epi32(8)))
+            } else {
+                let mut cnt = _mm256_setzero_si256();
+                for b in bv.iter().take(nb) {
+                    cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(v, *b, _CMP_GT_OQ)));
+                }
+                cnt
+            }
+        };
+        // 32 values per step: counts <= 15 narrow i32 -> i16 -> u8 within
+        // 128-bit halves, then one cross-lane permute restores the order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        let full = n / 32 * 32;
+        for c in (0..full).step_by(32) {
+            let a = _mm256_packs_epi32(count8(c), count8(c + 8));
+            let b = _mm256_packs_epi32(count8(c + 16), count8(c + 24));
+            let w = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(a, b), order);
+            _mm256_storeu_si256(ip.add(c) as *mut __m256i, w);
+        }
+        for c in (full..n).step_by(8) {
+            let cnt = count8(c);
+            let w = _mm256_packus_epi16(_mm256_packs_epi32(cnt, cnt), cnt);
+            (ip.add(c) as *mut i32).write_unaligned(_mm256_cvtsi256_si32(w));
+            (ip.add(c + 4) as *mut i32).write_unaligned(_mm256_extract_epi32::<4>(w));
+        }
+        Some(norm)
     }
 }
 

@@ -1,6 +1,6 @@
 use proptest::prelude::*;
 use tq_core::bitpack::{pack, packed_len, unpack};
-use tq_core::kernels::{available, scalar, SCALAR};
+use tq_core::kernels::{available, scalar, Had2, SCALAR};
 use tq_core::rng::Xoshiro256;
 use tq_core::rotation::{Rotation, RotationKind};
 
@@ -148,5 +148,48 @@ fn rotation_is_deterministic_per_seed() {
         let c = Rotation::new(kind, 100, 12).unwrap().rotate(&x);
         assert_eq!(a, b);
         assert_ne!(a, c);
+    }
+}
+
+/// The fused power-of-two encode kernel gives the same bits on every path, and
+/// the same bits as the unfused sequence (rotation, norm, normalize, quantize)
+/// that non-power-of-two dimensions and the Haar rotation use.
+#[test]
+fn fused_hadamard_quantize_matches_the_unfused_path_bit_for_bit() {
+    let mut rng = Xoshiro256::new(11);
+    for k in 3..=10 {
+        let n = 1usize << k;
+        let rot = Rotation::new(RotationKind::Hadamard, n, 5).unwrap();
+        let Some((s1, s2, total)) = rot.two_round_pow2() else {
+            assert!(n < 64, "dims >= 64 that are powers of two use two rounds");
+            continue;
+        };
+        for bits in 1..=8u32 {
+            let cb = tq_core::codebook::LloydMax::get(n, bits).unwrap();
+            let p = Had2 { s1, s2, total, boundaries: &cb.boundaries, bits };
+            for scale in [1.0f32, 1e-3, 3e4, 1e-30, 1e30, 0.0] {
+                let x: Vec<f32> = randv(&mut rng, n).iter().map(|v| v * scale).collect();
+                // unfused sequence, as TurboQuantMse does it for other dims
+                let mut yu = x.clone();
+                let mut tmp = vec![0.0; n];
+                rot.rotate_in_place(&mut yu, &mut tmp);
+                let s = (SCALAR.sum_sq)(&yu);
+                let want = s.is_normal().then(|| {
+                    let norm = s.sqrt();
+                    yu.iter_mut().for_each(|v| *v *= 1.0 / norm);
+                    let mut idx = vec![0u8; n];
+                    (SCALAR.quantize)(&yu, &cb.boundaries, bits, &mut idx);
+                    (norm.to_bits(), yu.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), idx)
+                });
+                assert_eq!(want.is_some(), scale != 0.0 && scale > 1e-20 && scale < 1e20, "n={n} scale={scale}");
+                for kt in available() {
+                    let mut y = vec![0.0; n];
+                    let mut idx = vec![0u8; n];
+                    let got = (kt.had2_quantize)(&x, &p, &mut y, &mut idx)
+                        .map(|norm| (norm.to_bits(), y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), idx));
+                    assert_eq!(got, want, "{} n={n} bits={bits} scale={scale}", kt.name);
+                }
+            }
+        }
     }
 }
