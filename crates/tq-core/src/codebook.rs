@@ -155,6 +155,7 @@ impl SphereCoordinate {
     }
 }
 
+#[allow(clippy::needless_range_loop)] // index loops mirror the tridiagonal system
 fn compute(dim: usize, bits: u32) -> LloydMax {
     let law = SphereCoordinate::new(dim);
     let d = dim as f64;

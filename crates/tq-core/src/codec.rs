@@ -134,6 +134,22 @@ pub trait Codec: Send + Sync {
         Ok(self.prepare_unchecked(q))
     }
 
+    /// Fast-scan support (see `crate::fastscan`): `Some(m)` when the first
+    /// `m/2` bytes of every code are `m` 4-bit sub-codes and the inner-product
+    /// estimate is `fastscan_factor(code) · Σ_i T_i[sub-code i]`, with the
+    /// tables `T` of `fastscan_tables`, and the rest of the code is that factor.
+    fn fastscan_m(&self) -> Option<usize> {
+        None
+    }
+    /// The `16·m` float tables of a prepared query (empty without fast-scan support).
+    fn fastscan_tables(&self, _q: &PreparedQuery) -> Vec<f32> {
+        Vec::new()
+    }
+    /// The per-code factor of the fast-scan estimate.
+    fn fastscan_factor(&self, _code: &[u8]) -> f32 {
+        1.0
+    }
+
     /// Inner-product scores of one prepared query against `n` consecutive codes.
     fn score_ip_many(&self, q: &PreparedQuery, codes: &[u8], out: &mut [f32]) {
         for (o, c) in out.iter_mut().zip(codes.chunks_exact(self.code_size())) {
@@ -394,30 +410,62 @@ impl Codec for TurboQuantMse {
     fn score_l2(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
         self.l2_rotated(&q.parts[0], q.norm_sq, code)
     }
+
+    /// 1, 2 and 4 bits: nibble `i` of the packed indices holds `4/B` whole
+    /// coordinates, and the code is `[indices][f32 scale]`.
+    fn fastscan_m(&self) -> Option<usize> {
+        matches!(self.bits, 1 | 2 | 4).then_some(2 * self.packed)
+    }
+
+    fn fastscan_tables(&self, q: &PreparedQuery) -> Vec<f32> {
+        if self.fastscan_m().is_none() {
+            return Vec::new();
+        }
+        self.nibble_tables(&q.parts[0])
+    }
+
+    fn fastscan_factor(&self, code: &[u8]) -> f32 {
+        read_f32(code, self.packed)
+    }
 }
 
 /// Smallest batch for which `score_ip_many` builds a byte lookup table.
 const BYTE_LUT_MIN_BATCH: usize = 64;
 
 impl TurboQuantMse {
-    /// `lut[p·256 + v]` = Σ over the coordinates packed in byte `p` of `qr[j]·c[field]` when byte `p` is `v`.
+    /// `lut[p·256 + v]` = the partial inner product of the coordinates packed in
+    /// byte `p` when byte `p` is `v` (the sum of its two nibble tables).
     fn byte_lut(&self, qr: &[f32]) -> Vec<f32> {
-        let per = (8 / self.bits) as usize;
-        let mask = (1usize << self.bits) - 1;
+        let t = self.nibble_tables(qr);
         let mut lut = vec![0.0f32; self.packed * 256];
-        for (p, row) in lut.chunks_exact_mut(256).enumerate() {
+        for (row, pair) in lut.chunks_exact_mut(256).zip(t.chunks_exact(32)) {
+            for (v, e) in row.iter_mut().enumerate() {
+                *e = pair[v & 15] + pair[16 + (v >> 4)];
+            }
+        }
+        lut
+    }
+
+    /// Bits 1, 2, 4: table `i` (16 entries) gives the partial inner product of
+    /// the `4/B` coordinates in nibble `i` of the packed indices, for each nibble value.
+    fn nibble_tables(&self, qr: &[f32]) -> Vec<f32> {
+        let b = self.bits as usize;
+        let per = 4 / b;
+        let mask = (1usize << b) - 1;
+        let mut t = vec![0.0f32; 32 * self.packed];
+        for (i, row) in t.chunks_exact_mut(16).enumerate() {
             for (v, e) in row.iter_mut().enumerate() {
                 let mut s = 0.0f32;
                 for k in 0..per {
-                    let j = p * per + k;
+                    let j = i * per + k;
                     if j < self.dim {
-                        s += qr[j] * self.codebook.centroids[(v >> (k * self.bits as usize)) & mask];
+                        s += qr[j] * self.codebook.centroids[(v >> (k * b)) & mask];
                     }
                 }
                 *e = s;
             }
         }
-        lut
+        t
     }
 
     /// ⟨q, x̂⟩ from the rotated query `qr = Π q`.

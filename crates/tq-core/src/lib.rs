@@ -11,6 +11,7 @@ pub mod rotation;
 pub use error::{Result, TqError};
 pub mod codec;
 pub mod eval;
+pub mod fastscan;
 pub mod registry;
 
 pub use codec::{Codec, PreparedQuery};

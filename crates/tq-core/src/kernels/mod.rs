@@ -36,6 +36,10 @@ pub struct Kernels {
     /// which the caller handles on the general path. Bit-identical on every path
     /// to the unfused sequence of the other kernels.
     pub had2_quantize: Had2Fn,
+    /// Integer table sums of one fast-scan block of 32 codes (`crate::fastscan`):
+    /// `(block, tables, out)` with `block.len() == tables.len() == 16·m` (16 bytes
+    /// per sub-code). Exact integer arithmetic: identical on every path.
+    pub fastscan_block: fn(&[u8], &[u8], &mut [u32; 32]),
 }
 
 /// Signature of `Kernels::had2_quantize`.
@@ -60,6 +64,7 @@ pub static SCALAR: Kernels = Kernels {
     dot: scalar::dot_ref,
     dot_codes: scalar::dot_codes_ref,
     had2_quantize: scalar::had2_quantize_ref,
+    fastscan_block: scalar::fastscan_block_ref,
 };
 
 /// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).

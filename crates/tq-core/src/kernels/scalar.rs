@@ -90,3 +90,16 @@ pub fn had2_quantize_ref(x: &[f32], p: &super::Had2<'_>, y: &mut [f32], idx: &mu
     quantize_ref(y, p.boundaries, p.bits, idx);
     Some(norm)
 }
+
+/// Reference fast-scan block kernel (see `crate::fastscan` for the layout):
+/// `out[i] = Σ_pairs T_2p[sub-code 2p of vector i] + T_2p+1[sub-code 2p+1 of vector i]`.
+pub fn fastscan_block_ref(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
+    *out = [0; 32];
+    for (pair, t) in block.chunks_exact(32).zip(tables.chunks_exact(32)) {
+        for i in 0..16 {
+            let (a, b) = (pair[i], pair[16 + i]);
+            out[i] += t[(a & 15) as usize] as u32 + t[16 + (b & 15) as usize] as u32;
+            out[i + 16] += t[(a >> 4) as usize] as u32 + t[16 + (b >> 4) as usize] as u32;
+        }
+    }
+}

@@ -12,6 +12,7 @@ static AVX2: Kernels = Kernels {
     dot,
     dot_codes,
     had2_quantize,
+    fastscan_block,
 };
 
 pub fn detect() -> Option<&'static Kernels> {
@@ -350,6 +351,7 @@ fn dot_codes(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 {
 
 /// Per bit width: the pshufb control that puts bytes `o, o+1` of the group into
 /// 32-bit lane k (o = k·bits / 8), and the right shift `k·bits mod 8`.
+#[allow(clippy::needless_range_loop)] // lane k fills two arrays at derived offsets
 fn unpack_consts(bits: u32) -> ([i8; 32], [i32; 8]) {
     let mut shuf = [-1i8; 32];
     let mut shifts = [0i32; 8];
@@ -434,4 +436,52 @@ fn padded8(table: &[f32]) -> [f32; 8] {
     let k = table.len().min(8);
     t[..k].copy_from_slice(&table[..k]);
     t
+}
+
+fn fastscan_block(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
+    assert!(block.len() % 32 == 0 && tables.len() == block.len());
+    // SAFETY: AVX2 checked by `detect`; both buffers hold `block.len()/32` pairs of 32 bytes.
+    unsafe { fastscan_block_avx2(block, tables, out) }
+}
+
+/// 16-bit accumulation of `pshufb` lookups. Words hold (even byte + 256·odd
+/// byte) sums modulo 2^16, and a second accumulator the odd bytes alone, so
+/// both byte streams are recovered exactly (`QuantizedLut` caps the entries so
+/// that no true sum exceeds 65535).
+#[target_feature(enable = "avx2")]
+unsafe fn fastscan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
+    let pairs = block.len() / 32;
+    let mask = _mm256_set1_epi8(0x0F);
+    let (mut lo, mut lo_odd, mut hi, mut hi_odd) =
+        (_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256());
+    for p in 0..pairs {
+        // SAFETY: 32 bytes at 32p are in bounds of both buffers.
+        let (c, t) = unsafe {
+            (
+                _mm256_loadu_si256(block.as_ptr().add(32 * p) as *const __m256i),
+                _mm256_loadu_si256(tables.as_ptr().add(32 * p) as *const __m256i),
+            )
+        };
+        let rlo = _mm256_shuffle_epi8(t, _mm256_and_si256(c, mask));
+        let rhi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
+        lo = _mm256_add_epi16(lo, rlo);
+        lo_odd = _mm256_add_epi16(lo_odd, _mm256_srli_epi16(rlo, 8));
+        hi = _mm256_add_epi16(hi, rhi);
+        hi_odd = _mm256_add_epi16(hi_odd, _mm256_srli_epi16(rhi, 8));
+    }
+    let lo_even = _mm256_sub_epi16(lo, _mm256_slli_epi16(lo_odd, 8));
+    let hi_even = _mm256_sub_epi16(hi, _mm256_slli_epi16(hi_odd, 8));
+    let mut w = [[0u16; 16]; 4];
+    for (o, v) in w.iter_mut().zip([lo_even, lo_odd, hi_even, hi_odd]) {
+        // SAFETY: 32 bytes.
+        unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, v) };
+    }
+    // word k of the low 128 bits: tables 2p; word k+8: tables 2p+1; both for
+    // vectors 2k (even words) or 2k+1 (odd words); `hi` holds vectors 16..32.
+    for k in 0..8 {
+        out[2 * k] = w[0][k] as u32 + w[0][k + 8] as u32;
+        out[2 * k + 1] = w[1][k] as u32 + w[1][k + 8] as u32;
+        out[16 + 2 * k] = w[2][k] as u32 + w[2][k + 8] as u32;
+        out[16 + 2 * k + 1] = w[3][k] as u32 + w[3][k + 8] as u32;
+    }
 }

@@ -2,5 +2,6 @@
 //! from the measured standard error (`Z` standard errors) or stated by the issue.
 
 mod codecs;
+mod fastscan;
 mod kernels;
 mod theory;

@@ -1,0 +1,217 @@
+//! Fast-scan: scoring many codes at once with 8-bit lookup tables and a SIMD
+//! byte shuffle (the layout of FAISS's `*FastScan` indexes, written anew here).
+//!
+//! A code is seen as `m` 4-bit *sub-codes* (for `tq-mse-B`, B ∈ {1, 2, 4},
+//! sub-code `i` is simply nibble `i` of the packed indices: `4/B` coordinates).
+//! The inner-product estimate is `factor · Σ_i T_i[sub-code i]` with one
+//! 16-entry table `T_i` per sub-code, built once per query.
+//!
+//! ## Layout
+//! Vectors are stored in blocks of [`BLOCK`] = 32. A block is `16·m` bytes; for
+//! each pair of sub-codes `(2p, 2p+1)` it holds 32 bytes:
+//! `[16 bytes: sub-code 2p][16 bytes: sub-code 2p+1]`, where byte `i` of a
+//! 16-byte half holds vector `i` in its low nibble and vector `i+16` in its high
+//! nibble. One 32-byte load then meets one 32-byte register of the two tables
+//! `T_2p | T_2p+1`, and `pshufb` looks up 64 sub-codes in one instruction.
+//! Unused slots of the last block are zero.
+//!
+//! ## Quantized tables
+//! The tables are quantized to integers `q_i[v] = round((T_i[v] − min T_i)/Δ)`
+//! with one step `Δ` for all tables, so that `Σ_i T_i ≈ bias + Δ·Σ_i q_i`
+//! (`bias = Σ_i min T_i`), with an absolute error of at most `m·Δ/2` (rms
+//! `Δ·√(m/12)`). Sums are exact 16-bit integer arithmetic (the largest entry is
+//! capped so that no lane can overflow), so every kernel path gives identical
+//! integer sums. The scores are approximate: re-score the best candidates
+//! exactly with the codec (`Codec::score_ip`) when ranking matters.
+
+use crate::error::{Result, TqError};
+use crate::kernels::kernels;
+
+/// Vectors per block.
+pub const BLOCK: usize = 32;
+
+/// Codes of `m` 4-bit sub-codes each, blocked for fast scanning (see the module docs).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FastScanCodes {
+    m: usize,
+    n: usize,
+    data: Vec<u8>,
+}
+
+impl FastScanCodes {
+    /// An empty store for codes of `m` sub-codes (`m` even and positive).
+    pub fn new(m: usize) -> Result<Self> {
+        if m == 0 || m % 2 != 0 {
+            return Err(TqError::BadParams(format!("fast-scan needs an even, positive number of sub-codes, got {m}")));
+        }
+        Ok(Self { m, n: 0, data: Vec::new() })
+    }
+
+    /// Rebuilds a store from its raw parts (e.g. read back from a file).
+    pub fn from_raw(m: usize, n: usize, data: Vec<u8>) -> Result<Self> {
+        let mut s = Self::new(m)?;
+        let want = n.div_ceil(BLOCK) * s.block_bytes();
+        if data.len() != want {
+            return Err(TqError::BadParams(format!(
+                "fast-scan data of {} bytes does not hold {n} codes of {m} sub-codes ({want} bytes)",
+                data.len()
+            )));
+        }
+        s.n = n;
+        s.data = data;
+        Ok(s)
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+    pub fn len(&self) -> usize {
+        self.n
+    }
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    /// Bytes per block of 32 vectors.
+    pub fn block_bytes(&self) -> usize {
+        16 * self.m
+    }
+    pub fn blocks(&self) -> usize {
+        self.n.div_ceil(BLOCK)
+    }
+    /// The raw blocked bytes (`blocks() · block_bytes()`).
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// Appends one code given as `m/2` bytes of nibbles (sub-code `2k` in the
+    /// low nibble of byte `k`, `2k+1` in the high one).
+    pub fn push(&mut self, nibbles: &[u8]) {
+        assert_eq!(nibbles.len(), self.m / 2, "fast-scan push: wrong code length");
+        if self.n % BLOCK == 0 {
+            self.data.resize(self.data.len() + self.block_bytes(), 0);
+        }
+        self.n += 1;
+        self.write_slot(self.n - 1, nibbles);
+    }
+
+    /// Writes code `i` back as `m/2` nibble bytes (the inverse of `push`).
+    pub fn get(&self, i: usize, nibbles: &mut [u8]) {
+        assert!(i < self.n && nibbles.len() == self.m / 2);
+        let (base, shift) = self.slot(i);
+        for (p, o) in nibbles.iter_mut().enumerate() {
+            let at = base + p * 32;
+            *o = ((self.data[at] >> shift) & 0x0F) | (((self.data[at + 16] >> shift) & 0x0F) << 4);
+        }
+    }
+
+    /// Overwrites code `i` (same format as `push`).
+    pub fn set(&mut self, i: usize, nibbles: &[u8]) {
+        assert!(i < self.n && nibbles.len() == self.m / 2);
+        self.write_slot(i, nibbles);
+    }
+
+    /// Removes the last code; the store then equals one that never held it.
+    pub fn pop(&mut self) {
+        assert!(self.n > 0);
+        self.n -= 1;
+        if self.n % BLOCK == 0 {
+            self.data.truncate(self.blocks() * self.block_bytes());
+        } else {
+            let zero = vec![0u8; self.m / 2];
+            self.write_slot(self.n, &zero);
+        }
+    }
+
+    /// Byte offset of slot `i` in pair 0 of its block, and its nibble shift.
+    fn slot(&self, i: usize) -> (usize, u32) {
+        let base = (i / BLOCK) * self.block_bytes();
+        let s = i % BLOCK;
+        if s < 16 {
+            (base + s, 0)
+        } else {
+            (base + s - 16, 4)
+        }
+    }
+
+    fn write_slot(&mut self, i: usize, nibbles: &[u8]) {
+        let (base, shift) = self.slot(i);
+        let keep = if shift == 0 { 0xF0u8 } else { 0x0F };
+        for (p, &b) in nibbles.iter().enumerate() {
+            let at = base + p * 32;
+            self.data[at] = (self.data[at] & keep) | ((b & 0x0F) << shift);
+            self.data[at + 16] = (self.data[at + 16] & keep) | ((b >> 4) << shift);
+        }
+    }
+
+    /// Integer table sums of every code in block `b` (`out[i]` for vector `32b + i`).
+    pub fn scan_block(&self, b: usize, lut: &QuantizedLut, out: &mut [u32; BLOCK]) {
+        assert_eq!(lut.m, self.m, "lookup table built for a different code shape");
+        let bb = self.block_bytes();
+        (kernels().fastscan_block)(&self.data[b * bb..(b + 1) * bb], &lut.tables, out);
+    }
+
+    /// Approximate `Σ_i T_i[sub-code i]` for every code, in order (`out.len() == len()`).
+    pub fn scan(&self, lut: &QuantizedLut, out: &mut [f32]) {
+        assert_eq!(out.len(), self.n);
+        let mut sums = [0u32; BLOCK];
+        for (b, chunk) in out.chunks_mut(BLOCK).enumerate() {
+            self.scan_block(b, lut, &mut sums);
+            for (o, &s) in chunk.iter_mut().zip(&sums) {
+                *o = lut.value(s);
+            }
+        }
+    }
+}
+
+/// Per-query tables quantized to bytes (see the module docs).
+#[derive(Clone, Debug)]
+pub struct QuantizedLut {
+    m: usize,
+    /// `m × 16` entries, table `i` at `[16 i, 16 i + 16)`.
+    tables: Vec<u8>,
+    /// Step Δ.
+    pub delta: f32,
+    /// Σ_i min T_i.
+    pub bias: f32,
+}
+
+impl QuantizedLut {
+    /// Quantizes `m` float tables of 16 entries each (`lut.len() == 16 m`, finite).
+    pub fn new(lut: &[f32]) -> Self {
+        assert!(!lut.is_empty() && lut.len() % 32 == 0, "tables come in pairs of 16 entries");
+        let m = lut.len() / 16;
+        // largest entry so that a 16-bit lane summing m/2 entries cannot overflow
+        let qmax = (65535 / (m / 2)).min(255) as f32;
+        let mins: Vec<f32> = lut.chunks_exact(16).map(|t| t.iter().copied().fold(f32::INFINITY, f32::min)).collect();
+        let range = lut
+            .chunks_exact(16)
+            .zip(&mins)
+            .map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max))
+            .fold(0.0f32, f32::max);
+        let delta = if range > 0.0 { range / qmax } else { 1.0 };
+        let tables = lut
+            .chunks_exact(16)
+            .zip(&mins)
+            .flat_map(|(t, &lo)| t.iter().map(move |&v| ((v - lo) / delta).round().clamp(0.0, qmax) as u8))
+            .collect();
+        let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        Self { m, tables, delta, bias }
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+    /// The quantized tables (`16 m` bytes).
+    pub fn tables(&self) -> &[u8] {
+        &self.tables
+    }
+    /// The float estimate of a table sum from its integer sum.
+    #[inline]
+    pub fn value(&self, sum: u32) -> f32 {
+        self.bias + self.delta * sum as f32
+    }
+    /// Bound on |estimate − exact table sum|: `m·Δ/2`.
+    pub fn max_error(&self) -> f32 {
+        self.m as f32 * self.delta * 0.5
+    }
+}

@@ -1,0 +1,165 @@
+use proptest::prelude::*;
+use tq_core::fastscan::{FastScanCodes, QuantizedLut, BLOCK};
+use tq_core::kernels::{available, scalar};
+use tq_core::rng::Xoshiro256;
+use tq_core::{build, RotationKind};
+
+/// Table sum of one code computed from its nibbles, the plainest way.
+fn naive_sum(nibbles: &[u8], tables: &[u8]) -> u32 {
+    let mut s = 0u32;
+    for (k, &b) in nibbles.iter().enumerate() {
+        s += tables[32 * k + (b & 15) as usize] as u32 + tables[32 * k + 16 + (b >> 4) as usize] as u32;
+    }
+    s
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Push(Vec<u8>),
+    Set(usize, Vec<u8>),
+    Pop,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    /// push / set / pop keep the store equal to a plain list of codes, and the
+    /// raw bytes rebuild the same store.
+    #[test]
+    fn store_behaves_like_a_list(half_m in 1usize..6, ops in proptest::collection::vec(
+        prop_oneof![
+            3 => proptest::collection::vec(any::<u8>(), 5).prop_map(Op::Push),
+            1 => (any::<usize>(), proptest::collection::vec(any::<u8>(), 5)).prop_map(|(i, v)| Op::Set(i, v)),
+            1 => Just(Op::Pop),
+        ], 0..120)) {
+        let m = 2 * half_m;
+        let mut st = FastScanCodes::new(m).unwrap();
+        let mut model: Vec<Vec<u8>> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Push(v) => { st.push(&v[..half_m]); model.push(v[..half_m].to_vec()); }
+                Op::Set(i, v) => if !model.is_empty() {
+                    let i = i % model.len();
+                    st.set(i, &v[..half_m]);
+                    model[i] = v[..half_m].to_vec();
+                },
+                Op::Pop => if !model.is_empty() { st.pop(); model.pop(); },
+            }
+        }
+        prop_assert_eq!(st.len(), model.len());
+        let mut got = vec![0u8; half_m];
+        for (i, want) in model.iter().enumerate() {
+            st.get(i, &mut got);
+            prop_assert_eq!(&got, want);
+        }
+        let mut fresh = FastScanCodes::new(m).unwrap();
+        for c in &model { fresh.push(c); }
+        prop_assert_eq!(&fresh, &st, "unused slots must be zero after pop");
+        let raw = FastScanCodes::from_raw(m, st.len(), st.data().to_vec()).unwrap();
+        prop_assert_eq!(raw, st);
+    }
+}
+
+#[test]
+fn bad_shapes_are_refused() {
+    assert!(FastScanCodes::new(0).is_err());
+    assert!(FastScanCodes::new(3).is_err());
+    assert!(FastScanCodes::from_raw(4, 33, vec![0u8; 64]).is_err());
+    assert!(FastScanCodes::from_raw(4, 33, vec![0u8; 128]).is_ok());
+}
+
+/// Every kernel path gives the exact integer sums of the naive definition,
+/// including at the largest entries the quantizer allows (no 16-bit overflow).
+#[test]
+fn block_kernels_are_exact_on_every_path() {
+    let mut rng = Xoshiro256::new(21);
+    for m in [2usize, 8, 64, 128, 510, 768, 1536] {
+        let qmax = (65535 / (m / 2)).min(255) as u64;
+        for fill in [false, true] {
+            let tables: Vec<u8> =
+                (0..16 * m).map(|_| if fill { qmax as u8 } else { rng.below(qmax + 1) as u8 }).collect();
+            let mut st = FastScanCodes::new(m).unwrap();
+            let n = 45; // one full block and a partial one
+            let codes: Vec<Vec<u8>> = (0..n).map(|_| (0..m / 2).map(|_| rng.below(256) as u8).collect()).collect();
+            for c in &codes {
+                st.push(c);
+            }
+            for b in 0..st.blocks() {
+                let blk = &st.data()[b * st.block_bytes()..(b + 1) * st.block_bytes()];
+                let mut want = [0u32; BLOCK];
+                scalar::fastscan_block_ref(blk, &tables, &mut want);
+                for (i, w) in want.iter().enumerate() {
+                    let v = b * BLOCK + i;
+                    let expect = if v < n { naive_sum(&codes[v], &tables) } else { naive_sum(&vec![0u8; m / 2], &tables) };
+                    assert_eq!(*w, expect, "m={m} vector {v}");
+                }
+                for k in available() {
+                    let mut got = [0u32; BLOCK];
+                    (k.fastscan_block)(blk, &tables, &mut got);
+                    assert_eq!(got, want, "{} m={m} fill={fill}", k.name);
+                }
+            }
+        }
+    }
+}
+
+/// The quantized tables stay within their stated error bound.
+#[test]
+fn quantized_table_sums_are_within_the_bound() {
+    let mut rng = Xoshiro256::new(22);
+    for m in [2usize, 64, 1536] {
+        let lut: Vec<f32> = (0..16 * m).map(|_| rng.gaussian() as f32).collect();
+        let q = QuantizedLut::new(&lut);
+        for _ in 0..50 {
+            let nib: Vec<u8> = (0..m / 2).map(|_| rng.below(256) as u8).collect();
+            let exact: f64 = nib
+                .iter()
+                .enumerate()
+                .map(|(k, &b)| lut[32 * k + (b & 15) as usize] as f64 + lut[32 * k + 16 + (b >> 4) as usize] as f64)
+                .sum();
+            let approx = q.value(naive_sum(&nib, q.tables())) as f64;
+            assert!((approx - exact).abs() <= q.max_error() as f64 * 1.0001 + 1e-4, "m={m}: {approx} vs {exact}");
+        }
+    }
+}
+
+/// Fast-scan scores of the TurboQuant codecs approximate their exact
+/// inner-product estimator within the table-quantization bound, and the store
+/// returns the exact codes for re-scoring.
+#[test]
+fn tq_fastscan_scores_match_the_exact_estimator() {
+    let mut rng = Xoshiro256::new(23);
+    for name in ["tq-mse-1", "tq-mse-2", "tq-mse-4", "tq-mse-4-nc", "tq-mse-2-nc"] {
+        for dim in [50usize, 128, 384] {
+            let c = build(name, dim, 3, RotationKind::Hadamard).unwrap();
+            let m = c.fastscan_m().expect("fast-scan support");
+            assert_eq!(c.code_size(), m / 2 + 4);
+            let n = 100;
+            let xs: Vec<f32> = (0..n * dim).map(|_| rng.gaussian() as f32).collect();
+            let q: Vec<f32> = (0..dim).map(|_| rng.gaussian() as f32).collect();
+            let cs = c.code_size();
+            let mut codes = vec![0u8; n * cs];
+            c.encode_batch(&xs, &mut codes).unwrap();
+            let pq = c.prepare(&q).unwrap();
+            let lut = QuantizedLut::new(&c.fastscan_tables(&pq));
+            let mut st = FastScanCodes::new(m).unwrap();
+            for code in codes.chunks_exact(cs) {
+                st.push(&code[..m / 2]);
+            }
+            let mut sums = vec![0.0f32; n];
+            st.scan(&lut, &mut sums);
+            let mut back = vec![0u8; m / 2];
+            for (i, code) in codes.chunks_exact(cs).enumerate() {
+                let f = c.fastscan_factor(code);
+                let exact = c.score_ip(&pq, code);
+                let fast = f * sums[i];
+                let tol = f.abs() * (lut.max_error() + 1e-4 * lut.delta * m as f32) + 1e-4 * exact.abs() + 1e-5;
+                assert!((fast - exact).abs() <= tol, "{name} dim {dim} #{i}: {fast} vs {exact} (tol {tol})");
+                st.get(i, &mut back);
+                assert_eq!(&back[..], &code[..m / 2]);
+            }
+        }
+    }
+    for name in ["tq-mse-3", "tq-prod-4", "tq-mse-2.5"] {
+        assert!(build(name, 64, 1, RotationKind::Hadamard).unwrap().fastscan_m().is_none(), "{name}");
+    }
+}
