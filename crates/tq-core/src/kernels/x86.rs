@@ -58,23 +58,58 @@ fn low3(mut v: __m256) -> __m256 {
 }
 
 /// FWHT stages h = 8 .. n/2 over `n` floats at `p` (n a power of two >= 8).
+/// Up to three consecutive stages run per pass over memory (8 registers at
+/// stride h); each butterfly sees the same operands as in the reference, so
+/// the result is bit-identical.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn high_stages(p: *mut f32, n: usize) {
     let mut h = 8;
     while h < n {
-        for i in (0..n).step_by(2 * h) {
-            for j in (i..i + h).step_by(8) {
-                // SAFETY: j + h + 8 <= i + 2h <= n.
-                unsafe {
-                    let a = _mm256_loadu_ps(p.add(j));
-                    let b = _mm256_loadu_ps(p.add(j + h));
-                    _mm256_storeu_ps(p.add(j), _mm256_add_ps(a, b));
-                    _mm256_storeu_ps(p.add(j + h), _mm256_sub_ps(a, b));
-                }
+        // SAFETY: each pass stays inside [0, n) (see `butterfly_pass`).
+        unsafe {
+            if h * 8 <= n {
+                butterfly_pass::<8>(p, n, h);
+                h *= 8;
+            } else if h * 4 <= n {
+                butterfly_pass::<4>(p, n, h);
+                h *= 4;
+            } else {
+                butterfly_pass::<2>(p, n, h);
+                h *= 2;
             }
         }
-        h *= 2;
+    }
+}
+
+/// Stages h, 2h, .. (R/2)h in one pass: `R` registers at stride `h`.
+/// Requires `R·h <= n`, both powers of two, `h >= 8`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
+    for base in (0..n).step_by(R * h) {
+        for j in (base..base + h).step_by(8) {
+            let mut v = [_mm256_setzero_ps(); R];
+            for (r, reg) in v.iter_mut().enumerate() {
+                // SAFETY: j + r·h + 8 <= base + R·h <= n.
+                *reg = unsafe { _mm256_loadu_ps(p.add(j + r * h)) };
+            }
+            let mut d = 1;
+            while d < R {
+                for r in 0..R {
+                    if r & d == 0 {
+                        let (a, b) = (v[r], v[r + d]);
+                        v[r] = _mm256_add_ps(a, b);
+                        v[r + d] = _mm256_sub_ps(a, b);
+                    }
+                }
+                d *= 2;
+            }
+            for (r, reg) in v.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(p.add(j + r * h), *reg) };
+            }
+        }
     }
 }
 
