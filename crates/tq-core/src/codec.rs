@@ -213,6 +213,22 @@ fn with_scratch<R>(dim: usize, f: impl FnOnce(&mut [f32], &mut [f32], &mut [u8])
     })
 }
 
+thread_local! {
+    /// The two channel groups of a fractional codec (apart from `SCRATCH`,
+    /// which the inner codecs borrow while this is held).
+    static SPLIT: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn with_split<R>(dim: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SPLIT.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < dim {
+            s.resize(dim, 0.0);
+        }
+        f(&mut s[..dim])
+    })
+}
+
 /// ‖y‖ with the canonical summation order; exact f64 fallback when f32 squares
 /// overflow or underflow (the norm itself is checked to fit f32 at the API).
 fn norm_of(y: &[f32]) -> f32 {
@@ -795,26 +811,28 @@ impl Codec for TurboQuantFractional {
     }
 
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
-        let mut a = vec![0.0; self.outliers.len()];
-        let mut b = vec![0.0; self.rest.len()];
-        self.split(x, &mut a, &mut b);
-        let h = self.hi.code_size();
-        self.hi.encode_unchecked(&a, &mut code[..h]);
-        self.lo.encode_unchecked(&b, &mut code[h..]);
+        with_split(self.dim, |buf| {
+            let (a, b) = buf.split_at_mut(self.outliers.len());
+            self.split(x, a, b);
+            let h = self.hi.code_size();
+            self.hi.encode_unchecked(a, &mut code[..h]);
+            self.lo.encode_unchecked(b, &mut code[h..]);
+        })
     }
 
     fn decode_unchecked(&self, code: &[u8], out: &mut [f32]) {
-        let mut a = vec![0.0; self.outliers.len()];
-        let mut b = vec![0.0; self.rest.len()];
-        let h = self.hi.code_size();
-        self.hi.decode_unchecked(&code[..h], &mut a);
-        self.lo.decode_unchecked(&code[h..], &mut b);
-        for (&v, &c) in a.iter().zip(&self.outliers) {
-            out[c as usize] = v;
-        }
-        for (&v, &c) in b.iter().zip(&self.rest) {
-            out[c as usize] = v;
-        }
+        with_split(self.dim, |buf| {
+            let (a, b) = buf.split_at_mut(self.outliers.len());
+            let h = self.hi.code_size();
+            self.hi.decode_unchecked(&code[..h], a);
+            self.lo.decode_unchecked(&code[h..], b);
+            for (&v, &c) in a.iter().zip(&self.outliers) {
+                out[c as usize] = v;
+            }
+            for (&v, &c) in b.iter().zip(&self.rest) {
+                out[c as usize] = v;
+            }
+        })
     }
 
     fn prepare_unchecked(&self, q: &[f32]) -> PreparedQuery {
