@@ -1,0 +1,368 @@
+//! The flat index: all codes in one store, scanned per query.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{PoisonError, RwLock};
+
+use rayon::prelude::*;
+use tq_core::codec::check_vectors;
+use tq_core::fastscan::{FastScanCodes, QuantizedLut, BLOCK};
+use tq_core::{lookup, Codec, PreparedQuery};
+
+use crate::topk::TopK;
+use crate::{IndexError, IndexSpec, Metric, Result};
+
+/// One search result. `score` is the similarity (inner product / cosine;
+/// larger is better) or the squared distance (L2; smaller is better).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Hit {
+    pub id: u64,
+    pub score: f32,
+}
+
+/// Per-search options.
+#[derive(Clone, Copy)]
+pub struct SearchParams<'a> {
+    /// Only ids in this set may be returned (checked inside the scan).
+    pub allow: Option<&'a HashSet<u64>>,
+    /// Fast-scan stores: candidates re-scored exactly per wanted result.
+    pub rerank: usize,
+    /// Score every code with the exact estimator, even in a fast-scan store.
+    pub exact: bool,
+    /// IVF: lists probed per query.
+    pub nprobe: usize,
+}
+
+impl Default for SearchParams<'_> {
+    fn default() -> Self {
+        Self { allow: None, rerank: 10, exact: false, nprobe: 8 }
+    }
+}
+
+enum Store {
+    /// Codes split into fast-scan sub-codes and the per-code factor.
+    Fast { codes: FastScanCodes, factors: Vec<f32> },
+    /// Packed codes, `code_size` bytes each.
+    Plain { codes: Vec<u8> },
+}
+
+/// A flat index over any registered codec (see the crate docs).
+pub struct FlatIndex {
+    spec: IndexSpec,
+    codec: Box<dyn Codec>,
+    ids: Vec<u64>,
+    slot_of: HashMap<u64, usize>,
+    store: Store,
+    /// L2 only: ‖x̂‖² per code (the fast-scan pre-ranking needs it).
+    sqnorms: Vec<f32>,
+}
+
+impl FlatIndex {
+    /// An empty index. Codecs with data-dependent parameters (`tq-mse-2.5/3.5`)
+    /// take them from `spec.params`, or from `train` before the first add.
+    pub fn new(spec: IndexSpec) -> Result<Self> {
+        let codec = lookup(&spec.codec)?.build(spec.dim, spec.seed, spec.rotation, &spec.params)?;
+        let store = match codec.fastscan_m() {
+            Some(m) => Store::Fast { codes: FastScanCodes::new(m)?, factors: Vec::new() },
+            None => Store::Plain { codes: Vec::new() },
+        };
+        Ok(Self { spec, codec, ids: Vec::new(), slot_of: HashMap::new(), store, sqnorms: Vec::new() })
+    }
+
+    /// Fits codec parameters on a sample (only codecs that have any, only while empty).
+    pub fn train(&mut self, sample: &[f32]) -> Result<()> {
+        if !self.ids.is_empty() {
+            return Err(IndexError::Invalid("train must come before the first add".into()));
+        }
+        let xs = self.prepare_vectors(sample)?;
+        self.codec.train(&xs)?;
+        self.spec.params = self.codec.params();
+        Ok(())
+    }
+
+    pub fn spec(&self) -> &IndexSpec {
+        &self.spec
+    }
+    pub fn codec(&self) -> &dyn Codec {
+        self.codec.as_ref()
+    }
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+    pub fn dim(&self) -> usize {
+        self.spec.dim
+    }
+    /// Ids in slot order.
+    pub fn ids(&self) -> &[u64] {
+        &self.ids
+    }
+    pub fn contains(&self, id: u64) -> bool {
+        self.slot_of.contains_key(&id)
+    }
+    /// Whether scans use the fast-scan layout.
+    pub fn is_fast_scan(&self) -> bool {
+        matches!(self.store, Store::Fast { .. })
+    }
+    /// Bytes of code storage per vector (codes and factors; ids excluded).
+    pub fn bytes_per_vector(&self) -> usize {
+        self.codec.code_size()
+    }
+
+    /// Checks and (for cosine) normalizes a row-major batch.
+    fn prepare_vectors(&self, xs: &[f32]) -> Result<Vec<f32>> {
+        check_vectors(xs, self.spec.dim)?;
+        let mut v = xs.to_vec();
+        if self.spec.metric == Metric::Cosine {
+            for row in v.chunks_exact_mut(self.spec.dim) {
+                let n = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+                if n > 0.0 {
+                    row.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
+                }
+            }
+        }
+        Ok(v)
+    }
+
+    /// Encodes `xs` (row-major, `ids.len()` rows) and adds them. Atomic: on
+    /// error nothing is added. Encoding runs on the rayon pool.
+    pub fn add(&mut self, ids: &[u64], xs: &[f32]) -> Result<()> {
+        let codes = self.encode(ids, xs)?;
+        self.add_codes(ids, &codes)
+    }
+
+    /// Encodes without adding (the codes `add` would store).
+    pub fn encode(&self, ids: &[u64], xs: &[f32]) -> Result<Vec<u8>> {
+        if xs.len() != ids.len() * self.spec.dim {
+            return Err(IndexError::Invalid(format!(
+                "{} ids for {} values of dimension {}",
+                ids.len(),
+                xs.len(),
+                self.spec.dim
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let v = self.prepare_vectors(xs)?;
+        let mut codes = vec![0u8; ids.len() * self.codec.code_size()];
+        self.codec.encode_batch(&v, &mut codes)?;
+        Ok(codes)
+    }
+
+    /// Adds already-encoded codes (e.g. replayed from a file). Atomic.
+    pub fn add_codes(&mut self, ids: &[u64], codes: &[u8]) -> Result<()> {
+        let cs = self.codec.code_size();
+        if codes.len() != ids.len() * cs {
+            return Err(IndexError::Invalid(format!("{} ids for {} bytes of {cs}-byte codes", ids.len(), codes.len())));
+        }
+        let mut seen = HashSet::with_capacity(ids.len());
+        for &id in ids {
+            if self.slot_of.contains_key(&id) || !seen.insert(id) {
+                return Err(IndexError::DuplicateId(id));
+            }
+        }
+        let zero = if self.spec.metric == Metric::L2 { Some(self.codec.prepare_unchecked(&vec![0.0; self.spec.dim])) } else { None };
+        self.ids.reserve(ids.len());
+        self.slot_of.reserve(ids.len());
+        for (&id, code) in ids.iter().zip(codes.chunks_exact(cs)) {
+            self.slot_of.insert(id, self.ids.len());
+            self.ids.push(id);
+            match &mut self.store {
+                Store::Fast { codes, factors } => {
+                    codes.push(&code[..codes.m() / 2]);
+                    factors.push(self.codec.fastscan_factor(code));
+                }
+                Store::Plain { codes } => codes.extend_from_slice(code),
+            }
+            if let Some(z) = &zero {
+                self.sqnorms.push(self.codec.score_l2(z, code));
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored code of slot `slot` (exactly the encoder's bytes).
+    pub fn code_at(&self, slot: usize, out: &mut [u8]) {
+        match &self.store {
+            Store::Fast { codes, factors } => {
+                let h = codes.m() / 2;
+                codes.get(slot, &mut out[..h]);
+                out[h..h + 4].copy_from_slice(&factors[slot].to_le_bytes());
+            }
+            Store::Plain { codes } => {
+                let cs = self.codec.code_size();
+                out.copy_from_slice(&codes[slot * cs..(slot + 1) * cs]);
+            }
+        }
+    }
+
+    /// Removes ids (all or nothing: an unknown id is an error and removes none).
+    /// The last code moves into each freed slot.
+    pub fn remove(&mut self, ids: &[u64]) -> Result<()> {
+        let mut seen = HashSet::with_capacity(ids.len());
+        for &id in ids {
+            if !self.slot_of.contains_key(&id) || !seen.insert(id) {
+                return Err(IndexError::UnknownId(id));
+            }
+        }
+        let cs = self.codec.code_size();
+        let mut buf = vec![0u8; cs];
+        for &id in ids {
+            let slot = self.slot_of.remove(&id).expect("checked above");
+            let last = self.ids.len() - 1;
+            if slot != last {
+                let moved = self.ids[last];
+                self.ids[slot] = moved;
+                self.slot_of.insert(moved, slot);
+                self.code_at(last, &mut buf);
+                match &mut self.store {
+                    Store::Fast { codes, factors } => {
+                        codes.set(slot, &buf[..codes.m() / 2]);
+                        factors[slot] = factors[last];
+                    }
+                    Store::Plain { codes } => codes.copy_within(last * cs..(last + 1) * cs, slot * cs),
+                }
+                if !self.sqnorms.is_empty() {
+                    self.sqnorms[slot] = self.sqnorms[last];
+                }
+            }
+            self.ids.pop();
+            match &mut self.store {
+                Store::Fast { codes, factors } => {
+                    codes.pop();
+                    factors.pop();
+                }
+                Store::Plain { codes } => codes.truncate(last * cs),
+            }
+            self.sqnorms.truncate(self.ids.len());
+        }
+        Ok(())
+    }
+
+    /// Prepares a query (checked; normalized for cosine).
+    pub fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
+        if q.len() != self.spec.dim {
+            return Err(tq_core::TqError::DimMismatch { expected: self.spec.dim, got: q.len() }.into());
+        }
+        let v = self.prepare_vectors(q)?;
+        Ok(self.codec.prepare_unchecked(&v))
+    }
+
+    /// The `k` best hits for one query, best first.
+    pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
+        let pq = self.prepare(q)?;
+        Ok(self.search_prepared(&pq, k, p))
+    }
+
+    /// Searches many queries (row-major) in parallel on the rayon pool.
+    pub fn search_batch(&self, qs: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Vec<Hit>>> {
+        check_vectors(qs, self.spec.dim)?;
+        qs.par_chunks(self.spec.dim).map(|q| self.search(q, k, p)).collect()
+    }
+
+    /// Exact re-score of one code: similarity (larger is better) for ranking.
+    fn exact_similarity(&self, pq: &PreparedQuery, code: &[u8]) -> f32 {
+        match self.spec.metric {
+            Metric::L2 => -self.codec.score_l2(pq, code),
+            _ => self.codec.score_ip(pq, code),
+        }
+    }
+
+    /// Search with a query prepared by this codec (or one with the same spec).
+    pub(crate) fn search_prepared(&self, pq: &PreparedQuery, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+        let n = self.ids.len();
+        let allowed = |slot: usize| p.allow.is_none_or(|a| a.contains(&self.ids[slot]));
+        let cs = self.codec.code_size();
+        let mut top = TopK::new(k);
+        match (&self.store, p.exact) {
+            (Store::Fast { codes, factors }, false) => {
+                let lut = QuantizedLut::new(&self.codec.fastscan_tables(pq));
+                let mut cand = TopK::new(k.saturating_mul(p.rerank.max(1)));
+                let mut sums = [0u32; BLOCK];
+                let l2 = self.spec.metric == Metric::L2;
+                for b in 0..codes.blocks() {
+                    codes.scan_block(b, &lut, &mut sums);
+                    let base = b * BLOCK;
+                    for (i, &s) in sums.iter().enumerate().take(n - base) {
+                        let slot = base + i;
+                        let ip = factors[slot] * lut.value(s);
+                        let sim = if l2 { 2.0 * ip - self.sqnorms[slot] } else { ip };
+                        if cand.accepts(sim) && allowed(slot) {
+                            cand.push(sim, slot);
+                        }
+                    }
+                }
+                let mut buf = vec![0u8; cs];
+                for e in cand.into_sorted() {
+                    self.code_at(e.slot, &mut buf);
+                    top.push(self.exact_similarity(pq, &buf), e.slot);
+                }
+            }
+            _ => {
+                let mut buf = vec![0u8; cs];
+                let mut visit = |slot: usize| {
+                    if allowed(slot) {
+                        self.code_at(slot, &mut buf);
+                        let s = self.exact_similarity(pq, &buf);
+                        if top.accepts(s) {
+                            top.push(s, slot);
+                        }
+                    }
+                };
+                (0..n).for_each(&mut visit);
+            }
+        }
+        top.into_sorted()
+            .into_iter()
+            .map(|e| Hit {
+                id: self.ids[e.slot],
+                score: if self.spec.metric == Metric::L2 { -e.score } else { e.score },
+            })
+            .collect()
+    }
+
+    /// Codes of all slots in order, `code_size` bytes each (for saving).
+    pub fn all_codes(&self) -> Vec<u8> {
+        let cs = self.codec.code_size();
+        let mut out = vec![0u8; self.len() * cs];
+        for (slot, c) in out.chunks_exact_mut(cs).enumerate() {
+            self.code_at(slot, c);
+        }
+        out
+    }
+}
+
+/// A flat index shared between threads: any number of concurrent searches,
+/// adds and removes take the write lock, so a reader never sees a half-added
+/// entry (each search sees the index before or after a whole `add`).
+pub struct SharedIndex {
+    inner: RwLock<FlatIndex>,
+}
+
+impl SharedIndex {
+    pub fn new(index: FlatIndex) -> Self {
+        Self { inner: RwLock::new(index) }
+    }
+    pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).search(q, k, p)
+    }
+    /// Encodes outside the lock, then inserts under it.
+    pub fn add(&self, ids: &[u64], xs: &[f32]) -> Result<()> {
+        let codes = self.inner.read().unwrap_or_else(PoisonError::into_inner).encode(ids, xs)?;
+        self.inner.write().unwrap_or_else(PoisonError::into_inner).add_codes(ids, &codes)
+    }
+    pub fn remove(&self, ids: &[u64]) -> Result<()> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner).remove(ids)
+    }
+    pub fn len(&self) -> usize {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner).len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn into_inner(self) -> FlatIndex {
+        self.inner.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,229 @@
+//! IVF: coarse k-means partitions with one flat store per list.
+//!
+//! The coarse quantizer is trained with k-means in L2 (initial centroids are
+//! distinct rows picked with the spec's seed, then Lloyd iterations; an empty
+//! list restarts at a seeded random row). Vectors go to their nearest centroid
+//! (L2). Queries probe the `nprobe` lists whose centroids are nearest (L2) or
+//! have the largest inner product (ip, cosine), the FAISS convention.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+use tq_core::codec::check_vectors;
+use tq_core::rng::Xoshiro256;
+
+use crate::flat::{FlatIndex, Hit, SearchParams};
+use crate::topk::TopK;
+use crate::{IndexError, IndexSpec, Metric, Result};
+
+pub struct IvfIndex {
+    spec: IndexSpec,
+    /// `nlist × dim`, row-major.
+    centroids: Vec<f32>,
+    lists: Vec<FlatIndex>,
+    list_of: HashMap<u64, u32>,
+}
+
+fn l2(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn normalize_rows(v: &mut [f32], dim: usize) {
+    for row in v.chunks_exact_mut(dim) {
+        let n = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        if n > 0.0 {
+            row.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
+        }
+    }
+}
+
+impl IvfIndex {
+    /// Trains `nlist` centroids on `sample` (row-major; at least `nlist` rows)
+    /// with `iters` Lloyd iterations, deterministically from `spec.seed`.
+    pub fn train(spec: IndexSpec, nlist: usize, sample: &[f32], iters: usize) -> Result<Self> {
+        let dim = spec.dim;
+        check_vectors(sample, dim)?;
+        let n = sample.len() / dim;
+        if nlist == 0 || nlist > n {
+            return Err(IndexError::Invalid(format!("IVF needs 1 <= lists <= training rows, got {nlist} lists and {n} rows")));
+        }
+        let mut data = sample.to_vec();
+        if spec.metric == Metric::Cosine {
+            normalize_rows(&mut data, dim);
+        }
+        // seeded distinct rows as the initial centroids
+        let mut rng = Xoshiro256::new(tq_core::rng::derive_seed(spec.seed, 0x1F));
+        let mut pick: Vec<usize> = (0..n).collect();
+        for i in 0..nlist {
+            let j = i + rng.below((n - i) as u64) as usize;
+            pick.swap(i, j);
+        }
+        let mut cent: Vec<f32> = pick[..nlist].iter().flat_map(|&r| data[r * dim..(r + 1) * dim].to_vec()).collect();
+        for _ in 0..iters {
+            let assign: Vec<usize> = data.par_chunks(dim).map(|x| nearest(&cent, dim, x)).collect();
+            let mut sum = vec![0.0f64; nlist * dim];
+            let mut cnt = vec![0usize; nlist];
+            for (x, &a) in data.chunks_exact(dim).zip(&assign) {
+                cnt[a] += 1;
+                for (s, &v) in sum[a * dim..(a + 1) * dim].iter_mut().zip(x) {
+                    *s += v as f64;
+                }
+            }
+            for c in 0..nlist {
+                if cnt[c] > 0 {
+                    for (o, s) in cent[c * dim..(c + 1) * dim].iter_mut().zip(&sum[c * dim..(c + 1) * dim]) {
+                        *o = (*s / cnt[c] as f64) as f32;
+                    }
+                } else {
+                    // empty list: restart it at a seeded random row
+                    let r = rng.below(n as u64) as usize;
+                    cent[c * dim..(c + 1) * dim].copy_from_slice(&data[r * dim..(r + 1) * dim]);
+                }
+            }
+        }
+        Self::with_centroids(spec, cent)
+    }
+
+    /// An empty index over given centroids (e.g. read back from a file).
+    pub fn with_centroids(spec: IndexSpec, centroids: Vec<f32>) -> Result<Self> {
+        if centroids.is_empty() || centroids.len() % spec.dim != 0 || centroids.iter().any(|v| !v.is_finite()) {
+            return Err(IndexError::Invalid("IVF centroids must be a non-empty finite nlist × dim matrix".into()));
+        }
+        let nlist = centroids.len() / spec.dim;
+        let lists = (0..nlist).map(|_| FlatIndex::new(spec.clone())).collect::<Result<Vec<_>>>()?;
+        Ok(Self { spec, centroids, lists, list_of: HashMap::new() })
+    }
+
+    pub fn spec(&self) -> &IndexSpec {
+        &self.spec
+    }
+    pub fn nlist(&self) -> usize {
+        self.lists.len()
+    }
+    pub fn centroids(&self) -> &[f32] {
+        &self.centroids
+    }
+    pub fn len(&self) -> usize {
+        self.list_of.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.list_of.is_empty()
+    }
+    pub fn list(&self, i: usize) -> &FlatIndex {
+        &self.lists[i]
+    }
+    pub fn contains(&self, id: u64) -> bool {
+        self.list_of.contains_key(&id)
+    }
+
+    /// The list each vector goes to.
+    pub fn assign(&self, xs: &[f32]) -> Result<Vec<u32>> {
+        check_vectors(xs, self.spec.dim)?;
+        let mut v = xs.to_vec();
+        if self.spec.metric == Metric::Cosine {
+            normalize_rows(&mut v, self.spec.dim);
+        }
+        Ok(v.par_chunks(self.spec.dim).map(|x| nearest(&self.centroids, self.spec.dim, x) as u32).collect())
+    }
+
+    /// Encodes and adds (atomic: on error nothing is added).
+    pub fn add(&mut self, ids: &[u64], xs: &[f32]) -> Result<()> {
+        let lists = self.assign(xs)?;
+        let codes = self.lists[0].encode(ids, xs)?;
+        self.add_codes(ids, &lists, &codes)
+    }
+
+    /// Encodes without adding: (list per vector, codes).
+    pub fn encode(&self, ids: &[u64], xs: &[f32]) -> Result<(Vec<u32>, Vec<u8>)> {
+        let lists = self.assign(xs)?;
+        let codes = self.lists[0].encode(ids, xs)?;
+        Ok((lists, codes))
+    }
+
+    /// Adds encoded vectors to the given lists (atomic).
+    pub fn add_codes(&mut self, ids: &[u64], lists: &[u32], codes: &[u8]) -> Result<()> {
+        let cs = self.lists[0].codec().code_size();
+        if lists.len() != ids.len() || codes.len() != ids.len() * cs {
+            return Err(IndexError::Invalid("ids, lists and codes disagree in count".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (&id, &l) in ids.iter().zip(lists) {
+            if self.list_of.contains_key(&id) || !seen.insert(id) {
+                return Err(IndexError::DuplicateId(id));
+            }
+            if l as usize >= self.lists.len() {
+                return Err(IndexError::Invalid(format!("list {l} out of range ({} lists)", self.lists.len())));
+            }
+        }
+        for ((&id, &l), code) in ids.iter().zip(lists).zip(codes.chunks_exact(cs)) {
+            self.lists[l as usize].add_codes(&[id], code)?;
+            self.list_of.insert(id, l);
+        }
+        Ok(())
+    }
+
+    /// Removes ids (all or nothing).
+    pub fn remove(&mut self, ids: &[u64]) -> Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        for &id in ids {
+            if !self.list_of.contains_key(&id) || !seen.insert(id) {
+                return Err(IndexError::UnknownId(id));
+            }
+        }
+        for &id in ids {
+            let l = self.list_of.remove(&id).expect("checked above");
+            self.lists[l as usize].remove(&[id])?;
+        }
+        Ok(())
+    }
+
+    /// The `k` best hits, probing `p.nprobe` lists.
+    pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
+        let pq = self.lists[0].prepare(q)?;
+        let mut qv = q.to_vec();
+        if self.spec.metric == Metric::Cosine {
+            normalize_rows(&mut qv, self.spec.dim);
+        }
+        let dim = self.spec.dim;
+        let mut probe = TopK::new(p.nprobe.clamp(1, self.lists.len()));
+        for (c, cen) in self.centroids.chunks_exact(dim).enumerate() {
+            let s = match self.spec.metric {
+                Metric::L2 => -l2(&qv, cen),
+                _ => dot(&qv, cen),
+            };
+            probe.push(s, c);
+        }
+        let mut all: Vec<Hit> = Vec::new();
+        for e in probe.into_sorted() {
+            all.extend(self.lists[e.slot].search_prepared(&pq, k, p));
+        }
+        let better = |a: &Hit, b: &Hit| match self.spec.metric {
+            Metric::L2 => a.score.total_cmp(&b.score),
+            _ => b.score.total_cmp(&a.score),
+        };
+        all.sort_by(|a, b| better(a, b).then(a.id.cmp(&b.id)));
+        all.truncate(k);
+        Ok(all)
+    }
+
+    pub fn search_batch(&self, qs: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Vec<Hit>>> {
+        check_vectors(qs, self.spec.dim)?;
+        qs.par_chunks(self.spec.dim).map(|q| self.search(q, k, p)).collect()
+    }
+}
+
+/// Index of the nearest centroid (L2; ties to the lower index).
+fn nearest(cent: &[f32], dim: usize, x: &[f32]) -> usize {
+    let mut best = (f32::INFINITY, 0);
+    for (c, row) in cent.chunks_exact(dim).enumerate() {
+        let d = l2(x, row);
+        if d < best.0 {
+            best = (d, c);
+        }
+    }
+    best.1
+}

@@ -1,0 +1,111 @@
+//! Vector search over TurboQuant (or any registered) codes.
+//!
+//! - [`FlatIndex`]: every code in one store. Codecs with fast-scan support
+//!   (`tq-mse-1/2/4`, with or without `-nc`) are kept in the blocked 4-bit
+//!   layout of `tq_core::fastscan` and scanned with 8-bit tables; the best
+//!   `rerank·k` candidates are then re-scored with the codec's exact estimator.
+//!   Other codecs are scored exactly from their packed codes.
+//! - [`IvfIndex`]: coarse k-means partitions, one flat store per list, `nprobe`.
+//! - [`file`]: one versioned file per index, written atomically, loaded by
+//!   mmap, with incremental appends that never rewrite existing bytes.
+//!
+//! Ids are caller-chosen `u64`. Adding needs no training for TurboQuant codecs.
+
+pub mod file;
+mod flat;
+mod ivf;
+mod topk;
+
+pub use flat::{FlatIndex, Hit, SearchParams, SharedIndex};
+pub use ivf::IvfIndex;
+
+use thiserror::Error;
+use tq_core::{RotationKind, TqError};
+
+/// Similarity used for ranking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// Inner product (larger is better).
+    Ip,
+    /// Cosine similarity: vectors and queries are L2-normalized, then inner product.
+    Cosine,
+    /// Squared Euclidean distance (smaller is better).
+    L2,
+}
+
+impl Metric {
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Ip => "ip",
+            Metric::Cosine => "cosine",
+            Metric::L2 => "l2",
+        }
+    }
+    pub fn id(self) -> u8 {
+        match self {
+            Metric::Ip => 0,
+            Metric::Cosine => 1,
+            Metric::L2 => 2,
+        }
+    }
+    pub fn from_id(id: u8) -> Option<Self> {
+        match id {
+            0 => Some(Metric::Ip),
+            1 => Some(Metric::Cosine),
+            2 => Some(Metric::L2),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for Metric {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "ip" => Ok(Metric::Ip),
+            "cosine" => Ok(Metric::Cosine),
+            "l2" => Ok(Metric::L2),
+            _ => Err(format!("unknown metric '{s}' (expected ip, cosine or l2)")),
+        }
+    }
+}
+
+/// Everything stored codes depend on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IndexSpec {
+    pub codec: String,
+    pub dim: usize,
+    pub seed: u64,
+    pub rotation: RotationKind,
+    pub metric: Metric,
+    /// Codec parameters (e.g. the outlier channels of `tq-mse-2.5`).
+    pub params: Vec<u8>,
+}
+
+impl IndexSpec {
+    pub fn new(codec: &str, dim: usize, metric: Metric) -> Self {
+        Self { codec: codec.to_string(), dim, seed: 0, rotation: RotationKind::Hadamard, metric, params: Vec::new() }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Codec(#[from] TqError),
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("id {0} is already in the index")]
+    DuplicateId(u64),
+    #[error("id {0} is not in the index")]
+    UnknownId(u64),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, IndexError>;
