@@ -69,7 +69,7 @@ fn read_all(path: &Path) -> Result<Vec<u8>> {
     Ok(v)
 }
 
-/// Reads `.npy` (2-D or 1-D, little-endian f4/f8, C order) or `.fvecs`, by extension.
+/// Reads `.npy` (2-D or 1-D, little-endian f4/f8, C or Fortran order) or `.fvecs`, by extension.
 pub fn read_vectors(path: &Path) -> Result<Matrix> {
     let bytes = read_all(path)?;
     match path.extension().and_then(|e| e.to_str()) {
@@ -110,9 +110,7 @@ pub fn parse_npy(b: &[u8]) -> Result<Matrix> {
     } else {
         bail!("dtype {} is not supported (need little-endian float32 or float64)", descr.split(',').next().unwrap_or(""));
     };
-    if field("fortran_order").map(|f| f.starts_with("True")).unwrap_or(false) {
-        bail!("Fortran-ordered arrays are not supported (save with C order)");
-    }
+    let fortran = field("fortran_order").map(|f| f.starts_with("True")).unwrap_or(false);
     let shape = field("shape").ok_or_else(|| anyhow!("no shape"))?;
     let inner = shape.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or_else(|| anyhow!("bad shape"))?;
     let dims: Vec<usize> = inner
@@ -143,6 +141,16 @@ pub fn parse_npy(b: &[u8]) -> Result<Matrix> {
             .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
             .collect()
     };
+    if fortran && rows > 1 {
+        // column-major on disk: element (r, c) is at c·rows + r
+        let mut t = vec![0.0f32; data.len()];
+        for (c, col) in data.chunks_exact(rows).enumerate() {
+            for (r, &v) in col.iter().enumerate() {
+                t[r * cols + c] = v;
+            }
+        }
+        return Ok(Matrix { rows, cols, data: t });
+    }
     Ok(Matrix { rows, cols, data })
 }
 

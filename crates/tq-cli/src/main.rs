@@ -2,7 +2,9 @@
 //! a non-zero exit status; no command leaves a partial output file.
 
 mod bench;
+mod data;
 mod files;
+mod index;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tq_core::eval::{measure_distortion, theory, DEFAULT_RHO};
 use tq_core::{registry, RotationKind};
+use tq_index::Metric;
 
 use files::{CodeFile, Matrix};
 
@@ -74,6 +77,16 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Real datasets from package registries (cached).
+    Data {
+        #[command(subcommand)]
+        what: DataCmd,
+    },
+    /// Vector search indexes over codes (.tqi files).
+    Index {
+        #[command(subcommand)]
+        what: IndexCmd,
+    },
     /// The main job: measure everything that exists and write a report directory.
     Report {
         #[arg(long, default_value = "report")]
@@ -84,6 +97,92 @@ enum Cmd {
         /// Small, fast run (for smoke tests).
         #[arg(long)]
         quick: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Download a dataset into the cache (pip; sha256 checked).
+    Fetch { name: String },
+    /// Known datasets and whether they are cached.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCmd {
+    /// Build an index (ids 0..n) and save it atomically.
+    Build {
+        /// A dataset from `tq data list`.
+        #[arg(long)]
+        data: Option<String>,
+        /// Vectors (.npy or .fvecs).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        #[arg(long)]
+        codec: String,
+        /// IVF with this many k-means lists (default: flat).
+        #[arg(long)]
+        ivf: Option<usize>,
+        #[arg(long, default_value = "ip")]
+        metric: Metric,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "hadamard")]
+        rotation: RotationKind,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Append vectors to an index file without rewriting it.
+    Add {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        /// First id of the new vectors (default: largest id + 1).
+        #[arg(long)]
+        start_id: Option<u64>,
+    },
+    /// Remove ids (comma-separated) from an index file (appended record).
+    Remove {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        ids: String,
+    },
+    /// Search an index with queries from a file.
+    Search {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        queries: PathBuf,
+        #[arg(short, default_value_t = 10)]
+        k: usize,
+        /// IVF lists probed per query.
+        #[arg(long, default_value_t = 8)]
+        nprobe: usize,
+        /// Fast-scan candidates re-scored exactly, per wanted result.
+        #[arg(long, default_value_t = 10)]
+        rerank: usize,
+        /// Score every code exactly (no fast-scan pre-ranking).
+        #[arg(long)]
+        exact: bool,
+        /// Allow-list of ids (comma-separated): only these may be returned.
+        #[arg(long)]
+        allow: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe an index file.
+    Info {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -99,6 +198,31 @@ enum BenchCmd {
         n: usize,
         #[arg(long, default_value = "hadamard")]
         rotation: RotationKind,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Index build time, query latency, throughput and recall vs exact f32 search.
+    Search {
+        #[arg(long)]
+        data: String,
+        #[arg(long)]
+        codec: String,
+        /// Held-out queries (disjoint from the base).
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        /// Base vectors (default: every row that is not a query).
+        #[arg(long)]
+        base: Option<usize>,
+        #[arg(short, default_value_t = 10)]
+        k: usize,
+        #[arg(long)]
+        ivf: Option<usize>,
+        #[arg(long, default_value_t = 8)]
+        nprobe: usize,
+        #[arg(long, default_value_t = 10)]
+        rerank: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
         #[arg(long)]
         json: bool,
     },
@@ -126,6 +250,28 @@ fn run(cli: Cli) -> Result<()> {
             bench::encode(&codec, dim, n, rotation, json)
         }
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
+        Cmd::Data { what: DataCmd::Fetch { name } } => {
+            let p = data::ensure(data::find(&name)?, false)?;
+            eprintln!("{name}: {}", p.display());
+            Ok(())
+        }
+        Cmd::Data { what: DataCmd::List { json } } => data::list(json),
+        Cmd::Index { what } => match what {
+            IndexCmd::Build { data, input, codec, ivf, metric, seed, rotation, out, json } => {
+                let a = index::BuildArgs { codec: &codec, metric, seed, rotation, ivf, quiet: json };
+                index::build(data.as_deref(), input.as_deref(), &a, &out, json)
+            }
+            IndexCmd::Add { index, input, start_id } => index::add(&index, &input, start_id),
+            IndexCmd::Remove { index, ids } => index::remove(&index, &index::parse_ids(&ids)?),
+            IndexCmd::Search { index, queries, k, nprobe, rerank, exact, allow, json } => {
+                let a = index::SearchArgs { k, nprobe, rerank, exact, allow: allow.as_deref(), json };
+                index::search(&index, &queries, &a)
+            }
+            IndexCmd::Info { index, json } => index::info(&index, json),
+        },
+        Cmd::Bench { what: BenchCmd::Search { data, codec, queries, base, k, ivf, nprobe, rerank, seed, json } } => {
+            index::bench_search(&index::BenchArgs { data: &data, codec: &codec, queries, base, k, ivf, nprobe, rerank, seed, json })
+        }
     }
 }
 

@@ -253,7 +253,8 @@ impl FlatIndex {
     /// The `k` best hits for one query, best first.
     pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
         let pq = self.prepare(q)?;
-        Ok(self.search_prepared(&pq, k, p))
+        let lut = self.lut(&pq);
+        Ok(self.search_prepared(&pq, lut.as_ref(), k, p))
     }
 
     /// Searches many queries (row-major) in parallel on the rayon pool.
@@ -270,57 +271,93 @@ impl FlatIndex {
         }
     }
 
-    /// Search with a query prepared by this codec (or one with the same spec).
-    pub(crate) fn search_prepared(&self, pq: &PreparedQuery, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+    /// The fast-scan tables of a prepared query (None for other stores).
+    pub(crate) fn lut(&self, pq: &PreparedQuery) -> Option<QuantizedLut> {
+        self.is_fast_scan().then(|| QuantizedLut::new(&self.codec.fastscan_tables(pq)))
+    }
+
+    /// Whether a search with `p` pre-ranks approximately (fast-scan) and re-scores.
+    pub(crate) fn approximate(&self, p: &SearchParams<'_>) -> bool {
+        self.is_fast_scan() && !p.exact
+    }
+
+    /// Search with a query prepared by this codec (or one with the same spec)
+    /// and, for fast-scan stores, its tables (`lut`).
+    pub(crate) fn search_prepared(&self, pq: &PreparedQuery, lut: Option<&QuantizedLut>, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+        let mut top = TopK::new(k);
+        if self.approximate(p) {
+            let mut cand = TopK::new(k.saturating_mul(p.rerank.max(1)));
+            self.scan_into(pq, lut, p, 0, &mut cand);
+            let mut buf = vec![0u8; self.codec.code_size()];
+            for e in cand.into_sorted() {
+                top.push(self.rescore(pq, e.slot, &mut buf), e.slot);
+            }
+        } else {
+            self.scan_into(pq, lut, p, 0, &mut top);
+        }
+        top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect()
+    }
+
+    /// The hit for slot `slot` with ranking similarity `sim`.
+    pub(crate) fn hit(&self, slot: usize, sim: f32) -> Hit {
+        Hit { id: self.ids[slot], score: if self.spec.metric == Metric::L2 { -sim } else { sim } }
+    }
+
+    /// Exact similarity (larger is better) of slot `slot`; `buf` holds a code.
+    pub(crate) fn rescore(&self, pq: &PreparedQuery, slot: usize, buf: &mut [u8]) -> f32 {
+        self.code_at(slot, buf);
+        self.exact_similarity(pq, buf)
+    }
+
+    /// Offers every allowed code to `heap` as `(similarity, tag + slot)`:
+    /// fast-scan estimates when `approximate(p)`, exact scores otherwise.
+    pub(crate) fn scan_into(&self, pq: &PreparedQuery, lut: Option<&QuantizedLut>, p: &SearchParams<'_>, tag: usize, heap: &mut TopK) {
         let n = self.ids.len();
         let allowed = |slot: usize| p.allow.is_none_or(|a| a.contains(&self.ids[slot]));
-        let cs = self.codec.code_size();
-        let mut top = TopK::new(k);
-        match (&self.store, p.exact) {
-            (Store::Fast { codes, factors }, false) => {
-                let lut = QuantizedLut::new(&self.codec.fastscan_tables(pq));
-                let mut cand = TopK::new(k.saturating_mul(p.rerank.max(1)));
+        match &self.store {
+            Store::Fast { codes, factors } if !p.exact => {
+                let lut = lut.expect("fast-scan tables for a fast-scan store");
                 let mut sums = [0u32; BLOCK];
                 let l2 = self.spec.metric == Metric::L2;
+                let mut sims = [0.0f32; BLOCK];
                 for b in 0..codes.blocks() {
-                    codes.scan_block(b, &lut, &mut sums);
+                    codes.scan_block(b, lut, &mut sums);
                     let base = b * BLOCK;
-                    for (i, &s) in sums.iter().enumerate().take(n - base) {
-                        let slot = base + i;
-                        let ip = factors[slot] * lut.value(s);
-                        let sim = if l2 { 2.0 * ip - self.sqnorms[slot] } else { ip };
-                        if cand.accepts(sim) && allowed(slot) {
-                            cand.push(sim, slot);
+                    let len = BLOCK.min(n - base);
+                    // whole-block conversion and threshold test (vectorizable);
+                    // the per-slot work only runs for blocks with a contender
+                    let f = &factors[base..base + len];
+                    for ((o, &s), &f) in sims.iter_mut().zip(&sums).zip(f) {
+                        *o = f * lut.value(s);
+                    }
+                    if l2 {
+                        for (o, &q) in sims.iter_mut().zip(&self.sqnorms[base..base + len]) {
+                            *o = 2.0 * *o - q;
                         }
                     }
-                }
-                let mut buf = vec![0u8; cs];
-                for e in cand.into_sorted() {
-                    self.code_at(e.slot, &mut buf);
-                    top.push(self.exact_similarity(pq, &buf), e.slot);
+                    let best = sims[..len].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    if !heap.accepts(best) {
+                        continue;
+                    }
+                    for (i, &sim) in sims[..len].iter().enumerate() {
+                        if heap.accepts(sim) && allowed(base + i) {
+                            heap.push(sim, tag + base + i);
+                        }
+                    }
                 }
             }
             _ => {
-                let mut buf = vec![0u8; cs];
-                let mut visit = |slot: usize| {
+                let mut buf = vec![0u8; self.codec.code_size()];
+                for slot in 0..n {
                     if allowed(slot) {
-                        self.code_at(slot, &mut buf);
-                        let s = self.exact_similarity(pq, &buf);
-                        if top.accepts(s) {
-                            top.push(s, slot);
+                        let s = self.rescore(pq, slot, &mut buf);
+                        if heap.accepts(s) {
+                            heap.push(s, tag + slot);
                         }
                     }
-                };
-                (0..n).for_each(&mut visit);
+                }
             }
         }
-        top.into_sorted()
-            .into_iter()
-            .map(|e| Hit {
-                id: self.ids[e.slot],
-                score: if self.spec.metric == Metric::L2 { -e.score } else { e.score },
-            })
-            .collect()
     }
 
     /// Codes of all slots in order, `code_size` bytes each (for saving).

@@ -16,6 +16,9 @@ use crate::flat::{FlatIndex, Hit, SearchParams};
 use crate::topk::TopK;
 use crate::{IndexError, IndexSpec, Metric, Result};
 
+/// Tagged slots: list number above this bit, slot below (lists hold < 2^32 codes).
+const LIST_SHIFT: u32 = 32;
+
 pub struct IvfIndex {
     spec: IndexSpec,
     /// `nlist × dim`, row-major.
@@ -64,7 +67,8 @@ impl IvfIndex {
         }
         let mut cent: Vec<f32> = pick[..nlist].iter().flat_map(|&r| data[r * dim..(r + 1) * dim].to_vec()).collect();
         for _ in 0..iters {
-            let assign: Vec<usize> = data.par_chunks(dim).map(|x| nearest(&cent, dim, x)).collect();
+            let norms = row_norms(&cent, dim);
+            let assign: Vec<usize> = data.par_chunks(dim).map(|x| nearest(&cent, &norms, dim, x)).collect();
             let mut sum = vec![0.0f64; nlist * dim];
             let mut cnt = vec![0usize; nlist];
             for (x, &a) in data.chunks_exact(dim).zip(&assign) {
@@ -127,7 +131,8 @@ impl IvfIndex {
         if self.spec.metric == Metric::Cosine {
             normalize_rows(&mut v, self.spec.dim);
         }
-        Ok(v.par_chunks(self.spec.dim).map(|x| nearest(&self.centroids, self.spec.dim, x) as u32).collect())
+        let norms = row_norms(&self.centroids, self.spec.dim);
+        Ok(v.par_chunks(self.spec.dim).map(|x| nearest(&self.centroids, &norms, self.spec.dim, x) as u32).collect())
     }
 
     /// Encodes and adds (atomic: on error nothing is added).
@@ -197,17 +202,33 @@ impl IvfIndex {
             };
             probe.push(s, c);
         }
-        let mut all: Vec<Hit> = Vec::new();
+        // one candidate set across the probed lists, tagged with the list
+        // number in the high bits, then (fast-scan) one exact re-score
+        let lut = self.lists[0].lut(&pq);
+        let approx = self.lists[0].approximate(p);
+        let mut heap = TopK::new(if approx { k.saturating_mul(p.rerank.max(1)) } else { k });
         for e in probe.into_sorted() {
-            all.extend(self.lists[e.slot].search_prepared(&pq, k, p));
+            self.lists[e.slot].scan_into(&pq, lut.as_ref(), p, e.slot << LIST_SHIFT, &mut heap);
         }
-        let better = |a: &Hit, b: &Hit| match self.spec.metric {
-            Metric::L2 => a.score.total_cmp(&b.score),
-            _ => b.score.total_cmp(&a.score),
+        let split = |tagged: usize| (tagged >> LIST_SHIFT, tagged & ((1 << LIST_SHIFT) - 1));
+        let best = if approx {
+            let mut top = TopK::new(k);
+            let mut buf = vec![0u8; self.lists[0].codec().code_size()];
+            for e in heap.into_sorted() {
+                let (l, slot) = split(e.slot);
+                top.push(self.lists[l].rescore(&pq, slot, &mut buf), e.slot);
+            }
+            top.into_sorted()
+        } else {
+            heap.into_sorted()
         };
-        all.sort_by(|a, b| better(a, b).then(a.id.cmp(&b.id)));
-        all.truncate(k);
-        Ok(all)
+        Ok(best
+            .into_iter()
+            .map(|e| {
+                let (l, slot) = split(e.slot);
+                self.lists[l].hit(slot, e.score)
+            })
+            .collect())
     }
 
     pub fn search_batch(&self, qs: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Vec<Hit>>> {
@@ -216,14 +237,20 @@ impl IvfIndex {
     }
 }
 
-/// Index of the nearest centroid (L2; ties to the lower index).
-fn nearest(cent: &[f32], dim: usize, x: &[f32]) -> usize {
+/// Index of the nearest centroid in L2 (ties to the lower index), as the
+/// smallest `‖c‖² − 2⟨x, c⟩` (`norms[c] = ‖c‖²`).
+fn nearest(cent: &[f32], norms: &[f32], dim: usize, x: &[f32]) -> usize {
+    let dot = tq_core::kernels::kernels().dot;
     let mut best = (f32::INFINITY, 0);
     for (c, row) in cent.chunks_exact(dim).enumerate() {
-        let d = l2(x, row);
+        let d = norms[c] - 2.0 * dot(x, row);
         if d < best.0 {
             best = (d, c);
         }
     }
     best.1
+}
+
+fn row_norms(cent: &[f32], dim: usize) -> Vec<f32> {
+    cent.chunks_exact(dim).map(|r| r.iter().map(|v| v * v).sum()).collect()
 }

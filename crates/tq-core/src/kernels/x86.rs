@@ -506,17 +506,26 @@ unsafe fn fastscan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; 32]) 
     }
     let lo_even = _mm256_sub_epi16(lo, _mm256_slli_epi16(lo_odd, 8));
     let hi_even = _mm256_sub_epi16(hi, _mm256_slli_epi16(hi_odd, 8));
-    let mut w = [[0u16; 16]; 4];
-    for (o, v) in w.iter_mut().zip([lo_even, lo_odd, hi_even, hi_odd]) {
-        // SAFETY: 32 bytes.
-        unsafe { _mm256_storeu_si256(o.as_mut_ptr() as *mut __m256i, v) };
-    }
-    // word k of the low 128 bits: tables 2p; word k+8: tables 2p+1; both for
-    // vectors 2k (even words) or 2k+1 (odd words); `hi` holds vectors 16..32.
-    for k in 0..8 {
-        out[2 * k] = w[0][k] as u32 + w[0][k + 8] as u32;
-        out[2 * k + 1] = w[1][k] as u32 + w[1][k + 8] as u32;
-        out[16 + 2 * k] = w[2][k] as u32 + w[2][k + 8] as u32;
-        out[16 + 2 * k + 1] = w[3][k] as u32 + w[3][k + 8] as u32;
+    // Word k of the low 128 bits holds tables 2p, word k+8 tables 2p+1, both
+    // for vector 2k (even words) or 2k+1 (odd words); `hi` holds vectors 16..32.
+    // Widen to u32, add the halves, interleave even/odd vectors back in order.
+    let halves = |v: __m256i| {
+        _mm256_add_epi32(
+            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)),
+            _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(v)),
+        )
+    };
+    for (half, (e, o)) in [(lo_even, lo_odd), (hi_even, hi_odd)].into_iter().enumerate() {
+        let (e, o) = (halves(e), halves(o));
+        // unpack within 128-bit lanes: [e0 o0 e1 o1 | e4 o4 e5 o5], [e2 o2 e3 o3 | e6 o6 e7 o7]
+        let a = _mm256_unpacklo_epi32(e, o);
+        let b = _mm256_unpackhi_epi32(e, o);
+        let first = _mm256_permute2x128_si256::<0x20>(a, b); // vectors 0..8 of this half
+        let second = _mm256_permute2x128_si256::<0x31>(a, b); // vectors 8..16
+        // SAFETY: `out` has 32 u32; each store writes 8 at 16·half and 16·half + 8.
+        unsafe {
+            _mm256_storeu_si256(out.as_mut_ptr().add(16 * half) as *mut __m256i, first);
+            _mm256_storeu_si256(out.as_mut_ptr().add(16 * half + 8) as *mut __m256i, second);
+        }
     }
 }
