@@ -198,3 +198,116 @@ fn report_quick_writes_markdown_html_json_and_plots() {
     assert!(js.as_array().unwrap().len() >= tq_core::registry().len());
     assert!(std::fs::read_to_string(d.join("index.html")).unwrap().contains("<table>"));
 }
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The index life cycle through the CLI: build, search, add, remove, info, and
+/// refusal of bad input with the file left as it was.
+#[test]
+fn index_build_search_add_remove_info() {
+    let d = tmpdir("index");
+    let mut rng = tq_core::rng::Xoshiro256::new(3);
+    let x: Vec<f32> = (0..500 * 24).map(|_| rng.gaussian() as f32).collect();
+    write_npy(&d.join("x.npy"), 500, 24, &x);
+    write_npy(&d.join("q.npy"), 3, 24, &x[..3 * 24]);
+    let idx = d.join("a.tqi");
+    let (xp, qp) = (d.join("x.npy"), d.join("q.npy"));
+    for (codec, ivf) in [("tq-mse-4", None), ("tq-mse-3", None), ("tq-mse-4-nc", Some("4"))] {
+        let mut args = vec!["index", "build", "--codec", codec, "--metric", "cosine", "--input", p(&xp), "--out", p(&idx), "--json"];
+        if let Some(l) = ivf {
+            args.extend(["--ivf", l]);
+        }
+        let o = tq(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let search = |extra: &[&str]| {
+            let mut a = vec!["index", "search", "--index", p(&idx), "--queries", p(&qp), "-k", "5", "--nprobe", "4", "--json"];
+            a.extend_from_slice(extra);
+            let o = tq(&a);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+        };
+        let v = search(&[]);
+        // each query is a stored vector: cosine puts it first
+        for (i, r) in v["results"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(r["ids"][0], i as u64, "{codec}");
+            assert_eq!(r["ids"].as_array().unwrap().len(), 5);
+        }
+        let f = search(&["--allow", "7,8,9"]);
+        for r in f["results"].as_array().unwrap() {
+            assert!(r["ids"].as_array().unwrap().iter().all(|id| [7, 8, 9].contains(&id.as_u64().unwrap())));
+        }
+        assert!(tq(&["index", "add", "--index", p(&idx), "--input", p(&d.join("q.npy"))]).status.success());
+        assert!(tq(&["index", "remove", "--index", p(&idx), "--ids", "0,1"]).status.success());
+        let info: serde_json::Value = serde_json::from_slice(&tq(&["index", "info", "--index", p(&idx), "--json"]).stdout).unwrap();
+        assert_eq!(info["count"], 501);
+        assert_eq!(info["commit_seq"], 3);
+        let v = search(&[]);
+        let ids: Vec<u64> = v["results"][0]["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        assert!(!ids.contains(&0) && ids.contains(&500), "{codec}: removed id returned or added copy missing: {ids:?}");
+    }
+    let before = std::fs::read(&idx).unwrap();
+    assert_fails(&tq(&["index", "remove", "--index", p(&idx), "--ids", "0"]), "not in the index");
+    write_npy(&d.join("bad.npy"), 1, 23, &x[..23]);
+    assert_fails(&tq(&["index", "add", "--index", p(&idx), "--input", p(&d.join("bad.npy"))]), "dimension");
+    assert_fails(&tq(&["index", "search", "--index", p(&idx), "--queries", p(&d.join("bad.npy"))]), "dimension");
+    assert_eq!(std::fs::read(&idx).unwrap(), before, "a refused command changed the index file");
+    let mut corrupt = before.clone();
+    let n = corrupt.len();
+    corrupt[n - 3] ^= 0x10;
+    std::fs::write(d.join("c.tqi"), &corrupt).unwrap();
+    assert_fails(&tq(&["index", "info", "--index", p(&d.join("c.tqi"))]), "checksum");
+    std::fs::write(d.join("t.tqi"), &before[..n / 2]).unwrap();
+    assert_fails(&tq(&["index", "info", "--index", p(&d.join("t.tqi"))]), "truncated");
+    std::fs::write(d.join("e.tqi"), b"").unwrap();
+    assert_fails(&tq(&["index", "info", "--index", p(&d.join("e.tqi"))]), "empty");
+    assert_fails(&tq(&["index", "build", "--codec", "tq-mse-4", "--out", p(&idx)]), "--data");
+}
+
+/// Fortran-ordered .npy files (as the GloVe package ships) read as row-major.
+#[test]
+fn fortran_order_npy_is_transposed() {
+    let d = tmpdir("fortran");
+    let (rows, cols) = (3usize, 2usize);
+    let c_order = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': True, 'shape': ({rows}, {cols}), }}");
+    let total = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend_from_slice(header.as_bytes());
+    for c in 0..cols {
+        for r in 0..rows {
+            b.extend_from_slice(&c_order[r * cols + c].to_le_bytes());
+        }
+    }
+    std::fs::write(d.join("f.npy"), b).unwrap();
+    let o = tq(&["encode", "--codec", "tq-mse-8", "--input", p(&d.join("f.npy")), "--out", p(&d.join("f.tqc"))]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(tq(&["decode", p(&d.join("f.tqc")), "--out", p(&d.join("g.npy"))]).status.success());
+    let g = std::fs::read(d.join("g.npy")).unwrap();
+    let vals: Vec<f32> = g[g.len() - 24..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    for (a, b) in vals.iter().zip(c_order) {
+        assert!((a - b).abs() < 0.05 * b.abs().max(1.0), "{vals:?}");
+    }
+}
+
+/// Without pip or network the fetch fails with one clear line and no cache file.
+#[test]
+fn data_fetch_failure_is_clear() {
+    let d = tmpdir("data");
+    let o = Command::new(env!("CARGO_BIN_EXE_tq"))
+        .env("TQ_DATA_DIR", &d)
+        .env("TQ_PYTHON", "/nonexistent/python3")
+        .args(["data", "fetch", "glove50"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(last.starts_with("error:") && last.contains("python3") && !err.contains("panicked"), "{err}");
+    assert!(!d.join("glove50.npy").exists());
+    assert_fails(&tq(&["data", "fetch", "nope"]), "unknown dataset");
+}
