@@ -50,23 +50,14 @@ pub fn build_index(m: &Matrix, a: &BuildArgs<'_>) -> Result<AnyIndex> {
         params: Vec::new(),
     };
     let train = &m.data[..m.cols * m.rows.min(TRAIN_ROWS)];
+    // codecs that learn from data (fractional split, PQ codebooks, RaBitQ centre)
+    let mut f = FlatIndex::new(spec)?;
+    if f.codec().wants_training() {
+        f.train(train)?;
+    }
     let mut idx = match a.ivf {
-        None => {
-            let mut f = FlatIndex::new(spec)?;
-            if tq_core::lookup(a.codec).map(|e| matches!(e.kind, tq_core::CodecKind::Fractional { .. }))? {
-                f.train(train)?;
-            }
-            AnyIndex::Flat(f)
-        }
-        Some(lists) => {
-            let mut f = FlatIndex::new(spec.clone())?;
-            let mut spec = spec;
-            if tq_core::lookup(a.codec).map(|e| matches!(e.kind, tq_core::CodecKind::Fractional { .. }))? {
-                f.train(train)?;
-                spec.params = f.spec().params.clone();
-            }
-            AnyIndex::Ivf(IvfIndex::train(spec, lists, train, 10)?)
-        }
+        None => AnyIndex::Flat(f),
+        Some(lists) => AnyIndex::Ivf(IvfIndex::train(f.spec().clone(), lists, train, 10)?),
     };
     let pb = bar(m.rows, "encoding", a.quiet);
     for (c, chunk) in m.data.chunks(ADD_CHUNK * m.cols).enumerate() {

@@ -311,12 +311,14 @@ fn distortion(name: &str, dim: usize, n: usize, seed: u64, rot: RotationKind, js
         bail!("--n must be at least 2 (got {n})");
     }
     let entry = tq_core::lookup(name)?;
-    let codec = entry.build(dim, seed, rot, &[])?;
+    let mut codec = entry.build(dim, seed, rot, &[])?;
+    // codecs that learn from data (PQ, RaBitQ's centre) train on independent unit vectors
+    tq_core::eval::train_on_unit_vectors(codec.as_mut(), n.min(20_000), seed)?;
     let pb = indicatif::ProgressBar::new(n as u64);
     if json {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let s = measure_distortion(codec.as_ref(), n, seed.wrapping_add(1), DEFAULT_RHO, &|k| pb.inc(k as u64));
+    let s = measure_distortion(codec.as_ref(), n, seed.wrapping_add(1), DEFAULT_RHO, &|k| pb.inc(k as u64))?;
     pb.finish_and_clear();
     let t = theory(entry, dim);
     let out = json!({

@@ -52,10 +52,25 @@ pub trait Codec: Send + Sync {
     fn params(&self) -> Vec<u8> {
         Vec::new()
     }
-    /// Fits data-dependent parameters (only the fractional codecs have any) on
-    /// a row-major sample. Must be called before encoding, never after.
+    /// Fits data-dependent parameters on a row-major sample (fractional
+    /// TurboQuant codecs, PQ, RaBitQ's centre). Must be called before encoding, never after.
     fn train(&mut self, _sample: &[f32]) -> Result<()> {
         Ok(())
+    }
+    /// Whether `train` does anything for this codec (callers then train first).
+    fn wants_training(&self) -> bool {
+        false
+    }
+    /// False while a codec that needs training has none (encode/decode/prepare refuse).
+    fn is_trained(&self) -> bool {
+        true
+    }
+    fn check_trained(&self) -> Result<()> {
+        if self.is_trained() {
+            Ok(())
+        } else {
+            Err(TqError::NotTrained(self.name().to_string()))
+        }
     }
 
     /// Encodes one finite vector of length `dim` into `code` (`code_size` bytes).
@@ -70,6 +85,7 @@ pub trait Codec: Send + Sync {
     // ---- checked, provided API ----
 
     fn encode(&self, x: &[f32], code: &mut [u8]) -> Result<()> {
+        self.check_trained()?;
         if x.len() != self.dim() {
             return Err(TqError::DimMismatch { expected: self.dim(), got: x.len() });
         }
@@ -80,6 +96,7 @@ pub trait Codec: Send + Sync {
     }
 
     fn decode(&self, code: &[u8], out: &mut [f32]) -> Result<()> {
+        self.check_trained()?;
         check_len(code.len(), self.code_size())?;
         if out.len() != self.dim() {
             return Err(TqError::DimMismatch { expected: self.dim(), got: out.len() });
@@ -91,6 +108,7 @@ pub trait Codec: Send + Sync {
     /// Encodes row-major `xs` (`n·dim` values) into `codes` (`n·code_size` bytes), in parallel.
     /// The output bytes do not depend on the number of threads.
     fn encode_batch(&self, xs: &[f32], codes: &mut [u8]) -> Result<()> {
+        self.check_trained()?;
         let (d, cs) = (self.dim(), self.code_size());
         check_vectors(xs, d)?;
         let n = xs.len() / d;
@@ -107,6 +125,7 @@ pub trait Codec: Send + Sync {
     }
 
     fn decode_batch(&self, codes: &[u8], out: &mut [f32]) -> Result<()> {
+        self.check_trained()?;
         let (d, cs) = (self.dim(), self.code_size());
         if codes.len() % cs != 0 {
             return Err(TqError::BadParams(format!(
@@ -127,6 +146,7 @@ pub trait Codec: Send + Sync {
     }
 
     fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
+        self.check_trained()?;
         if q.len() != self.dim() {
             return Err(TqError::DimMismatch { expected: self.dim(), got: q.len() });
         }
@@ -136,8 +156,9 @@ pub trait Codec: Send + Sync {
 
     /// Fast-scan support (see `crate::fastscan`): `Some(m)` when the first
     /// `m/2` bytes of every code are `m` 4-bit sub-codes and the inner-product
-    /// estimate is `fastscan_factor(code) · Σ_i T_i[sub-code i]`, with the
-    /// tables `T` of `fastscan_tables`, and the rest of the code is that factor.
+    /// estimate is `fastscan_factor(code) · Σ_i T_i[sub-code i]` plus a constant
+    /// of the query, with the tables `T` of `fastscan_tables` (the rest of the
+    /// code holds the factor and any other per-code values).
     fn fastscan_m(&self) -> Option<usize> {
         None
     }
@@ -445,6 +466,28 @@ impl Codec for TurboQuantMse {
     }
 }
 
+/// Bits 1, 2, 4: table `i` (16 entries) gives `Σ qr[j]·table[field_j]` over the
+/// `4/bits` coordinates `j` packed in nibble `i` of an LSB-first bit stream, for
+/// each nibble value (`2·packed_len(qr.len(), bits)` tables; padding is zero).
+pub(crate) fn nibble_tables(qr: &[f32], bits: u32, table: &[f32]) -> Vec<f32> {
+    let b = bits as usize;
+    let per = 4 / b;
+    let mask = (1usize << b) - 1;
+    let mut t = vec![0.0f32; 32 * packed_len(qr.len(), bits)];
+    for (i, row) in t.chunks_exact_mut(16).enumerate() {
+        for (v, e) in row.iter_mut().enumerate() {
+            let mut s = 0.0f32;
+            for k in 0..per {
+                if let Some(&q) = qr.get(i * per + k) {
+                    s += q * table[(v >> (k * b)) & mask];
+                }
+            }
+            *e = s;
+        }
+    }
+    t
+}
+
 /// Smallest batch for which `score_ip_many` builds a byte lookup table.
 const BYTE_LUT_MIN_BATCH: usize = 64;
 
@@ -462,26 +505,8 @@ impl TurboQuantMse {
         lut
     }
 
-    /// Bits 1, 2, 4: table `i` (16 entries) gives the partial inner product of
-    /// the `4/B` coordinates in nibble `i` of the packed indices, for each nibble value.
     fn nibble_tables(&self, qr: &[f32]) -> Vec<f32> {
-        let b = self.bits as usize;
-        let per = 4 / b;
-        let mask = (1usize << b) - 1;
-        let mut t = vec![0.0f32; 32 * self.packed];
-        for (i, row) in t.chunks_exact_mut(16).enumerate() {
-            for (v, e) in row.iter_mut().enumerate() {
-                let mut s = 0.0f32;
-                for k in 0..per {
-                    let j = i * per + k;
-                    if j < self.dim {
-                        s += qr[j] * self.codebook.centroids[(v >> (k * b)) & mask];
-                    }
-                }
-                *e = s;
-            }
-        }
-        t
+        nibble_tables(qr, self.bits, &self.codebook.centroids)
     }
 
     /// ⟨q, x̂⟩ from the rotated query `qr = Π q`.
@@ -792,6 +817,10 @@ impl Codec for TurboQuantFractional {
     }
     fn params(&self) -> Vec<u8> {
         self.outliers.iter().flat_map(|c| c.to_le_bytes()).collect()
+    }
+
+    fn wants_training(&self) -> bool {
+        true
     }
 
     fn train(&mut self, sample: &[f32]) -> Result<()> {

@@ -3,8 +3,8 @@ use thiserror::Error;
 /// Errors reachable from user input. Messages are one line and name the problem.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum TqError {
-    #[error("unknown codec '{0}' (run `tq codecs` for the list)")]
-    UnknownCodec(String),
+    #[error("unknown codec '{name}' (known: {known})")]
+    UnknownCodec { name: String, known: String },
     #[error("unsupported bit width {0}: TurboQuant codecs take 1..=8 bits per coordinate")]
     UnsupportedBits(u32),
     #[error("dimension {0} is not supported: need dim >= {1}")]
@@ -17,6 +17,8 @@ pub enum TqError {
     NonFinite { vector: usize, coord: usize, value: f32 },
     #[error("invalid codec parameters: {0}")]
     BadParams(String),
+    #[error("{0} must be trained before use (it learns codebooks from data)")]
+    NotTrained(String),
 }
 
 pub type Result<T> = std::result::Result<T, TqError>;

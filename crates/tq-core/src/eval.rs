@@ -53,6 +53,17 @@ pub fn test_vectors(dim: usize, seed: u64, i: usize, rho: f64) -> (Vec<f32>, Vec
     (x, q, qp)
 }
 
+/// Trains a codec that wants training (PQ, RaBitQ, fractional) on `n` seeded
+/// random unit vectors drawn independently of the test vectors.
+pub fn train_on_unit_vectors(codec: &mut dyn Codec, n: usize, seed: u64) -> crate::Result<()> {
+    if !codec.wants_training() {
+        return Ok(());
+    }
+    let mut rng = Xoshiro256::new(derive_seed(seed, 0x7EA1_0000));
+    let sample: Vec<f32> = (0..n).flat_map(|_| rng.unit_vector(codec.dim())).collect();
+    codec.train(&sample)
+}
+
 /// Measures distortion of `codec` on `n` random unit vectors (seeded, deterministic).
 /// `progress` is called with the number of vectors done so far (from worker threads).
 pub fn measure_distortion(
@@ -61,7 +72,8 @@ pub fn measure_distortion(
     seed: u64,
     rho: f64,
     progress: &(dyn Fn(usize) + Sync),
-) -> DistortionStats {
+) -> crate::Result<DistortionStats> {
+    codec.check_trained()?;
     let dim = codec.dim();
     let rows: Vec<[f64; 4]> = (0..n)
         .into_par_iter()
@@ -91,7 +103,7 @@ pub fn measure_distortion(
     let (d_prod, d_prod_stderr) = mean_stderr(&sq);
     let (ip_bias_rho, ip_bias_rho_stderr) = mean_stderr(&col(2));
     let (mean_est_p, _) = mean_stderr(&col(3));
-    DistortionStats {
+    Ok(DistortionStats {
         n,
         d_mse,
         d_mse_stderr,
@@ -103,7 +115,7 @@ pub fn measure_distortion(
         ip_bias_rho,
         ip_bias_rho_stderr,
         ip_gain: mean_est_p / rho,
-    }
+    })
 }
 
 /// Theoretical values for a registered codec at `dim` (random unit x, independent unit q).
@@ -162,5 +174,6 @@ pub fn theory(entry: &CodecEntry, dim: usize) -> Theory {
             let dm = (a as f64 * mse_theory(a, hi) + b as f64 * mse_theory(b, lo)) / d;
             Theory { d_mse: dm, d_prod: dm / d, ip_gain: 1.0 - dm }
         }
+        _ => Theory { d_mse: f64::NAN, d_prod: f64::NAN, ip_gain: f64::NAN },
     }
 }

@@ -1,6 +1,7 @@
 //! TurboQuant core: rotations, Lloyd–Max codebooks, codecs, bit packing and
 //! scoring kernels. This crate does no I/O.
 
+pub mod baselines;
 pub mod bitpack;
 pub mod codebook;
 pub mod error;
@@ -12,6 +13,7 @@ pub use error::{Result, TqError};
 pub mod codec;
 pub mod eval;
 pub mod fastscan;
+pub mod kmeans;
 pub mod registry;
 
 pub use codec::{Codec, PreparedQuery};

@@ -5,6 +5,10 @@
 use std::sync::OnceLock;
 
 use crate::bitpack::packed_len;
+use crate::baselines::fp::{Fp4, Fp4Kind};
+use crate::baselines::ggml::{Ggml, GgmlType, QK};
+use crate::baselines::pq::{pq_m, Pq};
+use crate::baselines::rabitq::RaBitQ;
 use crate::codec::{Codec, TurboQuantFractional, TurboQuantMse, TurboQuantProd};
 use crate::error::{Result, TqError};
 use crate::rotation::RotationKind;
@@ -17,6 +21,21 @@ pub enum CodecKind {
     Prod { bits: u32, orth: bool },
     /// Outlier-channel split: half the channels at `hi`, half at `lo` bits.
     Fractional { hi: u32, lo: u32 },
+    /// RaBitQ (`bits` = 1) and extended RaBitQ.
+    RaBitQ { bits: u32 },
+    /// Product quantization with 8-bit sub-codes, `dim·bits/8` sub-spaces.
+    Pq { bits: u32 },
+    /// llama.cpp block formats, optionally Hadamard-rotated.
+    Ggml { t: GgmlType, rot: bool },
+    /// FP4 (E2M1) with MX or NV block scales.
+    Fp4 { kind: Fp4Kind },
+}
+
+impl CodecKind {
+    /// One of the TurboQuant codecs (as opposed to a baseline).
+    pub fn is_turboquant(&self) -> bool {
+        matches!(self, CodecKind::Mse { .. } | CodecKind::Prod { .. } | CodecKind::Fractional { .. })
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -36,6 +55,11 @@ impl CodecEntry {
                 packed_len(dim, bits - 1) + packed_len(dim, 1) + if bits >= 2 { 8 } else { 4 }
             }
             CodecKind::Fractional { hi, lo } => packed_len(dim / 2, hi) + packed_len(dim - dim / 2, lo) + 8,
+            CodecKind::RaBitQ { bits } => packed_len(dim, bits) + 8,
+            CodecKind::Pq { bits } => pq_m(dim, bits),
+            CodecKind::Ggml { t, .. } => dim.div_ceil(QK) * t.block_bytes(),
+            CodecKind::Fp4 { kind: Fp4Kind::Mx } => dim.div_ceil(32) * 17,
+            CodecKind::Fp4 { kind: Fp4Kind::Nv } => dim.div_ceil(16) * 9 + 4,
         }
     }
 
@@ -49,6 +73,9 @@ impl CodecEntry {
         match self.kind {
             CodecKind::Mse { bits, .. } | CodecKind::Prod { bits, .. } => bits as f64,
             CodecKind::Fractional { hi, lo } => (hi + lo) as f64 / 2.0,
+            CodecKind::RaBitQ { bits } | CodecKind::Pq { bits } => bits as f64,
+            CodecKind::Ggml { t: GgmlType::Q8_0, .. } => 8.0,
+            CodecKind::Ggml { t: GgmlType::Q4_0, .. } | CodecKind::Fp4 { .. } => 4.0,
         }
     }
 
@@ -59,6 +86,12 @@ impl CodecEntry {
             CodecKind::Prod { bits: 1, .. } => "ceil(dim/8) + 4".to_string(),
             CodecKind::Prod { bits, .. } => format!("ceil({}·dim/8) + ceil(dim/8) + 8", bits - 1),
             CodecKind::Fractional { hi, lo } => format!("ceil({hi}·⌊dim/2⌋/8) + ceil({lo}·⌈dim/2⌉/8) + 8"),
+            CodecKind::RaBitQ { bits } => format!("ceil({bits}·dim/8) + 8"),
+            CodecKind::Pq { bits } => format!("round({bits}·dim/8) (+ 1 KiB·dim codebooks per collection)"),
+            CodecKind::Ggml { t: GgmlType::Q8_0, .. } => "34·ceil(dim/32)".to_string(),
+            CodecKind::Ggml { t: GgmlType::Q4_0, .. } => "18·ceil(dim/32)".to_string(),
+            CodecKind::Fp4 { kind: Fp4Kind::Mx } => "17·ceil(dim/32)".to_string(),
+            CodecKind::Fp4 { kind: Fp4Kind::Nv } => "9·ceil(dim/16) + 4".to_string(),
         }
     }
 
@@ -73,6 +106,14 @@ impl CodecEntry {
             }
             CodecKind::Prod { orth: true, .. } => "TurboQuant_prod with an orthogonal QJL projection",
             CodecKind::Fractional { .. } => "two TurboQuant_mse instances over an outlier-channel split",
+            CodecKind::RaBitQ { bits: 1 } => "baseline RaBitQ: rotation, sign bits, unbiased estimator (F, r per vector)",
+            CodecKind::RaBitQ { .. } => "baseline extended RaBitQ: B-bit grid with the rescale maximizing ⟨ō,o⟩",
+            CodecKind::Pq { .. } => "baseline PQ: k-means codebooks, 8-bit sub-codes, ADC tables (needs training)",
+            CodecKind::Ggml { t: GgmlType::Q8_0, rot: false } => "baseline llama.cpp q8_0: blocks of 32 int8, f16 scale",
+            CodecKind::Ggml { t: GgmlType::Q4_0, rot: false } => "baseline llama.cpp q4_0: blocks of 32 4-bit, f16 scale",
+            CodecKind::Ggml { rot: true, .. } => "baseline llama.cpp block format after a Hadamard rotation",
+            CodecKind::Fp4 { kind: Fp4Kind::Mx } => "baseline MXFP4: E2M1, blocks of 32, E8M0 scale",
+            CodecKind::Fp4 { kind: Fp4Kind::Nv } => "baseline NVFP4: E2M1, blocks of 16, E4M3 scale, f32 vector scale",
         }
     }
 
@@ -109,6 +150,16 @@ impl CodecEntry {
                 let c = TurboQuantFractional::new(&self.name, dim, hi, lo, seed, rotation)?;
                 Box::new(if params.is_empty() { c } else { c.with_params(params)? })
             }
+            CodecKind::RaBitQ { bits } => Box::new(RaBitQ::new(dim, bits, seed, rotation, params)?),
+            CodecKind::Pq { bits } => Box::new(Pq::new(dim, bits, seed, params)?),
+            CodecKind::Ggml { t, rot } => {
+                check_empty()?;
+                Box::new(Ggml::new(dim, t, rot, seed, rotation)?)
+            }
+            CodecKind::Fp4 { kind } => {
+                check_empty()?;
+                Box::new(Fp4::new(dim, kind, seed)?)
+            }
         })
     }
 }
@@ -144,6 +195,23 @@ pub fn registry() -> &'static [CodecEntry] {
                 kind: CodecKind::Prod { bits, orth: true },
             });
         }
+        // baselines
+        for bits in 1..=8u32 {
+            v.push(CodecEntry { id: 34 + bits as u16, name: format!("rabitq-{bits}"), kind: CodecKind::RaBitQ { bits } });
+        }
+        for bits in 1..=8u32 {
+            v.push(CodecEntry { id: 42 + bits as u16, name: format!("pq-{bits}"), kind: CodecKind::Pq { bits } });
+        }
+        for (id, name, t, rot) in [
+            (51, "q8_0", GgmlType::Q8_0, false),
+            (52, "q4_0", GgmlType::Q4_0, false),
+            (53, "q8_0-rot", GgmlType::Q8_0, true),
+            (54, "q4_0-rot", GgmlType::Q4_0, true),
+        ] {
+            v.push(CodecEntry { id, name: name.into(), kind: CodecKind::Ggml { t, rot } });
+        }
+        v.push(CodecEntry { id: 55, name: "mxfp4".into(), kind: CodecKind::Fp4 { kind: Fp4Kind::Mx } });
+        v.push(CodecEntry { id: 56, name: "nvfp4".into(), kind: CodecKind::Fp4 { kind: Fp4Kind::Nv } });
         v
     })
 }
@@ -154,7 +222,7 @@ pub fn lookup(name: &str) -> Result<&'static CodecEntry> {
         return Ok(e);
     }
     // A well-formed TurboQuant name with an unsupported bit width gets the more precise error.
-    for prefix in ["tq-mse-", "tq-prod-"] {
+    for prefix in ["tq-mse-", "tq-prod-", "rabitq-", "pq-"] {
         if let Some(rest) = name.strip_prefix(prefix) {
             let num = rest.strip_suffix("-nc").or_else(|| rest.strip_suffix("-orth")).unwrap_or(rest);
             if let Ok(b) = num.parse::<u32>() {
@@ -162,7 +230,8 @@ pub fn lookup(name: &str) -> Result<&'static CodecEntry> {
             }
         }
     }
-    Err(TqError::UnknownCodec(name.to_string()))
+    let known: Vec<&str> = registry().iter().map(|e| e.name.as_str()).collect();
+    Err(TqError::UnknownCodec { name: name.to_string(), known: known.join(", ") })
 }
 
 pub fn by_id(id: u16) -> Option<&'static CodecEntry> {

@@ -39,8 +39,9 @@ impl Default for SearchParams<'_> {
 }
 
 enum Store {
-    /// Codes split into fast-scan sub-codes and the per-code factor.
-    Fast { codes: FastScanCodes, factors: Vec<f32> },
+    /// Codes split into fast-scan sub-codes, the per-code factor, and the
+    /// rest of each code (`tail` bytes: the factor and any other per-code values).
+    Fast { codes: FastScanCodes, factors: Vec<f32>, tails: Vec<u8>, tail: usize },
     /// Packed codes, `code_size` bytes each.
     Plain { codes: Vec<u8> },
 }
@@ -62,7 +63,12 @@ impl FlatIndex {
     pub fn new(spec: IndexSpec) -> Result<Self> {
         let codec = lookup(&spec.codec)?.build(spec.dim, spec.seed, spec.rotation, &spec.params)?;
         let store = match codec.fastscan_m() {
-            Some(m) => Store::Fast { codes: FastScanCodes::new(m)?, factors: Vec::new() },
+            Some(m) => Store::Fast {
+                codes: FastScanCodes::new(m)?,
+                factors: Vec::new(),
+                tails: Vec::new(),
+                tail: codec.code_size() - m / 2,
+            },
             None => Store::Plain { codes: Vec::new() },
         };
         Ok(Self { spec, codec, ids: Vec::new(), slot_of: HashMap::new(), store, sqnorms: Vec::new() })
@@ -170,9 +176,11 @@ impl FlatIndex {
             self.slot_of.insert(id, self.ids.len());
             self.ids.push(id);
             match &mut self.store {
-                Store::Fast { codes, factors } => {
-                    codes.push(&code[..codes.m() / 2]);
+                Store::Fast { codes, factors, tails, .. } => {
+                    let h = codes.m() / 2;
+                    codes.push(&code[..h]);
                     factors.push(self.codec.fastscan_factor(code));
+                    tails.extend_from_slice(&code[h..]);
                 }
                 Store::Plain { codes } => codes.extend_from_slice(code),
             }
@@ -186,10 +194,10 @@ impl FlatIndex {
     /// The stored code of slot `slot` (exactly the encoder's bytes).
     pub fn code_at(&self, slot: usize, out: &mut [u8]) {
         match &self.store {
-            Store::Fast { codes, factors } => {
+            Store::Fast { codes, tails, tail, .. } => {
                 let h = codes.m() / 2;
                 codes.get(slot, &mut out[..h]);
-                out[h..h + 4].copy_from_slice(&factors[slot].to_le_bytes());
+                out[h..].copy_from_slice(&tails[slot * tail..(slot + 1) * tail]);
             }
             Store::Plain { codes } => {
                 let cs = self.codec.code_size();
@@ -218,9 +226,10 @@ impl FlatIndex {
                 self.slot_of.insert(moved, slot);
                 self.code_at(last, &mut buf);
                 match &mut self.store {
-                    Store::Fast { codes, factors } => {
+                    Store::Fast { codes, factors, tails, tail } => {
                         codes.set(slot, &buf[..codes.m() / 2]);
                         factors[slot] = factors[last];
+                        tails.copy_within(last * *tail..(last + 1) * *tail, slot * *tail);
                     }
                     Store::Plain { codes } => codes.copy_within(last * cs..(last + 1) * cs, slot * cs),
                 }
@@ -230,9 +239,10 @@ impl FlatIndex {
             }
             self.ids.pop();
             match &mut self.store {
-                Store::Fast { codes, factors } => {
+                Store::Fast { codes, factors, tails, tail } => {
                     codes.pop();
                     factors.pop();
+                    tails.truncate(last * *tail);
                 }
                 Store::Plain { codes } => codes.truncate(last * cs),
             }
@@ -315,7 +325,7 @@ impl FlatIndex {
         let n = self.ids.len();
         let allowed = |slot: usize| p.allow.is_none_or(|a| a.contains(&self.ids[slot]));
         match &self.store {
-            Store::Fast { codes, factors } if !p.exact => {
+            Store::Fast { codes, factors, .. } if !p.exact => {
                 let lut = lut.expect("fast-scan tables for a fast-scan store");
                 let mut sums = [0u32; BLOCK];
                 let l2 = self.spec.metric == Metric::L2;

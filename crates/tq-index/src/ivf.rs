@@ -1,8 +1,7 @@
 //! IVF: coarse k-means partitions with one flat store per list.
 //!
-//! The coarse quantizer is trained with k-means in L2 (initial centroids are
-//! distinct rows picked with the spec's seed, then Lloyd iterations; an empty
-//! list restarts at a seeded random row). Vectors go to their nearest centroid
+//! The coarse quantizer is trained with `tq_core::kmeans` (L2, seeded).
+//! Vectors go to their nearest centroid
 //! (L2). Queries probe the `nprobe` lists whose centroids are nearest (L2) or
 //! have the largest inner product (ip, cosine), the FAISS convention.
 
@@ -10,7 +9,7 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 use tq_core::codec::check_vectors;
-use tq_core::rng::Xoshiro256;
+use tq_core::kmeans::{nearest, row_norms};
 
 use crate::flat::{FlatIndex, Hit, SearchParams};
 use crate::topk::TopK;
@@ -58,37 +57,7 @@ impl IvfIndex {
         if spec.metric == Metric::Cosine {
             normalize_rows(&mut data, dim);
         }
-        // seeded distinct rows as the initial centroids
-        let mut rng = Xoshiro256::new(tq_core::rng::derive_seed(spec.seed, 0x1F));
-        let mut pick: Vec<usize> = (0..n).collect();
-        for i in 0..nlist {
-            let j = i + rng.below((n - i) as u64) as usize;
-            pick.swap(i, j);
-        }
-        let mut cent: Vec<f32> = pick[..nlist].iter().flat_map(|&r| data[r * dim..(r + 1) * dim].to_vec()).collect();
-        for _ in 0..iters {
-            let norms = row_norms(&cent, dim);
-            let assign: Vec<usize> = data.par_chunks(dim).map(|x| nearest(&cent, &norms, dim, x)).collect();
-            let mut sum = vec![0.0f64; nlist * dim];
-            let mut cnt = vec![0usize; nlist];
-            for (x, &a) in data.chunks_exact(dim).zip(&assign) {
-                cnt[a] += 1;
-                for (s, &v) in sum[a * dim..(a + 1) * dim].iter_mut().zip(x) {
-                    *s += v as f64;
-                }
-            }
-            for c in 0..nlist {
-                if cnt[c] > 0 {
-                    for (o, s) in cent[c * dim..(c + 1) * dim].iter_mut().zip(&sum[c * dim..(c + 1) * dim]) {
-                        *o = (*s / cnt[c] as f64) as f32;
-                    }
-                } else {
-                    // empty list: restart it at a seeded random row
-                    let r = rng.below(n as u64) as usize;
-                    cent[c * dim..(c + 1) * dim].copy_from_slice(&data[r * dim..(r + 1) * dim]);
-                }
-            }
-        }
+        let cent = tq_core::kmeans::kmeans(&data, dim, nlist, iters, tq_core::rng::derive_seed(spec.seed, 0x1F));
         Self::with_centroids(spec, cent)
     }
 
@@ -237,20 +206,3 @@ impl IvfIndex {
     }
 }
 
-/// Index of the nearest centroid in L2 (ties to the lower index), as the
-/// smallest `‖c‖² − 2⟨x, c⟩` (`norms[c] = ‖c‖²`).
-fn nearest(cent: &[f32], norms: &[f32], dim: usize, x: &[f32]) -> usize {
-    let dot = tq_core::kernels::kernels().dot;
-    let mut best = (f32::INFINITY, 0);
-    for (c, row) in cent.chunks_exact(dim).enumerate() {
-        let d = norms[c] - 2.0 * dot(x, row);
-        if d < best.0 {
-            best = (d, c);
-        }
-    }
-    best.1
-}
-
-fn row_norms(cent: &[f32], dim: usize) -> Vec<f32> {
-    cent.chunks_exact(dim).map(|r| r.iter().map(|v| v * v).sum()).collect()
-}

@@ -10,7 +10,7 @@ const N: usize = 20_000;
 
 fn measure(name: &str, dim: usize, rot: RotationKind, n: usize) -> DistortionStats {
     let c = build(name, dim, 1234, rot).unwrap();
-    measure_distortion(c.as_ref(), n, 99, DEFAULT_RHO, &|_| {})
+    measure_distortion(c.as_ref(), n, 99, DEFAULT_RHO, &|_| {}).unwrap()
 }
 
 #[test]

@@ -35,6 +35,9 @@ fn same_ids(a: &[Hit], b: &[Hit]) -> bool {
 fn build(codec: &str, metric: Metric, n: usize, dim: usize) -> (FlatIndex, Vec<f32>) {
     let mut idx = FlatIndex::new(IndexSpec::new(codec, dim, metric)).unwrap();
     let xs = data(n, dim, 1);
+    if idx.codec().wants_training() {
+        idx.train(&xs).unwrap();
+    }
     let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + 7 * i).collect();
     idx.add(&ids, &xs).unwrap();
     (idx, xs)
@@ -42,7 +45,7 @@ fn build(codec: &str, metric: Metric, n: usize, dim: usize) -> (FlatIndex, Vec<f
 
 #[test]
 fn exact_and_fast_scan_searches_equal_brute_force_over_the_codes() {
-    for codec in ["tq-mse-4", "tq-mse-2-nc", "tq-mse-3", "tq-prod-3"] {
+    for codec in ["tq-mse-4", "tq-mse-2-nc", "tq-mse-3", "tq-prod-3", "rabitq-4", "rabitq-1", "pq-4", "q4_0-rot"] {
         for metric in [Metric::Ip, Metric::Cosine, Metric::L2] {
             let (idx, _) = build(codec, metric, 700, 48);
             let qs = data(5, 48, 9);
