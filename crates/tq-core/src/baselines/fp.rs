@@ -231,8 +231,9 @@ impl Codec for Fp4 {
         let mut total = 0.0f32;
         for (b, &sc) in s.iter().enumerate() {
             let mut acc = 0.0f32;
-            for j in b * bs..((b + 1) * bs).min(self.dim) {
-                acc += self.element(code, j) * q[j];
+            let end = ((b + 1) * bs).min(self.dim);
+            for (j, &qj) in q.iter().enumerate().take(end).skip(b * bs) {
+                acc += self.element(code, j) * qj;
             }
             total += sc * acc;
         }

@@ -119,8 +119,12 @@ fn q8_0_and_q4_0_match_the_ggml_reference_by_hand() {
     quantize_block(GgmlType::Q4_0, &x, &mut b);
     dequantize_block(GgmlType::Q4_0, &b, &mut y);
     assert_eq!(y[..2], [2.0, -1.75]);
-    // zero block: d = 0
-    quantize_block(GgmlType::Q8_0, &[0.0; QK], &mut vec![0u8; 34]);
+    // zero block: d = 0, every q = 0 (q8_0) or 8 (q4_0), decodes to zeros
+    let mut z = [0xFFu8; 34];
+    quantize_block(GgmlType::Q8_0, &[0.0; QK], &mut z);
+    assert!(z.iter().all(|&v| v == 0));
+    quantize_block(GgmlType::Q4_0, &[0.0; QK], &mut b);
+    assert!(b[..2] == [0, 0] && b[2..].iter().all(|&v| v == 0x88));
     let c = build("q4_0", 40, 0, RotationKind::Hadamard).unwrap();
     assert_eq!(c.code_size(), 2 * 18); // 40 values: one full and one padded block
     assert_eq!(build("q8_0", 64, 0, RotationKind::Hadamard).unwrap().bits_per_value(), 8.5);
