@@ -124,7 +124,8 @@ fn q8_0_and_q4_0_match_the_ggml_reference_by_hand() {
     quantize_block(GgmlType::Q8_0, &[0.0; QK], &mut z);
     assert!(z.iter().all(|&v| v == 0));
     quantize_block(GgmlType::Q4_0, &[0.0; QK], &mut b);
-    assert!(b[..2] == [0, 0] && b[2..].iter().all(|&v| v == 0x88));
+    // (d = 0/−8 = −0.0, stored as f16 −0 exactly as ggml does)
+    assert!(half::f16::from_le_bytes([b[0], b[1]]).to_f32() == 0.0 && b[2..].iter().all(|&v| v == 0x88));
     let c = build("q4_0", 40, 0, RotationKind::Hadamard).unwrap();
     assert_eq!(c.code_size(), 2 * 18); // 40 values: one full and one padded block
     assert_eq!(build("q8_0", 64, 0, RotationKind::Hadamard).unwrap().bits_per_value(), 8.5);
