@@ -3,6 +3,7 @@
 
 mod bench;
 mod data;
+mod eval;
 mod files;
 mod index;
 mod report;
@@ -87,6 +88,11 @@ enum Cmd {
         #[command(subcommand)]
         what: IndexCmd,
     },
+    /// Side-by-side evaluations on real data.
+    Eval {
+        #[command(subcommand)]
+        what: EvalCmd,
+    },
     /// The main job: measure everything that exists and write a report directory.
     Report {
         #[arg(long, default_value = "report")]
@@ -97,6 +103,28 @@ enum Cmd {
         /// Small, fast run (for smoke tests).
         #[arg(long)]
         quick: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// Every codec on the same vectors: MSE, inner-product error, recall, speed.
+    Vectors {
+        #[arg(long)]
+        data: String,
+        /// Comma-separated codec names.
+        #[arg(long, default_value = "tq-mse-4,tq-mse-4-nc,tq-prod-4,rabitq-4,pq-4,q4_0-rot,mxfp4,nvfp4")]
+        codecs: String,
+        #[arg(long, default_value_t = 100_000)]
+        n_base: usize,
+        #[arg(long, default_value_t = 1000)]
+        n_queries: usize,
+        #[arg(long, default_value = "ip")]
+        metric: Metric,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -256,6 +284,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Data { what: DataCmd::List { json } } => data::list(json),
+        Cmd::Eval { what: EvalCmd::Vectors { data, codecs, n_base, n_queries, metric, seed, json } } => {
+            let codecs = codecs.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
+            eval::vectors(&eval::EvalArgs { data: &data, codecs, n_base, n_queries, metric, seed, json })
+        }
         Cmd::Index { what } => match what {
             IndexCmd::Build { data, input, codec, ivf, metric, seed, rotation, out, json } => {
                 let a = index::BuildArgs { codec: &codec, metric, seed, rotation, ivf, quiet: json };

@@ -1,0 +1,229 @@
+//! `tq eval vectors`: every codec on the same real vectors, side by side.
+//!
+//! The dataset is split (seeded) into a base and disjoint held-out queries,
+//! all unit-normalized. Exact ground truth (top 10 by the metric, f32 brute
+//! force) is cached in the data directory. Each codec is trained where it
+//! learns from data (on at most 100,000 base rows), encodes the base, and is
+//! measured by its own estimator on the codes: recall comes from a brute-force
+//! scan that scores every code exactly with the codec's scorer (no fast-scan
+//! pre-ranking, no decoding to f32).
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+use serde_json::json;
+use tq_core::RotationKind;
+use tq_index::{FlatIndex, IndexSpec, Metric, SearchParams};
+
+use crate::files::Matrix;
+use crate::index::split;
+
+const TRAIN_ROWS: usize = 100_000;
+/// Base vectors and queries used for the inner-product error statistics.
+const IP_BASE: usize = 1000;
+const IP_QUERIES: usize = 100;
+
+pub struct EvalArgs<'a> {
+    pub data: &'a str,
+    pub codecs: Vec<String>,
+    pub n_base: usize,
+    pub n_queries: usize,
+    pub metric: Metric,
+    pub seed: u64,
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EvalRow {
+    pub codec: String,
+    pub data: String,
+    pub dim: usize,
+    pub n_base: usize,
+    pub n_queries: usize,
+    pub metric: &'static str,
+    pub bits_per_value: f64,
+    /// Codebook / centre bytes per collection (PQ codebooks, RaBitQ centre).
+    pub model_bytes: usize,
+    pub train_seconds: f64,
+    pub encode_seconds: f64,
+    pub rel_mse: f64,
+    pub ip_rmse: f64,
+    pub ip_bias: f64,
+    pub recall_1_at_10: f64,
+    pub recall_10_at_10: f64,
+    pub query_ms: f64,
+}
+
+fn exact_score(metric: Metric, q: &[f32], x: &[f32]) -> f32 {
+    match metric {
+        Metric::L2 => -q.iter().zip(x).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(),
+        _ => (tq_core::kernels::kernels().dot)(q, x),
+    }
+}
+
+fn truth_path(a: &EvalArgs<'_>) -> PathBuf {
+    crate::data::cache_dir().join(format!(
+        "truth-{}-{}-{}-{}-{}.bin",
+        a.data,
+        a.n_base,
+        a.n_queries,
+        a.seed,
+        a.metric.name()
+    ))
+}
+
+/// Exact top-10 ids per query, from the cache when present.
+pub fn ground_truth(base: &Matrix, queries: &Matrix, metric: Metric, cache: Option<&PathBuf>) -> Result<Vec<Vec<u64>>> {
+    if let Some(p) = cache {
+        if let Ok(b) = std::fs::read(p) {
+            if b.len() == queries.rows * 80 {
+                return Ok(b
+                    .chunks_exact(80)
+                    .map(|r| r.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect())
+                    .collect());
+            }
+        }
+    }
+    let truth: Vec<Vec<u64>> = queries
+        .data
+        .par_chunks(queries.cols)
+        .map(|q| {
+            let mut s: Vec<(f32, u64)> =
+                base.data.chunks_exact(base.cols).enumerate().map(|(i, x)| (exact_score(metric, q, x), i as u64)).collect();
+            let k = 10.min(s.len());
+            s.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            s.truncate(k);
+            s.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            s.into_iter().map(|p| p.1).collect()
+        })
+        .collect();
+    if let Some(p) = cache {
+        if truth.iter().all(|t| t.len() == 10) {
+            let bytes: Vec<u8> = truth.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
+            // a cache: failing to write it is not an error
+            let _ = crate::files::write_atomic(p, &bytes);
+        }
+    }
+    Ok(truth)
+}
+
+/// Evaluates one codec on a prepared split.
+pub fn eval_codec(name: &str, data: &str, base: &Matrix, queries: &Matrix, truth: &[Vec<u64>], metric: Metric, seed: u64) -> Result<EvalRow> {
+    let dim = base.cols;
+    let spec = IndexSpec { codec: name.to_string(), dim, seed, rotation: RotationKind::Hadamard, metric, params: Vec::new() };
+    let mut idx = FlatIndex::new(spec)?;
+    let t = Instant::now();
+    if idx.codec().wants_training() {
+        idx.train(&base.data[..dim * base.rows.min(TRAIN_ROWS)])?;
+    }
+    let train_seconds = t.elapsed().as_secs_f64();
+    let ids: Vec<u64> = (0..base.rows as u64).collect();
+    let t = Instant::now();
+    let codes = idx.encode(&ids, &base.data)?;
+    let encode_seconds = t.elapsed().as_secs_f64();
+    idx.add_codes(&ids, &codes)?;
+    let c = idx.codec();
+    let cs = c.code_size();
+    // reconstruction
+    let mut dec = vec![0.0f32; base.data.len()];
+    c.decode_batch(&codes, &mut dec)?;
+    let (mut err, mut nrm) = (0.0f64, 0.0f64);
+    for (a, b) in base.data.iter().zip(&dec) {
+        err += (*a as f64 - *b as f64).powi(2);
+        nrm += (*a as f64).powi(2);
+    }
+    // inner-product estimator on (query, base) pairs
+    let (mut e1, mut e2, mut ne) = (0.0f64, 0.0f64, 0.0f64);
+    for q in queries.data.chunks_exact(dim).take(IP_QUERIES) {
+        let pq = c.prepare(q)?;
+        for (x, code) in base.data.chunks_exact(dim).zip(codes.chunks_exact(cs)).take(IP_BASE) {
+            let e = c.score_ip(&pq, code) as f64 - (tq_core::kernels::kernels().dot)(q, x) as f64;
+            e1 += e;
+            e2 += e * e;
+            ne += 1.0;
+        }
+    }
+    // recall by brute force over the codes with the codec's scorer, one thread
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
+    let p = SearchParams { exact: true, ..Default::default() };
+    let t = Instant::now();
+    let res = one.install(|| -> Result<Vec<_>> {
+        queries.data.chunks_exact(dim).map(|q| idx.search(q, 10, &p).map_err(anyhow::Error::from)).collect()
+    })?;
+    let query_ms = t.elapsed().as_secs_f64() * 1e3 / queries.rows as f64;
+    let (mut r1, mut r10) = (0.0, 0.0);
+    for (hits, tr) in res.iter().zip(truth) {
+        let got: HashSet<u64> = hits.iter().map(|h| h.id).collect();
+        r10 += tr.iter().filter(|i| got.contains(i)).count() as f64 / tr.len() as f64;
+        r1 += got.contains(&tr[0]) as u8 as f64;
+    }
+    let nq = queries.rows as f64;
+    Ok(EvalRow {
+        codec: name.to_string(),
+        data: data.to_string(),
+        dim,
+        n_base: base.rows,
+        n_queries: queries.rows,
+        metric: metric.name(),
+        bits_per_value: c.bits_per_value(),
+        model_bytes: c.params().len(),
+        train_seconds,
+        encode_seconds,
+        rel_mse: err / nrm,
+        ip_rmse: (e2 / ne).sqrt(),
+        ip_bias: e1 / ne,
+        recall_1_at_10: r1 / nq,
+        recall_10_at_10: r10 / nq,
+        query_ms,
+    })
+}
+
+pub fn vectors(a: &EvalArgs<'_>) -> Result<()> {
+    if a.codecs.is_empty() {
+        bail!("--codecs is empty");
+    }
+    for c in &a.codecs {
+        tq_core::lookup(c)?;
+    }
+    let m = crate::data::load(a.data, a.json)?;
+    let (base, queries) = split(&m, a.n_queries, Some(a.n_base), a.seed)?;
+    let truth = ground_truth(&base, &queries, a.metric, Some(&truth_path(a))).context("ground truth")?;
+    if !a.json {
+        println!(
+            "{} base {} × {}, {} queries, unit vectors, metric {}",
+            a.data,
+            base.rows,
+            base.cols,
+            queries.rows,
+            a.metric.name()
+        );
+        println!(
+            "{:<14} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}",
+            "codec", "bits/val", "train s", "encode s", "rel_mse", "ip_rmse", "ip_bias", "R1@10", "R10@10", "query ms"
+        );
+    }
+    for c in &a.codecs {
+        let r = eval_codec(c, a.data, &base, &queries, &truth, a.metric, a.seed)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&json!(r))?);
+        } else {
+            println!(
+                "{:<14} {:>8.3} {:>9.3} {:>9.3} {:>9.5} {:>9.5} {:>+9.5} {:>8.4} {:>8.4} {:>9.3}",
+                r.codec,
+                r.bits_per_value,
+                r.train_seconds,
+                r.encode_seconds,
+                r.rel_mse,
+                r.ip_rmse,
+                r.ip_bias,
+                r.recall_1_at_10,
+                r.recall_10_at_10,
+                r.query_ms
+            );
+        }
+    }
+    Ok(())
+}
