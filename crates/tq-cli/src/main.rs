@@ -279,6 +279,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
         Cmd::Data { what: DataCmd::Fetch { name } } => {
+            if name == "austen" {
+                let t = data::austen_text(false)?;
+                eprintln!("austen: {} characters in {}", t.len(), data::cache_dir().join(data::AUSTEN_FILE).display());
+                return Ok(());
+            }
             let p = data::ensure(data::find(&name)?, false)?;
             eprintln!("{name}: {}", p.display());
             Ok(())

@@ -70,6 +70,14 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
     if let Some((text, _)) = &search {
         md.push_str(text);
     }
+    let mut evals = Vec::new();
+    if !quick {
+        for data in ["glove50", "minilm"] {
+            let (text, rows) = eval_section(out, data)?;
+            md.push_str(&text);
+            evals.push(json!({"data": data, "rows": rows}));
+        }
+    }
     crate::files::write_atomic(&out.join("index.md"), md.as_bytes())?;
     crate::files::write_atomic(&out.join("index.html"), html(&md).as_bytes())?;
     let js: Vec<_> = rows
@@ -85,7 +93,7 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
             })
         })
         .collect();
-    let results = json!({"distortion": js, "search": search.map(|s| s.1)});
+    let results = json!({"distortion": js, "search": search.map(|s| s.1), "eval": evals});
     crate::files::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
     Ok(())
@@ -386,6 +394,111 @@ fn plot_search(out: &Path, rows: &[serde_json::Value]) -> Result<()> {
     chart
         .draw_series(pts.iter().map(|p| Text::new(p.2.clone(), (p.0 * 1.05, p.1 + 0.015), ("sans-serif", 12))))
         .map_err(err)?;
+    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    Ok(())
+}
+
+/// Codecs of the report's side-by-side evaluation, grouped by bit class.
+const EVAL_CODECS: &[&str] = &[
+    "tq-mse-1", "tq-mse-1-nc", "rabitq-1", "pq-1",
+    "tq-mse-2", "tq-mse-2-nc", "rabitq-2", "pq-2",
+    "tq-mse-3", "tq-mse-3-nc", "tq-mse-3.5", "rabitq-3",
+    "tq-mse-4", "tq-mse-4-nc", "tq-prod-4", "rabitq-4", "pq-4", "q4_0", "q4_0-rot", "mxfp4", "nvfp4",
+    "q8_0-rot",
+];
+const EVAL_QUERIES: usize = 300;
+
+/// Every codec on one dataset: recall and relative MSE against bits per value.
+fn eval_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)> {
+    use crate::eval::{eval_codec, ground_truth};
+    let mut s = format!("\n## Codecs side by side on {data}\n\n");
+    let cached = crate::data::cache_dir().join(crate::data::find(data)?.file).exists();
+    if data == "minilm" && !cached {
+        let _ = writeln!(
+            s,
+            "Skipped: the MiniLM embeddings are not cached. `tq data fetch minilm` computes them once \
+             (about 20 minutes on 2 cores), after which this section runs.\n"
+        );
+        return Ok((s, serde_json::Value::Null));
+    }
+    let m = match crate::data::load(data, false) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}).\n");
+            return Ok((s, serde_json::Value::Null));
+        }
+    };
+    let (base, queries) = crate::index::split(&m, EVAL_QUERIES, Some(100_000), 0)?;
+    let truth = ground_truth(&base, &queries, tq_index::Metric::Ip, None)?;
+    let _ = writeln!(
+        s,
+        "{} base vectors × {}, {} disjoint queries, unit-normalized, inner product (`tq eval vectors`). Recall ranks \
+         by each codec's own estimator over all codes (exact scorer, no fast-scan); rel MSE = mean ‖x − x̂‖²/‖x‖² of \
+         `decode` (for tq-prod and RaBitQ the decoded vector is the estimator's, not the MSE-optimal one). \
+         bits/value include every per-vector overhead; PQ's codebooks (1 KiB per dimension) are per collection.\n",
+        base.rows,
+        base.cols,
+        queries.rows
+    );
+    let _ = writeln!(s, "![recall vs bits](eval_{data}_recall.svg) ![rel MSE vs bits](eval_{data}_mse.svg)\n");
+    let _ = writeln!(s, "| codec | bits/value | train s | encode s | rel MSE | ip rmse | ip bias | recall 1@10 | recall 10@10 | scan ms |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let pb = indicatif::ProgressBar::new(EVAL_CODECS.len() as u64);
+    let mut rows = Vec::new();
+    for c in EVAL_CODECS {
+        pb.set_message(*c);
+        let r = eval_codec(c, data, &base, &queries, &truth, tq_index::Metric::Ip, 0)?;
+        let _ = writeln!(
+            s,
+            "| {} | {:.3} | {:.2} | {:.2} | {} | {} | {:+.5} | {:.4} | {:.4} | {:.2} |",
+            r.codec,
+            r.bits_per_value,
+            r.train_seconds,
+            r.encode_seconds,
+            sig(r.rel_mse),
+            sig(r.ip_rmse),
+            r.ip_bias,
+            r.recall_1_at_10,
+            r.recall_10_at_10,
+            r.query_ms
+        );
+        rows.push(json!(r));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let pts = |key: &str| -> Vec<(f64, f64, String)> {
+        rows.iter()
+            .map(|r| (r["bits_per_value"].as_f64().unwrap_or(0.0), r[key].as_f64().unwrap_or(0.0), r["codec"].as_str().unwrap_or("").to_string()))
+            .collect()
+    };
+    scatter(&out.join(format!("eval_{data}_recall.svg")), &format!("{data}: recall 10@10 vs bits per value"), "recall 10@10", &pts("recall_10_at_10"), false)?;
+    scatter(&out.join(format!("eval_{data}_mse.svg")), &format!("{data}: relative MSE vs bits per value"), "rel MSE (log)", &pts("rel_mse"), true)?;
+    Ok((s, json!(rows)))
+}
+
+/// A labelled scatter plot of (bits per value, y).
+fn scatter(path: &Path, title: &str, ylabel: &str, pts: &[(f64, f64, String)], log_y: bool) -> Result<()> {
+    let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
+    let err = |e: plotters::drawing::DrawingAreaErrorKind<_>| anyhow::anyhow!("plot: {e}");
+    root.fill(&WHITE).map_err(err)?;
+    let xmax = pts.iter().fold(1.0f64, |m, p| m.max(p.0)) * 1.1;
+    let mut b = ChartBuilder::on(&root);
+    b.caption(title, ("sans-serif", 20)).margin(15).x_label_area_size(45).y_label_area_size(70);
+    let color = |c: &str| if c.starts_with("tq-") { BLUE } else { RED };
+    let label = |p: &(f64, f64, String)| Text::new(p.2.clone(), (p.0 * 1.01, p.1), ("sans-serif", 11));
+    if log_y {
+        let lo = pts.iter().map(|p| p.1).filter(|v| *v > 0.0).fold(f64::INFINITY, f64::min).max(1e-6);
+        let hi = pts.iter().fold(0.0f64, |m, p| m.max(p.1)).max(lo * 10.0);
+        let mut chart = b.build_cartesian_2d(0.0..xmax, (lo * 0.5..hi * 2.0).log_scale()).map_err(err)?;
+        chart.configure_mesh().x_desc("bits per value (all overheads)").y_desc(ylabel).draw().map_err(err)?;
+        chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1.max(lo)), 4, color(&p.2).filled()))).map_err(err)?;
+        chart.draw_series(pts.iter().map(label)).map_err(err)?;
+    } else {
+        let mut chart = b.build_cartesian_2d(0.0..xmax, 0.0f64..1.0f64).map_err(err)?;
+        chart.configure_mesh().x_desc("bits per value (all overheads)").y_desc(ylabel).draw().map_err(err)?;
+        chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 4, color(&p.2).filled()))).map_err(err)?;
+        chart.draw_series(pts.iter().map(label)).map_err(err)?;
+    }
     root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
 }

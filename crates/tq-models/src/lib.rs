@@ -1,0 +1,2 @@
+//! Real models on candle.
+pub mod minilm;
