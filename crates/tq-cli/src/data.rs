@@ -410,3 +410,75 @@ fn parse_rds_strings(b: &[u8]) -> Result<Option<Vec<String>>> {
     }
     Ok(Some(v))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    /// An XDR-serialized R character vector (format 3), as R writes it.
+    fn rds_strings(v: &[Option<&str>]) -> Vec<u8> {
+        let mut b = b"X\n".to_vec();
+        for i in [3i32, 0x0004_0201, 0x0003_0500, 5] {
+            b.extend_from_slice(&i.to_be_bytes());
+        }
+        b.extend_from_slice(b"UTF-8");
+        b.extend_from_slice(&16i32.to_be_bytes());
+        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        for s in v {
+            b.extend_from_slice(&0x0004_0009i32.to_be_bytes());
+            match s {
+                Some(s) => {
+                    b.extend_from_slice(&(s.len() as i32).to_be_bytes());
+                    b.extend_from_slice(s.as_bytes());
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        b
+    }
+
+    fn entry(obj: &[u8]) -> Vec<u8> {
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(obj).unwrap();
+        let mut e = (obj.len() as u32).to_be_bytes().to_vec();
+        e.extend(z.finish().unwrap());
+        e
+    }
+
+    #[test]
+    fn lazy_load_database_entries_parse_in_order() {
+        let mut db = entry(&rds_strings(&[Some("EMMA"), None, Some("By Jane Austen")]));
+        // a non-character object is skipped
+        let mut other = b"X\n".to_vec();
+        for i in [2i32, 0, 0, 13, 0] {
+            other.extend_from_slice(&i.to_be_bytes());
+        }
+        db.extend(entry(&other));
+        db.extend(entry(&rds_strings(&[Some("PERSUASION"), Some("caf\u{e9}")])));
+        let books = parse_rdb(&db).unwrap();
+        assert_eq!(books, vec![vec!["EMMA".to_string(), String::new(), "By Jane Austen".into()], vec!["PERSUASION".into(), "café".into()]]);
+        // truncation and garbage are errors, not panics
+        assert!(parse_rdb(&db[..db.len() - 5]).is_err());
+        assert!(parse_rdb(b"garbage!").is_err());
+        let mut bad = rds_strings(&[Some("abc")]);
+        bad.truncate(bad.len() - 2);
+        assert!(parse_rdb(&entry(&bad)).is_err());
+    }
+
+    #[test]
+    fn segments_are_sentences_and_clauses_without_repeats() {
+        let t = "It is a truth universally acknowledged, that a single man\nmust be in want of a wife.\n\nHe came; he saw: he left. He came; he saw: he left!";
+        let s = austen_segments(t);
+        assert_eq!(
+            s,
+            vec![
+                "It is a truth universally acknowledged, that a single man must be in want of a wife.",
+                "It is a truth universally acknowledged,",
+                "that a single man must be in want of a wife.",
+                "He came; he saw: he left.",
+                "He came; he saw: he left!",
+            ]
+        );
+    }
+}
