@@ -113,7 +113,7 @@ pub fn ground_truth(base: &Matrix, queries: &Matrix, metric: Metric, cache: Opti
 /// Evaluates one codec on a prepared split.
 pub fn eval_codec(name: &str, data: &str, base: &Matrix, queries: &Matrix, truth: &[Vec<u64>], metric: Metric, seed: u64) -> Result<EvalRow> {
     let dim = base.cols;
-    let spec = IndexSpec { codec: name.to_string(), dim, seed, rotation: RotationKind::Hadamard, metric, params: Vec::new() };
+    let spec = IndexSpec { codec: name.to_string(), dim, seed, rotation: RotationKind::Hadamard, metric, params: Vec::new(), raw: tq_index::RawVectors::None };
     let mut idx = FlatIndex::new(spec)?;
     let t = Instant::now();
     if idx.codec().wants_training() {

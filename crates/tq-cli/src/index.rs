@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde_json::json;
 use tq_core::RotationKind;
 use tq_index::file::{self, AnyIndex, Appender};
-use tq_index::{FlatIndex, IndexSpec, IvfIndex, Metric, SearchParams};
+use tq_index::{FlatIndex, IndexSpec, IvfIndex, Metric, RawVectors, SearchParams};
 
 use crate::data;
 use crate::files::{self, Matrix};
@@ -36,6 +36,7 @@ pub struct BuildArgs<'a> {
     pub seed: u64,
     pub rotation: RotationKind,
     pub ivf: Option<usize>,
+    pub raw: RawVectors,
     pub quiet: bool,
 }
 
@@ -48,6 +49,7 @@ pub fn build_index(m: &Matrix, a: &BuildArgs<'_>) -> Result<AnyIndex> {
         rotation: a.rotation,
         metric: a.metric,
         params: Vec::new(),
+        raw: a.raw,
     };
     let train = &m.data[..m.cols * m.rows.min(TRAIN_ROWS)];
     // codecs that learn from data (fractional split, PQ codebooks, RaBitQ centre)
@@ -143,6 +145,7 @@ pub fn remove(index: &Path, ids: &[u64]) -> Result<()> {
 }
 
 pub struct SearchArgs<'a> {
+    pub raw_rerank: bool,
     pub k: usize,
     pub nprobe: usize,
     pub rerank: usize,
@@ -158,7 +161,10 @@ pub fn search(index: &Path, queries: &Path, a: &SearchArgs<'_>) -> Result<()> {
         bail!("{} has dimension {}, the index {}", queries.display(), q.cols, idx.spec().dim);
     }
     let allow: Option<HashSet<u64>> = a.allow.map(parse_ids).transpose()?.map(|v| v.into_iter().collect());
-    let p = SearchParams { allow: allow.as_ref(), rerank: a.rerank, exact: a.exact, nprobe: a.nprobe };
+    if a.raw_rerank && idx.spec().raw == RawVectors::None {
+        bail!("--raw-rerank needs an index built with --raw f16 or --raw f32");
+    }
+    let p = SearchParams { allow: allow.as_ref(), rerank: a.rerank, exact: a.exact, nprobe: a.nprobe, raw_rerank: a.raw_rerank };
     let t = Instant::now();
     let res = idx.search_batch(&q.data, a.k, &p)?;
     let secs = t.elapsed().as_secs_f64();
@@ -212,6 +218,7 @@ pub struct BenchArgs<'a> {
     pub ivf: Option<usize>,
     pub nprobe: usize,
     pub rerank: usize,
+    pub raw: RawVectors,
     pub seed: u64,
     pub json: bool,
 }
@@ -259,24 +266,45 @@ pub struct SearchBench {
     pub recall_10_at_10: f64,
     pub recall_1_at_10: f64,
     pub bytes_per_vector: f64,
+    /// With raw vectors: (query ms, recall 10@10, recall 1@10) after re-ranking by them.
+    pub raw_rerank: Option<(f64, f64, f64)>,
 }
 
 /// Runs one search benchmark on a prepared split (shared with the report).
 pub fn run_search_bench(base: &Matrix, queries: &Matrix, truth: &[Vec<u64>], a: &BenchArgs<'_>, quiet: bool) -> Result<SearchBench> {
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build()?;
-    let bargs = BuildArgs { codec: a.codec, metric: Metric::Ip, seed: a.seed, rotation: RotationKind::Hadamard, ivf: a.ivf, quiet };
+    let bargs = BuildArgs { codec: a.codec, metric: Metric::Ip, seed: a.seed, rotation: RotationKind::Hadamard, ivf: a.ivf, raw: a.raw, quiet };
     let t = Instant::now();
     let idx = one.install(|| build_index(base, &bargs))?;
     let build_seconds = t.elapsed().as_secs_f64();
-    let p = SearchParams { allow: None, rerank: a.rerank, exact: false, nprobe: a.nprobe };
+    let p = SearchParams { allow: None, rerank: a.rerank, exact: false, nprobe: a.nprobe, raw_rerank: false };
     let k = a.k.max(10);
     // single thread, one query at a time
-    let t = Instant::now();
-    let mut results = Vec::with_capacity(queries.rows);
-    for q in queries.data.chunks_exact(queries.cols) {
-        results.push(idx.search(q, k, &p)?);
-    }
-    let query_ms = t.elapsed().as_secs_f64() * 1e3 / queries.rows as f64;
+    let timed = |p: &SearchParams<'_>| -> Result<(f64, Vec<Vec<tq_index::Hit>>)> {
+        let t = Instant::now();
+        let mut results = Vec::with_capacity(queries.rows);
+        for q in queries.data.chunks_exact(queries.cols) {
+            results.push(idx.search(q, k, p)?);
+        }
+        Ok((t.elapsed().as_secs_f64() * 1e3 / queries.rows as f64, results))
+    };
+    let recall = |results: &[Vec<tq_index::Hit>]| {
+        let (mut r10, mut r1) = (0.0, 0.0);
+        for (hits, tr) in results.iter().zip(truth) {
+            let got: HashSet<u64> = hits.iter().take(10).map(|h| h.id).collect();
+            r10 += tr.iter().take(10).filter(|id| got.contains(id)).count() as f64 / 10.0;
+            r1 += got.contains(&tr[0]) as u8 as f64;
+        }
+        (r10 / queries.rows as f64, r1 / queries.rows as f64)
+    };
+    let (query_ms, results) = timed(&p)?;
+    let raw_rerank = if a.raw != RawVectors::None {
+        let (ms, res) = timed(&SearchParams { raw_rerank: true, ..p })?;
+        let (r10, r1) = recall(&res);
+        Some((ms, r10, r1))
+    } else {
+        None
+    };
     // all threads, batch
     let t = Instant::now();
     let batch = idx.search_batch(&queries.data, k, &p)?;
@@ -289,21 +317,16 @@ pub fn run_search_bench(base: &Matrix, queries: &Matrix, truth: &[Vec<u64>], a: 
         std::hint::black_box(exact_topk(base, q, 10));
     }
     let exact_query_ms = t.elapsed().as_secs_f64() * 1e3 / ne as f64;
-    let (mut r10, mut r1) = (0.0, 0.0);
-    for (hits, tr) in results.iter().zip(truth) {
-        let got: HashSet<u64> = hits.iter().take(10).map(|h| h.id).collect();
-        r10 += tr.iter().take(10).filter(|id| got.contains(id)).count() as f64 / 10.0;
-        r1 += got.contains(&tr[0]) as u8 as f64;
-    }
-    let nq = queries.rows as f64;
+    let (r10, r1) = recall(&results);
     Ok(SearchBench {
         build_seconds,
         query_ms,
         qps,
         exact_query_ms,
-        recall_10_at_10: r10 / nq,
-        recall_1_at_10: r1 / nq,
+        recall_10_at_10: r10,
+        recall_1_at_10: r1,
         bytes_per_vector: tq_core::lookup(a.codec)?.code_size(base.cols) as f64,
+        raw_rerank,
     })
 }
 
@@ -334,6 +357,9 @@ pub fn bench_search(a: &BenchArgs<'_>) -> Result<()> {
         "query_ms": r.query_ms, "qps": r.qps, "threads": rayon::current_num_threads(),
         "recall_10_at_10": r.recall_10_at_10, "recall_1_at_10": r.recall_1_at_10,
         "exact_query_ms": r.exact_query_ms, "speedup_vs_exact": r.exact_query_ms / r.query_ms,
+        "raw_vectors": format!("{:?}", a.raw).to_lowercase(),
+        "raw_rerank_query_ms": r.raw_rerank.map(|x| x.0), "raw_rerank_recall_10_at_10": r.raw_rerank.map(|x| x.1),
+        "raw_rerank_recall_1_at_10": r.raw_rerank.map(|x| x.2),
     });
     if a.json {
         println!("{}", serde_json::to_string(&out)?);
@@ -345,6 +371,9 @@ pub fn bench_search(a: &BenchArgs<'_>) -> Result<()> {
         println!("  qps              {:.0} ({} threads)", r.qps, rayon::current_num_threads());
         println!("  recall 10@10     {:.4}", r.recall_10_at_10);
         println!("  recall 1@10      {:.4}", r.recall_1_at_10);
+        if let Some((ms, r10, r1)) = r.raw_rerank {
+            println!("  re-ranked by stored {:?} vectors: {ms:.4} ms, recall 10@10 {r10:.4}, 1@10 {r1:.4}", a.raw);
+        }
     }
     Ok(())
 }

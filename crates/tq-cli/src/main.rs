@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use tq_core::eval::{measure_distortion, theory, DEFAULT_RHO};
 use tq_core::{registry, RotationKind};
-use tq_index::Metric;
+use tq_index::{Metric, RawVectors};
 
 use files::{CodeFile, Matrix};
 
@@ -160,6 +160,9 @@ enum IndexCmd {
         seed: u64,
         #[arg(long, default_value = "hadamard")]
         rotation: RotationKind,
+        /// Keep full-precision copies (none, f16, f32) for exact re-ranking.
+        #[arg(long, default_value = "none")]
+        raw: RawVectors,
         #[arg(long)]
         out: PathBuf,
         #[arg(long)]
@@ -202,6 +205,9 @@ enum IndexCmd {
         /// Allow-list of ids (comma-separated): only these may be returned.
         #[arg(long)]
         allow: Option<String>,
+        /// Re-rank the candidates by the stored raw vectors (index built with --raw).
+        #[arg(long)]
+        raw_rerank: bool,
         #[arg(long)]
         json: bool,
     },
@@ -249,6 +255,9 @@ enum BenchCmd {
         nprobe: usize,
         #[arg(long, default_value_t = 10)]
         rerank: usize,
+        /// Also keep raw vectors and report re-ranking by them separately.
+        #[arg(long, default_value = "none")]
+        raw: RawVectors,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long)]
@@ -294,20 +303,20 @@ fn run(cli: Cli) -> Result<()> {
             eval::vectors(&eval::EvalArgs { data: &data, codecs, n_base, n_queries, metric, seed, json })
         }
         Cmd::Index { what } => match what {
-            IndexCmd::Build { data, input, codec, ivf, metric, seed, rotation, out, json } => {
-                let a = index::BuildArgs { codec: &codec, metric, seed, rotation, ivf, quiet: json };
+            IndexCmd::Build { data, input, codec, ivf, metric, seed, rotation, raw, out, json } => {
+                let a = index::BuildArgs { codec: &codec, metric, seed, rotation, ivf, raw, quiet: json };
                 index::build(data.as_deref(), input.as_deref(), &a, &out, json)
             }
             IndexCmd::Add { index, input, start_id } => index::add(&index, &input, start_id),
             IndexCmd::Remove { index, ids } => index::remove(&index, &index::parse_ids(&ids)?),
-            IndexCmd::Search { index, queries, k, nprobe, rerank, exact, allow, json } => {
-                let a = index::SearchArgs { k, nprobe, rerank, exact, allow: allow.as_deref(), json };
+            IndexCmd::Search { index, queries, k, nprobe, rerank, exact, allow, raw_rerank, json } => {
+                let a = index::SearchArgs { raw_rerank, k, nprobe, rerank, exact, allow: allow.as_deref(), json };
                 index::search(&index, &queries, &a)
             }
             IndexCmd::Info { index, json } => index::info(&index, json),
         },
-        Cmd::Bench { what: BenchCmd::Search { data, codec, queries, base, k, ivf, nprobe, rerank, seed, json } } => {
-            index::bench_search(&index::BenchArgs { data: &data, codec: &codec, queries, base, k, ivf, nprobe, rerank, seed, json })
+        Cmd::Bench { what: BenchCmd::Search { data, codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json } } => {
+            index::bench_search(&index::BenchArgs { data: &data, codec: &codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json })
         }
     }
 }

@@ -349,7 +349,7 @@ fn search_section(out: &Path) -> Result<(String, serde_json::Value)> {
     for &(label, codec, ivf, nprobe, nq) in SEARCH_CONFIGS {
         pb.set_message(label);
         let q = crate::files::Matrix { rows: nq, cols: queries.cols, data: queries.data[..nq * queries.cols].to_vec() };
-        let a = BenchArgs { data: "glove50", codec, queries: nq, base: None, k: 10, ivf, nprobe, rerank: 10, seed: 0, json: true };
+        let a = BenchArgs { data: "glove50", codec, queries: nq, base: None, k: 10, ivf, nprobe, rerank: 10, raw: tq_index::RawVectors::None, seed: 0, json: true };
         let r = run_search_bench(&base, &q, &truth[..nq], &a, true)?;
         let _ = writeln!(
             s,

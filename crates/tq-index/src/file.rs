@@ -6,11 +6,12 @@
 //! 12  index kind (u8: 0 flat, 1 IVF), 3 zero bytes
 //! 16  commit slot A: seq u64, end u64, crc32 u32 (of seq, end), 4 zero bytes
 //! 40  commit slot B: same
-//! 64  spec: len u32, then `len` bytes (codec name, dim, seed, rotation,
-//!     metric, codec params, lists), then crc32 u32 of those bytes
+//! 64  spec: len u32, then `len` bytes (kind, codec name, dim, seed, rotation,
+//!     metric, raw-vector precision, codec params, lists), then crc32 u32 of those bytes
 //! ..  records up to the committed end, each:
 //!     tag u32, payload length u64, crc32 u32 of the payload, payload
-//!       1 ADD       count u64, ids u64×count, lists u32×count, codes
+//!       1 ADD       count u64, ids u64×count, lists u32×count, entries
+//!                   (each: the code, then the f16/f32 raw copy if kept)
 //!       2 REMOVE    count u64, ids u64×count
 //!       3 CENTROIDS nlist × dim f32 (IVF; first record)
 //! ```
@@ -38,7 +39,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use tq_core::RotationKind;
 
-use crate::{FlatIndex, IndexError, IndexSpec, IvfIndex, Metric, Result};
+use crate::{FlatIndex, IndexError, IndexSpec, IvfIndex, Metric, RawVectors, Result};
 
 pub const MAGIC: &[u8; 8] = b"TQINDEX\0";
 pub const VERSION: u32 = 1;
@@ -134,6 +135,7 @@ fn spec_bytes(spec: &IndexSpec, nlist: u32, kind: u8) -> Vec<u8> {
     b.extend_from_slice(&spec.seed.to_le_bytes());
     b.push(spec.rotation.id());
     b.push(spec.metric.id());
+    b.push(spec.raw.id());
     b.extend_from_slice(&(spec.params.len() as u32).to_le_bytes());
     b.extend_from_slice(&spec.params);
     b.extend_from_slice(&nlist.to_le_bytes());
@@ -338,13 +340,14 @@ pub fn from_bytes(b: &[u8], path: &Path) -> Result<(AnyIndex, Commit)> {
     let seed = s.u64().ok_or_else(bad_spec)?;
     let rotation = RotationKind::from_id(s.u8().ok_or_else(bad_spec)?).ok_or_else(bad_spec)?;
     let metric = Metric::from_id(s.u8().ok_or_else(bad_spec)?).ok_or_else(bad_spec)?;
+    let raw = RawVectors::from_id(s.u8().ok_or_else(bad_spec)?).ok_or_else(bad_spec)?;
     let plen = s.u32().ok_or_else(bad_spec)? as usize;
     let params = s.take(plen).ok_or_else(bad_spec)?.to_vec();
     let nlist = s.u32().ok_or_else(bad_spec)? as usize;
     if s.at != spec_raw.len() {
         return Err(bad_spec());
     }
-    let spec = IndexSpec { codec, dim, seed, rotation, metric, params };
+    let spec = IndexSpec { codec, dim, seed, rotation, metric, params, raw };
     let mut index = match kind {
         0 => AnyIndex::Flat(FlatIndex::new(spec)?),
         _ => {
@@ -367,8 +370,8 @@ pub fn from_bytes(b: &[u8], path: &Path) -> Result<(AnyIndex, Commit)> {
             TAG_ADD => {
                 let n = p.u64().ok_or_else(|| bad("short ADD"))? as usize;
                 let cs = match &index {
-                    AnyIndex::Flat(f) => f.codec().code_size(),
-                    AnyIndex::Ivf(i) => i.list(0).codec().code_size(),
+                    AnyIndex::Flat(f) => f.entry_size(),
+                    AnyIndex::Ivf(i) => i.list(0).entry_size(),
                 };
                 let need = n.checked_mul(12 + cs).ok_or_else(|| bad("count overflow"))?;
                 if payload.len() != 8 + need {

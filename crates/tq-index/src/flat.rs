@@ -9,7 +9,7 @@ use tq_core::fastscan::{FastScanCodes, QuantizedLut, BLOCK};
 use tq_core::{lookup, Codec, PreparedQuery};
 
 use crate::topk::TopK;
-use crate::{IndexError, IndexSpec, Metric, Result};
+use crate::{IndexError, IndexSpec, Metric, RawVectors, Result};
 
 /// One search result. `score` is the similarity (inner product / cosine;
 /// larger is better) or the squared distance (L2; smaller is better).
@@ -28,13 +28,16 @@ pub struct SearchParams<'a> {
     pub rerank: usize,
     /// Score every code with the exact estimator, even in a fast-scan store.
     pub exact: bool,
+    /// Re-rank the `rerank·k` best candidates by the stored full-precision
+    /// vectors (only for indexes built with raw vectors).
+    pub raw_rerank: bool,
     /// IVF: lists probed per query.
     pub nprobe: usize,
 }
 
 impl Default for SearchParams<'_> {
     fn default() -> Self {
-        Self { allow: None, rerank: 10, exact: false, nprobe: 8 }
+        Self { allow: None, rerank: 10, exact: false, nprobe: 8, raw_rerank: false }
     }
 }
 
@@ -55,6 +58,8 @@ pub struct FlatIndex {
     store: Store,
     /// L2 only: ‖x̂‖² per code (the fast-scan pre-ranking needs it).
     sqnorms: Vec<f32>,
+    /// Full-precision copies (`spec.raw` bytes per vector), slot order.
+    raw: Vec<u8>,
 }
 
 impl FlatIndex {
@@ -71,7 +76,7 @@ impl FlatIndex {
             },
             None => Store::Plain { codes: Vec::new() },
         };
-        Ok(Self { spec, codec, ids: Vec::new(), slot_of: HashMap::new(), store, sqnorms: Vec::new() })
+        Ok(Self { spec, codec, ids: Vec::new(), slot_of: HashMap::new(), store, sqnorms: Vec::new(), raw: Vec::new() })
     }
 
     /// Fits codec parameters on a sample (only codecs that have any, only while empty).
@@ -111,9 +116,13 @@ impl FlatIndex {
     pub fn is_fast_scan(&self) -> bool {
         matches!(self.store, Store::Fast { .. })
     }
-    /// Bytes of code storage per vector (codes and factors; ids excluded).
+    /// Bytes of code storage per vector (codes and factors; ids and raw copies excluded).
     pub fn bytes_per_vector(&self) -> usize {
         self.codec.code_size()
+    }
+    /// Bytes of one stored entry: the code, then the raw copy if kept.
+    pub fn entry_size(&self) -> usize {
+        self.codec.code_size() + self.spec.raw.bytes(self.spec.dim)
     }
 
     /// Checks and (for cosine) normalizes a row-major batch.
@@ -138,7 +147,8 @@ impl FlatIndex {
         self.add_codes(ids, &codes)
     }
 
-    /// Encodes without adding (the codes `add` would store).
+    /// Encodes without adding: the entries `add` would store (`entry_size`
+    /// bytes each: the code, then the raw copy when the index keeps one).
     pub fn encode(&self, ids: &[u64], xs: &[f32]) -> Result<Vec<u8>> {
         if xs.len() != ids.len() * self.spec.dim {
             return Err(IndexError::Invalid(format!(
@@ -154,14 +164,26 @@ impl FlatIndex {
         let v = self.prepare_vectors(xs)?;
         let mut codes = vec![0u8; ids.len() * self.codec.code_size()];
         self.codec.encode_batch(&v, &mut codes)?;
-        Ok(codes)
+        if self.spec.raw == RawVectors::None {
+            return Ok(codes);
+        }
+        let (cs, es) = (self.codec.code_size(), self.entry_size());
+        let mut out = Vec::with_capacity(ids.len() * es);
+        for (c, x) in codes.chunks_exact(cs).zip(v.chunks_exact(self.spec.dim)) {
+            out.extend_from_slice(c);
+            match self.spec.raw {
+                RawVectors::F16 => x.iter().for_each(|&t| out.extend_from_slice(&half::f16::from_f32(t).to_le_bytes())),
+                _ => x.iter().for_each(|&t| out.extend_from_slice(&t.to_le_bytes())),
+            }
+        }
+        Ok(out)
     }
 
-    /// Adds already-encoded codes (e.g. replayed from a file). Atomic.
-    pub fn add_codes(&mut self, ids: &[u64], codes: &[u8]) -> Result<()> {
-        let cs = self.codec.code_size();
-        if codes.len() != ids.len() * cs {
-            return Err(IndexError::Invalid(format!("{} ids for {} bytes of {cs}-byte codes", ids.len(), codes.len())));
+    /// Adds already-encoded entries (from `encode`, or replayed from a file). Atomic.
+    pub fn add_codes(&mut self, ids: &[u64], entries: &[u8]) -> Result<()> {
+        let (cs, es) = (self.codec.code_size(), self.entry_size());
+        if entries.len() != ids.len() * es {
+            return Err(IndexError::Invalid(format!("{} ids for {} bytes of {es}-byte entries", ids.len(), entries.len())));
         }
         let mut seen = HashSet::with_capacity(ids.len());
         for &id in ids {
@@ -172,7 +194,9 @@ impl FlatIndex {
         let zero = if self.spec.metric == Metric::L2 { Some(self.codec.prepare_unchecked(&vec![0.0; self.spec.dim])) } else { None };
         self.ids.reserve(ids.len());
         self.slot_of.reserve(ids.len());
-        for (&id, code) in ids.iter().zip(codes.chunks_exact(cs)) {
+        for (&id, entry) in ids.iter().zip(entries.chunks_exact(es)) {
+            let code = &entry[..cs];
+            self.raw.extend_from_slice(&entry[cs..]);
             self.slot_of.insert(id, self.ids.len());
             self.ids.push(id);
             match &mut self.store {
@@ -236,6 +260,8 @@ impl FlatIndex {
                 if !self.sqnorms.is_empty() {
                     self.sqnorms[slot] = self.sqnorms[last];
                 }
+                let rb = self.spec.raw.bytes(self.spec.dim);
+                self.raw.copy_within(last * rb..(last + 1) * rb, slot * rb);
             }
             self.ids.pop();
             match &mut self.store {
@@ -247,6 +273,7 @@ impl FlatIndex {
                 Store::Plain { codes } => codes.truncate(last * cs),
             }
             self.sqnorms.truncate(self.ids.len());
+            self.raw.truncate(self.ids.len() * self.spec.raw.bytes(self.spec.dim));
         }
         Ok(())
     }
@@ -264,7 +291,8 @@ impl FlatIndex {
     pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
         let pq = self.prepare(q)?;
         let lut = self.lut(&pq);
-        Ok(self.search_prepared(&pq, lut.as_ref(), k, p))
+        let qv = self.prepare_vectors(q)?;
+        Ok(self.search_prepared(&pq, &qv, lut.as_ref(), k, p))
     }
 
     /// Searches many queries (row-major) in parallel on the rayon pool.
@@ -293,7 +321,18 @@ impl FlatIndex {
 
     /// Search with a query prepared by this codec (or one with the same spec)
     /// and, for fast-scan stores, its tables (`lut`).
-    pub(crate) fn search_prepared(&self, pq: &PreparedQuery, lut: Option<&QuantizedLut>, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+    pub(crate) fn search_prepared(&self, pq: &PreparedQuery, qv: &[f32], lut: Option<&QuantizedLut>, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+        if self.raw_rerank(p) {
+            // candidates by the codes (as configured), final order by the raw vectors
+            let kk = k.saturating_mul(p.rerank.max(1));
+            let cand = self.search_prepared(pq, qv, lut, kk, &SearchParams { raw_rerank: false, ..*p });
+            let mut top = TopK::new(k);
+            for h in cand {
+                let slot = self.slot_of[&h.id];
+                top.push(self.raw_similarity(qv, slot), slot);
+            }
+            return top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect();
+        }
         let mut top = TopK::new(k);
         if self.approximate(p) {
             let mut cand = TopK::new(k.saturating_mul(p.rerank.max(1)));
@@ -306,6 +345,34 @@ impl FlatIndex {
             self.scan_into(pq, lut, p, 0, &mut top);
         }
         top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect()
+    }
+
+    /// Whether a search re-ranks by raw vectors.
+    pub(crate) fn raw_rerank(&self, p: &SearchParams<'_>) -> bool {
+        p.raw_rerank && self.spec.raw != RawVectors::None
+    }
+
+    /// The stored full-precision copy of slot `slot`.
+    pub fn raw_vector(&self, slot: usize) -> Option<Vec<f32>> {
+        let d = self.spec.dim;
+        match self.spec.raw {
+            RawVectors::None => None,
+            RawVectors::F16 => Some(
+                self.raw[slot * 2 * d..(slot + 1) * 2 * d].chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            ),
+            RawVectors::F32 => Some(
+                self.raw[slot * 4 * d..(slot + 1) * 4 * d].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect(),
+            ),
+        }
+    }
+
+    /// Exact similarity from the raw copy (larger is better).
+    pub(crate) fn raw_similarity(&self, qv: &[f32], slot: usize) -> f32 {
+        let x = self.raw_vector(slot).expect("raw vectors stored");
+        match self.spec.metric {
+            Metric::L2 => -qv.iter().zip(&x).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(),
+            _ => (tq_core::kernels::kernels().dot)(qv, &x),
+        }
     }
 
     /// The hit for slot `slot` with ranking similarity `sim`.
@@ -370,12 +437,14 @@ impl FlatIndex {
         }
     }
 
-    /// Codes of all slots in order, `code_size` bytes each (for saving).
+    /// Entries of all slots in order, `entry_size` bytes each (for saving).
     pub fn all_codes(&self) -> Vec<u8> {
-        let cs = self.codec.code_size();
-        let mut out = vec![0u8; self.len() * cs];
-        for (slot, c) in out.chunks_exact_mut(cs).enumerate() {
-            self.code_at(slot, c);
+        let (cs, es) = (self.codec.code_size(), self.entry_size());
+        let rb = es - cs;
+        let mut out = vec![0u8; self.len() * es];
+        for (slot, e) in out.chunks_exact_mut(es).enumerate() {
+            self.code_at(slot, &mut e[..cs]);
+            e[cs..].copy_from_slice(&self.raw[slot * rb..(slot + 1) * rb]);
         }
         out
     }

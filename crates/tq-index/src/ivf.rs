@@ -120,7 +120,7 @@ impl IvfIndex {
 
     /// Adds encoded vectors to the given lists (atomic).
     pub fn add_codes(&mut self, ids: &[u64], lists: &[u32], codes: &[u8]) -> Result<()> {
-        let cs = self.lists[0].codec().code_size();
+        let cs = self.lists[0].entry_size();
         if lists.len() != ids.len() || codes.len() != ids.len() * cs {
             return Err(IndexError::Invalid("ids, lists and codes disagree in count".into()));
         }
@@ -172,16 +172,19 @@ impl IvfIndex {
             probe.push(s, c);
         }
         // one candidate set across the probed lists, tagged with the list
-        // number in the high bits, then (fast-scan) one exact re-score
+        // number in the high bits, then (fast-scan) one exact re-score and
+        // (raw vectors) one re-rank by the stored copies
         let lut = self.lists[0].lut(&pq);
         let approx = self.lists[0].approximate(p);
-        let mut heap = TopK::new(if approx { k.saturating_mul(p.rerank.max(1)) } else { k });
+        let raw = self.lists[0].raw_rerank(p);
+        let kk = if raw { k.saturating_mul(p.rerank.max(1)) } else { k };
+        let mut heap = TopK::new(if approx { k.saturating_mul(p.rerank.max(1)) } else { kk });
         for e in probe.into_sorted() {
             self.lists[e.slot].scan_into(&pq, lut.as_ref(), p, e.slot << LIST_SHIFT, &mut heap);
         }
         let split = |tagged: usize| (tagged >> LIST_SHIFT, tagged & ((1 << LIST_SHIFT) - 1));
-        let best = if approx {
-            let mut top = TopK::new(k);
+        let mut best = if approx {
+            let mut top = TopK::new(kk);
             let mut buf = vec![0u8; self.lists[0].codec().code_size()];
             for e in heap.into_sorted() {
                 let (l, slot) = split(e.slot);
@@ -191,6 +194,14 @@ impl IvfIndex {
         } else {
             heap.into_sorted()
         };
+        if raw {
+            let mut top = TopK::new(k);
+            for e in best {
+                let (l, slot) = split(e.slot);
+                top.push(self.lists[l].raw_similarity(&qv, slot), e.slot);
+            }
+            best = top.into_sorted();
+        }
         Ok(best
             .into_iter()
             .map(|e| {

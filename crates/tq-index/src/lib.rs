@@ -70,6 +70,51 @@ impl std::str::FromStr for Metric {
     }
 }
 
+/// Optional full-precision copies of the vectors, for exact re-ranking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawVectors {
+    None,
+    F16,
+    F32,
+}
+
+impl RawVectors {
+    pub fn bytes(self, dim: usize) -> usize {
+        match self {
+            RawVectors::None => 0,
+            RawVectors::F16 => 2 * dim,
+            RawVectors::F32 => 4 * dim,
+        }
+    }
+    pub fn id(self) -> u8 {
+        match self {
+            RawVectors::None => 0,
+            RawVectors::F16 => 1,
+            RawVectors::F32 => 2,
+        }
+    }
+    pub fn from_id(id: u8) -> Option<Self> {
+        match id {
+            0 => Some(RawVectors::None),
+            1 => Some(RawVectors::F16),
+            2 => Some(RawVectors::F32),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for RawVectors {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(RawVectors::None),
+            "f16" => Ok(RawVectors::F16),
+            "f32" => Ok(RawVectors::F32),
+            _ => Err(format!("unknown raw vector precision '{s}' (expected none, f16 or f32)")),
+        }
+    }
+}
+
 /// Everything stored codes depend on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IndexSpec {
@@ -80,11 +125,13 @@ pub struct IndexSpec {
     pub metric: Metric,
     /// Codec parameters (e.g. the outlier channels of `tq-mse-2.5`).
     pub params: Vec<u8>,
+    /// Full-precision copies kept beside the codes (off by default).
+    pub raw: RawVectors,
 }
 
 impl IndexSpec {
     pub fn new(codec: &str, dim: usize, metric: Metric) -> Self {
-        Self { codec: codec.to_string(), dim, seed: 0, rotation: RotationKind::Hadamard, metric, params: Vec::new() }
+        Self { codec: codec.to_string(), dim, seed: 0, rotation: RotationKind::Hadamard, metric, params: Vec::new(), raw: RawVectors::None }
     }
 }
 

@@ -30,8 +30,10 @@ fn assert_same(a: &AnyIndex, b: &AnyIndex) {
     assert_eq!(a.spec(), b.spec());
     let dim = a.spec().dim;
     for q in data(3, dim, 99).chunks_exact(dim) {
-        let p = SearchParams { nprobe: 4, ..Default::default() };
-        assert_eq!(a.search(q, 10, &p).unwrap(), b.search(q, 10, &p).unwrap());
+        for raw_rerank in [false, true] {
+            let p = SearchParams { nprobe: 4, raw_rerank, ..Default::default() };
+            assert_eq!(a.search(q, 10, &p).unwrap(), b.search(q, 10, &p).unwrap());
+        }
     }
 }
 
@@ -40,8 +42,8 @@ fn save_load_and_appends_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.tqi");
     // flat, fast-scan and plain codecs, and a trained fractional codec
-    for codec in ["tq-mse-4", "tq-prod-3", "tq-mse-2.5"] {
-        let mut f = FlatIndex::new(IndexSpec::new(codec, 40, Metric::Cosine)).unwrap();
+    for (codec, raw) in [("tq-mse-4", tq_index::RawVectors::F16), ("tq-prod-3", tq_index::RawVectors::None), ("tq-mse-2.5", tq_index::RawVectors::F32)] {
+        let mut f = FlatIndex::new(IndexSpec { raw, ..IndexSpec::new(codec, 40, Metric::Cosine) }).unwrap();
         let xs = data(300, 40, 2);
         f.train(&xs).unwrap();
         f.add(&(0..300).collect::<Vec<u64>>(), &xs).unwrap();

@@ -187,3 +187,46 @@ fn concurrent_searches_during_adds_see_whole_entries() {
     let got = idx.search(&q, 10, &SearchParams { exact: true, ..Default::default() }).unwrap();
     assert!(same_ids(&got, &brute(&idx, &q, 10, None)));
 }
+
+/// With stored raw vectors and every candidate re-ranked by them, the result
+/// is the exact f32 top-k (flat and IVF); f16 copies give the same ids here.
+#[test]
+fn raw_vector_rerank_gives_the_exact_top_k() {
+    use tq_index::RawVectors;
+    let dim = 32;
+    let xs = data(400, dim, 11);
+    let ids: Vec<u64> = (0..400).collect();
+    for raw in [RawVectors::F32, RawVectors::F16] {
+        for metric in [Metric::Ip, Metric::L2] {
+            let spec = IndexSpec { raw, ..IndexSpec::new("tq-mse-2", dim, metric) };
+            let mut flat = FlatIndex::new(spec.clone()).unwrap();
+            flat.add(&ids, &xs).unwrap();
+            let mut ivf = IvfIndex::train(spec, 4, &xs, 4).unwrap();
+            ivf.add(&ids, &xs).unwrap();
+            flat.remove(&[5, 6]).unwrap();
+            ivf.remove(&[5, 6]).unwrap();
+            for q in data(5, dim, 12).chunks_exact(dim) {
+                let mut want: Vec<(f32, u64)> = xs
+                    .chunks_exact(dim)
+                    .enumerate()
+                    .filter(|(i, _)| *i != 5 && *i != 6)
+                    .map(|(i, x)| {
+                        let s = match metric {
+                            Metric::L2 => -x.iter().zip(q).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(),
+                            _ => x.iter().zip(q).map(|(a, b)| a * b).sum::<f32>(),
+                        };
+                        (s, i as u64)
+                    })
+                    .collect();
+                want.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let want: Vec<u64> = want.iter().take(5).map(|w| w.1).collect();
+                let p = SearchParams { raw_rerank: true, rerank: 80, nprobe: 4, ..Default::default() };
+                let f: Vec<u64> = flat.search(q, 5, &p).unwrap().iter().map(|h| h.id).collect();
+                let v: Vec<u64> = ivf.search(q, 5, &p).unwrap().iter().map(|h| h.id).collect();
+                assert_eq!(f, want, "{raw:?} {metric:?} flat");
+                assert_eq!(v, want, "{raw:?} {metric:?} ivf");
+            }
+            assert_eq!(flat.entry_size(), flat.codec().code_size() + raw.bytes(dim));
+        }
+    }
+}
