@@ -1,0 +1,409 @@
+//! `turboquant`: the Rust engine from Python, numpy in and out.
+//!
+//! Arrays: float32 C-contiguous inputs are used in place (no copy); float64
+//! is converted to float32 (a copy); anything else is a `TypeError`, a
+//! non-contiguous array a `ValueError`, both naming the expected shape and
+//! dtype. Heavy calls release the GIL (the interpreter's other threads run).
+
+use std::path::PathBuf;
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use tq_core::RotationKind;
+use tq_index::file::{self, AnyIndex};
+use tq_index::{FlatIndex, IndexSpec, IvfIndex, Metric, RawVectors, SearchParams};
+
+fn value_err(e: impl std::fmt::Display) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// A row-major float32 matrix view of a numpy array: borrowed when it is
+/// float32 and C-contiguous, converted when float64. 1-D arrays are one row.
+enum Rows<'py> {
+    Borrowed(numpy::PyReadonlyArrayDyn<'py, f32>),
+    Owned(Vec<f32>),
+}
+
+impl Rows<'_> {
+    fn slice(&self) -> &[f32] {
+        match self {
+            Rows::Borrowed(a) => a.as_slice().expect("checked contiguous"),
+            Rows::Owned(v) => v,
+        }
+    }
+}
+
+fn rows<'py>(obj: &Bound<'py, PyAny>, cols: usize, what: &str) -> PyResult<(usize, Rows<'py>)> {
+    let expect = || format!("{what} must be a float32 (or float64) numpy array of shape (n, {cols})");
+    let shape_of = |shape: &[usize]| -> PyResult<usize> {
+        match shape {
+            [n, d] if *d == cols => Ok(*n),
+            [d] if *d == cols => Ok(1),
+            _ => Err(PyValueError::new_err(format!("{}; got shape {shape:?}", expect()))),
+        }
+    };
+    if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f32>>() {
+        let n = shape_of(a.shape())?;
+        if !a.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("{what} must be C-contiguous (numpy.ascontiguousarray)")));
+        }
+        return Ok((n, Rows::Borrowed(a.readonly())));
+    }
+    if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f64>>() {
+        let n = shape_of(a.shape())?;
+        let r = a.readonly();
+        let v: Vec<f32> = r.as_array().iter().map(|&x| x as f32).collect();
+        return Ok((n, Rows::Owned(v)));
+    }
+    Err(PyTypeError::new_err(expect()))
+}
+
+fn ids_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    if let Ok(a) = obj.cast::<numpy::PyArrayDyn<u64>>() {
+        return Ok(a.readonly().as_array().iter().copied().collect());
+    }
+    if let Ok(a) = obj.cast::<numpy::PyArrayDyn<i64>>() {
+        return a
+            .readonly()
+            .as_array()
+            .iter()
+            .map(|&v| u64::try_from(v).map_err(|_| PyValueError::new_err(format!("ids must be non-negative, got {v}"))))
+            .collect();
+    }
+    obj.extract::<Vec<u64>>().map_err(|_| PyTypeError::new_err("ids must be a sequence or numpy array of non-negative integers"))
+}
+
+fn rotation(s: &str) -> PyResult<RotationKind> {
+    s.parse().map_err(PyValueError::new_err)
+}
+
+/// The codec registry at `dim`: name, id, bits per value (every overhead
+/// included), code size in bytes, description.
+#[pyfunction]
+#[pyo3(signature = (dim = 128))]
+fn codecs<'py>(py: Python<'py>, dim: usize) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    tq_core::registry()
+        .iter()
+        .map(|e| {
+            let d = PyDict::new(py);
+            d.set_item("name", &e.name)?;
+            d.set_item("id", e.id)?;
+            d.set_item("bits_per_value", e.bits_per_value(dim))?;
+            d.set_item("code_size", e.code_size(dim))?;
+            d.set_item("description", e.description())?;
+            Ok(d)
+        })
+        .collect()
+}
+
+/// A vector codec from the registry (`turboquant.codecs()`), e.g.
+/// `Codec("tq-mse-4", 128)`. Codes are fixed-size byte strings; the same
+/// name, dim and seed give the same bytes as the `tq` CLI.
+#[pyclass(name = "Codec", module = "turboquant")]
+struct PyCodec {
+    inner: Box<dyn tq_core::Codec>,
+}
+
+#[pymethods]
+impl PyCodec {
+    #[new]
+    #[pyo3(signature = (name, dim, seed = 0, rotation = "hadamard"))]
+    fn new(name: &str, dim: usize, seed: u64, rotation: &str) -> PyResult<Self> {
+        let r = self::rotation(rotation)?;
+        Ok(Self { inner: tq_core::build(name, dim, seed, r).map_err(value_err)? })
+    }
+
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.name().to_string()
+    }
+    #[getter]
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    /// Bytes per code.
+    #[getter]
+    fn code_size(&self) -> usize {
+        self.inner.code_size()
+    }
+    /// Storage bits per vector coordinate, every per-vector overhead included.
+    #[getter]
+    fn bits_per_value(&self) -> f64 {
+        self.inner.bits_per_value()
+    }
+    /// Whether `train` must (PQ) or may (RaBitQ's centre, fractional rates) be called first.
+    #[getter]
+    fn wants_training(&self) -> bool {
+        self.inner.wants_training()
+    }
+
+    /// Fits data-dependent parameters on `x` (float32[n, dim]).
+    fn train(&mut self, py: Python<'_>, x: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (_, r) = rows(x, self.inner.dim(), "x")?;
+        let s = r.slice();
+        let inner = &mut self.inner;
+        py.detach(|| inner.train(s)).map_err(value_err)
+    }
+
+    /// float32[n, dim] → uint8[n, code_size].
+    fn encode<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<u8>>> {
+        let (n, r) = rows(x, self.inner.dim(), "x")?;
+        let out = PyArray2::<u8>::zeros(py, [n, self.inner.code_size()], false);
+        {
+            let mut w = out.readwrite();
+            let buf = w.as_slice_mut().expect("fresh array");
+            let s = r.slice();
+            let c = &self.inner;
+            py.detach(|| c.encode_batch(s, buf)).map_err(value_err)?;
+        }
+        Ok(out)
+    }
+
+    /// uint8[n, code_size] → float32[n, dim].
+    fn decode<'py>(&self, py: Python<'py>, codes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let cs = self.inner.code_size();
+        let a = codes
+            .cast::<PyArray2<u8>>()
+            .map_err(|_| PyTypeError::new_err(format!("codes must be a uint8 numpy array of shape (n, {cs})")))?;
+        if a.shape()[1] != cs || !a.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("codes must be C-contiguous uint8 of shape (n, {cs}); got {:?}", a.shape())));
+        }
+        let n = a.shape()[0];
+        let r = a.readonly();
+        let src = r.as_slice().expect("contiguous");
+        let out = PyArray2::<f32>::zeros(py, [n, self.inner.dim()], false);
+        {
+            let mut w = out.readwrite();
+            let buf = w.as_slice_mut().expect("fresh array");
+            let c = &self.inner;
+            py.detach(|| c.decode_batch(src, buf)).map_err(value_err)?;
+        }
+        Ok(out)
+    }
+
+    /// Inner-product estimates of queries float32[q, dim] against codes
+    /// uint8[n, code_size], computed on the codes: float32[q, n].
+    fn inner_product<'py>(&self, py: Python<'py>, queries: &Bound<'py, PyAny>, codes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let cs = self.inner.code_size();
+        let (nq, r) = rows(queries, self.inner.dim(), "queries")?;
+        let a = codes
+            .cast::<PyArray2<u8>>()
+            .map_err(|_| PyTypeError::new_err(format!("codes must be a uint8 numpy array of shape (n, {cs})")))?;
+        if a.shape()[1] != cs || !a.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("codes must be C-contiguous uint8 of shape (n, {cs}); got {:?}", a.shape())));
+        }
+        let n = a.shape()[0];
+        let cr = a.readonly();
+        let src = cr.as_slice().expect("contiguous");
+        let out = PyArray2::<f32>::zeros(py, [nq, n], false);
+        {
+            let mut w = out.readwrite();
+            let buf = w.as_slice_mut().expect("fresh array");
+            let q = r.slice();
+            let c = &self.inner;
+            let d = c.dim();
+            py.detach(|| -> tq_core::Result<()> {
+                for (qi, row) in q.chunks_exact(d).zip(buf.chunks_exact_mut(n.max(1))) {
+                    let pq = c.prepare(qi)?;
+                    c.score_ip_many(&pq, src, row);
+                }
+                Ok(())
+            })
+            .map_err(value_err)?;
+        }
+        Ok(out)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("Codec('{}', dim={}, code_size={}, bits_per_value={:.3})", self.inner.name(), self.inner.dim(), self.inner.code_size(), self.inner.bits_per_value())
+    }
+}
+
+/// A search index over codes (flat with fast-scan where the codec allows,
+/// or IVF with `ivf_lists` k-means lists). `metric`: "ip", "cosine" or "l2".
+/// IVF lists and codec parameters are trained on the first `add`.
+/// Files written by `save` are the `tq index` format (`.tqi`).
+#[pyclass(name = "Index", module = "turboquant")]
+struct PyIndex {
+    spec: IndexSpec,
+    ivf_lists: Option<usize>,
+    inner: Option<AnyIndex>,
+}
+
+fn metric_of(s: &str) -> PyResult<Metric> {
+    s.parse().map_err(PyValueError::new_err)
+}
+
+impl PyIndex {
+    fn all_ids(&self) -> Vec<u64> {
+        match &self.inner {
+            None => Vec::new(),
+            Some(AnyIndex::Flat(f)) => f.ids().to_vec(),
+            Some(AnyIndex::Ivf(i)) => (0..i.nlist()).flat_map(|l| i.list(l).ids().to_vec()).collect(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyIndex {
+    #[new]
+    #[pyo3(signature = (codec, dim, metric = "ip", ivf_lists = None, seed = 0, raw = "none"))]
+    fn new(codec: &str, dim: usize, metric: &str, ivf_lists: Option<usize>, seed: u64, raw: &str) -> PyResult<Self> {
+        let spec = IndexSpec {
+            seed,
+            raw: raw.parse::<RawVectors>().map_err(PyValueError::new_err)?,
+            ..IndexSpec::new(codec, dim, metric_of(metric)?)
+        };
+        // validate now: unknown codec or bad dim fail at construction
+        FlatIndex::new(spec.clone()).map_err(value_err)?;
+        if ivf_lists == Some(0) {
+            return Err(PyValueError::new_err("ivf_lists must be positive"));
+        }
+        Ok(Self { spec, ivf_lists, inner: None })
+    }
+
+    /// Loads a `.tqi` file (written by `save` or by `tq index build`).
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let (idx, _) = py.detach(|| file::load(&path)).map_err(value_err)?;
+        let ivf_lists = match &idx {
+            AnyIndex::Ivf(i) => Some(i.nlist()),
+            AnyIndex::Flat(_) => None,
+        };
+        Ok(Self { spec: idx.spec().clone(), ivf_lists, inner: Some(idx) })
+    }
+
+    /// Writes the index atomically (temp file, fsync, rename).
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let idx = match &self.inner {
+            Some(i) => i,
+            None => return Err(PyValueError::new_err("the index is empty: add vectors before saving")),
+        };
+        py.detach(|| file::save(idx, &path)).map_err(value_err)
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.as_ref().map_or(0, |i| i.len())
+    }
+
+    #[getter]
+    fn codec(&self) -> String {
+        self.spec.codec.clone()
+    }
+    #[getter]
+    fn dim(&self) -> usize {
+        self.spec.dim
+    }
+    #[getter]
+    fn metric(&self) -> &'static str {
+        self.spec.metric.name()
+    }
+
+    /// Adds float32[n, dim] vectors with ids (default: after the largest id).
+    /// All or nothing: on error nothing is added.
+    #[pyo3(signature = (x, ids = None))]
+    fn add(&mut self, py: Python<'_>, x: &Bound<'_, PyAny>, ids: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let (n, r) = rows(x, self.spec.dim, "x")?;
+        let ids = match ids {
+            Some(o) => ids_of(o)?,
+            None => {
+                let start = self.all_ids().into_iter().max().map_or(0, |m| m + 1);
+                (start..start + n as u64).collect()
+            }
+        };
+        if ids.len() != n {
+            return Err(PyValueError::new_err(format!("{} ids for {n} vectors", ids.len())));
+        }
+        let s = r.slice();
+        let (spec, lists) = (self.spec.clone(), self.ivf_lists);
+        let inner = &mut self.inner;
+        py.detach(|| -> tq_index::Result<()> {
+            if inner.is_none() {
+                let mut f = FlatIndex::new(spec)?;
+                if f.codec().wants_training() {
+                    f.train(s)?;
+                }
+                *inner = Some(match lists {
+                    None => AnyIndex::Flat(f),
+                    Some(l) => AnyIndex::Ivf(IvfIndex::train(f.spec().clone(), l, s, 10)?),
+                });
+            }
+            inner.as_mut().expect("built above").add(&ids, s)?;
+            Ok(())
+        })
+        .map_err(value_err)
+    }
+
+    /// Removes ids (all or nothing: an unknown id raises and removes none).
+    fn remove(&mut self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<()> {
+        let ids = ids_of(ids)?;
+        let Some(inner) = self.inner.as_mut() else {
+            return Err(PyValueError::new_err("the index is empty"));
+        };
+        py.detach(|| inner.remove(&ids)).map(|_| ()).map_err(value_err)
+    }
+
+    /// The `k` best results per query, FAISS's `(D, I)` convention:
+    /// scores float32[q, k] (similarity for ip/cosine, squared distance for
+    /// l2) and ids int64[q, k], padded with -1 (and -inf / +inf) when fewer
+    /// than `k` vectors qualify. `filter`: ids allowed in the results.
+    #[pyo3(signature = (queries, k, nprobe = None, filter = None, exact = false, rerank = 10, raw_rerank = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn search<'py>(
+        &self,
+        py: Python<'py>,
+        queries: &Bound<'py, PyAny>,
+        k: usize,
+        nprobe: Option<usize>,
+        filter: Option<&Bound<'py, PyAny>>,
+        exact: bool,
+        rerank: usize,
+        raw_rerank: bool,
+    ) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>)> {
+        let (nq, r) = rows(queries, self.spec.dim, "queries")?;
+        let allow: Option<std::collections::HashSet<u64>> = filter.map(ids_of).transpose()?.map(|v| v.into_iter().collect());
+        let pad = if self.spec.metric == Metric::L2 { f32::INFINITY } else { f32::NEG_INFINITY };
+        let dists = PyArray1::<f32>::from_vec(py, vec![pad; nq * k]).reshape([nq, k])?;
+        let labels = PyArray1::<i64>::from_vec(py, vec![-1; nq * k]).reshape([nq, k])?;
+        if let Some(idx) = &self.inner {
+            let s = r.slice();
+            let p = SearchParams { allow: allow.as_ref(), rerank, exact, nprobe: nprobe.unwrap_or(8), raw_rerank };
+            let res = py.detach(|| idx.search_batch(s, k, &p)).map_err(value_err)?;
+            let mut dw = dists.readwrite();
+            let mut lw = labels.readwrite();
+            let (d, l) = (dw.as_slice_mut().expect("fresh"), lw.as_slice_mut().expect("fresh"));
+            for (qi, hits) in res.iter().enumerate() {
+                for (j, h) in hits.iter().enumerate() {
+                    d[qi * k + j] = h.score;
+                    l[qi * k + j] = h.id as i64;
+                }
+            }
+        } else {
+            // still validate the queries
+            tq_core::codec::check_vectors(r.slice(), self.spec.dim).map_err(value_err)?;
+        }
+        Ok((dists, labels))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Index(codec='{}', dim={}, metric='{}', ivf_lists={:?}, len={})",
+            self.spec.codec,
+            self.spec.dim,
+            self.spec.metric.name(),
+            self.ivf_lists,
+            self.__len__()
+        )
+    }
+}
+
+#[pymodule]
+fn turboquant(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(codecs, m)?)?;
+    m.add_class::<PyCodec>()?;
+    m.add_class::<PyIndex>()?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

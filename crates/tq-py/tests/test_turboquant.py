@@ -1,0 +1,168 @@
+"""Tests of the Python bindings against the Rust engine and the `tq` CLI.
+
+TQ_BIN names the `tq` binary built from the same tree (scripts/test.sh sets it).
+"""
+
+import json
+import os
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+import turboquant as tq
+
+TQ = os.environ.get("TQ_BIN", "tq")
+
+
+def rng_data(n, d, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def npy(path, x):
+    np.save(path, np.ascontiguousarray(x, dtype=np.float32))
+
+
+def test_registry_lists_every_codec():
+    cs = tq.codecs(128)
+    names = {c["name"] for c in cs}
+    assert {"tq-mse-4", "tq-prod-3", "rabitq-4", "pq-4", "q4_0-rot", "nvfp4"} <= names
+    mse4 = next(c for c in cs if c["name"] == "tq-mse-4")
+    assert mse4["code_size"] == 68 and mse4["bits_per_value"] == 4.25
+
+
+@pytest.mark.parametrize("name", ["tq-mse-4", "tq-mse-2-nc", "tq-prod-3", "rabitq-4", "q8_0-rot", "mxfp4"])
+def test_round_trip_shapes_dtypes_and_scores_on_codes(name):
+    c = tq.Codec(name, 64, seed=3)
+    x = rng_data(200, 64)
+    codes = c.encode(x)
+    assert codes.dtype == np.uint8 and codes.shape == (200, c.code_size)
+    y = c.decode(codes)
+    assert y.dtype == np.float32 and y.shape == x.shape
+    assert np.all(np.isfinite(y))
+    ip = c.inner_product(x[:4], codes)
+    assert ip.shape == (4, 200) and ip.dtype == np.float32
+    # the estimator is the inner product with the decoded vector for these codecs
+    np.testing.assert_allclose(ip, x[:4] @ y.T, rtol=1e-3, atol=1e-3 * np.abs(x[:4] @ y.T).max())
+    # float64 input gives the same codes as float32
+    np.testing.assert_array_equal(c.encode(x.astype(np.float64)), codes)
+    # a single vector is one row
+    np.testing.assert_array_equal(c.encode(x[0]), codes[:1])
+
+
+def test_pq_needs_training():
+    c = tq.Codec("pq-4", 16)
+    assert c.wants_training
+    with pytest.raises(ValueError, match="trained"):
+        c.encode(rng_data(10, 16))
+    c.train(rng_data(500, 16))
+    assert c.encode(rng_data(10, 16)).shape == (10, 8)
+
+
+def test_bad_input_raises_clear_errors():
+    c = tq.Codec("tq-mse-4", 32)
+    with pytest.raises(TypeError, match="float32"):
+        c.encode(np.zeros((4, 32), dtype=np.int32))
+    with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
+        c.encode(np.zeros((4, 31), dtype=np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        c.encode(np.zeros((32, 8), dtype=np.float32).T)
+    x = rng_data(4, 32)
+    x[1, 2] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        c.encode(x)
+    with pytest.raises(ValueError, match="unknown codec"):
+        tq.Codec("nope", 32)
+    with pytest.raises(ValueError, match="unsupported bit width"):
+        tq.Codec("tq-mse-9", 32)
+    with pytest.raises(TypeError, match="uint8"):
+        c.decode(np.zeros((2, 20), dtype=np.float32))
+    with pytest.raises(ValueError, match="shape"):
+        c.decode(np.zeros((2, 19), dtype=np.uint8))
+    with pytest.raises(ValueError, match="metric"):
+        tq.Index("tq-mse-4", 32, metric="hamming")
+
+
+def test_bytes_equal_the_cli(tmp_path):
+    x = rng_data(300, 48, seed=5)
+    npy(tmp_path / "x.npy", x)
+    for name in ["tq-mse-4", "tq-mse-3-nc", "rabitq-2", "q4_0-rot"]:
+        out = tmp_path / f"{name}.tqc"
+        subprocess.run([TQ, "encode", "--codec", name, "--seed", "9", "--input", str(tmp_path / "x.npy"), "--out", str(out)], check=True, capture_output=True)
+        c = tq.Codec(name, 48, seed=9)
+        if c.wants_training:  # the CLI trains on the first 4096 rows
+            c.train(x)
+        codes = c.encode(x)
+        blob = out.read_bytes()
+        assert blob[-4 - codes.size : -4] == codes.tobytes(), name  # payload precedes its CRC
+
+
+def test_index_search_filter_remove_and_faiss_convention():
+    x = rng_data(1000, 32, seed=1)
+    for kwargs in [dict(), dict(ivf_lists=8), dict(raw="f16")]:
+        idx = tq.Index("tq-mse-4-nc", 32, metric="cosine", **kwargs)
+        idx.add(x)
+        assert len(idx) == 1000
+        D, I = idx.search(x[:5], 3, nprobe=8)
+        assert D.shape == (5, 3) and D.dtype == np.float32 and I.dtype == np.int64
+        assert list(I[:, 0]) == [0, 1, 2, 3, 4]
+        D, I = idx.search(x[:5], 3, filter=[7, 8])
+        assert set(I[I >= 0].tolist()) <= {7, 8} and np.all(I[:, 2] == -1) and np.all(np.isneginf(D[:, 2]))
+        idx.remove([0, 1])
+        D, I = idx.search(x[:2], 5)
+        assert 0 not in I and 1 not in I
+        with pytest.raises(ValueError, match="not in the index"):
+            idx.remove([0])
+        with pytest.raises(ValueError, match="already in the index"):
+            idx.add(x[:1], ids=[5])
+        assert len(idx) == 998
+    empty = tq.Index("tq-mse-4", 32)
+    D, I = empty.search(x[:2], 4)
+    assert np.all(I == -1)
+
+
+def test_index_files_move_between_python_and_the_cli(tmp_path):
+    x = rng_data(400, 24, seed=2)
+    q = x[:3]
+    npy(tmp_path / "x.npy", x)
+    npy(tmp_path / "q.npy", q)
+    # Python -> CLI
+    idx = tq.Index("tq-mse-4", 24, metric="cosine")
+    idx.add(x)
+    idx.save(tmp_path / "py.tqi")
+    D, I = idx.search(q, 5)
+    r = subprocess.run([TQ, "index", "search", "--index", str(tmp_path / "py.tqi"), "--queries", str(tmp_path / "q.npy"), "-k", "5", "--json"], check=True, capture_output=True, text=True)
+    cli = json.loads(r.stdout)["results"]
+    assert [row["ids"] for row in cli] == I.tolist()
+    # CLI -> Python
+    subprocess.run([TQ, "index", "build", "--codec", "tq-mse-4", "--metric", "cosine", "--input", str(tmp_path / "x.npy"), "--out", str(tmp_path / "cli.tqi")], check=True, capture_output=True)
+    loaded = tq.Index.load(tmp_path / "cli.tqi")
+    assert len(loaded) == 400 and loaded.codec == "tq-mse-4" and loaded.metric == "cosine"
+    D2, I2 = loaded.search(q, 5)
+    np.testing.assert_array_equal(I2, I)
+    np.testing.assert_allclose(D2, D, rtol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        (tmp_path / "e.tqi").write_bytes(b"")
+        tq.Index.load(tmp_path / "e.tqi")
+
+
+def test_calls_release_the_gil():
+    # a Python thread keeps counting while a long encode runs in another thread
+    c = tq.Codec("tq-mse-4", 256)
+    x = rng_data(100_000, 256)
+    ticks = [0]
+    done = threading.Event()
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+
+    t = threading.Thread(target=count)
+    t.start()
+    before = ticks[0]
+    c.encode(x)
+    during = ticks[0] - before
+    done.set()
+    t.join()
+    assert during > 1000, f"the counter thread did not run during encode ({during} ticks)"

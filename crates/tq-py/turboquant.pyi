@@ -1,0 +1,89 @@
+"""TurboQuant vector quantization and search over codes (Rust engine, numpy in and out).
+
+Arrays: float32 C-contiguous inputs are used without copying; float64 inputs are
+converted to float32 (a copy); other dtypes raise TypeError, non-contiguous arrays
+or wrong shapes raise ValueError. Heavy calls release the GIL.
+"""
+
+from os import PathLike
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+FloatArray = Union[npt.NDArray[np.float32], npt.NDArray[np.float64]]
+IdArray = Union[npt.NDArray[np.uint64], npt.NDArray[np.int64], Sequence[int]]
+
+def codecs(dim: int = 128) -> list[dict]:
+    """The codec registry at `dim`: dicts with name, id, bits_per_value, code_size, description."""
+
+class Codec:
+    """A registered codec, e.g. Codec("tq-mse-4", 128). Same name, dim and seed give the same bytes as `tq encode`."""
+
+    def __init__(self, name: str, dim: int, seed: int = 0, rotation: str = "hadamard") -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def code_size(self) -> int:
+        """Bytes per code."""
+    @property
+    def bits_per_value(self) -> float:
+        """Storage bits per coordinate, every per-vector overhead included."""
+    @property
+    def wants_training(self) -> bool:
+        """True for codecs that learn from data (PQ must, RaBitQ and fractional rates may)."""
+    def train(self, x: FloatArray) -> None:
+        """Fit data-dependent parameters on float32[n, dim]."""
+    def encode(self, x: FloatArray) -> npt.NDArray[np.uint8]:
+        """float32[n, dim] -> uint8[n, code_size]."""
+    def decode(self, codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """uint8[n, code_size] -> float32[n, dim]."""
+    def inner_product(self, queries: FloatArray, codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """Inner-product estimates float32[q, n], computed on the codes (no decoding)."""
+
+class Index:
+    """Search over codes: flat (fast-scan where the codec allows) or IVF with `ivf_lists` lists.
+
+    metric: "ip", "cosine" or "l2". raw: "none", "f16" or "f32" (keep full-precision
+    copies for `search(..., raw_rerank=True)`). Codec parameters and IVF lists are
+    trained on the first `add`. `save` writes the `tq index` file format (.tqi).
+    """
+
+    def __init__(
+        self,
+        codec: str,
+        dim: int,
+        metric: str = "ip",
+        ivf_lists: Optional[int] = None,
+        seed: int = 0,
+        raw: str = "none",
+    ) -> None: ...
+    @staticmethod
+    def load(path: Union[str, PathLike]) -> "Index": ...
+    def save(self, path: Union[str, PathLike]) -> None: ...
+    def __len__(self) -> int: ...
+    @property
+    def codec(self) -> str: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def metric(self) -> str: ...
+    def add(self, x: FloatArray, ids: Optional[IdArray] = None) -> None:
+        """Add vectors (ids default to after the largest id). All or nothing."""
+    def remove(self, ids: IdArray) -> None:
+        """Remove ids; an unknown id raises ValueError and removes none."""
+    def search(
+        self,
+        queries: FloatArray,
+        k: int,
+        nprobe: Optional[int] = None,
+        filter: Optional[IdArray] = None,
+        exact: bool = False,
+        rerank: int = 10,
+        raw_rerank: bool = False,
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """(D, I) as in FAISS: scores float32[q, k] and ids int64[q, k], padded with -1."""
