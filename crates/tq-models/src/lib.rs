@@ -1,2 +1,3 @@
 //! Real models on candle.
+pub mod gguf;
 pub mod minilm;
