@@ -227,3 +227,86 @@ pub fn vectors(a: &EvalArgs<'_>) -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// tq eval matrix
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MatrixRow {
+    pub codec: String,
+    pub axis: &'static str,
+    pub data: String,
+    pub rows: usize,
+    pub channels: usize,
+    pub bits_per_value: f64,
+    pub model_bytes: usize,
+    pub train_seconds: f64,
+    pub encode_seconds: f64,
+    pub rel_mse: f64,
+}
+
+/// Every codec on one real matrix (rows = tokens), by relative MSE.
+pub fn matrix_rows(data: &str, m: &Matrix, codecs: &[String], seed: u64) -> Result<Vec<MatrixRow>> {
+    use tq_core::matrix::{build_matrix, Axis};
+    let mut out = Vec::new();
+    let nrm: f64 = m.data.iter().map(|&x| x as f64 * x as f64).sum();
+    for name in codecs {
+        let axes: &[(Axis, &'static str)] = if name.starts_with("kivi-") {
+            &[(Axis::PerChannel, "per channel (keys)"), (Axis::PerToken, "per token (values)")]
+        } else {
+            &[(Axis::PerChannel, "rows")]
+        };
+        for &(axis, label) in axes {
+            let mut c = build_matrix(name, m.cols, axis, seed)?;
+            let t = Instant::now();
+            c.train(&m.data)?;
+            let train_seconds = t.elapsed().as_secs_f64();
+            let mut code = vec![0u8; c.encoded_size(m.rows)];
+            let t = Instant::now();
+            c.encode(&m.data, &mut code)?;
+            let encode_seconds = t.elapsed().as_secs_f64();
+            let mut dec = vec![0.0f32; m.data.len()];
+            c.decode(&code, m.rows, &mut dec)?;
+            let err: f64 = m.data.iter().zip(&dec).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+            out.push(MatrixRow {
+                codec: name.clone(),
+                axis: label,
+                data: data.to_string(),
+                rows: m.rows,
+                channels: m.cols,
+                bits_per_value: c.bits_per_value(m.rows),
+                model_bytes: c.model_bytes(),
+                train_seconds,
+                encode_seconds,
+                rel_mse: err / nrm,
+            });
+        }
+    }
+    Ok(out)
+}
+
+pub fn matrix(data: &str, codecs: Vec<String>, rows: Option<usize>, seed: u64, json: bool) -> Result<()> {
+    if codecs.is_empty() {
+        bail!("--codecs is empty");
+    }
+    let mut m = crate::data::load(data, json)?;
+    if let Some(r) = rows {
+        let r = r.min(m.rows);
+        m.data.truncate(r * m.cols);
+        m.rows = r;
+    }
+    let out = matrix_rows(data, &m, &codecs, seed)?;
+    if json {
+        for r in &out {
+            println!("{}", serde_json::to_string(&json!(r))?);
+        }
+    } else {
+        println!("{data}: {} rows × {} channels (not normalized); rel MSE = ‖M − M̂‖²/‖M‖²", m.rows, m.cols);
+        println!("{:<16} {:<20} {:>9} {:>12} {:>9} {:>10}", "codec", "groups", "bits/val", "model bytes", "train s", "rel MSE");
+        for r in &out {
+            println!("{:<16} {:<20} {:>9.3} {:>12} {:>9.2} {:>10.5}", r.codec, r.axis, r.bits_per_value, r.model_bytes, r.train_seconds, r.rel_mse);
+        }
+    }
+    Ok(())
+}

@@ -108,6 +108,21 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum EvalCmd {
+    /// Every codec on one real matrix (rows = tokens): relative MSE vs bits.
+    Matrix {
+        #[arg(long, default_value = "smollm-embed")]
+        data: String,
+        /// Comma-separated codec names (matrix codecs or vector codecs, row by row).
+        #[arg(long, default_value = "pq-4,qet-4,qet-4-nores,kivi-4,tq-mse-4,q4_0-rot,pq-2,qet-2,kivi-2,tq-mse-2")]
+        codecs: String,
+        /// Use the first N rows only.
+        #[arg(long)]
+        rows: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Every codec on the same vectors: MSE, inner-product error, recall, speed.
     Vectors {
         #[arg(long)]
@@ -298,6 +313,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Data { what: DataCmd::List { json } } => data::list(json),
+        Cmd::Eval { what: EvalCmd::Matrix { data, codecs, rows, seed, json } } => {
+            let codecs = codecs.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
+            eval::matrix(&data, codecs, rows, seed, json)
+        }
         Cmd::Eval { what: EvalCmd::Vectors { data, codecs, n_base, n_queries, metric, seed, json } } => {
             let codecs = codecs.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
             eval::vectors(&eval::EvalArgs { data: &data, codecs, n_base, n_queries, metric, seed, json })

@@ -4,7 +4,9 @@
 
 pub mod fp;
 pub mod ggml;
+pub mod kivi;
 pub mod pq;
+pub mod qet;
 pub mod rabitq;
 
 pub(crate) fn read_f32(code: &[u8], at: usize) -> f32 {

@@ -38,7 +38,14 @@ impl Pq {
         if !(1..=8).contains(&bits) {
             return Err(TqError::UnsupportedBits(bits));
         }
-        let m = pq_m(dim, bits);
+        Self::with_subspaces(&format!("pq-{bits}"), dim, pq_m(dim, bits), seed, params)
+    }
+
+    /// PQ with `m` sub-spaces (1 ≤ m ≤ dim) of 8-bit sub-codes.
+    pub fn with_subspaces(name: &str, dim: usize, m: usize, seed: u64, params: &[u8]) -> Result<Self> {
+        if m == 0 || m > dim {
+            return Err(TqError::BadParams(format!("PQ needs 1..={dim} sub-spaces, got {m}")));
+        }
         let bounds: Vec<usize> = (0..=m).map(|i| i * dim / m).collect();
         let books = if params.is_empty() {
             Vec::new()
@@ -51,7 +58,7 @@ impl Pq {
         } else {
             return Err(TqError::BadParams(format!("PQ codebooks have {} bytes, expected {}", params.len(), 4 * K * dim)));
         };
-        Ok(Self { name: format!("pq-{bits}"), dim, seed, bounds, books })
+        Ok(Self { name: name.to_string(), dim, seed, bounds, books })
     }
 
     fn m(&self) -> usize {

@@ -188,3 +188,61 @@ fn rabitq_estimator_is_unbiased_over_rotations() {
     let se = ((sq / n - mean * mean) / n).sqrt();
     assert!(mean.abs() < 4.0 * se, "bias {mean} ± {se}");
 }
+
+#[test]
+fn kivi_groups_keys_per_channel_and_values_per_token() {
+    use tq_core::matrix::{build_matrix, Axis};
+    // 2 tokens × 2 channels, group 32 (one group per channel for keys, per token for values)
+    let m = [0.0f32, 10.0, 3.0, 40.0];
+    let k = build_matrix("kivi-2", 2, Axis::PerChannel, 0).unwrap();
+    let mut code = vec![0u8; k.encoded_size(2)];
+    assert_eq!(code.len(), 2 * 4 + 1); // 2 groups (channels) of f16 scale+zero, 4 two-bit indices
+    k.encode(&m, &mut code).unwrap();
+    // channel 0: min 0, max 3 → scale 1, indices 0, 3; channel 1: min 10, max 40 → scale 10, indices 0, 3
+    assert_eq!(half::f16::from_le_bytes([code[0], code[1]]).to_f32(), 1.0);
+    assert_eq!(half::f16::from_le_bytes([code[6], code[7]]).to_f32(), 10.0);
+    assert_eq!(code[8], 0b11_11_00_00);
+    let mut y = [0.0f32; 4];
+    k.decode(&code, 2, &mut y).unwrap();
+    assert_eq!(y, m);
+    // values: per token. token 0: 0..10 → scale 10/3; token 1: 3..40
+    let v = build_matrix("kivi-2", 2, Axis::PerToken, 0).unwrap();
+    let mut code = vec![0u8; v.encoded_size(2)];
+    v.encode(&m, &mut code).unwrap();
+    v.decode(&code, 2, &mut y).unwrap();
+    assert_eq!((y[0], y[2]), (0.0, 3.0)); // each token's minimum is exact
+    assert!((y[1] - 10.0).abs() < 0.01 && (y[3] - 40.0).abs() < 0.05, "{y:?}");
+    // bits per value on a long block: B + 32 bits per group of 32
+    let k = build_matrix("kivi-2", 64, Axis::PerChannel, 0).unwrap();
+    assert_eq!(k.bits_per_value(1024), 3.0);
+}
+
+#[test]
+fn matrix_codecs_round_trip_and_more_bits_help() {
+    use tq_core::matrix::{build_matrix, matrix_registry, Axis};
+    let ids: std::collections::HashSet<u16> = registry().iter().map(|e| e.id).chain(matrix_registry().iter().map(|e| e.id)).collect();
+    assert_eq!(ids.len(), registry().len() + matrix_registry().len(), "ids are unique across both shapes");
+    let (t, c) = (400usize, 32usize);
+    let m = data(t, c, 9);
+    let rel = |name: &str, axis| {
+        let mut codec = build_matrix(name, c, axis, 1).unwrap();
+        codec.train(&m).unwrap();
+        let mut code = vec![0u8; codec.encoded_size(t)];
+        codec.encode(&m, &mut code).unwrap();
+        let mut y = vec![0.0f32; m.len()];
+        codec.decode(&code, t, &mut y).unwrap();
+        let e: f64 = m.iter().zip(&y).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+        e / m.iter().map(|a| (*a as f64).powi(2)).sum::<f64>()
+    };
+    for axis in [Axis::PerChannel, Axis::PerToken] {
+        assert!(rel("kivi-4", axis) < rel("kivi-2", axis));
+    }
+    assert!(rel("qet-4", Axis::PerChannel) < rel("qet-2", Axis::PerChannel));
+    assert!(rel("qet-4", Axis::PerChannel) < 0.5);
+    assert!(rel("tq-mse-4", Axis::PerChannel) < 0.02);
+    // untrained QET refuses to encode; bad names are errors
+    let q = build_matrix("qet-4", c, Axis::PerChannel, 0).unwrap();
+    assert!(q.encode(&m, &mut vec![0u8; q.encoded_size(t)]).is_err());
+    assert!(build_matrix("kivi-9", c, Axis::PerChannel, 0).is_err());
+    assert!(build_matrix("qet-x", c, Axis::PerChannel, 0).is_err());
+}

@@ -1,0 +1,147 @@
+//! Matrix codecs: methods that quantize a whole `tokens × channels` block
+//! (row = token) rather than one vector at a time — KIVI groups keys along
+//! tokens, QET reorders and product-quantizes rows with learned codebooks.
+//! Vector codecs also act on matrices, row by row (`RowWise`), so every
+//! codec can be compared on the same matrix.
+
+use crate::codec::{check_vectors, Codec};
+use crate::error::{Result, TqError};
+
+/// Which axis a matrix codec's groups run along (KIVI's key/value recipes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Axis {
+    /// Statistics per channel over groups of tokens (KIVI keys).
+    PerChannel,
+    /// Statistics per token over groups of channels (KIVI values).
+    PerToken,
+}
+
+pub trait MatrixCodec: Send + Sync {
+    fn name(&self) -> &str;
+    /// Columns of the matrices this codec takes.
+    fn channels(&self) -> usize;
+    /// Bytes of the code of a `tokens × channels` matrix.
+    fn encoded_size(&self, tokens: usize) -> usize;
+    /// Storage bits per value for `tokens` rows, every overhead included
+    /// (codebooks and other learned parameters excluded: see `model_bytes`).
+    fn bits_per_value(&self, tokens: usize) -> f64 {
+        (self.encoded_size(tokens) * 8) as f64 / (tokens * self.channels()) as f64
+    }
+    /// Learned parameters stored once per collection (codebooks).
+    fn model_bytes(&self) -> usize {
+        0
+    }
+    /// Fits learned parameters (only codecs that have any).
+    fn train(&mut self, _m: &[f32]) -> Result<()> {
+        Ok(())
+    }
+    fn encode_unchecked(&self, m: &[f32], tokens: usize, out: &mut [u8]);
+    fn decode_unchecked(&self, code: &[u8], tokens: usize, out: &mut [f32]);
+
+    /// Checked encode of a row-major `tokens × channels` matrix.
+    fn encode(&self, m: &[f32], out: &mut [u8]) -> Result<usize> {
+        check_vectors(m, self.channels())?;
+        let t = m.len() / self.channels();
+        if out.len() != self.encoded_size(t) {
+            return Err(TqError::CodeSizeMismatch { expected: self.encoded_size(t), got: out.len() });
+        }
+        self.encode_unchecked(m, t, out);
+        Ok(t)
+    }
+
+    /// Checked decode into `tokens × channels` values.
+    fn decode(&self, code: &[u8], tokens: usize, out: &mut [f32]) -> Result<()> {
+        if code.len() != self.encoded_size(tokens) {
+            return Err(TqError::CodeSizeMismatch { expected: self.encoded_size(tokens), got: code.len() });
+        }
+        if out.len() != tokens * self.channels() {
+            return Err(TqError::DimMismatch { expected: tokens * self.channels(), got: out.len() });
+        }
+        self.decode_unchecked(code, tokens, out);
+        Ok(())
+    }
+}
+
+/// A vector codec applied to every row.
+pub struct RowWise(pub Box<dyn Codec>);
+
+impl MatrixCodec for RowWise {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn channels(&self) -> usize {
+        self.0.dim()
+    }
+    fn encoded_size(&self, tokens: usize) -> usize {
+        tokens * self.0.code_size()
+    }
+    fn model_bytes(&self) -> usize {
+        self.0.params().len()
+    }
+    fn train(&mut self, m: &[f32]) -> Result<()> {
+        if self.0.wants_training() {
+            self.0.train(m)?;
+        }
+        Ok(())
+    }
+    fn encode(&self, m: &[f32], out: &mut [u8]) -> Result<usize> {
+        self.0.encode_batch(m, out)?;
+        Ok(m.len() / self.0.dim())
+    }
+    fn encode_unchecked(&self, m: &[f32], _tokens: usize, out: &mut [u8]) {
+        self.0.encode_batch(m, out).expect("finite input and a trained codec");
+    }
+    fn decode_unchecked(&self, code: &[u8], _tokens: usize, out: &mut [f32]) {
+        self.0.decode_batch(code, out).expect("checked input");
+    }
+}
+
+/// A matrix codec of the registry (the matrix shape beside the vector one).
+#[derive(Clone, Debug)]
+pub struct MatrixEntry {
+    /// Stable id (shared id space with the vector registry).
+    pub id: u16,
+    pub name: String,
+    pub description: &'static str,
+}
+
+/// The matrix codecs: `kivi-1..8`, `qet-2..8`, `qet-2..8-nores`. Every vector
+/// codec of `crate::registry()` also acts on matrices row by row.
+pub fn matrix_registry() -> &'static [MatrixEntry] {
+    static R: std::sync::OnceLock<Vec<MatrixEntry>> = std::sync::OnceLock::new();
+    R.get_or_init(|| {
+        let mut v = Vec::new();
+        for b in 1..=8u16 {
+            v.push(MatrixEntry {
+                id: 56 + b,
+                name: format!("kivi-{b}"),
+                description: "baseline KIVI: min/max per channel over 32 tokens (keys) or per token over 32 channels (values), f16 scale+zero",
+            });
+        }
+        for b in 2..=8u16 {
+            v.push(MatrixEntry { id: 63 + b, name: format!("qet-{b}"), description: "baseline QET: 3-layer pair reordering (1.5 bits) + PQ + residual PQ (70/30)" });
+        }
+        for b in 2..=8u16 {
+            v.push(MatrixEntry { id: 70 + b, name: format!("qet-{b}-nores"), description: "QET without the residual stage" });
+        }
+        v
+    })
+}
+
+/// Builds a matrix codec by name for `channels` columns: a matrix codec of
+/// `matrix_registry()` (KIVI groups along `axis`), or any vector codec row by row.
+pub fn build_matrix(name: &str, channels: usize, axis: Axis, seed: u64) -> Result<Box<dyn MatrixCodec>> {
+    if let Some(rest) = name.strip_prefix("kivi-") {
+        let bits: u32 = rest.parse().map_err(|_| TqError::UnknownCodec { name: name.into(), known: "kivi-1..8".into() })?;
+        return Ok(Box::new(crate::baselines::kivi::Kivi::new(channels, bits, crate::baselines::kivi::DEFAULT_GROUP, axis)?));
+    }
+    if let Some(rest) = name.strip_prefix("qet-") {
+        let (num, residual) = match rest.strip_suffix("-nores") {
+            Some(n) => (n, false),
+            None => (rest, true),
+        };
+        let bits: u32 = num.parse().map_err(|_| TqError::UnknownCodec { name: name.into(), known: "qet-2..8, qet-2..8-nores".into() })?;
+        return Ok(Box::new(crate::baselines::qet::Qet::new(channels, bits, residual, seed)?));
+    }
+    Ok(Box::new(RowWise(crate::registry::build(name, channels, seed, crate::rotation::RotationKind::Hadamard)?)))
+}
