@@ -351,8 +351,12 @@ fn codecs(dim: usize, json: bool) -> Result<()> {
             })
         })
         .collect();
+    let matrix: Vec<_> = tq_core::matrix::matrix_registry()
+        .iter()
+        .map(|e| json!({"id": e.id, "name": e.name, "shape": "matrix (tokens × channels)", "description": e.description}))
+        .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&json!({"dim": dim, "codecs": rows}))?);
+        println!("{}", serde_json::to_string_pretty(&json!({"dim": dim, "codecs": rows, "matrix_codecs": matrix}))?);
     } else {
         println!("{:<4} {:<16} {:>10} {:>10}  {:<40} description", "id", "name", "bits/val", "bytes", "code size (bytes)");
         println!("{:<4} {:<16} {:>10} {:>10}", "", "", format!("@d={dim}"), format!("@d={dim}"));
@@ -366,6 +370,10 @@ fn codecs(dim: usize, json: bool) -> Result<()> {
                 e.code_size_formula(),
                 e.description()
             );
+        }
+        println!("\nmatrix codecs (tokens × channels; `tq eval matrix`; vector codecs also apply row by row):");
+        for e in tq_core::matrix::matrix_registry() {
+            println!("{:<4} {:<16} {}", e.id, e.name, e.description);
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use crate::bitpack::packed_len;
 use crate::baselines::fp::{Fp4, Fp4Kind};
 use crate::baselines::ggml::{Ggml, GgmlType, QK};
+use crate::baselines::polar::Polar;
 use crate::baselines::pq::{pq_m, Pq};
 use crate::baselines::rabitq::RaBitQ;
 use crate::codec::{Codec, TurboQuantFractional, TurboQuantMse, TurboQuantProd};
@@ -29,6 +30,8 @@ pub enum CodecKind {
     Ggml { t: GgmlType, rot: bool },
     /// FP4 (E2M1) with MX or NV block scales.
     Fp4 { kind: Fp4Kind },
+    /// PolarQuant: recursive polar transform of blocks of 16, `bits` at level 1.
+    Polar { bits: u32 },
 }
 
 impl CodecKind {
@@ -60,6 +63,10 @@ impl CodecEntry {
             CodecKind::Ggml { t, .. } => dim.div_ceil(QK) * t.block_bytes(),
             CodecKind::Fp4 { kind: Fp4Kind::Mx } => dim.div_ceil(32) * 17,
             CodecKind::Fp4 { kind: Fp4Kind::Nv } => dim.div_ceil(16) * 9 + 4,
+            CodecKind::Polar { bits } => {
+                let (b, h, n) = (bits as usize, bits.div_ceil(2) as usize, dim.div_ceil(16));
+                (n * 8 * b).div_ceil(8) + (n * 4 * h).div_ceil(8) + (n * 2 * h).div_ceil(8) + (n * h).div_ceil(8) + 2 * n
+            }
         }
     }
 
@@ -76,6 +83,7 @@ impl CodecEntry {
             CodecKind::RaBitQ { bits } | CodecKind::Pq { bits } => bits as f64,
             CodecKind::Ggml { t: GgmlType::Q8_0, .. } => 8.0,
             CodecKind::Ggml { t: GgmlType::Q4_0, .. } | CodecKind::Fp4 { .. } => 4.0,
+            CodecKind::Polar { bits } => (8 * bits + 7 * bits.div_ceil(2)) as f64 / 16.0,
         }
     }
 
@@ -92,6 +100,10 @@ impl CodecEntry {
             CodecKind::Ggml { t: GgmlType::Q4_0, .. } => "18·ceil(dim/32)".to_string(),
             CodecKind::Fp4 { kind: Fp4Kind::Mx } => "17·ceil(dim/32)".to_string(),
             CodecKind::Fp4 { kind: Fp4Kind::Nv } => "9·ceil(dim/16) + 4".to_string(),
+            CodecKind::Polar { bits } => {
+                let h = bits.div_ceil(2);
+                format!("per 16 values: ceil-packed {bits}·8 + {h}·7 angle bits + 2 bytes f16 radius")
+            }
         }
     }
 
@@ -114,6 +126,7 @@ impl CodecEntry {
             CodecKind::Ggml { rot: true, .. } => "baseline llama.cpp block format after a Hadamard rotation",
             CodecKind::Fp4 { kind: Fp4Kind::Mx } => "baseline MXFP4: E2M1, blocks of 32, E8M0 scale",
             CodecKind::Fp4 { kind: Fp4Kind::Nv } => "baseline NVFP4: E2M1, blocks of 16, E4M3 scale, f32 vector scale",
+            CodecKind::Polar { .. } => "baseline PolarQuant: rotation, 4-level polar transform of 16-blocks, angle codebooks, f16 radius",
         }
     }
 
@@ -159,6 +172,10 @@ impl CodecEntry {
             CodecKind::Fp4 { kind } => {
                 check_empty()?;
                 Box::new(Fp4::new(dim, kind, seed)?)
+            }
+            CodecKind::Polar { bits } => {
+                check_empty()?;
+                Box::new(Polar::new(dim, bits, seed, rotation)?)
             }
         })
     }
@@ -212,6 +229,10 @@ pub fn registry() -> &'static [CodecEntry] {
         }
         v.push(CodecEntry { id: 55, name: "mxfp4".into(), kind: CodecKind::Fp4 { kind: Fp4Kind::Mx } });
         v.push(CodecEntry { id: 56, name: "nvfp4".into(), kind: CodecKind::Fp4 { kind: Fp4Kind::Nv } });
+        // (57..=78: the matrix codecs of `crate::matrix::matrix_registry`)
+        for bits in 2..=8u32 {
+            v.push(CodecEntry { id: 77 + bits as u16, name: format!("polar-{bits}"), kind: CodecKind::Polar { bits } });
+        }
         v
     })
 }
@@ -222,7 +243,7 @@ pub fn lookup(name: &str) -> Result<&'static CodecEntry> {
         return Ok(e);
     }
     // A well-formed TurboQuant name with an unsupported bit width gets the more precise error.
-    for prefix in ["tq-mse-", "tq-prod-", "rabitq-", "pq-"] {
+    for prefix in ["tq-mse-", "tq-prod-", "rabitq-", "pq-", "polar-"] {
         if let Some(rest) = name.strip_prefix(prefix) {
             let num = rest.strip_suffix("-nc").or_else(|| rest.strip_suffix("-orth")).unwrap_or(rest);
             if let Ok(b) = num.parse::<u32>() {

@@ -5,6 +5,7 @@
 pub mod fp;
 pub mod ggml;
 pub mod kivi;
+pub mod polar;
 pub mod pq;
 pub mod qet;
 pub mod rabitq;

@@ -157,11 +157,15 @@ fn more_bits_never_worse_within_a_family() {
             assert!(v[b] <= v[b - 1] * 1.001, "{family}: {v:?}");
         }
     }
+    let polar: Vec<f64> = (2..=8).map(|b| rel(&format!("polar-{b}"))).collect();
+    for b in 1..polar.len() {
+        assert!(polar[b] <= polar[b - 1] * 1.001, "polar: {polar:?}");
+    }
     assert!(rel("q8_0") < rel("q4_0"));
     assert!(rel("q8_0-rot") < rel("q4_0-rot"));
     // every baseline is a registry entry with a true size
     let n = registry().iter().filter(|e| !e.kind.is_turboquant()).count();
-    assert_eq!(n, 8 + 8 + 4 + 2);
+    assert_eq!(n, 8 + 8 + 4 + 2 + 7);
     assert!(registry().iter().any(|e| matches!(e.kind, CodecKind::Pq { bits: 4 })));
 }
 
