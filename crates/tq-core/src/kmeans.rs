@@ -18,8 +18,22 @@ pub fn row_norms(m: &[f32], dim: usize) -> Vec<f32> {
 /// Index of the nearest centroid in L2 (ties to the lower index), computed as
 /// the smallest `‖c‖² − 2⟨x, c⟩` (`norms[c] = ‖c‖²`).
 pub fn nearest(cent: &[f32], norms: &[f32], dim: usize, x: &[f32]) -> usize {
-    let dot = kernels().dot;
     let mut best = (f32::INFINITY, 0);
+    if dim <= 16 {
+        // short sub-vectors (PQ): an inlined loop beats a kernel call per centroid
+        for (c, row) in cent.chunks_exact(dim).enumerate() {
+            let mut s = 0.0f32;
+            for (a, b) in x.iter().zip(row) {
+                s += a * b;
+            }
+            let d = norms[c] - 2.0 * s;
+            if d < best.0 {
+                best = (d, c);
+            }
+        }
+        return best.1;
+    }
+    let dot = kernels().dot;
     for (c, row) in cent.chunks_exact(dim).enumerate() {
         let d = norms[c] - 2.0 * dot(x, row);
         if d < best.0 {
