@@ -19,6 +19,18 @@ IdArray = Union[npt.NDArray[np.uint64], npt.NDArray[np.int64], Sequence[int]]
 def codecs(dim: int = 128) -> list[dict]:
     """The codec registry at `dim`: dicts with name, id, bits_per_value, code_size, description."""
 
+def kv_precisions() -> str:
+    """The KV-cache precision strings: f32, f16, q8_0, q4_0, -rot, kivi-B, mxfp4, nvfp4, tq-mse-B[-nc], tq-prod-B, tq-mse-2.5/3.5, kBvC."""
+
+def kv_bytes(precision: str, kv_heads: int, head_dim: int) -> dict:
+    """{"bytes_per_token_per_layer": float, "bits_per_value": float} of a KV precision."""
+
+def vram(model: str, context: int, kv: str, weights: str = "bf16") -> dict:
+    """Memory plan (GB = 1e9 bytes): model, kv, context, kv_bits_per_value, weights_gb, kv_gb, total_gb, cards_24gb.
+
+    Models: llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m.
+    """
+
 class Codec:
     """A registered codec, e.g. Codec("tq-mse-4", 128). Same name, dim and seed give the same bytes as `tq encode`."""
 

@@ -93,6 +93,21 @@ enum Cmd {
         #[command(subcommand)]
         what: EvalCmd,
     },
+    /// KV-cache and total memory for a model at a context length, per precision.
+    Vram {
+        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m.
+        #[arg(long)]
+        model: String,
+        #[arg(long, default_value = "bf16")]
+        weights: String,
+        #[arg(long, default_value_t = 100_000)]
+        context: usize,
+        /// Comma-separated KV precisions (see `tq_core::kv::PRECISIONS`).
+        #[arg(long, default_value = "f16,q8_0-rot,q4_0-rot,kivi-2,tq-mse-4,k4v3,tq-mse-3.5,tq-mse-3,tq-mse-2.5")]
+        kv: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// The main job: measure everything that exists and write a report directory.
     Report {
         #[arg(long, default_value = "report")]
@@ -302,6 +317,7 @@ fn run(cli: Cli) -> Result<()> {
             bench::encode(&codec, dim, n, rotation, json)
         }
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
+        Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             if name == "austen" {
                 let t = data::austen_text(false)?;
@@ -338,6 +354,36 @@ fn run(cli: Cli) -> Result<()> {
             index::bench_search(&index::BenchArgs { data: &data, codec: &codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json })
         }
     }
+}
+
+fn vram(model: &str, weights: &str, context: usize, kv: &str, json: bool) -> Result<()> {
+    let m = tq_core::kv::model(model)?;
+    if context > m.max_context {
+        bail!("context {context} exceeds {}'s limit of {} tokens", m.name, m.max_context);
+    }
+    let mut plans = Vec::new();
+    for spec in kv.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        plans.push(tq_core::kv::vram(model, weights, context, spec)?);
+    }
+    if json {
+        for p in &plans {
+            println!(
+                "{}",
+                json!({"model": p.model, "weights": weights, "context": p.context, "kv": p.kv, "kv_bits_per_value": p.kv_bits_per_value,
+                    "weights_gb": p.weights_gb, "kv_gb": p.kv_gb, "total_gb": p.total_gb, "cards_24gb": p.cards_24gb})
+            );
+        }
+    } else {
+        println!("{} ({} weights), {} tokens of context; GB = 10^9 bytes; cards of 24 GB", m.name, weights, context);
+        println!("{:<12} {:>9} {:>10} {:>9} {:>9} {:>6}", "kv", "bits/val", "weights", "KV", "total", "cards");
+        for p in &plans {
+            println!(
+                "{:<12} {:>9.3} {:>8.1}GB {:>7.1}GB {:>7.1}GB {:>6}",
+                p.kv, p.kv_bits_per_value, p.weights_gb, p.kv_gb, p.total_gb, p.cards_24gb
+            );
+        }
+    }
+    Ok(())
 }
 
 fn codecs(dim: usize, json: bool) -> Result<()> {

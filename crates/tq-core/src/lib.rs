@@ -14,6 +14,7 @@ pub mod codec;
 pub mod eval;
 pub mod fastscan;
 pub mod kmeans;
+pub mod kv;
 pub mod matrix;
 pub mod registry;
 

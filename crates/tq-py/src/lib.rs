@@ -399,9 +399,47 @@ impl PyIndex {
     }
 }
 
+/// The KV-cache precision strings (`f32`, `tq-mse-4`, `k4v3`, ...).
+#[pyfunction]
+fn kv_precisions() -> &'static str {
+    tq_core::kv::PRECISIONS
+}
+
+/// Bytes per token per layer and bits per value of a KV precision for
+/// `kv_heads` heads of `head_dim`: `{"bytes_per_token_per_layer": .., "bits_per_value": ..}`.
+#[pyfunction]
+fn kv_bytes<'py>(py: Python<'py>, precision: &str, kv_heads: usize, head_dim: usize) -> PyResult<Bound<'py, PyDict>> {
+    let s = tq_core::kv::KvSpec::parse(precision).map_err(value_err)?;
+    let d = PyDict::new(py);
+    d.set_item("bytes_per_token_per_layer", s.bytes_per_token_per_layer(kv_heads, head_dim).map_err(value_err)?)?;
+    d.set_item("bits_per_value", s.bits_per_value(head_dim).map_err(value_err)?)?;
+    Ok(d)
+}
+
+/// Memory plan of `model` (see `tq vram`): weights, KV cache and total in GB
+/// (10^9 bytes), and the number of 24 GB cards.
+#[pyfunction]
+#[pyo3(signature = (model, context, kv, weights = "bf16"))]
+fn vram<'py>(py: Python<'py>, model: &str, context: usize, kv: &str, weights: &str) -> PyResult<Bound<'py, PyDict>> {
+    let p = tq_core::kv::vram(model, weights, context, kv).map_err(value_err)?;
+    let d = PyDict::new(py);
+    d.set_item("model", p.model)?;
+    d.set_item("kv", p.kv)?;
+    d.set_item("context", p.context)?;
+    d.set_item("kv_bits_per_value", p.kv_bits_per_value)?;
+    d.set_item("weights_gb", p.weights_gb)?;
+    d.set_item("kv_gb", p.kv_gb)?;
+    d.set_item("total_gb", p.total_gb)?;
+    d.set_item("cards_24gb", p.cards_24gb)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn turboquant(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(codecs, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_precisions, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(vram, m)?)?;
     m.add_class::<PyCodec>()?;
     m.add_class::<PyIndex>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -166,3 +166,21 @@ def test_calls_release_the_gil():
     done.set()
     t.join()
     assert during > 1000, f"the counter thread did not run during encode ({during} ticks)"
+
+
+def test_kv_precisions_and_vram_planner():
+    assert "k4v3" in tq.kv_precisions() or "kBvC" in tq.kv_precisions()
+    f16 = tq.kv_bytes("f16", 3, 64)
+    assert f16["bytes_per_token_per_layer"] * 30 == 23040  # SmolLM2: 22.5 KiB per token
+    assert tq.kv_bytes("tq-mse-4", 8, 128)["bits_per_value"] == 4.25
+    p = tq.vram("llama-3.1-8b", 100_000, "tq-mse-3.5")
+    assert p["kv_gb"] < tq.vram("llama-3.1-8b", 100_000, "f16")["kv_gb"] / 3.5
+    assert p["cards_24gb"] >= 1
+    with pytest.raises(ValueError, match="unknown KV precision"):
+        tq.kv_bytes("int3", 8, 128)
+    with pytest.raises(ValueError, match="unknown model"):
+        tq.vram("gpt-5", 1000, "f16")
+    # the same numbers as the CLI
+    r = subprocess.run([TQ, "vram", "--model", "llama-3.1-8b", "--context", "100000", "--kv", "tq-mse-3.5", "--json"], check=True, capture_output=True, text=True)
+    cli = json.loads(r.stdout)
+    assert abs(cli["kv_gb"] - p["kv_gb"]) < 1e-9 and cli["cards_24gb"] == p["cards_24gb"]

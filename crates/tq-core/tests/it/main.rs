@@ -5,4 +5,5 @@ mod baselines;
 mod codecs;
 mod fastscan;
 mod kernels;
+mod kv;
 mod theory;

@@ -1,0 +1,47 @@
+use tq_core::kv::{vram, KvSpec, Store};
+use tq_core::TqError;
+
+#[test]
+fn kv_bytes_per_token_are_exact() {
+    // SmolLM2: 30 layers, 3 KV heads of 64; f16 = 22.5 KiB per token (REFERENCE §3)
+    let f16 = KvSpec::parse("f16").unwrap();
+    assert_eq!(f16.bytes_per_token_per_layer(3, 64).unwrap() * 30.0, 23_040.0);
+    let t4 = KvSpec::parse("tq-mse-4").unwrap();
+    assert_eq!(t4.bytes_per_token_per_layer(3, 64).unwrap(), 3.0 * 2.0 * 36.0); // 32 B of indices + f32 norm
+    assert_eq!(t4.bits_per_value(64).unwrap(), 4.5);
+    assert_eq!(t4.bits_per_value(128).unwrap(), 4.25);
+    let k4v3 = KvSpec::parse("k4v3").unwrap();
+    assert_eq!((k4v3.keys.clone(), k4v3.values.clone()), (Store::Codec("tq-mse-4".into()), Store::Codec("tq-mse-3".into())));
+    assert_eq!(k4v3.bits_per_value(128).unwrap(), (68.0 + 52.0) * 8.0 / 256.0);
+    assert_eq!(KvSpec::parse("q4_0-rot").unwrap().bits_per_value(128).unwrap(), 4.5);
+    assert_eq!(KvSpec::parse("q8_0").unwrap().bits_per_value(128).unwrap(), 8.5);
+    assert_eq!(KvSpec::parse("kivi-2").unwrap().bits_per_value(128).unwrap(), 3.0);
+    // 3.5 bits: 64 channels at 4 bits (32 B) + 64 at 3 bits (24 B) + two f32 norms = 64 B per 128 values
+    assert_eq!(KvSpec::parse("tq-mse-3.5").unwrap().bits_per_value(128).unwrap(), 4.0);
+    for s in ["nvfp4", "mxfp4", "tq-prod-3", "tq-mse-2-nc", "tq-mse-2.5"] {
+        assert!(KvSpec::parse(s).unwrap().bits_per_value(128).unwrap() > 2.0, "{s}");
+    }
+}
+
+#[test]
+fn bad_precisions_name_the_valid_ones() {
+    let e = KvSpec::parse("int3").unwrap_err().to_string();
+    assert!(e.contains("kBvC") && e.contains("q4_0-rot"), "{e}");
+    assert_eq!(KvSpec::parse("tq-mse-9").unwrap_err(), TqError::UnsupportedBits(9));
+    assert_eq!(KvSpec::parse("k9v3").unwrap_err(), TqError::UnsupportedBits(9));
+    assert!(KvSpec::parse("pq-4").is_err(), "trained codecs are not cache precisions");
+}
+
+#[test]
+fn vram_plans_add_weights_and_cache() {
+    let p = vram("llama-3.1-8b", "bf16", 100_000, "f16").unwrap();
+    // 32 layers × 8 heads × 128 × 2 (K, V) × 2 bytes = 131,072 B per token
+    assert!((p.kv_gb - 131_072.0 * 100_000.0 / 1e9).abs() < 1e-9);
+    assert!((p.weights_gb - 16.06).abs() < 1e-9);
+    assert_eq!(p.cards_24gb, ((16.06 + 13.1072) / 24.0f64).ceil() as usize);
+    let q = vram("llama-3.1-8b", "bf16", 100_000, "tq-mse-3.5").unwrap();
+    assert!(q.kv_gb < p.kv_gb / 3.5);
+    assert!(vram("gpt-5", "bf16", 1000, "f16").is_err());
+    assert!(vram("llama-3.1-8b", "fp3", 1000, "f16").is_err());
+    assert!(vram("llama-3.1-8b", "bf16", 0, "f16").is_err());
+}
