@@ -6,6 +6,7 @@ mod data;
 mod eval;
 mod files;
 mod index;
+mod kv;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -93,6 +94,11 @@ enum Cmd {
         #[command(subcommand)]
         what: EvalCmd,
     },
+    /// The LLM runtime (SmolLM2 on candle) and its KV cache.
+    Kv {
+        #[command(subcommand)]
+        what: KvCmd,
+    },
     /// KV-cache and total memory for a model at a context length, per precision.
     Vram {
         /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m.
@@ -118,6 +124,26 @@ enum Cmd {
         /// Small, fast run (for smoke tests).
         #[arg(long)]
         quick: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    /// Perplexity with llama.cpp's convention (second half of each chunk scored).
+    Eval {
+        /// `austen` or a text file.
+        #[arg(long, default_value = "austen")]
+        text: String,
+        #[arg(long, default_value_t = 200_000)]
+        chars: usize,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long, default_value_t = 8)]
+        chunks: usize,
+        #[arg(long, default_value = "f32")]
+        kv: String,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -318,6 +344,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
+        Cmd::Kv { what: KvCmd::Eval { text, chars, ctx, chunks, kv, json } } => {
+            kv::eval(&kv::EvalArgs { text: &text, chars, ctx, chunks, kv: &kv, json })
+        }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             if name == "austen" {
                 let t = data::austen_text(false)?;

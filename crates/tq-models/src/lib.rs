@@ -1,3 +1,5 @@
 //! Real models on candle.
 pub mod gguf;
+pub mod llama;
+pub mod tokenizer;
 pub mod minilm;
