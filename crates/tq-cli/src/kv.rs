@@ -26,9 +26,7 @@ fn load_text(name: &str, quiet: bool) -> Result<String> {
 }
 
 pub fn eval(a: &EvalArgs<'_>) -> Result<()> {
-    if a.kv != "f32" {
-        bail!("KV precision '{}' is not available yet in the runtime (only f32; the compressed cache is the next step)", a.kv);
-    }
+    let spec = tq_core::kv::KvSpec::parse(a.kv)?;
     let text = load_text(a.text, a.json)?;
     let text: String = text.chars().take(a.chars).collect();
     if text.trim().is_empty() {
@@ -46,30 +44,57 @@ pub fn eval(a: &EvalArgs<'_>) -> Result<()> {
         bail!("{} tokens of text are fewer than one chunk of {}", ids.len(), a.ctx);
     }
     let vocab = model.config.vocab;
-    let (mut nll, mut count) = (0.0f64, 0usize);
+    let shape = model.config.kv_shape();
+    let reference = spec.name != "f32";
+    let (mut nll, mut nll_ref, mut kld, mut agree, mut count) = (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
+    let mut kv_bytes = 0usize;
     let t = Instant::now();
+    let log_probs = |row: &[f32]| -> Vec<f64> {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
+        row.iter().map(|&v| v as f64 - lse).collect()
+    };
     for c in 0..chunks {
         let toks = &ids[c * a.ctx..(c + 1) * a.ctx];
-        let mut cache = F32Cache::new(&model.config);
-        let logits = model.forward(toks, &mut cache as &mut dyn KvCache, false)?;
+        let mut cache = tq_kv::cache_for(shape, a.kv, 0)?;
+        let logits = model.forward(toks, cache.as_mut(), false)?;
+        kv_bytes = cache.bytes();
+        let ref_logits = if reference {
+            let mut f = F32Cache::new(shape);
+            Some(model.forward(toks, &mut f as &mut dyn KvCache, false)?)
+        } else {
+            None
+        };
         for j in a.ctx / 2..a.ctx - 1 {
-            let row = &logits[j * vocab..(j + 1) * vocab];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
-            nll += lse - row[toks[j + 1] as usize] as f64;
+            let lp = log_probs(&logits[j * vocab..(j + 1) * vocab]);
+            nll -= lp[toks[j + 1] as usize];
+            if let Some(r) = &ref_logits {
+                let lr = log_probs(&r[j * vocab..(j + 1) * vocab]);
+                nll_ref -= lr[toks[j + 1] as usize];
+                kld += lr.iter().zip(&lp).map(|(&p, &q)| p.exp() * (p - q)).sum::<f64>();
+                let am = |v: &[f64]| v.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
+                agree += (am(&lr) == am(&lp)) as usize;
+            }
             count += 1;
         }
         if !a.json {
             eprintln!("chunk {}/{chunks}: ppl so far {:.4}", c + 1, (nll / count as f64).exp());
         }
     }
-    let ppl = (nll / count as f64).exp();
+    let n = count as f64;
+    let ppl = (nll / n).exp();
+    let bits = spec.bits_per_value(shape.head_dim)?;
+    let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
     let out = json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": a.kv,
-        "ppl": ppl, "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()});
+        "ppl": ppl, "ppl_f32": if reference { json!((nll_ref / n).exp()) } else { json!(ppl) },
+        "kld": if reference { json!(kld / n) } else { json!(0.0) },
+        "top1_agree": if reference { json!(agree as f64 / n) } else { json!(1.0) },
+        "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": kv_bytes as f64 / a.ctx as f64,
+        "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()});
     if a.json {
         println!("{}", serde_json::to_string(&out)?);
     } else {
-        println!("{} ({} chars, {} tokens), ctx {}, {} chunks, kv {}: ppl {:.4}", a.text, a.chars, ids.len(), a.ctx, chunks, a.kv, ppl);
+        println!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(())
 }

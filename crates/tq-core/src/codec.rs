@@ -171,6 +171,20 @@ pub trait Codec: Send + Sync {
         1.0
     }
 
+    /// Adds `w · decode(code)` into `acc` (`dim` floats) in a domain of the
+    /// codec's choosing; `finish_accumulated` maps the sum back. Attention
+    /// accumulates values this way, so a rotating codec rotates back once per
+    /// head instead of once per value. Default: decode and add.
+    fn accumulate(&self, code: &[u8], w: f32, acc: &mut [f32]) {
+        let mut x = vec![0.0f32; self.dim()];
+        self.decode_unchecked(code, &mut x);
+        for (a, v) in acc.iter_mut().zip(&x) {
+            *a += w * v;
+        }
+    }
+    /// Completes an `accumulate` sum (default: nothing to do).
+    fn finish_accumulated(&self, _acc: &mut [f32]) {}
+
     /// Inner-product scores of one prepared query against `n` consecutive codes.
     fn score_ip_many(&self, q: &PreparedQuery, codes: &[u8], out: &mut [f32]) {
         for (o, c) in out.iter_mut().zip(codes.chunks_exact(self.code_size())) {
@@ -446,6 +460,20 @@ impl Codec for TurboQuantMse {
     /// ‖q − x̂‖², the distance to the decoded vector (asymmetric distance).
     fn score_l2(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
         self.l2_rotated(&q.parts[0], q.norm_sq, code)
+    }
+
+    /// Rotated domain: `acc += w·scale·c[idx]`, rotated back by `finish_accumulated`.
+    fn accumulate(&self, code: &[u8], w: f32, acc: &mut [f32]) {
+        let ws = w * read_f32(code, self.packed);
+        let c = &self.codebook.centroids;
+        let b = self.bits;
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += ws * c[crate::kernels::scalar::get_field(&code[..self.packed], b, j)];
+        }
+    }
+
+    fn finish_accumulated(&self, acc: &mut [f32]) {
+        with_scratch(self.dim, |_, tmp, _| self.rotation.unrotate_in_place(acc, tmp));
     }
 
     /// 1, 2 and 4 bits: nibble `i` of the packed indices holds `4/B` whole
