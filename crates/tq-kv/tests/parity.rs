@@ -1,0 +1,98 @@
+//! Attention on the codes equals dequantize-then-attend (attention is linear in
+//! the values and the scores are the codec's inner-product estimates), for
+//! every cache precision that encodes online.
+
+use tq_core::rng::Xoshiro256;
+use tq_core::{build, Codec, RotationKind};
+use tq_kv::{cache_for, softmax_weights, Shape};
+
+fn randv(r: &mut Xoshiro256, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.gaussian() as f32).collect()
+}
+
+/// Reference: decode every key and value, then exact softmax attention in f64.
+fn reference(kc: &dyn Codec, vc: &dyn Codec, ks: &[Vec<f32>], vs: &[Vec<f32>], q: &[f32]) -> Vec<f64> {
+    let d = q.len();
+    let dec = |c: &dyn Codec, x: &[f32]| {
+        let mut code = vec![0u8; c.code_size()];
+        c.encode(x, &mut code).unwrap();
+        let mut y = vec![0.0f32; d];
+        c.decode(&code, &mut y).unwrap();
+        y
+    };
+    let kd: Vec<Vec<f32>> = ks.iter().map(|k| dec(kc, k)).collect();
+    let vd: Vec<Vec<f32>> = vs.iter().map(|v| dec(vc, v)).collect();
+    let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    let mut out = vec![0.0f64; d];
+    for (w, v) in e.iter().zip(&vd) {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += w / z * *x as f64;
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_on_codes_matches_dequantize_then_attend() {
+    let mut r = Xoshiro256::new(1);
+    for d in [64usize, 128] {
+        let shape = Shape { layers: 2, kv_heads: 2, head_dim: d };
+        for (spec, kname, vname) in [
+            ("tq-mse-4", "tq-mse-4", "tq-mse-4"),
+            ("tq-mse-2-nc", "tq-mse-2-nc", "tq-mse-2-nc"),
+            ("k4v3", "tq-mse-4", "tq-mse-3"),
+            ("tq-prod-3", "tq-prod-3", "tq-prod-3"),
+            ("q4_0-rot", "q4_0-rot", "q4_0-rot"),
+            ("q8_0", "q8_0", "q8_0"),
+            ("nvfp4", "nvfp4", "nvfp4"),
+        ] {
+            let mut cache = cache_for(shape, spec, 0).unwrap();
+            // the cache seeds keys with 0 and values with derive_seed(0, 0x56)
+            let kc = build(kname, d, 0, RotationKind::Hadamard).unwrap();
+            let vc = build(vname, d, tq_core::rng::derive_seed(0, 0x56), RotationKind::Hadamard).unwrap();
+            let n = 300;
+            let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
+            let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
+            for (k, v) in ks.iter().zip(&vs) {
+                cache.append(1, 1, k, v);
+            }
+            assert_eq!(cache.len(1, 1), n);
+            let q: Vec<f32> = randv(&mut r, d).iter().map(|x| x * 3.0).collect();
+            for len in [1usize, 17, n] {
+                let mut out = vec![f32::NAN; d];
+                cache.attend(1, 1, &q, len, &mut out);
+                let want = reference(kc.as_ref(), vc.as_ref(), &ks[..len], &vs[..len], &q);
+                let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
+                for (a, b) in out.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{spec} d={d} len={len}: {a} vs {b}");
+                }
+            }
+            assert_eq!(cache.bytes(), n * (kc.code_size() + vc.code_size()));
+        }
+    }
+}
+
+#[test]
+fn f16_and_f32_caches_and_bad_specs() {
+    let shape = Shape { layers: 1, kv_heads: 1, head_dim: 8 };
+    let mut f = cache_for(shape, "f32", 0).unwrap();
+    let mut h = cache_for(shape, "f16", 0).unwrap();
+    let (k, v) = ([1.0f32, 0.5, 0.25, 0.0, -1.0, 2.0, 0.125, 3.0], [0.5f32; 8]);
+    f.append(0, 0, &k, &v);
+    h.append(0, 0, &k, &v);
+    let (mut a, mut b) = ([0.0f32; 8], [0.0f32; 8]);
+    f.attend(0, 0, &k, 1, &mut a);
+    h.attend(0, 0, &k, 1, &mut b);
+    assert_eq!(a, b, "one position: softmax weight 1, f16-exact values");
+    assert_eq!(f.bytes(), 64);
+    assert_eq!(h.bytes(), 32);
+    let mut s = [3.0f32, 1.0, 0.0];
+    softmax_weights(&mut s);
+    assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6 && s[0] > s[1]);
+    assert!(cache_for(shape, "int3", 0).is_err());
+    assert!(cache_for(shape, "kivi-2", 0).is_err(), "KIVI is not an online cache yet");
+    assert!(cache_for(shape, "pq-4", 0).is_err());
+}
