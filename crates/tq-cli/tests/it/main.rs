@@ -312,3 +312,34 @@ fn data_fetch_failure_is_clear() {
     assert!(!d.join("glove50.npy").exists());
     assert_fails(&tq(&["data", "fetch", "nope"]), "unknown dataset");
 }
+
+/// KV evaluation and memory planning refuse bad input with one clear line.
+#[test]
+fn kv_and_vram_bad_input_is_clear() {
+    let d = tmpdir("kv");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tq"))
+            .env("TQ_DATA_DIR", &d)
+            .env("TQ_PYTHON", "/nonexistent/python3")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_fails(&run(&["kv", "eval", "--kv", "int3"]), "valid: f32, f16");
+    assert_fails(&run(&["kv", "eval", "--kv", "tq-mse-9"]), "unsupported bit width 9");
+    // no model and no way to fetch it: the error names what was tried
+    let o = run(&["kv", "eval", "--kv", "tq-mse-4", "--text", d.join("missing.txt").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read text file"));
+    std::fs::write(d.join("empty.txt"), "  \n").unwrap();
+    assert_fails(&run(&["kv", "eval", "--text", d.join("empty.txt").to_str().unwrap()]), "empty");
+    assert_fails(&run(&["vram", "--model", "gpt-5"]), "unknown model");
+    assert_fails(&run(&["vram", "--model", "smollm2-135m", "--context", "100000"]), "exceeds");
+    assert_fails(&run(&["vram", "--model", "llama-3.1-8b", "--kv", "f16,int3"]), "unknown kv precision");
+    let o = run(&["vram", "--model", "llama-3.1-8b", "--context", "100000", "--kv", "f16,tq-mse-4", "--json"]);
+    assert!(o.status.success());
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2);
+    assert!((rows[0]["kv_gb"].as_f64().unwrap() - 13.1072).abs() < 1e-9);
+    assert_eq!(rows[1]["kv_bits_per_value"], 4.25);
+}
