@@ -85,6 +85,8 @@ pub struct Polar {
     books: Vec<Arc<(Vec<f32>, Vec<f32>)>>,
     /// Byte offset of each level's packed indices, and of the radii.
     offsets: [usize; LEVELS + 1],
+    /// Per level, (cos, sin) of every codebook angle (decoding without trig calls).
+    trig: Vec<Vec<(f32, f32)>>,
 }
 
 impl Polar {
@@ -100,8 +102,18 @@ impl Polar {
             let count = blocks * (BLOCK >> (l + 1));
             offsets[l + 1] = offsets[l] + packed_len(count, bits[l]);
         }
-        let books = (1..LEVELS).map(|l| angle_codebook(1 << l, bits[l])).collect();
-        Ok(Self { name: format!("polar-{b}"), dim, seed, rotation: Rotation::new(rotation, dim, seed)?, bits, blocks, books, offsets })
+        let books: Vec<Arc<(Vec<f32>, Vec<f32>)>> = (1..LEVELS).map(|l| angle_codebook(1 << l, bits[l])).collect();
+        let n1 = 1u32 << bits[0];
+        let mut trig = vec![(0..n1)
+            .map(|q| {
+                let a = -std::f32::consts::PI + (q as f32 + 0.5) * (2.0 * std::f32::consts::PI / n1 as f32);
+                (a.cos(), a.sin())
+            })
+            .collect::<Vec<_>>()];
+        for book in &books {
+            trig.push(book.0.iter().map(|a| (a.cos(), a.sin())).collect());
+        }
+        Ok(Self { name: format!("polar-{b}"), dim, seed, rotation: Rotation::new(rotation, dim, seed)?, bits, blocks, books, offsets, trig })
     }
 
     /// Rotated, zero-padded coordinates of a decoded code.
@@ -120,14 +132,9 @@ impl Polar {
             let mut next = vec![0.0f32; 2 * count];
             for (i, &q) in idx.iter().enumerate() {
                 let r = radii[i];
-                let a = if l == 0 {
-                    let n = (1u32 << self.bits[0]) as f32;
-                    -std::f32::consts::PI + (q as f32 + 0.5) * (2.0 * std::f32::consts::PI / n)
-                } else {
-                    self.books[l - 1].0[q as usize]
-                };
-                next[2 * i] = r * a.cos();
-                next[2 * i + 1] = r * a.sin();
+                let (c, s) = self.trig[l][q as usize];
+                next[2 * i] = r * c;
+                next[2 * i + 1] = r * s;
             }
             radii = next;
         }
