@@ -60,6 +60,17 @@ fn rows<'py>(obj: &Bound<'py, PyAny>, cols: usize, what: &str) -> PyResult<(usiz
     Err(PyTypeError::new_err(expect()))
 }
 
+/// A C-contiguous uint8[n, code_size] array of codes (n, borrowed view).
+fn codes_of<'py>(codes: &Bound<'py, PyAny>, cs: usize) -> PyResult<(usize, numpy::PyReadonlyArray2<'py, u8>)> {
+    let a = codes
+        .cast::<PyArray2<u8>>()
+        .map_err(|_| PyTypeError::new_err(format!("codes must be a uint8 numpy array of shape (n, {cs})")))?;
+    if a.shape()[1] != cs || !a.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!("codes must be C-contiguous uint8 of shape (n, {cs}); got {:?}", a.shape())));
+    }
+    Ok((a.shape()[0], a.readonly()))
+}
+
 fn ids_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
     if let Ok(a) = obj.cast::<numpy::PyArrayDyn<u64>>() {
         return Ok(a.readonly().as_array().iter().copied().collect());
@@ -163,15 +174,7 @@ impl PyCodec {
 
     /// uint8[n, code_size] → float32[n, dim].
     fn decode<'py>(&self, py: Python<'py>, codes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let cs = self.inner.code_size();
-        let a = codes
-            .cast::<PyArray2<u8>>()
-            .map_err(|_| PyTypeError::new_err(format!("codes must be a uint8 numpy array of shape (n, {cs})")))?;
-        if a.shape()[1] != cs || !a.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("codes must be C-contiguous uint8 of shape (n, {cs}); got {:?}", a.shape())));
-        }
-        let n = a.shape()[0];
-        let r = a.readonly();
+        let (n, r) = codes_of(codes, self.inner.code_size())?;
         let src = r.as_slice().expect("contiguous");
         let out = PyArray2::<f32>::zeros(py, [n, self.inner.dim()], false);
         {
@@ -186,16 +189,8 @@ impl PyCodec {
     /// Inner-product estimates of queries float32[q, dim] against codes
     /// uint8[n, code_size], computed on the codes: float32[q, n].
     fn inner_product<'py>(&self, py: Python<'py>, queries: &Bound<'py, PyAny>, codes: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray2<f32>>> {
-        let cs = self.inner.code_size();
         let (nq, r) = rows(queries, self.inner.dim(), "queries")?;
-        let a = codes
-            .cast::<PyArray2<u8>>()
-            .map_err(|_| PyTypeError::new_err(format!("codes must be a uint8 numpy array of shape (n, {cs})")))?;
-        if a.shape()[1] != cs || !a.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("codes must be C-contiguous uint8 of shape (n, {cs}); got {:?}", a.shape())));
-        }
-        let n = a.shape()[0];
-        let cr = a.readonly();
+        let (n, cr) = codes_of(codes, self.inner.code_size())?;
         let src = cr.as_slice().expect("contiguous");
         let out = PyArray2::<f32>::zeros(py, [nq, n], false);
         {

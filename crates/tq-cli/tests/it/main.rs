@@ -15,7 +15,13 @@ fn tmpdir(name: &str) -> PathBuf {
 }
 
 fn write_npy(path: &Path, rows: usize, cols: usize, data: &[f32]) {
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, {cols}), }}");
+    write_npy_order(path, rows, cols, data, false)
+}
+
+/// `data` is written as given; with `fortran` the header declares column-major order.
+fn write_npy_order(path: &Path, rows: usize, cols: usize, data: &[f32], fortran: bool) {
+    let order = if fortran { "True" } else { "False" };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': {order}, 'shape': ({rows}, {cols}), }}");
     let total = 10 + header.len() + 1;
     header.push_str(&" ".repeat((64 - total % 64) % 64));
     header.push('\n');
@@ -272,19 +278,8 @@ fn fortran_order_npy_is_transposed() {
     let d = tmpdir("fortran");
     let (rows, cols) = (3usize, 2usize);
     let c_order = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0];
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': True, 'shape': ({rows}, {cols}), }}");
-    let total = 10 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - total % 64) % 64));
-    header.push('\n');
-    let mut b = b"\x93NUMPY\x01\x00".to_vec();
-    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    b.extend_from_slice(header.as_bytes());
-    for c in 0..cols {
-        for r in 0..rows {
-            b.extend_from_slice(&c_order[r * cols + c].to_le_bytes());
-        }
-    }
-    std::fs::write(d.join("f.npy"), b).unwrap();
+    let column_major: Vec<f32> = (0..cols).flat_map(|c| (0..rows).map(move |r| c_order[r * cols + c])).collect();
+    write_npy_order(&d.join("f.npy"), rows, cols, &column_major, true);
     let o = tq(&["encode", "--codec", "tq-mse-8", "--input", p(&d.join("f.npy")), "--out", p(&d.join("f.tqc"))]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(tq(&["decode", p(&d.join("f.tqc")), "--out", p(&d.join("g.npy"))]).status.success());
