@@ -166,7 +166,14 @@ pub fn search(index: &Path, queries: &Path, a: &SearchArgs<'_>) -> Result<()> {
     }
     let p = SearchParams { allow: allow.as_ref(), rerank: a.rerank, exact: a.exact, nprobe: a.nprobe, raw_rerank: a.raw_rerank };
     let t = Instant::now();
-    let res = idx.search_batch(&q.data, a.k, &p)?;
+    // batches of 256 queries (parallel inside), with a progress bar on long runs
+    let pb = bar(q.rows, "searching", a.json || q.rows < 2048);
+    let mut res = Vec::with_capacity(q.rows);
+    for chunk in q.data.chunks(256 * q.cols) {
+        res.extend(idx.search_batch(chunk, a.k, &p)?);
+        pb.inc((chunk.len() / q.cols) as u64);
+    }
+    pb.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
     if a.json {
         let rows: Vec<_> = res
