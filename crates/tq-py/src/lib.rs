@@ -241,6 +241,9 @@ impl PyIndex {
     }
 }
 
+/// `(scores, ids)` of a search.
+type SearchResult<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>);
+
 #[pymethods]
 impl PyIndex {
     #[new]
@@ -356,7 +359,7 @@ impl PyIndex {
         exact: bool,
         rerank: usize,
         raw_rerank: bool,
-    ) -> PyResult<(Bound<'py, PyArray2<f32>>, Bound<'py, PyArray2<i64>>)> {
+    ) -> PyResult<SearchResult<'py>> {
         let (nq, r) = rows(queries, self.spec.dim, "queries")?;
         let allow: Option<std::collections::HashSet<u64>> = filter.map(ids_of).transpose()?.map(|v| v.into_iter().collect());
         let pad = if self.spec.metric == Metric::L2 { f32::INFINITY } else { f32::NEG_INFINITY };
