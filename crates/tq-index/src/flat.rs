@@ -130,12 +130,7 @@ impl FlatIndex {
         check_vectors(xs, self.spec.dim)?;
         let mut v = xs.to_vec();
         if self.spec.metric == Metric::Cosine {
-            for row in v.chunks_exact_mut(self.spec.dim) {
-                let n = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-                if n > 0.0 {
-                    row.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
-                }
-            }
+            crate::normalize_rows(&mut v, self.spec.dim);
         }
         Ok(v)
     }
@@ -280,18 +275,22 @@ impl FlatIndex {
 
     /// Prepares a query (checked; normalized for cosine).
     pub fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
+        Ok(self.prepare_query(q)?.0)
+    }
+
+    /// The prepared query and the (checked, for cosine normalized) query vector.
+    pub(crate) fn prepare_query(&self, q: &[f32]) -> Result<(PreparedQuery, Vec<f32>)> {
         if q.len() != self.spec.dim {
             return Err(tq_core::TqError::DimMismatch { expected: self.spec.dim, got: q.len() }.into());
         }
         let v = self.prepare_vectors(q)?;
-        Ok(self.codec.prepare_unchecked(&v))
+        Ok((self.codec.prepare_unchecked(&v), v))
     }
 
     /// The `k` best hits for one query, best first.
     pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
-        let pq = self.prepare(q)?;
+        let (pq, qv) = self.prepare_query(q)?;
         let lut = self.lut(&pq);
-        let qv = self.prepare_vectors(q)?;
         Ok(self.search_prepared(&pq, &qv, lut.as_ref(), k, p))
     }
 

@@ -13,7 +13,7 @@ use tq_core::kmeans::{nearest, row_norms};
 
 use crate::flat::{FlatIndex, Hit, SearchParams};
 use crate::topk::TopK;
-use crate::{IndexError, IndexSpec, Metric, Result};
+use crate::{normalize_rows, IndexError, IndexSpec, Metric, Result};
 
 /// Tagged slots: list number above this bit, slot below (lists hold < 2^32 codes).
 const LIST_SHIFT: u32 = 32;
@@ -34,14 +34,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-fn normalize_rows(v: &mut [f32], dim: usize) {
-    for row in v.chunks_exact_mut(dim) {
-        let n = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
-        if n > 0.0 {
-            row.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
-        }
-    }
-}
 
 impl IvfIndex {
     /// Trains `nlist` centroids on `sample` (row-major; at least `nlist` rows)
@@ -157,11 +149,7 @@ impl IvfIndex {
 
     /// The `k` best hits, probing `p.nprobe` lists.
     pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
-        let pq = self.lists[0].prepare(q)?;
-        let mut qv = q.to_vec();
-        if self.spec.metric == Metric::Cosine {
-            normalize_rows(&mut qv, self.spec.dim);
-        }
+        let (pq, qv) = self.lists[0].prepare_query(q)?;
         let dim = self.spec.dim;
         let mut probe = TopK::new(p.nprobe.clamp(1, self.lists.len()));
         for (c, cen) in self.centroids.chunks_exact(dim).enumerate() {

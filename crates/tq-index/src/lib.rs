@@ -156,3 +156,13 @@ pub enum IndexError {
 }
 
 pub type Result<T> = std::result::Result<T, IndexError>;
+
+/// Scales every row of a row-major matrix to unit L2 norm (zero rows stay zero).
+pub(crate) fn normalize_rows(v: &mut [f32], dim: usize) {
+    for row in v.chunks_exact_mut(dim) {
+        let n = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+        if n > 0.0 {
+            row.iter_mut().for_each(|x| *x = (*x as f64 / n) as f32);
+        }
+    }
+}
