@@ -57,13 +57,6 @@ pub struct EvalRow {
     pub query_ms: f64,
 }
 
-fn exact_score(metric: Metric, q: &[f32], x: &[f32]) -> f32 {
-    match metric {
-        Metric::L2 => -q.iter().zip(x).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(),
-        _ => (tq_core::kernels::kernels().dot)(q, x),
-    }
-}
-
 fn truth_path(a: &EvalArgs<'_>) -> PathBuf {
     crate::data::cache_dir().join(format!(
         "truth-{}-{}-{}-{}-{}.bin",
@@ -75,8 +68,9 @@ fn truth_path(a: &EvalArgs<'_>) -> PathBuf {
     ))
 }
 
-/// Exact top-10 ids per query, from the cache when present.
-pub fn ground_truth(base: &Matrix, queries: &Matrix, metric: Metric, cache: Option<&PathBuf>) -> Result<Vec<Vec<u64>>> {
+/// Exact top-10 ids per query (`crate::index::exact_topk`, all threads), from
+/// the cache file when given and present; a progress bar unless `quiet`.
+pub fn ground_truth(base: &Matrix, queries: &Matrix, metric: Metric, cache: Option<&PathBuf>, quiet: bool) -> Result<Vec<Vec<u64>>> {
     if let Some(p) = cache {
         if let Ok(b) = std::fs::read(p) {
             if b.len() == queries.rows * 80 {
@@ -87,19 +81,17 @@ pub fn ground_truth(base: &Matrix, queries: &Matrix, metric: Metric, cache: Opti
             }
         }
     }
+    let pb = crate::index::bar(queries.rows, "exact ground truth", quiet);
     let truth: Vec<Vec<u64>> = queries
         .data
         .par_chunks(queries.cols)
         .map(|q| {
-            let mut s: Vec<(f32, u64)> =
-                base.data.chunks_exact(base.cols).enumerate().map(|(i, x)| (exact_score(metric, q, x), i as u64)).collect();
-            let k = 10.min(s.len());
-            s.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            s.truncate(k);
-            s.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            s.into_iter().map(|p| p.1).collect()
+            let r = crate::index::exact_topk(base, q, 10, metric);
+            pb.inc(1);
+            r
         })
         .collect();
+    pb.finish_and_clear();
     if let Some(p) = cache {
         if truth.iter().all(|t| t.len() == 10) {
             let bytes: Vec<u8> = truth.iter().flatten().flat_map(|v| v.to_le_bytes()).collect();
@@ -190,7 +182,7 @@ pub fn vectors(a: &EvalArgs<'_>) -> Result<()> {
     }
     let m = crate::data::load(a.data, a.json)?;
     let (base, queries) = split(&m, a.n_queries, Some(a.n_base), a.seed)?;
-    let truth = ground_truth(&base, &queries, a.metric, Some(&truth_path(a))).context("ground truth")?;
+    let truth = ground_truth(&base, &queries, a.metric, Some(&truth_path(a)), a.json).context("ground truth")?;
     if !a.json {
         println!(
             "{} base {} × {}, {} queries, unit vectors, metric {}",

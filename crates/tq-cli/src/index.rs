@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rayon::prelude::*;
 use serde_json::json;
 use tq_core::RotationKind;
 use tq_index::file::{self, AnyIndex, Appender};
@@ -19,7 +18,7 @@ use crate::files::{self, Matrix};
 const TRAIN_ROWS: usize = 100_000;
 const ADD_CHUNK: usize = 16_384;
 
-fn bar(n: usize, msg: &'static str, quiet: bool) -> ProgressBar {
+pub(crate) fn bar(n: usize, msg: &'static str, quiet: bool) -> ProgressBar {
     let pb = ProgressBar::new(n as u64);
     if quiet {
         pb.set_draw_target(ProgressDrawTarget::hidden());
@@ -254,14 +253,20 @@ pub fn split(m: &Matrix, queries: usize, base: Option<usize>, seed: u64) -> Resu
     Ok((take(&order[queries..queries + nb]), take(&order[..queries])))
 }
 
-/// Exact top-k by f32 inner product.
-pub fn exact_topk(base: &Matrix, q: &[f32], k: usize) -> Vec<u64> {
+/// Exact top-`k` ids by f32 brute force: largest inner product, or smallest
+/// squared distance for `Metric::L2`; ties go to the lower id.
+pub fn exact_topk(base: &Matrix, q: &[f32], k: usize, metric: Metric) -> Vec<u64> {
     let dot = tq_core::kernels::kernels().dot;
-    let mut s: Vec<(f32, u64)> = base.data.chunks_exact(base.cols).enumerate().map(|(i, x)| (dot(q, x), i as u64)).collect();
+    let score = |x: &[f32]| match metric {
+        Metric::L2 => -q.iter().zip(x).map(|(a, b)| (a - b) * (a - b)).sum::<f32>(),
+        _ => dot(q, x),
+    };
+    let mut s: Vec<(f32, u64)> = base.data.chunks_exact(base.cols).enumerate().map(|(i, x)| (score(x), i as u64)).collect();
     let k = k.min(s.len());
-    s.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+    let order = |a: &(f32, u64), b: &(f32, u64)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    s.select_nth_unstable_by(k - 1, order);
     s.truncate(k);
-    s.sort_by(|a, b| b.0.total_cmp(&a.0));
+    s.sort_by(order);
     s.into_iter().map(|p| p.1).collect()
 }
 
@@ -321,7 +326,7 @@ pub fn run_search_bench(base: &Matrix, queries: &Matrix, truth: &[Vec<u64>], a: 
     let ne = queries.rows.min(100);
     let t = Instant::now();
     for q in queries.data.chunks_exact(queries.cols).take(ne) {
-        std::hint::black_box(exact_topk(base, q, 10));
+        std::hint::black_box(exact_topk(base, q, 10, Metric::Ip));
     }
     let exact_query_ms = t.elapsed().as_secs_f64() * 1e3 / ne as f64;
     let (r10, r1) = recall(&results);
@@ -337,25 +342,10 @@ pub fn run_search_bench(base: &Matrix, queries: &Matrix, truth: &[Vec<u64>], a: 
     })
 }
 
-pub fn ground_truth(base: &Matrix, queries: &Matrix, quiet: bool) -> Vec<Vec<u64>> {
-    let pb = bar(queries.rows, "exact ground truth", quiet);
-    let t: Vec<Vec<u64>> = queries
-        .data
-        .par_chunks(queries.cols)
-        .map(|q| {
-            let r = exact_topk(base, q, 10);
-            pb.inc(1);
-            r
-        })
-        .collect();
-    pb.finish_and_clear();
-    t
-}
-
 pub fn bench_search(a: &BenchArgs<'_>) -> Result<()> {
     let m = data::load(a.data, a.json)?;
     let (base, queries) = split(&m, a.queries, a.base, a.seed)?;
-    let truth = ground_truth(&base, &queries, a.json);
+    let truth = crate::eval::ground_truth(&base, &queries, Metric::Ip, None, a.json)?;
     let r = run_search_bench(&base, &queries, &truth, a, a.json)?;
     let out = json!({
         "data": a.data, "codec": a.codec, "n": base.rows, "queries": queries.rows, "dim": base.cols, "metric": "ip (unit vectors)",

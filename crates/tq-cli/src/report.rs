@@ -315,6 +315,27 @@ fn plot(out: &Path, dim: usize, rows: &[Row]) -> Result<()> {
     Ok(())
 }
 
+/// A dataset for a report section, or `None` with the reason written to `s`:
+/// datasets are fetched when possible, but MiniLM is only used once cached
+/// (computing it takes about 20 minutes on 2 cores).
+fn report_data(data: &str, s: &mut String) -> Result<Option<crate::files::Matrix>> {
+    if data == "minilm" && !crate::data::cache_dir().join(crate::data::find(data)?.file).exists() {
+        let _ = writeln!(
+            s,
+            "Skipped: the MiniLM embeddings are not cached. `tq data fetch minilm` computes them once \
+             (about 20 minutes on 2 cores), after which this section runs.\n"
+        );
+        return Ok(None);
+    }
+    match crate::data::load(data, false) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => {
+            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}). Run `tq data fetch {data}` where the package index is reachable.\n");
+            Ok(None)
+        }
+    }
+}
+
 /// Search configurations of the report: (label, codec, IVF lists, nprobe, queries used).
 const SEARCH_CONFIGS: &[(&str, &str, Option<usize>, usize, usize)] = &[
     ("flat tq-mse-4", "tq-mse-4", None, 0, 1000),
@@ -332,21 +353,11 @@ const SEARCH_CONFIGS: &[(&str, &str, Option<usize>, usize, usize)] = &[
 /// Recall vs query time on one dataset (fetched when possible; MiniLM only
 /// when its embeddings are cached): markdown and JSON rows.
 fn search_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)> {
-    use crate::index::{ground_truth, run_search_bench, split, BenchArgs};
+    use crate::index::{run_search_bench, split, BenchArgs};
     let mut s = format!("\n## Vector search: recall vs query time ({data})\n\n");
-    if data == "minilm" && !crate::data::cache_dir().join(crate::data::find(data)?.file).exists() {
-        let _ = writeln!(s, "Skipped: the MiniLM embeddings are not cached (`tq data fetch minilm` computes them once).\n");
-        return Ok((s, serde_json::Value::Null));
-    }
-    let m = match crate::data::load(data, false) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}). Run `tq data fetch {data}` where the package index is reachable.\n");
-            return Ok((s, serde_json::Value::Null));
-        }
-    };
+    let Some(m) = report_data(data, &mut s)? else { return Ok((s, serde_json::Value::Null)) };
     let (base, queries) = split(&m, 1000, Some(100_000), 0)?;
-    let truth = ground_truth(&base, &queries, false);
+    let truth = crate::eval::ground_truth(&base, &queries, tq_index::Metric::Ip, None, false)?;
     let _ = writeln!(
         s,
         "Base: {} random rows × {}, 1,000 disjoint random queries, all unit-normalized; inner product; \
@@ -391,13 +402,7 @@ fn search_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)>
 /// QET, KIVI and PQ on SmolLM2's embedding matrix (a K/V-like real matrix).
 fn matrix_section() -> Result<(String, serde_json::Value)> {
     let mut s = String::from("\n## Matrix codecs on SmolLM2's token-embedding matrix\n\n");
-    let m = match crate::data::load("smollm-embed", false) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}).\n");
-            return Ok((s, serde_json::Value::Null));
-        }
-    };
+    let Some(m) = report_data("smollm-embed", &mut s)? else { return Ok((s, serde_json::Value::Null)) };
     let rows = 16_384.min(m.rows);
     let sub = crate::files::Matrix { rows, cols: m.cols, data: m.data[..rows * m.cols].to_vec() };
     let codecs: Vec<String> = ["pq-4", "qet-4", "qet-4-nores", "kivi-4", "tq-mse-4", "q4_0-rot", "pq-2", "qet-2", "qet-2-nores", "kivi-2", "tq-mse-2"]
@@ -459,25 +464,10 @@ const EVAL_QUERIES: usize = 300;
 fn eval_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)> {
     use crate::eval::{eval_codec, ground_truth};
     let mut s = format!("\n## Codecs side by side on {data}\n\n");
-    let cached = crate::data::cache_dir().join(crate::data::find(data)?.file).exists();
-    if data == "minilm" && !cached {
-        let _ = writeln!(
-            s,
-            "Skipped: the MiniLM embeddings are not cached. `tq data fetch minilm` computes them once \
-             (about 20 minutes on 2 cores), after which this section runs.\n"
-        );
-        return Ok((s, serde_json::Value::Null));
-    }
-    let m = match crate::data::load(data, false) {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}).\n");
-            return Ok((s, serde_json::Value::Null));
-        }
-    };
+    let Some(m) = report_data(data, &mut s)? else { return Ok((s, serde_json::Value::Null)) };
     let nb = 100_000.min(m.rows.saturating_sub(EVAL_QUERIES));
     let (base, queries) = crate::index::split(&m, EVAL_QUERIES, Some(nb), 0)?;
-    let truth = ground_truth(&base, &queries, tq_index::Metric::Ip, None)?;
+    let truth = ground_truth(&base, &queries, tq_index::Metric::Ip, None, false)?;
     let _ = writeln!(
         s,
         "{} base vectors × {}, {} disjoint queries, unit-normalized, inner product (`tq eval vectors`). Recall ranks \
