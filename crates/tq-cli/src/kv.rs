@@ -100,3 +100,91 @@ pub fn eval(a: &EvalArgs<'_>) -> Result<()> {
     }
     Ok(())
 }
+
+/// Records keys and values (every position) and the queries of the last
+/// position for some layers, around the reference cache.
+struct DumpCache {
+    inner: F32Cache,
+    layers: Vec<usize>,
+    tokens: usize,
+    /// per dumped layer, per KV head: appended rows
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
+    /// per dumped layer: last-position queries in head order
+    q: std::cell::RefCell<Vec<Vec<f32>>>,
+}
+
+impl KvCache for DumpCache {
+    fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]) {
+        if let Some(i) = self.layers.iter().position(|&l| l == layer) {
+            self.k[i][head].extend_from_slice(k);
+            self.v[i][head].extend_from_slice(v);
+        }
+        self.inner.append(layer, head, k, v);
+    }
+    fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]) {
+        if len == self.tokens {
+            if let Some(i) = self.layers.iter().position(|&l| l == layer) {
+                self.q.borrow_mut()[i].extend_from_slice(q);
+            }
+        }
+        self.inner.attend(layer, head, q, len, out);
+    }
+    fn len(&self, layer: usize, head: usize) -> usize {
+        self.inner.len(layer, head)
+    }
+    fn bytes(&self) -> usize {
+        self.inner.bytes()
+    }
+}
+
+/// `tq kv dump`: real SmolLM2 keys, values and last-position queries (f32
+/// cache) of `layers` after `tokens` tokens of `text`, as npy files plus
+/// meta.json in `out` (for the CUDA checks on real data).
+pub fn dump(text: &str, tokens: usize, layers: &[usize], out: &std::path::Path) -> Result<()> {
+    let path = crate::data::smollm_gguf(false)?;
+    let model = Llama::load(&path)?;
+    let c = &model.config;
+    if tokens < 1 || tokens > c.context {
+        bail!("--tokens {tokens} is outside 1..={} (the model's context)", c.context);
+    }
+    if let Some(&l) = layers.iter().find(|&&l| l >= c.layers) {
+        bail!("layer {l} does not exist (the model has {})", c.layers);
+    }
+    let body = load_text(text, false)?;
+    let tok = tq_models::tokenizer::from_gguf(&path)?;
+    let ids = tq_models::tokenizer::encode(&tok, &body)?;
+    if ids.len() < tokens {
+        bail!("the text has {} tokens, fewer than {tokens}", ids.len());
+    }
+    let shape = c.kv_shape();
+    let d = shape.head_dim;
+    let n = layers.len();
+    let mut cache = DumpCache {
+        inner: F32Cache::new(shape),
+        layers: layers.to_vec(),
+        tokens,
+        k: vec![vec![Vec::new(); shape.kv_heads]; n],
+        v: vec![vec![Vec::new(); shape.kv_heads]; n],
+        q: std::cell::RefCell::new(vec![Vec::new(); n]),
+    };
+    // the attention calls of the last position carry the queries we keep
+    model.forward(&ids[..tokens], &mut cache as &mut dyn KvCache, true)?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let flat = |x: &Vec<Vec<Vec<f32>>>| x.iter().flatten().flatten().copied().collect::<Vec<f32>>();
+    let (k, v) = (flat(&cache.k), flat(&cache.v));
+    let q: Vec<f32> = cache.q.borrow().iter().flatten().copied().collect();
+    let w = |name: &str, data: Vec<f32>| {
+        let m = crate::files::Matrix { rows: data.len() / d, cols: d, data };
+        crate::files::write_atomic(&out.join(name), &crate::files::npy_bytes(&m))
+    };
+    w("k.npy", k)?;
+    w("v.npy", v)?;
+    w("q.npy", q)?;
+    let meta = json!({"model": "SmolLM2-135M-Instruct", "text": text, "layers": n, "layer_indices": layers, "kv_heads": shape.kv_heads,
+        "q_heads": c.heads, "tokens": tokens, "head_dim": d,
+        "layout": "k/v: [layer][kv_head][token][head_dim]; q: [layer][q_head][head_dim] at the last position"});
+    crate::files::write_atomic(&out.join("meta.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
+    eprintln!("dumped {n} layers × {} KV heads × {tokens} tokens (d = {d}) to {}", shape.kv_heads, out.display());
+    Ok(())
+}

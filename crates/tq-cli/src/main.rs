@@ -2,6 +2,7 @@
 //! a non-zero exit status; no command leaves a partial output file.
 
 mod bench;
+mod cuda;
 mod data;
 mod eval;
 mod files;
@@ -144,6 +145,20 @@ enum KvCmd {
         kv: String,
         #[arg(long)]
         json: bool,
+    },
+    /// Capture real keys, values and last-position queries of SmolLM2 (f32
+    /// cache) for some layers into npy files (`tq bench cuda --check --real DIR`).
+    Dump {
+        #[arg(long, default_value = "austen")]
+        text: String,
+        /// Tokens of context to run.
+        #[arg(long, default_value_t = 2048)]
+        tokens: usize,
+        /// Comma-separated layer indices.
+        #[arg(long, default_value = "0,15,29")]
+        layers: String,
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -319,6 +334,25 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// CUDA: with --check, encode bytes and attention vs the CPU reference;
+    /// otherwise fused decode-attention timings (JSON lines) vs PyTorch SDPA
+    /// timings from `scripts/sdpa_bench.py` (--sdpa).
+    Cuda {
+        #[arg(long)]
+        check: bool,
+        /// A `tq kv dump` directory of real keys/values for --check.
+        #[arg(long)]
+        real: Option<PathBuf>,
+        /// SDPA timings (JSON lines) taken on the same card.
+        #[arg(long)]
+        sdpa: Option<PathBuf>,
+        /// One case per geometry and precision (B=8, T=32K).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the JSON lines to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -383,6 +417,24 @@ fn run(cli: Cli) -> Result<()> {
             }
             IndexCmd::Info { index, json } => index::info(&index, json),
         },
+        Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, out } } => {
+            let lines: Vec<String> = if check {
+                vec![serde_json::to_string(&cuda::check(real.as_deref())?)?]
+            } else {
+                cuda::bench(sdpa.as_deref(), quick)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
+            };
+            for l in &lines {
+                println!("{l}");
+            }
+            if let Some(o) = out {
+                files::write_atomic(&o, (lines.join("\n") + "\n").as_bytes())?;
+            }
+            Ok(())
+        }
+        Cmd::Kv { what: KvCmd::Dump { text, tokens, layers, out } } => {
+            let layers = layers.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad layer index '{l}'"))).collect::<Result<Vec<_>>>()?;
+            kv::dump(&text, tokens, &layers, &out)
+        }
         Cmd::Bench { what: BenchCmd::Search { data, codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json } } => {
             index::bench_search(&index::BenchArgs { data: &data, codec: &codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json })
         }

@@ -337,6 +337,11 @@ impl TurboQuantMse {
         &self.codebook
     }
 
+    /// The seeded rotation (GPU kernels read its sign masks).
+    pub fn rotation(&self) -> &Rotation {
+        &self.rotation
+    }
+
     /// Rotated, normalized → indices; returns the stored scale.
     fn encode_rotated(&self, y: &mut [f32], tmp: &mut [f32], idx: &mut [u8]) -> f32 {
         let k = kernels();

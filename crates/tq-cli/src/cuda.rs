@@ -1,0 +1,195 @@
+//! `tq bench cuda`: correctness of the CUDA kernels against the CPU (encode
+//! bytes, decode attention vs an f64 reference on random and real SmolLM2
+//! keys/values) and timings of fused decode attention over packed caches,
+//! merged with PyTorch SDPA (bf16) timings taken on the same card in the
+//! same device call (`scripts/sdpa_bench.py`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use tq_core::rng::Xoshiro256;
+use tq_cuda::{kv_sides, AttnShape, Gpu, SideSpec};
+
+/// Precisions the benchmark and checks run (keys/values as `tq_kv` names them).
+pub const PRECISIONS: [&str; 6] = ["tq-mse-4", "tq-mse-3", "tq-mse-2", "k4v3", "q8_0", "q4_0"];
+/// (name, q_heads, kv_heads, head_dim)
+pub const GEOMETRIES: [(&str, usize, usize, usize); 2] = [("llama3-8b", 32, 8, 128), ("smollm2-135m", 9, 3, 64)];
+
+fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Xoshiro256::new(seed);
+    (0..n).map(|_| r.gaussian() as f32).collect()
+}
+
+/// CPU codes and their decoded values for `n` vectors.
+fn cpu_codes(side: &SideSpec, xs: &[f32]) -> Result<(Vec<u8>, Vec<f32>)> {
+    let c = side.codec();
+    let mut codes = vec![0u8; xs.len() / side.head_dim * c.code_size()];
+    c.encode_batch(xs, &mut codes)?;
+    let mut dec = vec![0.0f32; xs.len()];
+    c.decode_batch(&codes, &mut dec)?;
+    Ok((codes, dec))
+}
+
+/// Runs one attention check: CPU-encoded caches → GPU attention vs f64 reference.
+fn attention_case(gpu: &Gpu, precision: &str, shape: &AttnShape, k: &[f32], v: &[f32], q: &[f32]) -> Result<f64> {
+    let (ks, vs) = kv_sides(precision, shape.head_dim, 0)?;
+    let (kc, kd) = cpu_codes(&ks, k)?;
+    let (vc, vd) = cpu_codes(&vs, v)?;
+    let mut kv = gpu.upload_kv(shape, &ks, &vs, &kc, &vc)?;
+    let out = gpu.attend(&mut kv, q)?;
+    if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+        bail!("{precision}: output element {i} is {} (unwritten or overflowed)", out[i]);
+    }
+    let reference = tq_cuda::reference_attention(shape, q, &kd, &vd);
+    Ok(tq_cuda::rel_error(&out, &reference))
+}
+
+/// Real keys/values/queries dumped by `tq kv dump` (npy files in `dir`).
+struct Dump {
+    layers: usize,
+    kv_heads: usize,
+    q_heads: usize,
+    tokens: usize,
+    d: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    q: Vec<f32>,
+}
+
+fn read_dump(dir: &Path) -> Result<Dump> {
+    let meta: Value = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).with_context(|| format!("{}/meta.json", dir.display()))?)?;
+    let get = |k: &str| meta[k].as_u64().map(|x| x as usize).with_context(|| format!("meta.json lacks {k}"));
+    let (layers, kv_heads, q_heads, tokens, d) = (get("layers")?, get("kv_heads")?, get("q_heads")?, get("tokens")?, get("head_dim")?);
+    let m = |name: &str| crate::files::read_vectors(&dir.join(name));
+    let (k, v, q) = (m("k.npy")?, m("v.npy")?, m("q.npy")?);
+    if k.cols != d || k.data.len() != layers * kv_heads * tokens * d || v.data.len() != k.data.len() || q.data.len() != layers * q_heads * d {
+        bail!("the dump in {} does not match its meta.json", dir.display());
+    }
+    Ok(Dump { layers, kv_heads, q_heads, tokens, d, k: k.data, v: v.data, q: q.data })
+}
+
+/// `tq bench cuda --check`: every check, an error if any fails.
+pub fn check(real: Option<&Path>) -> Result<Value> {
+    let gpu = Gpu::new(0)?;
+    let card = gpu.name()?;
+    eprintln!("card: {card} ({} SMs)", gpu.sm_count());
+    let mut results = Vec::new();
+    let mut failures = Vec::new();
+    // 1. encode: bytes identical to the CPU encoder, including edge cases
+    for d in [64usize, 128] {
+        for name in ["tq-mse-2", "tq-mse-3", "tq-mse-4", "tq-mse-4-nc", "tq-mse-3-nc"] {
+            let side = SideSpec::new(name, d, 42)?;
+            let n = 4096;
+            let mut xs = gaussian(n * d, 7 + d as u64);
+            xs[..d].iter_mut().for_each(|x| *x = 0.0); // zero vector
+            xs[d..2 * d].iter_mut().for_each(|x| *x *= 1e-30); // Σx² underflows f32
+            xs[2 * d..3 * d].iter_mut().for_each(|x| *x *= 1e17); // Σx² overflows f32
+            xs[3 * d..4 * d].iter_mut().enumerate().for_each(|(i, x)| *x = (i == 0) as u8 as f32); // one-hot
+            let gpu_codes = gpu.encode(&side, &xs)?;
+            let (cpu, _) = cpu_codes(&side, &xs)?;
+            let cs = side.codec().code_size();
+            let bad = gpu_codes.chunks_exact(cs).zip(cpu.chunks_exact(cs)).filter(|(a, b)| a != b).count();
+            eprintln!("encode {name} d={d}: {bad} of {n} codes differ from the CPU");
+            results.push(json!({"check": "encode", "codec": name, "head_dim": d, "vectors": n, "mismatched_codes": bad}));
+            if bad > 0 {
+                failures.push(format!("encode {name} d={d}: {bad} codes differ"));
+            }
+        }
+    }
+    // 2. attention on random data, ragged batch
+    for &(geo, hq, hkv, d) in &GEOMETRIES {
+        let shape = AttnShape { q_heads: hq, kv_heads: hkv, head_dim: d, lens: vec![1, 129, 700, 2085] };
+        let t = shape.max_len();
+        let rows = shape.batch() * hkv * t;
+        let (k, v, q) = (gaussian(rows * d, 1), gaussian(rows * d, 2), gaussian(shape.batch() * hq * d, 3));
+        for p in PRECISIONS.iter().chain(&["tq-mse-4-nc"]) {
+            let e = attention_case(&gpu, p, &shape, &k, &v, &q)?;
+            eprintln!("attention {p} {geo} random lens {:?}: rel error {e:.2e}", shape.lens);
+            results.push(json!({"check": "attention", "data": "random", "kv": p, "geometry": geo, "lens": shape.lens, "rel_error": e}));
+            if !(e <= 1e-3) {
+                failures.push(format!("attention {p} {geo} random: rel error {e:.2e}"));
+            }
+        }
+    }
+    // 3. attention on real SmolLM2 keys, values and queries
+    if let Some(dir) = real {
+        let dump = read_dump(dir)?;
+        let d = dump.d;
+        for layer in 0..dump.layers {
+            let shape = AttnShape { q_heads: dump.q_heads, kv_heads: dump.kv_heads, head_dim: d, lens: vec![dump.tokens] };
+            let n = dump.kv_heads * dump.tokens * d;
+            let (k, v) = (&dump.k[layer * n..(layer + 1) * n], &dump.v[layer * n..(layer + 1) * n]);
+            let q = &dump.q[layer * dump.q_heads * d..(layer + 1) * dump.q_heads * d];
+            for p in PRECISIONS.iter().chain(&["tq-mse-4-nc"]) {
+                let e = attention_case(&gpu, p, &shape, k, v, q)?;
+                eprintln!("attention {p} smollm2 real layer #{layer} ({} tokens): rel error {e:.2e}", dump.tokens);
+                results.push(json!({"check": "attention", "data": "smollm2-real", "kv": p, "layer_index": layer, "tokens": dump.tokens, "rel_error": e}));
+                if !(e <= 1e-3) {
+                    failures.push(format!("attention {p} real layer #{layer}: rel error {e:.2e}"));
+                }
+            }
+        }
+    }
+    // 4. bad input gives errors, not crashes
+    let (ks, vs) = kv_sides("tq-mse-4", 128, 0)?;
+    let shape = AttnShape { q_heads: 8, kv_heads: 2, head_dim: 128, lens: vec![5] };
+    let wrong = gpu.upload_kv(&shape, &ks, &vs, &[0u8; 10], &[0u8; 10]);
+    if wrong.is_ok() {
+        failures.push("mismatched code buffer accepted".into());
+    }
+    let summary = json!({"card": card, "checks": results, "failures": failures});
+    if !failures.is_empty() {
+        println!("{}", serde_json::to_string(&summary)?);
+        bail!("{} CUDA checks failed: {}", failures.len(), failures.join("; "));
+    }
+    Ok(summary)
+}
+
+/// `tq bench cuda`: decode-attention timings (JSON lines) merged with SDPA's.
+pub fn bench(sdpa: Option<&Path>, quick: bool) -> Result<Vec<Value>> {
+    let gpu = Gpu::new(0)?;
+    let card = gpu.name()?;
+    let copy = gpu.copy_gbps(2 << 30)?;
+    eprintln!("card: {card}; device copy {copy:.0} GB/s (read + write)");
+    let mut base: HashMap<(usize, usize, usize, usize, usize), f64> = HashMap::new();
+    if let Some(p) = sdpa {
+        for line in std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.lines() {
+            let v: Value = serde_json::from_str(line)?;
+            let g = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
+            if let Some(ms) = v["sdpa_bf16_ms"].as_f64() {
+                base.insert((g("batch"), g("context"), g("q_heads"), g("kv_heads"), g("head_dim")), ms);
+            }
+        }
+    }
+    let (batches, contexts): (&[usize], &[usize]) = if quick { (&[8], &[32768]) } else { (&[1, 8, 32], &[8192, 32768, 131072]) };
+    let mut rows = Vec::new();
+    for &(geo, hq, hkv, d) in &GEOMETRIES {
+        for &b in batches {
+            for &t in contexts {
+                for p in PRECISIONS {
+                    let (ks, vs) = kv_sides(p, d, 0)?;
+                    let shape = AttnShape { q_heads: hq, kv_heads: hkv, head_dim: d, lens: vec![t; b] };
+                    let bytes = b * hkv * t * (ks.kind.bytes_per_vector(d) + vs.kind.bytes_per_vector(d));
+                    let copies = (1usize << 28).div_ceil(bytes).clamp(1, 16);
+                    let mut kv = gpu.random_kv(&shape, &ks, &vs, copies, 1)?;
+                    let q = gaussian(b * hq * d, 4);
+                    let ms = gpu.time_attend(&mut kv, &q, 3, 20)?;
+                    let gbps = kv.bytes_read() as f64 / (ms * 1e-3) / 1e9;
+                    let sd = base.get(&(b, t, hq, hkv, d)).copied();
+                    let row = json!({"card": card, "codec": p, "geometry": geo, "batch": b, "context": t, "q_heads": hq, "kv_heads": hkv,
+                        "head_dim": d, "kernel_ms": ms, "sdpa_bf16_ms": sd, "speedup": sd.map(|s| s / ms), "gbps": gbps,
+                        "copy_gbps": copy, "bandwidth_fraction": gbps / copy, "cache_bytes": kv.bytes_read(), "splits": kv.splits()});
+                    eprintln!(
+                        "{geo:13} B={b:2} T={t:6} {p:8}: {ms:8.4} ms  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}",
+                        100.0 * gbps / copy,
+                        sd.map(|s| format!("{s:.4} ms, {:.2}x", s / ms)).unwrap_or_else(|| "-".into())
+                    );
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,432 @@
+//! The CUDA implementation (feature `cuda`): cudarc with dynamic loading,
+//! kernels compiled by NVRTC per configuration and cached per process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute_enum};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::CompileOptions;
+
+use crate::{AttnShape, Error, Result, SideKind, SideSpec};
+
+const SOURCE: &str = include_str!("kernels.cu");
+const NT: usize = 128;
+const TILE: usize = 128;
+
+fn cu<T, E: std::fmt::Display>(r: std::result::Result<T, E>) -> Result<T> {
+    r.map_err(|e| Error::Cuda(e.to_string()))
+}
+
+/// One CUDA device with a stream and the kernels compiled for it.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    arch: &'static str,
+    sms: usize,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+}
+
+/// A batch of KV caches on the device (see the crate docs for the planes),
+/// `copies` identical-layout replicas (benchmarks cycle through them so that
+/// repeated runs do not measure the L2 cache).
+pub struct DeviceKv {
+    pub shape: AttnShape,
+    pub k: SideKind,
+    pub v: SideKind,
+    cap: usize,
+    copies: usize,
+    kc: CudaSlice<u8>,
+    ks: CudaSlice<u8>,
+    vc: CudaSlice<u8>,
+    vs: CudaSlice<u8>,
+    lens: CudaSlice<i32>,
+    krot: Rot,
+    vrot: Rot,
+    ktab: CudaSlice<f32>,
+    vtab: CudaSlice<f32>,
+    nsplit: usize,
+    split_len: usize,
+    po: CudaSlice<f32>,
+    pm: CudaSlice<f32>,
+    pl: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    attend: CudaFunction,
+    combine: CudaFunction,
+    smem: u32,
+}
+
+struct Rot {
+    s1: CudaSlice<u32>,
+    s2: CudaSlice<u32>,
+    total: f32,
+}
+
+impl Gpu {
+    /// Opens device `ordinal`. Without a CUDA driver or NVRTC, or without a
+    /// device, returns [`Error::NoDevice`] (never panics).
+    pub fn new(ordinal: usize) -> Result<Self> {
+        // cudarc's dynamic loader panics when a library is missing: look first.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDevice("libcuda (the NVIDIA driver) was not found".into()));
+        }
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(Error::NoDevice("libnvrtc (the CUDA runtime compiler) was not found".into()));
+        }
+        let n = CudaContext::device_count().map_err(|e| Error::NoDevice(e.to_string()))?;
+        if ordinal >= n.max(0) as usize {
+            return Err(Error::NoDevice(format!("device {ordinal} requested, {n} present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoDevice(e.to_string()))?;
+        // Launch arguments here are never shared across streams: skip cudarc's
+        // per-argument event bookkeeping (it would sit inside every timed launch).
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = cu(ctx.compute_capability())?;
+        let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
+        let sms = cu(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))? as usize;
+        let stream = ctx.default_stream();
+        Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn name(&self) -> Result<String> {
+        cu(self.ctx.name())
+    }
+
+    pub fn sm_count(&self) -> usize {
+        self.sms
+    }
+
+    fn module(&self, defines: &str) -> Result<Arc<CudaModule>> {
+        let mut m = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(x) = m.get(defines) {
+            return Ok(x.clone());
+        }
+        let ptx = compile(defines, self.arch)?;
+        let module = cu(self.ctx.load_module(ptx))?;
+        m.insert(defines.to_string(), module.clone());
+        Ok(module)
+    }
+
+    fn upload<T: cudarc::driver::DeviceRepr>(&self, x: &[T]) -> Result<CudaSlice<T>> {
+        cu(self.stream.clone_htod(x))
+    }
+
+    fn rot(&self, side: &SideSpec) -> Result<Rot> {
+        match side.hadamard() {
+            Some((s1, s2, total)) => Ok(Rot { s1: self.upload(s1)?, s2: self.upload(s2)?, total }),
+            None => Ok(Rot { s1: self.upload(&[0u32])?, s2: self.upload(&[0u32])?, total: 1.0 }),
+        }
+    }
+
+    fn table(&self, side: &SideSpec) -> Result<CudaSlice<f32>> {
+        match side.codebook() {
+            Some((c, _)) => self.upload(c),
+            None => self.upload(&[0.0f32]),
+        }
+    }
+
+    /// Encodes row-major `xs` (`n × head_dim`) with a TurboQuant side on the
+    /// GPU; returns the CPU codec's code bytes (`[packed][f32 scale]` each).
+    pub fn encode(&self, side: &SideSpec, xs: &[f32]) -> Result<Vec<u8>> {
+        let d = side.head_dim;
+        let SideKind::Tq { bits, nc } = side.kind else {
+            return Err(Error::Unsupported(format!("GPU encode takes tq-mse-B sides, not {}", side.name)));
+        };
+        tq_core::codec::check_vectors(xs, d)?;
+        let n = xs.len() / d;
+        let module = self.module(&format!("#define D {d}\n#define G 1\n"))?;
+        let f = cu(module.load_function("tq_encode"))?;
+        let (s1, s2, total) = side.hadamard().expect("TurboQuant sides are rotated");
+        let (cent, bounds) = side.codebook().expect("TurboQuant sides have a codebook");
+        let x = self.upload(xs)?;
+        let (s1, s2) = (self.upload(s1)?, self.upload(s2)?);
+        let (cent, bounds) = (self.upload(cent)?, self.upload(bounds)?);
+        let pb = side.kind.code_bytes(d);
+        let mut codes = cu(self.stream.alloc_zeros::<u8>(n * pb))?;
+        let mut scales = cu(self.stream.alloc_zeros::<f32>(n))?;
+        let (n32, bits32, nc32) = (n as i32, bits as i32, nc as i32);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x).arg(&n32).arg(&s1).arg(&s2).arg(&total).arg(&bounds).arg(&cent).arg(&bits32).arg(&nc32);
+        b.arg(&mut codes).arg(&mut scales);
+        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        cu(unsafe { b.launch(cfg) })?;
+        let codes = cu(self.stream.clone_dtoh(&codes))?;
+        let scales = cu(self.stream.clone_dtoh(&scales))?;
+        Ok(crate::join_tq_codes(d, bits, &codes, &scales))
+    }
+
+    fn device_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, copies: usize) -> Result<DeviceKv> {
+        shape.check()?;
+        let d = shape.head_dim;
+        if k.head_dim != d || v.head_dim != d {
+            return Err(Error::Shape(format!("sides built for head_dim {}/{}, shape has {d}", k.head_dim, v.head_dim)));
+        }
+        let (b, h, g) = (shape.batch(), shape.kv_heads, shape.group());
+        let cap = shape.max_len().div_ceil(TILE) * TILE;
+        let rows = copies * b * h * cap;
+        // splits: enough blocks to fill the card several times over
+        let tiles = cap / TILE;
+        let want = (4 * self.sms).div_ceil(b * h).clamp(1, tiles);
+        let split_len = tiles.div_ceil(want) * TILE;
+        let nsplit = cap.div_ceil(split_len);
+        let defines = attention_defines(d, g, k.kind, v.kind);
+        let module = self.module(&defines)?;
+        let attend = cu(module.load_function("tq_attend"))?;
+        let combine = cu(module.load_function("tq_combine"))?;
+        let smem = attend_smem(d, g, k.kind, v.kind);
+        if smem > 48 * 1024 {
+            cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
+        }
+        let z8 = |n: usize| cu(self.stream.alloc_zeros::<u8>(n));
+        let hq = shape.q_heads;
+        let lens: Vec<i32> = shape.lens.iter().map(|&l| l as i32).collect();
+        Ok(DeviceKv {
+            shape: shape.clone(),
+            k: k.kind,
+            v: v.kind,
+            cap,
+            copies,
+            kc: z8(rows * k.kind.code_bytes(d))?,
+            ks: z8(rows * k.kind.scale_bytes(d))?,
+            vc: z8(rows * v.kind.code_bytes(d))?,
+            vs: z8(rows * v.kind.scale_bytes(d))?,
+            lens: self.upload(&lens)?,
+            krot: self.rot(k)?,
+            vrot: self.rot(v)?,
+            ktab: self.table(k)?,
+            vtab: self.table(v)?,
+            nsplit,
+            split_len,
+            po: cu(self.stream.alloc_zeros::<f32>(b * hq * nsplit * d))?,
+            pm: cu(self.stream.alloc_zeros::<f32>(b * hq * nsplit))?,
+            pl: cu(self.stream.alloc_zeros::<f32>(b * hq * nsplit))?,
+            out: cu(self.stream.alloc_zeros::<f32>(b * hq * d))?,
+            q: cu(self.stream.alloc_zeros::<f32>(b * hq * d))?,
+            attend,
+            combine,
+            smem: smem as u32,
+        })
+    }
+
+    /// Uploads CPU codes: `k_codes`/`v_codes` hold, for every (sequence, KV
+    /// head) in order, `max_len` consecutive codes of the side's CPU codec
+    /// (slots past a sequence's length are ignored).
+    pub fn upload_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, k_codes: &[u8], v_codes: &[u8]) -> Result<DeviceKv> {
+        let mut kv = self.device_kv(shape, k, v, 1)?;
+        let (d, t) = (shape.head_dim, shape.max_len());
+        let seqs = shape.batch() * shape.kv_heads;
+        for (side, codes, is_k) in [(k, k_codes, true), (v, v_codes, false)] {
+            let want = seqs * t * side.kind.bytes_per_vector(d);
+            if codes.len() != want {
+                return Err(Error::Shape(format!(
+                    "{} codes: {} bytes given, {want} expected ({seqs} sequences × {t} tokens × {} bytes)",
+                    if is_k { "key" } else { "value" },
+                    codes.len(),
+                    side.kind.bytes_per_vector(d)
+                )));
+            }
+            let (plane, scales) = crate::split_codes(side.kind, d, codes)?;
+            // pad every sequence from t to cap slots
+            let pad = |x: &[u8], per: usize| {
+                let mut o = vec![0u8; seqs * kv.cap * per];
+                for (s, src) in x.chunks_exact(t * per).enumerate() {
+                    o[s * kv.cap * per..s * kv.cap * per + t * per].copy_from_slice(src);
+                }
+                o
+            };
+            let (pc, ps) = (pad(&plane, side.kind.code_bytes(d)), pad(&scales, side.kind.scale_bytes(d)));
+            if is_k {
+                cu(self.stream.memcpy_htod(&pc, &mut kv.kc))?;
+                cu(self.stream.memcpy_htod(&ps, &mut kv.ks))?;
+            } else {
+                cu(self.stream.memcpy_htod(&pc, &mut kv.vc))?;
+                cu(self.stream.memcpy_htod(&ps, &mut kv.vs))?;
+            }
+        }
+        Ok(kv)
+    }
+
+    /// A cache of random valid codes (benchmarks), `copies` replicas.
+    pub fn random_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, copies: usize, seed: u32) -> Result<DeviceKv> {
+        let mut kv = self.device_kv(shape, k, v, copies.max(1))?;
+        let module = self.module(&format!("#define D {}\n#define G 1\n", shape.head_dim))?;
+        let fill = cu(module.load_function("fill_random"))?;
+        let fill_scales = cu(module.load_function("fill_scales"))?;
+        for (i, (codes, scales, kind)) in [(&mut kv.kc, &mut kv.ks, kv.k), (&mut kv.vc, &mut kv.vs, kv.v)].into_iter().enumerate() {
+            let words = (codes.len() / 4) as u64;
+            let s = seed.wrapping_mul(2).wrapping_add(i as u32);
+            let mut b = self.stream.launch_builder(&fill);
+            b.arg(&mut *codes).arg(&words).arg(&s);
+            cu(unsafe { b.launch(grid_for(words)) })?;
+            let half = matches!(kind, SideKind::Tq { .. }) as i32 ^ 1;
+            let n = (scales.len() / if half == 1 { 2 } else { 4 }) as u64;
+            let s2 = s ^ 0x9e37_79b9;
+            let mut b = self.stream.launch_builder(&fill_scales);
+            b.arg(&mut *scales).arg(&n).arg(&half).arg(&s2);
+            cu(unsafe { b.launch(grid_for(n)) })?;
+        }
+        cu(self.stream.synchronize())?;
+        Ok(kv)
+    }
+
+    fn launch_attend(&self, kv: &mut DeviceKv, copy: usize) -> Result<()> {
+        let d = kv.shape.head_dim;
+        let per = kv.shape.batch() * kv.shape.kv_heads * kv.cap;
+        let (kcb, ksb, vcb, vsb) = (kv.k.code_bytes(d), kv.k.scale_bytes(d), kv.v.code_bytes(d), kv.v.scale_bytes(d));
+        let kc = kv.kc.slice(copy * per * kcb..(copy + 1) * per * kcb);
+        let ks = kv.ks.slice(copy * per * ksb..(copy + 1) * per * ksb);
+        let vc = kv.vc.slice(copy * per * vcb..(copy + 1) * per * vcb);
+        let vs = kv.vs.slice(copy * per * vsb..(copy + 1) * per * vsb);
+        let (cap, heads, split_len) = (kv.cap as i32, kv.shape.kv_heads as i32, kv.split_len as i32);
+        let mut b = self.stream.launch_builder(&kv.attend);
+        b.arg(&kv.q).arg(&kc).arg(&ks).arg(&vc).arg(&vs).arg(&kv.lens).arg(&cap).arg(&heads).arg(&split_len);
+        b.arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&kv.ktab).arg(&kv.vtab);
+        b.arg(&mut kv.po).arg(&mut kv.pm).arg(&mut kv.pl);
+        let cfg = LaunchConfig {
+            grid_dim: (kv.nsplit as u32, kv.shape.kv_heads as u32, kv.shape.batch() as u32),
+            block_dim: (NT as u32, 1, 1),
+            shared_mem_bytes: kv.smem,
+        };
+        cu(unsafe { b.launch(cfg) })?;
+        let nsplit = kv.nsplit as i32;
+        let mut b = self.stream.launch_builder(&kv.combine);
+        b.arg(&kv.po).arg(&kv.pm).arg(&kv.pl).arg(&nsplit).arg(&kv.vrot.s1).arg(&kv.vrot.s2).arg(&kv.vrot.total);
+        b.arg(&mut kv.out);
+        let cfg = LaunchConfig {
+            grid_dim: ((kv.shape.batch() * kv.shape.q_heads) as u32, 1, 1),
+            block_dim: (d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        cu(unsafe { b.launch(cfg) })?;
+        Ok(())
+    }
+
+    fn set_query(&self, kv: &mut DeviceKv, q: &[f32]) -> Result<()> {
+        let want = kv.shape.batch() * kv.shape.q_heads * kv.shape.head_dim;
+        if q.len() != want {
+            return Err(Error::Shape(format!("{} query values given, {want} expected (batch × q_heads × head_dim)", q.len())));
+        }
+        tq_core::codec::check_vectors(q, kv.shape.head_dim)?;
+        cu(self.stream.memcpy_htod(q, &mut kv.q))
+    }
+
+    /// Decode attention of one query token per sequence: `q` is
+    /// `[batch][q_heads][head_dim]`, the result likewise. The output buffer is
+    /// poisoned (NaN) first, so an unwritten element cannot pass for a result.
+    pub fn attend(&self, kv: &mut DeviceKv, q: &[f32]) -> Result<Vec<f32>> {
+        self.set_query(kv, q)?;
+        let poison = vec![f32::NAN; kv.out.len()];
+        cu(self.stream.memcpy_htod(&poison, &mut kv.out))?;
+        self.launch_attend(kv, 0)?;
+        cu(self.stream.synchronize())?;
+        cu(self.stream.clone_dtoh(&kv.out))
+    }
+
+    /// Median milliseconds of one decode-attention step (attention + split
+    /// merge), timed with events, cycling through the cache's copies.
+    pub fn time_attend(&self, kv: &mut DeviceKv, q: &[f32], warmup: usize, iters: usize) -> Result<f64> {
+        self.set_query(kv, q)?;
+        for i in 0..warmup {
+            self.launch_attend(kv, i % kv.copies)?;
+        }
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..iters {
+            let (a, b) = (cu(self.ctx.new_event(flags))?, cu(self.ctx.new_event(flags))?);
+            cu(a.record(&self.stream))?;
+            self.launch_attend(kv, i % kv.copies)?;
+            cu(b.record(&self.stream))?;
+            cu(b.synchronize())?;
+            times.push(cu(a.elapsed_ms(&b))? as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(times[times.len() / 2])
+    }
+
+    /// Device-to-device copy bandwidth in GB/s (bytes read + written), median of 10.
+    pub fn copy_gbps(&self, bytes: usize) -> Result<f64> {
+        let src = cu(self.stream.alloc_zeros::<u8>(bytes))?;
+        let mut dst = cu(self.stream.alloc_zeros::<u8>(bytes))?;
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::new();
+        for i in 0..13 {
+            let (a, b) = (cu(self.ctx.new_event(flags))?, cu(self.ctx.new_event(flags))?);
+            cu(a.record(&self.stream))?;
+            cu(self.stream.memcpy_dtod(&src, &mut dst))?;
+            cu(b.record(&self.stream))?;
+            cu(b.synchronize())?;
+            if i >= 3 {
+                times.push(cu(a.elapsed_ms(&b))? as f64);
+            }
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(2.0 * bytes as f64 / (times[times.len() / 2] * 1e-3) / 1e9)
+    }
+}
+
+fn compile(defines: &str, arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    let src = format!("{defines}\n{SOURCE}");
+    let opts = CompileOptions { arch: Some(arch), options: vec!["--std=c++17".into()], ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| Error::Compile(format!("{defines}: {e:?}")))
+}
+
+fn attention_defines(d: usize, g: usize, k: SideKind, v: SideKind) -> String {
+    format!(
+        "#define ATTENTION\n#define D {d}\n#define G {g}\n#define KMODE {}\n#define VMODE {}\n#define KB {}\n#define VB {}\n#define ROTK {}\n#define ROTV {}\n",
+        k.mode(),
+        v.mode(),
+        k.bits(),
+        v.bits(),
+        k.rotated() as u32,
+        v.rotated() as u32
+    )
+}
+
+/// Compiles every kernel configuration the benchmarks use with NVRTC (no
+/// GPU or driver needed) and returns their PTX: a build check.
+pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(Error::NoDevice("libnvrtc (the CUDA runtime compiler) was not found".into()));
+    }
+    let tq = |b| SideKind::Tq { bits: b, nc: false };
+    let pairs = [(tq(4), tq(4)), (tq(3), tq(3)), (tq(2), tq(2)), (tq(4), tq(3)), (SideKind::Q8_0, SideKind::Q8_0), (SideKind::Q4_0, SideKind::Q4_0)];
+    let mut out = Vec::new();
+    for d in [64usize, 128] {
+        let defs = format!("#define D {d}\n#define G 1\n");
+        out.push((defs.clone(), compile(&defs, arch)?.to_src()));
+        for g in [1usize, 3, 4, 8] {
+            for &(k, v) in &pairs {
+                let defs = attention_defines(d, g, k, v);
+                out.push((defs.clone(), compile(&defs, arch)?.to_src()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl DeviceKv {
+    /// Bytes one attention step must read from the cache: codes and scales of
+    /// every cached token, keys and values (one copy).
+    pub fn bytes_read(&self) -> usize {
+        let d = self.shape.head_dim;
+        let toks: usize = self.shape.lens.iter().sum::<usize>() * self.shape.kv_heads;
+        toks * (self.k.bytes_per_vector(d) + self.v.bytes_per_vector(d))
+    }
+    pub fn splits(&self) -> usize {
+        self.nsplit
+    }
+}
+
+fn grid_for(n: u64) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256).min(65_535 * 8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Dynamic shared memory of `tq_attend` (mirrors the carve-up in kernels.cu).
+fn attend_smem(d: usize, g: usize, k: SideKind, v: SideKind) -> usize {
+    let rsw = |p: usize| if (p / 4) % 2 == 0 { p / 4 + 1 } else { p / 4 };
+    let sc = |s: SideKind| if matches!(s, SideKind::Tq { .. }) { 1 } else { d / 32 };
+    let words = TILE * rsw(k.code_bytes(d)) + 4 + TILE * rsw(v.code_bytes(d)) + 4 + TILE * sc(v) + g * TILE + g * d + 512 + 3 * g;
+    let groups = NT / (d / 8);
+    4 * words.max(groups * g * d)
+}

@@ -1,0 +1,495 @@
+// turboquant CUDA kernels, compiled at run time by NVRTC (see src/gpu.rs).
+//
+// The host prepends a configuration block of #defines:
+//   D      head dimension (64 or 128)
+//   G      query heads per KV head (GQA group)
+//   KMODE, VMODE   0 = TurboQuant (codebook + f32 norm), 1 = q4_0, 2 = q8_0
+//   KB, VB         bits per coordinate of the K and V codes
+//   ROTK, ROTV     1 when the side is Hadamard-rotated (TurboQuant)
+// Compiled with --fmad=false so the encoder performs exactly the IEEE
+// operations of the CPU reference (tq-core's scalar kernels), in the same
+// order: the codes it writes are the CPU's bytes.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+#define NT 128          // threads per attention block
+#define TILE 128        // tokens per tile (one per thread in the score phase)
+#define NEG_INF (__int_as_float(0xff800000))
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// ---------------------------------------------------------------------------
+// Unnormalized fast Walsh-Hadamard transform of `rows` rows of n values in
+// shared memory, all threads of the block taking part. Butterfly order as
+// tq-core's fwht_ref (h = 1, 2, 4, ...; a+b, a-b), so results are identical.
+// ---------------------------------------------------------------------------
+__device__ void fwht_smem(float* x, int n, int rows) {
+    int half = n / 2;
+    for (int h = 1; h < n; h *= 2) {
+        __syncthreads();
+        for (int p = threadIdx.x; p < rows * half; p += blockDim.x) {
+            int r = p / half, q = p % half;
+            int i = r * n + (q / h) * 2 * h + (q % h);
+            float a = x[i], b = x[i + h];
+            x[i] = __fadd_rn(a, b);
+            x[i + h] = __fsub_rn(a, b);
+        }
+    }
+    __syncthreads();
+}
+
+__device__ void xor_signs(float* x, const u32* s, int n, int rows) {
+    for (int p = threadIdx.x; p < rows * n; p += blockDim.x)
+        x[p] = __int_as_float(__float_as_int(x[p]) ^ s[p % n]);
+    __syncthreads();
+}
+
+// y <- total * H(s2 . H(s1 . y))   (tq-core Hadamard::rotate for powers of two)
+__device__ void rotate_smem(float* x, const u32* s1, const u32* s2, float total, int n, int rows) {
+    xor_signs(x, s1, n, rows);
+    fwht_smem(x, n, rows);
+    xor_signs(x, s2, n, rows);
+    fwht_smem(x, n, rows);
+    for (int p = threadIdx.x; p < rows * n; p += blockDim.x) x[p] = __fmul_rn(x[p], total);
+    __syncthreads();
+}
+
+// y <- total * s1 . H(s2 . H(y))   (the inverse)
+__device__ void unrotate_smem(float* x, const u32* s1, const u32* s2, float total, int n, int rows) {
+    fwht_smem(x, n, rows);
+    xor_signs(x, s2, n, rows);
+    fwht_smem(x, n, rows);
+    xor_signs(x, s1, n, rows);
+    for (int p = threadIdx.x; p < rows * n; p += blockDim.x) x[p] = __fmul_rn(x[p], total);
+    __syncthreads();
+}
+
+// ---------------------------------------------------------------------------
+// Encode: tq-mse-B(-nc) for a batch of vectors, one block of D threads per
+// vector. Output planes: codes [n][D*B/8] bytes (LSB-first bit stream) and
+// scales [n] f32 (the norm, or norm/<u, u_hat> with norm correction).
+// ---------------------------------------------------------------------------
+extern "C" __global__ void tq_encode(const float* __restrict__ xs, int n, const u32* __restrict__ s1,
+                                     const u32* __restrict__ s2, float total, const float* __restrict__ boundaries,
+                                     const float* __restrict__ centroids, int bits, int nc,
+                                     u8* __restrict__ codes, float* __restrict__ scales) {
+    __shared__ float y[D];
+    __shared__ float lanes[8];
+    __shared__ float s_norm;
+    __shared__ int s_mode;  // 0: normal path, 1: zero vector
+    __shared__ u8 idx[D];
+    int v = blockIdx.x;
+    if (v >= n) return;
+    int j = threadIdx.x;
+    y[j] = xs[(u64)v * D + j];
+    rotate_smem(y, s1, s2, total, D, 1);
+    // sum of squares in the canonical order: lane k = indices = k mod 8, in order
+    if (j < 8) {
+        float l = 0.0f;
+        for (int i = j; i < D; i += 8) l = __fadd_rn(l, __fmul_rn(y[i], y[i]));
+        lanes[j] = l;
+    }
+    __syncthreads();
+    if (j == 0) {
+        float s = __fadd_rn(__fadd_rn(__fadd_rn(lanes[0], lanes[1]), __fadd_rn(lanes[2], lanes[3])),
+                            __fadd_rn(__fadd_rn(lanes[4], lanes[5]), __fadd_rn(lanes[6], lanes[7])));
+        bool normal = s >= 1.17549435e-38f && s <= 3.40282347e38f;
+        float norm;
+        if (normal) {
+            norm = __fsqrt_rn(s);
+        } else {
+            double t = 0.0;
+            for (int i = 0; i < D; i++) t = __dadd_rn(t, __dmul_rn((double)y[i], (double)y[i]));
+            norm = __double2float_rn(__dsqrt_rn(t));
+        }
+        s_norm = norm;
+        s_mode = norm == 0.0f ? 1 : 0;
+    }
+    __syncthreads();
+    float norm = s_norm;
+    int q = 0;
+    if (s_mode == 0) {
+        float inv = __fdiv_rn(1.0f, norm);
+        float u = isfinite(inv) ? __fmul_rn(y[j], inv) : __fdiv_rn(y[j], norm);
+        y[j] = u;
+        int nb = (1 << bits) - 1;
+        for (int k = 0; k < nb; k++) q += boundaries[k] < u ? 1 : 0;
+    }
+    idx[j] = (u8)q;
+    __syncthreads();
+    if (j == 0) {
+        float scale = norm;
+        if (s_mode == 1) {
+            scale = 0.0f;
+        } else if (nc) {
+            float l[8];
+            for (int k = 0; k < 8; k++) l[k] = 0.0f;
+            for (int i = 0; i < D; i++) l[i % 8] = __fadd_rn(l[i % 8], __fmul_rn(y[i], centroids[idx[i]]));
+            float d = __fadd_rn(__fadd_rn(__fadd_rn(l[0], l[1]), __fadd_rn(l[2], l[3])),
+                                __fadd_rn(__fadd_rn(l[4], l[5]), __fadd_rn(l[6], l[7])));
+            scale = __fdiv_rn(norm, d);
+        }
+        scales[v] = scale;
+    }
+    // pack: thread j < D*bits/8 writes byte j
+    int nbytes = D * bits / 8;
+    if (j < nbytes) {
+        u32 byte = 0;
+        int b0 = j * 8;
+        for (int b = 0; b < 8; b++) {
+            int bit = b0 + b;
+            int f = bit / bits, o = bit % bits;
+            byte |= ((idx[f] >> o) & 1u) << b;
+        }
+        codes[(u64)v * nbytes + j] = (u8)byte;
+    }
+}
+
+// Random fill for benchmarks (a hash of the index: deterministic, any grid).
+__device__ __forceinline__ u32 mix32(u64 x) {
+    x ^= x >> 33; x *= 0xff51afd7ed558ccdULL; x ^= x >> 33; x *= 0xc4ceb9fe1a85ec53ULL; x ^= x >> 33;
+    return (u32)x;
+}
+extern "C" __global__ void fill_random(u32* p, u64 n, u32 seed) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        p[i] = mix32(i * 0x9E3779B97F4A7C15ULL + seed);
+}
+// Positive scales: f32 norms in [0.5, 1.5) or f16 block scales in [0.005, 0.015).
+extern "C" __global__ void fill_scales(void* p, u64 n, int f16, u32 seed) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float u = (mix32(i * 0x9E3779B97F4A7C15ULL + seed) >> 8) * (1.0f / 16777216.0f);
+        if (f16) {
+            unsigned short h;
+            float x = 0.005f + 0.01f * u;
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+            ((unsigned short*)p)[i] = h;
+        } else {
+            ((float*)p)[i] = 0.5f + u;
+        }
+    }
+}
+
+#ifdef ATTENTION
+// ---------------------------------------------------------------------------
+// Fused decode attention (flash-decoding). Grid: (splits, kv_heads, batch).
+// Block: NT threads; each split walks its tokens in tiles of TILE.
+//   1. the G query heads of this KV head are rotated (K's rotation) and scaled
+//      by 1/sqrt(D) in shared memory;
+//   2. per tile: codes are copied to shared memory (rows padded to an odd
+//      number of words: conflict-free), thread t scores token t for all G
+//      heads straight from the codes, a warp per head updates the running
+//      max / sum (online softmax), and values are accumulated from their codes
+//      in V's rotated domain (8 coordinates per thread, tokens spread over
+//      NT/(D/8) thread groups); the next tile's codes are loaded into
+//      registers while this one is computed;
+//   3. the unnormalized partial output, max and sum of the split are written;
+//      `combine` merges the splits and rotates back once.
+// Cache planes per side: codes [B][H][cap][P] bytes; scales: TurboQuant
+// [B][H][cap] f32, ggml [B][H][cap][D/32] f16.
+// ---------------------------------------------------------------------------
+#define PK (D * KB / 8)
+#define PV (D * VB / 8)
+#define RSW(p) ((((p) / 4) % 2 == 0) ? ((p) / 4 + 1) : ((p) / 4))
+#define KRS RSW(PK)
+#define VRS RSW(PV)
+#define NBLK (D / 32)
+#define KSC (KMODE == 0 ? 1 : NBLK)  // scales per token
+#define VSC (VMODE == 0 ? 1 : NBLK)
+#define KVEC ((TILE * PK / 16 + NT - 1) / NT)  // 16-byte loads per thread per tile
+#define VVEC ((TILE * PV / 16 + NT - 1) / NT)
+#define CH (D / 8)          // 8-coordinate chunks per vector
+#define GROUPS (NT / CH)    // token groups in the value phase
+
+__device__ __forceinline__ float kdecode(u32 f, const float* tab) {
+#if KMODE == 0
+    return tab[f];
+#elif KMODE == 1
+    return (float)((int)f - 8);
+#else
+    return (float)(signed char)f;
+#endif
+}
+__device__ __forceinline__ float vdecode(u32 f, const float* tab) {
+#if VMODE == 0
+    return tab[f];
+#elif VMODE == 1
+    return (float)((int)f - 8);
+#else
+    return (float)(signed char)f;
+#endif
+}
+
+#define LOAD_TILE(T0_) do { \
+_Pragma("unroll") \
+        for (int r = 0; r < KVEC; r++) { \
+            int i = tid + r * NT; \
+            if (i < TILE * PK / 16) kreg[r] = ((const uint4*)(kcs + (u64)T0_ * PK))[i]; \
+        } \
+_Pragma("unroll") \
+        for (int r = 0; r < VVEC; r++) { \
+            int i = tid + r * NT; \
+            if (i < TILE * PV / 16) vreg[r] = ((const uint4*)(vcs + (u64)T0_ * PV))[i]; \
+        } \
+        int t = T0_ + tid; \
+        if (KMODE == 0) kscr[0] = ((const float*)ks)[seq * cap + t]; \
+        else for (int c = 0; c < KSC; c++) kscr[c] = h2f(((const u16*)ks)[(seq * cap + t) * NBLK + c]); \
+        if (VMODE == 0) vscr[0] = ((const float*)vs)[seq * cap + t]; \
+        else for (int c = 0; c < VSC; c++) vscr[c] = h2f(((const u16*)vs)[(seq * cap + t) * NBLK + c]); \
+} while (0)
+#define STORE_TILE() do { \
+_Pragma("unroll") \
+        for (int r = 0; r < KVEC; r++) { \
+            int i = tid + r * NT; \
+            if (i < TILE * PK / 16) { \
+                u32 w[4] = {kreg[r].x, kreg[r].y, kreg[r].z, kreg[r].w}; \
+_Pragma("unroll") \
+                for (int e = 0; e < 4; e++) { \
+                    int wi = i * 4 + e; \
+                    ktile[(wi / (PK / 4)) * KRS + wi % (PK / 4)] = w[e]; \
+                } \
+            } \
+        } \
+_Pragma("unroll") \
+        for (int r = 0; r < VVEC; r++) { \
+            int i = tid + r * NT; \
+            if (i < TILE * PV / 16) { \
+                u32 w[4] = {vreg[r].x, vreg[r].y, vreg[r].z, vreg[r].w}; \
+_Pragma("unroll") \
+                for (int e = 0; e < 4; e++) { \
+                    int wi = i * 4 + e; \
+                    vtile[(wi / (PV / 4)) * VRS + wi % (PV / 4)] = w[e]; \
+                } \
+            } \
+        } \
+_Pragma("unroll") \
+        for (int c = 0; c < VSC; c++) vscl[tid * VSC + c] = vscr[c]; \
+} while (0)
+
+extern "C" __global__ void __launch_bounds__(NT) tq_attend(
+    const float* __restrict__ q,        // [B][Hq][D]
+    const u8* __restrict__ kc, const void* __restrict__ ks,
+    const u8* __restrict__ vc, const void* __restrict__ vs,
+    const int* __restrict__ lens, int cap, int kv_heads, int split_len,
+    const u32* __restrict__ ks1, const u32* __restrict__ ks2, float ktotal, const float* __restrict__ ktab_g,
+    const float* __restrict__ vtab_g,
+    float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl) {
+    extern __shared__ __align__(16) u32 smem[];
+    u32* ktile = smem;                                   // TILE*KRS (+1) words
+    u32* vtile = ktile + TILE * KRS + 4;                 // TILE*VRS (+1) words
+    float* vscl = (float*)(vtile + TILE * VRS + 4);      // TILE*VSC
+    float* sc = vscl + TILE * VSC;                       // G*TILE scores, then weights
+    float* qr = sc + G * TILE;                           // G*D
+    float* ktab = qr + G * D;                            // 256
+    float* vtab = ktab + 256;                            // 256
+    float* corr = vtab + 256;                            // G
+    float* mrun = corr + G;                              // G
+    float* lrun = mrun + G;                              // G
+
+    int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int len = lens[b];
+    int t_begin = split * split_len;
+    int t_end = min(len, t_begin + split_len);
+    int hq0 = h * G;
+    int nsplit = gridDim.x;
+    int Hq = kv_heads * G;
+
+    u64 seq = (u64)b * kv_heads + h;
+    const u8* kcs = kc + seq * cap * PK;
+    const u8* vcs = vc + seq * cap * PV;
+
+    for (int i = tid; i < 256; i += NT) {
+        ktab[i] = KMODE == 0 && i < (1 << KB) ? ktab_g[i] : 0.0f;
+        vtab[i] = VMODE == 0 && i < (1 << VB) ? vtab_g[i] : 0.0f;
+    }
+    for (int i = tid; i < G * D; i += NT) qr[i] = q[((u64)b * Hq + hq0) * D + i];
+    if (tid < G) { mrun[tid] = NEG_INF; lrun[tid] = 0.0f; }
+    __syncthreads();
+#if ROTK
+    rotate_smem(qr, ks1, ks2, ktotal, D, G);
+#endif
+    float qscale = rsqrtf((float)D);
+    for (int i = tid; i < G * D; i += NT) qr[i] *= qscale;
+    __syncthreads();
+
+    float acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+        for (int k = 0; k < 8; k++) acc[g][k] = 0.0f;
+
+    int chunk = tid % CH, grp = tid / CH;
+
+    // register staging of one tile
+    uint4 kreg[KVEC], vreg[VVEC];
+    float kscr[KSC], vscr[VSC];
+
+    if (t_begin < t_end) LOAD_TILE(t_begin);
+    for (int t0 = t_begin; t0 < t_end; t0 += TILE) {
+        int nvalid = min(TILE, t_end - t0);
+        float kscale[KSC];
+#pragma unroll
+        for (int c = 0; c < KSC; c++) kscale[c] = kscr[c];
+        STORE_TILE();
+        __syncthreads();
+        if (t0 + TILE < t_end) LOAD_TILE(t0 + TILE);  // in flight during this tile
+
+        // ---- scores: thread tid <-> token t0 + tid ----
+        if (tid < nvalid) {
+            float s[G];
+#pragma unroll
+            for (int g = 0; g < G; g++) s[g] = 0.0f;
+            const u32* row = ktile + tid * KRS;
+#pragma unroll
+            for (int c = 0; c < NBLK; c++) {  // 32 coordinates = KB words
+                u32 w[KB + 1];
+#pragma unroll
+                for (int i = 0; i < KB; i++) w[i] = row[c * KB + i];
+                w[KB] = 0;
+                float part[G];
+#pragma unroll
+                for (int g = 0; g < G; g++) part[g] = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 32; k += 4) {
+                    float x[4];
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int bit = (k + e) * KB;
+                        int wi = bit >> 5, sh = bit & 31;
+                        u32 f = w[wi] >> sh;
+                        if (sh + KB > 32) f |= w[wi + 1] << (32 - sh);
+                        x[e] = kdecode(f & ((1u << KB) - 1), ktab);
+                    }
+#pragma unroll
+                    for (int g = 0; g < G; g++) {
+                        float4 qq = ((const float4*)(qr + g * D))[(c * 32 + k) / 4];
+                        part[g] += qq.x * x[0] + qq.y * x[1] + qq.z * x[2] + qq.w * x[3];
+                    }
+                }
+#pragma unroll
+                for (int g = 0; g < G; g++) s[g] += KMODE == 0 ? part[g] : part[g] * kscale[c];
+            }
+#pragma unroll
+            for (int g = 0; g < G; g++) sc[g * TILE + tid] = KMODE == 0 ? s[g] * kscale[0] : s[g];
+        } else {
+#pragma unroll
+            for (int g = 0; g < G; g++) sc[g * TILE + tid] = NEG_INF;
+        }
+        __syncthreads();
+
+        // ---- online softmax: a warp per head ----
+        for (int g = warp; g < G; g += NT / 32) {
+            float v[TILE / 32];
+            float mx = NEG_INF;
+#pragma unroll
+            for (int i = 0; i < TILE / 32; i++) { v[i] = sc[g * TILE + lane + 32 * i]; mx = fmaxf(mx, v[i]); }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float mold = mrun[g];
+            float mnew = fmaxf(mold, mx);
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < TILE / 32; i++) {
+                int t = lane + 32 * i;
+                float p = __expf(v[i] - mnew);
+                sum += p;
+                sc[g * TILE + t] = VMODE == 0 ? p * vscl[t] : p;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            __syncwarp();
+            if (lane == 0) {
+                float cf = __expf(mold - mnew);
+                corr[g] = cf;
+                mrun[g] = mnew;
+                lrun[g] = lrun[g] * cf + sum;
+            }
+        }
+        __syncthreads();
+
+        // ---- values: 8 coordinates x G heads per thread ----
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float cf = corr[g];
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc[g][k] *= cf;
+        }
+        for (int t = grp; t < nvalid; t += GROUPS) {
+            const u32* row = vtile + t * VRS;
+            int byte = chunk * VB;  // 8 fields = VB bytes
+            u64 win = (u64)row[byte >> 2] | ((u64)row[(byte >> 2) + 1] << 32);
+            u64 bitsv = win >> ((byte & 3) * 8);
+            float x[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) x[k] = vdecode((u32)(bitsv >> (k * VB)) & ((1u << VB) - 1), vtab);
+#if VMODE != 0
+            float bs = vscl[t * VSC + (chunk * 8) / 32];
+#pragma unroll
+            for (int k = 0; k < 8; k++) x[k] *= bs;
+#endif
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                float p = sc[g * TILE + t];
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[g][k] += p * x[k];
+            }
+        }
+        __syncthreads();
+    }
+
+    // ---- reduce the token groups, write the split's partial result ----
+    int Hq_ = Hq;
+    if (tid < G) {
+        u64 o = (((u64)b * Hq_ + hq0 + tid) * nsplit + split);
+        pm[o] = mrun[tid];
+        pl[o] = lrun[tid];
+    }
+    __syncthreads();
+    float* redf = (float*)smem;  // GROUPS*G*D floats (the host sizes shared memory for it)
+#pragma unroll
+    for (int g = 0; g < G; g++)
+#pragma unroll
+        for (int k = 0; k < 8; k++) redf[(grp * G + g) * D + chunk * 8 + k] = acc[g][k];
+    __syncthreads();
+    for (int i = tid; i < G * D; i += NT) {
+        float s = 0.0f;
+        for (int r = 0; r < GROUPS; r++) s += redf[r * G * D + i];
+        int g = i / D, j = i % D;
+        u64 o = (((u64)b * Hq + hq0 + g) * nsplit + split);
+        po[o * D + j] = s;
+    }
+}
+
+// Merge the splits of each (sequence, query head), normalize, rotate back
+// (V's rotation) and write out [B][Hq][D]. Block: D threads.
+extern "C" __global__ void tq_combine(const float* __restrict__ po, const float* __restrict__ pm,
+                                      const float* __restrict__ pl, int nsplit, const u32* __restrict__ vs1,
+                                      const u32* __restrict__ vs2, float vtotal, float* __restrict__ out) {
+    __shared__ float x[D];
+    u64 bh = blockIdx.x;
+    int j = threadIdx.x;
+    float M = NEG_INF;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, pm[bh * nsplit + s]);
+    float L = 0.0f, o = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        float m = pm[bh * nsplit + s];
+        if (m == NEG_INF) continue;
+        float w = __expf(m - M);
+        L += w * pl[bh * nsplit + s];
+        o += w * po[(bh * nsplit + s) * D + j];
+    }
+    x[j] = o / L;
+    __syncthreads();
+#if ROTV
+    unrotate_smem(x, vs1, vs2, vtotal, D, 1);
+#endif
+    out[bh * D + j] = x[j];
+}
+#endif

@@ -1,0 +1,346 @@
+//! CUDA kernels for TurboQuant KV caches: encode (rotation + Lloyd–Max +
+//! packing + norm, byte-identical to the CPU encoder) and fused decode
+//! attention over packed K/V codes (flash-decoding, GQA, ragged batches).
+//!
+//! Built on cudarc with dynamic loading and NVRTC: the kernels in
+//! `kernels.cu` are compiled at run time for the card found, once per
+//! configuration and process. Without the `cuda` feature the same API exists
+//! and every entry point returns [`Error::NoCuda`].
+//!
+//! Layout on the device, per side (K or V) and per (sequence, KV head), for
+//! `cap` token slots: a plane of codes (`cap × code_bytes`) and a plane of
+//! scales (TurboQuant: one f32 norm per token; `q8_0`/`q4_0`: one f16 per
+//! block of 32 values). [`split_codes`] converts the CPU codecs' codes (the
+//! bytes `tq-kv` stores) into these planes and [`join_tq_codes`] back, so
+//! both sides can be compared byte for byte.
+
+use tq_core::baselines::ggml::QK;
+use tq_core::codec::TurboQuantMse;
+use tq_core::kv::{KvSpec, Store};
+use tq_core::{Codec, RotationKind};
+
+#[cfg(feature = "cuda")]
+mod gpu;
+#[cfg(not(feature = "cuda"))]
+mod stub;
+#[cfg(feature = "cuda")]
+pub use gpu::*;
+#[cfg(not(feature = "cuda"))]
+pub use stub::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("this build of turboquant has no CUDA support (rebuild with the `cuda` feature)")]
+    NoCuda,
+    #[error("no usable CUDA driver: {0}")]
+    NoDevice(String),
+    #[error("CUDA error: {0}")]
+    Cuda(String),
+    #[error("CUDA kernel compilation failed: {0}")]
+    Compile(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error(transparent)]
+    Core(#[from] tq_core::TqError),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How one side of the cache is coded on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideKind {
+    /// TurboQuant_mse at `bits` (2, 3 or 4), with or without norm correction.
+    Tq { bits: u32, nc: bool },
+    Q4_0,
+    Q8_0,
+}
+
+impl SideKind {
+    pub fn parse(name: &str) -> Result<Self> {
+        let unsupported =
+            || Error::Unsupported(format!("the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{name}'"));
+        match name {
+            "q4_0" => return Ok(SideKind::Q4_0),
+            "q8_0" => return Ok(SideKind::Q8_0),
+            _ => {}
+        }
+        let rest = name.strip_prefix("tq-mse-").ok_or_else(unsupported)?;
+        let (b, nc) = match rest.strip_suffix("-nc") {
+            Some(b) => (b, true),
+            None => (rest, false),
+        };
+        let bits: u32 = b.parse().map_err(|_| unsupported())?;
+        if !(2..=4).contains(&bits) {
+            return Err(unsupported());
+        }
+        Ok(SideKind::Tq { bits, nc })
+    }
+
+    /// Bits per coordinate of the code plane.
+    pub fn bits(self) -> u32 {
+        match self {
+            SideKind::Tq { bits, .. } => bits,
+            SideKind::Q4_0 => 4,
+            SideKind::Q8_0 => 8,
+        }
+    }
+    /// Kernel mode number (see kernels.cu).
+    pub fn mode(self) -> u32 {
+        match self {
+            SideKind::Tq { .. } => 0,
+            SideKind::Q4_0 => 1,
+            SideKind::Q8_0 => 2,
+        }
+    }
+    pub fn code_bytes(self, d: usize) -> usize {
+        d * self.bits() as usize / 8
+    }
+    pub fn scale_bytes(self, d: usize) -> usize {
+        match self {
+            SideKind::Tq { .. } => 4,
+            _ => 2 * (d / QK),
+        }
+    }
+    /// Bytes per head vector, scales included (equal to the CPU code size).
+    pub fn bytes_per_vector(self, d: usize) -> usize {
+        self.code_bytes(d) + self.scale_bytes(d)
+    }
+    fn rotated(self) -> bool {
+        matches!(self, SideKind::Tq { .. })
+    }
+}
+
+/// One side: its kind and, for TurboQuant, the CPU codec it must match.
+pub struct SideSpec {
+    pub name: String,
+    pub kind: SideKind,
+    pub seed: u64,
+    pub head_dim: usize,
+    codec: Box<dyn Codec>,
+    tq: Option<TurboQuantMse>,
+}
+
+impl SideSpec {
+    pub fn new(name: &str, head_dim: usize, seed: u64) -> Result<Self> {
+        if head_dim != 64 && head_dim != 128 {
+            return Err(Error::Unsupported(format!("head_dim {head_dim}: the GPU kernels take 64 or 128")));
+        }
+        let kind = SideKind::parse(name)?;
+        let codec = tq_core::build(name, head_dim, seed, RotationKind::Hadamard)?;
+        let tq = match kind {
+            SideKind::Tq { bits, nc } => Some(TurboQuantMse::new(head_dim, bits, seed, RotationKind::Hadamard, nc)?),
+            _ => None,
+        };
+        Ok(Self { name: name.to_string(), kind, seed, head_dim, codec, tq })
+    }
+    /// The CPU codec (the reference this side matches).
+    pub fn codec(&self) -> &dyn Codec {
+        self.codec.as_ref()
+    }
+    /// Sign masks of the two Hadamard rounds and the final scale (TurboQuant sides).
+    pub fn hadamard(&self) -> Option<(&[u32], &[u32], f32)> {
+        self.tq.as_ref().and_then(|c| c.rotation().two_round_pow2())
+    }
+    /// Lloyd–Max (centroids, boundaries) of a TurboQuant side.
+    pub fn codebook(&self) -> Option<(&[f32], &[f32])> {
+        self.tq.as_ref().map(|c| (&c.codebook().centroids[..], &c.codebook().boundaries[..]))
+    }
+    pub fn rotated(&self) -> bool {
+        self.kind.rotated()
+    }
+}
+
+/// Keys and values of a KV precision as the GPU runs it: the same codecs and
+/// seeds as `tq_kv::CodecCache` (values use `derive_seed(seed, 0x56)`).
+pub fn kv_sides(precision: &str, head_dim: usize, seed: u64) -> Result<(SideSpec, SideSpec)> {
+    let spec = KvSpec::parse(precision)?;
+    let side = |s: &Store, seed: u64| match s {
+        Store::Codec(name) => SideSpec::new(name, head_dim, seed),
+        _ => Err(Error::Unsupported(format!(
+            "KV precision '{precision}': the GPU kernels take tq-mse-B, tq-mse-B-nc, kBvC, q8_0 and q4_0"
+        ))),
+    };
+    Ok((side(&spec.keys, seed)?, side(&spec.values, tq_core::rng::derive_seed(seed, 0x56))?))
+}
+
+/// CPU codes (`n` consecutive codes of the side's codec) → (code plane, scale plane bytes).
+pub fn split_codes(kind: SideKind, d: usize, cpu: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+    let cs = kind.bytes_per_vector(d);
+    if cpu.len() % cs != 0 {
+        return Err(Error::Shape(format!("{} bytes of codes is not a whole number of {cs}-byte codes", cpu.len())));
+    }
+    let n = cpu.len() / cs;
+    let (pb, sb) = (kind.code_bytes(d), kind.scale_bytes(d));
+    let mut codes = Vec::with_capacity(n * pb);
+    let mut scales = Vec::with_capacity(n * sb);
+    for c in cpu.chunks_exact(cs) {
+        match kind {
+            SideKind::Tq { .. } => {
+                codes.extend_from_slice(&c[..pb]);
+                scales.extend_from_slice(&c[pb..]);
+            }
+            SideKind::Q8_0 => {
+                for blk in c.chunks_exact(2 + QK) {
+                    scales.extend_from_slice(&blk[..2]);
+                    codes.extend_from_slice(&blk[2..]);
+                }
+            }
+            SideKind::Q4_0 => {
+                // ggml: byte j = q_j | q_{j+16} << 4; GPU: coordinate j at nibble j (LSB-first)
+                for blk in c.chunks_exact(2 + QK / 2) {
+                    scales.extend_from_slice(&blk[..2]);
+                    let q = |j: usize| if j < 16 { blk[2 + j] & 15 } else { blk[2 + j - 16] >> 4 };
+                    for p in 0..QK / 2 {
+                        codes.push(q(2 * p) | (q(2 * p + 1) << 4));
+                    }
+                }
+            }
+        }
+    }
+    Ok((codes, scales))
+}
+
+/// TurboQuant planes → CPU codes (`[packed indices][f32 scale]` per vector).
+pub fn join_tq_codes(d: usize, bits: u32, codes: &[u8], scales: &[f32]) -> Vec<u8> {
+    let pb = d * bits as usize / 8;
+    let mut out = Vec::with_capacity(scales.len() * (pb + 4));
+    for (c, s) in codes.chunks_exact(pb).zip(scales) {
+        out.extend_from_slice(c);
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out
+}
+
+/// Geometry of a batch of sequences for decode attention.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Tokens in the cache of each sequence (1 or more each).
+    pub lens: Vec<usize>,
+}
+
+impl AttnShape {
+    pub fn batch(&self) -> usize {
+        self.lens.len()
+    }
+    pub fn group(&self) -> usize {
+        self.q_heads / self.kv_heads
+    }
+    pub fn max_len(&self) -> usize {
+        self.lens.iter().copied().max().unwrap_or(0)
+    }
+    pub fn check(&self) -> Result<()> {
+        if self.head_dim != 64 && self.head_dim != 128 {
+            return Err(Error::Unsupported(format!("head_dim {}: the GPU kernels take 64 or 128", self.head_dim)));
+        }
+        if self.kv_heads == 0 || self.q_heads == 0 || self.q_heads % self.kv_heads != 0 {
+            return Err(Error::Shape(format!(
+                "{} query heads cannot be grouped over {} KV heads",
+                self.q_heads, self.kv_heads
+            )));
+        }
+        if self.group() > 16 {
+            return Err(Error::Unsupported(format!("a GQA group of {} query heads (at most 16)", self.group())));
+        }
+        if self.lens.is_empty() || self.lens.contains(&0) {
+            return Err(Error::Shape("every sequence needs at least one cached token".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Reference decode attention in f64 over dequantized caches: `k`, `v` are
+/// `[batch][kv_heads][max_len][head_dim]` decoded values (rows past a
+/// sequence's length unused), `q` is `[batch][q_heads][head_dim]`; returns
+/// `[batch][q_heads][head_dim]`.
+pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
+    let (d, hq, g, t) = (shape.head_dim, shape.q_heads, shape.group(), shape.max_len());
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0.0f64; shape.batch() * hq * d];
+    for (b, &len) in shape.lens.iter().enumerate() {
+        for h in 0..hq {
+            let kvh = h / g;
+            let base = (b * shape.kv_heads + kvh) * t * d;
+            let qv = &q[(b * hq + h) * d..(b * hq + h + 1) * d];
+            let s: Vec<f64> = (0..len)
+                .map(|i| qv.iter().zip(&k[base + i * d..base + (i + 1) * d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale)
+                .collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            let o = &mut out[(b * hq + h) * d..(b * hq + h + 1) * d];
+            for (i, wi) in w.iter().enumerate() {
+                for (oj, &vj) in o.iter_mut().zip(&v[base + i * d..base + (i + 1) * d]) {
+                    *oj += wi / z * vj as f64;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// ‖a − b‖ / ‖b‖ (NaN anywhere gives NaN).
+pub fn rel_error(a: &[f32], b: &[f64]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y).powi(2);
+        den += y * y;
+    }
+    if a.iter().any(|x| x.is_nan()) {
+        return f64::NAN;
+    }
+    (num / den).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planes_round_trip_cpu_codes() {
+        let d = 128;
+        let mut rng = tq_core::rng::Xoshiro256::new(5);
+        let xs: Vec<f32> = (0..d * 7).map(|_| rng.gaussian() as f32).collect();
+        for name in ["tq-mse-4", "tq-mse-3-nc", "q8_0", "q4_0"] {
+            let side = SideSpec::new(name, d, 9).unwrap();
+            let c = side.codec();
+            let mut codes = vec![0u8; 7 * c.code_size()];
+            c.encode_batch(&xs, &mut codes).unwrap();
+            let (plane, scales) = split_codes(side.kind, d, &codes).unwrap();
+            assert_eq!(plane.len(), 7 * side.kind.code_bytes(d));
+            assert_eq!(scales.len(), 7 * side.kind.scale_bytes(d));
+            if let SideKind::Tq { bits, .. } = side.kind {
+                let f: Vec<f32> = scales.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                assert_eq!(join_tq_codes(d, bits, &plane, &f), codes);
+            }
+            if side.kind == SideKind::Q4_0 {
+                // the GPU nibble j is coordinate j: decode by hand and compare with the codec
+                let mut dec = vec![0.0f32; d];
+                c.decode(&codes[..c.code_size()], &mut dec).unwrap();
+                for j in 0..d {
+                    let q = (plane[j / 2] >> (4 * (j % 2))) & 15;
+                    let s = half::f16::from_le_bytes([scales[2 * (j / 32)], scales[2 * (j / 32) + 1]]).to_f32();
+                    assert_eq!((q as f32 - 8.0) * s, dec[j], "coordinate {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn specs_refuse_what_the_kernels_do_not_take() {
+        assert!(matches!(SideSpec::new("tq-mse-4", 96, 1), Err(Error::Unsupported(_))));
+        assert!(matches!(SideSpec::new("tq-prod-4", 128, 1), Err(Error::Unsupported(_))));
+        assert!(matches!(kv_sides("kivi-2", 128, 1), Err(Error::Unsupported(_))));
+        assert!(kv_sides("nonsense", 128, 1).is_err());
+        let (k, v) = kv_sides("k4v3", 128, 1).unwrap();
+        assert_eq!((k.kind, v.kind), (SideKind::Tq { bits: 4, nc: false }, SideKind::Tq { bits: 3, nc: false }));
+        let bad = AttnShape { q_heads: 9, kv_heads: 2, head_dim: 128, lens: vec![4] };
+        assert!(matches!(bad.check(), Err(Error::Shape(_))));
+        let empty = AttnShape { q_heads: 8, kv_heads: 2, head_dim: 128, lens: vec![4, 0] };
+        assert!(matches!(empty.check(), Err(Error::Shape(_))));
+    }
+}
