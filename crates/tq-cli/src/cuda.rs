@@ -33,17 +33,27 @@ fn cpu_codes(side: &SideSpec, xs: &[f32]) -> Result<(Vec<u8>, Vec<f32>)> {
 }
 
 /// Runs one attention check: CPU-encoded caches → GPU attention vs f64 reference.
-fn attention_case(gpu: &Gpu, precision: &str, shape: &AttnShape, k: &[f32], v: &[f32], q: &[f32]) -> Result<f64> {
+/// Returns (kernel, relative error) for each attention kernel that applies.
+fn attention_case(gpu: &Gpu, precision: &str, shape: &AttnShape, k: &[f32], v: &[f32], q: &[f32]) -> Result<Vec<(&'static str, f64)>> {
     let (ks, vs) = kv_sides(precision, shape.head_dim, 0)?;
     let (kc, kd) = cpu_codes(&ks, k)?;
     let (vc, vd) = cpu_codes(&vs, v)?;
-    let mut kv = gpu.upload_kv(shape, &ks, &vs, &kc, &vc)?;
-    let out = gpu.attend(&mut kv, q)?;
-    if let Some(i) = out.iter().position(|x| !x.is_finite()) {
-        bail!("{precision}: output element {i} is {} (unwritten or overflowed)", out[i]);
-    }
     let reference = tq_cuda::reference_attention(shape, q, &kd, &vd);
-    Ok(tq_cuda::rel_error(&out, &reference))
+    let mut res = Vec::new();
+    for simt in [false, true] {
+        gpu.force_simt(simt);
+        let mut kv = gpu.upload_kv(shape, &ks, &vs, &kc, &vc)?;
+        if res.iter().any(|(name, _)| *name == kv.kernel) {
+            continue;
+        }
+        let out = gpu.attend(&mut kv, q)?;
+        if let Some(i) = out.iter().position(|x| !x.is_finite()) {
+            bail!("{precision} ({}): output element {i} is {} (unwritten or overflowed)", kv.kernel, out[i]);
+        }
+        res.push((kv.kernel, tq_cuda::rel_error(&out, &reference)));
+    }
+    gpu.force_simt(false);
+    Ok(res)
 }
 
 /// Real keys/values/queries dumped by `tq kv dump` (npy files in `dir`).
@@ -105,11 +115,12 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
         let rows = shape.batch() * hkv * t;
         let (k, v, q) = (gaussian(rows * d, 1), gaussian(rows * d, 2), gaussian(shape.batch() * hq * d, 3));
         for p in PRECISIONS.iter().chain(&["tq-mse-4-nc"]) {
-            let e = attention_case(&gpu, p, &shape, &k, &v, &q)?;
-            eprintln!("attention {p} {geo} random lens {:?}: rel error {e:.2e}", shape.lens);
-            results.push(json!({"check": "attention", "data": "random", "kv": p, "geometry": geo, "lens": shape.lens, "rel_error": e}));
-            if !(e <= 1e-3) {
-                failures.push(format!("attention {p} {geo} random: rel error {e:.2e}"));
+            for (kernel, e) in attention_case(&gpu, p, &shape, &k, &v, &q)? {
+                eprintln!("attention {p} {geo} [{kernel}] random lens {:?}: rel error {e:.2e}", shape.lens);
+                results.push(json!({"check": "attention", "data": "random", "kv": p, "kernel": kernel, "geometry": geo, "lens": shape.lens, "rel_error": e}));
+                if !(e <= 1e-3) {
+                    failures.push(format!("attention {p} {geo} [{kernel}] random: rel error {e:.2e}"));
+                }
             }
         }
     }
@@ -123,11 +134,12 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
             let (k, v) = (&dump.k[layer * n..(layer + 1) * n], &dump.v[layer * n..(layer + 1) * n]);
             let q = &dump.q[layer * dump.q_heads * d..(layer + 1) * dump.q_heads * d];
             for p in PRECISIONS.iter().chain(&["tq-mse-4-nc"]) {
-                let e = attention_case(&gpu, p, &shape, k, v, q)?;
-                eprintln!("attention {p} smollm2 real layer #{layer} ({} tokens): rel error {e:.2e}", dump.tokens);
-                results.push(json!({"check": "attention", "data": "smollm2-real", "kv": p, "layer_index": layer, "tokens": dump.tokens, "rel_error": e}));
-                if !(e <= 1e-3) {
-                    failures.push(format!("attention {p} real layer #{layer}: rel error {e:.2e}"));
+                for (kernel, e) in attention_case(&gpu, p, &shape, k, v, q)? {
+                    eprintln!("attention {p} [{kernel}] smollm2 real layer #{layer} ({} tokens): rel error {e:.2e}", dump.tokens);
+                    results.push(json!({"check": "attention", "data": "smollm2-real", "kv": p, "kernel": kernel, "layer_index": layer, "tokens": dump.tokens, "rel_error": e}));
+                    if !(e <= 1e-3) {
+                        failures.push(format!("attention {p} [{kernel}] real layer #{layer}: rel error {e:.2e}"));
+                    }
                 }
             }
         }
@@ -168,8 +180,12 @@ pub fn bench(sdpa: Option<&Path>, quick: bool) -> Result<Vec<Value>> {
     for &(geo, hq, hkv, d) in &GEOMETRIES {
         for &b in batches {
             for &t in contexts {
-                for p in PRECISIONS {
+                for (p, simt) in PRECISIONS.iter().flat_map(|p| [(*p, false), (*p, true)]) {
                     let (ks, vs) = kv_sides(p, d, 0)?;
+                    if simt && !(ks.rotated() && vs.rotated()) {
+                        continue; // ggml formats have the SIMT kernel only
+                    }
+                    gpu.force_simt(simt);
                     let shape = AttnShape { q_heads: hq, kv_heads: hkv, head_dim: d, lens: vec![t; b] };
                     let bytes = b * hkv * t * (ks.kind.bytes_per_vector(d) + vs.kind.bytes_per_vector(d));
                     let copies = (1usize << 28).div_ceil(bytes).clamp(1, 16);
@@ -178,11 +194,12 @@ pub fn bench(sdpa: Option<&Path>, quick: bool) -> Result<Vec<Value>> {
                     let ms = gpu.time_attend(&mut kv, &q, 3, 20)?;
                     let gbps = kv.bytes_read() as f64 / (ms * 1e-3) / 1e9;
                     let sd = base.get(&(b, t, hq, hkv, d)).copied();
-                    let row = json!({"card": card, "codec": p, "geometry": geo, "batch": b, "context": t, "q_heads": hq, "kv_heads": hkv,
+                    let row = json!({"card": card, "codec": p, "kernel": kv.kernel, "geometry": geo, "batch": b, "context": t, "q_heads": hq, "kv_heads": hkv,
                         "head_dim": d, "kernel_ms": ms, "sdpa_bf16_ms": sd, "speedup": sd.map(|s| s / ms), "gbps": gbps,
                         "copy_gbps": copy, "bandwidth_fraction": gbps / copy, "cache_bytes": kv.bytes_read(), "splits": kv.splits()});
                     eprintln!(
-                        "{geo:13} B={b:2} T={t:6} {p:8}: {ms:8.4} ms  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}",
+                        "{geo:13} B={b:2} T={t:6} {p:8} {:8}: {ms:8.4} ms  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}",
+                        kv.kernel,
                         100.0 * gbps / copy,
                         sd.map(|s| format!("{s:.4} ms, {:.2}x", s / ms)).unwrap_or_else(|| "-".into())
                     );

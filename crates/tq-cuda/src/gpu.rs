@@ -2,6 +2,7 @@
 //! kernels compiled by NVRTC per configuration and cached per process.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute_enum};
@@ -25,6 +26,7 @@ pub struct Gpu {
     arch: &'static str,
     sms: usize,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    simt: AtomicBool,
 }
 
 /// A batch of KV caches on the device (see the crate docs for the planes),
@@ -55,6 +57,8 @@ pub struct DeviceKv {
     attend: CudaFunction,
     combine: CudaFunction,
     smem: u32,
+    /// Which attention kernel runs: `mma-f16` (tensor cores) or `simt-f32`.
+    pub kernel: &'static str,
 }
 
 struct Rot {
@@ -86,7 +90,7 @@ impl Gpu {
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let sms = cu(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))? as usize;
         let stream = ctx.default_stream();
-        Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()) })
+        Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false) })
     }
 
     pub fn name(&self) -> Result<String> {
@@ -95,6 +99,12 @@ impl Gpu {
 
     pub fn sm_count(&self) -> usize {
         self.sms
+    }
+
+    /// Caches made from now on use the plain fp32 (SIMT) attention kernel even
+    /// where the tensor-core one applies (TurboQuant K and V, GQA group ≤ 8).
+    pub fn force_simt(&self, on: bool) {
+        self.simt.store(on, Ordering::Relaxed);
     }
 
     fn module(&self, defines: &str) -> Result<Arc<CudaModule>> {
@@ -172,9 +182,10 @@ impl Gpu {
         let nsplit = cap.div_ceil(split_len);
         let defines = attention_defines(d, g, k.kind, v.kind);
         let module = self.module(&defines)?;
-        let attend = cu(module.load_function("tq_attend"))?;
+        let mma = k.rotated() && v.rotated() && g <= 8 && !self.simt.load(Ordering::Relaxed);
+        let attend = cu(module.load_function(if mma { "tq_attend_mma" } else { "tq_attend" }))?;
         let combine = cu(module.load_function("tq_combine"))?;
-        let smem = attend_smem(d, g, k.kind, v.kind);
+        let smem = if mma { 0 } else { attend_smem(d, g, k.kind, v.kind) };
         if smem > 48 * 1024 {
             cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
         }
@@ -206,6 +217,7 @@ impl Gpu {
             attend,
             combine,
             smem: smem as u32,
+            kernel: if mma { "mma-f16" } else { "simt-f32" },
         })
     }
 

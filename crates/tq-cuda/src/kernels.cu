@@ -492,4 +492,216 @@ extern "C" __global__ void tq_combine(const float* __restrict__ po, const float*
 #endif
     out[bh * D + j] = x[j];
 }
+
+#if KMODE == 0 && VMODE == 0 && G <= 8
+// ---------------------------------------------------------------------------
+// Tensor-core variant for TurboQuant K and V (G <= 8), one warp per stream of
+// 16-token steps, 4 warps per block (their results merged in shared memory).
+//   S[g][t] = Q[g]·K̂[t]:  mma m16n8k16, A = Q (rows g, zero past G), B = K̂ᵀ
+//   (8 tokens); coordinates are permuted consistently in Q and K̂ so that
+//   thread (n = lane/4, r = lane%4) supplies token n's coordinates
+//   [r·D/4, (r+1)·D/4), which it loads as one contiguous piece of the row.
+//   K̂ values come in pairs from a table indexed by two packed fields.
+//   Oᵀ[j][g] += V̂ᵀ[j][t] · P[g][t]: A = V̂ᵀ (16 coordinates × 16 tokens), B =
+//   Pᵀ, which is exactly the C fragment of S (no shuffles, no shared memory);
+//   thread n holds coordinates [n·D/8, (n+1)·D/8) of its four tokens.
+// f16 operands (Q, centroids, p·‖v‖), f32 accumulation.
+// ---------------------------------------------------------------------------
+#define CPT (D / 4)                        // K coordinates per thread
+#define KWA ((CPT * KB + 31) / 32)         // aligned K words per thread
+#define CPV (D / 8)                        // V coordinates per thread
+#define VWA ((CPV * VB + 31) / 32)         // aligned V words per thread
+#define NWARP 4
+
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("{ .reg .f16 l, h;\n cvt.rn.f16.f32 l, %1;\n cvt.rn.f16.f32 h, %2;\n mov.b32 %0, {l, h}; }" : "=r"(r) : "f"(lo), "f"(hi));
+    return r;
+}
+
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// `nbits` bits starting at bit `bit` of a token row (u32 words), aligned into
+// NA words: out[i] = bits [bit + 32i, bit + 32i + 32).
+template <int NA>
+__device__ __forceinline__ void load_window(const u32* row, int bit, int nbits, u32* out) {
+    int w0 = bit >> 5, sh = bit & 31;
+    int need = (sh + nbits + 31) >> 5;
+    u32 w[NA + 1];
+#pragma unroll
+    for (int i = 0; i < NA + 1; i++) w[i] = i < need ? __ldg(row + w0 + i) : 0u;
+#pragma unroll
+    for (int i = 0; i < NA; i++) out[i] = __funnelshift_r(w[i], w[i + 1], sh);
+}
+
+// field of `bits` bits at compile-time position `pos` of aligned words
+template <int BITS>
+__device__ __forceinline__ u32 field(const u32* a, int pos) {
+    int wi = pos >> 5, sh = pos & 31;
+    u32 v = a[wi] >> sh;
+    if (sh + BITS > 32) v |= a[wi + 1] << (32 - sh);
+    return v & ((1u << BITS) - 1);
+}
+
+extern "C" __global__ void __launch_bounds__(NWARP * 32) tq_attend_mma(
+    const float* __restrict__ q, const u8* __restrict__ kc, const float* __restrict__ ks,
+    const u8* __restrict__ vc, const float* __restrict__ vs, const int* __restrict__ lens, int cap, int kv_heads,
+    int split_len, const u32* __restrict__ ks1, const u32* __restrict__ ks2, float ktotal,
+    const float* __restrict__ ktab_g, const float* __restrict__ vtab_g, float* __restrict__ po,
+    float* __restrict__ pm, float* __restrict__ pl) {
+    __shared__ __align__(16) float qr[G * D];
+    __shared__ u32 ktab2[1 << (2 * KB)];
+    __shared__ u32 vtab2[1 << (2 * VB)];
+    __shared__ float wm[NWARP][8], wl[NWARP][8];
+    __shared__ float wo[NWARP][8][D];
+
+    int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int n = lane >> 2, r = lane & 3;
+    int len = lens[b];
+    int t_begin = split * split_len;
+    int t_end = min(len, t_begin + split_len);
+    int hq0 = h * G, Hq = kv_heads * G, nsplit = gridDim.x;
+    u64 seq = (u64)b * kv_heads + h;
+    const u32* kcs = (const u32*)(kc + seq * cap * PK);
+    const u32* vcs = (const u32*)(vc + seq * cap * PV);
+    const float* kns = ks + seq * cap;
+    const float* vns = vs + seq * cap;
+
+    for (int i = tid; i < (1 << (2 * KB)); i += blockDim.x)
+        ktab2[i] = pack_h2(ktab_g[i & ((1 << KB) - 1)], ktab_g[i >> KB]);
+    for (int i = tid; i < (1 << (2 * VB)); i += blockDim.x)
+        vtab2[i] = pack_h2(vtab_g[i & ((1 << VB) - 1)], vtab_g[i >> VB]);
+    for (int i = tid; i < G * D; i += blockDim.x) qr[i] = q[((u64)b * Hq + hq0) * D + i];
+    __syncthreads();
+    rotate_smem(qr, ks1, ks2, ktotal, D, G);
+    float qscale = rsqrtf((float)D);
+    // A fragments of Q: step s, thread (n, r): row n, coordinates r*CPT + 4s + {0,1} and {2,3}
+    u32 qa[D / 16][2];
+#pragma unroll
+    for (int s = 0; s < D / 16; s++) {
+        int c0 = r * CPT + 4 * s;
+        if (n < G) {
+            const float* qq = qr + n * D + c0;
+            qa[s][0] = pack_h2(qq[0] * qscale, qq[1] * qscale);
+            qa[s][1] = pack_h2(qq[2] * qscale, qq[3] * qscale);
+        } else {
+            qa[s][0] = 0u;
+            qa[s][1] = 0u;
+        }
+    }
+
+    float o[D / 16][4];
+#pragma unroll
+    for (int mb = 0; mb < D / 16; mb++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) o[mb][i] = 0.0f;
+    float m = NEG_INF, l = 0.0f;  // head n (same in the 4 lanes of a group)
+
+    // token steps of 16, interleaved over the warps
+    for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 16 * NWARP) {
+        // ---- loads ----
+        u32 kw[2][KWA];
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            load_window<KWA>(kcs + (u64)(t0 + 8 * j + n) * (PK / 4), r * CPT * KB, CPT * KB, kw[j]);
+        int tv[4] = {t0 + 2 * r, t0 + 2 * r + 1, t0 + 2 * r + 8, t0 + 2 * r + 9};
+        u32 vw[4][VWA];
+#pragma unroll
+        for (int i = 0; i < 4; i++) load_window<VWA>(vcs + (u64)tv[i] * (PV / 4), n * CPV * VB, CPV * VB, vw[i]);
+        float2 kn0 = *(const float2*)(kns + t0 + 2 * r), kn1 = *(const float2*)(kns + t0 + 8 + 2 * r);
+        float2 vn0 = *(const float2*)(vns + t0 + 2 * r), vn1 = *(const float2*)(vns + t0 + 8 + 2 * r);
+
+        // ---- scores: two blocks of 8 tokens ----
+        float sc[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) sc[j][i] = 0.0f;
+#pragma unroll
+            for (int s = 0; s < D / 16; s++) {
+                u32 b0 = ktab2[field<2 * KB>(kw[j], (2 * s) * 2 * KB)];
+                u32 b1 = ktab2[field<2 * KB>(kw[j], (2 * s + 1) * 2 * KB)];
+                mma16816(sc[j], qa[s][0], 0u, qa[s][1], 0u, b0, b1);
+            }
+        }
+        // sc[j][0..1]: head n, tokens t0 + 8j + 2r + {0,1}
+        float x[4] = {sc[0][0] * kn0.x, sc[0][1] * kn0.y, sc[1][0] * kn1.x, sc[1][1] * kn1.y};
+#pragma unroll
+        for (int i = 0; i < 4; i++) if (tv[i] >= t_end) x[i] = NEG_INF;
+        float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        float mnew = fmaxf(m, mx);
+        float cf = __expf(m - mnew);
+        m = mnew;
+        float p[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) p[i] = tv[i] < t_end ? __expf(x[i] - mnew) : 0.0f;
+        l = l * cf + (p[0] + p[1]) + (p[2] + p[3]);
+        // rescale O: this thread's O columns are heads 2r, 2r+1
+        float cfa = __shfl_sync(0xffffffffu, cf, 8 * r);
+        float cfb = __shfl_sync(0xffffffffu, cf, 8 * r + 4);
+#pragma unroll
+        for (int mb = 0; mb < D / 16; mb++) {
+            o[mb][0] *= cfa; o[mb][1] *= cfb; o[mb][2] *= cfa; o[mb][3] *= cfb;
+        }
+        float vnv[4] = {vn0.x, vn0.y, vn1.x, vn1.y};
+        float pw[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) pw[i] = tv[i] < t_end ? p[i] * vnv[i] : 0.0f;
+        u32 pb0 = pack_h2(pw[0], pw[1]), pb1 = pack_h2(pw[2], pw[3]);
+        // ---- values: A = V̂ᵀ rows (coordinates n*CPV + 2mb + {0 | 1}), columns tokens ----
+#pragma unroll
+        for (int mb = 0; mb < D / 16; mb++) {
+            u32 a[4];
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int pos = (2 * mb + e) * VB;
+                a[e] = vtab2[field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)];
+                a[2 + e] = vtab2[field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)];
+            }
+            mma16816(o[mb], a[0], a[1], a[2], a[3], pb0, pb1);
+        }
+    }
+
+    // ---- merge the warps of the block ----
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (r == 0) { wm[warp][n] = m; wl[warp][n] = l; }
+    // O fragment: c0,c1: coordinate n*CPV + 2mb, heads 2r, 2r+1; c2,c3: coordinate + 1
+#pragma unroll
+    for (int mb = 0; mb < D / 16; mb++) {
+        int c = n * CPV + 2 * mb;
+        wo[warp][2 * r][c] = o[mb][0];
+        wo[warp][2 * r + 1][c] = o[mb][1];
+        wo[warp][2 * r][c + 1] = o[mb][2];
+        wo[warp][2 * r + 1][c + 1] = o[mb][3];
+    }
+    __syncthreads();
+    for (int i = tid; i < G * D; i += blockDim.x) {
+        int g = i / D, j = i % D;
+        float M = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < NWARP; w++) M = fmaxf(M, wm[w][g]);
+        float L = 0.0f, O = 0.0f;
+        if (M != NEG_INF) {
+#pragma unroll
+            for (int w = 0; w < NWARP; w++) {
+                if (wm[w][g] == NEG_INF) continue;
+                float f = __expf(wm[w][g] - M);
+                L += f * wl[w][g];
+                O += f * wo[w][g][j];
+            }
+        }
+        u64 oi = (((u64)b * Hq + hq0 + g) * nsplit + split);
+        po[oi * D + j] = O;
+        if (j == 0) { pm[oi] = M; pl[oi] = L; }
+    }
+}
+#endif
 #endif

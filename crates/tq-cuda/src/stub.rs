@@ -13,6 +13,7 @@ pub struct DeviceKv {
     pub shape: AttnShape,
     pub k: SideKind,
     pub v: SideKind,
+    pub kernel: &'static str,
     never: Never,
 }
 
@@ -24,6 +25,9 @@ impl Gpu {
         match self.0 {}
     }
     pub fn sm_count(&self) -> usize {
+        match self.0 {}
+    }
+    pub fn force_simt(&self, _on: bool) {
         match self.0 {}
     }
     pub fn encode(&self, _side: &SideSpec, _xs: &[f32]) -> Result<Vec<u8>> {
