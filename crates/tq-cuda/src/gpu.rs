@@ -175,9 +175,10 @@ impl Gpu {
         let (b, h, g) = (shape.batch(), shape.kv_heads, shape.group());
         let cap = shape.max_len().div_ceil(TILE) * TILE;
         let rows = copies * b * h * cap;
-        // splits: enough blocks to fill the card several times over
+        // splits: enough blocks to fill the card many times over (a short tail
+        // of the last wave; the partial results cost ~1% of the cache's bytes)
         let tiles = cap / TILE;
-        let want = (4 * self.sms).div_ceil(b * h).clamp(1, tiles);
+        let want = (16 * self.sms).div_ceil(b * h).clamp(1, tiles);
         let split_len = tiles.div_ceil(want) * TILE;
         let nsplit = cap.div_ceil(split_len);
         let defines = attention_defines(d, g, k.kind, v.kind);
@@ -427,6 +428,12 @@ impl DeviceKv {
     }
     pub fn splits(&self) -> usize {
         self.nsplit
+    }
+    /// (registers per thread, resident blocks per multiprocessor) of the attention kernel.
+    pub fn occupancy(&self) -> Result<(i32, u32)> {
+        let regs = cu(self.attend.num_regs())?;
+        let blocks = cu(self.attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, self.smem as usize, None))?;
+        Ok((regs, blocks))
     }
 }
 

@@ -602,19 +602,34 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32) tq_attend_mma(
         for (int i = 0; i < 4; i++) o[mb][i] = 0.0f;
     float m = NEG_INF, l = 0.0f;  // head n (same in the 4 lanes of a group)
 
-    // token steps of 16, interleaved over the warps
-    for (int t0 = t_begin + 16 * warp; t0 < t_end; t0 += 16 * NWARP) {
-        // ---- loads ----
+    // token steps of 16, interleaved over the warps; the next step's codes and
+    // norms are loaded into registers while this one is computed
+    struct Buf {
         u32 kw[2][KWA];
+        u32 vw[4][VWA];
+        float2 kn0, kn1, vn0, vn1;
+    };
+    auto load = [&](Buf& x, int t0) {
 #pragma unroll
         for (int j = 0; j < 2; j++)
-            load_window<KWA>(kcs + (u64)(t0 + 8 * j + n) * (PK / 4), r * CPT * KB, CPT * KB, kw[j]);
-        int tv[4] = {t0 + 2 * r, t0 + 2 * r + 1, t0 + 2 * r + 8, t0 + 2 * r + 9};
-        u32 vw[4][VWA];
+            load_window<KWA>(kcs + (u64)(t0 + 8 * j + n) * (PK / 4), r * CPT * KB, CPT * KB, x.kw[j]);
+        int tl[4] = {t0 + 2 * r, t0 + 2 * r + 1, t0 + 2 * r + 8, t0 + 2 * r + 9};
 #pragma unroll
-        for (int i = 0; i < 4; i++) load_window<VWA>(vcs + (u64)tv[i] * (PV / 4), n * CPV * VB, CPV * VB, vw[i]);
-        float2 kn0 = *(const float2*)(kns + t0 + 2 * r), kn1 = *(const float2*)(kns + t0 + 8 + 2 * r);
-        float2 vn0 = *(const float2*)(vns + t0 + 2 * r), vn1 = *(const float2*)(vns + t0 + 8 + 2 * r);
+        for (int i = 0; i < 4; i++) load_window<VWA>(vcs + (u64)tl[i] * (PV / 4), n * CPV * VB, CPV * VB, x.vw[i]);
+        x.kn0 = __ldg((const float2*)(kns + t0 + 2 * r));
+        x.kn1 = __ldg((const float2*)(kns + t0 + 8 + 2 * r));
+        x.vn0 = __ldg((const float2*)(vns + t0 + 2 * r));
+        x.vn1 = __ldg((const float2*)(vns + t0 + 8 + 2 * r));
+    };
+    Buf cur, nxt;
+    int tstart = t_begin + 16 * warp;
+    if (tstart < t_end) load(cur, tstart);
+    for (int t0 = tstart; t0 < t_end; t0 += 16 * NWARP) {
+        if (t0 + 16 * NWARP < t_end) load(nxt, t0 + 16 * NWARP);
+        int tv[4] = {t0 + 2 * r, t0 + 2 * r + 1, t0 + 2 * r + 8, t0 + 2 * r + 9};
+        const u32 (*kw)[KWA] = cur.kw;
+        const u32 (*vw)[VWA] = cur.vw;
+        float2 kn0 = cur.kn0, kn1 = cur.kn1, vn0 = cur.vn0, vn1 = cur.vn1;
 
         // ---- scores: two blocks of 8 tokens ----
         float sc[2][4];
@@ -646,9 +661,11 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32) tq_attend_mma(
         // rescale O: this thread's O columns are heads 2r, 2r+1
         float cfa = __shfl_sync(0xffffffffu, cf, 8 * r);
         float cfb = __shfl_sync(0xffffffffu, cf, 8 * r + 4);
+        if (__any_sync(0xffffffffu, cfa != 1.0f || cfb != 1.0f)) {  // the max rarely moves
 #pragma unroll
-        for (int mb = 0; mb < D / 16; mb++) {
-            o[mb][0] *= cfa; o[mb][1] *= cfb; o[mb][2] *= cfa; o[mb][3] *= cfb;
+            for (int mb = 0; mb < D / 16; mb++) {
+                o[mb][0] *= cfa; o[mb][1] *= cfb; o[mb][2] *= cfa; o[mb][3] *= cfb;
+            }
         }
         float vnv[4] = {vn0.x, vn0.y, vn1.x, vn1.y};
         float pw[4];
@@ -667,6 +684,7 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32) tq_attend_mma(
             }
             mma16816(o[mb], a[0], a[1], a[2], a[3], pb0, pb1);
         }
+        cur = nxt;
     }
 
     // ---- merge the warps of the block ----
