@@ -14,6 +14,8 @@ use crate::{AttnShape, Error, Result, SideKind, SideSpec};
 const SOURCE: &str = include_str!("kernels.cu");
 const NT: usize = 128;
 const TILE: usize = 128;
+/// Threads of `tq_combine` (CT in kernels.cu).
+const COMBINE_THREADS: u32 = 256;
 
 fn cu<T, E: std::fmt::Display>(r: std::result::Result<T, E>) -> Result<T> {
     r.map_err(|e| Error::Cuda(e.to_string()))
@@ -308,8 +310,8 @@ impl Gpu {
         b.arg(&mut kv.out);
         let cfg = LaunchConfig {
             grid_dim: ((kv.shape.batch() * kv.shape.q_heads) as u32, 1, 1),
-            block_dim: (d as u32, 1, 1),
-            shared_mem_bytes: 0,
+            block_dim: (COMBINE_THREADS, 1, 1),
+            shared_mem_bytes: 4 * kv.nsplit as u32,
         };
         cu(unsafe { b.launch(cfg) })?;
         Ok(())

@@ -468,29 +468,60 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
 }
 
 // Merge the splits of each (sequence, query head), normalize, rotate back
-// (V's rotation) and write out [B][Hq][D]. Block: D threads.
-extern "C" __global__ void tq_combine(const float* __restrict__ po, const float* __restrict__ pm,
+// (V's rotation) and write out [B][Hq][D]. Block: CT threads; the split
+// weights go to shared memory (dynamic: nsplit floats), then thread groups
+// sum interleaved splits with many loads in flight.
+#define CT 256
+__device__ float block_reduce(float v, bool is_max, float* tmp) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float x = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, x) : v + x;
+    }
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) tmp[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = tmp[0];
+    for (int w = 1; w < CT / 32; w++) r = is_max ? fmaxf(r, tmp[w]) : r + tmp[w];
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restrict__ po, const float* __restrict__ pm,
                                       const float* __restrict__ pl, int nsplit, const u32* __restrict__ vs1,
                                       const u32* __restrict__ vs2, float vtotal, float* __restrict__ out) {
+    extern __shared__ float wsplit[];  // nsplit
+    __shared__ float tmp[CT / 32];
+    __shared__ float part[CT];
     __shared__ float x[D];
     u64 bh = blockIdx.x;
-    int j = threadIdx.x;
-    float M = NEG_INF;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, pm[bh * nsplit + s]);
-    float L = 0.0f, o = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
+    int tid = threadIdx.x;
+    float mx = NEG_INF;
+    for (int s = tid; s < nsplit; s += CT) mx = fmaxf(mx, pm[bh * nsplit + s]);
+    float M = block_reduce(mx, true, tmp);
+    float lsum = 0.0f;
+    for (int s = tid; s < nsplit; s += CT) {
         float m = pm[bh * nsplit + s];
-        if (m == NEG_INF) continue;
-        float w = __expf(m - M);
-        L += w * pl[bh * nsplit + s];
-        o += w * po[(bh * nsplit + s) * D + j];
+        float w = m == NEG_INF ? 0.0f : __expf(m - M);
+        wsplit[s] = w;
+        lsum += w * pl[bh * nsplit + s];
     }
-    x[j] = o / L;
+    float L = block_reduce(lsum, false, tmp);  // (its barriers also publish wsplit)
+    int j = tid % D, grp = tid / D;
+    const int NG = CT / D;
+    float o = 0.0f;
+#pragma unroll 8
+    for (int s = grp; s < nsplit; s += NG) o += wsplit[s] * po[(bh * nsplit + s) * D + j];
+    part[tid] = o;
+    __syncthreads();
+    if (tid < D) {
+        float t = 0.0f;
+        for (int g = 0; g < NG; g++) t += part[g * D + tid];
+        x[tid] = t / L;
+    }
     __syncthreads();
 #if ROTV
     unrotate_smem(x, vs1, vs2, vtotal, D, 1);
 #endif
-    out[bh * D + j] = x[j];
+    if (tid < D) out[bh * D + tid] = x[tid];
 }
 
 #if KMODE == 0 && VMODE == 0 && G <= 8
