@@ -56,6 +56,9 @@ pub struct DeviceKv {
     pl: CudaSlice<f32>,
     out: CudaSlice<f32>,
     q: CudaSlice<f32>,
+    /// the queries rotated and scaled (tq_prep_q)
+    qr: CudaSlice<f32>,
+    prep: CudaFunction,
     attend: CudaFunction,
     combine: CudaFunction,
     smem: u32,
@@ -180,7 +183,7 @@ impl Gpu {
         // splits: enough blocks to fill the card many times over (a short tail
         // of the last wave; the partial results cost ~1% of the cache's bytes)
         let tiles = cap / TILE;
-        let want = (16 * self.sms).div_ceil(b * h).clamp(1, tiles);
+        let want = (8 * self.sms).div_ceil(b * h).clamp(1, tiles);
         let split_len = tiles.div_ceil(want) * TILE;
         let nsplit = cap.div_ceil(split_len);
         let defines = attention_defines(d, g, k.kind, v.kind);
@@ -188,6 +191,7 @@ impl Gpu {
         let mma = k.rotated() && v.rotated() && g <= 8 && !self.simt.load(Ordering::Relaxed);
         let attend = cu(module.load_function(if mma { "tq_attend_mma" } else { "tq_attend" }))?;
         let combine = cu(module.load_function("tq_combine"))?;
+        let prep = cu(module.load_function("tq_prep_q"))?;
         let smem = if mma { 0 } else { attend_smem(d, g, k.kind, v.kind) };
         if smem > 48 * 1024 {
             cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
@@ -217,8 +221,10 @@ impl Gpu {
             pl: cu(self.stream.alloc_zeros::<f32>(b * hq * nsplit))?,
             out: cu(self.stream.alloc_zeros::<f32>(b * hq * d))?,
             q: cu(self.stream.alloc_zeros::<f32>(b * hq * d))?,
+            prep,
             attend,
             combine,
+            qr: cu(self.stream.alloc_zeros::<f32>(b * hq * d))?,
             smem: smem as u32,
             kernel: if mma { "mma-f16" } else { "simt-f32" },
         })
@@ -294,8 +300,16 @@ impl Gpu {
         let vc = kv.vc.slice(copy * per * vcb..(copy + 1) * per * vcb);
         let vs = kv.vs.slice(copy * per * vsb..(copy + 1) * per * vsb);
         let (cap, heads, split_len) = (kv.cap as i32, kv.shape.kv_heads as i32, kv.split_len as i32);
+        let mut b = self.stream.launch_builder(&kv.prep);
+        b.arg(&kv.q).arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&mut kv.qr);
+        let cfg = LaunchConfig {
+            grid_dim: ((kv.shape.batch() * kv.shape.kv_heads) as u32, 1, 1),
+            block_dim: (NT as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        cu(unsafe { b.launch(cfg) })?;
         let mut b = self.stream.launch_builder(&kv.attend);
-        b.arg(&kv.q).arg(&kc).arg(&ks).arg(&vc).arg(&vs).arg(&kv.lens).arg(&cap).arg(&heads).arg(&split_len);
+        b.arg(&kv.qr).arg(&kc).arg(&ks).arg(&vc).arg(&vs).arg(&kv.lens).arg(&cap).arg(&heads).arg(&split_len);
         b.arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&kv.ktab).arg(&kv.vtab);
         b.arg(&mut kv.po).arg(&mut kv.pm).arg(&mut kv.pl);
         let cfg = LaunchConfig {

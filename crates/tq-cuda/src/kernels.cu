@@ -272,6 +272,22 @@ _Pragma("unroll") \
         for (int c = 0; c < VSC; c++) vscl[tid * VSC + c] = vscr[c]; \
 } while (0)
 
+// Rotate (K's rotation) and scale (1/sqrt(D)) the queries once per step:
+// grid B*kv_heads, block NT; q and qr are [B][Hq][D].
+extern "C" __global__ void __launch_bounds__(NT) tq_prep_q(const float* __restrict__ q, const u32* __restrict__ ks1,
+                                                         const u32* __restrict__ ks2, float ktotal,
+                                                         float* __restrict__ qr) {
+    __shared__ float x[G * D];
+    u64 base = (u64)blockIdx.x * G * D;
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) x[i] = q[base + i];
+    __syncthreads();
+#if ROTK
+    rotate_smem(x, ks1, ks2, ktotal, D, G);
+#endif
+    float sc = rsqrtf((float)D);
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) qr[base + i] = x[i] * sc;
+}
+
 extern "C" __global__ void __launch_bounds__(NT) tq_attend(
     const float* __restrict__ q,        // [B][Hq][D]
     const u8* __restrict__ kc, const void* __restrict__ ks,
@@ -309,14 +325,8 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
         ktab[i] = KMODE == 0 && i < (1 << KB) ? ktab_g[i] : 0.0f;
         vtab[i] = VMODE == 0 && i < (1 << VB) ? vtab_g[i] : 0.0f;
     }
-    for (int i = tid; i < G * D; i += NT) qr[i] = q[((u64)b * Hq + hq0) * D + i];
+    for (int i = tid; i < G * D; i += NT) qr[i] = q[((u64)b * Hq + hq0) * D + i];  // rotated and scaled (tq_prep_q)
     if (tid < G) { mrun[tid] = NEG_INF; lrun[tid] = 0.0f; }
-    __syncthreads();
-#if ROTK
-    rotate_smem(qr, ks1, ks2, ktotal, D, G);
-#endif
-    float qscale = rsqrtf((float)D);
-    for (int i = tid; i < G * D; i += NT) qr[i] *= qscale;
     __syncthreads();
 
     float acc[G][8];
@@ -578,13 +588,12 @@ __device__ __forceinline__ u32 field(const u32* a, int pos) {
     return v & ((1u << BITS) - 1);
 }
 
-extern "C" __global__ void __launch_bounds__(NWARP * 32) tq_attend_mma(
+extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
     const float* __restrict__ q, const u8* __restrict__ kc, const float* __restrict__ ks,
     const u8* __restrict__ vc, const float* __restrict__ vs, const int* __restrict__ lens, int cap, int kv_heads,
     int split_len, const u32* __restrict__ ks1, const u32* __restrict__ ks2, float ktotal,
     const float* __restrict__ ktab_g, const float* __restrict__ vtab_g, float* __restrict__ po,
     float* __restrict__ pm, float* __restrict__ pl) {
-    __shared__ __align__(16) float qr[G * D];
     __shared__ u32 ktab2[1 << (2 * KB)];
     __shared__ u32 vtab2[1 << (2 * VB)];
     __shared__ float wm[NWARP][8], wl[NWARP][8];
@@ -607,19 +616,17 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32) tq_attend_mma(
         ktab2[i] = pack_h2(ktab_g[i & ((1 << KB) - 1)], ktab_g[i >> KB]);
     for (int i = tid; i < (1 << (2 * VB)); i += blockDim.x)
         vtab2[i] = pack_h2(vtab_g[i & ((1 << VB) - 1)], vtab_g[i >> VB]);
-    for (int i = tid; i < G * D; i += blockDim.x) qr[i] = q[((u64)b * Hq + hq0) * D + i];
     __syncthreads();
-    rotate_smem(qr, ks1, ks2, ktotal, D, G);
-    float qscale = rsqrtf((float)D);
-    // A fragments of Q: step s, thread (n, r): row n, coordinates r*CPT + 4s + {0,1} and {2,3}
+    // A fragments of Q (rotated and scaled by tq_prep_q): step s, thread (n, r):
+    // row n, coordinates r*CPT + 4s + {0,1} and {2,3}
     u32 qa[D / 16][2];
 #pragma unroll
     for (int s = 0; s < D / 16; s++) {
         int c0 = r * CPT + 4 * s;
         if (n < G) {
-            const float* qq = qr + n * D + c0;
-            qa[s][0] = pack_h2(qq[0] * qscale, qq[1] * qscale);
-            qa[s][1] = pack_h2(qq[2] * qscale, qq[3] * qscale);
+            float4 qq = __ldg((const float4*)(q + ((u64)b * Hq + hq0 + n) * D + c0));
+            qa[s][0] = pack_h2(qq.x, qq.y);
+            qa[s][1] = pack_h2(qq.z, qq.w);
         } else {
             qa[s][0] = 0u;
             qa[s][1] = 0u;
@@ -664,16 +671,19 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32) tq_attend_mma(
 
         // ---- scores: two blocks of 8 tokens ----
         float sc[2][4];
+        float sc2[2][4];  // second accumulator: two independent MMA chains per block
 #pragma unroll
         for (int j = 0; j < 2; j++) {
 #pragma unroll
-            for (int i = 0; i < 4; i++) sc[j][i] = 0.0f;
+            for (int i = 0; i < 4; i++) { sc[j][i] = 0.0f; sc2[j][i] = 0.0f; }
 #pragma unroll
             for (int s = 0; s < D / 16; s++) {
                 u32 b0 = ktab2[field<2 * KB>(kw[j], (2 * s) * 2 * KB)];
                 u32 b1 = ktab2[field<2 * KB>(kw[j], (2 * s + 1) * 2 * KB)];
-                mma16816(sc[j], qa[s][0], 0u, qa[s][1], 0u, b0, b1);
+                mma16816(s % 2 ? sc2[j] : sc[j], qa[s][0], 0u, qa[s][1], 0u, b0, b1);
             }
+#pragma unroll
+            for (int i = 0; i < 4; i++) sc[j][i] += sc2[j][i];
         }
         // sc[j][0..1]: head n, tokens t0 + 8j + 2r + {0,1}
         float x[4] = {sc[0][0] * kn0.x, sc[0][1] * kn0.y, sc[1][0] * kn1.x, sc[1][1] * kn1.y};
