@@ -194,13 +194,13 @@ pub fn bench(sdpa: Option<&Path>, quick: bool) -> Result<Vec<Value>> {
                     let ms = gpu.time_attend(&mut kv, &q, 3, 20)?;
                     let gbps = kv.bytes_read() as f64 / (ms * 1e-3) / 1e9;
                     let sd = base.get(&(b, t, hq, hkv, d)).copied();
-                    let (regs, blocks_per_sm) = kv.occupancy()?;
+                    let (regs, local_bytes, blocks_per_sm) = kv.occupancy()?;
                     let row = json!({"card": card, "codec": p, "kernel": kv.kernel, "geometry": geo, "batch": b, "context": t, "q_heads": hq, "kv_heads": hkv,
                         "head_dim": d, "kernel_ms": ms, "sdpa_bf16_ms": sd, "speedup": sd.map(|s| s / ms), "gbps": gbps,
                         "copy_gbps": copy, "bandwidth_fraction": gbps / copy, "cache_bytes": kv.bytes_read(), "splits": kv.splits(),
-                        "registers": regs, "blocks_per_sm": blocks_per_sm});
+                        "registers": regs, "local_bytes": local_bytes, "blocks_per_sm": blocks_per_sm});
                     eprintln!(
-                        "{geo:13} B={b:2} T={t:6} {p:8} {:8}: {ms:8.4} ms  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}  [{regs} regs, {blocks_per_sm} blocks/SM]",
+                        "{geo:13} B={b:2} T={t:6} {p:8} {:8}: {ms:8.4} ms  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}  [{regs} regs, {local_bytes} B local, {blocks_per_sm} blocks/SM]",
                         kv.kernel,
                         100.0 * gbps / copy,
                         sd.map(|s| format!("{s:.4} ms, {:.2}x", s / ms)).unwrap_or_else(|| "-".into())

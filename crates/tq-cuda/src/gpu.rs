@@ -445,11 +445,13 @@ impl DeviceKv {
     pub fn splits(&self) -> usize {
         self.nsplit
     }
-    /// (registers per thread, resident blocks per multiprocessor) of the attention kernel.
-    pub fn occupancy(&self) -> Result<(i32, u32)> {
+    /// (registers per thread, local-memory bytes per thread (spills), resident
+    /// blocks per multiprocessor) of the attention kernel.
+    pub fn occupancy(&self) -> Result<(i32, i32, u32)> {
         let regs = cu(self.attend.num_regs())?;
+        let local = cu(self.attend.get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES))?;
         let blocks = cu(self.attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, self.smem as usize, None))?;
-        Ok((regs, blocks))
+        Ok((regs, local, blocks))
     }
 }
 

@@ -566,18 +566,37 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// `nbits` bits starting at bit `bit` of a token row (u32 words), aligned into
-// NA words: out[i] = bits [bit + 32i, bit + 32i + 32).
-template <int NA>
-__device__ __forceinline__ void load_window(const u32* row, int bit, int nbits, u32* out) {
-    int w0 = bit >> 5, sh = bit & 31;
-    int need = (sh + nbits + 31) >> 5;
-    u32 w[NA + 1];
+// `NBITS` bits starting at bit `bit` of a token row (u32 words), aligned into
+// NA words: out[i] = bits [bit + 32i, bit + 32i + 32). ALIGN: bytes of
+// alignment of the piece known at compile time (16/8/4: vector loads, no
+// shifting; otherwise a funnel-shifted window).
+template <int NA, int NBITS, int ALIGN>
+__device__ __forceinline__ void load_window(const u32* row, int bit, u32* out) {
+    if (ALIGN == 16 && NA == 4) {
+        uint4 v = __ldg((const uint4*)(row + (bit >> 5)));
+        out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
+    } else if (ALIGN >= 8 && NA == 2) {
+        uint2 v = __ldg((const uint2*)(row + (bit >> 5)));
+        out[0] = v.x; out[1] = v.y;
+    } else if (ALIGN >= 4 && NBITS % 32 == 0) {
 #pragma unroll
-    for (int i = 0; i < NA + 1; i++) w[i] = i < need ? __ldg(row + w0 + i) : 0u;
+        for (int i = 0; i < NA; i++) out[i] = __ldg(row + (bit >> 5) + i);
+    } else {
+        int w0 = bit >> 5, sh = bit & 31;
+        int need = (sh + NBITS + 31) >> 5;
+        u32 w[NA + 1];
 #pragma unroll
-    for (int i = 0; i < NA; i++) out[i] = __funnelshift_r(w[i], w[i + 1], sh);
+        for (int i = 0; i < NA + 1; i++) w[i] = i < need ? __ldg(row + w0 + i) : 0u;
+#pragma unroll
+        for (int i = 0; i < NA; i++) out[i] = __funnelshift_r(w[i], w[i + 1], sh);
+    }
 }
+
+// largest of 16/8/4/1 dividing both the piece's byte size and the row size
+#define ALIGN_OF(piece_bits, row_bytes) \
+    (((piece_bits) % 128 == 0 && (row_bytes) % 16 == 0) ? 16 : \
+     ((piece_bits) % 64 == 0 && (row_bytes) % 8 == 0) ? 8 : \
+     ((piece_bits) % 32 == 0 && (row_bytes) % 4 == 0) ? 4 : 1)
 
 // field of `bits` bits at compile-time position `pos` of aligned words
 template <int BITS>
@@ -650,10 +669,10 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
     auto load = [&](Buf& x, int t0) {
 #pragma unroll
         for (int j = 0; j < 2; j++)
-            load_window<KWA>(kcs + (u64)(t0 + 8 * j + n) * (PK / 4), r * CPT * KB, CPT * KB, x.kw[j]);
+            load_window<KWA, CPT * KB, ALIGN_OF(CPT * KB, PK)>(kcs + (u64)(t0 + 8 * j + n) * (PK / 4), r * CPT * KB, x.kw[j]);
         int tl[4] = {t0 + 2 * r, t0 + 2 * r + 1, t0 + 2 * r + 8, t0 + 2 * r + 9};
 #pragma unroll
-        for (int i = 0; i < 4; i++) load_window<VWA>(vcs + (u64)tl[i] * (PV / 4), n * CPV * VB, CPV * VB, x.vw[i]);
+        for (int i = 0; i < 4; i++) load_window<VWA, CPV * VB, ALIGN_OF(CPV * VB, PV)>(vcs + (u64)tl[i] * (PV / 4), n * CPV * VB, x.vw[i]);
         x.kn0 = __ldg((const float2*)(kns + t0 + 2 * r));
         x.kn1 = __ldg((const float2*)(kns + t0 + 8 + 2 * r));
         x.vn0 = __ldg((const float2*)(vns + t0 + 2 * r));

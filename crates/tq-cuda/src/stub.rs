@@ -57,7 +57,7 @@ impl DeviceKv {
     pub fn splits(&self) -> usize {
         match self.never {}
     }
-    pub fn occupancy(&self) -> Result<(i32, u32)> {
+    pub fn occupancy(&self) -> Result<(i32, i32, u32)> {
         match self.never {}
     }
 }
