@@ -613,6 +613,7 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
     int split_len, const u32* __restrict__ ks1, const u32* __restrict__ ks2, float ktotal,
     const float* __restrict__ ktab_g, const float* __restrict__ vtab_g, float* __restrict__ po,
     float* __restrict__ pm, float* __restrict__ pl) {
+    __shared__ uint2 qfrag[(D / 16) * 32];
     __shared__ u32 ktab2[1 << (2 * KB)];
     __shared__ u32 vtab2[1 << (2 * VB)];
     __shared__ float wm[NWARP][8], wl[NWARP][8];
@@ -636,21 +637,20 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
     for (int i = tid; i < (1 << (2 * VB)); i += blockDim.x)
         vtab2[i] = pack_h2(vtab_g[i & ((1 << VB) - 1)], vtab_g[i >> VB]);
     __syncthreads();
-    // A fragments of Q (rotated and scaled by tq_prep_q): step s, thread (n, r):
-    // row n, coordinates r*CPT + 4s + {0,1} and {2,3}
-    u32 qa[D / 16][2];
-#pragma unroll
-    for (int s = 0; s < D / 16; s++) {
-        int c0 = r * CPT + 4 * s;
-        if (n < G) {
-            float4 qq = __ldg((const float4*)(q + ((u64)b * Hq + hq0 + n) * D + c0));
-            qa[s][0] = pack_h2(qq.x, qq.y);
-            qa[s][1] = pack_h2(qq.z, qq.w);
-        } else {
-            qa[s][0] = 0u;
-            qa[s][1] = 0u;
+    // A fragments of Q (rotated and scaled by tq_prep_q) in shared memory
+    // (registers are the scarce resource): step s, thread (n, r): row n,
+    // coordinates r*CPT + 4s + {0,1} and {2,3}
+    for (int i = tid; i < (D / 16) * 32; i += blockDim.x) {
+        int s = i / 32, ln = i % 32, nn = ln >> 2, rr = ln & 3;
+        int c0 = rr * CPT + 4 * s;
+        uint2 v = make_uint2(0u, 0u);
+        if (nn < G) {
+            float4 qq = __ldg((const float4*)(q + ((u64)b * Hq + hq0 + nn) * D + c0));
+            v = make_uint2(pack_h2(qq.x, qq.y), pack_h2(qq.z, qq.w));
         }
+        qfrag[i] = v;
     }
+    __syncthreads();
 
     float o[D / 16][4];
 #pragma unroll
@@ -699,7 +699,8 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
             for (int s = 0; s < D / 16; s++) {
                 u32 b0 = ktab2[field<2 * KB>(kw[j], (2 * s) * 2 * KB)];
                 u32 b1 = ktab2[field<2 * KB>(kw[j], (2 * s + 1) * 2 * KB)];
-                mma16816(s % 2 ? sc2[j] : sc[j], qa[s][0], 0u, qa[s][1], 0u, b0, b1);
+                uint2 qa = qfrag[s * 32 + lane];
+                mma16816(s % 2 ? sc2[j] : sc[j], qa.x, 0u, qa.y, 0u, b0, b1);
             }
 #pragma unroll
             for (int i = 0; i < 4; i++) sc[j][i] += sc2[j][i];
@@ -733,6 +734,25 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
         for (int i = 0; i < 4; i++) pw[i] = tv[i] < t_end ? p[i] * vnv[i] : 0.0f;
         u32 pb0 = pack_h2(pw[0], pw[1]), pb1 = pack_h2(pw[2], pw[3]);
         // ---- values: A = V̂ᵀ rows (coordinates n*CPV + 2mb + {0 | 1}), columns tokens ----
+#if VB == 4
+        // pair bytes four at a time: lo = coordinates 2i (token t | token t' << 4), hi = 2i+1
+        u32 plo[2][VWA], phi[2][VWA];
+#pragma unroll
+        for (int pr = 0; pr < 2; pr++)
+#pragma unroll
+            for (int w = 0; w < VWA; w++) {
+                u32 X = vw[2 * pr][w], Y = vw[2 * pr + 1][w];
+                plo[pr][w] = (X & 0x0F0F0F0Fu) | ((Y << 4) & 0xF0F0F0F0u);
+                phi[pr][w] = ((X >> 4) & 0x0F0F0F0Fu) | (Y & 0xF0F0F0F0u);
+            }
+#pragma unroll
+        for (int mb = 0; mb < D / 16; mb++) {
+            int w = mb >> 2, sh = (mb & 3) * 8;
+            u32 a0 = vtab2[(plo[0][w] >> sh) & 255u], a1 = vtab2[(phi[0][w] >> sh) & 255u];
+            u32 a2 = vtab2[(plo[1][w] >> sh) & 255u], a3 = vtab2[(phi[1][w] >> sh) & 255u];
+            mma16816(o[mb], a0, a1, a2, a3, pb0, pb1);
+        }
+#else
 #pragma unroll
         for (int mb = 0; mb < D / 16; mb++) {
             u32 a[4];
@@ -744,6 +764,7 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
             }
             mma16816(o[mb], a[0], a[1], a[2], a[3], pb0, pb1);
         }
+#endif
         cur = nxt;
     }
 
