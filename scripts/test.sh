@@ -7,13 +7,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo test --workspace --release
-
 PY="${PYTHON:-python3}"
 VENV=target/pyenv
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
+
+# NVRTC (NVIDIA's runtime compiler, a PyPI wheel) lets tq-cuda's build check
+# compile every CUDA kernel configuration; no GPU or driver is needed for that.
+NVRTC=target/nvrtc
+if [ ! -e "$NVRTC/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+  rm -rf "$NVRTC" && mkdir -p "$NVRTC"
+  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.12 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_12_x86_64 -d "$NVRTC" "nvidia-cuda-nvrtc==13.0.88"
+  "$VENV/bin/python" -c "import zipfile, glob; zipfile.ZipFile(glob.glob('$NVRTC/*.whl')[0]).extractall('$NVRTC')"
+fi
+export LD_LIBRARY_PATH="$PWD/$NVRTC/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+cargo test --workspace --release
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.7,<2" numpy pytest
 rm -rf target/wheels
 ( cd crates/tq-py && CARGO_TARGET_DIR=../../target/py "../../$VENV/bin/maturin" build --release --out ../../target/wheels )

@@ -338,3 +338,16 @@ fn kv_and_vram_bad_input_is_clear() {
     assert!((rows[0]["kv_gb"].as_f64().unwrap() - 13.1072).abs() < 1e-9);
     assert_eq!(rows[1]["kv_bits_per_value"], 4.25);
 }
+
+/// Without a GPU (CI), `tq bench cuda` fails with one clear line, never a
+/// panic; with one it must pass its checks.
+#[test]
+fn bench_cuda_without_a_gpu_is_a_clear_error() {
+    let o = tq(&["bench", "cuda", "--check"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    if !o.status.success() {
+        assert!(err.starts_with("error: no usable CUDA driver") || err.starts_with("error: this build"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+}
