@@ -188,3 +188,123 @@ pub fn dump(text: &str, tokens: usize, layers: &[usize], out: &std::path::Path) 
     eprintln!("dumped {n} layers × {} KV heads × {tokens} tokens (d = {d}) to {}", shape.kv_heads, out.display());
     Ok(())
 }
+
+/// Keeps every appended key and value (all layers) beside an f32 cache.
+struct RecordingCache {
+    inner: F32Cache,
+    kv_heads: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl KvCache for RecordingCache {
+    fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]) {
+        let i = layer * self.kv_heads + head;
+        self.k[i].extend_from_slice(k);
+        self.v[i].extend_from_slice(v);
+        self.inner.append(layer, head, k, v);
+    }
+    fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]) {
+        self.inner.attend(layer, head, q, len, out);
+    }
+    fn len(&self, layer: usize, head: usize) -> usize {
+        self.inner.len(layer, head)
+    }
+    fn bytes(&self) -> usize {
+        self.inner.bytes()
+    }
+}
+
+/// Adds up the time spent in `attend`.
+struct TimedCache {
+    inner: Box<dyn KvCache>,
+    attend_ns: std::cell::Cell<u128>,
+}
+
+impl KvCache for TimedCache {
+    fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]) {
+        self.inner.append(layer, head, k, v);
+    }
+    fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]) {
+        let t = Instant::now();
+        self.inner.attend(layer, head, q, len, out);
+        self.attend_ns.set(self.attend_ns.get() + t.elapsed().as_nanos());
+    }
+    fn len(&self, layer: usize, head: usize) -> usize {
+        self.inner.len(layer, head)
+    }
+    fn bytes(&self) -> usize {
+        self.inner.bytes()
+    }
+}
+
+/// `tq kv bench`: decode speed and attention time per token with a cache of
+/// `ctx` tokens, for `kv` and for the f32 cache in the same run. The caches are
+/// filled with the real keys and values of a SmolLM2 run over the first
+/// `fill` tokens of Austen (tiled when `ctx` is longer), then `steps` tokens
+/// are decoded one at a time.
+pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, json: bool) -> Result<()> {
+    tq_core::kv::KvSpec::parse(kv)?;
+    let path = crate::data::smollm_gguf(json)?;
+    let model = Llama::load(&path)?;
+    let c = &model.config;
+    if let Some(&x) = ctxs.iter().find(|&&x| x <= steps || x > c.context) {
+        bail!("context {x} is outside {}..={} (more than --steps {steps}, at most the model's context)", steps + 1, c.context);
+    }
+    if steps == 0 || fill == 0 {
+        bail!("--steps and --fill must be positive");
+    }
+    let tok = tq_models::tokenizer::from_gguf(&path)?;
+    let ids = tq_models::tokenizer::encode(&tok, &crate::data::austen_text(json)?)?;
+    let max_ctx = *ctxs.iter().max().context("no context length given")?;
+    let fill = fill.min(max_ctx);
+    if ids.len() < fill + steps {
+        bail!("the text has too few tokens");
+    }
+    let shape = c.kv_shape();
+    let n = shape.layers * shape.kv_heads;
+    if !json {
+        eprintln!("running SmolLM2 over {fill} tokens of Austen to capture real keys and values");
+    }
+    let mut rec = RecordingCache { inner: F32Cache::new(shape), kv_heads: shape.kv_heads, k: vec![Vec::new(); n], v: vec![Vec::new(); n] };
+    model.forward(&ids[..fill], &mut rec as &mut dyn KvCache, true)?;
+    let d = shape.head_dim;
+    let mut rows = Vec::new();
+    for &ctx in ctxs {
+        let mut res = Vec::new();
+        for spec in ["f32", kv] {
+            let mut cache = TimedCache { inner: tq_kv::cache_for(shape, spec, 0)?, attend_ns: std::cell::Cell::new(0) };
+            for t in 0..ctx - steps {
+                let s = t % fill;
+                for i in 0..n {
+                    cache.append(i / shape.kv_heads, i % shape.kv_heads, &rec.k[i][s * d..(s + 1) * d], &rec.v[i][s * d..(s + 1) * d]);
+                }
+            }
+            let t0 = Instant::now();
+            for &tk in &ids[fill..fill + steps] {
+                model.forward(&[tk], &mut cache as &mut dyn KvCache, true)?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let attn = cache.attend_ns.get() as f64 * 1e-6 / steps as f64;
+            res.push((secs, attn, cache.bytes()));
+        }
+        let ((fs, fa, fb), (ks, ka, kb)) = (res[0], res[1]);
+        let row = json!({"kv": kv, "ctx": ctx, "steps": steps, "decode_tok_s": steps as f64 / ks, "attn_ms_per_token": ka,
+            "f32_decode_tok_s": steps as f64 / fs, "f32_attn_ms_per_token": fa, "attn_speedup": fa / ka, "decode_speedup": fs / ks,
+            "kv_bytes": kb, "f32_kv_bytes": fb, "threads": rayon::current_num_threads()});
+        if !json {
+            eprintln!(
+                "ctx {ctx:5}: {kv}: {:.2} tok/s, attention {ka:.2} ms/token | f32: {:.2} tok/s, attention {fa:.2} ms/token | attention {:.2}x, decode {:.2}x",
+                steps as f64 / ks,
+                steps as f64 / fs,
+                fa / ka,
+                fs / ks
+            );
+        }
+        rows.push(row);
+    }
+    for r in &rows {
+        println!("{}", serde_json::to_string(r)?);
+    }
+    Ok(())
+}

@@ -146,6 +146,23 @@ enum KvCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Decode speed and attention time per token at given context lengths,
+    /// against the f32 cache in the same run (JSON lines on stdout).
+    Bench {
+        #[arg(long, default_value = "tq-mse-4")]
+        kv: String,
+        /// Comma-separated context lengths (tokens in the cache).
+        #[arg(long, default_value = "1024,2048,4096,8192")]
+        ctx: String,
+        /// Tokens decoded (timed) per context.
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        /// Real keys/values captured from this many tokens of Austen (tiled beyond).
+        #[arg(long, default_value_t = 1024)]
+        fill: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Capture real keys, values and last-position queries of SmolLM2 (f32
     /// cache) for some layers into npy files (`tq bench cuda --check --real DIR`).
     Dump {
@@ -430,6 +447,10 @@ fn run(cli: Cli) -> Result<()> {
                 files::write_atomic(&o, (lines.join("\n") + "\n").as_bytes())?;
             }
             Ok(())
+        }
+        Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
+            let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
+            kv::bench(&kv, &ctxs, steps, fill, json)
         }
         Cmd::Kv { what: KvCmd::Dump { text, tokens, layers, out } } => {
             let layers = layers.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad layer index '{l}'"))).collect::<Result<Vec<_>>>()?;

@@ -470,11 +470,7 @@ impl Codec for TurboQuantMse {
     /// Rotated domain: `acc += w·scale·c[idx]`, rotated back by `finish_accumulated`.
     fn accumulate(&self, code: &[u8], w: f32, acc: &mut [f32]) {
         let ws = w * read_f32(code, self.packed);
-        let c = &self.codebook.centroids;
-        let b = self.bits;
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a += ws * c[crate::kernels::scalar::get_field(&code[..self.packed], b, j)];
-        }
+        (kernels().axpy_codes)(&code[..self.packed], self.bits, &self.codebook.centroids, ws, acc);
     }
 
     fn finish_accumulated(&self, acc: &mut [f32]) {

@@ -73,7 +73,8 @@ impl KvCache for F32Cache {
         let i = layer * self.shape.kv_heads + head;
         let scale = 1.0 / (d as f32).sqrt();
         let (ks, vs) = (&self.k[i], &self.v[i]);
-        let mut p: Vec<f32> = (0..len).map(|t| q.iter().zip(&ks[t * d..(t + 1) * d]).map(|(a, b)| a * b).sum::<f32>() * scale).collect();
+        let dot = tq_core::kernels::kernels().dot;
+        let mut p: Vec<f32> = (0..len).map(|t| dot(q, &ks[t * d..(t + 1) * d]) * scale).collect();
         softmax_weights(&mut p);
         out.iter_mut().for_each(|o| *o = 0.0);
         for (t, &w) in p.iter().enumerate() {

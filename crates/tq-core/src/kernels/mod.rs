@@ -29,6 +29,9 @@ pub struct Kernels {
     /// Σ_j q[j] · table[idx_j] where idx_j is the j-th `bits`-bit field of `packed`
     /// (LSB-first bit stream); `table.len() >= 2^bits`.
     pub dot_codes: fn(&[f32], &[u8], u32, &[f32]) -> f32,
+    /// `acc[j] += w · table[idx_j]` for the `acc.len()` fields of `packed`
+    /// (value accumulation of attention on codes; may use FMA).
+    pub axpy_codes: fn(&[u8], u32, &[f32], f32, &mut [f32]),
     /// Fused TurboQuant_mse front end for a power-of-two length `n >= 8` with
     /// two Hadamard rounds: `y ← total·H(s2 ⊙ H(s1 ⊙ x))`, `norm = √sum_sq(y)`,
     /// `y ← y·(1/norm)`, `idx ← quantize(y)`. Returns `None` (outputs
@@ -63,6 +66,7 @@ pub static SCALAR: Kernels = Kernels {
     sum_sq: scalar::sum_sq_ref,
     dot: scalar::dot_ref,
     dot_codes: scalar::dot_codes_ref,
+    axpy_codes: scalar::axpy_codes_ref,
     had2_quantize: scalar::had2_quantize_ref,
     fastscan_block: scalar::fastscan_block_ref,
 };

@@ -68,6 +68,13 @@ pub fn dot_codes_ref(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 
     s
 }
 
+/// `acc[j] += w · table[field_j]` over the `acc.len()` fields of `packed`.
+pub fn axpy_codes_ref(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
+    for (j, a) in acc.iter_mut().enumerate() {
+        *a += w * table[get_field(packed, bits, j)];
+    }
+}
+
 /// Reference for the fused power-of-two encode (see `Kernels::had2_quantize`):
 /// exactly the operations of the unfused path, in the same order.
 pub fn had2_quantize_ref(x: &[f32], p: &super::Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {

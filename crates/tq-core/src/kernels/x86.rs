@@ -11,6 +11,7 @@ static AVX2: Kernels = Kernels {
     sum_sq,
     dot,
     dot_codes,
+    axpy_codes,
     had2_quantize,
     fastscan_block,
 };
@@ -462,6 +463,67 @@ unsafe fn dot_codes_avx2(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> 
         s += q[j] * table[scalar::get_field(packed, bits, j)];
     }
     s
+}
+
+fn axpy_codes(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
+    assert!((1..=8).contains(&bits));
+    assert!(table.len() >= 1 << bits);
+    assert!(packed.len() * 8 >= acc.len() * bits as usize);
+    // SAFETY: AVX2+FMA checked by `detect`; buffer sizes checked above.
+    unsafe { axpy_codes_avx2(packed, bits, table, w, acc) }
+}
+
+/// `acc[j] += w · table[field_j]`, 8 coordinates per step (the unpacking of `dot_codes_avx2`).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_codes_avx2(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
+    let n = acc.len();
+    let groups = n / 8;
+    let b = bits as usize;
+    let (shuf, shifts) = unpack_consts(bits);
+    // SAFETY (all loads below): arrays have the sizes the intrinsics read.
+    let (shuf, shifts) = unsafe {
+        (
+            _mm256_loadu_si256(shuf.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
+        )
+    };
+    let mask = _mm256_set1_epi32((1i32 << bits) - 1);
+    let pad = padded8(table);
+    // SAFETY: `pad` has 8 entries; for bits >= 4 the table has at least 16.
+    let t0 = unsafe { _mm256_loadu_ps(if bits <= 3 { pad.as_ptr() } else { table.as_ptr() }) };
+    let t1 = if bits == 4 { unsafe { _mm256_loadu_ps(table.as_ptr().add(8)) } } else { t0 };
+    let wv = _mm256_set1_ps(w);
+    for g in 0..groups {
+        let off = g * b;
+        let word: u64 = if off + 8 <= packed.len() {
+            // SAFETY: 8 bytes in bounds.
+            unsafe { (packed.as_ptr().add(off) as *const u64).read_unaligned() }
+        } else {
+            let mut tmp = [0u8; 8];
+            tmp[..packed.len() - off].copy_from_slice(&packed[off..]);
+            u64::from_le_bytes(tmp)
+        };
+        let bytes = _mm256_set1_epi64x(word as i64);
+        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, shuf), shifts), mask);
+        let vals = match bits {
+            1..=3 => _mm256_permutevar8x32_ps(t0, idx),
+            4 => {
+                let lo = _mm256_permutevar8x32_ps(t0, idx);
+                let hi = _mm256_permutevar8x32_ps(t1, idx);
+                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+            }
+            // SAFETY: idx < 2^bits <= table.len().
+            _ => unsafe { _mm256_i32gather_ps::<4>(table.as_ptr(), idx) },
+        };
+        // SAFETY: g*8 + 8 <= n.
+        unsafe {
+            let a = acc.as_mut_ptr().add(g * 8);
+            _mm256_storeu_ps(a, _mm256_fmadd_ps(wv, vals, _mm256_loadu_ps(a)));
+        }
+    }
+    for j in groups * 8..n {
+        acc[j] += w * table[scalar::get_field(packed, bits, j)];
+    }
 }
 
 /// The first 8 entries of a table with fewer than 8 (padded with zeros).

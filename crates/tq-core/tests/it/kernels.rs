@@ -90,6 +90,34 @@ fn dot_codes_simd_matches_scalar() {
     }
 }
 
+#[test]
+fn axpy_codes_simd_matches_scalar() {
+    let mut rng = Xoshiro256::new(7);
+    for bits in 1..=8u32 {
+        let table = randv(&mut rng, 1 << bits);
+        for n in [1usize, 5, 8, 9, 16, 50, 64, 127, 128, 384] {
+            let idx: Vec<u8> = (0..n).map(|_| rng.below(1 << bits) as u8).collect();
+            let mut packed = vec![0u8; packed_len(n, bits)];
+            pack(&idx, bits, &mut packed);
+            let start = randv(&mut rng, n);
+            let w = 0.37f32;
+            let mut want = start.clone();
+            scalar::axpy_codes_ref(&packed, bits, &table, w, &mut want);
+            for k in available() {
+                let mut got = start.clone();
+                (k.axpy_codes)(&packed, bits, &table, w, &mut got);
+                for j in 0..n {
+                    let exact = start[j] as f64 + w as f64 * table[idx[j] as usize] as f64;
+                    // one rounding (FMA) or two (mul, add)
+                    let tol = 2.0 * f32::EPSILON as f64 * (start[j].abs() as f64 + (w * table[idx[j] as usize]).abs() as f64);
+                    assert!((got[j] as f64 - exact).abs() <= tol, "{} bits={bits} n={n} j={j}", k.name);
+                    assert!((want[j] as f64 - exact).abs() <= tol);
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     #[test]
     fn roundtrip_bitpack(bits in 1u32..=8, vals in proptest::collection::vec(any::<u8>(), 0..300)) {
