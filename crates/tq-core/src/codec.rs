@@ -32,6 +32,26 @@ pub struct PreparedQuery {
     pub norm_sq: f32,
 }
 
+impl PreparedQuery {
+    /// The query in the codec's rotated domain (see `Codec::codebook_view`).
+    pub fn rotated(&self) -> &[f32] {
+        &self.parts[0]
+    }
+}
+
+/// A code that is a scaled codebook vector in the codec's rotated domain:
+/// `[bits·dim packed indices][f32 scale]`, with
+/// `score_ip(prepare(q), code) = scale · Σ_j q.rotated()[j] · table[idx_j]`
+/// and `accumulate(code, w, acc)` adding `w · scale · table[idx_j]` to `acc[j]`
+/// before `finish_accumulated` rotates back.
+#[derive(Clone, Copy, Debug)]
+pub struct CodebookView<'a> {
+    pub bits: u32,
+    pub table: &'a [f32],
+    /// Bytes of packed indices (the f32 scale follows).
+    pub packed: usize,
+}
+
 /// Vectors per rayon task in batch calls (large enough to amortize scheduling;
 /// results do not depend on it: every vector is encoded independently).
 const BATCH_CHUNK: usize = 256;
@@ -184,6 +204,13 @@ pub trait Codec: Send + Sync {
     }
     /// Completes an `accumulate` sum (default: nothing to do).
     fn finish_accumulated(&self, _acc: &mut [f32]) {}
+
+    /// `Some` when every code is a scaled codebook vector in the rotated
+    /// domain (see [`CodebookView`]): attention can then decode each code
+    /// once and share it between the query heads of a GQA group.
+    fn codebook_view(&self) -> Option<CodebookView<'_>> {
+        None
+    }
 
     /// Inner-product scores of one prepared query against `n` consecutive codes.
     fn score_ip_many(&self, q: &PreparedQuery, codes: &[u8], out: &mut [f32]) {
@@ -475,6 +502,10 @@ impl Codec for TurboQuantMse {
 
     fn finish_accumulated(&self, acc: &mut [f32]) {
         with_scratch(self.dim, |_, tmp, _| self.rotation.unrotate_in_place(acc, tmp));
+    }
+
+    fn codebook_view(&self) -> Option<CodebookView<'_>> {
+        Some(CodebookView { bits: self.bits, table: &self.codebook.centroids, packed: self.packed })
     }
 
     /// 1, 2 and 4 bits: nibble `i` of the packed indices holds `4/B` whole

@@ -18,6 +18,6 @@ pub mod kv;
 pub mod matrix;
 pub mod registry;
 
-pub use codec::{Codec, PreparedQuery};
+pub use codec::{Codec, CodebookView, PreparedQuery};
 pub use registry::{build, lookup, registry, CodecEntry, CodecKind};
 pub use rotation::RotationKind;

@@ -20,6 +20,15 @@ use tq_core::{Codec, Result, RotationKind, TqError};
 pub trait KvCache {
     fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]);
     fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]);
+    /// Attention of the `group` query heads that share KV head `head` (GQA):
+    /// `qs` and `out` hold `group` rows each. Default: one `attend` per row;
+    /// caches override it to read each key and value once per group.
+    fn attend_group(&self, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
+        let d = qs.len() / group;
+        for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            self.attend(layer, head, q, len, o);
+        }
+    }
     fn len(&self, layer: usize, head: usize) -> usize;
     fn is_empty(&self) -> bool {
         self.len(0, 0) == 0
@@ -36,16 +45,63 @@ pub struct Shape {
     pub head_dim: usize,
 }
 
-/// Softmax of `scores` (in place, max-subtracted) then `out = Σ p_t v_t`.
+/// Softmax of `scores` in place (max-subtracted), with [`exp_neg`]: branch-free
+/// arithmetic that the compiler vectorizes (the cost of a libm `expf` call per
+/// score dominated attention over compressed caches).
 pub fn softmax_weights(scores: &mut [f32]) {
     let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut z = 0.0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - m).exp();
-        z += *s;
+    scores.iter_mut().for_each(|s| *s = exp_neg(*s - m));
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = scores.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
     }
+    let z = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
     let inv = 1.0 / z;
     scores.iter_mut().for_each(|s| *s *= inv);
+}
+
+/// `e^x` for `x <= 0` (0 below −87.3, where f32 underflows), within 2 ulp:
+/// `x = n·ln2 + r`, |r| <= ln2/2, Cephes' degree-6 polynomial for `e^r`, `2^n`
+/// through the exponent bits.
+#[inline]
+pub fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.max(-87.3);
+    let n = (xc * LOG2E).round();
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        e * scale
+    }
+}
+
+thread_local! {
+    /// Attention scratch (weights, rotated queries): no allocation per call.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Runs `f` with two scratch buffers of `a` and `b` floats (contents unspecified).
+fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let (x, y) = &mut *s;
+        if x.len() < a {
+            x.resize(a, 0.0);
+        }
+        if y.len() < b {
+            y.resize(b, 0.0);
+        }
+        f(&mut x[..a], &mut y[..b])
+    })
 }
 
 /// The reference cache: f32 keys and values.
@@ -82,6 +138,29 @@ impl KvCache for F32Cache {
                 *o += w * x;
             }
         }
+    }
+    /// Each key and value row is read once for the whole group.
+    fn attend_group(&self, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
+        let d = self.shape.head_dim;
+        let i = layer * self.shape.kv_heads + head;
+        let scale = 1.0 / (d as f32).sqrt();
+        let (ks, vs) = (&self.k[i], &self.v[i]);
+        let dot = tq_core::kernels::kernels().dot;
+        with_scratch(group * len, 0, |p, _| {
+            for (t, kt) in ks[..len * d].chunks_exact(d).enumerate() {
+                for (g, q) in qs.chunks_exact(d).enumerate() {
+                    p[g * len + t] = dot(q, kt) * scale;
+                }
+            }
+            p.chunks_exact_mut(len).for_each(softmax_weights);
+            out.iter_mut().for_each(|o| *o = 0.0);
+            for (t, vt) in vs[..len * d].chunks_exact(d).enumerate() {
+                for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                    let w = p[g * len + t];
+                    o.iter_mut().zip(vt).for_each(|(a, &x)| *a += w * x);
+                }
+            }
+        })
     }
     fn len(&self, layer: usize, head: usize) -> usize {
         self.k[layer * self.shape.kv_heads + head].len() / self.shape.head_dim
@@ -203,6 +282,39 @@ impl KvCache for CodecCache {
         }
     }
 
+    /// Codebook codecs on both sides (TurboQuant): each key and value code is
+    /// decoded once (rotated domain) and shared by the group's query heads.
+    fn attend_group(&self, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
+        let (Side::Codec(kc), Side::Codec(vc)) = (&self.keys, &self.values) else {
+            return default_group(self, layer, head, qs, group, len, out);
+        };
+        let (Some(kv), Some(vv)) = (kc.codebook_view(), vc.codebook_view()) else {
+            return default_group(self, layer, head, qs, group, len, out);
+        };
+        let d = self.shape.head_dim;
+        let i = layer * self.shape.kv_heads + head;
+        let scale = 1.0 / (d as f32).sqrt();
+        let k = tq_core::kernels::kernels();
+        let (kcs, vcs) = (kv.packed + 4, vv.packed + 4);
+        with_scratch(group * len, group * d, |p, qr| {
+            for (r, q) in qr.chunks_exact_mut(d).zip(qs.chunks_exact(d)) {
+                r.copy_from_slice(kc.prepare_unchecked(q).rotated());
+            }
+            (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
+            p.chunks_exact_mut(len).for_each(softmax_weights);
+            // fold each value code's scale into its weights
+            let vcodes = &self.v[i][..len * vcs];
+            for (t, c) in vcodes.chunks_exact(vcs).enumerate() {
+                let s = f32::from_le_bytes([c[vv.packed], c[vv.packed + 1], c[vv.packed + 2], c[vv.packed + 3]]);
+                for g in 0..group {
+                    p[g * len + t] *= s;
+                }
+            }
+            out.iter_mut().for_each(|o| *o = 0.0);
+            (k.group_values)(vcodes, vcs, vv.bits, vv.table, p, d, out);
+        });
+        out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
+    }
     fn len(&self, layer: usize, head: usize) -> usize {
         self.len[layer * self.shape.kv_heads + head]
     }
@@ -210,6 +322,14 @@ impl KvCache for CodecCache {
     fn bytes(&self) -> usize {
         let d = self.shape.head_dim;
         self.len.iter().sum::<usize>() * (self.keys.size(d) + self.values.size(d))
+    }
+}
+
+/// The default grouped attention (one `attend` per query head).
+fn default_group(c: &dyn KvCache, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
+    let d = qs.len() / group;
+    for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        c.attend(layer, head, q, len, o);
     }
 }
 

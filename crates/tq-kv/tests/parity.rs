@@ -61,6 +61,9 @@ fn attention_on_codes_matches_dequantize_then_attend() {
             }
             assert_eq!(cache.len(1, 1), n);
             let q: Vec<f32> = randv(&mut r, d).iter().map(|x| x * 3.0).collect();
+            // a GQA group of 3 query heads: the grouped path must give each head's own attention
+            let group = 3;
+            let qs: Vec<f32> = randv(&mut r, group * d).iter().map(|x| x * 3.0).collect();
             for len in [1usize, 17, n] {
                 let mut out = vec![f32::NAN; d];
                 cache.attend(1, 1, &q, len, &mut out);
@@ -69,10 +72,34 @@ fn attention_on_codes_matches_dequantize_then_attend() {
                 for (a, b) in out.iter().zip(&want) {
                     assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{spec} d={d} len={len}: {a} vs {b}");
                 }
+                let mut outs = vec![f32::NAN; group * d];
+                cache.attend_group(1, 1, &qs, group, len, &mut outs);
+                for (g, o) in outs.chunks_exact(d).enumerate() {
+                    let want = reference(kc.as_ref(), vc.as_ref(), &ks[..len], &vs[..len], &qs[g * d..(g + 1) * d]);
+                    let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
+                    for (a, b) in o.iter().zip(&want) {
+                        assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{spec} d={d} len={len} group head {g}: {a} vs {b}");
+                    }
+                }
             }
             assert_eq!(cache.bytes(), n * (kc.code_size() + vc.code_size()));
         }
     }
+}
+
+#[test]
+fn exp_neg_is_within_two_ulp() {
+    let mut worst = 0.0f64;
+    let mut x = 0.0f32;
+    while x > -87.0 {
+        let (got, want) = (tq_kv::exp_neg(x) as f64, (x as f64).exp());
+        worst = worst.max((got - want).abs() / want);
+        x -= 0.000_731;
+    }
+    assert!(worst <= 2.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
+    assert_eq!(tq_kv::exp_neg(-100.0), 0.0);
+    assert_eq!(tq_kv::exp_neg(f32::NEG_INFINITY), 0.0);
+    assert_eq!(tq_kv::exp_neg(0.0), 1.0);
 }
 
 #[test]
@@ -87,7 +114,19 @@ fn f16_and_f32_caches_and_bad_specs() {
     f.attend(0, 0, &k, 1, &mut a);
     h.attend(0, 0, &k, 1, &mut b);
     assert_eq!(a, b, "one position: softmax weight 1, f16-exact values");
-    assert_eq!(f.bytes(), 64);
+    // the f32 cache's grouped path equals its per-head path
+    f.append(0, 0, &v, &k);
+    let qs: Vec<f32> = k.iter().chain(&v).copied().collect();
+    let mut g = [f32::NAN; 16];
+    f.attend_group(0, 0, &qs, 2, 2, &mut g);
+    for (row, q) in g.chunks_exact(8).zip(qs.chunks_exact(8)) {
+        let mut one = [0.0f32; 8];
+        f.attend(0, 0, q, 2, &mut one);
+        for (x, y) in row.iter().zip(&one) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+    }
+    assert_eq!(f.bytes(), 128, "two positions of 8 f32 keys and values");
     assert_eq!(h.bytes(), 32);
     let mut s = [3.0f32, 1.0, 0.0];
     softmax_weights(&mut s);

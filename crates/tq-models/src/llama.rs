@@ -184,11 +184,10 @@ impl Llama {
                 for kh in 0..c.kv_heads {
                     cache.append(li, kh, &k[i * kd + kh * d..i * kd + (kh + 1) * d], &v[i * kd + kh * d..i * kd + (kh + 1) * d]);
                 }
-                for hd in 0..c.heads {
-                    let kh = hd / group;
-                    let (qs, os) = (i * qd + hd * d, i * qd + hd * d);
-                    let qv = q[qs..qs + d].to_vec();
-                    cache.attend(li, kh, &qv, start + i + 1, &mut att[os..os + d]);
+                for kh in 0..c.kv_heads {
+                    // the query heads kh·group .. (kh+1)·group share this KV head
+                    let r = i * qd + kh * group * d..i * qd + (kh + 1) * group * d;
+                    cache.attend_group(li, kh, &q[r.clone()], group, start + i + 1, &mut att[r]);
                 }
             }
             let o = self.matmul(&l.wo, &att, n, qd)?;

@@ -32,6 +32,12 @@ pub struct Kernels {
     /// `acc[j] += w · table[idx_j]` for the `acc.len()` fields of `packed`
     /// (value accumulation of attention on codes; may use FMA).
     pub axpy_codes: fn(&[u8], u32, &[f32], f32, &mut [f32]),
+    /// `out[j] = table[idx_j]` for the `out.len()` fields of `packed` (exact).
+    pub lookup_codes: fn(&[u8], u32, &[f32], &mut [f32]),
+    /// Attention scores of a GQA group over codebook codes (see `scalar::group_scores_ref`).
+    pub group_scores: GroupScoresFn,
+    /// Attention value sums of a GQA group over codebook codes (see `scalar::group_values_ref`).
+    pub group_values: fn(&[u8], usize, u32, &[f32], &[f32], usize, &mut [f32]),
     /// Fused TurboQuant_mse front end for a power-of-two length `n >= 8` with
     /// two Hadamard rounds: `y ← total·H(s2 ⊙ H(s1 ⊙ x))`, `norm = √sum_sq(y)`,
     /// `y ← y·(1/norm)`, `idx ← quantize(y)`. Returns `None` (outputs
@@ -44,6 +50,9 @@ pub struct Kernels {
     /// per sub-code). Exact integer arithmetic: identical on every path.
     pub fastscan_block: fn(&[u8], &[u8], &mut [u32; 32]),
 }
+
+/// Signature of `Kernels::group_scores`: `(codes, code_size, bits, table, qs, d, scale, out)`.
+pub type GroupScoresFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, f32, &mut [f32]);
 
 /// Signature of `Kernels::had2_quantize`.
 pub type Had2Fn = fn(&[f32], &Had2<'_>, &mut [f32], &mut [u8]) -> Option<f32>;
@@ -67,6 +76,9 @@ pub static SCALAR: Kernels = Kernels {
     dot: scalar::dot_ref,
     dot_codes: scalar::dot_codes_ref,
     axpy_codes: scalar::axpy_codes_ref,
+    lookup_codes: scalar::lookup_codes_ref,
+    group_scores: scalar::group_scores_ref,
+    group_values: scalar::group_values_ref,
     had2_quantize: scalar::had2_quantize_ref,
     fastscan_block: scalar::fastscan_block_ref,
 };
@@ -92,10 +104,6 @@ pub fn kernels() -> &'static Kernels {
 pub fn available() -> Vec<&'static Kernels> {
     let mut v = vec![&SCALAR];
     #[cfg(target_arch = "x86_64")]
-    {
-        if let Some(k) = x86::detect() {
-            v.push(k);
-        }
-    }
+    v.extend(x86::detect_all());
     v
 }

@@ -75,6 +75,41 @@ pub fn axpy_codes_ref(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut
     }
 }
 
+/// `out[j] = table[field_j]` over the `out.len()` fields of `packed`.
+pub fn lookup_codes_ref(packed: &[u8], bits: u32, table: &[f32], out: &mut [f32]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = table[get_field(packed, bits, j)];
+    }
+}
+
+/// Scores of a GQA group against `n` codebook codes (`[packed][f32 scale]`,
+/// `code_size` bytes each): `out[g·n + t] = scale · s_t · Σ_j qs[g·d + j] · table[idx_tj]`.
+#[allow(clippy::too_many_arguments)]
+pub fn group_scores_ref(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let packed = code_size - 4;
+    let n = codes.len() / code_size;
+    let g = qs.len() / d;
+    for (t, c) in codes.chunks_exact(code_size).enumerate() {
+        let s = f32::from_le_bytes([c[packed], c[packed + 1], c[packed + 2], c[packed + 3]]) * scale;
+        for h in 0..g {
+            out[h * n + t] = dot_codes_ref(&qs[h * d..(h + 1) * d], &c[..packed], bits, table) * s;
+        }
+    }
+}
+
+/// Value sums of a GQA group over `n` codebook codes: `acc[g·d + j] += Σ_t
+/// w[g·n + t] · table[idx_tj]` (the weights include each code's scale).
+pub fn group_values_ref(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+    let packed = code_size - 4;
+    let n = codes.len() / code_size;
+    let g = acc.len() / d;
+    for (t, c) in codes.chunks_exact(code_size).enumerate() {
+        for h in 0..g {
+            axpy_codes_ref(&c[..packed], bits, table, w[h * n + t], &mut acc[h * d..(h + 1) * d]);
+        }
+    }
+}
+
 /// Reference for the fused power-of-two encode (see `Kernels::had2_quantize`):
 /// exactly the operations of the unfused path, in the same order.
 pub fn had2_quantize_ref(x: &[f32], p: &super::Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {

@@ -12,16 +12,31 @@ static AVX2: Kernels = Kernels {
     dot,
     dot_codes,
     axpy_codes,
+    lookup_codes,
+    group_scores,
+    group_values,
     had2_quantize,
     fastscan_block,
 };
 
+/// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
+static AVX512: Kernels = Kernels { name: "avx512", group_scores: group_scores_512, group_values: group_values_512, ..AVX2 };
+
+/// The best table for this CPU.
 pub fn detect() -> Option<&'static Kernels> {
+    detect_all().last().copied()
+}
+
+/// Every SIMD table this CPU supports, weakest first.
+pub fn detect_all() -> Vec<&'static Kernels> {
+    let mut v = Vec::new();
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        Some(&AVX2)
-    } else {
-        None
+        v.push(&AVX2);
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+            v.push(&AVX512);
+        }
     }
+    v
 }
 
 fn fwht(x: &mut [f32]) {
@@ -470,12 +485,21 @@ fn axpy_codes(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) 
     assert!(table.len() >= 1 << bits);
     assert!(packed.len() * 8 >= acc.len() * bits as usize);
     // SAFETY: AVX2+FMA checked by `detect`; buffer sizes checked above.
-    unsafe { axpy_codes_avx2(packed, bits, table, w, acc) }
+    unsafe { codes_avx2::<true>(packed, bits, table, w, acc) }
 }
 
-/// `acc[j] += w · table[field_j]`, 8 coordinates per step (the unpacking of `dot_codes_avx2`).
+fn lookup_codes(packed: &[u8], bits: u32, table: &[f32], out: &mut [f32]) {
+    assert!((1..=8).contains(&bits));
+    assert!(table.len() >= 1 << bits);
+    assert!(packed.len() * 8 >= out.len() * bits as usize);
+    // SAFETY: AVX2+FMA checked by `detect`; buffer sizes checked above.
+    unsafe { codes_avx2::<false>(packed, bits, table, 1.0, out) }
+}
+
+/// `ACC`: `acc[j] += w · table[field_j]`; else `acc[j] = table[field_j]`.
+/// 8 coordinates per step (the unpacking of `dot_codes_avx2`).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_codes_avx2(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
+unsafe fn codes_avx2<const ACC: bool>(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
     let n = acc.len();
     let groups = n / 8;
     let b = bits as usize;
@@ -518,11 +542,145 @@ unsafe fn axpy_codes_avx2(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: 
         // SAFETY: g*8 + 8 <= n.
         unsafe {
             let a = acc.as_mut_ptr().add(g * 8);
-            _mm256_storeu_ps(a, _mm256_fmadd_ps(wv, vals, _mm256_loadu_ps(a)));
+            _mm256_storeu_ps(a, if ACC { _mm256_fmadd_ps(wv, vals, _mm256_loadu_ps(a)) } else { vals });
         }
     }
     for j in groups * 8..n {
-        acc[j] += w * table[scalar::get_field(packed, bits, j)];
+        let v = table[scalar::get_field(packed, bits, j)];
+        acc[j] = if ACC { acc[j] + w * v } else { v };
+    }
+}
+
+/// Unpacking constants and tables for 8 fields per step (bits 1..=4).
+struct Unpack {
+    shuf: __m256i,
+    shifts: __m256i,
+    mask: __m256i,
+    t0: __m256,
+    t1: __m256,
+    bits: u32,
+}
+
+impl Unpack {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn new(bits: u32, table: &[f32]) -> Self {
+        let (shuf, shifts) = unpack_consts(bits);
+        let pad = padded8(table);
+        // SAFETY: the arrays have the sizes the loads read; bits <= 4 so table has >= 16 entries when bits == 4.
+        unsafe {
+            Unpack {
+                shuf: _mm256_loadu_si256(shuf.as_ptr() as *const __m256i),
+                shifts: _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
+                mask: _mm256_set1_epi32((1i32 << bits) - 1),
+                t0: _mm256_loadu_ps(if bits <= 3 { pad.as_ptr() } else { table.as_ptr() }),
+                t1: if bits == 4 { _mm256_loadu_ps(table.as_ptr().add(8)) } else { _mm256_loadu_ps(pad.as_ptr()) },
+                bits,
+            }
+        }
+    }
+    /// The 8 values of fields `8k .. 8k+8` (`p` points at byte `k·bits`, 8 readable bytes).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn get(&self, p: *const u8) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable bytes at p.
+        let word = unsafe { (p as *const u64).read_unaligned() };
+        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(word as i64), self.shuf), self.shifts), self.mask);
+        if self.bits == 4 {
+            let lo = _mm256_permutevar8x32_ps(self.t0, idx);
+            let hi = _mm256_permutevar8x32_ps(self.t1, idx);
+            _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+        } else {
+            _mm256_permutevar8x32_ps(self.t0, idx)
+        }
+    }
+}
+
+/// Fast paths need whole 8-field groups, at most 4 bits, and 8 readable bytes
+/// past every group start (true when the code ends with its 4-byte scale and
+/// `codes` has 4 more bytes after the last group... checked per call).
+fn group_fast(code_size: usize, bits: u32, d: usize, n: usize, codes_len: usize) -> bool {
+    bits <= 4 && d % 8 == 0 && n > 0 && (n - 1) * code_size + (d / 8 - 1) * bits as usize + 8 <= codes_len
+}
+
+#[allow(clippy::too_many_arguments)]
+fn group_scores(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = qs.len() / d;
+    if !group_fast(code_size, bits, d, n, codes.len()) || g == 0 || g > 8 || out.len() < g * n || table.len() < 1 << bits {
+        return scalar::group_scores_ref(codes, code_size, bits, table, qs, d, scale, out);
+    }
+    // SAFETY: AVX2+FMA checked by `detect`; bounds checked above.
+    unsafe { group_scores_avx2(codes, code_size, bits, table, qs, d, scale, out) }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = qs.len() / d;
+    let packed = code_size - 4;
+    // SAFETY: see the bounds check in `group_scores`.
+    unsafe {
+        let u = Unpack::new(bits, table);
+        for t in 0..n {
+            let c = codes.as_ptr().add(t * code_size);
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for k in 0..d / 8 {
+                let v = u.get(c.add(k * bits as usize));
+                for (h, a) in acc.iter_mut().enumerate().take(g) {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(qs.as_ptr().add(h * d + k * 8)), v, *a);
+                }
+            }
+            let s = (c.add(packed) as *const f32).read_unaligned() * scale;
+            for (h, a) in acc.iter().enumerate().take(g) {
+                let x = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
+                let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+                let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+                *out.get_unchecked_mut(h * n + t) = _mm_cvtss_f32(x) * s;
+            }
+        }
+    }
+}
+
+fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = acc.len() / d;
+    if !group_fast(code_size, bits, d, n, codes.len()) || g == 0 || w.len() < g * n || table.len() < 1 << bits {
+        return scalar::group_values_ref(codes, code_size, bits, table, w, d, acc);
+    }
+    // SAFETY: AVX2+FMA checked by `detect`; bounds checked above.
+    unsafe { group_values_avx2(codes, code_size, bits, table, w, d, acc) }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = acc.len() / d;
+    // SAFETY: see the bounds check in `group_values`.
+    unsafe {
+        let u = Unpack::new(bits, table);
+        // coordinate groups outer: the group's accumulators stay in registers over all tokens
+        for k in 0..d / 8 {
+            let mut a = [_mm256_setzero_ps(); 8];
+            for (h, ah) in a.iter_mut().enumerate().take(g.min(8)) {
+                *ah = _mm256_loadu_ps(acc.as_ptr().add(h * d + k * 8));
+            }
+            for t in 0..n {
+                let c = codes.as_ptr().add(t * code_size);
+                let v = u.get(c.add(k * bits as usize));
+                for (h, ah) in a.iter_mut().enumerate().take(g.min(8)) {
+                    *ah = _mm256_fmadd_ps(_mm256_set1_ps(*w.get_unchecked(h * n + t)), v, *ah);
+                }
+            }
+            for (h, ah) in a.iter().enumerate().take(g.min(8)) {
+                _mm256_storeu_ps(acc.as_mut_ptr().add(h * d + k * 8), *ah);
+            }
+        }
+        if g > 8 {
+            // rare: groups wider than 8 heads fall back for the remaining heads
+            let rest = &mut acc[8 * d..];
+            scalar::group_values_ref(codes, code_size, bits, table, &w[8 * n..], d, rest);
+        }
     }
 }
 
@@ -588,6 +746,152 @@ unsafe fn fastscan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; 32]) 
         unsafe {
             _mm256_storeu_si256(out.as_mut_ptr().add(16 * half) as *mut __m256i, first);
             _mm256_storeu_si256(out.as_mut_ptr().add(16 * half + 8) as *mut __m256i, second);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// AVX-512: group attention over 2- and 4-bit codebook codes, 16 fields per step
+// ---------------------------------------------------------------------------
+
+/// 16 fields of `bits` (2 or 4) starting at `p` (8 readable bytes) as table values.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unpack16(p: *const u8, bits: u32, sel: __m512i, shifts: __m512i, mask: __m512i, table: __m512) -> __m512 {
+    // SAFETY: the caller guarantees 8 readable bytes at p.
+    let word = unsafe { (p as *const u64).read_unaligned() };
+    let v = if bits == 4 {
+        // lanes 0-7 take the low dword, 8-15 the high one
+        _mm512_permutexvar_epi32(sel, _mm512_set1_epi64(word as i64))
+    } else {
+        _mm512_set1_epi32(word as u32 as i32)
+    };
+    _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shifts), mask), table)
+}
+
+struct Unpack16 {
+    sel: __m512i,
+    shifts: __m512i,
+    mask: __m512i,
+    table: __m512,
+}
+
+impl Unpack16 {
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn new(bits: u32, table: &[f32]) -> Self {
+        let mut t = [0.0f32; 16];
+        t[..1 << bits].copy_from_slice(&table[..1 << bits]);
+        let sel: [i32; 16] = core::array::from_fn(|j| (j / 8) as i32);
+        let sh: [i32; 16] = core::array::from_fn(|j| if bits == 4 { (4 * (j % 8)) as i32 } else { (2 * j) as i32 });
+        // SAFETY: 16-element arrays.
+        unsafe {
+            Unpack16 {
+                sel: _mm512_loadu_si512(sel.as_ptr() as *const _),
+                shifts: _mm512_loadu_si512(sh.as_ptr() as *const _),
+                mask: _mm512_set1_epi32((1 << bits) - 1),
+                table: _mm512_loadu_ps(t.as_ptr()),
+            }
+        }
+    }
+}
+
+/// 2 or 4 bits, whole groups of 16 fields, 8 readable bytes at every group start.
+fn group_fast512(code_size: usize, bits: u32, d: usize, n: usize, codes_len: usize) -> bool {
+    (bits == 4 || bits == 2) && d % 16 == 0 && n > 0 && (n - 1) * code_size + (d / 16 - 1) * 2 * bits as usize + 8 <= codes_len
+}
+
+#[allow(clippy::too_many_arguments)]
+fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = qs.len() / d;
+    if !group_fast512(code_size, bits, d, n, codes.len()) || g == 0 || g > 8 || out.len() < g * n || table.len() < 1 << bits {
+        return group_scores(codes, code_size, bits, table, qs, d, scale, out);
+    }
+    // SAFETY: AVX-512F/BW checked by `detect_all`; bounds checked above.
+    unsafe { group_scores_avx512(codes, code_size, bits, table, qs, d, scale, out) }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn group_scores_avx512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = qs.len() / d;
+    let packed = code_size - 4;
+    let step = 2 * bits as usize; // bytes per 16 fields
+    // SAFETY: see the bounds check in `group_scores_512`.
+    unsafe {
+        let u = Unpack16::new(bits, table);
+        let one = |t: usize, acc: &mut [__m512; 8]| {
+            let c = codes.as_ptr().add(t * code_size);
+            for k in 0..d / 16 {
+                let v = unpack16(c.add(k * step), bits, u.sel, u.shifts, u.mask, u.table);
+                for (h, a) in acc.iter_mut().enumerate().take(g) {
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(qs.as_ptr().add(h * d + k * 16)), v, *a);
+                }
+            }
+        };
+        let scale_of = |t: usize| (codes.as_ptr().add(t * code_size + packed) as *const f32).read_unaligned() * scale;
+        // four tokens at a time: one transpose-add tree gives their four sums per head
+        let n4 = n / 4 * 4;
+        for t in (0..n4).step_by(4) {
+            let mut acc = [[_mm512_setzero_ps(); 8]; 4];
+            for (i, a) in acc.iter_mut().enumerate() {
+                one(t + i, a);
+            }
+            let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
+            for h in 0..g {
+                let (a0, a1, a2, a3) = (acc[0][h], acc[1][h], acc[2][h], acc[3][h]);
+                let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+                let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+                let u4 = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(t0, t1), _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1));
+                let h8 = _mm256_add_ps(_mm512_castps512_ps256(u4), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u4))));
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
+                _mm_storeu_ps(out.as_mut_ptr().add(h * n + t), _mm_mul_ps(s4, sc));
+            }
+        }
+        for t in n4..n {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            one(t, &mut acc);
+            let s = scale_of(t);
+            for (h, a) in acc.iter().enumerate().take(g) {
+                *out.get_unchecked_mut(h * n + t) = _mm512_reduce_add_ps(*a) * s;
+            }
+        }
+    }
+}
+
+fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = acc.len() / d;
+    if !group_fast512(code_size, bits, d, n, codes.len()) || g == 0 || g > 8 || w.len() < g * n || table.len() < 1 << bits {
+        return group_values(codes, code_size, bits, table, w, d, acc);
+    }
+    // SAFETY: AVX-512F/BW checked by `detect_all`; bounds checked above.
+    unsafe { group_values_avx512(codes, code_size, bits, table, w, d, acc) }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn group_values_avx512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = acc.len() / d;
+    let step = 2 * bits as usize;
+    // SAFETY: see the bounds check in `group_values_512`.
+    unsafe {
+        let u = Unpack16::new(bits, table);
+        for k in 0..d / 16 {
+            let mut a = [_mm512_setzero_ps(); 8];
+            for (h, ah) in a.iter_mut().enumerate().take(g) {
+                *ah = _mm512_loadu_ps(acc.as_ptr().add(h * d + k * 16));
+            }
+            for t in 0..n {
+                let v = unpack16(codes.as_ptr().add(t * code_size + k * step), bits, u.sel, u.shifts, u.mask, u.table);
+                for (h, ah) in a.iter_mut().enumerate().take(g) {
+                    *ah = _mm512_fmadd_ps(_mm512_set1_ps(*w.get_unchecked(h * n + t)), v, *ah);
+                }
+            }
+            for (h, ah) in a.iter().enumerate().take(g) {
+                _mm512_storeu_ps(acc.as_mut_ptr().add(h * d + k * 16), *ah);
+            }
         }
     }
 }

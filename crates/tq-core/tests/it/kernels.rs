@@ -91,7 +91,7 @@ fn dot_codes_simd_matches_scalar() {
 }
 
 #[test]
-fn axpy_codes_simd_matches_scalar() {
+fn axpy_and_lookup_codes_simd_match_scalar() {
     let mut rng = Xoshiro256::new(7);
     for bits in 1..=8u32 {
         let table = randv(&mut rng, 1 << bits);
@@ -104,6 +104,9 @@ fn axpy_codes_simd_matches_scalar() {
             let mut want = start.clone();
             scalar::axpy_codes_ref(&packed, bits, &table, w, &mut want);
             for k in available() {
+                let mut looked = vec![f32::NAN; n];
+                (k.lookup_codes)(&packed, bits, &table, &mut looked);
+                assert!(looked.iter().zip(&idx).all(|(&v, &i)| v == table[i as usize]), "{} bits={bits} n={n}", k.name);
                 let mut got = start.clone();
                 (k.axpy_codes)(&packed, bits, &table, w, &mut got);
                 for j in 0..n {
@@ -112,6 +115,43 @@ fn axpy_codes_simd_matches_scalar() {
                     let tol = 2.0 * f32::EPSILON as f64 * (start[j].abs() as f64 + (w * table[idx[j] as usize]).abs() as f64);
                     assert!((got[j] as f64 - exact).abs() <= tol, "{} bits={bits} n={n} j={j}", k.name);
                     assert!((want[j] as f64 - exact).abs() <= tol);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn group_attention_kernels_match_scalar() {
+    let mut rng = Xoshiro256::new(8);
+    for bits in 1..=8u32 {
+        let table = randv(&mut rng, 1 << bits);
+        for (d, g, n) in [(64usize, 3usize, 50usize), (128, 4, 9), (64, 1, 1), (16, 9, 5), (24, 2, 3)] {
+            let packed = packed_len(d, bits);
+            let cs = packed + 4;
+            let mut codes = vec![0u8; n * cs];
+            for c in codes.chunks_exact_mut(cs) {
+                let idx: Vec<u8> = (0..d).map(|_| rng.below(1 << bits) as u8).collect();
+                pack(&idx, bits, &mut c[..packed]);
+                c[packed..].copy_from_slice(&(0.5 + rng.next_f64() as f32).to_le_bytes());
+            }
+            let qs = randv(&mut rng, g * d);
+            let w = randv(&mut rng, g * n);
+            let mut want_s = vec![0.0f32; g * n];
+            scalar::group_scores_ref(&codes, cs, bits, &table, &qs, d, 0.3, &mut want_s);
+            let start = randv(&mut rng, g * d);
+            let mut want_v = start.clone();
+            scalar::group_values_ref(&codes, cs, bits, &table, &w, d, &mut want_v);
+            for k in available() {
+                let mut got = vec![f32::NAN; g * n];
+                (k.group_scores)(&codes, cs, bits, &table, &qs, d, 0.3, &mut got);
+                for (a, b) in got.iter().zip(&want_s) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * d as f32, "{} scores bits={bits} d={d} g={g}: {a} vs {b}", k.name);
+                }
+                let mut acc = start.clone();
+                (k.group_values)(&codes, cs, bits, &table, &w, d, &mut acc);
+                for (a, b) in acc.iter().zip(&want_v) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * n as f32, "{} values bits={bits} d={d} g={g}: {a} vs {b}", k.name);
                 }
             }
         }
