@@ -14,6 +14,9 @@ pub struct EvalArgs<'a> {
     pub ctx: usize,
     pub chunks: usize,
     pub kv: &'a str,
+    /// Full-precision windows (0: none).
+    pub sink: usize,
+    pub recent: usize,
     pub json: bool,
 }
 
@@ -58,7 +61,7 @@ pub fn eval(a: &EvalArgs<'_>) -> Result<()> {
     };
     for c in 0..chunks {
         let toks = &ids[c * a.ctx..(c + 1) * a.ctx];
-        let mut cache = tq_kv::cache_for(shape, a.kv, 0)?;
+        let mut cache = tq_kv::cache_with_windows(shape, a.kv, 0, a.sink, a.recent)?;
         let logits = model.forward(toks, cache.as_mut(), false)?;
         kv_bytes = cache.bytes();
         let ref_logits = if reference {
@@ -88,6 +91,7 @@ pub fn eval(a: &EvalArgs<'_>) -> Result<()> {
     let bits = spec.bits_per_value(shape.head_dim)?;
     let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
     let out = json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": a.kv,
+        "sink": a.sink, "recent": a.recent,
         "ppl": ppl, "ppl_f32": if reference { json!((nll_ref / n).exp()) } else { json!(ppl) },
         "kld": if reference { json!(kld / n) } else { json!(0.0) },
         "top1_agree": if reference { json!(agree as f64 / n) } else { json!(1.0) },
@@ -330,5 +334,73 @@ pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, json: bool) ->
     for r in &rows {
         println!("{}", serde_json::to_string(r)?);
     }
+    Ok(())
+}
+
+/// `tq generate`: greedy decoding with a KV cache of the given precision,
+/// tokens streamed to stdout as they are produced. The prompt is wrapped in
+/// SmolLM2's chat template unless `raw`.
+pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, sink: usize, recent: usize) -> Result<()> {
+    tq_core::kv::KvSpec::parse(kv)?;
+    if prompt.trim().is_empty() {
+        bail!("the prompt is empty");
+    }
+    let path = crate::data::smollm_gguf(false)?;
+    let model = Llama::load(&path)?;
+    let tok = tq_models::tokenizer::from_gguf(&path)?;
+    let special = |name: &str| tok.token_to_id(name).with_context(|| format!("the GGUF vocabulary has no {name}"));
+    let mut ids = Vec::new();
+    let mut stop = Vec::new();
+    if raw {
+        ids.extend(tq_models::tokenizer::encode(&tok, prompt)?);
+    } else {
+        let (start, end) = (special("<|im_start|>")?, special("<|im_end|>")?);
+        ids.push(start);
+        ids.extend(tq_models::tokenizer::encode(&tok, &format!("user\n{prompt}"))?);
+        ids.push(end);
+        ids.extend(tq_models::tokenizer::encode(&tok, "\n")?);
+        ids.push(start);
+        ids.extend(tq_models::tokenizer::encode(&tok, "assistant\n")?);
+        stop.push(end);
+    }
+    if let Some(eos) = tok.token_to_id("<|endoftext|>") {
+        stop.push(eos);
+    }
+    if ids.len() + max_tokens > model.config.context {
+        bail!("{} prompt tokens + {max_tokens} new ones exceed the model's context of {}", ids.len(), model.config.context);
+    }
+    let mut cache = tq_kv::cache_with_windows(model.config.kv_shape(), kv, 0, sink, recent)?;
+    let t0 = Instant::now();
+    let mut logits = model.forward(&ids, cache.as_mut(), true)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let mut out_ids: Vec<u32> = Vec::new();
+    let mut printed = 0usize;
+    let t1 = Instant::now();
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    for _ in 0..max_tokens {
+        let next = logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+        if stop.contains(&next) {
+            break;
+        }
+        out_ids.push(next);
+        // decode the whole answer each time: byte-level tokens may split characters
+        let text = tok.decode(&out_ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+        if text.len() > printed && text.is_char_boundary(printed) {
+            write!(stdout, "{}", &text[printed..])?;
+            stdout.flush()?;
+            printed = text.len();
+        }
+        logits = model.forward(&[next], cache.as_mut(), true)?;
+    }
+    writeln!(stdout)?;
+    let secs = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "[{kv}: {} prompt tokens in {prefill:.2} s, {} new tokens at {:.1} tok/s, cache {} bytes]",
+        ids.len(),
+        out_ids.len(),
+        out_ids.len() as f64 / secs.max(1e-9),
+        cache.bytes()
+    );
     Ok(())
 }

@@ -75,6 +75,24 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Generate text with SmolLM2 (greedy), streaming, with a KV cache of any precision.
+    Generate {
+        #[arg(long, default_value = "tq-mse-4")]
+        kv: String,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// No chat template: continue the prompt as plain text.
+        #[arg(long)]
+        raw: bool,
+        /// Also keep the first N tokens (attention sinks) in f32.
+        #[arg(long, default_value_t = 0)]
+        sink: usize,
+        /// Also keep the N most recent tokens in f32.
+        #[arg(long, default_value_t = 0)]
+        recent: usize,
+    },
     /// Benchmarks (one core) with quality beside speed.
     Bench {
         #[command(subcommand)]
@@ -143,6 +161,12 @@ enum KvCmd {
         chunks: usize,
         #[arg(long, default_value = "f32")]
         kv: String,
+        /// Also keep the first N tokens (attention sinks) in f32.
+        #[arg(long, default_value_t = 0)]
+        sink: usize,
+        /// Also keep the N most recent tokens in f32.
+        #[arg(long, default_value_t = 0)]
+        recent: usize,
         #[arg(long)]
         json: bool,
     },
@@ -395,8 +419,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
-        Cmd::Kv { what: KvCmd::Eval { text, chars, ctx, chunks, kv, json } } => {
-            kv::eval(&kv::EvalArgs { text: &text, chars, ctx, chunks, kv: &kv, json })
+        Cmd::Kv { what: KvCmd::Eval { text, chars, ctx, chunks, kv, sink, recent, json } } => {
+            kv::eval(&kv::EvalArgs { text: &text, chars, ctx, chunks, kv: &kv, sink, recent, json })
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             if name == "austen" || name == "shakespeare" {
@@ -448,6 +472,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Generate { kv, prompt, max_tokens, raw, sink, recent } => kv::generate(&kv, &prompt, max_tokens, raw, sink, recent),
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
             kv::bench(&kv, &ctxs, steps, fill, json)

@@ -209,7 +209,11 @@ impl Side {
     }
 }
 
-/// A compressed cache: keys and values as codes (see the crate docs).
+/// A compressed cache: keys and values as codes (see the crate docs), with
+/// optional full-precision windows: the first `sink` tokens (attention sinks)
+/// and the `recent` most recent ones are also kept in f32 and attended
+/// exactly while they are in their window (every token is still encoded once,
+/// on arrival, and its code is used once it leaves the recent window).
 pub struct CodecCache {
     shape: Shape,
     keys: Side,
@@ -217,12 +221,25 @@ pub struct CodecCache {
     k: Vec<Vec<u8>>,
     v: Vec<Vec<u8>>,
     len: Vec<usize>,
+    sink: usize,
+    recent: usize,
+    /// per stream: f32 keys/values of the first `sink` tokens
+    sink_k: Vec<Vec<f32>>,
+    sink_v: Vec<Vec<f32>>,
+    /// per stream: ring of the last `recent` tokens (slot = position mod recent)
+    ring_k: Vec<Vec<f32>>,
+    ring_v: Vec<Vec<f32>>,
 }
 
 impl CodecCache {
     /// A cache for a precision string (not `f32`: use [`F32Cache`]). Codecs
     /// are seeded per cache (`seed`), the same for every layer and head.
     pub fn new(shape: Shape, spec: &KvSpec, seed: u64) -> Result<Self> {
+        Self::with_windows(shape, spec, seed, 0, 0)
+    }
+
+    /// Also keeps the first `sink` and the last `recent` tokens in f32.
+    pub fn with_windows(shape: Shape, spec: &KvSpec, seed: u64, sink: usize, recent: usize) -> Result<Self> {
         let n = shape.layers * shape.kv_heads;
         Ok(Self {
             shape,
@@ -231,113 +248,182 @@ impl CodecCache {
             k: vec![Vec::new(); n],
             v: vec![Vec::new(); n],
             len: vec![0; n],
+            sink,
+            recent,
+            sink_k: vec![Vec::new(); n],
+            sink_v: vec![Vec::new(); n],
+            ring_k: vec![vec![0.0; recent * shape.head_dim]; n],
+            ring_v: vec![vec![0.0; recent * shape.head_dim]; n],
         })
+    }
+
+    /// The f32 key and value of token `t` of stream `i` if it is in a window
+    /// (with `total` tokens appended).
+    fn window(&self, i: usize, t: usize, total: usize) -> Option<(&[f32], &[f32])> {
+        let d = self.shape.head_dim;
+        if t < self.sink {
+            return Some((&self.sink_k[i][t * d..(t + 1) * d], &self.sink_v[i][t * d..(t + 1) * d]));
+        }
+        if self.recent > 0 && t + self.recent >= total && t < total {
+            let s = (t % self.recent) * d;
+            return Some((&self.ring_k[i][s..s + d], &self.ring_v[i][s..s + d]));
+        }
+        None
+    }
+
+    /// Attention of `group` query heads (rows of `qs`) over the first `len`
+    /// tokens of stream `i`: scores from the codes (group kernels for codebook
+    /// codecs, the codec's scorer otherwise), window tokens exactly, softmax,
+    /// values from the codes in the codec's domain, window values in f32.
+    fn attend_core(&self, i: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
+        let d = self.shape.head_dim;
+        let scale = 1.0 / (d as f32).sqrt();
+        let k = tq_core::kernels::kernels();
+        let total = self.len[i];
+        let views = match (&self.keys, &self.values) {
+            (Side::Codec(kc), Side::Codec(vc)) => kc.codebook_view().zip(vc.codebook_view()),
+            _ => None,
+        };
+        with_scratch(group * len, group * d, |p, qr| {
+            // ---- scores ----
+            match (&self.keys, views) {
+                (Side::Codec(kc), Some((kv, _))) => {
+                    for (r, q) in qr.chunks_exact_mut(d).zip(qs.chunks_exact(d)) {
+                        r.copy_from_slice(kc.prepare_unchecked(q).rotated());
+                    }
+                    let kcs = kv.packed + 4;
+                    (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
+                }
+                (Side::Codec(kc), None) => {
+                    for (g, q) in qs.chunks_exact(d).enumerate() {
+                        let pq = kc.prepare_unchecked(q);
+                        let row = &mut p[g * len..(g + 1) * len];
+                        kc.score_ip_many(&pq, &self.k[i][..len * kc.code_size()], row);
+                        row.iter_mut().for_each(|s| *s *= scale);
+                    }
+                }
+                (Side::F16, _) => {
+                    for (g, q) in qs.chunks_exact(d).enumerate() {
+                        for t in 0..len {
+                            let kb = &self.k[i][t * 2 * d..(t + 1) * 2 * d];
+                            p[g * len + t] = q.iter().zip(kb.chunks_exact(2)).map(|(a, b)| a * half::f16::from_le_bytes([b[0], b[1]]).to_f32()).sum::<f32>() * scale;
+                        }
+                    }
+                }
+            }
+            let windowed: Vec<usize> = if self.sink + self.recent > 0 {
+                (0..len).filter(|&t| self.window(i, t, total).is_some()).collect()
+            } else {
+                Vec::new()
+            };
+            for &t in &windowed {
+                let (kt, _) = self.window(i, t, total).expect("a window token");
+                for (g, q) in qs.chunks_exact(d).enumerate() {
+                    p[g * len + t] = (k.dot)(q, kt) * scale;
+                }
+            }
+            p.chunks_exact_mut(len).for_each(softmax_weights);
+            // window weights are applied in f32 after the codes' pass
+            let wwin: Vec<f32> = windowed.iter().flat_map(|&t| (0..group).map(move |g| (g, t))).map(|(g, t)| std::mem::replace(&mut p[g * len + t], 0.0)).collect();
+            // ---- values ----
+            out.iter_mut().for_each(|o| *o = 0.0);
+            match (&self.values, views) {
+                (Side::Codec(vc), Some((_, vv))) => {
+                    let vcs = vv.packed + 4;
+                    let vcodes = &self.v[i][..len * vcs];
+                    for (t, c) in vcodes.chunks_exact(vcs).enumerate() {
+                        let s = f32::from_le_bytes([c[vv.packed], c[vv.packed + 1], c[vv.packed + 2], c[vv.packed + 3]]);
+                        for g in 0..group {
+                            p[g * len + t] *= s;
+                        }
+                    }
+                    (k.group_values)(vcodes, vcs, vv.bits, vv.table, p, d, out);
+                    out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
+                }
+                (Side::Codec(vc), None) => {
+                    let cs = vc.code_size();
+                    for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                        for t in 0..len {
+                            vc.accumulate(&self.v[i][t * cs..(t + 1) * cs], p[g * len + t], o);
+                        }
+                        vc.finish_accumulated(o);
+                    }
+                }
+                (Side::F16, _) => {
+                    for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                        for t in 0..len {
+                            let w = p[g * len + t];
+                            let vb = &self.v[i][t * 2 * d..(t + 1) * 2 * d];
+                            for (x, b) in o.iter_mut().zip(vb.chunks_exact(2)) {
+                                *x += w * half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                            }
+                        }
+                    }
+                }
+            }
+            for (j, &t) in windowed.iter().enumerate() {
+                let (_, vt) = self.window(i, t, total).expect("a window token");
+                for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                    let w = wwin[j * group + g];
+                    o.iter_mut().zip(vt).for_each(|(a, &x)| *a += w * x);
+                }
+            }
+        });
     }
 }
 
 impl KvCache for CodecCache {
     fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]) {
         let i = layer * self.shape.kv_heads + head;
+        let t = self.len[i];
         self.keys.encode(k, &mut self.k[i]);
         self.values.encode(v, &mut self.v[i]);
+        if t < self.sink {
+            self.sink_k[i].extend_from_slice(k);
+            self.sink_v[i].extend_from_slice(v);
+        }
+        if self.recent > 0 {
+            let s = (t % self.recent) * self.shape.head_dim;
+            self.ring_k[i][s..s + k.len()].copy_from_slice(k);
+            self.ring_v[i][s..s + v.len()].copy_from_slice(v);
+        }
         self.len[i] += 1;
     }
 
     fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]) {
-        let d = self.shape.head_dim;
-        let i = layer * self.shape.kv_heads + head;
-        let scale = 1.0 / (d as f32).sqrt();
-        let mut p = vec![0.0f32; len];
-        match &self.keys {
-            Side::F16 => {
-                for (t, o) in p.iter_mut().enumerate() {
-                    let kb = &self.k[i][t * 2 * d..(t + 1) * 2 * d];
-                    *o = q.iter().zip(kb.chunks_exact(2)).map(|(a, b)| a * half::f16::from_le_bytes([b[0], b[1]]).to_f32()).sum();
-                }
-            }
-            Side::Codec(c) => {
-                let pq = c.prepare_unchecked(q);
-                c.score_ip_many(&pq, &self.k[i][..len * c.code_size()], &mut p);
-            }
-        }
-        p.iter_mut().for_each(|s| *s *= scale);
-        softmax_weights(&mut p);
-        out.iter_mut().for_each(|o| *o = 0.0);
-        match &self.values {
-            Side::F16 => {
-                for (t, &w) in p.iter().enumerate() {
-                    let vb = &self.v[i][t * 2 * d..(t + 1) * 2 * d];
-                    for (o, b) in out.iter_mut().zip(vb.chunks_exact(2)) {
-                        *o += w * half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-                    }
-                }
-            }
-            Side::Codec(c) => {
-                let cs = c.code_size();
-                for (t, &w) in p.iter().enumerate() {
-                    c.accumulate(&self.v[i][t * cs..(t + 1) * cs], w, out);
-                }
-                c.finish_accumulated(out);
-            }
-        }
+        self.attend_core(layer * self.shape.kv_heads + head, q, 1, len, out);
     }
 
-    /// Codebook codecs on both sides (TurboQuant): each key and value code is
-    /// decoded once (rotated domain) and shared by the group's query heads.
+    /// Each key and value code is read (decoded, for codebook codecs) once
+    /// and shared by the group's query heads.
     fn attend_group(&self, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
-        let (Side::Codec(kc), Side::Codec(vc)) = (&self.keys, &self.values) else {
-            return default_group(self, layer, head, qs, group, len, out);
-        };
-        let (Some(kv), Some(vv)) = (kc.codebook_view(), vc.codebook_view()) else {
-            return default_group(self, layer, head, qs, group, len, out);
-        };
-        let d = self.shape.head_dim;
-        let i = layer * self.shape.kv_heads + head;
-        let scale = 1.0 / (d as f32).sqrt();
-        let k = tq_core::kernels::kernels();
-        let (kcs, vcs) = (kv.packed + 4, vv.packed + 4);
-        with_scratch(group * len, group * d, |p, qr| {
-            for (r, q) in qr.chunks_exact_mut(d).zip(qs.chunks_exact(d)) {
-                r.copy_from_slice(kc.prepare_unchecked(q).rotated());
-            }
-            (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
-            p.chunks_exact_mut(len).for_each(softmax_weights);
-            // fold each value code's scale into its weights
-            let vcodes = &self.v[i][..len * vcs];
-            for (t, c) in vcodes.chunks_exact(vcs).enumerate() {
-                let s = f32::from_le_bytes([c[vv.packed], c[vv.packed + 1], c[vv.packed + 2], c[vv.packed + 3]]);
-                for g in 0..group {
-                    p[g * len + t] *= s;
-                }
-            }
-            out.iter_mut().for_each(|o| *o = 0.0);
-            (k.group_values)(vcodes, vcs, vv.bits, vv.table, p, d, out);
-        });
-        out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
+        self.attend_core(layer * self.shape.kv_heads + head, qs, group, len, out);
     }
+
     fn len(&self, layer: usize, head: usize) -> usize {
         self.len[layer * self.shape.kv_heads + head]
     }
 
+    /// Codes of every token plus the f32 windows.
     fn bytes(&self) -> usize {
         let d = self.shape.head_dim;
-        self.len.iter().sum::<usize>() * (self.keys.size(d) + self.values.size(d))
-    }
-}
-
-/// The default grouped attention (one `attend` per query head).
-fn default_group(c: &dyn KvCache, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
-    let d = qs.len() / group;
-    for (q, o) in qs.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        c.attend(layer, head, q, len, o);
+        let codes = self.len.iter().sum::<usize>() * (self.keys.size(d) + self.values.size(d));
+        let windows: usize = self.len.iter().map(|&l| l.min(self.sink) + l.saturating_sub(self.sink).min(self.recent)).sum();
+        codes + windows * 2 * 4 * d
     }
 }
 
 /// A cache for a precision string: `f32` gives the reference cache.
 pub fn cache_for(shape: Shape, spec: &str, seed: u64) -> Result<Box<dyn KvCache>> {
+    cache_with_windows(shape, spec, seed, 0, 0)
+}
+
+/// A cache that also keeps the first `sink` and the last `recent` tokens in
+/// f32 (see [`CodecCache`]; the f32 cache ignores the windows).
+pub fn cache_with_windows(shape: Shape, spec: &str, seed: u64, sink: usize, recent: usize) -> Result<Box<dyn KvCache>> {
     let s = KvSpec::parse(spec)?;
     if s.keys == Store::F32 && s.values == Store::F32 {
         return Ok(Box::new(F32Cache::new(shape)));
     }
-    Ok(Box::new(CodecCache::new(shape, &s, seed)?))
+    Ok(Box::new(CodecCache::with_windows(shape, &s, seed, sink, recent)?))
 }

@@ -87,6 +87,61 @@ fn attention_on_codes_matches_dequantize_then_attend() {
     }
 }
 
+/// Full-precision windows: tokens in the sink or recent window attend with
+/// their f32 keys/values, the others through their codes.
+#[test]
+fn sink_and_recent_windows_are_exact() {
+    let mut r = Xoshiro256::new(3);
+    let d = 64;
+    let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    for spec in ["tq-mse-3", "q4_0-rot", "f16"] {
+        let (sink, recent, n) = (2usize, 5usize, 40usize);
+        let mut cache = tq_kv::cache_with_windows(shape, spec, 0, sink, recent).unwrap();
+        let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
+        let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
+        for (k, v) in ks.iter().zip(&vs) {
+            cache.append(0, 0, k, v);
+        }
+        let qs = randv(&mut r, 2 * d);
+        let mut out = vec![f32::NAN; 2 * d];
+        cache.attend_group(0, 0, &qs, 2, n, &mut out);
+        // reference: decoded keys/values except in the windows
+        let st = tq_core::kv::KvSpec::parse(spec).unwrap();
+        let dec = |store: &tq_core::kv::Store, seed: u64, x: &[f32]| -> Vec<f32> {
+            match store {
+                tq_core::kv::Store::Codec(name) => {
+                    let c = build(name, d, seed, RotationKind::Hadamard).unwrap();
+                    let mut code = vec![0u8; c.code_size()];
+                    c.encode(x, &mut code).unwrap();
+                    let mut y = vec![0.0f32; d];
+                    c.decode(&code, &mut y).unwrap();
+                    y
+                }
+                _ => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            }
+        };
+        let in_window = |t: usize| t < sink || t + recent >= n;
+        let kd: Vec<Vec<f32>> = ks.iter().enumerate().map(|(t, k)| if in_window(t) { k.clone() } else { dec(&st.keys, 0, k) }).collect();
+        let vd: Vec<Vec<f32>> =
+            vs.iter().enumerate().map(|(t, v)| if in_window(t) { v.clone() } else { dec(&st.values, tq_core::rng::derive_seed(0, 0x56), v) }).collect();
+        for (g, o) in out.chunks_exact(d).enumerate() {
+            let q = &qs[g * d..(g + 1) * d];
+            let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let want: Vec<f64> = (0..d).map(|j| e.iter().zip(&vd).map(|(w, v)| w / z * v[j] as f64).sum()).collect();
+            let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
+            for (a, b) in o.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{spec} head {g}: {a} vs {b}");
+            }
+        }
+        // windows are counted in the bytes
+        let code_bytes = n * 2 * tq_core::kv::KvSpec::parse(spec).unwrap().keys.bytes_per_vector(d).unwrap() as usize;
+        assert_eq!(cache.bytes(), code_bytes + (sink + recent) * 2 * 4 * d, "{spec}");
+    }
+}
+
 #[test]
 fn exp_neg_is_within_two_ulp() {
     let mut worst = 0.0f64;

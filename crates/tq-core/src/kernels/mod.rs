@@ -7,7 +7,8 @@
 //! `dot_codes` (scoring) may differ from the reference by float reassociation
 //! only; parity tests bound that difference.
 //!
-//! Set `TQ_SIMD=scalar` to force the reference path (e.g. to compare).
+//! Set `TQ_SIMD=scalar` to force the reference path, `TQ_SIMD=avx2` to skip
+//! AVX-512 (e.g. to compare).
 
 use std::sync::OnceLock;
 
@@ -87,12 +88,15 @@ pub static SCALAR: Kernels = Kernels {
 pub fn kernels() -> &'static Kernels {
     static K: OnceLock<&'static Kernels> = OnceLock::new();
     K.get_or_init(|| {
-        if std::env::var("TQ_SIMD").map(|v| v == "scalar").unwrap_or(false) {
+        let want = std::env::var("TQ_SIMD").unwrap_or_default();
+        if want == "scalar" {
             return &SCALAR;
         }
         #[cfg(target_arch = "x86_64")]
         {
-            if let Some(k) = x86::detect() {
+            let all = x86::detect_all();
+            // TQ_SIMD=avx2 caps the choice (comparisons); otherwise the best
+            if let Some(k) = all.iter().rev().find(|k| want.is_empty() || k.name == want).or(all.last()) {
                 return k;
             }
         }
