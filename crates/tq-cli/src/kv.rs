@@ -404,3 +404,94 @@ pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, sink: usiz
     );
     Ok(())
 }
+
+/// Greedy continuation of `ids` with `cache` (at most `max_new` tokens, stops at `stop`).
+fn greedy(model: &Llama, cache: &mut dyn KvCache, ids: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+    let argmax = |l: &[f32]| l.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
+    let mut logits = model.forward(ids, cache, true)?;
+    let mut out = Vec::new();
+    for _ in 0..max_new {
+        let next = argmax(&logits);
+        if stop.contains(&next) {
+            break;
+        }
+        out.push(next);
+        logits = model.forward(&[next], cache, true)?;
+    }
+    Ok(out)
+}
+
+/// `tq kv needle`: plants "The secret number is N." at each depth of Austen
+/// filler text of each length (tokens, chat template included), asks for the
+/// number at the end and checks the greedy answer, for `kv` and for the f32
+/// cache as control. JSON lines per trial, then a summary line.
+pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: usize, json: bool) -> Result<()> {
+    tq_core::kv::KvSpec::parse(kv)?;
+    if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+        bail!("depth {d} is outside 0..1");
+    }
+    let path = crate::data::smollm_gguf(json)?;
+    let model = Llama::load(&path)?;
+    let c = &model.config;
+    if let Some(&l) = lengths.iter().find(|&&l| l < 64 || l + 16 > c.context) {
+        bail!("length {l} is outside 64..={} (the model's context, less room for the answer)", c.context - 16);
+    }
+    let tok = tq_models::tokenizer::from_gguf(&path)?;
+    let special = |name: &str| tok.token_to_id(name).with_context(|| format!("the GGUF vocabulary has no {name}"));
+    let (start, end) = (special("<|im_start|>")?, special("<|im_end|>")?);
+    let filler = tq_models::tokenizer::encode(&tok, &crate::data::austen_text(json)?)?;
+    let dec = |ids: &[u32]| tok.decode(ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"));
+    let question = "\n\nWhat is the secret number mentioned in the text above? Answer with the number only.";
+    let mut rows = Vec::new();
+    let (mut pass, mut pass_ref, mut trials) = (0usize, 0usize, 0usize);
+    for &len in lengths {
+        for (di, &depth) in depths.iter().enumerate() {
+            let number = 10_000 + (len * 7919 + di * 104_729) % 90_000;
+            let needle = format!(" The secret number is {number}. ");
+            // filler tokens so that the whole prompt has about `len` tokens
+            let fixed = tq_models::tokenizer::encode(&tok, &format!("user\n{needle}{question}"))?.len() + 8;
+            let nf = len.saturating_sub(fixed).min(filler.len());
+            let cut = ((nf as f64) * depth).round() as usize;
+            let body = format!("{}{needle}{}", dec(&filler[..cut])?, dec(&filler[cut..nf])?);
+            let mut ids = vec![start];
+            ids.extend(tq_models::tokenizer::encode(&tok, &format!("user\n{body}{question}"))?);
+            ids.push(end);
+            ids.extend(tq_models::tokenizer::encode(&tok, "\n")?);
+            ids.push(start);
+            ids.extend(tq_models::tokenizer::encode(&tok, "assistant\n")?);
+            if ids.len() + 12 > c.context {
+                bail!("the prompt of {} tokens leaves no room for the answer", ids.len());
+            }
+            let mut res = Vec::new();
+            for spec in [kv, "f32"] {
+                let t0 = Instant::now();
+                let mut cache = tq_kv::cache_with_windows(c.kv_shape(), spec, 0, sink, recent)?;
+                let out = greedy(&model, cache.as_mut(), &ids, 12, &[end])?;
+                let answer = dec(&out)?;
+                let ok = answer.contains(&number.to_string());
+                res.push((ok, answer, t0.elapsed().as_secs_f64()));
+            }
+            let ((ok, answer, secs), (ok_ref, answer_ref, _)) = (res[0].clone(), res[1].clone());
+            trials += 1;
+            pass += ok as usize;
+            pass_ref += ok_ref as usize;
+            let row = json!({"kv": kv, "tokens": ids.len(), "length": len, "depth": depth, "number": number, "passed": ok,
+                "answer": answer.trim(), "f32_passed": ok_ref, "f32_answer": answer_ref.trim(), "seconds": secs});
+            if !json {
+                eprintln!(
+                    "length {len:5} depth {depth:.2}: {kv} {} ({:?}) | f32 {} ({:?}) [{secs:.0} s]",
+                    if ok { "pass" } else { "FAIL" },
+                    answer.trim(),
+                    if ok_ref { "pass" } else { "FAIL" },
+                    answer_ref.trim()
+                );
+            }
+            println!("{}", serde_json::to_string(&row)?);
+            rows.push(row);
+        }
+    }
+    let summary = json!({"kv": kv, "sink": sink, "recent": recent, "trials": trials, "pass_rate": pass as f64 / trials as f64,
+        "f32_pass_rate": pass_ref as f64 / trials as f64, "lengths": lengths, "depths": depths});
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}

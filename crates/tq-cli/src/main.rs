@@ -187,6 +187,24 @@ enum KvCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Needle in a haystack: a planted fact in Austen filler, retrieved by
+    /// greedy answering, with the f32 cache as control (JSON lines).
+    Needle {
+        #[arg(long, default_value = "tq-mse-4")]
+        kv: String,
+        /// Comma-separated prompt lengths in tokens.
+        #[arg(long, default_value = "1024,2048,4096,8000")]
+        lengths: String,
+        /// Comma-separated depths of the fact (0 = start, 1 = end).
+        #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
+        depths: String,
+        #[arg(long, default_value_t = 0)]
+        sink: usize,
+        #[arg(long, default_value_t = 0)]
+        recent: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Capture real keys, values and last-position queries of SmolLM2 (f32
     /// cache) for some layers into npy files (`tq bench cuda --check --real DIR`).
     Dump {
@@ -473,6 +491,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate { kv, prompt, max_tokens, raw, sink, recent } => kv::generate(&kv, &prompt, max_tokens, raw, sink, recent),
+        Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, sink, recent, json } } => {
+            let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
+            let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
+            kv::needle(&kv, &lengths, &depths, sink, recent, json)
+        }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
             kv::bench(&kv, &ctxs, steps, fill, json)

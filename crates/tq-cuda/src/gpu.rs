@@ -180,12 +180,6 @@ impl Gpu {
         let (b, h, g) = (shape.batch(), shape.kv_heads, shape.group());
         let cap = shape.max_len().div_ceil(TILE) * TILE;
         let rows = copies * b * h * cap;
-        // splits: enough blocks to fill the card many times over (a short tail
-        // of the last wave; the partial results cost ~1% of the cache's bytes)
-        let tiles = cap / TILE;
-        let want = (8 * self.sms).div_ceil(b * h).clamp(1, tiles);
-        let split_len = tiles.div_ceil(want) * TILE;
-        let nsplit = cap.div_ceil(split_len);
         let defines = attention_defines(d, g, k.kind, v.kind);
         let module = self.module(&defines)?;
         let mma = k.rotated() && v.rotated() && g <= 8 && !self.simt.load(Ordering::Relaxed);
@@ -196,6 +190,13 @@ impl Gpu {
         if smem > 48 * 1024 {
             cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
         }
+        // splits: about four full waves of resident blocks (a short tail; the
+        // partial results cost ~1% of the cache's bytes)
+        let per_sm = cu(attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, smem, None))?.max(1) as usize;
+        let tiles = cap / TILE;
+        let want = (4 * self.sms * per_sm).div_ceil(b * h).clamp(1, tiles);
+        let split_len = tiles.div_ceil(want) * TILE;
+        let nsplit = cap.div_ceil(split_len);
         let z8 = |n: usize| cu(self.stream.alloc_zeros::<u8>(n));
         let hq = shape.q_heads;
         let lens: Vec<i32> = shape.lens.iter().map(|&l| l as i32).collect();

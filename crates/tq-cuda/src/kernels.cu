@@ -553,6 +553,10 @@ extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restr
 #define CPV (D / 8)                        // V coordinates per thread
 #define VWA ((CPV * VB + 31) / 32)         // aligned V words per thread
 #define NWARP 4
+#define TREP (KB == 4 || VB == 4 ? 16 : 32)
+#define TAB_WORDS (((1 << (2 * KB)) + (1 << (2 * VB))) * TREP)
+#define WO_WORDS (NWARP * 8 * D)
+#define SMEM_TABS (TAB_WORDS > WO_WORDS ? TAB_WORDS : WO_WORDS)
 
 __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     u32 r;
@@ -614,10 +618,14 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
     const float* __restrict__ ktab_g, const float* __restrict__ vtab_g, float* __restrict__ po,
     float* __restrict__ pm, float* __restrict__ pl) {
     __shared__ uint2 qfrag[(D / 16) * 32];
-    __shared__ u32 ktab2[1 << (2 * KB)];
-    __shared__ u32 vtab2[1 << (2 * VB)];
     __shared__ float wm[NWARP][8], wl[NWARP][8];
-    __shared__ float wo[NWARP][8][D];
+    // pair tables replicated TREP times (lane l reads copy l % TREP: at most
+    // 32/TREP lanes per bank), reused for the warps' partial outputs after the loop
+    __shared__ __align__(16) u32 tabs[SMEM_TABS];
+    u32* ktab2 = tabs;
+    u32* vtab2 = tabs + (1 << (2 * KB)) * TREP;
+    float (*wo)[8][D] = (float (*)[8][D])tabs;
+    const int rep = (threadIdx.x & 31) & (TREP - 1);
 
     int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -632,10 +640,14 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
     const float* kns = ks + seq * cap;
     const float* vns = vs + seq * cap;
 
-    for (int i = tid; i < (1 << (2 * KB)); i += blockDim.x)
-        ktab2[i] = pack_h2(ktab_g[i & ((1 << KB) - 1)], ktab_g[i >> KB]);
-    for (int i = tid; i < (1 << (2 * VB)); i += blockDim.x)
-        vtab2[i] = pack_h2(vtab_g[i & ((1 << VB) - 1)], vtab_g[i >> VB]);
+    for (int i = tid; i < (1 << (2 * KB)) * TREP; i += blockDim.x) {
+        int e = i / TREP;
+        ktab2[i] = pack_h2(ktab_g[e & ((1 << KB) - 1)], ktab_g[e >> KB]);
+    }
+    for (int i = tid; i < (1 << (2 * VB)) * TREP; i += blockDim.x) {
+        int e = i / TREP;
+        vtab2[i] = pack_h2(vtab_g[e & ((1 << VB) - 1)], vtab_g[e >> VB]);
+    }
     __syncthreads();
     // A fragments of Q (rotated and scaled by tq_prep_q) in shared memory
     // (registers are the scarce resource): step s, thread (n, r): row n,
@@ -697,8 +709,8 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
             for (int i = 0; i < 4; i++) { sc[j][i] = 0.0f; sc2[j][i] = 0.0f; }
 #pragma unroll
             for (int s = 0; s < D / 16; s++) {
-                u32 b0 = ktab2[field<2 * KB>(kw[j], (2 * s) * 2 * KB)];
-                u32 b1 = ktab2[field<2 * KB>(kw[j], (2 * s + 1) * 2 * KB)];
+                u32 b0 = ktab2[field<2 * KB>(kw[j], (2 * s) * 2 * KB) * TREP + rep];
+                u32 b1 = ktab2[field<2 * KB>(kw[j], (2 * s + 1) * 2 * KB) * TREP + rep];
                 uint2 qa = qfrag[s * 32 + lane];
                 mma16816(s % 2 ? sc2[j] : sc[j], qa.x, 0u, qa.y, 0u, b0, b1);
             }
@@ -748,8 +760,8 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
 #pragma unroll
         for (int mb = 0; mb < D / 16; mb++) {
             int w = mb >> 2, sh = (mb & 3) * 8;
-            u32 a0 = vtab2[(plo[0][w] >> sh) & 255u], a1 = vtab2[(phi[0][w] >> sh) & 255u];
-            u32 a2 = vtab2[(plo[1][w] >> sh) & 255u], a3 = vtab2[(phi[1][w] >> sh) & 255u];
+            u32 a0 = vtab2[((plo[0][w] >> sh) & 255u) * TREP + rep], a1 = vtab2[((phi[0][w] >> sh) & 255u) * TREP + rep];
+            u32 a2 = vtab2[((plo[1][w] >> sh) & 255u) * TREP + rep], a3 = vtab2[((phi[1][w] >> sh) & 255u) * TREP + rep];
             mma16816(o[mb], a0, a1, a2, a3, pb0, pb1);
         }
 #else
@@ -759,8 +771,8 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 int pos = (2 * mb + e) * VB;
-                a[e] = vtab2[field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)];
-                a[2 + e] = vtab2[field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)];
+                a[e] = vtab2[(field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)) * TREP + rep];
+                a[2 + e] = vtab2[(field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)) * TREP + rep];
             }
             mma16816(o[mb], a[0], a[1], a[2], a[3], pb0, pb1);
         }
@@ -769,6 +781,7 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
     }
 
     // ---- merge the warps of the block ----
+    __syncthreads();  // every warp is done with the tables (wo reuses them)
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     if (r == 0) { wm[warp][n] = m; wl[warp][n] = l; }

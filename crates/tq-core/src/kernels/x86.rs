@@ -20,7 +20,8 @@ static AVX2: Kernels = Kernels {
 };
 
 /// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
-static AVX512: Kernels = Kernels { name: "avx512", group_scores: group_scores_512, group_values: group_values_512, ..AVX2 };
+static AVX512: Kernels =
+    Kernels { name: "avx512", group_scores: group_scores_512, group_values: group_values_512, fastscan_block: fastscan_block_512, ..AVX2 };
 
 /// The best table for this CPU.
 pub fn detect() -> Option<&'static Kernels> {
@@ -706,24 +707,34 @@ fn fastscan_block(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
 #[target_feature(enable = "avx2")]
 unsafe fn fastscan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
     let pairs = block.len() / 32;
-    let mask = _mm256_set1_epi8(0x0F);
-    let (mut lo, mut lo_odd, mut hi, mut hi_odd) =
-        (_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256());
+    let z = _mm256_setzero_si256();
+    let mut acc = [z; 4];
     for p in 0..pairs {
         // SAFETY: 32 bytes at 32p are in bounds of both buffers.
-        let (c, t) = unsafe {
-            (
-                _mm256_loadu_si256(block.as_ptr().add(32 * p) as *const __m256i),
-                _mm256_loadu_si256(tables.as_ptr().add(32 * p) as *const __m256i),
-            )
-        };
-        let rlo = _mm256_shuffle_epi8(t, _mm256_and_si256(c, mask));
-        let rhi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
-        lo = _mm256_add_epi16(lo, rlo);
-        lo_odd = _mm256_add_epi16(lo_odd, _mm256_srli_epi16(rlo, 8));
-        hi = _mm256_add_epi16(hi, rhi);
-        hi_odd = _mm256_add_epi16(hi_odd, _mm256_srli_epi16(rhi, 8));
+        unsafe { fastscan_pair_avx2(block.as_ptr().add(32 * p), tables.as_ptr().add(32 * p), &mut acc) };
     }
+    // SAFETY: AVX2 as above.
+    unsafe { fastscan_finish_avx2(acc, out) }
+}
+
+/// One pair of sub-codes into the (lo, lo_odd, hi, hi_odd) accumulators.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fastscan_pair_avx2(c: *const u8, t: *const u8, acc: &mut [__m256i; 4]) {
+    let mask = _mm256_set1_epi8(0x0F);
+    // SAFETY: the caller guarantees 32 readable bytes at c and t.
+    let (c, t) = unsafe { (_mm256_loadu_si256(c as *const __m256i), _mm256_loadu_si256(t as *const __m256i)) };
+    let rlo = _mm256_shuffle_epi8(t, _mm256_and_si256(c, mask));
+    let rhi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
+    acc[0] = _mm256_add_epi16(acc[0], rlo);
+    acc[1] = _mm256_add_epi16(acc[1], _mm256_srli_epi16(rlo, 8));
+    acc[2] = _mm256_add_epi16(acc[2], rhi);
+    acc[3] = _mm256_add_epi16(acc[3], _mm256_srli_epi16(rhi, 8));
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]) {
+    let [lo, lo_odd, hi, hi_odd] = acc;
     let lo_even = _mm256_sub_epi16(lo, _mm256_slli_epi16(lo_odd, 8));
     let hi_even = _mm256_sub_epi16(hi, _mm256_slli_epi16(hi_odd, 8));
     // Word k of the low 128 bits holds tables 2p, word k+8 tables 2p+1, both
@@ -894,4 +905,46 @@ unsafe fn group_values_avx512(codes: &[u8], code_size: usize, bits: u32, table: 
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// AVX-512BW fast scan: two pairs of sub-codes per 512-bit shuffle
+// ---------------------------------------------------------------------------
+
+fn fastscan_block_512(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
+    assert!(block.len() % 32 == 0 && tables.len() == block.len());
+    // SAFETY: AVX-512F/BW checked by `detect_all`; both buffers hold `block.len()/32` pairs.
+    unsafe { fastscan_block_avx512(block, tables, out) }
+}
+
+/// As `fastscan_block_avx2`, two pairs per step; the two 256-bit halves of
+/// each accumulator are added at the end (sums modulo 2^16 do not depend on
+/// the order, so the result is identical).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
+    let pairs = block.len() / 32;
+    let mask = _mm512_set1_epi8(0x0F);
+    let z = _mm512_setzero_si512();
+    let (mut lo, mut lo_odd, mut hi, mut hi_odd) = (z, z, z, z);
+    for p in 0..pairs / 2 {
+        // SAFETY: 64 bytes at 64p are in bounds of both buffers.
+        let (c, t) = unsafe {
+            (_mm512_loadu_si512(block.as_ptr().add(64 * p) as *const _), _mm512_loadu_si512(tables.as_ptr().add(64 * p) as *const _))
+        };
+        let rlo = _mm512_shuffle_epi8(t, _mm512_and_si512(c, mask));
+        let rhi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), mask));
+        lo = _mm512_add_epi16(lo, rlo);
+        lo_odd = _mm512_add_epi16(lo_odd, _mm512_srli_epi16(rlo, 8));
+        hi = _mm512_add_epi16(hi, rhi);
+        hi_odd = _mm512_add_epi16(hi_odd, _mm512_srli_epi16(rhi, 8));
+    }
+    let fold = |v: __m512i| _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+    let mut acc = [fold(lo), fold(lo_odd), fold(hi), fold(hi_odd)];
+    if pairs % 2 == 1 {
+        let p = pairs - 1;
+        // SAFETY: the last pair's 32 bytes are in bounds; AVX2 is implied by AVX-512 here.
+        unsafe { fastscan_pair_avx2(block.as_ptr().add(32 * p), tables.as_ptr().add(32 * p), &mut acc) };
+    }
+    // SAFETY: AVX2 is available (the AVX-512 table is only handed out with it).
+    unsafe { fastscan_finish_avx2(acc, out) }
 }
