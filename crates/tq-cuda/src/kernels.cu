@@ -553,7 +553,7 @@ extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restr
 #define CPV (D / 8)                        // V coordinates per thread
 #define VWA ((CPV * VB + 31) / 32)         // aligned V words per thread
 #define NWARP 4
-#define TREP (KB == 4 || VB == 4 ? 16 : 32)
+#define TREP 16
 #define TAB_WORDS (((1 << (2 * KB)) + (1 << (2 * VB))) * TREP)
 #define WO_WORDS (NWARP * 8 * D)
 #define SMEM_TABS (TAB_WORDS > WO_WORDS ? TAB_WORDS : WO_WORDS)
