@@ -31,6 +31,17 @@ fn load_text(name: &str, quiet: bool) -> Result<String> {
 }
 
 pub fn eval(a: &EvalArgs<'_>) -> Result<()> {
+    let out = eval_run(a)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+/// One `tq kv eval` run, as its JSON object (progress on stderr unless `json`).
+pub fn eval_run(a: &EvalArgs<'_>) -> Result<serde_json::Value> {
     let spec = tq_core::kv::KvSpec::parse(a.kv)?;
     let text = load_text(a.text, a.json)?;
     let text: String = text.chars().take(a.chars).collect();
@@ -97,11 +108,97 @@ pub fn eval(a: &EvalArgs<'_>) -> Result<()> {
         "top1_agree": if reference { json!(agree as f64 / n) } else { json!(1.0) },
         "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": kv_bytes as f64 / a.ctx as f64,
         "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()});
-    if a.json {
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(out)
+}
+
+/// Precisions of `tq kv sweep` by default (and of the report's KV section).
+pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,tq-mse-4,tq-mse-4-nc,nvfp4,tq-prod-4,k4v3,tq-mse-3,tq-mse-2";
+
+/// `tq kv sweep`: `tq kv eval` for every precision (optionally with windows),
+/// as a markdown Pareto table (sorted by bits per value) and an SVG of KLD and
+/// ΔPPL against bits per value in `out`. Returns (markdown, rows).
+#[allow(clippy::too_many_arguments)]
+pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[String], sink: usize, recent: usize, out: &std::path::Path) -> Result<(String, Vec<serde_json::Value>)> {
+    let pb = indicatif::ProgressBar::new(precisions.len() as u64);
+    pb.set_style(indicatif::ProgressStyle::with_template("kv sweep {msg:24} [{bar:30}] {pos}/{len} ({eta})").unwrap().progress_chars("=> "));
+    let mut rows = Vec::new();
+    for p in precisions {
+        pb.set_message(p.clone());
+        let a = EvalArgs { text, chars, ctx, chunks, kv: p, sink, recent, json: true };
+        rows.push(eval_run(&a)?);
+        pb.inc(1);
     }
+    pb.finish_and_clear();
+    rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let svg = format!("kv_sweep_{}.svg", text.replace(['/', '.'], "_"));
+    plot_sweep(&out.join(&svg), text, &rows)?;
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let win = if sink + recent > 0 { format!(", f32 windows: {sink} sink + {recent} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
+    let _ = writeln!(
+        md,
+        "`tq kv sweep --text {text} --chars {chars} --ctx {ctx} --chunks {chunks}`: SmolLM2-135M, llama.cpp's perplexity convention; KLD and top-1 \
+         against the f32 cache on the same tokens{win}. Differences below about 1% ΔPPL are within the run-to-run \
+         sensitivity of quantized caches (see README).\n\n![KLD and ΔPPL vs bits per value]({svg})\n"
+    );
+    let _ = writeln!(md, "| KV precision | bits/value | bytes/token (measured) | ppl | ΔPPL | KLD | top-1 agree |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let (ppl, f) = (r["ppl"].as_f64().unwrap_or(f64::NAN), r["ppl_f32"].as_f64().unwrap_or(f64::NAN));
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} | {:.0} | {:.3} | {:+.2}% | {:.4} | {:.3} |",
+            r["kv"].as_str().unwrap_or(""),
+            r["bits_per_value"].as_f64().unwrap_or(f64::NAN),
+            r["kv_bytes_measured_per_token"].as_f64().unwrap_or(f64::NAN),
+            ppl,
+            100.0 * (ppl / f - 1.0),
+            r["kld"].as_f64().unwrap_or(f64::NAN),
+            r["top1_agree"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    Ok((md, rows))
+}
+
+fn plot_sweep(path: &std::path::Path, text: &str, rows: &[serde_json::Value]) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1000, 500)).into_drawing_area();
+    let err = |e: plotters::drawing::DrawingAreaErrorKind<_>| anyhow::anyhow!("plot: {e}");
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(500);
+    let pts: Vec<(f64, f64, f64, String)> = rows
+        .iter()
+        .filter(|r| r["kv"] != "f32")
+        .map(|r| {
+            let (ppl, f) = (r["ppl"].as_f64().unwrap_or(f64::NAN), r["ppl_f32"].as_f64().unwrap_or(f64::NAN));
+            (r["bits_per_value"].as_f64().unwrap_or(0.0), r["kld"].as_f64().unwrap_or(0.0).max(1e-6), 100.0 * (ppl / f - 1.0), r["kv"].as_str().unwrap_or("").to_string())
+        })
+        .collect();
+    let xmax = pts.iter().map(|p| p.0).fold(4.0f64, f64::max) * 1.1;
+    let kmax = pts.iter().map(|p| p.1).fold(1e-3f64, f64::max) * 2.0;
+    let mut c = ChartBuilder::on(&left)
+        .caption(format!("{text}: KLD vs bits/value"), ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..xmax, (1e-6..kmax).log_scale())
+        .map_err(err)?;
+    c.configure_mesh().x_desc("bits per value").y_desc("KLD vs f32 cache (log)").draw().map_err(err)?;
+    c.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 4, BLUE.filled()))).map_err(err)?;
+    c.draw_series(pts.iter().map(|p| Text::new(p.3.clone(), (p.0 + 0.1, p.1), ("sans-serif", 11)))).map_err(err)?;
+    let dmax = pts.iter().map(|p| p.2).filter(|v| v.is_finite()).fold(1.0f64, f64::max) * 1.1;
+    let mut c = ChartBuilder::on(&right)
+        .caption(format!("{text}: ΔPPL vs bits/value"), ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..xmax, -1.0..dmax)
+        .map_err(err)?;
+    c.configure_mesh().x_desc("bits per value").y_desc("ΔPPL vs f32 cache (%)").draw().map_err(err)?;
+    c.draw_series(pts.iter().map(|p| Circle::new((p.0, p.2), 4, RED.filled()))).map_err(err)?;
+    c.draw_series(pts.iter().map(|p| Text::new(p.3.clone(), (p.0 + 0.1, p.2), ("sans-serif", 11)))).map_err(err)?;
+    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
 }
 
@@ -433,8 +530,8 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: 
     let path = crate::data::smollm_gguf(json)?;
     let model = Llama::load(&path)?;
     let c = &model.config;
-    if let Some(&l) = lengths.iter().find(|&&l| l < 64 || l + 16 > c.context) {
-        bail!("length {l} is outside 64..={} (the model's context, less room for the answer)", c.context - 16);
+    if let Some(&l) = lengths.iter().find(|&&l| l < 64 || l + 32 > c.context) {
+        bail!("length {l} is outside 64..={} (the model's context, less room for the answer)", c.context - 32);
     }
     let tok = tq_models::tokenizer::from_gguf(&path)?;
     let special = |name: &str| tok.token_to_id(name).with_context(|| format!("the GGUF vocabulary has no {name}"));
@@ -459,14 +556,14 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: 
             ids.extend(tq_models::tokenizer::encode(&tok, "\n")?);
             ids.push(start);
             ids.extend(tq_models::tokenizer::encode(&tok, "assistant\n")?);
-            if ids.len() + 12 > c.context {
+            if ids.len() + 24 > c.context {
                 bail!("the prompt of {} tokens leaves no room for the answer", ids.len());
             }
             let mut res = Vec::new();
             for spec in [kv, "f32"] {
                 let t0 = Instant::now();
                 let mut cache = tq_kv::cache_with_windows(c.kv_shape(), spec, 0, sink, recent)?;
-                let out = greedy(&model, cache.as_mut(), &ids, 12, &[end])?;
+                let out = greedy(&model, cache.as_mut(), &ids, 24, &[end])?;
                 let answer = dec(&out)?;
                 let ok = answer.contains(&number.to_string());
                 res.push((ok, answer, t0.elapsed().as_secs_f64()));

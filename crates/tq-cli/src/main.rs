@@ -187,6 +187,29 @@ enum KvCmd {
         #[arg(long)]
         json: bool,
     },
+    /// `kv eval` for many precisions: a Pareto table (markdown) and an SVG of
+    /// KLD and ΔPPL vs bits per value in --out.
+    Sweep {
+        #[arg(long, default_value = "austen")]
+        text: String,
+        #[arg(long, default_value_t = 200_000)]
+        chars: usize,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long, default_value_t = 8)]
+        chunks: usize,
+        /// Comma-separated precisions.
+        #[arg(long, default_value = kv::SWEEP)]
+        kv: String,
+        #[arg(long, default_value_t = 0)]
+        sink: usize,
+        #[arg(long, default_value_t = 0)]
+        recent: usize,
+        #[arg(long, default_value = "report")]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Needle in a haystack: a planted fact in Austen filler, retrieved by
     /// greedy answering, with the f32 cache as control (JSON lines).
     Needle {
@@ -491,6 +514,21 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate { kv, prompt, max_tokens, raw, sink, recent } => kv::generate(&kv, &prompt, max_tokens, raw, sink, recent),
+        Cmd::Kv { what: KvCmd::Sweep { text, chars, ctx, chunks, kv, sink, recent, out, json } } => {
+            let list: Vec<String> = kv.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
+            for p in &list {
+                tq_core::kv::KvSpec::parse(p)?;
+            }
+            let (md, rows) = kv::sweep(&text, chars, ctx, chunks, &list, sink, recent, &out)?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                println!("{md}");
+            }
+            Ok(())
+        }
         Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, sink, recent, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;

@@ -69,6 +69,7 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
     let mut search = Vec::new();
     let mut evals = Vec::new();
     let mut matrix = serde_json::Value::Null;
+    let mut kv = serde_json::Value::Null;
     if !quick {
         for data in ["glove50", "minilm"] {
             let (text, rows) = search_section(out, data)?;
@@ -83,6 +84,16 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
         let (text, rows) = matrix_section()?;
         md.push_str(&text);
         matrix = rows;
+        md.push_str("\n## KV-cache precisions in SmolLM2 (Austen)\n\n");
+        let list: Vec<String> = crate::kv::SWEEP.split(',').map(str::to_string).collect();
+        match crate::kv::sweep("austen", 200_000, 512, 4, &list, 0, 0, out) {
+            Ok((text, rows)) => {
+                md.push_str(&text);
+                kv = json!(rows);
+            }
+            // like the other real-data sections: say why, keep the report
+            Err(e) => md.push_str(&format!("Skipped: {e:#}.\n")),
+        }
     }
     crate::files::write_atomic(&out.join("index.md"), md.as_bytes())?;
     crate::files::write_atomic(&out.join("index.html"), html(&md).as_bytes())?;
@@ -99,7 +110,7 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
             })
         })
         .collect();
-    let results = json!({"distortion": js, "search": search, "eval": evals, "matrix": matrix});
+    let results = json!({"distortion": js, "search": search, "eval": evals, "matrix": matrix, "kv": kv});
     crate::files::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
     Ok(())

@@ -351,3 +351,20 @@ fn bench_cuda_without_a_gpu_is_a_clear_error() {
         assert_eq!(err.lines().count(), 1, "{err}");
     }
 }
+
+/// Bad input to the LLM commands is refused before any model is loaded.
+#[test]
+fn generate_and_needle_refuse_bad_input() {
+    let o = tq(&["generate", "--kv", "int3", "--prompt", "hello"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("unknown KV precision 'int3'") && err.contains("tq-mse-B"), "{err}");
+    let o = tq(&["generate", "--kv", "tq-mse-4", "--prompt", "  "]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("the prompt is empty"), "{err}");
+    let o = tq(&["kv", "needle", "--kv", "tq-mse-4", "--depths", "0.5,1.5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("depth 1.5 is outside 0..1"), "{err}");
+    let o = tq(&["kv", "needle", "--kv", "tq-mse-4", "--lengths", "1024,abc"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("bad length 'abc'"), "{err}");
+}
