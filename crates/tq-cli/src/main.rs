@@ -86,12 +86,8 @@ enum Cmd {
         /// No chat template: continue the prompt as plain text.
         #[arg(long)]
         raw: bool,
-        /// Also keep the first N tokens (attention sinks) in f32.
-        #[arg(long, default_value_t = 0)]
-        sink: usize,
-        /// Also keep the N most recent tokens in f32.
-        #[arg(long, default_value_t = 0)]
-        recent: usize,
+        #[command(flatten)]
+        windows: Windows,
     },
     /// Benchmarks (one core) with quality beside speed.
     Bench {
@@ -146,27 +142,41 @@ enum Cmd {
     },
 }
 
+/// The text of a perplexity run.
+#[derive(clap::Args)]
+struct TextArgs {
+    /// `austen`, `shakespeare` or a text file.
+    #[arg(long, default_value = "austen")]
+    text: String,
+    #[arg(long, default_value_t = 200_000)]
+    chars: usize,
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    #[arg(long, default_value_t = 8)]
+    chunks: usize,
+}
+
+/// Full-precision windows of a compressed KV cache.
+#[derive(clap::Args)]
+struct Windows {
+    /// Also keep the first N tokens (attention sinks) in f32.
+    #[arg(long, default_value_t = 0)]
+    sink: usize,
+    /// Also keep the N most recent tokens in f32.
+    #[arg(long, default_value_t = 0)]
+    recent: usize,
+}
+
 #[derive(Subcommand)]
 enum KvCmd {
     /// Perplexity with llama.cpp's convention (second half of each chunk scored).
     Eval {
-        /// `austen`, `shakespeare` or a text file.
-        #[arg(long, default_value = "austen")]
-        text: String,
-        #[arg(long, default_value_t = 200_000)]
-        chars: usize,
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        #[arg(long, default_value_t = 8)]
-        chunks: usize,
+        #[command(flatten)]
+        text: TextArgs,
         #[arg(long, default_value = "f32")]
         kv: String,
-        /// Also keep the first N tokens (attention sinks) in f32.
-        #[arg(long, default_value_t = 0)]
-        sink: usize,
-        /// Also keep the N most recent tokens in f32.
-        #[arg(long, default_value_t = 0)]
-        recent: usize,
+        #[command(flatten)]
+        windows: Windows,
         #[arg(long)]
         json: bool,
     },
@@ -190,21 +200,13 @@ enum KvCmd {
     /// `kv eval` for many precisions: a Pareto table (markdown) and an SVG of
     /// KLD and ΔPPL vs bits per value in --out.
     Sweep {
-        #[arg(long, default_value = "austen")]
-        text: String,
-        #[arg(long, default_value_t = 200_000)]
-        chars: usize,
-        #[arg(long, default_value_t = 512)]
-        ctx: usize,
-        #[arg(long, default_value_t = 8)]
-        chunks: usize,
+        #[command(flatten)]
+        text: TextArgs,
         /// Comma-separated precisions.
         #[arg(long, default_value = kv::SWEEP)]
         kv: String,
-        #[arg(long, default_value_t = 0)]
-        sink: usize,
-        #[arg(long, default_value_t = 0)]
-        recent: usize,
+        #[command(flatten)]
+        windows: Windows,
         #[arg(long, default_value = "report")]
         out: PathBuf,
         #[arg(long)]
@@ -221,10 +223,8 @@ enum KvCmd {
         /// Comma-separated depths of the fact (0 = start, 1 = end).
         #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
         depths: String,
-        #[arg(long, default_value_t = 0)]
-        sink: usize,
-        #[arg(long, default_value_t = 0)]
-        recent: usize,
+        #[command(flatten)]
+        windows: Windows,
         #[arg(long)]
         json: bool,
     },
@@ -460,8 +460,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
-        Cmd::Kv { what: KvCmd::Eval { text, chars, ctx, chunks, kv, sink, recent, json } } => {
-            kv::eval(&kv::EvalArgs { text: &text, chars, ctx, chunks, kv: &kv, sink, recent, json })
+        Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
+            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, sink: w.sink, recent: w.recent, json })
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             if name == "austen" || name == "shakespeare" {
@@ -513,13 +513,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Generate { kv, prompt, max_tokens, raw, sink, recent } => kv::generate(&kv, &prompt, max_tokens, raw, sink, recent),
-        Cmd::Kv { what: KvCmd::Sweep { text, chars, ctx, chunks, kv, sink, recent, out, json } } => {
+        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, w.sink, w.recent),
+        Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
             let list: Vec<String> = kv.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
             for p in &list {
                 tq_core::kv::KvSpec::parse(p)?;
             }
-            let (md, rows) = kv::sweep(&text, chars, ctx, chunks, &list, sink, recent, &out)?;
+            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, w.sink, w.recent, &out)?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -529,10 +529,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, sink, recent, json } } => {
+        Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, windows: w, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&kv, &lengths, &depths, sink, recent, json)
+            kv::needle(&kv, &lengths, &depths, w.sink, w.recent, json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;

@@ -426,45 +426,13 @@ unsafe fn dot_codes_avx2(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> 
     let n = q.len();
     let groups = n / 8;
     let b = bits as usize;
-    let (shuf, shifts) = unpack_consts(bits);
-    // SAFETY (all loads below): arrays have the sizes the intrinsics read.
-    let (shuf, shifts) = unsafe {
-        (
-            _mm256_loadu_si256(shuf.as_ptr() as *const __m256i),
-            _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
-        )
-    };
-    let mask = _mm256_set1_epi32((1i32 << bits) - 1);
-    let pad = padded8(table);
-    // SAFETY: `pad` has 8 entries; for bits >= 4 the table has at least 16.
-    let t0 = unsafe { _mm256_loadu_ps(if bits <= 3 { pad.as_ptr() } else { table.as_ptr() }) };
-    let t1 = if bits == 4 { unsafe { _mm256_loadu_ps(table.as_ptr().add(8)) } } else { t0 };
+    // SAFETY: AVX2+FMA as for this function; table sizes checked by `dot_codes`.
+    let u = unsafe { Unpack::new(bits, table) };
     let mut acc = _mm256_setzero_ps();
     let mut acc2 = _mm256_setzero_ps();
     for g in 0..groups {
-        let off = g * b;
-        let w: u64 = if off + 8 <= packed.len() {
-            // SAFETY: 8 bytes in bounds.
-            unsafe { (packed.as_ptr().add(off) as *const u64).read_unaligned() }
-        } else {
-            let mut tmp = [0u8; 8];
-            tmp[..packed.len() - off].copy_from_slice(&packed[off..]);
-            u64::from_le_bytes(tmp)
-        };
-        let bytes = _mm256_set1_epi64x(w as i64);
-        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, shuf), shifts), mask);
-        let vals = match bits {
-            1..=3 => _mm256_permutevar8x32_ps(t0, idx),
-            4 => {
-                let lo = _mm256_permutevar8x32_ps(t0, idx);
-                let hi = _mm256_permutevar8x32_ps(t1, idx);
-                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-            }
-            // SAFETY: idx < 2^bits <= table.len().
-            _ => unsafe { _mm256_i32gather_ps::<4>(table.as_ptr(), idx) },
-        };
-        // SAFETY: g*8 + 8 <= n.
-        let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(g * 8)) };
+        // SAFETY: as above; g*8 + 8 <= n.
+        let (vals, qv) = unsafe { (u.vals(Unpack::word_at(packed, g * b), table), _mm256_loadu_ps(q.as_ptr().add(g * 8))) };
         if g % 2 == 0 {
             acc = _mm256_fmadd_ps(qv, vals, acc);
         } else {
@@ -504,44 +472,13 @@ unsafe fn codes_avx2<const ACC: bool>(packed: &[u8], bits: u32, table: &[f32], w
     let n = acc.len();
     let groups = n / 8;
     let b = bits as usize;
-    let (shuf, shifts) = unpack_consts(bits);
-    // SAFETY (all loads below): arrays have the sizes the intrinsics read.
-    let (shuf, shifts) = unsafe {
-        (
-            _mm256_loadu_si256(shuf.as_ptr() as *const __m256i),
-            _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
-        )
-    };
-    let mask = _mm256_set1_epi32((1i32 << bits) - 1);
-    let pad = padded8(table);
-    // SAFETY: `pad` has 8 entries; for bits >= 4 the table has at least 16.
-    let t0 = unsafe { _mm256_loadu_ps(if bits <= 3 { pad.as_ptr() } else { table.as_ptr() }) };
-    let t1 = if bits == 4 { unsafe { _mm256_loadu_ps(table.as_ptr().add(8)) } } else { t0 };
+    // SAFETY: AVX2+FMA as for this function; table sizes checked by the callers.
+    let u = unsafe { Unpack::new(bits, table) };
     let wv = _mm256_set1_ps(w);
     for g in 0..groups {
-        let off = g * b;
-        let word: u64 = if off + 8 <= packed.len() {
-            // SAFETY: 8 bytes in bounds.
-            unsafe { (packed.as_ptr().add(off) as *const u64).read_unaligned() }
-        } else {
-            let mut tmp = [0u8; 8];
-            tmp[..packed.len() - off].copy_from_slice(&packed[off..]);
-            u64::from_le_bytes(tmp)
-        };
-        let bytes = _mm256_set1_epi64x(word as i64);
-        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(bytes, shuf), shifts), mask);
-        let vals = match bits {
-            1..=3 => _mm256_permutevar8x32_ps(t0, idx),
-            4 => {
-                let lo = _mm256_permutevar8x32_ps(t0, idx);
-                let hi = _mm256_permutevar8x32_ps(t1, idx);
-                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-            }
-            // SAFETY: idx < 2^bits <= table.len().
-            _ => unsafe { _mm256_i32gather_ps::<4>(table.as_ptr(), idx) },
-        };
-        // SAFETY: g*8 + 8 <= n.
+        // SAFETY: as above; g*8 + 8 <= n.
         unsafe {
+            let vals = u.vals(Unpack::word_at(packed, g * b), table);
             let a = acc.as_mut_ptr().add(g * 8);
             _mm256_storeu_ps(a, if ACC { _mm256_fmadd_ps(wv, vals, _mm256_loadu_ps(a)) } else { vals });
         }
@@ -552,7 +489,8 @@ unsafe fn codes_avx2<const ACC: bool>(packed: &[u8], bits: u32, table: &[f32], w
     }
 }
 
-/// Unpacking constants and tables for 8 fields per step (bits 1..=4).
+/// Unpacking constants and tables for 8 fields per step (any width 1..=8:
+/// `vpermps` over the table up to 4 bits, a gather beyond).
 struct Unpack {
     shuf: __m256i,
     shifts: __m256i,
@@ -567,7 +505,7 @@ impl Unpack {
     unsafe fn new(bits: u32, table: &[f32]) -> Self {
         let (shuf, shifts) = unpack_consts(bits);
         let pad = padded8(table);
-        // SAFETY: the arrays have the sizes the loads read; bits <= 4 so table has >= 16 entries when bits == 4.
+        // SAFETY: the arrays have the sizes the loads read; for bits >= 4 the table has >= 16 entries.
         unsafe {
             Unpack {
                 shuf: _mm256_loadu_si256(shuf.as_ptr() as *const __m256i),
@@ -579,20 +517,43 @@ impl Unpack {
             }
         }
     }
-    /// The 8 values of fields `8k .. 8k+8` (`p` points at byte `k·bits`, 8 readable bytes).
+
+    /// The 8 bytes of `packed` from `off` (zero-padded past the end).
+    #[inline]
+    fn word_at(packed: &[u8], off: usize) -> u64 {
+        if off + 8 <= packed.len() {
+            // SAFETY: 8 bytes in bounds.
+            unsafe { (packed.as_ptr().add(off) as *const u64).read_unaligned() }
+        } else {
+            let mut tmp = [0u8; 8];
+            tmp[..packed.len() - off].copy_from_slice(&packed[off..]);
+            u64::from_le_bytes(tmp)
+        }
+    }
+
+    /// Table values of the 8 fields that start at bit 0 of `word`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn vals(&self, word: u64, table: &[f32]) -> __m256 {
+        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(word as i64), self.shuf), self.shifts), self.mask);
+        match self.bits {
+            1..=3 => _mm256_permutevar8x32_ps(self.t0, idx),
+            4 => {
+                let lo = _mm256_permutevar8x32_ps(self.t0, idx);
+                let hi = _mm256_permutevar8x32_ps(self.t1, idx);
+                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+            }
+            // SAFETY: idx < 2^bits <= table.len() (checked by the callers).
+            _ => unsafe { _mm256_i32gather_ps::<4>(table.as_ptr(), idx) },
+        }
+    }
+
+    /// The 8 values of fields `8k .. 8k+8` (`p` points at byte `k·bits`, 8 readable bytes; bits <= 4).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn get(&self, p: *const u8) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable bytes at p.
-        let word = unsafe { (p as *const u64).read_unaligned() };
-        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(word as i64), self.shuf), self.shifts), self.mask);
-        if self.bits == 4 {
-            let lo = _mm256_permutevar8x32_ps(self.t0, idx);
-            let hi = _mm256_permutevar8x32_ps(self.t1, idx);
-            _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
-        } else {
-            _mm256_permutevar8x32_ps(self.t0, idx)
-        }
+        // SAFETY: the caller guarantees 8 readable bytes at p; bits <= 4 needs no table pointer.
+        unsafe { self.vals((p as *const u64).read_unaligned(), &[]) }
     }
 }
 
