@@ -141,26 +141,8 @@ impl KvCache for F32Cache {
     }
     /// Each key and value row is read once for the whole group.
     fn attend_group(&self, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
-        let d = self.shape.head_dim;
         let i = layer * self.shape.kv_heads + head;
-        let scale = 1.0 / (d as f32).sqrt();
-        let (ks, vs) = (&self.k[i], &self.v[i]);
-        let dot = tq_core::kernels::kernels().dot;
-        with_scratch(group * len, 0, |p, _| {
-            for (t, kt) in ks[..len * d].chunks_exact(d).enumerate() {
-                for (g, q) in qs.chunks_exact(d).enumerate() {
-                    p[g * len + t] = dot(q, kt) * scale;
-                }
-            }
-            p.chunks_exact_mut(len).for_each(softmax_weights);
-            out.iter_mut().for_each(|o| *o = 0.0);
-            for (t, vt) in vs[..len * d].chunks_exact(d).enumerate() {
-                for (g, o) in out.chunks_exact_mut(d).enumerate() {
-                    let w = p[g * len + t];
-                    o.iter_mut().zip(vt).for_each(|(a, &x)| *a += w * x);
-                }
-            }
-        })
+        exact_group(&self.k[i], &self.v[i], qs, group, len, self.shape.head_dim, out);
     }
     fn len(&self, layer: usize, head: usize) -> usize {
         self.k[layer * self.shape.kv_heads + head].len() / self.shape.head_dim
@@ -174,16 +156,33 @@ impl KvCache for F32Cache {
 enum Side {
     F16,
     Codec(Box<dyn Codec>),
+    /// A codec that learns from data (fractional TurboQuant: its outlier
+    /// channels): one instance per (layer, head) stream, trained on the
+    /// stream's first [`TRAIN_TOKENS`] vectors.
+    PerStream { name: String, seed: u64, dim: usize, code_size: usize, codecs: Vec<Option<Box<dyn Codec>>> },
+}
+
+/// Tokens a stream keeps in f32 (attended exactly) before codecs that learn
+/// from data are trained on them and they are encoded.
+pub const TRAIN_TOKENS: usize = 32;
+
+/// A side of one stream, resolved.
+enum SideRef<'a> {
+    F16,
+    Codec(&'a dyn Codec),
 }
 
 impl Side {
-    fn new(store: &Store, head_dim: usize, seed: u64) -> Result<Self> {
+    fn new(store: &Store, head_dim: usize, seed: u64, streams: usize) -> Result<Self> {
         match store {
             Store::F16 => Ok(Side::F16),
             Store::Codec(name) => {
                 let c = tq_core::build(name, head_dim, seed, RotationKind::Hadamard)?;
                 if c.wants_training() && !matches!(name.as_str(), n if n.starts_with("rabitq-")) {
-                    return Err(TqError::BadParams(format!("{name} learns from data and cannot encode online")));
+                    if !c.name().starts_with("tq-mse-") {
+                        return Err(TqError::BadParams(format!("{name} learns its codebooks from data and cannot encode online")));
+                    }
+                    return Ok(Side::PerStream { name: name.clone(), seed, dim: head_dim, code_size: c.code_size(), codecs: (0..streams).map(|_| None).collect() });
                 }
                 Ok(Side::Codec(c))
             }
@@ -195,16 +194,35 @@ impl Side {
         match self {
             Side::F16 => 2 * d,
             Side::Codec(c) => c.code_size(),
+            Side::PerStream { code_size, .. } => *code_size,
         }
     }
-    fn encode(&self, x: &[f32], out: &mut Vec<u8>) {
+    /// The side for stream `i`; `None` while its codec is untrained.
+    fn get(&self, i: usize) -> Option<SideRef<'_>> {
         match self {
-            Side::F16 => x.iter().for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
-            Side::Codec(c) => {
+            Side::F16 => Some(SideRef::F16),
+            Side::Codec(c) => Some(SideRef::Codec(c.as_ref())),
+            Side::PerStream { codecs, .. } => codecs[i].as_deref().map(SideRef::Codec),
+        }
+    }
+    /// Trains stream `i`'s codec on row-major `rows` (per-stream sides only).
+    fn train(&mut self, i: usize, rows: &[f32]) -> Result<()> {
+        if let Side::PerStream { name, seed, dim, codecs, .. } = self {
+            let mut c = tq_core::build(name, *dim, *seed, RotationKind::Hadamard)?;
+            c.train(rows)?;
+            codecs[i] = Some(c);
+        }
+        Ok(())
+    }
+    fn encode(&self, i: usize, x: &[f32], out: &mut Vec<u8>) {
+        match self.get(i) {
+            Some(SideRef::F16) => x.iter().for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
+            Some(SideRef::Codec(c)) => {
                 let n = out.len();
                 out.resize(n + c.code_size(), 0);
                 c.encode_unchecked(x, &mut out[n..]);
             }
+            None => unreachable!("encode before training"),
         }
     }
 }
@@ -229,6 +247,9 @@ pub struct CodecCache {
     /// per stream: ring of the last `recent` tokens (slot = position mod recent)
     ring_k: Vec<Vec<f32>>,
     ring_v: Vec<Vec<f32>>,
+    /// per stream: f32 keys/values not encoded yet (a side still training)
+    pending_k: Vec<Vec<f32>>,
+    pending_v: Vec<Vec<f32>>,
 }
 
 impl CodecCache {
@@ -243,8 +264,8 @@ impl CodecCache {
         let n = shape.layers * shape.kv_heads;
         Ok(Self {
             shape,
-            keys: Side::new(&spec.keys, shape.head_dim, seed)?,
-            values: Side::new(&spec.values, shape.head_dim, tq_core::rng::derive_seed(seed, 0x56))?,
+            keys: Side::new(&spec.keys, shape.head_dim, seed, n)?,
+            values: Side::new(&spec.values, shape.head_dim, tq_core::rng::derive_seed(seed, 0x56), n)?,
             k: vec![Vec::new(); n],
             v: vec![Vec::new(); n],
             len: vec![0; n],
@@ -254,6 +275,8 @@ impl CodecCache {
             sink_v: vec![Vec::new(); n],
             ring_k: vec![vec![0.0; recent * shape.head_dim]; n],
             ring_v: vec![vec![0.0; recent * shape.head_dim]; n],
+            pending_k: vec![Vec::new(); n],
+            pending_v: vec![Vec::new(); n],
         })
     }
 
@@ -280,21 +303,25 @@ impl CodecCache {
         let scale = 1.0 / (d as f32).sqrt();
         let k = tq_core::kernels::kernels();
         let total = self.len[i];
-        let views = match (&self.keys, &self.values) {
-            (Side::Codec(kc), Side::Codec(vc)) => kc.codebook_view().zip(vc.codebook_view()),
+        let (Some(keys), Some(values)) = (self.keys.get(i), self.values.get(i)) else {
+            // a side is still collecting its training tokens: all of them are in f32
+            return exact_group(&self.pending_k[i], &self.pending_v[i], qs, group, len, d, out);
+        };
+        let views = match (&keys, &values) {
+            (SideRef::Codec(kc), SideRef::Codec(vc)) => kc.codebook_view().zip(vc.codebook_view()),
             _ => None,
         };
         with_scratch(group * len, group * d, |p, qr| {
             // ---- scores ----
-            match (&self.keys, views) {
-                (Side::Codec(kc), Some((kv, _))) => {
+            match (&keys, views) {
+                (SideRef::Codec(kc), Some((kv, _))) => {
                     for (r, q) in qr.chunks_exact_mut(d).zip(qs.chunks_exact(d)) {
                         r.copy_from_slice(kc.prepare_unchecked(q).rotated());
                     }
                     let kcs = kv.packed + 4;
                     (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
                 }
-                (Side::Codec(kc), None) => {
+                (SideRef::Codec(kc), None) => {
                     for (g, q) in qs.chunks_exact(d).enumerate() {
                         let pq = kc.prepare_unchecked(q);
                         let row = &mut p[g * len..(g + 1) * len];
@@ -302,7 +329,7 @@ impl CodecCache {
                         row.iter_mut().for_each(|s| *s *= scale);
                     }
                 }
-                (Side::F16, _) => {
+                (SideRef::F16, _) => {
                     for (g, q) in qs.chunks_exact(d).enumerate() {
                         for t in 0..len {
                             let kb = &self.k[i][t * 2 * d..(t + 1) * 2 * d];
@@ -327,8 +354,8 @@ impl CodecCache {
             let wwin: Vec<f32> = windowed.iter().flat_map(|&t| (0..group).map(move |g| (g, t))).map(|(g, t)| std::mem::replace(&mut p[g * len + t], 0.0)).collect();
             // ---- values ----
             out.iter_mut().for_each(|o| *o = 0.0);
-            match (&self.values, views) {
-                (Side::Codec(vc), Some((_, vv))) => {
+            match (&values, views) {
+                (SideRef::Codec(vc), Some((_, vv))) => {
                     let vcs = vv.packed + 4;
                     let vcodes = &self.v[i][..len * vcs];
                     for (t, c) in vcodes.chunks_exact(vcs).enumerate() {
@@ -340,7 +367,7 @@ impl CodecCache {
                     (k.group_values)(vcodes, vcs, vv.bits, vv.table, p, d, out);
                     out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
                 }
-                (Side::Codec(vc), None) => {
+                (SideRef::Codec(vc), None) => {
                     let cs = vc.code_size();
                     for (g, o) in out.chunks_exact_mut(d).enumerate() {
                         for t in 0..len {
@@ -349,7 +376,7 @@ impl CodecCache {
                         vc.finish_accumulated(o);
                     }
                 }
-                (Side::F16, _) => {
+                (SideRef::F16, _) => {
                     for (g, o) in out.chunks_exact_mut(d).enumerate() {
                         for t in 0..len {
                             let w = p[g * len + t];
@@ -376,8 +403,24 @@ impl KvCache for CodecCache {
     fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]) {
         let i = layer * self.shape.kv_heads + head;
         let t = self.len[i];
-        self.keys.encode(k, &mut self.k[i]);
-        self.values.encode(v, &mut self.v[i]);
+        if self.keys.get(i).is_none() || self.values.get(i).is_none() {
+            // a side learns from this stream's first tokens: hold them in f32
+            self.pending_k[i].extend_from_slice(k);
+            self.pending_v[i].extend_from_slice(v);
+            if t + 1 == TRAIN_TOKENS {
+                let (pk, pv) = (std::mem::take(&mut self.pending_k[i]), std::mem::take(&mut self.pending_v[i]));
+                // training fails only on non-finite input, which the model never produces
+                self.keys.train(i, &pk).expect("training on the stream's first keys");
+                self.values.train(i, &pv).expect("training on the stream's first values");
+                for (kr, vr) in pk.chunks_exact(k.len()).zip(pv.chunks_exact(v.len())) {
+                    self.keys.encode(i, kr, &mut self.k[i]);
+                    self.values.encode(i, vr, &mut self.v[i]);
+                }
+            }
+        } else {
+            self.keys.encode(i, k, &mut self.k[i]);
+            self.values.encode(i, v, &mut self.v[i]);
+        }
         if t < self.sink {
             self.sink_k[i].extend_from_slice(k);
             self.sink_v[i].extend_from_slice(v);
@@ -404,13 +447,36 @@ impl KvCache for CodecCache {
         self.len[layer * self.shape.kv_heads + head]
     }
 
-    /// Codes of every token plus the f32 windows.
+    /// Codes of every token plus the f32 windows (and tokens awaiting training).
     fn bytes(&self) -> usize {
         let d = self.shape.head_dim;
-        let codes = self.len.iter().sum::<usize>() * (self.keys.size(d) + self.values.size(d));
+        let pending: usize = self.pending_k.iter().chain(&self.pending_v).map(|p| 4 * p.len()).sum();
+        let coded: usize = self.len.iter().zip(&self.pending_k).map(|(&l, p)| l - p.len() / d).sum();
+        let codes = coded * (self.keys.size(d) + self.values.size(d)) + pending;
         let windows: usize = self.len.iter().map(|&l| l.min(self.sink) + l.saturating_sub(self.sink).min(self.recent)).sum();
         codes + windows * 2 * 4 * d
     }
+}
+
+/// Exact attention of `group` query heads over f32 rows.
+fn exact_group(ks: &[f32], vs: &[f32], qs: &[f32], group: usize, len: usize, d: usize, out: &mut [f32]) {
+    let scale = 1.0 / (d as f32).sqrt();
+    let dot = tq_core::kernels::kernels().dot;
+    with_scratch(group * len, 0, |p, _| {
+        for (t, kt) in ks[..len * d].chunks_exact(d).enumerate() {
+            for (g, q) in qs.chunks_exact(d).enumerate() {
+                p[g * len + t] = dot(q, kt) * scale;
+            }
+        }
+        p.chunks_exact_mut(len).for_each(softmax_weights);
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for (t, vt) in vs[..len * d].chunks_exact(d).enumerate() {
+            for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                let w = p[g * len + t];
+                o.iter_mut().zip(vt).for_each(|(a, &x)| *a += w * x);
+            }
+        }
+    })
 }
 
 /// A cache for a precision string: `f32` gives the reference cache.

@@ -142,6 +142,57 @@ fn sink_and_recent_windows_are_exact() {
     }
 }
 
+/// Fractional rates online: each stream keeps its first TRAIN_TOKENS tokens in
+/// f32 (exact attention), then trains its own outlier split on them, encodes
+/// them and continues online.
+#[test]
+fn fractional_caches_train_per_stream_then_encode() {
+    let mut r = Xoshiro256::new(4);
+    let d = 64;
+    let shape = Shape { layers: 1, kv_heads: 2, head_dim: d };
+    let mut cache = cache_for(shape, "tq-mse-3.5", 0).unwrap();
+    // channel-dependent scales, so the outlier split matters
+    let scaled = |r: &mut Xoshiro256| -> Vec<f32> { randv(r, d).iter().enumerate().map(|(j, x)| x * (1.0 + (j % 7) as f32)).collect() };
+    let n = 80;
+    let ks: Vec<Vec<f32>> = (0..n).map(|_| scaled(&mut r)).collect();
+    let vs: Vec<Vec<f32>> = (0..n).map(|_| scaled(&mut r)).collect();
+    let q = randv(&mut r, d);
+    let t = tq_kv::TRAIN_TOKENS;
+    for (j, (k, v)) in ks.iter().zip(&vs).enumerate() {
+        cache.append(0, 1, k, v);
+        if j + 1 == t - 1 {
+            // still collecting: exact attention over f32 rows
+            let mut out = vec![f32::NAN; d];
+            cache.attend(0, 1, &q, j + 1, &mut out);
+            let mut f = cache_for(shape, "f32", 0).unwrap();
+            for (k2, v2) in ks[..=j].iter().zip(&vs[..=j]) {
+                f.append(0, 1, k2, v2);
+            }
+            let mut want = vec![0.0f32; d];
+            f.attend(0, 1, &q, j + 1, &mut want);
+            assert_eq!(out, want);
+        }
+    }
+    // trained on the first TRAIN_TOKENS rows of this stream
+    let train = |name: &str, seed: u64, rows: &[Vec<f32>]| {
+        let mut c = build(name, d, seed, RotationKind::Hadamard).unwrap();
+        let sample: Vec<f32> = rows[..t].iter().flatten().copied().collect();
+        c.train(&sample).unwrap();
+        c
+    };
+    let kc = train("tq-mse-3.5", 0, &ks);
+    let vc = train("tq-mse-3.5", tq_core::rng::derive_seed(0, 0x56), &vs);
+    let mut out = vec![f32::NAN; d];
+    cache.attend(0, 1, &q, n, &mut out);
+    let want = reference(kc.as_ref(), vc.as_ref(), &ks, &vs, &q);
+    let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
+    for (a, b) in out.iter().zip(&want) {
+        assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{a} vs {b}");
+    }
+    assert_eq!(cache.bytes(), n * 2 * kc.code_size());
+    assert!(cache_for(shape, "pq-4", 0).is_err(), "trained codebooks cannot encode online");
+}
+
 #[test]
 fn exp_neg_is_within_two_ulp() {
     let mut worst = 0.0f64;
