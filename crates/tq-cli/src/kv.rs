@@ -112,7 +112,7 @@ pub fn eval_run(a: &EvalArgs<'_>) -> Result<serde_json::Value> {
 }
 
 /// Precisions of `tq kv sweep` by default (and of the report's KV section).
-pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,tq-mse-4,tq-mse-4-nc,nvfp4,tq-prod-4,k4v3,tq-mse-3,tq-mse-2";
+pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq-mse-4-nc,nvfp4,tq-prod-4,k4v3,tq-mse-3.5,tq-mse-3,kivi-2,tq-mse-2.5,tq-mse-2";
 
 /// `tq kv sweep`: `tq kv eval` for every precision (optionally with windows),
 /// as a markdown Pareto table (sorted by bits per value) and an SVG of KLD and

@@ -187,7 +187,7 @@ impl Side {
                 Ok(Side::Codec(c))
             }
             Store::F32 => Err(TqError::BadParams("use F32Cache for f32".into())),
-            Store::Kivi(_) => Err(TqError::BadParams("KIVI groups 32 tokens before quantizing; not available online yet".into())),
+            Store::Kivi(_) => Err(TqError::BadParams("KIVI is a cache of its own (KiviCache): it cannot be one side of another precision".into())),
         }
     }
     fn size(&self, d: usize) -> usize {
@@ -479,6 +479,122 @@ fn exact_group(ks: &[f32], vs: &[f32], qs: &[f32], group: usize, len: usize, d: 
     })
 }
 
+/// KIVI (`kivi-B`): keys quantized per channel and values per token, both in
+/// groups of 32 (min/max integer codes with f16 scale and zero), as soon as a
+/// stream completes a group of [`KIVI_GROUP`] tokens; the incomplete group (the
+/// residual, fewer than 32 tokens) stays in f32. Attention decodes one group
+/// (32 tokens) at a time into scratch, so no dequantized cache is kept.
+pub struct KiviCache {
+    shape: Shape,
+    keys: tq_core::baselines::kivi::Kivi,
+    values: tq_core::baselines::kivi::Kivi,
+    /// per stream: encoded groups (keys, values), `group_bytes` each
+    k: Vec<Vec<u8>>,
+    v: Vec<Vec<u8>>,
+    /// per stream: the residual tokens in f32
+    res_k: Vec<Vec<f32>>,
+    res_v: Vec<Vec<f32>>,
+    len: Vec<usize>,
+}
+
+/// Tokens per KIVI group (keys per channel, values per token over 32 channels).
+pub const KIVI_GROUP: usize = tq_core::baselines::kivi::DEFAULT_GROUP;
+
+impl KiviCache {
+    pub fn new(shape: Shape, bits: u32) -> Result<Self> {
+        use tq_core::baselines::kivi::Kivi;
+        use tq_core::matrix::Axis;
+        let n = shape.layers * shape.kv_heads;
+        Ok(Self {
+            shape,
+            keys: Kivi::new(shape.head_dim, bits, KIVI_GROUP, Axis::PerChannel)?,
+            values: Kivi::new(shape.head_dim, bits, KIVI_GROUP, Axis::PerToken)?,
+            k: vec![Vec::new(); n],
+            v: vec![Vec::new(); n],
+            res_k: vec![Vec::new(); n],
+            res_v: vec![Vec::new(); n],
+            len: vec![0; n],
+        })
+    }
+}
+
+impl KvCache for KiviCache {
+    fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]) {
+        use tq_core::matrix::MatrixCodec;
+        let i = layer * self.shape.kv_heads + head;
+        self.res_k[i].extend_from_slice(k);
+        self.res_v[i].extend_from_slice(v);
+        self.len[i] += 1;
+        if self.res_k[i].len() == KIVI_GROUP * self.shape.head_dim {
+            for (codec, res, out) in [(&self.keys, &mut self.res_k[i], &mut self.k[i]), (&self.values, &mut self.res_v[i], &mut self.v[i])] {
+                let at = out.len();
+                out.resize(at + codec.encoded_size(KIVI_GROUP), 0);
+                codec.encode_unchecked(res, KIVI_GROUP, &mut out[at..]);
+                res.clear();
+            }
+        }
+    }
+
+    fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]) {
+        self.attend_group(layer, head, q, 1, len, out);
+    }
+
+    fn attend_group(&self, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
+        use tq_core::matrix::MatrixCodec;
+        let d = self.shape.head_dim;
+        let i = layer * self.shape.kv_heads + head;
+        let scale = 1.0 / (d as f32).sqrt();
+        let dot = tq_core::kernels::kernels().dot;
+        let (kb, vb) = (self.keys.encoded_size(KIVI_GROUP), self.values.encoded_size(KIVI_GROUP));
+        let coded = self.k[i].len() / kb * KIVI_GROUP;
+        // rows of token t: decoded from its group, or from the residual
+        let mut block = vec![0.0f32; KIVI_GROUP * d];
+        with_scratch(group * len, 0, |p, _| {
+            for g0 in (0..len).step_by(KIVI_GROUP) {
+                let rows: &[f32] = if g0 < coded {
+                    self.keys.decode_unchecked(&self.k[i][g0 / KIVI_GROUP * kb..(g0 / KIVI_GROUP + 1) * kb], KIVI_GROUP, &mut block);
+                    &block
+                } else {
+                    &self.res_k[i]
+                };
+                for t in g0..len.min(g0 + KIVI_GROUP) {
+                    let kt = &rows[(t - g0) * d..(t - g0 + 1) * d];
+                    for (g, q) in qs.chunks_exact(d).enumerate() {
+                        p[g * len + t] = dot(q, kt) * scale;
+                    }
+                }
+            }
+            p.chunks_exact_mut(len).for_each(softmax_weights);
+            out.iter_mut().for_each(|o| *o = 0.0);
+            for g0 in (0..len).step_by(KIVI_GROUP) {
+                let rows: &[f32] = if g0 < coded {
+                    self.values.decode_unchecked(&self.v[i][g0 / KIVI_GROUP * vb..(g0 / KIVI_GROUP + 1) * vb], KIVI_GROUP, &mut block);
+                    &block
+                } else {
+                    &self.res_v[i]
+                };
+                for t in g0..len.min(g0 + KIVI_GROUP) {
+                    let vt = &rows[(t - g0) * d..(t - g0 + 1) * d];
+                    for (g, o) in out.chunks_exact_mut(d).enumerate() {
+                        let w = p[g * len + t];
+                        o.iter_mut().zip(vt).for_each(|(a, &x)| *a += w * x);
+                    }
+                }
+            }
+        });
+    }
+
+    fn len(&self, layer: usize, head: usize) -> usize {
+        self.len[layer * self.shape.kv_heads + head]
+    }
+
+    /// Encoded groups plus the f32 residuals.
+    fn bytes(&self) -> usize {
+        let codes: usize = self.k.iter().chain(&self.v).map(Vec::len).sum();
+        codes + self.res_k.iter().chain(&self.res_v).map(|r| 4 * r.len()).sum::<usize>()
+    }
+}
+
 /// A cache for a precision string: `f32` gives the reference cache.
 pub fn cache_for(shape: Shape, spec: &str, seed: u64) -> Result<Box<dyn KvCache>> {
     cache_with_windows(shape, spec, seed, 0, 0)
@@ -490,6 +606,12 @@ pub fn cache_with_windows(shape: Shape, spec: &str, seed: u64, sink: usize, rece
     let s = KvSpec::parse(spec)?;
     if s.keys == Store::F32 && s.values == Store::F32 {
         return Ok(Box::new(F32Cache::new(shape)));
+    }
+    if let (Store::Kivi(bits), Store::Kivi(_)) = (&s.keys, &s.values) {
+        if sink + recent > 0 {
+            return Err(TqError::BadParams("KIVI keeps its own f32 residual (the incomplete group of 32 tokens); --sink/--recent apply to the other caches".into()));
+        }
+        return Ok(Box::new(KiviCache::new(shape, *bits)?));
     }
     Ok(Box::new(CodecCache::with_windows(shape, &s, seed, sink, recent)?))
 }

@@ -193,6 +193,51 @@ fn fractional_caches_train_per_stream_then_encode() {
     assert!(cache_for(shape, "pq-4", 0).is_err(), "trained codebooks cannot encode online");
 }
 
+/// KIVI online: complete groups of 32 tokens are quantized (keys per
+/// channel, values per token), the residual stays in f32.
+#[test]
+fn kivi_cache_matches_its_matrix_codec() {
+    use tq_core::baselines::kivi::Kivi;
+    use tq_core::matrix::{Axis, MatrixCodec};
+    let mut r = Xoshiro256::new(5);
+    let d = 64;
+    let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    let mut cache = cache_for(shape, "kivi-2", 0).unwrap();
+    let n = 3 * tq_kv::KIVI_GROUP + 7;
+    let ks = randv(&mut r, n * d);
+    let vs = randv(&mut r, n * d);
+    for t in 0..n {
+        cache.append(0, 0, &ks[t * d..(t + 1) * d], &vs[t * d..(t + 1) * d]);
+    }
+    let full = 3 * tq_kv::KIVI_GROUP;
+    let (kc, vc) = (Kivi::new(d, 2, 32, Axis::PerChannel).unwrap(), Kivi::new(d, 2, 32, Axis::PerToken).unwrap());
+    let dec = |c: &Kivi, x: &[f32]| {
+        let mut out = x.to_vec();
+        for g in 0..full / 32 {
+            let blk = &x[g * 32 * d..(g + 1) * 32 * d];
+            let mut code = vec![0u8; c.encoded_size(32)];
+            c.encode(blk, &mut code).unwrap();
+            c.decode(&code, 32, &mut out[g * 32 * d..(g + 1) * 32 * d]).unwrap();
+        }
+        out
+    };
+    let (kd, vd) = (dec(&kc, &ks), dec(&vc, &vs));
+    let qs = randv(&mut r, 2 * d);
+    let mut out = vec![f32::NAN; 2 * d];
+    cache.attend_group(0, 0, &qs, 2, n, &mut out);
+    let mut f = cache_for(shape, "f32", 0).unwrap();
+    for t in 0..n {
+        f.append(0, 0, &kd[t * d..(t + 1) * d], &vd[t * d..(t + 1) * d]);
+    }
+    let mut want = vec![0.0f32; 2 * d];
+    f.attend_group(0, 0, &qs, 2, n, &mut want);
+    for (a, b) in out.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+    }
+    assert_eq!(cache.bytes(), 2 * 3 * kc.encoded_size(32) + 2 * 7 * d * 4);
+    assert!(tq_kv::cache_with_windows(shape, "kivi-2", 0, 4, 0).is_err());
+}
+
 #[test]
 fn exp_neg_is_within_two_ulp() {
     let mut worst = 0.0f64;
@@ -238,6 +283,6 @@ fn f16_and_f32_caches_and_bad_specs() {
     softmax_weights(&mut s);
     assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6 && s[0] > s[1]);
     assert!(cache_for(shape, "int3", 0).is_err());
-    assert!(cache_for(shape, "kivi-2", 0).is_err(), "KIVI is not an online cache yet");
+    assert!(cache_for(shape, "kivi-9", 0).is_err(), "KIVI takes 1..8 bits");
     assert!(cache_for(shape, "pq-4", 0).is_err());
 }
