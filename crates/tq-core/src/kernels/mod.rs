@@ -38,7 +38,7 @@ pub struct Kernels {
     /// Attention scores of a GQA group over codebook codes (see `scalar::group_scores_ref`).
     pub group_scores: GroupScoresFn,
     /// Attention value sums of a GQA group over codebook codes (see `scalar::group_values_ref`).
-    pub group_values: fn(&[u8], usize, u32, &[f32], &[f32], usize, &mut [f32]),
+    pub group_values: GroupValuesFn,
     /// Fused TurboQuant_mse front end for a power-of-two length `n >= 8` with
     /// two Hadamard rounds: `y ← total·H(s2 ⊙ H(s1 ⊙ x))`, `norm = √sum_sq(y)`,
     /// `y ← y·(1/norm)`, `idx ← quantize(y)`. Returns `None` (outputs
@@ -54,6 +54,9 @@ pub struct Kernels {
 
 /// Signature of `Kernels::group_scores`: `(codes, code_size, bits, table, qs, d, scale, out)`.
 pub type GroupScoresFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, f32, &mut [f32]);
+
+/// Signature of `Kernels::group_values`: `(codes, code_size, bits, table, w, d, acc)`.
+pub type GroupValuesFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, &mut [f32]);
 
 /// Signature of `Kernels::had2_quantize`.
 pub type Had2Fn = fn(&[f32], &Had2<'_>, &mut [f32], &mut [u8]) -> Option<f32>;

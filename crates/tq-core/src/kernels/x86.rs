@@ -783,7 +783,7 @@ fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs
     unsafe { group_scores_avx512(codes, code_size, bits, table, qs, d, scale, out) }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_scores_avx512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
