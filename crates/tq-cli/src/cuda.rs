@@ -34,25 +34,30 @@ fn cpu_codes(side: &SideSpec, xs: &[f32]) -> Result<(Vec<u8>, Vec<f32>)> {
 
 /// Runs one attention check: CPU-encoded caches → GPU attention vs f64 reference.
 /// Returns (kernel, relative error) for each attention kernel that applies.
-fn attention_case(gpu: &Gpu, precision: &str, shape: &AttnShape, k: &[f32], v: &[f32], q: &[f32]) -> Result<Vec<(&'static str, f64)>> {
+fn attention_case(gpu: &Gpu, precision: &str, shape: &AttnShape, k: &[f32], v: &[f32], q: &[f32]) -> Result<Vec<(String, f64)>> {
     let (ks, vs) = kv_sides(precision, shape.head_dim, 0)?;
     let (kc, kd) = cpu_codes(&ks, k)?;
     let (vc, vd) = cpu_codes(&vs, v)?;
     let reference = tq_cuda::reference_attention(shape, q, &kd, &vd);
-    let mut res = Vec::new();
-    for simt in [false, true] {
+    let mut res: Vec<(String, f64)> = Vec::new();
+    // both kernels, with the automatic split count and with one split per
+    // sequence (every tile of a sequence in one block: the multi-tile loops)
+    for (simt, splits) in [(false, None), (false, Some(1)), (true, None), (true, Some(1))] {
         gpu.force_simt(simt);
+        gpu.force_splits(splits);
         let mut kv = gpu.upload_kv(shape, &ks, &vs, &kc, &vc)?;
-        if res.iter().any(|(name, _)| *name == kv.kernel) {
+        let name = format!("{}{}", kv.kernel, if splits.is_some() { ", 1 split" } else { "" });
+        if res.iter().any(|(n, _)| *n == name) {
             continue;
         }
         let out = gpu.attend(&mut kv, q)?;
         if let Some(i) = out.iter().position(|x| !x.is_finite()) {
-            bail!("{precision} ({}): output element {i} is {} (unwritten or overflowed)", kv.kernel, out[i]);
+            bail!("{precision} ({name}): output element {i} is {} (unwritten or overflowed)", out[i]);
         }
-        res.push((kv.kernel, tq_cuda::rel_error(&out, &reference)));
+        res.push((name, tq_cuda::rel_error(&out, &reference)));
     }
     gpu.force_simt(false);
+    gpu.force_splits(None);
     Ok(res)
 }
 

@@ -2,7 +2,7 @@
 //! kernels compiled by NVRTC per configuration and cached per process.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute_enum};
@@ -29,6 +29,7 @@ pub struct Gpu {
     sms: usize,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     simt: AtomicBool,
+    splits: AtomicUsize,
 }
 
 /// A batch of KV caches on the device (see the crate docs for the planes),
@@ -95,7 +96,7 @@ impl Gpu {
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let sms = cu(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))? as usize;
         let stream = ctx.default_stream();
-        Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false) })
+        Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false), splits: AtomicUsize::new(0) })
     }
 
     pub fn name(&self) -> Result<String> {
@@ -110,6 +111,13 @@ impl Gpu {
     /// where the tensor-core one applies (TurboQuant K and V, GQA group ≤ 8).
     pub fn force_simt(&self, on: bool) {
         self.simt.store(on, Ordering::Relaxed);
+    }
+
+    /// Caches made from now on split each sequence into exactly `n` parts
+    /// (`None`: chosen from the occupancy). Checks use 1 to run the kernels'
+    /// multi-tile loops.
+    pub fn force_splits(&self, n: Option<usize>) {
+        self.splits.store(n.unwrap_or(0), Ordering::Relaxed);
     }
 
     fn module(&self, defines: &str) -> Result<Arc<CudaModule>> {
@@ -190,10 +198,16 @@ impl Gpu {
         if smem > 48 * 1024 {
             cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
         }
-        // splits: about 8 blocks per multiprocessor (measured: more, shorter
-        // blocks lose to their setup; fewer leave a long tail)
+        // splits: as few (long) blocks as fill whole waves of resident blocks
+        // to 90% at least (measured: short blocks lose to their setup, and a
+        // nearly empty last wave costs a whole block's time)
         let tiles = cap / TILE;
-        let want = (8 * self.sms).div_ceil(b * h).clamp(1, tiles);
+        let per_sm = cu(attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, smem, None))?.max(1) as usize;
+        let want = match self.splits.load(Ordering::Relaxed) {
+            0 => split_count(self.sms * per_sm, b * h),
+            n => n,
+        }
+        .clamp(1, tiles);
         let split_len = tiles.div_ceil(want) * TILE;
         let nsplit = cap.div_ceil(split_len);
         let z8 = |n: usize| cu(self.stream.alloc_zeros::<u8>(n));
@@ -453,6 +467,22 @@ impl DeviceKv {
         let blocks = cu(self.attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, self.smem as usize, None))?;
         Ok((regs, local, blocks))
     }
+}
+
+/// Splits per sequence-head so that `seqs · splits` blocks fill whole waves of
+/// `slots` resident blocks to 90% or more, with the fewest splits.
+fn split_count(slots: usize, seqs: usize) -> usize {
+    for waves in 1..=16 {
+        let n = waves * slots / seqs;
+        if n == 0 {
+            continue;
+        }
+        let blocks = n * seqs;
+        if blocks as f64 / (blocks.div_ceil(slots) * slots) as f64 >= 0.9 {
+            return n;
+        }
+    }
+    (8 * slots).div_ceil(seqs)
 }
 
 fn grid_for(n: u64) -> LaunchConfig {

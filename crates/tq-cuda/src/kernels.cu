@@ -230,14 +230,14 @@ __device__ __forceinline__ float vdecode(u32 f, const float* tab) {
 _Pragma("unroll") \
         for (int r = 0; r < KVEC; r++) { \
             int i = tid + r * NT; \
-            if (i < TILE * PK / 16) kreg[r] = ((const uint4*)(kcs + (u64)T0_ * PK))[i]; \
+            if (i < TILE * PK / 16) kreg[r] = ((const uint4*)(kcs + (u64)(T0_) * PK))[i]; \
         } \
 _Pragma("unroll") \
         for (int r = 0; r < VVEC; r++) { \
             int i = tid + r * NT; \
-            if (i < TILE * PV / 16) vreg[r] = ((const uint4*)(vcs + (u64)T0_ * PV))[i]; \
+            if (i < TILE * PV / 16) vreg[r] = ((const uint4*)(vcs + (u64)(T0_) * PV))[i]; \
         } \
-        int t = T0_ + tid; \
+        int t = (T0_) + tid; \
         if (KMODE == 0) kscr[0] = ((const float*)ks)[seq * cap + t]; \
         else for (int c = 0; c < KSC; c++) kscr[c] = h2f(((const u16*)ks)[(seq * cap + t) * NBLK + c]); \
         if (VMODE == 0) vscr[0] = ((const float*)vs)[seq * cap + t]; \

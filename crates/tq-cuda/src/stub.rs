@@ -30,6 +30,9 @@ impl Gpu {
     pub fn force_simt(&self, _on: bool) {
         match self.0 {}
     }
+    pub fn force_splits(&self, _n: Option<usize>) {
+        match self.0 {}
+    }
     pub fn encode(&self, _side: &SideSpec, _xs: &[f32]) -> Result<Vec<u8>> {
         match self.0 {}
     }
