@@ -495,6 +495,19 @@ pub struct KiviCache {
     len: Vec<usize>,
 }
 
+/// The rows of the group of tokens starting at `g0`: decoded into `block` when
+/// the group is complete (`g0 < coded`), else the f32 residual.
+fn kivi_rows<'a>(codec: &tq_core::baselines::kivi::Kivi, codes: &[u8], residual: &'a [f32], g0: usize, coded: usize, block: &'a mut [f32]) -> &'a [f32] {
+    use tq_core::matrix::MatrixCodec;
+    if g0 < coded {
+        let gb = codec.encoded_size(KIVI_GROUP);
+        codec.decode_unchecked(&codes[g0 / KIVI_GROUP * gb..(g0 / KIVI_GROUP + 1) * gb], KIVI_GROUP, block);
+        block
+    } else {
+        residual
+    }
+}
+
 /// Tokens per KIVI group (keys per channel, values per token over 32 channels).
 pub const KIVI_GROUP: usize = tq_core::baselines::kivi::DEFAULT_GROUP;
 
@@ -543,18 +556,12 @@ impl KvCache for KiviCache {
         let i = layer * self.shape.kv_heads + head;
         let scale = 1.0 / (d as f32).sqrt();
         let dot = tq_core::kernels::kernels().dot;
-        let (kb, vb) = (self.keys.encoded_size(KIVI_GROUP), self.values.encoded_size(KIVI_GROUP));
-        let coded = self.k[i].len() / kb * KIVI_GROUP;
+        let coded = self.k[i].len() / self.keys.encoded_size(KIVI_GROUP) * KIVI_GROUP;
         // rows of token t: decoded from its group, or from the residual
         let mut block = vec![0.0f32; KIVI_GROUP * d];
         with_scratch(group * len, 0, |p, _| {
             for g0 in (0..len).step_by(KIVI_GROUP) {
-                let rows: &[f32] = if g0 < coded {
-                    self.keys.decode_unchecked(&self.k[i][g0 / KIVI_GROUP * kb..(g0 / KIVI_GROUP + 1) * kb], KIVI_GROUP, &mut block);
-                    &block
-                } else {
-                    &self.res_k[i]
-                };
+                let rows = kivi_rows(&self.keys, &self.k[i], &self.res_k[i], g0, coded, &mut block);
                 for t in g0..len.min(g0 + KIVI_GROUP) {
                     let kt = &rows[(t - g0) * d..(t - g0 + 1) * d];
                     for (g, q) in qs.chunks_exact(d).enumerate() {
@@ -565,12 +572,7 @@ impl KvCache for KiviCache {
             p.chunks_exact_mut(len).for_each(softmax_weights);
             out.iter_mut().for_each(|o| *o = 0.0);
             for g0 in (0..len).step_by(KIVI_GROUP) {
-                let rows: &[f32] = if g0 < coded {
-                    self.values.decode_unchecked(&self.v[i][g0 / KIVI_GROUP * vb..(g0 / KIVI_GROUP + 1) * vb], KIVI_GROUP, &mut block);
-                    &block
-                } else {
-                    &self.res_v[i]
-                };
+                let rows = kivi_rows(&self.values, &self.v[i], &self.res_v[i], g0, coded, &mut block);
                 for t in g0..len.min(g0 + KIVI_GROUP) {
                     let vt = &rows[(t - g0) * d..(t - g0 + 1) * d];
                     for (g, o) in out.chunks_exact_mut(d).enumerate() {
