@@ -42,7 +42,24 @@ pub fn eval(a: &EvalArgs<'_>) -> Result<()> {
 
 /// One `tq kv eval` run, as its JSON object (progress on stderr unless `json`).
 pub fn eval_run(a: &EvalArgs<'_>) -> Result<serde_json::Value> {
-    let spec = tq_core::kv::KvSpec::parse(a.kv)?;
+    let mut rows = eval_many(a, &[a.kv.to_string()], &|_| {})?;
+    Ok(rows.remove(0))
+}
+
+/// Per-precision sums of an evaluation.
+#[derive(Default)]
+struct Acc {
+    nll: f64,
+    kld: f64,
+    agree: usize,
+    kv_bytes: usize,
+}
+
+/// `tq kv eval` for several precisions over the same chunks: each chunk's f32
+/// reference is computed once and compared with every precision (`a.kv` is
+/// ignored; `done(k)` is called after each chunk with the chunks done).
+fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> Result<Vec<serde_json::Value>> {
+    let specs = precisions.iter().map(|p| tq_core::kv::KvSpec::parse(p)).collect::<tq_core::Result<Vec<_>>>()?;
     let text = load_text(a.text, a.json)?;
     let text: String = text.chars().take(a.chars).collect();
     if text.trim().is_empty() {
@@ -61,54 +78,62 @@ pub fn eval_run(a: &EvalArgs<'_>) -> Result<serde_json::Value> {
     }
     let vocab = model.config.vocab;
     let shape = model.config.kv_shape();
-    let reference = spec.name != "f32";
-    let (mut nll, mut nll_ref, mut kld, mut agree, mut count) = (0.0f64, 0.0f64, 0.0f64, 0usize, 0usize);
-    let mut kv_bytes = 0usize;
+    let (mut nll_ref, mut count) = (0.0f64, 0usize);
+    let mut acc: Vec<Acc> = precisions.iter().map(|_| Acc::default()).collect();
     let t = Instant::now();
     let log_probs = |row: &[f32]| -> Vec<f64> {
         let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let lse = m + row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln();
         row.iter().map(|&v| v as f64 - lse).collect()
     };
+    let am = |v: &[f64]| v.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
     for c in 0..chunks {
         let toks = &ids[c * a.ctx..(c + 1) * a.ctx];
-        let mut cache = tq_kv::cache_with_windows(shape, a.kv, 0, a.sink, a.recent)?;
-        let logits = model.forward(toks, cache.as_mut(), false)?;
-        kv_bytes = cache.bytes();
-        let ref_logits = if reference {
-            let mut f = F32Cache::new(shape);
-            Some(model.forward(toks, &mut f as &mut dyn KvCache, false)?)
-        } else {
-            None
-        };
-        for j in a.ctx / 2..a.ctx - 1 {
-            let lp = log_probs(&logits[j * vocab..(j + 1) * vocab]);
-            nll -= lp[toks[j + 1] as usize];
-            if let Some(r) = &ref_logits {
-                let lr = log_probs(&r[j * vocab..(j + 1) * vocab]);
-                nll_ref -= lr[toks[j + 1] as usize];
-                kld += lr.iter().zip(&lp).map(|(&p, &q)| p.exp() * (p - q)).sum::<f64>();
-                let am = |v: &[f64]| v.iter().enumerate().fold((0, f64::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0;
-                agree += (am(&lr) == am(&lp)) as usize;
-            }
+        let mut f = F32Cache::new(shape);
+        let ref_logits = model.forward(toks, &mut f as &mut dyn KvCache, false)?;
+        let ref_lp: Vec<Vec<f64>> = (a.ctx / 2..a.ctx - 1).map(|j| log_probs(&ref_logits[j * vocab..(j + 1) * vocab])).collect();
+        drop(ref_logits);
+        for (j, lr) in (a.ctx / 2..a.ctx - 1).zip(&ref_lp) {
+            nll_ref -= lr[toks[j + 1] as usize];
             count += 1;
         }
-        if !a.json {
-            eprintln!("chunk {}/{chunks}: ppl so far {:.4}", c + 1, (nll / count as f64).exp());
+        for ((p, spec), s) in precisions.iter().zip(&specs).zip(acc.iter_mut()) {
+            if spec.keys == tq_core::kv::Store::F32 && spec.values == tq_core::kv::Store::F32 {
+                // the reference itself
+                s.kv_bytes = f.bytes();
+                for (j, lr) in (a.ctx / 2..a.ctx - 1).zip(&ref_lp) {
+                    s.nll -= lr[toks[j + 1] as usize];
+                    s.agree += 1;
+                }
+                continue;
+            }
+            let mut cache = tq_kv::cache_with_windows(shape, p, 0, a.sink, a.recent)?;
+            let logits = model.forward(toks, cache.as_mut(), false)?;
+            s.kv_bytes = cache.bytes();
+            for (j, lr) in (a.ctx / 2..a.ctx - 1).zip(&ref_lp) {
+                let lp = log_probs(&logits[j * vocab..(j + 1) * vocab]);
+                s.nll -= lp[toks[j + 1] as usize];
+                s.kld += lr.iter().zip(&lp).map(|(&p, &q)| p.exp() * (p - q)).sum::<f64>();
+                s.agree += (am(lr) == am(&lp)) as usize;
+            }
         }
+        if !a.json && precisions.len() == 1 {
+            eprintln!("chunk {}/{chunks}: ppl so far {:.4}", c + 1, (acc[0].nll / count as f64).exp());
+        }
+        done(c + 1);
     }
     let n = count as f64;
-    let ppl = (nll / n).exp();
-    let bits = spec.bits_per_value(shape.head_dim)?;
-    let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
-    let out = json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": a.kv,
-        "sink": a.sink, "recent": a.recent,
-        "ppl": ppl, "ppl_f32": if reference { json!((nll_ref / n).exp()) } else { json!(ppl) },
-        "kld": if reference { json!(kld / n) } else { json!(0.0) },
-        "top1_agree": if reference { json!(agree as f64 / n) } else { json!(1.0) },
-        "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": kv_bytes as f64 / a.ctx as f64,
-        "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()});
-    Ok(out)
+    let mut rows = Vec::new();
+    for ((p, spec), s) in precisions.iter().zip(&specs).zip(&acc) {
+        let bits = spec.bits_per_value(shape.head_dim)?;
+        let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
+        rows.push(json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": p,
+            "sink": a.sink, "recent": a.recent,
+            "ppl": (s.nll / n).exp(), "ppl_f32": (nll_ref / n).exp(), "kld": s.kld / n, "top1_agree": s.agree as f64 / n,
+            "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": s.kv_bytes as f64 / a.ctx as f64,
+            "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()}));
+    }
+    Ok(rows)
 }
 
 /// Precisions of `tq kv sweep` by default (and of the report's KV section).
@@ -119,15 +144,11 @@ pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq
 /// ΔPPL against bits per value in `out`. Returns (markdown, rows).
 #[allow(clippy::too_many_arguments)]
 pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[String], sink: usize, recent: usize, out: &std::path::Path) -> Result<(String, Vec<serde_json::Value>)> {
-    let pb = indicatif::ProgressBar::new(precisions.len() as u64);
-    pb.set_style(indicatif::ProgressStyle::with_template("kv sweep {msg:24} [{bar:30}] {pos}/{len} ({eta})").unwrap().progress_chars("=> "));
-    let mut rows = Vec::new();
-    for p in precisions {
-        pb.set_message(p.clone());
-        let a = EvalArgs { text, chars, ctx, chunks, kv: p, sink, recent, json: true };
-        rows.push(eval_run(&a)?);
-        pb.inc(1);
-    }
+    let pb = indicatif::ProgressBar::new(chunks as u64);
+    pb.set_style(indicatif::ProgressStyle::with_template("kv sweep [{bar:30}] {pos}/{len} chunks × {msg} ({eta})").unwrap().progress_chars("=> "));
+    pb.set_message(format!("{} precisions", precisions.len()));
+    let a = EvalArgs { text, chars, ctx, chunks, kv: "f32", sink, recent, json: true };
+    let mut rows = eval_many(&a, precisions, &|k| pb.set_position(k as u64))?;
     pb.finish_and_clear();
     rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
