@@ -466,21 +466,7 @@ pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, sink: usiz
     let path = crate::data::smollm_gguf(false)?;
     let model = Llama::load(&path)?;
     let tok = tq_models::tokenizer::from_gguf(&path)?;
-    let special = |name: &str| tok.token_to_id(name).with_context(|| format!("the GGUF vocabulary has no {name}"));
-    let mut ids = Vec::new();
-    let mut stop = Vec::new();
-    if raw {
-        ids.extend(tq_models::tokenizer::encode(&tok, prompt)?);
-    } else {
-        let (start, end) = (special("<|im_start|>")?, special("<|im_end|>")?);
-        ids.push(start);
-        ids.extend(tq_models::tokenizer::encode(&tok, &format!("user\n{prompt}"))?);
-        ids.push(end);
-        ids.extend(tq_models::tokenizer::encode(&tok, "\n")?);
-        ids.push(start);
-        ids.extend(tq_models::tokenizer::encode(&tok, "assistant\n")?);
-        stop.push(end);
-    }
+    let (ids, mut stop) = if raw { (tq_models::tokenizer::encode(&tok, prompt)?, Vec::new()) } else { chat_ids(&tok, prompt)? };
     if let Some(eos) = tok.token_to_id("<|endoftext|>") {
         stop.push(eos);
     }
@@ -489,28 +475,23 @@ pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, sink: usiz
     }
     let mut cache = tq_kv::cache_with_windows(model.config.kv_shape(), kv, 0, sink, recent)?;
     let t0 = Instant::now();
-    let mut logits = model.forward(&ids, cache.as_mut(), true)?;
-    let prefill = t0.elapsed().as_secs_f64();
-    let mut out_ids: Vec<u32> = Vec::new();
+    let mut first: Option<Instant> = None;
     let mut printed = 0usize;
-    let t1 = Instant::now();
     use std::io::Write;
     let mut stdout = std::io::stdout();
-    for _ in 0..max_tokens {
-        let next = logits.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
-        if stop.contains(&next) {
-            break;
-        }
-        out_ids.push(next);
+    let out_ids = greedy(&model, cache.as_mut(), &ids, max_tokens, &stop, &mut |so_far| {
+        first.get_or_insert_with(Instant::now);
         // decode the whole answer each time: byte-level tokens may split characters
-        let text = tok.decode(&out_ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
+        let text = tok.decode(so_far, true).map_err(|e| anyhow::anyhow!("decode: {e}"))?;
         if text.len() > printed && text.is_char_boundary(printed) {
             write!(stdout, "{}", &text[printed..])?;
             stdout.flush()?;
             printed = text.len();
         }
-        logits = model.forward(&[next], cache.as_mut(), true)?;
-    }
+        Ok(())
+    })?;
+    let t1 = first.unwrap_or_else(Instant::now);
+    let prefill = (t1 - t0).as_secs_f64();
     writeln!(stdout)?;
     let secs = t1.elapsed().as_secs_f64();
     eprintln!(
@@ -524,7 +505,8 @@ pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, sink: usiz
 }
 
 /// Greedy continuation of `ids` with `cache` (at most `max_new` tokens, stops at `stop`).
-fn greedy(model: &Llama, cache: &mut dyn KvCache, ids: &[u32], max_new: usize, stop: &[u32]) -> Result<Vec<u32>> {
+/// `on_token` sees the tokens produced so far after each new one.
+fn greedy(model: &Llama, cache: &mut dyn KvCache, ids: &[u32], max_new: usize, stop: &[u32], on_token: &mut dyn FnMut(&[u32]) -> Result<()>) -> Result<Vec<u32>> {
     let argmax = |l: &[f32]| l.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
     let mut logits = model.forward(ids, cache, true)?;
     let mut out = Vec::new();
@@ -534,9 +516,24 @@ fn greedy(model: &Llama, cache: &mut dyn KvCache, ids: &[u32], max_new: usize, s
             break;
         }
         out.push(next);
+        on_token(&out)?;
         logits = model.forward(&[next], cache, true)?;
     }
     Ok(out)
+}
+
+/// SmolLM2's chat template around one user message: the token ids and the
+/// end-of-turn token (which ends the answer).
+fn chat_ids(tok: &tq_models::tokenizer::Tokenizer, user: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+    let special = |name: &str| tok.token_to_id(name).with_context(|| format!("the GGUF vocabulary has no {name}"));
+    let (start, end) = (special("<|im_start|>")?, special("<|im_end|>")?);
+    let mut ids = vec![start];
+    ids.extend(tq_models::tokenizer::encode(tok, &format!("user\n{user}"))?);
+    ids.push(end);
+    ids.extend(tq_models::tokenizer::encode(tok, "\n")?);
+    ids.push(start);
+    ids.extend(tq_models::tokenizer::encode(tok, "assistant\n")?);
+    Ok((ids, vec![end]))
 }
 
 /// `tq kv needle`: plants "The secret number is N." at each depth of Austen
@@ -555,8 +552,6 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: 
         bail!("length {l} is outside 64..={} (the model's context, less room for the answer)", c.context - 32);
     }
     let tok = tq_models::tokenizer::from_gguf(&path)?;
-    let special = |name: &str| tok.token_to_id(name).with_context(|| format!("the GGUF vocabulary has no {name}"));
-    let (start, end) = (special("<|im_start|>")?, special("<|im_end|>")?);
     let filler = tq_models::tokenizer::encode(&tok, &crate::data::austen_text(json)?)?;
     let dec = |ids: &[u32]| tok.decode(ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"));
     let question = "\n\nWhat is the secret number mentioned in the text above? Answer with the number only.";
@@ -571,12 +566,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: 
             let nf = len.saturating_sub(fixed).min(filler.len());
             let cut = ((nf as f64) * depth).round() as usize;
             let body = format!("{}{needle}{}", dec(&filler[..cut])?, dec(&filler[cut..nf])?);
-            let mut ids = vec![start];
-            ids.extend(tq_models::tokenizer::encode(&tok, &format!("user\n{body}{question}"))?);
-            ids.push(end);
-            ids.extend(tq_models::tokenizer::encode(&tok, "\n")?);
-            ids.push(start);
-            ids.extend(tq_models::tokenizer::encode(&tok, "assistant\n")?);
+            let (ids, stop) = chat_ids(&tok, &format!("{body}{question}"))?;
             if ids.len() + 24 > c.context {
                 bail!("the prompt of {} tokens leaves no room for the answer", ids.len());
             }
@@ -584,7 +574,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: 
             for spec in [kv, "f32"] {
                 let t0 = Instant::now();
                 let mut cache = tq_kv::cache_with_windows(c.kv_shape(), spec, 0, sink, recent)?;
-                let out = greedy(&model, cache.as_mut(), &ids, 24, &[end])?;
+                let out = greedy(&model, cache.as_mut(), &ids, 24, &stop, &mut |_| Ok(()))?;
                 let answer = dec(&out)?;
                 let ok = answer.contains(&number.to_string());
                 res.push((ok, answer, t0.elapsed().as_secs_f64()));

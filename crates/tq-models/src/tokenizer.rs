@@ -11,7 +11,7 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::Tokenizer;
+pub use tokenizers::Tokenizer;
 
 fn strings(v: &Value, what: &str) -> Result<Vec<String>> {
     match v {
