@@ -338,11 +338,9 @@ impl CodecCache {
                     }
                 }
             }
-            let windowed: Vec<usize> = if self.sink + self.recent > 0 {
-                (0..len).filter(|&t| self.window(i, t, total).is_some()).collect()
-            } else {
-                Vec::new()
-            };
+            // the tokens `window` serves: the sinks, then the recent ones (two ranges, not a scan)
+            let recent_from = if self.recent > 0 { self.sink.max(total.saturating_sub(self.recent)) } else { usize::MAX };
+            let windowed: Vec<usize> = (0..self.sink.min(len)).chain(recent_from..total.min(len)).collect();
             for &t in &windowed {
                 let (kt, _) = self.window(i, t, total).expect("a window token");
                 for (g, q) in qs.chunks_exact(d).enumerate() {
