@@ -45,44 +45,13 @@ pub struct Shape {
     pub head_dim: usize,
 }
 
-/// Softmax of `scores` in place (max-subtracted), with [`exp_neg`]: branch-free
-/// arithmetic that the compiler vectorizes (the cost of a libm `expf` call per
-/// score dominated attention over compressed caches).
+/// Softmax of `scores` in place (max-subtracted), through the kernel table
+/// (`tq_core::kernels::Kernels::softmax`: the same bits on every path).
 pub fn softmax_weights(scores: &mut [f32]) {
-    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    scores.iter_mut().for_each(|s| *s = exp_neg(*s - m));
-    let mut lanes = [0.0f32; 8];
-    let mut chunks = scores.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += x;
-        }
-    }
-    let z = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-    let inv = 1.0 / z;
-    scores.iter_mut().for_each(|s| *s *= inv);
+    (tq_core::kernels::kernels().softmax)(scores)
 }
 
-/// `e^x` for `x <= 0` (0 below −87.3, where f32 underflows), within 2 ulp:
-/// `x = n·ln2 + r`, |r| <= ln2/2, Cephes' degree-6 polynomial for `e^r`, `2^n`
-/// through the exponent bits.
-#[inline]
-pub fn exp_neg(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let xc = x.max(-87.3);
-    let n = (xc * LOG2E).round();
-    let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
-    let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        e * scale
-    }
-}
+pub use tq_core::kernels::scalar::exp_neg;
 
 thread_local! {
     /// Attention scratch (weights, rotated queries): no allocation per call.
@@ -355,14 +324,7 @@ impl CodecCache {
             match (&values, views) {
                 (SideRef::Codec(vc), Some((_, vv))) => {
                     let vcs = vv.packed + 4;
-                    let vcodes = &self.v[i][..len * vcs];
-                    for (t, c) in vcodes.chunks_exact(vcs).enumerate() {
-                        let s = f32::from_le_bytes([c[vv.packed], c[vv.packed + 1], c[vv.packed + 2], c[vv.packed + 3]]);
-                        for g in 0..group {
-                            p[g * len + t] *= s;
-                        }
-                    }
-                    (k.group_values)(vcodes, vcs, vv.bits, vv.table, p, d, out);
+                    (k.group_values)(&self.v[i][..len * vcs], vcs, vv.bits, vv.table, p, d, out);
                     out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
                 }
                 (SideRef::Codec(vc), None) => {

@@ -4,7 +4,7 @@
 //! Bit-exactness contract: `fwht`, `quantize`, `sum_sq` and `dot` give the
 //! *same bits* on every path (they perform the same IEEE operations in the
 //! same order; no FMA), because their results are baked into stored codes.
-//! `dot_codes` (scoring) may differ from the reference by float reassociation
+//! `softmax` is bit-identical too (same body compiled per target). `dot_codes` (scoring) may differ from the reference by float reassociation
 //! only; parity tests bound that difference.
 //!
 //! Set `TQ_SIMD=scalar` to force the reference path, `TQ_SIMD=avx2` to skip
@@ -50,6 +50,8 @@ pub struct Kernels {
     /// `(block, tables, out)` with `block.len() == tables.len() == 16·m` (16 bytes
     /// per sub-code). Exact integer arithmetic: identical on every path.
     pub fastscan_block: fn(&[u8], &[u8], &mut [u32; 32]),
+    /// Softmax in place (attention weights); the same bits on every path.
+    pub softmax: fn(&mut [f32]),
 }
 
 /// Signature of `Kernels::group_scores`: `(codes, code_size, bits, table, qs, d, scale, out)`.
@@ -85,6 +87,7 @@ pub static SCALAR: Kernels = Kernels {
     group_values: scalar::group_values_ref,
     had2_quantize: scalar::had2_quantize_ref,
     fastscan_block: scalar::fastscan_block_ref,
+    softmax: scalar::softmax_ref,
 };
 
 /// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).

@@ -24,6 +24,63 @@ pub fn quantize_ref(y: &[f32], boundaries: &[f32], _bits: u32, idx: &mut [u8]) {
     }
 }
 
+/// `e^x` for `x <= 0` (0 below −87.3, where f32 underflows), within 2 ulp:
+/// `x = n·ln2 + r`, |r| <= ln2/2, Cephes' degree-6 polynomial for `e^r`, `2^n`
+/// through the exponent bits. Branch-free, with no float-to-int cast and no
+/// `round` call, so that it vectorizes (on the x86-64 baseline as well).
+#[inline(always)]
+pub fn exp_neg(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // round to nearest through the float adder (exact for |y| < 2^22); the
+    // integer n is then the low mantissa bits of `y`
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    let xc = x.max(-87.3);
+    let y = xc * LOG2E + MAGIC;
+    let n = y - MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    let ni = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        e * scale
+    }
+}
+
+/// Softmax in place (max-subtracted, [`exp_neg`], 8-lane sums in a fixed
+/// tree): the reference, and the body the SIMD paths compile with their
+/// target features (no FMA, same order: the same bits on every path).
+#[inline(always)]
+pub fn softmax_body(scores: &mut [f32]) {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let mut chunks = scores.chunks_exact(8);
+    for c in &mut chunks {
+        for (m, &x) in mx.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    let m = chunks.remainder().iter().chain(&mx).copied().fold(f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+    scores.iter_mut().for_each(|s| *s = exp_neg(*s - m));
+    let mut lanes = [0.0f32; 8];
+    let mut chunks = scores.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    let z = reduce8(&lanes) + chunks.remainder().iter().sum::<f32>();
+    let inv = 1.0 / z;
+    scores.iter_mut().for_each(|s| *s *= inv);
+}
+
+pub fn softmax_ref(scores: &mut [f32]) {
+    softmax_body(scores)
+}
+
 /// Fixed reduction tree over the 8 lane sums.
 #[inline]
 pub fn reduce8(l: &[f32; 8]) -> f32 {
@@ -97,15 +154,16 @@ pub fn group_scores_ref(codes: &[u8], code_size: usize, bits: u32, table: &[f32]
     }
 }
 
-/// Value sums of a GQA group over `n` codebook codes: `acc[g·d + j] += Σ_t
-/// w[g·n + t] · table[idx_tj]` (the weights include each code's scale).
+/// Value sums of a GQA group over `n` codebook codes (`[packed][f32 scale]`):
+/// `acc[g·d + j] += Σ_t (w[g·n + t] · s_t) · table[idx_tj]`.
 pub fn group_values_ref(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let packed = code_size - 4;
     let n = codes.len() / code_size;
     let g = acc.len() / d;
     for (t, c) in codes.chunks_exact(code_size).enumerate() {
+        let s = f32::from_le_bytes([c[packed], c[packed + 1], c[packed + 2], c[packed + 3]]);
         for h in 0..g {
-            axpy_codes_ref(&c[..packed], bits, table, w[h * n + t], &mut acc[h * d..(h + 1) * d]);
+            axpy_codes_ref(&c[..packed], bits, table, w[h * n + t] * s, &mut acc[h * d..(h + 1) * d]);
         }
     }
 }

@@ -17,6 +17,7 @@ static AVX2: Kernels = Kernels {
     group_values,
     had2_quantize,
     fastscan_block,
+    softmax,
 };
 
 /// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
@@ -346,6 +347,17 @@ unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]
     scalar::quantize_ref(&y[full..], boundaries, bits, &mut idx[full..n]);
 }
 
+fn softmax(s: &mut [f32]) {
+    // SAFETY: AVX2 checked by `detect_all`.
+    unsafe { softmax_avx2(s) }
+}
+
+/// The scalar body compiled for AVX2: 8 scores per instruction, the same bits.
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_avx2(s: &mut [f32]) {
+    scalar::softmax_body(s)
+}
+
 fn sum_sq(x: &[f32]) -> f32 {
     // SAFETY: AVX2 checked by `detect`.
     unsafe { sum_sq_avx2(x) }
@@ -614,28 +626,54 @@ fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f
     unsafe { group_values_avx2(codes, code_size, bits, table, w, d, acc) }
 }
 
+/// Tokens per block of the value kernels: their codes stay in L1 over the
+/// coordinate passes, their scaled weights live on the stack.
+const VBLOCK: usize = 128;
+
+/// `ws[h·VBLOCK + i] = w[h·n + t0 + i] · s_{t0+i}` for the `m` tokens of a block
+/// (the same product the scalar reference forms).
+///
+/// # Safety
+/// `codes` holds tokens `t0..t0+m` (`code_size` bytes each, scale in the last 4).
+#[inline(always)]
+unsafe fn scaled_weights(codes: &[u8], code_size: usize, w: &[f32], n: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
+    let packed = code_size - 4;
+    for i in 0..m {
+        // SAFETY: the caller's contract.
+        let s = unsafe { (codes.as_ptr().add((t0 + i) * code_size + packed) as *const f32).read_unaligned() };
+        for h in 0..g {
+            ws[h * VBLOCK + i] = w[h * n + t0 + i] * s;
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
+    let gv = g.min(8);
     // SAFETY: see the bounds check in `group_values`.
     unsafe {
         let u = Unpack::new(bits, table);
-        // coordinate groups outer: the group's accumulators stay in registers over all tokens
-        for k in 0..d / 8 {
-            let mut a = [_mm256_setzero_ps(); 8];
-            for (h, ah) in a.iter_mut().enumerate().take(g.min(8)) {
-                *ah = _mm256_loadu_ps(acc.as_ptr().add(h * d + k * 8));
-            }
-            for t in 0..n {
-                let c = codes.as_ptr().add(t * code_size);
-                let v = u.get(c.add(k * bits as usize));
-                for (h, ah) in a.iter_mut().enumerate().take(g.min(8)) {
-                    *ah = _mm256_fmadd_ps(_mm256_set1_ps(*w.get_unchecked(h * n + t)), v, *ah);
+        let mut ws = [0.0f32; 8 * VBLOCK];
+        for t0 in (0..n).step_by(VBLOCK) {
+            let m = VBLOCK.min(n - t0);
+            scaled_weights(codes, code_size, w, n, gv, t0, m, &mut ws);
+            // coordinate groups outer: the group's accumulators stay in registers over the block
+            for k in 0..d / 8 {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for (h, ah) in a.iter_mut().enumerate().take(gv) {
+                    *ah = _mm256_loadu_ps(acc.as_ptr().add(h * d + k * 8));
                 }
-            }
-            for (h, ah) in a.iter().enumerate().take(g.min(8)) {
-                _mm256_storeu_ps(acc.as_mut_ptr().add(h * d + k * 8), *ah);
+                for i in 0..m {
+                    let v = u.get(codes.as_ptr().add((t0 + i) * code_size + k * bits as usize));
+                    for (h, ah) in a.iter_mut().enumerate().take(gv) {
+                        *ah = _mm256_fmadd_ps(_mm256_set1_ps(*ws.get_unchecked(h * VBLOCK + i)), v, *ah);
+                    }
+                }
+                for (h, ah) in a.iter().enumerate().take(gv) {
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(h * d + k * 8), *ah);
+                }
             }
         }
         if g > 8 {
@@ -723,82 +761,108 @@ unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]) {
 }
 
 // ---------------------------------------------------------------------------
-// AVX-512: group attention over 2- and 4-bit codebook codes, 16 fields per step
+// AVX-512: group attention over 2- and 4-bit codebook codes
 // ---------------------------------------------------------------------------
+//
+// 16 code bytes are widened to 16 dword lanes at once; with F = 8 / bits
+// fields per byte, phase r (0..F) of the lanes holds fields `F·i + r` of the
+// block, decoded by one `vpermps` over the 16-entry table. The kernels thus
+// see each block's coordinates deinterleaved (phase-major): queries are
+// permuted into that order once per call, value sums are accumulated in it
+// and permuted back on store, so every coordinate's sum over tokens runs in
+// the reference's token order (values: the same bits as the AVX2 path).
 
-/// 16 fields of `bits` (2 or 4) starting at `p` (8 readable bytes) as table values.
+/// Fields per byte.
+const fn per_byte(bits: u32) -> usize {
+    (8 / bits) as usize
+}
+
+/// Coordinate of lane `i` of phase vector `k` (in order `k = block·F + r`).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn unpack16(p: *const u8, bits: u32, sel: __m512i, shifts: __m512i, mask: __m512i, table: __m512) -> __m512 {
-    // SAFETY: the caller guarantees 8 readable bytes at p.
-    let word = unsafe { (p as *const u64).read_unaligned() };
-    let v = if bits == 4 {
-        // lanes 0-7 take the low dword, 8-15 the high one
-        _mm512_permutexvar_epi32(sel, _mm512_set1_epi64(word as i64))
-    } else {
-        _mm512_set1_epi32(word as u32 as i32)
-    };
-    _mm512_permutexvar_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shifts), mask), table)
+fn phase_coord(bits: u32, k: usize, i: usize) -> usize {
+    let f = per_byte(bits);
+    16 * f * (k / f) + f * i + k % f
 }
 
-struct Unpack16 {
-    sel: __m512i,
-    shifts: __m512i,
-    mask: __m512i,
-    table: __m512,
-}
-
-impl Unpack16 {
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn new(bits: u32, table: &[f32]) -> Self {
-        let mut t = [0.0f32; 16];
-        t[..1 << bits].copy_from_slice(&table[..1 << bits]);
-        let sel: [i32; 16] = core::array::from_fn(|j| (j / 8) as i32);
-        let sh: [i32; 16] = core::array::from_fn(|j| if bits == 4 { (4 * (j % 8)) as i32 } else { (2 * j) as i32 });
-        // SAFETY: 16-element arrays.
-        unsafe {
-            Unpack16 {
-                sel: _mm512_loadu_si512(sel.as_ptr() as *const _),
-                shifts: _mm512_loadu_si512(sh.as_ptr() as *const _),
-                mask: _mm512_set1_epi32((1 << bits) - 1),
-                table: _mm512_loadu_ps(t.as_ptr()),
-            }
+/// The F phase vectors of the 16 code bytes at `p`, decoded through `table`.
+#[inline(always)]
+unsafe fn unpack_block<const BITS: u32>(p: *const u8, table: __m512) -> [__m512; 4] {
+    // SAFETY: the caller guarantees 16 readable bytes at p.
+    unsafe {
+        let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+        let mask = _mm512_set1_epi32((1 << BITS) - 1);
+        let mut v = [_mm512_setzero_ps(); 4];
+        for (r, vr) in v.iter_mut().enumerate().take(per_byte(BITS)) {
+            let f = _mm512_and_si512(_mm512_srlv_epi32(b, _mm512_set1_epi32(r as i32 * BITS as i32)), mask);
+            *vr = _mm512_permutexvar_ps(f, table);
         }
+        v
     }
 }
 
-/// 2 or 4 bits, whole groups of 16 fields, 8 readable bytes at every group start.
-fn group_fast512(code_size: usize, bits: u32, d: usize, n: usize, codes_len: usize) -> bool {
-    (bits == 4 || bits == 2) && d % 16 == 0 && n > 0 && (n - 1) * code_size + (d / 16 - 1) * 2 * bits as usize + 8 <= codes_len
+#[inline(always)]
+unsafe fn table16(bits: u32, table: &[f32]) -> __m512 {
+    let mut t = [0.0f32; 16];
+    t[..1 << bits].copy_from_slice(&table[..1 << bits]);
+    // SAFETY: 16 floats.
+    unsafe { _mm512_loadu_ps(t.as_ptr()) }
+}
+
+/// 2 or 4 bits, whole 16-byte blocks per code, at most 8 heads of at most 256 coordinates.
+fn group_fast512(code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
+    (bits == 4 || bits == 2) && d % (16 * per_byte(bits)) == 0 && d <= 256 && code_size >= d * bits as usize / 8 + 4 && (1..=8).contains(&g) && table.len() >= 1 << bits
+}
+
+/// Expands `f!(BITS, G)` for the runtime (bits, g) of a call (bits 2/4, g 1..=8).
+macro_rules! dispatch_bg {
+    ($bits:expr, $g:expr, $f:ident, $($arg:expr),*) => {
+        match ($bits, $g) {
+            (4, 1) => $f::<4, 1>($($arg),*), (4, 2) => $f::<4, 2>($($arg),*), (4, 3) => $f::<4, 3>($($arg),*), (4, 4) => $f::<4, 4>($($arg),*),
+            (4, 5) => $f::<4, 5>($($arg),*), (4, 6) => $f::<4, 6>($($arg),*), (4, 7) => $f::<4, 7>($($arg),*), (4, 8) => $f::<4, 8>($($arg),*),
+            (2, 1) => $f::<2, 1>($($arg),*), (2, 2) => $f::<2, 2>($($arg),*), (2, 3) => $f::<2, 3>($($arg),*), (2, 4) => $f::<2, 4>($($arg),*),
+            (2, 5) => $f::<2, 5>($($arg),*), (2, 6) => $f::<2, 6>($($arg),*), (2, 7) => $f::<2, 7>($($arg),*), _ => $f::<2, 8>($($arg),*),
+        }
+    };
 }
 
 #[allow(clippy::too_many_arguments)]
 fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = qs.len() / d;
-    if !group_fast512(code_size, bits, d, n, codes.len()) || g == 0 || g > 8 || out.len() < g * n || table.len() < 1 << bits {
+    if !group_fast512(code_size, bits, d, g, table) || out.len() < g * n {
         return group_scores(codes, code_size, bits, table, qs, d, scale, out);
     }
-    // SAFETY: AVX-512F/BW checked by `detect_all`; bounds checked above.
-    unsafe { group_scores_avx512(codes, code_size, bits, table, qs, d, scale, out) }
+    // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above
+    // (every code holds d·bits/8 packed bytes, then its f32 scale).
+    unsafe { dispatch_bg!(bits, g, group_scores_avx512, codes, code_size, table, qs, d, scale, out) }
 }
 
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_scores_avx512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
-    let g = qs.len() / d;
     let packed = code_size - 4;
-    let step = 2 * bits as usize; // bytes per 16 fields
-    // SAFETY: see the bounds check in `group_scores_512`.
+    let f = per_byte(BITS);
+    // the queries in phase order
+    let mut qp = [0.0f32; 8 * 256];
+    for h in 0..G {
+        for k in 0..d / 16 {
+            for i in 0..16 {
+                qp[h * d + k * 16 + i] = qs[h * d + phase_coord(BITS, k, i)];
+            }
+        }
+    }
+    // SAFETY: see the shape check in `group_scores_512`.
     unsafe {
-        let u = Unpack16::new(bits, table);
-        let one = |t: usize, acc: &mut [__m512; 8]| {
+        let tab = table16(BITS, table);
+        let one = |t: usize, acc: &mut [__m512; G]| {
             let c = codes.as_ptr().add(t * code_size);
-            for k in 0..d / 16 {
-                let v = unpack16(c.add(k * step), bits, u.sel, u.shifts, u.mask, u.table);
-                for (h, a) in acc.iter_mut().enumerate().take(g) {
-                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(qs.as_ptr().add(h * d + k * 16)), v, *a);
+            for blk in 0..d / (16 * f) {
+                let v = unpack_block::<BITS>(c.add(16 * blk), tab);
+                for r in 0..f {
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.as_ptr().add(h * d + (blk * f + r) * 16)), v[r], *a);
+                    }
                 }
             }
         };
@@ -806,12 +870,12 @@ unsafe fn group_scores_avx512(codes: &[u8], code_size: usize, bits: u32, table: 
         // four tokens at a time: one transpose-add tree gives their four sums per head
         let n4 = n / 4 * 4;
         for t in (0..n4).step_by(4) {
-            let mut acc = [[_mm512_setzero_ps(); 8]; 4];
+            let mut acc = [[_mm512_setzero_ps(); G]; 4];
             for (i, a) in acc.iter_mut().enumerate() {
                 one(t + i, a);
             }
             let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
-            for h in 0..g {
+            for h in 0..G {
                 let (a0, a1, a2, a3) = (acc[0][h], acc[1][h], acc[2][h], acc[3][h]);
                 let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
                 let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
@@ -822,10 +886,10 @@ unsafe fn group_scores_avx512(codes: &[u8], code_size: usize, bits: u32, table: 
             }
         }
         for t in n4..n {
-            let mut acc = [_mm512_setzero_ps(); 8];
+            let mut acc = [_mm512_setzero_ps(); G];
             one(t, &mut acc);
             let s = scale_of(t);
-            for (h, a) in acc.iter().enumerate().take(g) {
+            for (h, a) in acc.iter().enumerate() {
                 *out.get_unchecked_mut(h * n + t) = _mm512_reduce_add_ps(*a) * s;
             }
         }
@@ -835,34 +899,62 @@ unsafe fn group_scores_avx512(codes: &[u8], code_size: usize, bits: u32, table: 
 fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
-    if !group_fast512(code_size, bits, d, n, codes.len()) || g == 0 || g > 8 || w.len() < g * n || table.len() < 1 << bits {
+    if !group_fast512(code_size, bits, d, g, table) || w.len() < g * n {
         return group_values(codes, code_size, bits, table, w, d, acc);
     }
-    // SAFETY: AVX-512F/BW checked by `detect_all`; bounds checked above.
-    unsafe { group_values_avx512(codes, code_size, bits, table, w, d, acc) }
+    // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above.
+    unsafe { dispatch_bg!(bits, g, group_values_avx512, codes, code_size, table, w, d, acc) }
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_values_avx512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
-    let g = acc.len() / d;
-    let step = 2 * bits as usize;
-    // SAFETY: see the bounds check in `group_values_512`.
-    unsafe {
-        let u = Unpack16::new(bits, table);
+    let f = per_byte(BITS);
+    // the sums in phase order
+    let mut ap = [0.0f32; 8 * 256];
+    for h in 0..G {
         for k in 0..d / 16 {
-            let mut a = [_mm512_setzero_ps(); 8];
-            for (h, ah) in a.iter_mut().enumerate().take(g) {
-                *ah = _mm512_loadu_ps(acc.as_ptr().add(h * d + k * 16));
+            for i in 0..16 {
+                ap[h * d + k * 16 + i] = acc[h * d + phase_coord(BITS, k, i)];
             }
-            for t in 0..n {
-                let v = unpack16(codes.as_ptr().add(t * code_size + k * step), bits, u.sel, u.shifts, u.mask, u.table);
-                for (h, ah) in a.iter_mut().enumerate().take(g) {
-                    *ah = _mm512_fmadd_ps(_mm512_set1_ps(*w.get_unchecked(h * n + t)), v, *ah);
+        }
+    }
+    // SAFETY: see the shape check in `group_values_512`.
+    unsafe {
+        let tab = table16(BITS, table);
+        let mut ws = [0.0f32; 8 * VBLOCK];
+        for t0 in (0..n).step_by(VBLOCK) {
+            let m = VBLOCK.min(n - t0);
+            scaled_weights(codes, code_size, w, n, G, t0, m, &mut ws);
+            // one 16-byte block of every token at a time: its F·G sums stay in registers
+            for blk in 0..d / (16 * f) {
+                let mut a = [[_mm512_setzero_ps(); G]; 4];
+                for r in 0..f {
+                    for (h, ah) in a[r].iter_mut().enumerate() {
+                        *ah = _mm512_loadu_ps(ap.as_ptr().add(h * d + (blk * f + r) * 16));
+                    }
+                }
+                for i in 0..m {
+                    let v = unpack_block::<BITS>(codes.as_ptr().add((t0 + i) * code_size + 16 * blk), tab);
+                    for h in 0..G {
+                        let wb = _mm512_set1_ps(*ws.get_unchecked(h * VBLOCK + i));
+                        for r in 0..f {
+                            a[r][h] = _mm512_fmadd_ps(wb, v[r], a[r][h]);
+                        }
+                    }
+                }
+                for r in 0..f {
+                    for (h, ah) in a[r].iter().enumerate() {
+                        _mm512_storeu_ps(ap.as_mut_ptr().add(h * d + (blk * f + r) * 16), *ah);
+                    }
                 }
             }
-            for (h, ah) in a.iter().enumerate().take(g) {
-                _mm512_storeu_ps(acc.as_mut_ptr().add(h * d + k * 16), *ah);
+        }
+    }
+    for h in 0..G {
+        for k in 0..d / 16 {
+            for i in 0..16 {
+                acc[h * d + phase_coord(BITS, k, i)] = ap[h * d + k * 16 + i];
             }
         }
     }

@@ -126,7 +126,7 @@ fn group_attention_kernels_match_scalar() {
     let mut rng = Xoshiro256::new(8);
     for bits in 1..=8u32 {
         let table = randv(&mut rng, 1 << bits);
-        for (d, g, n) in [(64usize, 3usize, 50usize), (128, 4, 9), (64, 1, 1), (16, 9, 5), (24, 2, 3)] {
+        for (d, g, n) in [(64usize, 3usize, 50usize), (128, 4, 9), (64, 1, 1), (16, 9, 5), (24, 2, 3), (64, 8, 7), (256, 5, 300), (32, 2, 129)] {
             let packed = packed_len(d, bits);
             let cs = packed + 4;
             let mut codes = vec![0u8; n * cs];
@@ -258,6 +258,28 @@ fn fused_hadamard_quantize_matches_the_unfused_path_bit_for_bit() {
                     assert_eq!(got, want, "{} n={n} bits={bits} scale={scale}", kt.name);
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn softmax_is_bit_identical_on_every_path() {
+    let mut rng = Xoshiro256::new(11);
+    for len in (1..40).chain([1000, 8193]) {
+        // scores spread over ±60 (weights down to underflow) plus ties at the max
+        let mut s: Vec<f32> = randv(&mut rng, len).iter().map(|x| x * 30.0).collect();
+        if len > 3 {
+            s[len / 2] = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        let mut want = s.clone();
+        scalar::softmax_ref(&mut want);
+        let z: f64 = want.iter().map(|&x| x as f64).sum();
+        assert!((z - 1.0).abs() < 1e-5, "len {len}: weights sum to {z}");
+        assert!(want.iter().all(|&x| (0.0..=1.0).contains(&x)));
+        for k in available() {
+            let mut got = s.clone();
+            (k.softmax)(&mut got);
+            assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{} len {len}", k.name);
         }
     }
 }
