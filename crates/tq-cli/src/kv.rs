@@ -14,9 +14,8 @@ pub struct EvalArgs<'a> {
     pub ctx: usize,
     pub chunks: usize,
     pub kv: &'a str,
-    /// Full-precision windows (0: none).
-    pub sink: usize,
-    pub recent: usize,
+    /// Windows and key centering of the compressed caches.
+    pub opts: tq_kv::CacheOptions,
     pub json: bool,
 }
 
@@ -107,7 +106,7 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
                 }
                 continue;
             }
-            let mut cache = tq_kv::cache_with_windows(shape, p, 0, a.sink, a.recent)?;
+            let mut cache = tq_kv::cache_with(shape, p, 0, &a.opts)?;
             let logits = model.forward(toks, cache.as_mut(), false)?;
             s.kv_bytes = cache.bytes();
             for (j, lr) in (a.ctx / 2..a.ctx - 1).zip(&ref_lp) {
@@ -128,7 +127,7 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
         let bits = spec.bits_per_value(shape.head_dim)?;
         let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
         rows.push(json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": p,
-            "sink": a.sink, "recent": a.recent,
+            "sink": a.opts.sink, "recent": a.opts.recent, "center_keys": a.opts.center_keys,
             "ppl": (s.nll / n).exp(), "ppl_f32": (nll_ref / n).exp(), "kld": s.kld / n, "top1_agree": s.agree as f64 / n,
             "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": s.kv_bytes as f64 / a.ctx as f64,
             "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()}));
@@ -143,11 +142,11 @@ pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq
 /// as a markdown Pareto table (sorted by bits per value) and an SVG of KLD and
 /// ΔPPL against bits per value in `out`. Returns (markdown, rows).
 #[allow(clippy::too_many_arguments)]
-pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[String], sink: usize, recent: usize, out: &std::path::Path) -> Result<(String, Vec<serde_json::Value>)> {
+pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[String], opts: &tq_kv::CacheOptions, out: &std::path::Path) -> Result<(String, Vec<serde_json::Value>)> {
     let pb = indicatif::ProgressBar::new(chunks as u64);
     pb.set_style(indicatif::ProgressStyle::with_template("kv sweep [{bar:30}] {pos}/{len} chunks × {msg} ({eta})").unwrap().progress_chars("=> "));
     pb.set_message(format!("{} precisions", precisions.len()));
-    let a = EvalArgs { text, chars, ctx, chunks, kv: "f32", sink, recent, json: true };
+    let a = EvalArgs { text, chars, ctx, chunks, kv: "f32", opts: *opts, json: true };
     let mut rows = eval_many(&a, precisions, &|k| pb.set_position(k as u64))?;
     pb.finish_and_clear();
     rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
@@ -156,7 +155,11 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     plot_sweep(&out.join(&svg), text, &rows)?;
     use std::fmt::Write as _;
     let mut md = String::new();
-    let win = if sink + recent > 0 { format!(", f32 windows: {sink} sink + {recent} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
+    let (sink, recent) = (opts.sink, opts.recent);
+    let mut win = if sink + recent > 0 { format!(", f32 windows: {sink} sink + {recent} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
+    if opts.center_keys {
+        win += ", keys centered (--center-keys)";
+    }
     let _ = writeln!(
         md,
         "`tq kv sweep --text {text} --chars {chars} --ctx {ctx} --chunks {chunks}`: SmolLM2-135M, llama.cpp's perplexity convention; KLD and top-1 \
@@ -458,7 +461,7 @@ pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, json: bool) ->
 /// `tq generate`: greedy decoding with a KV cache of the given precision,
 /// tokens streamed to stdout as they are produced. The prompt is wrapped in
 /// SmolLM2's chat template unless `raw`.
-pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, sink: usize, recent: usize) -> Result<()> {
+pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, opts: &tq_kv::CacheOptions) -> Result<()> {
     tq_core::kv::KvSpec::parse(kv)?;
     if prompt.trim().is_empty() {
         bail!("the prompt is empty");
@@ -473,7 +476,7 @@ pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, sink: usiz
     if ids.len() + max_tokens > model.config.context {
         bail!("{} prompt tokens + {max_tokens} new ones exceed the model's context of {}", ids.len(), model.config.context);
     }
-    let mut cache = tq_kv::cache_with_windows(model.config.kv_shape(), kv, 0, sink, recent)?;
+    let mut cache = tq_kv::cache_with(model.config.kv_shape(), kv, 0, opts)?;
     let t0 = Instant::now();
     let mut first: Option<Instant> = None;
     let mut printed = 0usize;
@@ -540,7 +543,7 @@ fn chat_ids(tok: &tq_models::tokenizer::Tokenizer, user: &str) -> Result<(Vec<u3
 /// filler text of each length (tokens, chat template included), asks for the
 /// number at the end and checks the greedy answer, for `kv` and for the f32
 /// cache as control. JSON lines per trial, then a summary line.
-pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: usize, json: bool) -> Result<()> {
+pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], opts: &tq_kv::CacheOptions, json: bool) -> Result<()> {
     tq_core::kv::KvSpec::parse(kv)?;
     if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
         bail!("depth {d} is outside 0..1");
@@ -573,7 +576,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: 
             let mut res = Vec::new();
             for spec in [kv, "f32"] {
                 let t0 = Instant::now();
-                let mut cache = tq_kv::cache_with_windows(c.kv_shape(), spec, 0, sink, recent)?;
+                let mut cache = tq_kv::cache_with(c.kv_shape(), spec, 0, opts)?;
                 let out = greedy(&model, cache.as_mut(), &ids, 24, &stop, &mut |_| Ok(()))?;
                 let answer = dec(&out)?;
                 let ok = answer.contains(&number.to_string());
@@ -598,7 +601,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], sink: usize, recent: 
             rows.push(row);
         }
     }
-    let summary = json!({"kv": kv, "sink": sink, "recent": recent, "trials": trials, "pass_rate": pass as f64 / trials as f64,
+    let summary = json!({"kv": kv, "sink": opts.sink, "recent": opts.recent, "center_keys": opts.center_keys, "trials": trials, "pass_rate": pass as f64 / trials as f64,
         "f32_pass_rate": pass_ref as f64 / trials as f64, "lengths": lengths, "depths": depths});
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

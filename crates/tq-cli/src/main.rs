@@ -156,7 +156,7 @@ struct TextArgs {
     chunks: usize,
 }
 
-/// Full-precision windows of a compressed KV cache.
+/// Options of a compressed KV cache: full-precision windows, key centering.
 #[derive(clap::Args)]
 struct Windows {
     /// Also keep the first N tokens (attention sinks) in f32.
@@ -165,6 +165,16 @@ struct Windows {
     /// Also keep the N most recent tokens in f32.
     #[arg(long, default_value_t = 0)]
     recent: usize,
+    /// Encode keys minus a per-stream mean learned from their first 32 tokens
+    /// (exact for softmax attention; the codes see smaller vectors).
+    #[arg(long)]
+    center_keys: bool,
+}
+
+impl Windows {
+    fn opts(&self) -> tq_kv::CacheOptions {
+        tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys }
+    }
 }
 
 #[derive(Subcommand)]
@@ -461,7 +471,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
-            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, sink: w.sink, recent: w.recent, json })
+            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, opts: w.opts(), json })
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             if name == "austen" || name == "shakespeare" {
@@ -513,13 +523,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, w.sink, w.recent),
+        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts()),
         Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
             let list: Vec<String> = kv.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
             for p in &list {
                 tq_core::kv::KvSpec::parse(p)?;
             }
-            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, w.sink, w.recent, &out)?;
+            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, &w.opts(), &out)?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -532,7 +542,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, windows: w, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&kv, &lengths, &depths, w.sink, w.recent, json)
+            kv::needle(&kv, &lengths, &depths, &w.opts(), json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;

@@ -86,7 +86,7 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
         matrix = rows;
         md.push_str("\n## KV-cache precisions in SmolLM2 (Austen)\n\n");
         let list: Vec<String> = crate::kv::SWEEP.split(',').map(str::to_string).collect();
-        match crate::kv::sweep("austen", 200_000, 512, 4, &list, 0, 0, out) {
+        match crate::kv::sweep("austen", 200_000, 512, 4, &list, &tq_kv::CacheOptions::default(), out) {
             Ok((text, rows)) => {
                 md.push_str(&text);
                 kv = json!(rows);

@@ -219,17 +219,37 @@ pub struct CodecCache {
     /// per stream: f32 keys/values not encoded yet (a side still training)
     pending_k: Vec<Vec<f32>>,
     pending_v: Vec<Vec<f32>>,
+    center_keys: bool,
+    /// per stream: the key offset μ subtracted before encoding (empty until
+    /// learned; only with `center_keys`)
+    kmu: Vec<Vec<f32>>,
+}
+
+/// Options of a compressed cache beyond its precision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheOptions {
+    /// Also keep the first `sink` tokens (attention sinks) in f32.
+    pub sink: usize,
+    /// Also keep the `recent` most recent tokens in f32.
+    pub recent: usize,
+    /// Encode keys minus a per-stream offset μ (the mean of the stream's keys
+    /// 1..[`TRAIN_TOKENS`], learned online like the fractional codecs' split).
+    /// Exact for attention: q·(k − μ) differs from q·k by q·μ, the same for
+    /// every token of a query, and softmax ignores it; but the codes see the
+    /// smaller ‖k − μ‖, so the error of every score shrinks with it.
+    pub center_keys: bool,
 }
 
 impl CodecCache {
     /// A cache for a precision string (not `f32`: use [`F32Cache`]). Codecs
     /// are seeded per cache (`seed`), the same for every layer and head.
     pub fn new(shape: Shape, spec: &KvSpec, seed: u64) -> Result<Self> {
-        Self::with_windows(shape, spec, seed, 0, 0)
+        Self::with_options(shape, spec, seed, &CacheOptions::default())
     }
 
-    /// Also keeps the first `sink` and the last `recent` tokens in f32.
-    pub fn with_windows(shape: Shape, spec: &KvSpec, seed: u64, sink: usize, recent: usize) -> Result<Self> {
+    /// With f32 windows and/or key centering (see [`CacheOptions`]).
+    pub fn with_options(shape: Shape, spec: &KvSpec, seed: u64, o: &CacheOptions) -> Result<Self> {
+        let (sink, recent) = (o.sink, o.recent);
         let n = shape.layers * shape.kv_heads;
         Ok(Self {
             shape,
@@ -246,7 +266,28 @@ impl CodecCache {
             ring_v: vec![vec![0.0; recent * shape.head_dim]; n],
             pending_k: vec![Vec::new(); n],
             pending_v: vec![Vec::new(); n],
+            center_keys: o.center_keys,
+            kmu: vec![Vec::new(); n],
         })
+    }
+
+    /// Whether stream `i` still holds its tokens in f32 (a side or the key
+    /// offset has not learned from them yet).
+    fn collecting(&self, i: usize) -> bool {
+        self.keys.get(i).is_none() || self.values.get(i).is_none() || (self.center_keys && self.kmu[i].is_empty())
+    }
+
+    /// Encodes key `k` of stream `i` (minus its offset when centering).
+    fn encode_key(&self, i: usize, k: &[f32], centered: &mut Vec<f32>) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.center_keys {
+            centered.clear();
+            centered.extend(k.iter().zip(&self.kmu[i]).map(|(a, m)| a - m));
+            self.keys.encode(i, centered, &mut out);
+        } else {
+            self.keys.encode(i, k, &mut out);
+        }
+        out
     }
 
     /// The f32 key and value of token `t` of stream `i` if it is in a window
@@ -263,6 +304,31 @@ impl CodecCache {
         None
     }
 
+    /// Learns stream `i`'s key offset and trains its sides on the pending
+    /// tokens. On non-finite input nothing is learned and the stream stays in
+    /// f32 (exact).
+    fn learn(&mut self, i: usize, d: usize) {
+        let pk = &self.pending_k[i];
+        if !pk.iter().chain(&self.pending_v[i]).all(|x| x.is_finite()) {
+            return;
+        }
+        let mu: Vec<f32> = if self.center_keys {
+            // tokens 1.. (token 0 is often an attention sink with an atypical key)
+            let rows: Vec<&[f32]> = pk.chunks_exact(d).skip(1).collect();
+            let mut m = vec![0.0f64; d];
+            for r in &rows {
+                m.iter_mut().zip(*r).for_each(|(a, &x)| *a += x as f64);
+            }
+            m.iter().map(|a| (a / rows.len() as f64) as f32).collect()
+        } else {
+            Vec::new()
+        };
+        let centered: Vec<f32> = if self.center_keys { pk.chunks_exact(d).flat_map(|r| r.iter().zip(&mu).map(|(a, m)| a - m)).collect() } else { pk.clone() };
+        if self.keys.train(i, &centered).is_ok() && self.values.train(i, &self.pending_v[i]).is_ok() {
+            self.kmu[i] = mu;
+        }
+    }
+
     /// Attention of `group` query heads (rows of `qs`) over the first `len`
     /// tokens of stream `i`: scores from the codes (group kernels for codebook
     /// codecs, the codec's scorer otherwise), window tokens exactly, softmax,
@@ -272,10 +338,11 @@ impl CodecCache {
         let scale = 1.0 / (d as f32).sqrt();
         let k = tq_core::kernels::kernels();
         let total = self.len[i];
-        let (Some(keys), Some(values)) = (self.keys.get(i), self.values.get(i)) else {
-            // a side is still collecting its training tokens: all of them are in f32
+        if self.collecting(i) {
+            // still collecting training tokens: all of them are in f32
             return exact_group(&self.pending_k[i], &self.pending_v[i], qs, group, len, d, out);
-        };
+        }
+        let (Some(keys), Some(values)) = (self.keys.get(i), self.values.get(i)) else { unreachable!("trained above") };
         let views = match (&keys, &values) {
             (SideRef::Codec(kc), SideRef::Codec(vc)) => kc.codebook_view().zip(vc.codebook_view()),
             _ => None,
@@ -310,10 +377,12 @@ impl CodecCache {
             // the tokens `window` serves: the sinks, then the recent ones (two ranges, not a scan)
             let recent_from = if self.recent > 0 { self.sink.max(total.saturating_sub(self.recent)) } else { usize::MAX };
             let windowed: Vec<usize> = (0..self.sink.min(len)).chain(recent_from..total.min(len)).collect();
+            // the codes score q·(k − μ) when centering: window scores drop q·μ too
+            let qmu: Vec<f32> = qs.chunks_exact(d).map(|q| if self.center_keys { (k.dot)(q, &self.kmu[i]) } else { 0.0 }).collect();
             for &t in &windowed {
                 let (kt, _) = self.window(i, t, total).expect("a window token");
                 for (g, q) in qs.chunks_exact(d).enumerate() {
-                    p[g * len + t] = (k.dot)(q, kt) * scale;
+                    p[g * len + t] = ((k.dot)(q, kt) - qmu[g]) * scale;
                 }
             }
             p.chunks_exact_mut(len).for_each(softmax_weights);
@@ -363,20 +432,25 @@ impl KvCache for CodecCache {
     fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]) {
         let i = layer * self.shape.kv_heads + head;
         let t = self.len[i];
-        if self.keys.get(i).is_none() || self.values.get(i).is_none() {
-            // a side learns from this stream's first tokens: hold them in f32
+        let mut centered = Vec::new();
+        if self.collecting(i) {
+            // sides and the key offset learn from this stream's first tokens: hold them in f32
             self.pending_k[i].extend_from_slice(k);
             self.pending_v[i].extend_from_slice(v);
-            // training fails only on non-finite input: the stream then stays in f32 (exact)
-            if t + 1 == TRAIN_TOKENS && self.keys.train(i, &self.pending_k[i]).is_ok() && self.values.train(i, &self.pending_v[i]).is_ok() {
-                let (pk, pv) = (std::mem::take(&mut self.pending_k[i]), std::mem::take(&mut self.pending_v[i]));
-                for (kr, vr) in pk.chunks_exact(k.len()).zip(pv.chunks_exact(v.len())) {
-                    self.keys.encode(i, kr, &mut self.k[i]);
-                    self.values.encode(i, vr, &mut self.v[i]);
+            if t + 1 == TRAIN_TOKENS {
+                self.learn(i, k.len());
+                if !self.collecting(i) {
+                    let (pk, pv) = (std::mem::take(&mut self.pending_k[i]), std::mem::take(&mut self.pending_v[i]));
+                    for (kr, vr) in pk.chunks_exact(k.len()).zip(pv.chunks_exact(v.len())) {
+                        let code = self.encode_key(i, kr, &mut centered);
+                        self.k[i].extend_from_slice(&code);
+                        self.values.encode(i, vr, &mut self.v[i]);
+                    }
                 }
             }
         } else {
-            self.keys.encode(i, k, &mut self.k[i]);
+            let code = self.encode_key(i, k, &mut centered);
+            self.k[i].extend_from_slice(&code);
             self.values.encode(i, v, &mut self.v[i]);
         }
         if t < self.sink {
@@ -412,7 +486,8 @@ impl KvCache for CodecCache {
         let coded: usize = self.len.iter().zip(&self.pending_k).map(|(&l, p)| l - p.len() / d).sum();
         let codes = coded * (self.keys.size(d) + self.values.size(d)) + pending;
         let windows: usize = self.len.iter().map(|&l| l.min(self.sink) + l.saturating_sub(self.sink).min(self.recent)).sum();
-        codes + windows * 2 * 4 * d
+        let offsets: usize = self.kmu.iter().map(|m| 4 * m.len()).sum();
+        codes + windows * 2 * 4 * d + offsets
     }
 }
 
@@ -557,21 +632,23 @@ impl KvCache for KiviCache {
 
 /// A cache for a precision string: `f32` gives the reference cache.
 pub fn cache_for(shape: Shape, spec: &str, seed: u64) -> Result<Box<dyn KvCache>> {
-    cache_with_windows(shape, spec, seed, 0, 0)
+    cache_with(shape, spec, seed, &CacheOptions::default())
 }
 
-/// A cache that also keeps the first `sink` and the last `recent` tokens in
-/// f32 (see [`CodecCache`]; the f32 cache ignores the windows).
-pub fn cache_with_windows(shape: Shape, spec: &str, seed: u64, sink: usize, recent: usize) -> Result<Box<dyn KvCache>> {
+/// A cache with options (see [`CacheOptions`]; the f32 cache is exact and
+/// ignores them).
+pub fn cache_with(shape: Shape, spec: &str, seed: u64, o: &CacheOptions) -> Result<Box<dyn KvCache>> {
     let s = KvSpec::parse(spec)?;
     if s.keys == Store::F32 && s.values == Store::F32 {
         return Ok(Box::new(F32Cache::new(shape)));
     }
     if let (Store::Kivi(bits), Store::Kivi(_)) = (&s.keys, &s.values) {
-        if sink + recent > 0 {
-            return Err(TqError::BadParams("KIVI keeps its own f32 residual (the incomplete group of 32 tokens); --sink/--recent apply to the other caches".into()));
+        if *o != CacheOptions::default() {
+            return Err(TqError::BadParams(
+                "KIVI keeps its own f32 residual (the incomplete group of 32 tokens) and per-channel key scales; --sink/--recent/--center-keys apply to the other caches".into(),
+            ));
         }
         return Ok(Box::new(KiviCache::new(shape, *bits)?));
     }
-    Ok(Box::new(CodecCache::with_windows(shape, &s, seed, sink, recent)?))
+    Ok(Box::new(CodecCache::with_options(shape, &s, seed, o)?))
 }

@@ -88,16 +88,20 @@ fn attention_on_codes_matches_dequantize_then_attend() {
 }
 
 /// Full-precision windows: tokens in the sink or recent window attend with
-/// their f32 keys/values, the others through their codes.
+/// their f32 keys/values, the others through their codes. With centered keys
+/// the codes hold k − μ (μ: the mean of keys 1..32) and attention equals
+/// attention over μ + decode(k − μ), window tokens exact.
 #[test]
-fn sink_and_recent_windows_are_exact() {
+fn sink_and_recent_windows_and_centered_keys_are_exact() {
     let mut r = Xoshiro256::new(3);
     let d = 64;
     let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
-    for spec in ["tq-mse-3", "q4_0-rot", "f16"] {
+    // keys share a large offset (as real keys do), which centering removes
+    let offset: Vec<f32> = randv(&mut r, d).iter().map(|x| 3.0 * x).collect();
+    for (spec, center_keys) in [("tq-mse-3", false), ("q4_0-rot", false), ("f16", false), ("tq-mse-3", true), ("q4_0-rot", true), ("tq-mse-3.5", true)] {
         let (sink, recent, n) = (2usize, 5usize, 40usize);
-        let mut cache = tq_kv::cache_with_windows(shape, spec, 0, sink, recent).unwrap();
-        let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
+        let mut cache = tq_kv::cache_with(shape, spec, 0, &tq_kv::CacheOptions { sink, recent, center_keys }).unwrap();
+        let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d).iter().zip(&offset).map(|(a, b)| a + b).collect()).collect();
         let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
         for (k, v) in ks.iter().zip(&vs) {
             cache.append(0, 0, k, v);
@@ -107,10 +111,23 @@ fn sink_and_recent_windows_are_exact() {
         cache.attend_group(0, 0, &qs, 2, n, &mut out);
         // reference: decoded keys/values except in the windows
         let st = tq_core::kv::KvSpec::parse(spec).unwrap();
+        let mu: Vec<f32> = if center_keys {
+            (0..d).map(|j| (ks[1..tq_kv::TRAIN_TOKENS].iter().map(|k| k[j] as f64).sum::<f64>() / (tq_kv::TRAIN_TOKENS - 1) as f64) as f32).collect()
+        } else {
+            vec![0.0; d]
+        };
+        let trained = |name: &str, seed: u64, rows: &[Vec<f32>]| {
+            let mut c = build(name, d, seed, RotationKind::Hadamard).unwrap();
+            if c.wants_training() {
+                c.train(&rows[..tq_kv::TRAIN_TOKENS].concat()).unwrap();
+            }
+            c
+        };
+        let centered: Vec<Vec<f32>> = ks.iter().map(|k| k.iter().zip(&mu).map(|(a, m)| a - m).collect()).collect();
         let dec = |store: &tq_core::kv::Store, seed: u64, x: &[f32]| -> Vec<f32> {
             match store {
                 tq_core::kv::Store::Codec(name) => {
-                    let c = build(name, d, seed, RotationKind::Hadamard).unwrap();
+                    let c = trained(name, seed, if seed == 0 { &centered } else { &vs });
                     let mut code = vec![0u8; c.code_size()];
                     c.encode(x, &mut code).unwrap();
                     let mut y = vec![0.0f32; d];
@@ -121,7 +138,12 @@ fn sink_and_recent_windows_are_exact() {
             }
         };
         let in_window = |t: usize| t < sink || t + recent >= n;
-        let kd: Vec<Vec<f32>> = ks.iter().enumerate().map(|(t, k)| if in_window(t) { k.clone() } else { dec(&st.keys, 0, k) }).collect();
+        let kd: Vec<Vec<f32>> = ks
+            .iter()
+            .zip(&centered)
+            .enumerate()
+            .map(|(t, (k, kc))| if in_window(t) { k.clone() } else { dec(&st.keys, 0, kc).iter().zip(&mu).map(|(a, m)| a + m).collect() })
+            .collect();
         let vd: Vec<Vec<f32>> =
             vs.iter().enumerate().map(|(t, v)| if in_window(t) { v.clone() } else { dec(&st.values, tq_core::rng::derive_seed(0, 0x56), v) }).collect();
         for (g, o) in out.chunks_exact(d).enumerate() {
@@ -133,12 +155,13 @@ fn sink_and_recent_windows_are_exact() {
             let want: Vec<f64> = (0..d).map(|j| e.iter().zip(&vd).map(|(w, v)| w / z * v[j] as f64).sum()).collect();
             let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
             for (a, b) in o.iter().zip(&want) {
-                assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{spec} head {g}: {a} vs {b}");
+                assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{spec} center {center_keys} head {g}: {a} vs {b}");
             }
         }
-        // windows are counted in the bytes
+        // windows and the key offset are counted in the bytes
         let code_bytes = n * 2 * tq_core::kv::KvSpec::parse(spec).unwrap().keys.bytes_per_vector(d).unwrap() as usize;
-        assert_eq!(cache.bytes(), code_bytes + (sink + recent) * 2 * 4 * d, "{spec}");
+        let mu_bytes = if center_keys { 4 * d } else { 0 };
+        assert_eq!(cache.bytes(), code_bytes + (sink + recent) * 2 * 4 * d + mu_bytes, "{spec}");
     }
 }
 
@@ -235,7 +258,7 @@ fn kivi_cache_matches_its_matrix_codec() {
         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
     }
     assert_eq!(cache.bytes(), 2 * 3 * kc.encoded_size(32) + 2 * 7 * d * 4);
-    assert!(tq_kv::cache_with_windows(shape, "kivi-2", 0, 4, 0).is_err());
+    assert!(tq_kv::cache_with(shape, "kivi-2", 0, &tq_kv::CacheOptions { sink: 4, ..Default::default() }).is_err());
 }
 
 #[test]

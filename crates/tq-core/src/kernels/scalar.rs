@@ -40,7 +40,7 @@ pub fn exp_neg(x: f32) -> f32 {
     let y = xc * LOG2E + MAGIC;
     let n = y - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.0e-1;
     let e = p * r * r + r + 1.0;
     let ni = (y.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
     let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);

@@ -636,6 +636,7 @@ const VBLOCK: usize = 128;
 /// # Safety
 /// `codes` holds tokens `t0..t0+m` (`code_size` bytes each, scale in the last 4).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn scaled_weights(codes: &[u8], code_size: usize, w: &[f32], n: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
     let packed = code_size - 4;
     for i in 0..m {
@@ -906,6 +907,7 @@ fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w:
     unsafe { dispatch_bg!(bits, g, group_values_avx512, codes, code_size, table, w, d, acc) }
 }
 
+#[allow(clippy::needless_range_loop)] // phase r indexes F accumulator sets
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
