@@ -4,6 +4,18 @@ use super::scalar;
 use super::{Had2, Kernels};
 use std::arch::x86_64::*;
 
+/// Expands `f!(BITS, G)` for the runtime (bits, g) of a call (bits 2/4, g 1..=8).
+macro_rules! dispatch_bg {
+    ($bits:expr, $g:expr, $f:ident, $($arg:expr),*) => {
+        match ($bits, $g) {
+            (4, 1) => $f::<4, 1>($($arg),*), (4, 2) => $f::<4, 2>($($arg),*), (4, 3) => $f::<4, 3>($($arg),*), (4, 4) => $f::<4, 4>($($arg),*),
+            (4, 5) => $f::<4, 5>($($arg),*), (4, 6) => $f::<4, 6>($($arg),*), (4, 7) => $f::<4, 7>($($arg),*), (4, 8) => $f::<4, 8>($($arg),*),
+            (2, 1) => $f::<2, 1>($($arg),*), (2, 2) => $f::<2, 2>($($arg),*), (2, 3) => $f::<2, 3>($($arg),*), (2, 4) => $f::<2, 4>($($arg),*),
+            (2, 5) => $f::<2, 5>($($arg),*), (2, 6) => $f::<2, 6>($($arg),*), (2, 7) => $f::<2, 7>($($arg),*), _ => $f::<2, 8>($($arg),*),
+        }
+    };
+}
+
 static AVX2: Kernels = Kernels {
     name: "avx2",
     fwht,
@@ -583,6 +595,10 @@ fn group_scores(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[
     if !group_fast(code_size, bits, d, n, codes.len()) || g == 0 || g > 8 || out.len() < g * n || table.len() < 1 << bits {
         return scalar::group_scores_ref(codes, code_size, bits, table, qs, d, scale, out);
     }
+    if group_phase_ok(8, code_size, bits, d, g, table) {
+        // SAFETY: AVX2+FMA checked by `detect`; shapes checked above.
+        return unsafe { dispatch_bg!(bits, g, group_scores_avx2p, codes, code_size, table, qs, d, scale, out) };
+    }
     // SAFETY: AVX2+FMA checked by `detect`; bounds checked above.
     unsafe { group_scores_avx2(codes, code_size, bits, table, qs, d, scale, out) }
 }
@@ -621,6 +637,10 @@ fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f
     let g = acc.len() / d;
     if !group_fast(code_size, bits, d, n, codes.len()) || g == 0 || w.len() < g * n || table.len() < 1 << bits {
         return scalar::group_values_ref(codes, code_size, bits, table, w, d, acc);
+    }
+    if group_phase_ok(8, code_size, bits, d, g, table) {
+        // SAFETY: AVX2+FMA checked by `detect`; shapes checked above.
+        return unsafe { dispatch_bg!(bits, g, group_values_avx2p, codes, code_size, table, w, d, acc) };
     }
     // SAFETY: AVX2+FMA checked by `detect`; bounds checked above.
     unsafe { group_values_avx2(codes, code_size, bits, table, w, d, acc) }
@@ -683,6 +703,128 @@ unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
             scalar::group_values_ref(codes, code_size, bits, table, &w[8 * n..], d, rest);
         }
     }
+}
+
+/// AVX2 analogue of `unpack_block`: the F phase vectors of the 8 code bytes
+/// at `p` (4 bits: two `vpermps` halves of the 16-entry table and a blend).
+#[inline(always)]
+unsafe fn unpack_block8<const BITS: u32>(p: *const u8, t0: __m256, t1: __m256) -> [__m256; 4] {
+    // SAFETY: the caller guarantees 8 readable bytes at p.
+    unsafe {
+        let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+        let mask = _mm256_set1_epi32((1 << BITS) - 1);
+        let mut v = [_mm256_setzero_ps(); 4];
+        for (r, vr) in v.iter_mut().enumerate().take(per_byte(BITS)) {
+            let f = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set1_epi32(r as i32 * BITS as i32)), mask);
+            *vr = if BITS == 4 {
+                let (lo, hi) = (_mm256_permutevar8x32_ps(t0, f), _mm256_permutevar8x32_ps(t1, f));
+                _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(f, 28)))
+            } else {
+                _mm256_permutevar8x32_ps(t0, f)
+            };
+        }
+        v
+    }
+}
+
+/// The two 8-entry halves of a table of up to 16 entries (zero-padded).
+#[inline(always)]
+unsafe fn table8x2(bits: u32, table: &[f32]) -> (__m256, __m256) {
+    let mut t = [0.0f32; 16];
+    t[..1 << bits].copy_from_slice(&table[..1 << bits]);
+    // SAFETY: 16 floats.
+    unsafe { (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))) }
+}
+
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let packed = code_size - 4;
+    let f = per_byte(BITS);
+    let mut qp = [0.0f32; 8 * 256];
+    phase_permute(BITS, 8, d, G, qs, &mut qp, true);
+    // SAFETY: see the shape check in `group_scores`.
+    unsafe {
+        let (t0, t1) = table8x2(BITS, table);
+        let one = |t: usize, acc: &mut [__m256; G]| {
+            let c = codes.as_ptr().add(t * code_size);
+            for blk in 0..d / (8 * f) {
+                let v = unpack_block8::<BITS>(c.add(8 * blk), t0, t1);
+                for r in 0..f {
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.as_ptr().add(h * d + (blk * f + r) * 8)), v[r], *a);
+                    }
+                }
+            }
+        };
+        let scale_of = |t: usize| (codes.as_ptr().add(t * code_size + packed) as *const f32).read_unaligned() * scale;
+        let n4 = n / 4 * 4;
+        for t in (0..n4).step_by(4) {
+            let mut acc = [[_mm256_setzero_ps(); G]; 4];
+            for (i, a) in acc.iter_mut().enumerate() {
+                one(t + i, a);
+            }
+            let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
+            for h in 0..G {
+                let x = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][h], acc[1][h]), _mm256_hadd_ps(acc[2][h], acc[3][h]));
+                let s4 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
+                _mm_storeu_ps(out.as_mut_ptr().add(h * n + t), _mm_mul_ps(s4, sc));
+            }
+        }
+        for t in n4..n {
+            let mut acc = [_mm256_setzero_ps(); G];
+            one(t, &mut acc);
+            let s = scale_of(t);
+            for (h, a) in acc.iter().enumerate() {
+                let x = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps::<1>(*a));
+                let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+                let x = _mm_add_ss(x, _mm_shuffle_ps::<1>(x, x));
+                *out.get_unchecked_mut(h * n + t) = _mm_cvtss_f32(x) * s;
+            }
+        }
+    }
+}
+
+#[allow(clippy::needless_range_loop)] // phase r indexes F accumulator sets
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let f = per_byte(BITS);
+    let mut ap = [0.0f32; 8 * 256];
+    phase_permute(BITS, 8, d, G, acc, &mut ap, true);
+    // SAFETY: see the shape check in `group_values`.
+    unsafe {
+        let (t0, t1) = table8x2(BITS, table);
+        let mut ws = [0.0f32; 8 * VBLOCK];
+        for b0 in (0..n).step_by(VBLOCK) {
+            let m = VBLOCK.min(n - b0);
+            scaled_weights(codes, code_size, w, n, G, b0, m, &mut ws);
+            for blk in 0..d / (8 * f) {
+                let mut a = [[_mm256_setzero_ps(); G]; 4];
+                for r in 0..f {
+                    for (h, ah) in a[r].iter_mut().enumerate() {
+                        *ah = _mm256_loadu_ps(ap.as_ptr().add(h * d + (blk * f + r) * 8));
+                    }
+                }
+                for i in 0..m {
+                    let v = unpack_block8::<BITS>(codes.as_ptr().add((b0 + i) * code_size + 8 * blk), t0, t1);
+                    for h in 0..G {
+                        let wb = _mm256_set1_ps(*ws.get_unchecked(h * VBLOCK + i));
+                        for r in 0..f {
+                            a[r][h] = _mm256_fmadd_ps(wb, v[r], a[r][h]);
+                        }
+                    }
+                }
+                for r in 0..f {
+                    for (h, ah) in a[r].iter().enumerate() {
+                        _mm256_storeu_ps(ap.as_mut_ptr().add(h * d + (blk * f + r) * 8), *ah);
+                    }
+                }
+            }
+        }
+    }
+    phase_permute(BITS, 8, d, G, &ap, acc, false);
 }
 
 /// The first 8 entries of a table with fewer than 8 (padded with zeros).
@@ -778,11 +920,41 @@ const fn per_byte(bits: u32) -> usize {
     (8 / bits) as usize
 }
 
-/// Coordinate of lane `i` of phase vector `k` (in order `k = block·F + r`).
+/// Coordinate of lane `i` of phase vector `k` (in order `k = block·F + r`)
+/// for blocks of `lanes` bytes.
 #[inline]
-fn phase_coord(bits: u32, k: usize, i: usize) -> usize {
+fn phase_coord(bits: u32, lanes: usize, k: usize, i: usize) -> usize {
     let f = per_byte(bits);
-    16 * f * (k / f) + f * i + k % f
+    lanes * f * (k / f) + f * i + k % f
+}
+
+/// `x` (G rows of `d`) permuted into phase order (`to_phase`) or back.
+#[inline]
+fn phase_permute(bits: u32, lanes: usize, d: usize, g: usize, x: &[f32], y: &mut [f32], to_phase: bool) {
+    for h in 0..g {
+        for k in 0..d / lanes {
+            for i in 0..lanes {
+                let (p, c) = (h * d + k * lanes + i, h * d + phase_coord(bits, lanes, k, i));
+                if to_phase {
+                    y[p] = x[c];
+                } else {
+                    y[c] = x[p];
+                }
+            }
+        }
+    }
+}
+
+/// Shapes the phase kernels take: 2 or 4 bits, whole blocks of `lanes` code
+/// bytes, every code its packed bytes then an f32 scale, 1..=8 heads of at
+/// most 256 coordinates.
+fn group_phase_ok(lanes: usize, code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
+    (bits == 4 || bits == 2)
+        && d % (lanes * per_byte(bits)) == 0
+        && d <= 256
+        && code_size >= d * bits as usize / 8 + 4
+        && (1..=8).contains(&g)
+        && table.len() >= 1 << bits
 }
 
 /// The F phase vectors of the 16 code bytes at `p`, decoded through `table`.
@@ -809,28 +981,12 @@ unsafe fn table16(bits: u32, table: &[f32]) -> __m512 {
     unsafe { _mm512_loadu_ps(t.as_ptr()) }
 }
 
-/// 2 or 4 bits, whole 16-byte blocks per code, at most 8 heads of at most 256 coordinates.
-fn group_fast512(code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
-    (bits == 4 || bits == 2) && d % (16 * per_byte(bits)) == 0 && d <= 256 && code_size >= d * bits as usize / 8 + 4 && (1..=8).contains(&g) && table.len() >= 1 << bits
-}
-
-/// Expands `f!(BITS, G)` for the runtime (bits, g) of a call (bits 2/4, g 1..=8).
-macro_rules! dispatch_bg {
-    ($bits:expr, $g:expr, $f:ident, $($arg:expr),*) => {
-        match ($bits, $g) {
-            (4, 1) => $f::<4, 1>($($arg),*), (4, 2) => $f::<4, 2>($($arg),*), (4, 3) => $f::<4, 3>($($arg),*), (4, 4) => $f::<4, 4>($($arg),*),
-            (4, 5) => $f::<4, 5>($($arg),*), (4, 6) => $f::<4, 6>($($arg),*), (4, 7) => $f::<4, 7>($($arg),*), (4, 8) => $f::<4, 8>($($arg),*),
-            (2, 1) => $f::<2, 1>($($arg),*), (2, 2) => $f::<2, 2>($($arg),*), (2, 3) => $f::<2, 3>($($arg),*), (2, 4) => $f::<2, 4>($($arg),*),
-            (2, 5) => $f::<2, 5>($($arg),*), (2, 6) => $f::<2, 6>($($arg),*), (2, 7) => $f::<2, 7>($($arg),*), _ => $f::<2, 8>($($arg),*),
-        }
-    };
-}
 
 #[allow(clippy::too_many_arguments)]
 fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = qs.len() / d;
-    if !group_fast512(code_size, bits, d, g, table) || out.len() < g * n {
+    if !group_phase_ok(16, code_size, bits, d, g, table) || out.len() < g * n {
         return group_scores(codes, code_size, bits, table, qs, d, scale, out);
     }
     // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above
@@ -846,13 +1002,7 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
     let f = per_byte(BITS);
     // the queries in phase order
     let mut qp = [0.0f32; 8 * 256];
-    for h in 0..G {
-        for k in 0..d / 16 {
-            for i in 0..16 {
-                qp[h * d + k * 16 + i] = qs[h * d + phase_coord(BITS, k, i)];
-            }
-        }
-    }
+    phase_permute(BITS, 16, d, G, qs, &mut qp, true);
     // SAFETY: see the shape check in `group_scores_512`.
     unsafe {
         let tab = table16(BITS, table);
@@ -900,7 +1050,7 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
 fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
-    if !group_fast512(code_size, bits, d, g, table) || w.len() < g * n {
+    if !group_phase_ok(16, code_size, bits, d, g, table) || w.len() < g * n {
         return group_values(codes, code_size, bits, table, w, d, acc);
     }
     // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above.
@@ -914,13 +1064,7 @@ unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
     let f = per_byte(BITS);
     // the sums in phase order
     let mut ap = [0.0f32; 8 * 256];
-    for h in 0..G {
-        for k in 0..d / 16 {
-            for i in 0..16 {
-                ap[h * d + k * 16 + i] = acc[h * d + phase_coord(BITS, k, i)];
-            }
-        }
-    }
+    phase_permute(BITS, 16, d, G, acc, &mut ap, true);
     // SAFETY: see the shape check in `group_values_512`.
     unsafe {
         let tab = table16(BITS, table);
@@ -953,13 +1097,7 @@ unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
             }
         }
     }
-    for h in 0..G {
-        for k in 0..d / 16 {
-            for i in 0..16 {
-                acc[h * d + phase_coord(BITS, k, i)] = ap[h * d + k * 16 + i];
-            }
-        }
-    }
+    phase_permute(BITS, 16, d, G, &ap, acc, false);
 }
 
 // ---------------------------------------------------------------------------
