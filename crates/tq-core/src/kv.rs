@@ -6,7 +6,8 @@
 //! `nvfp4`, `tq-mse-B`, `tq-mse-B-nc`, `tq-prod-B`, `tq-mse-2.5`, `tq-mse-3.5`,
 //! and the asymmetric `kBvC` (TurboQuant `tq-mse` keys at B bits, values at C).
 //! Bytes per token are exact: every code's norms and scales are counted (KIVI's
-//! per-group scales are amortized over its group of 32 tokens).
+//! per-group scales are amortized over its group of 32 tokens). The cache keeps
+//! the scale of codebook codes (TurboQuant MSE) as a bf16, see [`kv_code_size`].
 
 use crate::error::{Result, TqError};
 use crate::registry::lookup;
@@ -30,17 +31,32 @@ impl Store {
             Store::F16 => 2.0 * head_dim as f64,
             Store::Codec(name) => {
                 let e = lookup(name)?;
-                if dim_ok(e, head_dim) {
-                    e.code_size(head_dim) as f64
-                } else {
+                if !dim_ok(e, head_dim) {
                     return Err(TqError::BadDim(head_dim, e.min_dim()));
                 }
+                kv_code_size(crate::build(name, head_dim, 0, crate::RotationKind::Hadamard)?.as_ref()) as f64
             }
             Store::Kivi(bits) => {
                 let g = crate::baselines::kivi::DEFAULT_GROUP as f64;
                 head_dim as f64 * (*bits as f64 + 32.0 / g) / 8.0
             }
         })
+    }
+}
+
+/// Bytes of the scale a KV cache stores with each codebook code (a bf16).
+pub const KV_SCALE_BYTES: usize = 2;
+
+/// Bytes a KV cache stores per vector coded by `codec`: codebook codecs
+/// (TurboQuant MSE, whose codes are a scale times centroids; see
+/// `Codec::codebook_view`) keep their packed indices and the scale as a bf16
+/// (relative error ≤ 2^-9, far below the quantization error; 16 bits per
+/// vector saved, 0.25 bits per value at head_dim 64); other codecs keep their
+/// whole code.
+pub fn kv_code_size(codec: &dyn crate::Codec) -> usize {
+    match codec.codebook_view() {
+        Some(v) => v.packed + KV_SCALE_BYTES,
+        None => codec.code_size(),
     }
 }
 

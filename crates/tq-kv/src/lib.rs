@@ -141,6 +141,17 @@ enum SideRef<'a> {
     Codec(&'a dyn Codec),
 }
 
+impl<'a> SideRef<'a> {
+    /// The codebook view of a codebook codec (its codes are stored as
+    /// `[packed][bf16 scale]` and attended through the group kernels).
+    fn codebook_view(&self) -> Option<tq_core::codec::CodebookView<'a>> {
+        match self {
+            SideRef::Codec(c) => c.codebook_view(),
+            SideRef::F16 => None,
+        }
+    }
+}
+
 impl Side {
     fn new(store: &Store, head_dim: usize, seed: u64, streams: usize) -> Result<Self> {
         match store {
@@ -151,7 +162,7 @@ impl Side {
                     if !c.name().starts_with("tq-mse-") {
                         return Err(TqError::BadParams(format!("{name} learns its codebooks from data and cannot encode online")));
                     }
-                    return Ok(Side::PerStream { name: name.clone(), seed, dim: head_dim, code_size: c.code_size(), codecs: (0..streams).map(|_| None).collect() });
+                    return Ok(Side::PerStream { name: name.clone(), seed, dim: head_dim, code_size: tq_core::kv::kv_code_size(c.as_ref()), codecs: (0..streams).map(|_| None).collect() });
                 }
                 Ok(Side::Codec(c))
             }
@@ -162,7 +173,7 @@ impl Side {
     fn size(&self, d: usize) -> usize {
         match self {
             Side::F16 => 2 * d,
-            Side::Codec(c) => c.code_size(),
+            Side::Codec(c) => tq_core::kv::kv_code_size(c.as_ref()),
             Side::PerStream { code_size, .. } => *code_size,
         }
     }
@@ -190,6 +201,13 @@ impl Side {
                 let n = out.len();
                 out.resize(n + c.code_size(), 0);
                 c.encode_unchecked(x, &mut out[n..]);
+                if let Some(v) = c.codebook_view() {
+                    // [packed][f32 scale] -> [packed][bf16 scale] (`tq_core::kv::kv_code_size`)
+                    let p = n + v.packed;
+                    let s = f32::from_le_bytes([out[p], out[p + 1], out[p + 2], out[p + 3]]);
+                    out.truncate(p);
+                    out.extend_from_slice(&half::bf16::from_f32(s).to_bits().to_le_bytes());
+                }
             }
             None => unreachable!("encode before training"),
         }
@@ -343,18 +361,16 @@ impl CodecCache {
             return exact_group(&self.pending_k[i], &self.pending_v[i], qs, group, len, d, out);
         }
         let (Some(keys), Some(values)) = (self.keys.get(i), self.values.get(i)) else { unreachable!("trained above") };
-        let views = match (&keys, &values) {
-            (SideRef::Codec(kc), SideRef::Codec(vc)) => kc.codebook_view().zip(vc.codebook_view()),
-            _ => None,
-        };
+        // codebook codes (stored as [packed][bf16 scale]) go through the group kernels
+        let (kview, vview) = (keys.codebook_view(), values.codebook_view());
         with_scratch(group * len, group * d, |p, qr| {
             // ---- scores ----
-            match (&keys, views) {
-                (SideRef::Codec(kc), Some((kv, _))) => {
+            match (&keys, kview) {
+                (SideRef::Codec(kc), Some(kv)) => {
                     for (r, q) in qr.chunks_exact_mut(d).zip(qs.chunks_exact(d)) {
                         r.copy_from_slice(kc.prepare_unchecked(q).rotated());
                     }
-                    let kcs = kv.packed + 4;
+                    let kcs = kv.packed + tq_core::kv::KV_SCALE_BYTES;
                     (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
                 }
                 (SideRef::Codec(kc), None) => {
@@ -390,9 +406,9 @@ impl CodecCache {
             let wwin: Vec<f32> = windowed.iter().flat_map(|&t| (0..group).map(move |g| (g, t))).map(|(g, t)| std::mem::replace(&mut p[g * len + t], 0.0)).collect();
             // ---- values ----
             out.iter_mut().for_each(|o| *o = 0.0);
-            match (&values, views) {
-                (SideRef::Codec(vc), Some((_, vv))) => {
-                    let vcs = vv.packed + 4;
+            match (&values, vview) {
+                (SideRef::Codec(vc), Some(vv)) => {
+                    let vcs = vv.packed + tq_core::kv::KV_SCALE_BYTES;
                     (k.group_values)(&self.v[i][..len * vcs], vcs, vv.bits, vv.table, p, d, out);
                     out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
                 }

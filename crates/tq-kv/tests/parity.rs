@@ -10,18 +10,26 @@ fn randv(r: &mut Xoshiro256, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.gaussian() as f32).collect()
 }
 
+/// Encode then decode as the cache stores codes: codebook codes keep their
+/// scale as a bf16 (`tq_core::kv::kv_code_size`), so the reference rounds it too.
+fn cache_roundtrip(c: &dyn Codec, x: &[f32]) -> Vec<f32> {
+    let mut code = vec![0u8; c.code_size()];
+    c.encode(x, &mut code).unwrap();
+    if let Some(v) = c.codebook_view() {
+        let p = v.packed;
+        let s = f32::from_le_bytes([code[p], code[p + 1], code[p + 2], code[p + 3]]);
+        code[p..p + 4].copy_from_slice(&half::bf16::from_f32(s).to_f32().to_le_bytes());
+    }
+    let mut y = vec![0.0f32; x.len()];
+    c.decode(&code, &mut y).unwrap();
+    y
+}
+
 /// Reference: decode every key and value, then exact softmax attention in f64.
 fn reference(kc: &dyn Codec, vc: &dyn Codec, ks: &[Vec<f32>], vs: &[Vec<f32>], q: &[f32]) -> Vec<f64> {
     let d = q.len();
-    let dec = |c: &dyn Codec, x: &[f32]| {
-        let mut code = vec![0u8; c.code_size()];
-        c.encode(x, &mut code).unwrap();
-        let mut y = vec![0.0f32; d];
-        c.decode(&code, &mut y).unwrap();
-        y
-    };
-    let kd: Vec<Vec<f32>> = ks.iter().map(|k| dec(kc, k)).collect();
-    let vd: Vec<Vec<f32>> = vs.iter().map(|v| dec(vc, v)).collect();
+    let kd: Vec<Vec<f32>> = ks.iter().map(|k| cache_roundtrip(kc, k)).collect();
+    let vd: Vec<Vec<f32>> = vs.iter().map(|v| cache_roundtrip(vc, v)).collect();
     let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
@@ -82,7 +90,10 @@ fn attention_on_codes_matches_dequantize_then_attend() {
                     }
                 }
             }
-            assert_eq!(cache.bytes(), n * (kc.code_size() + vc.code_size()));
+            assert_eq!(cache.bytes(), n * (tq_core::kv::kv_code_size(kc.as_ref()) + tq_core::kv::kv_code_size(vc.as_ref())));
+            // the accounting of the precision string is the cache's own
+            let per_token = tq_core::kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap();
+            assert_eq!(cache.bytes() as f64, n as f64 * per_token, "{spec}");
         }
     }
 }
@@ -128,11 +139,7 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
             match store {
                 tq_core::kv::Store::Codec(name) => {
                     let c = trained(name, seed, if seed == 0 { &centered } else { &vs });
-                    let mut code = vec![0u8; c.code_size()];
-                    c.encode(x, &mut code).unwrap();
-                    let mut y = vec![0.0f32; d];
-                    c.decode(&code, &mut y).unwrap();
-                    y
+                    cache_roundtrip(c.as_ref(), x)
                 }
                 _ => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
             }

@@ -139,29 +139,47 @@ pub fn lookup_codes_ref(packed: &[u8], bits: u32, table: &[f32], out: &mut [f32]
     }
 }
 
-/// Scores of a GQA group against `n` codebook codes (`[packed][f32 scale]`,
-/// `code_size` bytes each): `out[g·n + t] = scale · s_t · Σ_j qs[g·d + j] · table[idx_tj]`.
+/// Bytes of the packed indices of a group-kernel code (`d` fields of `bits`).
+pub fn packed_bytes(d: usize, bits: u32) -> usize {
+    (d * bits as usize).div_ceil(8)
+}
+
+/// The scale of a group-kernel code `c = [packed indices][scale]`: a
+/// little-endian f32 when 4 bytes follow the indices, a bf16 (the upper half
+/// of an f32) when 2.
+#[inline(always)]
+pub fn code_scale(c: &[u8], packed: usize) -> f32 {
+    match c.len() - packed {
+        2 => f32::from_bits((u16::from_le_bytes([c[packed], c[packed + 1]]) as u32) << 16),
+        4 => f32::from_le_bytes([c[packed], c[packed + 1], c[packed + 2], c[packed + 3]]),
+        n => panic!("a group-kernel code ends with a 2- or 4-byte scale, not {n} bytes"),
+    }
+}
+
+/// Scores of a GQA group against `n` codebook codes (`[packed][scale]`, see
+/// [`code_scale`]; `code_size` bytes each): `out[g·n + t] = scale · s_t · Σ_j
+/// qs[g·d + j] · table[idx_tj]`.
 #[allow(clippy::too_many_arguments)]
 pub fn group_scores_ref(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
-    let packed = code_size - 4;
+    let packed = packed_bytes(d, bits);
     let n = codes.len() / code_size;
     let g = qs.len() / d;
     for (t, c) in codes.chunks_exact(code_size).enumerate() {
-        let s = f32::from_le_bytes([c[packed], c[packed + 1], c[packed + 2], c[packed + 3]]) * scale;
+        let s = code_scale(c, packed) * scale;
         for h in 0..g {
             out[h * n + t] = dot_codes_ref(&qs[h * d..(h + 1) * d], &c[..packed], bits, table) * s;
         }
     }
 }
 
-/// Value sums of a GQA group over `n` codebook codes (`[packed][f32 scale]`):
+/// Value sums of a GQA group over `n` codebook codes (`[packed][scale]`):
 /// `acc[g·d + j] += Σ_t (w[g·n + t] · s_t) · table[idx_tj]`.
 pub fn group_values_ref(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
-    let packed = code_size - 4;
+    let packed = packed_bytes(d, bits);
     let n = codes.len() / code_size;
     let g = acc.len() / d;
     for (t, c) in codes.chunks_exact(code_size).enumerate() {
-        let s = f32::from_le_bytes([c[packed], c[packed + 1], c[packed + 2], c[packed + 3]]);
+        let s = code_scale(c, packed);
         for h in 0..g {
             axpy_codes_ref(&c[..packed], bits, table, w[h * n + t] * s, &mut acc[h * d..(h + 1) * d]);
         }

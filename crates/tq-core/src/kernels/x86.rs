@@ -572,20 +572,39 @@ impl Unpack {
         }
     }
 
-    /// The 8 values of fields `8k .. 8k+8` (`p` points at byte `k·bits`, 8 readable bytes; bits <= 4).
+    /// The 8 values of fields `8k .. 8k+8` (`p` points at byte `k·bits`, 4
+    /// readable bytes; bits <= 4, so the group lies in those 4 bytes).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn get(&self, p: *const u8) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable bytes at p; bits <= 4 needs no table pointer.
-        unsafe { self.vals((p as *const u64).read_unaligned(), &[]) }
+        // SAFETY: the caller guarantees 4 readable bytes at p; bits <= 4 needs no table pointer.
+        unsafe { self.vals((p as *const u32).read_unaligned() as u64, &[]) }
     }
 }
 
-/// Fast paths need whole 8-field groups, at most 4 bits, and 8 readable bytes
-/// past every group start (true when the code ends with its 4-byte scale and
-/// `codes` has 4 more bytes after the last group... checked per call).
+/// The scale of the code whose indices end at `p` (`sb` = 2: bf16, 4: f32;
+/// see `scalar::code_scale`).
+///
+/// # Safety
+/// `sb` readable bytes at `p`.
+#[inline(always)]
+unsafe fn scale_at(p: *const u8, sb: usize) -> f32 {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if sb == 2 {
+            f32::from_bits(((p as *const u16).read_unaligned() as u32) << 16)
+        } else {
+            (p as *const f32).read_unaligned()
+        }
+    }
+}
+
+/// Fast paths need whole 8-field groups, at most 4 bits, a 2- or 4-byte scale
+/// after the packed indices, and 4 readable bytes at every group start (the
+/// group's `bits` bytes, read as one u32; the scale covers the overhang).
 fn group_fast(code_size: usize, bits: u32, d: usize, n: usize, codes_len: usize) -> bool {
-    bits <= 4 && d % 8 == 0 && n > 0 && (n - 1) * code_size + (d / 8 - 1) * bits as usize + 8 <= codes_len
+    let packed = scalar::packed_bytes(d, bits);
+    bits <= 4 && d % 8 == 0 && n > 0 && matches!(code_size.checked_sub(packed), Some(2 | 4)) && (n - 1) * code_size + (d / 8 - 1) * bits as usize + 4 <= codes_len
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -608,7 +627,8 @@ fn group_scores(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[
 unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = qs.len() / d;
-    let packed = code_size - 4;
+    let packed = scalar::packed_bytes(d, bits);
+    let sb = code_size - packed;
     // SAFETY: see the bounds check in `group_scores`.
     unsafe {
         let u = Unpack::new(bits, table);
@@ -621,7 +641,7 @@ unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
                     *a = _mm256_fmadd_ps(_mm256_loadu_ps(qs.as_ptr().add(h * d + k * 8)), v, *a);
                 }
             }
-            let s = (c.add(packed) as *const f32).read_unaligned() * scale;
+            let s = scale_at(c.add(packed), sb) * scale;
             for (h, a) in acc.iter().enumerate().take(g) {
                 let x = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
                 let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
@@ -654,14 +674,14 @@ const VBLOCK: usize = 128;
 /// (the same product the scalar reference forms).
 ///
 /// # Safety
-/// `codes` holds tokens `t0..t0+m` (`code_size` bytes each, scale in the last 4).
+/// `codes` holds tokens `t0..t0+m` (`code_size` bytes each: `packed` index
+/// bytes, then a 2- or 4-byte scale).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scaled_weights(codes: &[u8], code_size: usize, w: &[f32], n: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
-    let packed = code_size - 4;
+unsafe fn scaled_weights(codes: &[u8], code_size: usize, packed: usize, w: &[f32], n: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
     for i in 0..m {
         // SAFETY: the caller's contract.
-        let s = unsafe { (codes.as_ptr().add((t0 + i) * code_size + packed) as *const f32).read_unaligned() };
+        let s = unsafe { scale_at(codes.as_ptr().add((t0 + i) * code_size + packed), code_size - packed) };
         for h in 0..g {
             ws[h * VBLOCK + i] = w[h * n + t0 + i] * s;
         }
@@ -679,7 +699,7 @@ unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(codes, code_size, w, n, gv, t0, m, &mut ws);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, n, gv, t0, m, &mut ws);
             // coordinate groups outer: the group's accumulators stay in registers over the block
             for k in 0..d / 8 {
                 let mut a = [_mm256_setzero_ps(); 8];
@@ -740,7 +760,8 @@ unsafe fn table8x2(bits: u32, table: &[f32]) -> (__m256, __m256) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
-    let packed = code_size - 4;
+    let packed = scalar::packed_bytes(d, BITS);
+    let sb = code_size - packed;
     let f = per_byte(BITS);
     let mut qp = [0.0f32; 8 * 256];
     phase_permute(BITS, 8, d, G, qs, &mut qp, true);
@@ -758,7 +779,7 @@ unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code
                 }
             }
         };
-        let scale_of = |t: usize| (codes.as_ptr().add(t * code_size + packed) as *const f32).read_unaligned() * scale;
+        let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
         let n4 = n / 4 * 4;
         for t in (0..n4).step_by(4) {
             let mut acc = [[_mm256_setzero_ps(); G]; 4];
@@ -799,7 +820,7 @@ unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code
         let mut ws = [0.0f32; 8 * VBLOCK];
         for b0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - b0);
-            scaled_weights(codes, code_size, w, n, G, b0, m, &mut ws);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, n, G, b0, m, &mut ws);
             for blk in 0..d / (8 * f) {
                 let mut a = [[_mm256_setzero_ps(); G]; 4];
                 for r in 0..f {
@@ -952,7 +973,7 @@ fn group_phase_ok(lanes: usize, code_size: usize, bits: u32, d: usize, g: usize,
     (bits == 4 || bits == 2)
         && d % (lanes * per_byte(bits)) == 0
         && d <= 256
-        && code_size >= d * bits as usize / 8 + 4
+        && matches!(code_size.checked_sub(scalar::packed_bytes(d, bits)), Some(2 | 4))
         && (1..=8).contains(&g)
         && table.len() >= 1 << bits
 }
@@ -998,7 +1019,8 @@ fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
-    let packed = code_size - 4;
+    let packed = scalar::packed_bytes(d, BITS);
+    let sb = code_size - packed;
     let f = per_byte(BITS);
     // the queries in phase order
     let mut qp = [0.0f32; 8 * 256];
@@ -1017,7 +1039,7 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
                 }
             }
         };
-        let scale_of = |t: usize| (codes.as_ptr().add(t * code_size + packed) as *const f32).read_unaligned() * scale;
+        let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
         // four tokens at a time: one transpose-add tree gives their four sums per head
         let n4 = n / 4 * 4;
         for t in (0..n4).step_by(4) {
@@ -1071,7 +1093,7 @@ unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(codes, code_size, w, n, G, t0, m, &mut ws);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, n, G, t0, m, &mut ws);
             // one 16-byte block of every token at a time: its F·G sums stay in registers
             for blk in 0..d / (16 * f) {
                 let mut a = [[_mm512_setzero_ps(); G]; 4];

@@ -126,14 +126,19 @@ fn group_attention_kernels_match_scalar() {
     let mut rng = Xoshiro256::new(8);
     for bits in 1..=8u32 {
         let table = randv(&mut rng, 1 << bits);
-        for (d, g, n) in [(64usize, 3usize, 50usize), (128, 4, 9), (64, 1, 1), (16, 9, 5), (24, 2, 3), (64, 8, 7), (256, 5, 300), (32, 2, 129)] {
+        // codes end with an f32 scale (4 bytes) or a bf16 one (2 bytes)
+        for ((d, g, n), sb) in [(64usize, 3usize, 50usize), (128, 4, 9), (64, 1, 1), (16, 9, 5), (24, 2, 3), (64, 8, 7), (256, 5, 300), (32, 2, 129)]
+            .into_iter()
+            .flat_map(|c| [(c, 4usize), (c, 2)])
+        {
             let packed = packed_len(d, bits);
-            let cs = packed + 4;
+            let cs = packed + sb;
             let mut codes = vec![0u8; n * cs];
             for c in codes.chunks_exact_mut(cs) {
                 let idx: Vec<u8> = (0..d).map(|_| rng.below(1 << bits) as u8).collect();
                 pack(&idx, bits, &mut c[..packed]);
-                c[packed..].copy_from_slice(&(0.5 + rng.next_f64() as f32).to_le_bytes());
+                let s = (0.5 + rng.next_f64() as f32).to_le_bytes();
+                c[packed..].copy_from_slice(&s[4 - sb..]);
             }
             let qs = randv(&mut rng, g * d);
             let w = randv(&mut rng, g * n);
@@ -146,12 +151,12 @@ fn group_attention_kernels_match_scalar() {
                 let mut got = vec![f32::NAN; g * n];
                 (k.group_scores)(&codes, cs, bits, &table, &qs, d, 0.3, &mut got);
                 for (a, b) in got.iter().zip(&want_s) {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * d as f32, "{} scores bits={bits} d={d} g={g}: {a} vs {b}", k.name);
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * d as f32, "{} scores bits={bits} d={d} g={g} scale bytes {sb}: {a} vs {b}", k.name);
                 }
                 let mut acc = start.clone();
                 (k.group_values)(&codes, cs, bits, &table, &w, d, &mut acc);
                 for (a, b) in acc.iter().zip(&want_v) {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * n as f32, "{} values bits={bits} d={d} g={g}: {a} vs {b}", k.name);
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * n as f32, "{} values bits={bits} d={d} g={g} scale bytes {sb}: {a} vs {b}", k.name);
                 }
             }
         }

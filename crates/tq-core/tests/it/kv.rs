@@ -7,12 +7,15 @@ fn kv_bytes_per_token_are_exact() {
     let f16 = KvSpec::parse("f16").unwrap();
     assert_eq!(f16.bytes_per_token_per_layer(3, 64).unwrap() * 30.0, 23_040.0);
     let t4 = KvSpec::parse("tq-mse-4").unwrap();
-    assert_eq!(t4.bytes_per_token_per_layer(3, 64).unwrap(), 3.0 * 2.0 * 36.0); // 32 B of indices + f32 norm
-    assert_eq!(t4.bits_per_value(64).unwrap(), 4.5);
-    assert_eq!(t4.bits_per_value(128).unwrap(), 4.25);
+    assert_eq!(t4.bytes_per_token_per_layer(3, 64).unwrap(), 3.0 * 2.0 * 34.0); // 32 B of indices + bf16 norm
+    assert_eq!(t4.bits_per_value(64).unwrap(), 4.25);
+    assert_eq!(t4.bits_per_value(128).unwrap(), 4.125);
+    assert_eq!(KvSpec::parse("tq-mse-4-nc").unwrap().bits_per_value(64).unwrap(), 4.25);
     let k4v3 = KvSpec::parse("k4v3").unwrap();
     assert_eq!((k4v3.keys.clone(), k4v3.values.clone()), (Store::Codec("tq-mse-4".into()), Store::Codec("tq-mse-3".into())));
-    assert_eq!(k4v3.bits_per_value(128).unwrap(), (68.0 + 52.0) * 8.0 / 256.0);
+    assert_eq!(k4v3.bits_per_value(128).unwrap(), (66.0 + 50.0) * 8.0 / 256.0);
+    // tq-prod keeps its whole code (f32 norms and the QJL part)
+    assert_eq!(KvSpec::parse("tq-prod-3").unwrap().keys.bytes_per_vector(128).unwrap(), tq_core::build("tq-prod-3", 128, 0, tq_core::RotationKind::Hadamard).unwrap().code_size() as f64);
     assert_eq!(KvSpec::parse("q4_0-rot").unwrap().bits_per_value(128).unwrap(), 4.5);
     assert_eq!(KvSpec::parse("q8_0").unwrap().bits_per_value(128).unwrap(), 8.5);
     assert_eq!(KvSpec::parse("kivi-2").unwrap().bits_per_value(128).unwrap(), 3.0);
