@@ -29,6 +29,30 @@ pub trait KvCache {
             self.attend(layer, head, q, len, o);
         }
     }
+    /// True when attention over the first `len` tokens of `layer`'s streams no
+    /// longer depends on tokens appended after them (no recent f32 window, no
+    /// stream still collecting training tokens, no group still open): a model
+    /// may then append a whole batch and attend its positions in any order,
+    /// with the results of one-token-at-a-time appends.
+    fn prefix_stable(&self, _layer: usize) -> bool {
+        false
+    }
+    /// Attention of positions `start .. start + n` of `layer` after their
+    /// tokens were appended (only when [`prefix_stable`](Self::prefix_stable) for `layer`):
+    /// `qs` and `out` hold `n` rows of `kv_heads · group` query heads of `d`.
+    /// Default: one `attend_group` after another; caches override it to run
+    /// positions in parallel (each output depends only on its own inputs, so
+    /// the results do not depend on the thread count).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_positions(&self, layer: usize, qs: &[f32], kv_heads: usize, group: usize, d: usize, start: usize, out: &mut [f32]) {
+        let qd = kv_heads * group * d;
+        for (i, (q, o)) in qs.chunks_exact(qd).zip(out.chunks_exact_mut(qd)).enumerate() {
+            for kh in 0..kv_heads {
+                let r = kh * group * d..(kh + 1) * group * d;
+                self.attend_group(layer, kh, &q[r.clone()], group, start + i + 1, &mut o[r]);
+            }
+        }
+    }
     fn len(&self, layer: usize, head: usize) -> usize;
     fn is_empty(&self) -> bool {
         self.len(0, 0) == 0
@@ -73,6 +97,19 @@ fn with_scratch<R>(a: usize, b: usize, f: impl FnOnce(&mut [f32], &mut [f32]) ->
     })
 }
 
+/// `attend_positions` in parallel over positions (rayon): `attend(kh, q, len, out)`.
+#[allow(clippy::too_many_arguments)]
+fn par_positions(qs: &[f32], kv_heads: usize, group: usize, d: usize, start: usize, out: &mut [f32], attend: impl Fn(usize, &[f32], usize, &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    let qd = kv_heads * group * d;
+    out.par_chunks_exact_mut(qd).zip(qs.par_chunks_exact(qd)).enumerate().for_each(|(i, (o, q))| {
+        for kh in 0..kv_heads {
+            let r = kh * group * d..(kh + 1) * group * d;
+            attend(kh, &q[r.clone()], start + i + 1, &mut o[r]);
+        }
+    });
+}
+
 /// The reference cache: f32 keys and values.
 pub struct F32Cache {
     shape: Shape,
@@ -112,6 +149,12 @@ impl KvCache for F32Cache {
     fn attend_group(&self, layer: usize, head: usize, qs: &[f32], group: usize, len: usize, out: &mut [f32]) {
         let i = layer * self.shape.kv_heads + head;
         exact_group(&self.k[i], &self.v[i], qs, group, len, self.shape.head_dim, out);
+    }
+    fn prefix_stable(&self, _layer: usize) -> bool {
+        true
+    }
+    fn attend_positions(&self, layer: usize, qs: &[f32], kv_heads: usize, group: usize, d: usize, start: usize, out: &mut [f32]) {
+        par_positions(qs, kv_heads, group, d, start, out, |kh, q, len, o| self.attend_group(layer, kh, q, group, len, o));
     }
     fn len(&self, layer: usize, head: usize) -> usize {
         self.k[layer * self.shape.kv_heads + head].len() / self.shape.head_dim
@@ -491,6 +534,15 @@ impl KvCache for CodecCache {
         self.attend_core(layer * self.shape.kv_heads + head, qs, group, len, out);
     }
 
+    /// Codes never change once written; only the recent window and the
+    /// training phase depend on what comes later.
+    fn prefix_stable(&self, layer: usize) -> bool {
+        let h = self.shape.kv_heads;
+        self.recent == 0 && (layer * h..(layer + 1) * h).all(|i| !self.collecting(i))
+    }
+    fn attend_positions(&self, layer: usize, qs: &[f32], kv_heads: usize, group: usize, d: usize, start: usize, out: &mut [f32]) {
+        par_positions(qs, kv_heads, group, d, start, out, |kh, q, len, o| self.attend_core(layer * kv_heads + kh, q, group, len, o));
+    }
     fn len(&self, layer: usize, head: usize) -> usize {
         self.len[layer * self.shape.kv_heads + head]
     }

@@ -316,3 +316,56 @@ fn f16_and_f32_caches_and_bad_specs() {
     assert!(cache_for(shape, "kivi-9", 0).is_err(), "KIVI takes 1..8 bits");
     assert!(cache_for(shape, "pq-4", 0).is_err());
 }
+
+/// A batch appended first and attended position by position in parallel
+/// (`attend_positions`, when `prefix_stable`) gives the bits of appending and
+/// attending one token at a time; caches whose state depends on later tokens
+/// say so.
+#[test]
+fn batched_positions_equal_one_token_at_a_time() {
+    let mut r = Xoshiro256::new(9);
+    let (d, group, n) = (64usize, 3usize, 70usize);
+    let shape = Shape { layers: 2, kv_heads: 2, head_dim: d };
+    let ks: Vec<f32> = randv(&mut r, n * 2 * d);
+    let vs: Vec<f32> = randv(&mut r, n * 2 * d);
+    let qs: Vec<f32> = randv(&mut r, n * 2 * group * d);
+    let qd = 2 * group * d;
+    for (spec, o) in [
+        ("f32", tq_kv::CacheOptions::default()),
+        ("tq-mse-4", Default::default()),
+        ("k4v3", tq_kv::CacheOptions { sink: 3, ..Default::default() }),
+        ("q4_0-rot", Default::default()),
+    ] {
+        let mut one = tq_kv::cache_with(shape, spec, 0, &o).unwrap();
+        let mut want = vec![0.0f32; n * qd];
+        for i in 0..n {
+            for kh in 0..2 {
+                one.append(1, kh, &ks[(i * 2 + kh) * d..(i * 2 + kh + 1) * d], &vs[(i * 2 + kh) * d..(i * 2 + kh + 1) * d]);
+            }
+            for kh in 0..2 {
+                let rg = i * qd + kh * group * d..i * qd + (kh + 1) * group * d;
+                one.attend_group(1, kh, &qs[rg.clone()], group, i + 1, &mut want[rg]);
+            }
+        }
+        let mut batch = tq_kv::cache_with(shape, spec, 0, &o).unwrap();
+        assert!(batch.prefix_stable(1), "{spec}");
+        for i in 0..n {
+            for kh in 0..2 {
+                batch.append(1, kh, &ks[(i * 2 + kh) * d..(i * 2 + kh + 1) * d], &vs[(i * 2 + kh) * d..(i * 2 + kh + 1) * d]);
+            }
+        }
+        let mut got = vec![f32::NAN; n * qd];
+        batch.attend_positions(1, &qs, 2, group, d, 0, &mut got);
+        assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{spec}");
+    }
+    // a recent window, a training phase or an open KIVI group depend on later tokens
+    let shape1 = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    assert!(!tq_kv::cache_with(shape1, "tq-mse-4", 0, &tq_kv::CacheOptions { recent: 8, ..Default::default() }).unwrap().prefix_stable(0));
+    let mut c = tq_kv::cache_with(shape1, "tq-mse-4", 0, &tq_kv::CacheOptions { center_keys: true, ..Default::default() }).unwrap();
+    assert!(!c.prefix_stable(0), "collecting its first tokens");
+    for t in 0..tq_kv::TRAIN_TOKENS {
+        c.append(0, 0, &ks[t * d..(t + 1) * d], &vs[t * d..(t + 1) * d]);
+    }
+    assert!(c.prefix_stable(0), "trained");
+    assert!(!cache_for(shape1, "kivi-4", 0).unwrap().prefix_stable(0));
+}
