@@ -539,11 +539,22 @@ fn chat_ids(tok: &tq_models::tokenizer::Tokenizer, user: &str) -> Result<(Vec<u3
     Ok((ids, vec![end]))
 }
 
-/// `tq kv needle`: plants "The secret number is N." at each depth of Austen
-/// filler text of each length (tokens, chat template included), asks for the
-/// number at the end and checks the greedy answer, for `kv` and for the f32
-/// cache as control. JSON lines per trial, then a summary line.
-pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], opts: &tq_kv::CacheOptions, json: bool) -> Result<()> {
+/// How `tq kv needle` asks for the planted fact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NeedleFormat {
+    /// Chat template: "The secret number is N." in the user's text, then a question.
+    Chat,
+    /// Plain completion in the style of the passkey-retrieval test (Mohtashami
+    /// & Jaggi, 2023): "The pass key is N. Remember it. N is the pass key."
+    /// in the filler, and the prompt ends with "What is the pass key? The pass key is".
+    Passkey,
+}
+
+/// `tq kv needle`: plants a number at each depth of Austen filler text of
+/// each length (tokens, template included), asks for it at the end and checks
+/// the greedy answer, for `kv` and for the f32 cache as control. JSON lines
+/// per trial, then a summary line.
+pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat, opts: &tq_kv::CacheOptions, json: bool) -> Result<()> {
     tq_core::kv::KvSpec::parse(kv)?;
     if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
         bail!("depth {d} is outside 0..1");
@@ -557,19 +568,31 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], opts: &tq_kv::CacheOp
     let tok = tq_models::tokenizer::from_gguf(&path)?;
     let filler = tq_models::tokenizer::encode(&tok, &crate::data::austen_text(json)?)?;
     let dec = |ids: &[u32]| tok.decode(ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"));
-    let question = "\n\nWhat is the secret number mentioned in the text above? Answer with the number only.";
+    let (intro, question) = match format {
+        NeedleFormat::Chat => ("", "\n\nWhat is the secret number mentioned in the text above? Answer with the number only."),
+        NeedleFormat::Passkey => (
+            "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about it.\n\n",
+            "\n\nWhat is the pass key? The pass key is",
+        ),
+    };
     let mut rows = Vec::new();
     let (mut pass, mut pass_ref, mut trials) = (0usize, 0usize, 0usize);
     for &len in lengths {
         for (di, &depth) in depths.iter().enumerate() {
             let number = 10_000 + (len * 7919 + di * 104_729) % 90_000;
-            let needle = format!(" The secret number is {number}. ");
+            let needle = match format {
+                NeedleFormat::Chat => format!(" The secret number is {number}. "),
+                NeedleFormat::Passkey => format!(" The pass key is {number}. Remember it. {number} is the pass key. "),
+            };
             // filler tokens so that the whole prompt has about `len` tokens
-            let fixed = tq_models::tokenizer::encode(&tok, &format!("user\n{needle}{question}"))?.len() + 8;
+            let fixed = tq_models::tokenizer::encode(&tok, &format!("user\n{intro}{needle}{question}"))?.len() + 8;
             let nf = len.saturating_sub(fixed).min(filler.len());
             let cut = ((nf as f64) * depth).round() as usize;
-            let body = format!("{}{needle}{}", dec(&filler[..cut])?, dec(&filler[cut..nf])?);
-            let (ids, stop) = chat_ids(&tok, &format!("{body}{question}"))?;
+            let body = format!("{intro}{}{needle}{}{question}", dec(&filler[..cut])?, dec(&filler[cut..nf])?);
+            let (ids, stop) = match format {
+                NeedleFormat::Chat => chat_ids(&tok, &body)?,
+                NeedleFormat::Passkey => (tq_models::tokenizer::encode(&tok, &body)?, Vec::new()),
+            };
             if ids.len() + 24 > c.context {
                 bail!("the prompt of {} tokens leaves no room for the answer", ids.len());
             }
@@ -577,7 +600,8 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], opts: &tq_kv::CacheOp
             for spec in [kv, "f32"] {
                 let t0 = Instant::now();
                 let mut cache = tq_kv::cache_with(c.kv_shape(), spec, 0, opts)?;
-                let out = greedy(&model, cache.as_mut(), &ids, 24, &stop, &mut |_| Ok(()))?;
+                let max_new = if format == NeedleFormat::Passkey { 8 } else { 24 };
+                let out = greedy(&model, cache.as_mut(), &ids, max_new, &stop, &mut |_| Ok(()))?;
                 let answer = dec(&out)?;
                 let ok = answer.contains(&number.to_string());
                 res.push((ok, answer, t0.elapsed().as_secs_f64()));
@@ -586,7 +610,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], opts: &tq_kv::CacheOp
             trials += 1;
             pass += ok as usize;
             pass_ref += ok_ref as usize;
-            let row = json!({"kv": kv, "tokens": ids.len(), "length": len, "depth": depth, "number": number, "passed": ok,
+            let row = json!({"kv": kv, "format": format!("{format:?}").to_lowercase(), "tokens": ids.len(), "length": len, "depth": depth, "number": number, "passed": ok,
                 "answer": answer.trim(), "f32_passed": ok_ref, "f32_answer": answer_ref.trim(), "seconds": secs});
             if !json {
                 eprintln!(
@@ -601,7 +625,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], opts: &tq_kv::CacheOp
             rows.push(row);
         }
     }
-    let summary = json!({"kv": kv, "sink": opts.sink, "recent": opts.recent, "center_keys": opts.center_keys, "trials": trials, "pass_rate": pass as f64 / trials as f64,
+    let summary = json!({"kv": kv, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "center_keys": opts.center_keys, "trials": trials, "pass_rate": pass as f64 / trials as f64,
         "f32_pass_rate": pass_ref as f64 / trials as f64, "lengths": lengths, "depths": depths});
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

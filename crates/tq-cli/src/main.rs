@@ -233,6 +233,9 @@ enum KvCmd {
         /// Comma-separated depths of the fact (0 = start, 1 = end).
         #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
         depths: String,
+        /// How the fact is planted and asked for.
+        #[arg(long, value_enum, default_value = "chat")]
+        format: kv::NeedleFormat,
         #[command(flatten)]
         windows: Windows,
         #[arg(long)]
@@ -539,10 +542,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, windows: w, json } } => {
+        Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&kv, &lengths, &depths, &w.opts(), json)
+            kv::needle(&kv, &lengths, &depths, format, &w.opts(), json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
