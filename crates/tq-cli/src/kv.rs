@@ -136,7 +136,7 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
 }
 
 /// Precisions of `tq kv sweep` by default (and of the report's KV section).
-pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq-mse-4-nc,nvfp4,tq-prod-4,k4v3,tq-mse-3.5,tq-mse-3,kivi-2,tq-mse-2.5,tq-mse-2";
+pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq-mse-4-nc,nvfp4,tq-prod-4,k5v3,k4v3,tq-mse-3.5,tq-mse-3,kivi-2,tq-mse-2.5,tq-mse-2";
 
 /// `tq kv sweep`: `tq kv eval` for every precision (optionally with windows),
 /// as a markdown Pareto table (sorted by bits per value) and an SVG of KLD and
@@ -151,7 +151,15 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     pb.finish_and_clear();
     rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let svg = format!("kv_sweep_{}.svg", text.replace(['/', '.'], "_"));
+    // one plot per text and cache options
+    let mut tag = String::new();
+    if opts.sink + opts.recent > 0 {
+        tag += &format!("_s{}r{}", opts.sink, opts.recent);
+    }
+    if opts.center_keys {
+        tag += "_ck";
+    }
+    let svg = format!("kv_sweep_{}{tag}.svg", text.replace(['/', '.'], "_"));
     plot_sweep(&out.join(&svg), text, &rows)?;
     use std::fmt::Write as _;
     let mut md = String::new();
