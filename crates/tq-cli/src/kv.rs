@@ -127,7 +127,7 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
         let bits = spec.bits_per_value(shape.head_dim)?;
         let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
         rows.push(json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": p,
-            "sink": a.opts.sink, "recent": a.opts.recent, "center_keys": a.opts.center_keys,
+            "sink": a.opts.sink, "recent": a.opts.recent, "recent_q8": a.opts.recent_q8, "center_keys": a.opts.center_keys,
             "ppl": (s.nll / n).exp(), "ppl_f32": (nll_ref / n).exp(), "kld": s.kld / n, "top1_agree": s.agree as f64 / n,
             "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": s.kv_bytes as f64 / a.ctx as f64,
             "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()}));
@@ -156,6 +156,9 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     if opts.sink + opts.recent > 0 {
         tag += &format!("_s{}r{}", opts.sink, opts.recent);
     }
+    if opts.recent_q8 {
+        tag += "q8";
+    }
     if opts.center_keys {
         tag += "_ck";
     }
@@ -164,7 +167,8 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     use std::fmt::Write as _;
     let mut md = String::new();
     let (sink, recent) = (opts.sink, opts.recent);
-    let mut win = if sink + recent > 0 { format!(", f32 windows: {sink} sink + {recent} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
+    let rf = if opts.recent_q8 { "q8_0" } else { "f32" };
+    let mut win = if sink + recent > 0 { format!(", windows: {sink} f32 sink + {recent} {rf} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
     if opts.center_keys {
         win += ", keys centered (--center-keys)";
     }
@@ -633,7 +637,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat,
             rows.push(row);
         }
     }
-    let summary = json!({"kv": kv, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "center_keys": opts.center_keys, "trials": trials, "pass_rate": pass as f64 / trials as f64,
+    let summary = json!({"kv": kv, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "center_keys": opts.center_keys, "trials": trials, "pass_rate": pass as f64 / trials as f64,
         "f32_pass_rate": pass_ref as f64 / trials as f64, "lengths": lengths, "depths": depths});
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

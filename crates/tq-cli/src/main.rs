@@ -169,11 +169,14 @@ struct Windows {
     /// (exact for softmax attention; the codes see smaller vectors).
     #[arg(long)]
     center_keys: bool,
+    /// Hold the recent window as q8_0 codes (8.5 bits per value) instead of f32.
+    #[arg(long, requires = "recent")]
+    recent_q8: bool,
 }
 
 impl Windows {
     fn opts(&self) -> tq_kv::CacheOptions {
-        tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys }
+        tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys, recent_q8: self.recent_q8 }
     }
 }
 

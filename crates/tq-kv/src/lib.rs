@@ -11,6 +11,7 @@
 //!   rotated domain and rotated back once (`Codec::accumulate`), so no
 //!   dequantized cache is ever materialized.
 
+use std::borrow::Cow;
 use tq_core::kv::{KvSpec, Store};
 use tq_core::{Codec, Result, RotationKind, TqError};
 
@@ -277,6 +278,10 @@ pub struct CodecCache {
     /// per stream: ring of the last `recent` tokens (slot = position mod recent)
     ring_k: Vec<Vec<f32>>,
     ring_v: Vec<Vec<f32>>,
+    /// with `recent_q8`: the ring as q8_0 codes (then `ring_k/ring_v` are empty)
+    ring_q8: Option<Box<dyn Codec>>,
+    ring_kq: Vec<Vec<u8>>,
+    ring_vq: Vec<Vec<u8>>,
     /// per stream: f32 keys/values not encoded yet (a side still training)
     pending_k: Vec<Vec<f32>>,
     pending_v: Vec<Vec<f32>>,
@@ -299,6 +304,9 @@ pub struct CacheOptions {
     /// every token of a query, and softmax ignores it; but the codes see the
     /// smaller ‖k − μ‖, so the error of every score shrinks with it.
     pub center_keys: bool,
+    /// Hold the recent window as q8_0 codes (8.5 bits per value) instead of
+    /// f32 (sinks stay f32).
+    pub recent_q8: bool,
 }
 
 impl CodecCache {
@@ -312,6 +320,7 @@ impl CodecCache {
     pub fn with_options(shape: Shape, spec: &KvSpec, seed: u64, o: &CacheOptions) -> Result<Self> {
         let (sink, recent) = (o.sink, o.recent);
         let n = shape.layers * shape.kv_heads;
+        let ring_q8 = if o.recent_q8 && recent > 0 { Some(tq_core::build("q8_0", shape.head_dim, 0, RotationKind::Hadamard)?) } else { None };
         Ok(Self {
             shape,
             keys: Side::new(&spec.keys, shape.head_dim, seed, n)?,
@@ -323,8 +332,11 @@ impl CodecCache {
             recent,
             sink_k: vec![Vec::new(); n],
             sink_v: vec![Vec::new(); n],
-            ring_k: vec![vec![0.0; recent * shape.head_dim]; n],
-            ring_v: vec![vec![0.0; recent * shape.head_dim]; n],
+            ring_k: vec![vec![0.0; if ring_q8.is_some() { 0 } else { recent * shape.head_dim }]; n],
+            ring_v: vec![vec![0.0; if ring_q8.is_some() { 0 } else { recent * shape.head_dim }]; n],
+            ring_kq: vec![vec![0; recent * ring_q8.as_ref().map_or(0, |c| c.code_size())]; n],
+            ring_vq: vec![vec![0; recent * ring_q8.as_ref().map_or(0, |c| c.code_size())]; n],
+            ring_q8,
             pending_k: vec![Vec::new(); n],
             pending_v: vec![Vec::new(); n],
             center_keys: o.center_keys,
@@ -351,16 +363,26 @@ impl CodecCache {
         out
     }
 
-    /// The f32 key and value of token `t` of stream `i` if it is in a window
-    /// (with `total` tokens appended).
-    fn window(&self, i: usize, t: usize, total: usize) -> Option<(&[f32], &[f32])> {
+    /// The key and value of token `t` of stream `i` if it is in a window
+    /// (with `total` tokens appended): f32, or decoded from the q8_0 ring.
+    fn window(&self, i: usize, t: usize, total: usize) -> Option<(Cow<'_, [f32]>, Cow<'_, [f32]>)> {
         let d = self.shape.head_dim;
         if t < self.sink {
-            return Some((&self.sink_k[i][t * d..(t + 1) * d], &self.sink_v[i][t * d..(t + 1) * d]));
+            return Some((Cow::Borrowed(&self.sink_k[i][t * d..(t + 1) * d]), Cow::Borrowed(&self.sink_v[i][t * d..(t + 1) * d])));
         }
         if self.recent > 0 && t + self.recent >= total && t < total {
-            let s = (t % self.recent) * d;
-            return Some((&self.ring_k[i][s..s + d], &self.ring_v[i][s..s + d]));
+            let slot = t % self.recent;
+            if let Some(c) = &self.ring_q8 {
+                let cs = c.code_size();
+                let dec = |codes: &[u8]| {
+                    let mut x = vec![0.0f32; d];
+                    c.decode_unchecked(&codes[slot * cs..(slot + 1) * cs], &mut x);
+                    Cow::Owned(x)
+                };
+                return Some((dec(&self.ring_kq[i]), dec(&self.ring_vq[i])));
+            }
+            let s = slot * d;
+            return Some((Cow::Borrowed(&self.ring_k[i][s..s + d]), Cow::Borrowed(&self.ring_v[i][s..s + d])));
         }
         None
     }
@@ -438,8 +460,8 @@ impl CodecCache {
             let windowed: Vec<usize> = (0..self.sink.min(len)).chain(recent_from..total.min(len)).collect();
             // the codes score q·(k − μ) when centering: window scores drop q·μ too
             let qmu: Vec<f32> = qs.chunks_exact(d).map(|q| if self.center_keys { (k.dot)(q, &self.kmu[i]) } else { 0.0 }).collect();
-            for &t in &windowed {
-                let (kt, _) = self.window(i, t, total).expect("a window token");
+            let wins: Vec<_> = windowed.iter().map(|&t| self.window(i, t, total).expect("a window token")).collect();
+            for (&t, (kt, _)) in windowed.iter().zip(&wins) {
                 for (g, q) in qs.chunks_exact(d).enumerate() {
                     p[g * len + t] = ((k.dot)(q, kt) - qmu[g]) * scale;
                 }
@@ -476,11 +498,10 @@ impl CodecCache {
                     }
                 }
             }
-            for (j, &t) in windowed.iter().enumerate() {
-                let (_, vt) = self.window(i, t, total).expect("a window token");
+            for (j, (_, vt)) in wins.iter().enumerate() {
                 for (g, o) in out.chunks_exact_mut(d).enumerate() {
                     let w = wwin[j * group + g];
-                    o.iter_mut().zip(vt).for_each(|(a, &x)| *a += w * x);
+                    o.iter_mut().zip(vt.iter()).for_each(|(a, &x)| *a += w * x);
                 }
             }
         });
@@ -517,9 +538,16 @@ impl KvCache for CodecCache {
             self.sink_v[i].extend_from_slice(v);
         }
         if self.recent > 0 {
-            let s = (t % self.recent) * self.shape.head_dim;
-            self.ring_k[i][s..s + k.len()].copy_from_slice(k);
-            self.ring_v[i][s..s + v.len()].copy_from_slice(v);
+            let slot = t % self.recent;
+            if let Some(c) = &self.ring_q8 {
+                let cs = c.code_size();
+                c.encode_unchecked(k, &mut self.ring_kq[i][slot * cs..(slot + 1) * cs]);
+                c.encode_unchecked(v, &mut self.ring_vq[i][slot * cs..(slot + 1) * cs]);
+            } else {
+                let s = slot * self.shape.head_dim;
+                self.ring_k[i][s..s + k.len()].copy_from_slice(k);
+                self.ring_v[i][s..s + v.len()].copy_from_slice(v);
+            }
         }
         self.len[i] += 1;
     }
@@ -553,9 +581,11 @@ impl KvCache for CodecCache {
         let pending: usize = self.pending_k.iter().chain(&self.pending_v).map(|p| 4 * p.len()).sum();
         let coded: usize = self.len.iter().zip(&self.pending_k).map(|(&l, p)| l - p.len() / d).sum();
         let codes = coded * (self.keys.size(d) + self.values.size(d)) + pending;
-        let windows: usize = self.len.iter().map(|&l| l.min(self.sink) + l.saturating_sub(self.sink).min(self.recent)).sum();
+        let sinks: usize = self.len.iter().map(|&l| l.min(self.sink)).sum();
+        let recents: usize = self.len.iter().map(|&l| l.saturating_sub(self.sink).min(self.recent)).sum();
+        let recent_bytes = self.ring_q8.as_ref().map_or(4 * d, |c| c.code_size());
         let offsets: usize = self.kmu.iter().map(|m| 4 * m.len()).sum();
-        codes + windows * 2 * 4 * d + offsets
+        codes + sinks * 2 * 4 * d + recents * 2 * recent_bytes + offsets
     }
 }
 

@@ -109,9 +109,18 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
     let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
     // keys share a large offset (as real keys do), which centering removes
     let offset: Vec<f32> = randv(&mut r, d).iter().map(|x| 3.0 * x).collect();
-    for (spec, center_keys) in [("tq-mse-3", false), ("q4_0-rot", false), ("f16", false), ("tq-mse-3", true), ("q4_0-rot", true), ("tq-mse-3.5", true)] {
+    for (spec, center_keys, recent_q8) in [
+        ("tq-mse-3", false, false),
+        ("q4_0-rot", false, false),
+        ("f16", false, false),
+        ("tq-mse-3", true, false),
+        ("q4_0-rot", true, false),
+        ("tq-mse-3.5", true, false),
+        ("tq-mse-4", false, true),
+        ("k5v3", true, true),
+    ] {
         let (sink, recent, n) = (2usize, 5usize, 40usize);
-        let mut cache = tq_kv::cache_with(shape, spec, 0, &tq_kv::CacheOptions { sink, recent, center_keys }).unwrap();
+        let mut cache = tq_kv::cache_with(shape, spec, 0, &tq_kv::CacheOptions { sink, recent, center_keys, recent_q8 }).unwrap();
         let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d).iter().zip(&offset).map(|(a, b)| a + b).collect()).collect();
         let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
         for (k, v) in ks.iter().zip(&vs) {
@@ -144,15 +153,18 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
                 _ => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
             }
         };
+        // recent tokens exact, or through q8_0 with `recent_q8`; sinks exact
+        let q8 = build("q8_0", d, 0, RotationKind::Hadamard).unwrap();
+        let win = |t: usize, x: &Vec<f32>| if recent_q8 && t >= sink { cache_roundtrip(q8.as_ref(), x) } else { x.clone() };
         let in_window = |t: usize| t < sink || t + recent >= n;
         let kd: Vec<Vec<f32>> = ks
             .iter()
             .zip(&centered)
             .enumerate()
-            .map(|(t, (k, kc))| if in_window(t) { k.clone() } else { dec(&st.keys, 0, kc).iter().zip(&mu).map(|(a, m)| a + m).collect() })
+            .map(|(t, (k, kc))| if in_window(t) { win(t, k) } else { dec(&st.keys, 0, kc).iter().zip(&mu).map(|(a, m)| a + m).collect() })
             .collect();
         let vd: Vec<Vec<f32>> =
-            vs.iter().enumerate().map(|(t, v)| if in_window(t) { v.clone() } else { dec(&st.values, tq_core::rng::derive_seed(0, 0x56), v) }).collect();
+            vs.iter().enumerate().map(|(t, v)| if in_window(t) { win(t, v) } else { dec(&st.values, tq_core::rng::derive_seed(0, 0x56), v) }).collect();
         for (g, o) in out.chunks_exact(d).enumerate() {
             let q = &qs[g * d..(g + 1) * d];
             let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
@@ -166,9 +178,10 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
             }
         }
         // windows and the key offset are counted in the bytes
-        let code_bytes = n * 2 * tq_core::kv::KvSpec::parse(spec).unwrap().keys.bytes_per_vector(d).unwrap() as usize;
+        let per_token = tq_core::kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap() as usize;
         let mu_bytes = if center_keys { 4 * d } else { 0 };
-        assert_eq!(cache.bytes(), code_bytes + (sink + recent) * 2 * 4 * d + mu_bytes, "{spec}");
+        let recent_bytes = if recent_q8 { q8.code_size() } else { 4 * d };
+        assert_eq!(cache.bytes(), n * per_token + sink * 2 * 4 * d + recent * 2 * recent_bytes + mu_bytes, "{spec}");
     }
 }
 
