@@ -291,6 +291,9 @@ pub struct CodecCache {
     kmu: Vec<Vec<f32>>,
 }
 
+/// A window token's key and value (borrowed f32, or decoded q8_0).
+type KeyValue<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+
 /// Options of a compressed cache beyond its precision.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CacheOptions {
@@ -365,7 +368,7 @@ impl CodecCache {
 
     /// The key and value of token `t` of stream `i` if it is in a window
     /// (with `total` tokens appended): f32, or decoded from the q8_0 ring.
-    fn window(&self, i: usize, t: usize, total: usize) -> Option<(Cow<'_, [f32]>, Cow<'_, [f32]>)> {
+    fn window(&self, i: usize, t: usize, total: usize) -> Option<KeyValue<'_>> {
         let d = self.shape.head_dim;
         if t < self.sink {
             return Some((Cow::Borrowed(&self.sink_k[i][t * d..(t + 1) * d]), Cow::Borrowed(&self.sink_v[i][t * d..(t + 1) * d])));
