@@ -16,6 +16,8 @@ pub struct EvalArgs<'a> {
     pub kv: &'a str,
     /// Windows and key centering of the compressed caches.
     pub opts: tq_kv::CacheOptions,
+    /// Seed of the codecs' random rotations (run-to-run spread: vary it).
+    pub seed: u64,
     pub json: bool,
 }
 
@@ -106,7 +108,7 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
                 }
                 continue;
             }
-            let mut cache = tq_kv::cache_with(shape, p, 0, &a.opts)?;
+            let mut cache = tq_kv::cache_with(shape, p, a.seed, &a.opts)?;
             let logits = model.forward(toks, cache.as_mut(), false)?;
             s.kv_bytes = cache.bytes();
             for (j, lr) in (a.ctx / 2..a.ctx - 1).zip(&ref_lp) {
@@ -127,7 +129,7 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
         let bits = spec.bits_per_value(shape.head_dim)?;
         let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
         rows.push(json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": p,
-            "sink": a.opts.sink, "recent": a.opts.recent, "recent_q8": a.opts.recent_q8, "center_keys": a.opts.center_keys,
+            "seed": a.seed, "sink": a.opts.sink, "recent": a.opts.recent, "recent_q8": a.opts.recent_q8, "center_keys": a.opts.center_keys,
             "ppl": (s.nll / n).exp(), "ppl_f32": (nll_ref / n).exp(), "kld": s.kld / n, "top1_agree": s.agree as f64 / n,
             "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": s.kv_bytes as f64 / a.ctx as f64,
             "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()}));
@@ -142,11 +144,11 @@ pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq
 /// as a markdown Pareto table (sorted by bits per value) and an SVG of KLD and
 /// ΔPPL against bits per value in `out`. Returns (markdown, rows).
 #[allow(clippy::too_many_arguments)]
-pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[String], opts: &tq_kv::CacheOptions, out: &std::path::Path) -> Result<(String, Vec<serde_json::Value>)> {
+pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[String], opts: &tq_kv::CacheOptions, seed: u64, out: &std::path::Path) -> Result<(String, Vec<serde_json::Value>)> {
     let pb = indicatif::ProgressBar::new(chunks as u64);
     pb.set_style(indicatif::ProgressStyle::with_template("kv sweep [{bar:30}] {pos}/{len} chunks × {msg} ({eta})").unwrap().progress_chars("=> "));
     pb.set_message(format!("{} precisions", precisions.len()));
-    let a = EvalArgs { text, chars, ctx, chunks, kv: "f32", opts: *opts, json: true };
+    let a = EvalArgs { text, chars, ctx, chunks, kv: "f32", opts: *opts, seed, json: true };
     let mut rows = eval_many(&a, precisions, &|k| pb.set_position(k as u64))?;
     pb.finish_and_clear();
     rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
@@ -162,6 +164,9 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     if opts.center_keys {
         tag += "_ck";
     }
+    if seed != 0 {
+        tag += &format!("_seed{seed}");
+    }
     let svg = format!("kv_sweep_{}{tag}.svg", text.replace(['/', '.'], "_"));
     plot_sweep(&out.join(&svg), text, &rows)?;
     use std::fmt::Write as _;
@@ -171,6 +176,9 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     let mut win = if sink + recent > 0 { format!(", windows: {sink} f32 sink + {recent} {rf} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
     if opts.center_keys {
         win += ", keys centered (--center-keys)";
+    }
+    if seed != 0 {
+        win += &format!(", rotation seed {seed}");
     }
     let _ = writeln!(
         md,
@@ -473,7 +481,7 @@ pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, json: bool) ->
 /// `tq generate`: greedy decoding with a KV cache of the given precision,
 /// tokens streamed to stdout as they are produced. The prompt is wrapped in
 /// SmolLM2's chat template unless `raw`.
-pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, opts: &tq_kv::CacheOptions) -> Result<()> {
+pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, opts: &tq_kv::CacheOptions, seed: u64) -> Result<()> {
     tq_core::kv::KvSpec::parse(kv)?;
     if prompt.trim().is_empty() {
         bail!("the prompt is empty");
@@ -488,7 +496,7 @@ pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, opts: &tq_
     if ids.len() + max_tokens > model.config.context {
         bail!("{} prompt tokens + {max_tokens} new ones exceed the model's context of {}", ids.len(), model.config.context);
     }
-    let mut cache = tq_kv::cache_with(model.config.kv_shape(), kv, 0, opts)?;
+    let mut cache = tq_kv::cache_with(model.config.kv_shape(), kv, seed, opts)?;
     let t0 = Instant::now();
     let mut first: Option<Instant> = None;
     let mut printed = 0usize;
@@ -566,7 +574,8 @@ pub enum NeedleFormat {
 /// each length (tokens, template included), asks for it at the end and checks
 /// the greedy answer, for `kv` and for the f32 cache as control. JSON lines
 /// per trial, then a summary line.
-pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat, opts: &tq_kv::CacheOptions, json: bool) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat, opts: &tq_kv::CacheOptions, seed: u64, json: bool) -> Result<()> {
     tq_core::kv::KvSpec::parse(kv)?;
     if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
         bail!("depth {d} is outside 0..1");
@@ -611,7 +620,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat,
             let mut res = Vec::new();
             for spec in [kv, "f32"] {
                 let t0 = Instant::now();
-                let mut cache = tq_kv::cache_with(c.kv_shape(), spec, 0, opts)?;
+                let mut cache = tq_kv::cache_with(c.kv_shape(), spec, seed, opts)?;
                 let max_new = if format == NeedleFormat::Passkey { 8 } else { 24 };
                 let out = greedy(&model, cache.as_mut(), &ids, max_new, &stop, &mut |_| Ok(()))?;
                 let answer = dec(&out)?;
@@ -637,7 +646,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat,
             rows.push(row);
         }
     }
-    let summary = json!({"kv": kv, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "center_keys": opts.center_keys, "trials": trials, "pass_rate": pass as f64 / trials as f64,
+    let summary = json!({"kv": kv, "seed": seed, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "center_keys": opts.center_keys, "trials": trials, "pass_rate": pass as f64 / trials as f64,
         "f32_pass_rate": pass_ref as f64 / trials as f64, "lengths": lengths, "depths": depths});
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

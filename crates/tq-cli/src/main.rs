@@ -172,6 +172,9 @@ struct Windows {
     /// Hold the recent window as q8_0 codes (8.5 bits per value) instead of f32.
     #[arg(long, requires = "recent")]
     recent_q8: bool,
+    /// Seed of the codecs' random rotations (vary it to see the run-to-run spread).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 impl Windows {
@@ -477,7 +480,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
-            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, opts: w.opts(), json })
+            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, opts: w.opts(), seed: w.seed, json })
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             if name == "austen" || name == "shakespeare" {
@@ -529,13 +532,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts()),
+        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts(), w.seed),
         Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
             let list: Vec<String> = kv.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
             for p in &list {
                 tq_core::kv::KvSpec::parse(p)?;
             }
-            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, &w.opts(), &out)?;
+            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, &w.opts(), w.seed, &out)?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -548,7 +551,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&kv, &lengths, &depths, format, &w.opts(), json)
+            kv::needle(&kv, &lengths, &depths, format, &w.opts(), w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;

@@ -87,13 +87,13 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
         matrix = rows;
         md.push_str("\n## KV-cache precisions in SmolLM2 (Austen)\n\n");
         let list: Vec<String> = crate::kv::SWEEP.split(',').map(str::to_string).collect();
-        match crate::kv::sweep("austen", 200_000, 512, 4, &list, &tq_kv::CacheOptions::default(), out) {
+        match crate::kv::sweep("austen", 200_000, 512, 4, &list, &tq_kv::CacheOptions::default(), 0, out) {
             Ok((text, rows)) => {
                 md.push_str(&text);
                 // the same at ≤ 4.5 bits with keys centered (exact for attention)
                 let centered: Vec<String> = CENTERED.split(',').map(str::to_string).collect();
                 let opts = tq_kv::CacheOptions { center_keys: true, ..Default::default() };
-                let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, 4, &centered, &opts, out)?;
+                let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, 4, &centered, &opts, 0, out)?;
                 md.push_str("\n### The same with centered keys (`--center-keys`)\n\n");
                 md.push_str(&ctext);
                 kv = json!(rows);
