@@ -572,6 +572,32 @@ impl Unpack {
         }
     }
 
+    /// The 8 values of the field group at byte `off` of `codes` (any width:
+    /// up to 4 bits through `get`; wider ones read 8 bytes where in bounds,
+    /// else copy the group's `bits` bytes, and gather from `table`).
+    ///
+    /// # Safety
+    /// For bits <= 4, 4 readable bytes at `off`; for wider codes, the group's
+    /// `bits` bytes in `codes` and every index < `table.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn get_at(&self, codes: &[u8], off: usize, table: &[f32]) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if self.bits <= 4 {
+                return self.get(codes.as_ptr().add(off));
+            }
+            let word = if off + 8 <= codes.len() {
+                (codes.as_ptr().add(off) as *const u64).read_unaligned()
+            } else {
+                let mut b = [0u8; 8];
+                b[..self.bits as usize].copy_from_slice(&codes[off..off + self.bits as usize]);
+                u64::from_le_bytes(b)
+            };
+            self.vals(word, table)
+        }
+    }
+
     /// The 8 values of fields `8k .. 8k+8` (`p` points at byte `k·bits`, 4
     /// readable bytes; bits <= 4, so the group lies in those 4 bytes).
     #[inline]
@@ -599,12 +625,18 @@ unsafe fn scale_at(p: *const u8, sb: usize) -> f32 {
     }
 }
 
-/// Fast paths need whole 8-field groups, at most 4 bits, a 2- or 4-byte scale
-/// after the packed indices, and 4 readable bytes at every group start (the
+/// Fast paths need whole 8-field groups, a 2- or 4-byte scale after the
+/// packed indices, and up to 4 bits 4 readable bytes at every group start (the
 /// group's `bits` bytes, read as one u32; the scale covers the overhang).
+/// Wider codes (5..8 bits) read 8 bytes where they are in bounds and copy
+/// the group's bytes otherwise (`Unpack::get_at`).
 fn group_fast(code_size: usize, bits: u32, d: usize, n: usize, codes_len: usize) -> bool {
     let packed = scalar::packed_bytes(d, bits);
-    bits <= 4 && d % 8 == 0 && n > 0 && matches!(code_size.checked_sub(packed), Some(2 | 4)) && (n - 1) * code_size + (d / 8 - 1) * bits as usize + 4 <= codes_len
+    (1..=8).contains(&bits)
+        && d % 8 == 0
+        && n > 0
+        && matches!(code_size.checked_sub(packed), Some(2 | 4))
+        && (bits > 4 || (n - 1) * code_size + (d / 8 - 1) * bits as usize + 4 <= codes_len)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -636,7 +668,7 @@ unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
             let c = codes.as_ptr().add(t * code_size);
             let mut acc = [_mm256_setzero_ps(); 8];
             for k in 0..d / 8 {
-                let v = u.get(c.add(k * bits as usize));
+                let v = u.get_at(codes, t * code_size + k * bits as usize, table);
                 for (h, a) in acc.iter_mut().enumerate().take(g) {
                     *a = _mm256_fmadd_ps(_mm256_loadu_ps(qs.as_ptr().add(h * d + k * 8)), v, *a);
                 }
@@ -707,7 +739,7 @@ unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
                     *ah = _mm256_loadu_ps(acc.as_ptr().add(h * d + k * 8));
                 }
                 for i in 0..m {
-                    let v = u.get(codes.as_ptr().add((t0 + i) * code_size + k * bits as usize));
+                    let v = u.get_at(codes, (t0 + i) * code_size + k * bits as usize, table);
                     for (h, ah) in a.iter_mut().enumerate().take(gv) {
                         *ah = _mm256_fmadd_ps(_mm256_set1_ps(*ws.get_unchecked(h * VBLOCK + i)), v, *ah);
                     }
@@ -1008,6 +1040,10 @@ fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs
     let n = codes.len() / code_size;
     let g = qs.len() / d;
     if !group_phase_ok(16, code_size, bits, d, g, table) || out.len() < g * n {
+        if wide_ok(code_size, bits, d, g, table) && out.len() >= g * n {
+            // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked by `wide_ok`.
+            return unsafe { group_scores_wide512(codes, code_size, bits, table, qs, d, scale, out) };
+        }
         return group_scores(codes, code_size, bits, table, qs, d, scale, out);
     }
     // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above
@@ -1049,13 +1085,7 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
             }
             let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
             for h in 0..G {
-                let (a0, a1, a2, a3) = (acc[0][h], acc[1][h], acc[2][h], acc[3][h]);
-                let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-                let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-                let u4 = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(t0, t1), _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1));
-                let h8 = _mm256_add_ps(_mm512_castps512_ps256(u4), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u4))));
-                let s4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
-                _mm_storeu_ps(out.as_mut_ptr().add(h * n + t), _mm_mul_ps(s4, sc));
+                store_sums4(acc[0][h], acc[1][h], acc[2][h], acc[3][h], sc, out.as_mut_ptr().add(h * n + t));
             }
         }
         for t in n4..n {
@@ -1069,10 +1099,177 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
     }
 }
 
+/// The four sums of `a0..a3` (one token each), times `sc`, stored at `out`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn store_sums4(a0: __m512, a1: __m512, a2: __m512, a3: __m512, sc: __m128, out: *mut f32) {
+    let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+    let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    let u4 = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(t0, t1), _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1));
+    let h8 = _mm256_add_ps(_mm512_castps512_ps256(u4), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u4))));
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
+    // SAFETY: the caller guarantees 4 writable floats at out.
+    unsafe { _mm_storeu_ps(out, _mm_mul_ps(s4, sc)) }
+}
+
+/// 3- and 5-bit codes (fields straddle bytes) on AVX-512: 16 consecutive
+/// fields (2·bits bytes) per step, in natural coordinate order.
+fn wide_ok(code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
+    (bits == 3 || bits == 5)
+        && d % 16 == 0
+        && d <= 256
+        && matches!(code_size.checked_sub(scalar::packed_bytes(d, bits)), Some(2 | 4))
+        && (1..=8).contains(&g)
+        && table.len() >= 1 << bits
+}
+
+/// Decoder of 16 fields of 3 or 5 bits: the group's bytes broadcast to every
+/// 128-bit lane, each dword lane gathers the two bytes its field spans
+/// (`vpshufb`), shifts and masks, then `vpermps` (3 bits, 8 entries) or
+/// `vpermt2ps` (5 bits, 32 entries) over the table.
+struct Wide16 {
+    shuf: __m512i,
+    shifts: __m512i,
+    mask: __m512i,
+    lo: __m512,
+    hi: __m512,
+    bits: u32,
+}
+
+impl Wide16 {
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn new(bits: u32, table: &[f32]) -> Self {
+        let mut t = [0.0f32; 32];
+        t[..1 << bits].copy_from_slice(&table[..1 << bits]);
+        let mut shuf = [-1i8; 64];
+        let mut sh = [0i32; 16];
+        for j in 0..16 {
+            let start = j * bits as usize;
+            let o = (start / 8) as i8;
+            // lane j of the 512-bit vector sits in 128-bit lane j / 4; every lane holds the same 16 bytes
+            shuf[4 * j] = o;
+            shuf[4 * j + 1] = if (o as usize) < 15 { o + 1 } else { -1 };
+            sh[j] = (start % 8) as i32;
+        }
+        // SAFETY: arrays of the sizes loaded.
+        unsafe {
+            Wide16 {
+                shuf: _mm512_loadu_si512(shuf.as_ptr() as *const _),
+                shifts: _mm512_loadu_si512(sh.as_ptr() as *const _),
+                mask: _mm512_set1_epi32((1 << bits) - 1),
+                lo: _mm512_loadu_ps(t.as_ptr()),
+                hi: _mm512_loadu_ps(t.as_ptr().add(16)),
+                bits,
+            }
+        }
+    }
+
+    /// The 16 table values of the field group at byte `off` of `codes`
+    /// (16 bytes read where in bounds, else the group's 2·bits bytes copied).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn get(&self, codes: &[u8], off: usize) -> __m512 {
+        // SAFETY: the caller guarantees the group's 2·bits bytes at `off`.
+        unsafe {
+            let b = if off + 16 <= codes.len() {
+                _mm_loadu_si128(codes.as_ptr().add(off) as *const __m128i)
+            } else {
+                let mut t = [0u8; 16];
+                let k = 2 * self.bits as usize;
+                t[..k].copy_from_slice(&codes[off..off + k]);
+                _mm_loadu_si128(t.as_ptr() as *const __m128i)
+            };
+            let v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(b), self.shuf);
+            let idx = _mm512_and_si512(_mm512_srlv_epi32(v, self.shifts), self.mask);
+            if self.bits == 5 {
+                _mm512_permutex2var_ps(self.lo, idx, self.hi)
+            } else {
+                _mm512_permutexvar_ps(idx, self.lo)
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn group_scores_wide512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = qs.len() / d;
+    let packed = scalar::packed_bytes(d, bits);
+    let sb = code_size - packed;
+    // SAFETY: see `wide_ok`; every group's bytes lie in its code.
+    unsafe {
+        let u = Wide16::new(bits, table);
+        let one = |t: usize, acc: &mut [__m512; 8]| {
+            for k in 0..d / 16 {
+                let v = u.get(codes, t * code_size + k * 2 * bits as usize);
+                for (h, a) in acc.iter_mut().enumerate().take(g) {
+                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(qs.as_ptr().add(h * d + k * 16)), v, *a);
+                }
+            }
+        };
+        let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
+        // four tokens at a time: one transpose-add tree gives their four sums per head
+        let n4 = n / 4 * 4;
+        for t in (0..n4).step_by(4) {
+            let mut acc = [[_mm512_setzero_ps(); 8]; 4];
+            for (i, a) in acc.iter_mut().enumerate() {
+                one(t + i, a);
+            }
+            let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
+            for h in 0..g {
+                store_sums4(acc[0][h], acc[1][h], acc[2][h], acc[3][h], sc, out.as_mut_ptr().add(h * n + t));
+            }
+        }
+        for t in n4..n {
+            let mut acc = [_mm512_setzero_ps(); 8];
+            one(t, &mut acc);
+            let s = scale_of(t);
+            for (h, a) in acc.iter().enumerate().take(g) {
+                *out.get_unchecked_mut(h * n + t) = _mm512_reduce_add_ps(*a) * s;
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn group_values_wide512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+    let n = codes.len() / code_size;
+    let g = acc.len() / d;
+    // SAFETY: see `wide_ok`.
+    unsafe {
+        let u = Wide16::new(bits, table);
+        let mut ws = [0.0f32; 8 * VBLOCK];
+        for t0 in (0..n).step_by(VBLOCK) {
+            let m = VBLOCK.min(n - t0);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, n, g, t0, m, &mut ws);
+            for k in 0..d / 16 {
+                let mut a = [_mm512_setzero_ps(); 8];
+                for (h, ah) in a.iter_mut().enumerate().take(g) {
+                    *ah = _mm512_loadu_ps(acc.as_ptr().add(h * d + k * 16));
+                }
+                for i in 0..m {
+                    let v = u.get(codes, (t0 + i) * code_size + k * 2 * bits as usize);
+                    for (h, ah) in a.iter_mut().enumerate().take(g) {
+                        *ah = _mm512_fmadd_ps(_mm512_set1_ps(*ws.get_unchecked(h * VBLOCK + i)), v, *ah);
+                    }
+                }
+                for (h, ah) in a.iter().enumerate().take(g) {
+                    _mm512_storeu_ps(acc.as_mut_ptr().add(h * d + k * 16), *ah);
+                }
+            }
+        }
+    }
+}
+
 fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
     if !group_phase_ok(16, code_size, bits, d, g, table) || w.len() < g * n {
+        if wide_ok(code_size, bits, d, g, table) && w.len() >= g * n {
+            // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked by `wide_ok`.
+            return unsafe { group_values_wide512(codes, code_size, bits, table, w, d, acc) };
+        }
         return group_values(codes, code_size, bits, table, w, d, acc);
     }
     // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above.
