@@ -1190,7 +1190,7 @@ impl Wide16 {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_scores_wide512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
