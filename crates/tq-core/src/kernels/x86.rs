@@ -16,6 +16,16 @@ macro_rules! dispatch_bg {
     };
 }
 
+/// Expands `f!(G)` for the runtime group size `g` of a call (1..=8).
+macro_rules! dispatch_g {
+    ($g:expr, $f:ident, $($arg:expr),*) => {
+        match $g {
+            1 => $f::<1>($($arg),*), 2 => $f::<2>($($arg),*), 3 => $f::<3>($($arg),*), 4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*), 6 => $f::<6>($($arg),*), 7 => $f::<7>($($arg),*), _ => $f::<8>($($arg),*),
+        }
+    };
+}
+
 static AVX2: Kernels = Kernels {
     name: "avx2",
     fwht,
@@ -1042,7 +1052,7 @@ fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs
     if !group_phase_ok(16, code_size, bits, d, g, table) || out.len() < g * n {
         if wide_ok(code_size, bits, d, g, table) && out.len() >= g * n {
             // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked by `wide_ok`.
-            return unsafe { group_scores_wide512(codes, code_size, bits, table, qs, d, scale, out) };
+            return unsafe { dispatch_g!(g, group_scores_wide512, codes, code_size, bits, table, qs, d, scale, out) };
         }
         return group_scores(codes, code_size, bits, table, qs, d, scale, out);
     }
@@ -1192,18 +1202,17 @@ impl Wide16 {
 
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_scores_wide512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+unsafe fn group_scores_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
-    let g = qs.len() / d;
     let packed = scalar::packed_bytes(d, bits);
     let sb = code_size - packed;
     // SAFETY: see `wide_ok`; every group's bytes lie in its code.
     unsafe {
         let u = Wide16::new(bits, table);
-        let one = |t: usize, acc: &mut [__m512; 8]| {
+        let one = |t: usize, acc: &mut [__m512; G]| {
             for k in 0..d / 16 {
                 let v = u.get(codes, t * code_size + k * 2 * bits as usize);
-                for (h, a) in acc.iter_mut().enumerate().take(g) {
+                for (h, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(_mm512_loadu_ps(qs.as_ptr().add(h * d + k * 16)), v, *a);
                 }
             }
@@ -1212,20 +1221,20 @@ unsafe fn group_scores_wide512(codes: &[u8], code_size: usize, bits: u32, table:
         // four tokens at a time: one transpose-add tree gives their four sums per head
         let n4 = n / 4 * 4;
         for t in (0..n4).step_by(4) {
-            let mut acc = [[_mm512_setzero_ps(); 8]; 4];
+            let mut acc = [[_mm512_setzero_ps(); G]; 4];
             for (i, a) in acc.iter_mut().enumerate() {
                 one(t + i, a);
             }
             let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
-            for h in 0..g {
+            for h in 0..G {
                 store_sums4(acc[0][h], acc[1][h], acc[2][h], acc[3][h], sc, out.as_mut_ptr().add(h * n + t));
             }
         }
         for t in n4..n {
-            let mut acc = [_mm512_setzero_ps(); 8];
+            let mut acc = [_mm512_setzero_ps(); G];
             one(t, &mut acc);
             let s = scale_of(t);
-            for (h, a) in acc.iter().enumerate().take(g) {
+            for (h, a) in acc.iter().enumerate() {
                 *out.get_unchecked_mut(h * n + t) = _mm512_reduce_add_ps(*a) * s;
             }
         }
@@ -1233,28 +1242,27 @@ unsafe fn group_scores_wide512(codes: &[u8], code_size: usize, bits: u32, table:
 }
 
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_values_wide512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+unsafe fn group_values_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
-    let g = acc.len() / d;
     // SAFETY: see `wide_ok`.
     unsafe {
         let u = Wide16::new(bits, table);
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, n, g, t0, m, &mut ws);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, n, G, t0, m, &mut ws);
             for k in 0..d / 16 {
-                let mut a = [_mm512_setzero_ps(); 8];
-                for (h, ah) in a.iter_mut().enumerate().take(g) {
+                let mut a = [_mm512_setzero_ps(); G];
+                for (h, ah) in a.iter_mut().enumerate() {
                     *ah = _mm512_loadu_ps(acc.as_ptr().add(h * d + k * 16));
                 }
                 for i in 0..m {
                     let v = u.get(codes, (t0 + i) * code_size + k * 2 * bits as usize);
-                    for (h, ah) in a.iter_mut().enumerate().take(g) {
+                    for (h, ah) in a.iter_mut().enumerate() {
                         *ah = _mm512_fmadd_ps(_mm512_set1_ps(*ws.get_unchecked(h * VBLOCK + i)), v, *ah);
                     }
                 }
-                for (h, ah) in a.iter().enumerate().take(g) {
+                for (h, ah) in a.iter().enumerate() {
                     _mm512_storeu_ps(acc.as_mut_ptr().add(h * d + k * 16), *ah);
                 }
             }
@@ -1268,7 +1276,7 @@ fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w:
     if !group_phase_ok(16, code_size, bits, d, g, table) || w.len() < g * n {
         if wide_ok(code_size, bits, d, g, table) && w.len() >= g * n {
             // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked by `wide_ok`.
-            return unsafe { group_values_wide512(codes, code_size, bits, table, w, d, acc) };
+            return unsafe { dispatch_g!(g, group_values_wide512, codes, code_size, bits, table, w, d, acc) };
         }
         return group_values(codes, code_size, bits, table, w, d, acc);
     }
