@@ -238,6 +238,17 @@ impl Side {
         }
         Ok(())
     }
+    /// `encode` of `x − mu` when an offset is given (`scratch` holds the difference).
+    fn encode_minus(&self, i: usize, x: &[f32], mu: Option<&[f32]>, scratch: &mut Vec<f32>, out: &mut Vec<u8>) {
+        match mu {
+            Some(mu) => {
+                scratch.clear();
+                scratch.extend(x.iter().zip(mu).map(|(a, m)| a - m));
+                self.encode(i, scratch, out);
+            }
+            None => self.encode(i, x, out),
+        }
+    }
     fn encode(&self, i: usize, x: &[f32], out: &mut Vec<u8>) {
         match self.get(i) {
             Some(SideRef::F16) => x.iter().for_each(|&v| out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes())),
@@ -351,19 +362,6 @@ impl CodecCache {
     /// offset has not learned from them yet).
     fn collecting(&self, i: usize) -> bool {
         self.keys.get(i).is_none() || self.values.get(i).is_none() || (self.center_keys && self.kmu[i].is_empty())
-    }
-
-    /// Encodes key `k` of stream `i` (minus its offset when centering).
-    fn encode_key(&self, i: usize, k: &[f32], centered: &mut Vec<f32>) -> Vec<u8> {
-        let mut out = Vec::new();
-        if self.center_keys {
-            centered.clear();
-            centered.extend(k.iter().zip(&self.kmu[i]).map(|(a, m)| a - m));
-            self.keys.encode(i, centered, &mut out);
-        } else {
-            self.keys.encode(i, k, &mut out);
-        }
-        out
     }
 
     /// The key and value of token `t` of stream `i` if it is in a window
@@ -525,15 +523,15 @@ impl KvCache for CodecCache {
                 if !self.collecting(i) {
                     let (pk, pv) = (std::mem::take(&mut self.pending_k[i]), std::mem::take(&mut self.pending_v[i]));
                     for (kr, vr) in pk.chunks_exact(k.len()).zip(pv.chunks_exact(v.len())) {
-                        let code = self.encode_key(i, kr, &mut centered);
-                        self.k[i].extend_from_slice(&code);
+                        let mu = self.center_keys.then_some(&self.kmu[i][..]);
+                        self.keys.encode_minus(i, kr, mu, &mut centered, &mut self.k[i]);
                         self.values.encode(i, vr, &mut self.v[i]);
                     }
                 }
             }
         } else {
-            let code = self.encode_key(i, k, &mut centered);
-            self.k[i].extend_from_slice(&code);
+            let mu = self.center_keys.then_some(&self.kmu[i][..]);
+            self.keys.encode_minus(i, k, mu, &mut centered, &mut self.k[i]);
             self.values.encode(i, v, &mut self.v[i]);
         }
         if t < self.sink {

@@ -1086,7 +1086,22 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
             }
         };
         let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
-        // four tokens at a time: one transpose-add tree gives their four sums per head
+        scores_by4::<G>(n, out, one, scale_of);
+    }
+}
+
+/// The token loop of the AVX-512 score kernels: `one(t, acc)` adds token
+/// `t`'s products into its `G` head accumulators; four tokens at a time, one
+/// transpose-add tree gives their four sums per head, times `scale_of(t)`,
+/// stored at `out[h·n + t]`.
+///
+/// # Safety
+/// AVX-512F/BW; `out` holds `G·n` floats.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // head h indexes four accumulator sets
+unsafe fn scores_by4<const G: usize>(n: usize, out: &mut [f32], one: impl Fn(usize, &mut [__m512; G]), scale_of: impl Fn(usize) -> f32) {
+    // SAFETY: the caller's contract.
+    unsafe {
         let n4 = n / 4 * 4;
         for t in (0..n4).step_by(4) {
             let mut acc = [[_mm512_setzero_ps(); G]; 4];
@@ -1200,7 +1215,7 @@ impl Wide16 {
     }
 }
 
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_scores_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
@@ -1218,26 +1233,7 @@ unsafe fn group_scores_wide512<const G: usize>(codes: &[u8], code_size: usize, b
             }
         };
         let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
-        // four tokens at a time: one transpose-add tree gives their four sums per head
-        let n4 = n / 4 * 4;
-        for t in (0..n4).step_by(4) {
-            let mut acc = [[_mm512_setzero_ps(); G]; 4];
-            for (i, a) in acc.iter_mut().enumerate() {
-                one(t + i, a);
-            }
-            let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
-            for h in 0..G {
-                store_sums4(acc[0][h], acc[1][h], acc[2][h], acc[3][h], sc, out.as_mut_ptr().add(h * n + t));
-            }
-        }
-        for t in n4..n {
-            let mut acc = [_mm512_setzero_ps(); G];
-            one(t, &mut acc);
-            let s = scale_of(t);
-            for (h, a) in acc.iter().enumerate() {
-                *out.get_unchecked_mut(h * n + t) = _mm512_reduce_add_ps(*a) * s;
-            }
-        }
+        scores_by4::<G>(n, out, one, scale_of);
     }
 }
 
