@@ -130,6 +130,7 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
         let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
         rows.push(json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": p,
             "seed": a.seed, "sink": a.opts.sink, "recent": a.opts.recent, "recent_q8": a.opts.recent_q8, "center_keys": a.opts.center_keys,
+            "calib": a.opts.calibration.as_ref().map(|c| c.source.clone()),
             "ppl": (s.nll / n).exp(), "ppl_f32": (nll_ref / n).exp(), "kld": s.kld / n, "top1_agree": s.agree as f64 / n,
             "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": s.kv_bytes as f64 / a.ctx as f64,
             "scored_tokens": count, "seconds": t.elapsed().as_secs_f64()}));
@@ -148,7 +149,7 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     let pb = indicatif::ProgressBar::new(chunks as u64);
     pb.set_style(indicatif::ProgressStyle::with_template("kv sweep [{bar:30}] {pos}/{len} chunks × {msg} ({eta})").unwrap().progress_chars("=> "));
     pb.set_message(format!("{} precisions", precisions.len()));
-    let a = EvalArgs { text, chars, ctx, chunks, kv: "f32", opts: *opts, seed, json: true };
+    let a = EvalArgs { text, chars, ctx, chunks, kv: "f32", opts: opts.clone(), seed, json: true };
     let mut rows = eval_many(&a, precisions, &|k| pb.set_position(k as u64))?;
     pb.finish_and_clear();
     rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
@@ -164,6 +165,9 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     if opts.center_keys {
         tag += "_ck";
     }
+    if let Some(c) = &opts.calibration {
+        tag += &format!("_cal-{}", c.source.replace(['/', '.'], "_"));
+    }
     if seed != 0 {
         tag += &format!("_seed{seed}");
     }
@@ -176,6 +180,9 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     let mut win = if sink + recent > 0 { format!(", windows: {sink} f32 sink + {recent} {rf} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
     if opts.center_keys {
         win += ", keys centered (--center-keys)";
+    }
+    if let Some(c) = &opts.calibration {
+        win += &format!(", keys through transforms calibrated on {} (--calib-text {}; static per model, {} KiB, not in bits/value)", c.source, c.source, c.bytes() / 1024);
     }
     if seed != 0 {
         win += &format!(", rotation seed {seed}");
@@ -281,6 +288,76 @@ impl KvCache for DumpCache {
     fn bytes(&self) -> usize {
         self.inner.bytes()
     }
+}
+
+/// Default shrinkage of the calibration covariances (`tq kv calibrate`).
+pub const CALIB_SHRINK: f32 = 0.1;
+
+/// Feeds the key and query statistics of an f32 run (token 0 of each chunk,
+/// an attention sink with an atypical key, is left out of the key statistics).
+struct CalibCache {
+    inner: F32Cache,
+    kv_heads: usize,
+    stats: std::cell::RefCell<tq_kv::CalibrationStats>,
+}
+
+impl KvCache for CalibCache {
+    fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]) {
+        if self.inner.len(layer, head) > 0 {
+            self.stats.get_mut().add_key(layer * self.kv_heads + head, k);
+        }
+        self.inner.append(layer, head, k, v);
+    }
+    fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]) {
+        self.stats.borrow_mut().add_query(layer * self.kv_heads + head, q);
+        self.inner.attend(layer, head, q, len, out);
+    }
+    fn len(&self, layer: usize, head: usize) -> usize {
+        self.inner.len(layer, head)
+    }
+    fn bytes(&self) -> usize {
+        self.inner.bytes()
+    }
+}
+
+/// Key transforms calibrated on `chunks` chunks of `ctx` tokens of `text`
+/// (`tq kv calibrate`, `--calib-text`).
+pub fn calibrate(text: &str, chunks: usize, ctx: usize, shrink: f32, quiet: bool) -> Result<tq_kv::KeyCalibration> {
+    let path = crate::data::smollm_gguf(quiet)?;
+    let model = Llama::load(&path)?;
+    if ctx < 4 || ctx > model.config.context {
+        bail!("--ctx {ctx} is outside 4..={} (the model's context)", model.config.context);
+    }
+    if chunks == 0 {
+        bail!("--chunks must be at least 1");
+    }
+    let body = load_text(text, quiet)?;
+    if body.trim().is_empty() {
+        bail!("the calibration text is empty");
+    }
+    let tok = tq_models::tokenizer::from_gguf(&path)?;
+    let ids = tq_models::tokenizer::encode(&tok, &body)?;
+    if ids.len() < chunks * ctx {
+        bail!("the calibration text has {} tokens, fewer than {chunks} chunks of {ctx}", ids.len());
+    }
+    let shape = model.config.kv_shape();
+    let t = Instant::now();
+    let mut cache = CalibCache { inner: F32Cache::new(shape), kv_heads: shape.kv_heads, stats: std::cell::RefCell::new(tq_kv::CalibrationStats::new(shape)) };
+    for toks in ids.chunks_exact(ctx).take(chunks) {
+        cache.inner = F32Cache::new(shape);
+        model.forward(toks, &mut cache as &mut dyn KvCache, true)?;
+    }
+    let c = cache.stats.into_inner().finish(shrink, text)?;
+    if !quiet {
+        eprintln!("calibrated key transforms on {chunks} × {ctx} tokens of {text} in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    Ok(c)
+}
+
+/// Reads a `tq kv calibrate` file.
+pub fn load_calibration(path: &std::path::Path) -> Result<tq_kv::KeyCalibration> {
+    let b = std::fs::read(path).with_context(|| format!("cannot read key calibration {}", path.display()))?;
+    tq_kv::KeyCalibration::from_bytes(&b).with_context(|| format!("in {}", path.display()))
 }
 
 /// `tq kv dump`: real SmolLM2 keys, values and last-position queries (f32
@@ -646,7 +723,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat,
             rows.push(row);
         }
     }
-    let summary = json!({"kv": kv, "seed": seed, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "center_keys": opts.center_keys, "trials": trials, "pass_rate": pass as f64 / trials as f64,
+    let summary = json!({"kv": kv, "seed": seed, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "center_keys": opts.center_keys, "calib": opts.calibration.as_ref().map(|c| c.source.clone()), "trials": trials, "pass_rate": pass as f64 / trials as f64,
         "f32_pass_rate": pass_ref as f64 / trials as f64, "lengths": lengths, "depths": depths});
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

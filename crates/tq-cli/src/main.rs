@@ -175,11 +175,23 @@ struct Windows {
     /// Seed of the codecs' random rotations (vary it to see the run-to-run spread).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Calibrated key transforms from a file written by `tq kv calibrate`.
+    #[arg(long, conflicts_with_all = ["center_keys", "calib_text"])]
+    calib: Option<PathBuf>,
+    /// Calibrate the key transforms first on this text (austen, shakespeare or a
+    /// file; 4 chunks of 512 tokens): use a different text than the one evaluated.
+    #[arg(long, conflicts_with = "center_keys")]
+    calib_text: Option<String>,
 }
 
 impl Windows {
-    fn opts(&self) -> tq_kv::CacheOptions {
-        tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys, recent_q8: self.recent_q8 }
+    fn opts(&self) -> Result<tq_kv::CacheOptions> {
+        let calibration = match (&self.calib, &self.calib_text) {
+            (Some(p), _) => Some(std::sync::Arc::new(kv::load_calibration(p)?)),
+            (None, Some(t)) => Some(std::sync::Arc::new(kv::calibrate(t, 4, 512, kv::CALIB_SHRINK, true)?)),
+            (None, None) => None,
+        };
+        Ok(tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys, recent_q8: self.recent_q8, calibration })
     }
 }
 
@@ -246,6 +258,22 @@ enum KvCmd {
         windows: Windows,
         #[arg(long)]
         json: bool,
+    },
+    /// Key transforms calibrated on a text (f32 run; per layer and KV head the
+    /// key mean and the map balancing key and query covariances), for `--calib`.
+    Calibrate {
+        #[arg(long, default_value = "shakespeare")]
+        text: String,
+        /// Chunks of --ctx tokens from the start of the text (each a fresh context).
+        #[arg(long, default_value_t = 4)]
+        chunks: usize,
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Shrinkage of both covariances toward a scaled identity, in [0, 1).
+        #[arg(long, default_value_t = kv::CALIB_SHRINK)]
+        shrink: f32,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Capture real keys, values and last-position queries of SmolLM2 (f32
     /// cache) for some layers into npy files (`tq bench cuda --check --real DIR`).
@@ -480,7 +508,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
-            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, opts: w.opts(), seed: w.seed, json })
+            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, opts: w.opts()?, seed: w.seed, json })
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             if name == "austen" || name == "shakespeare" {
@@ -532,13 +560,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts(), w.seed),
+        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts()?, w.seed),
         Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
             let list: Vec<String> = kv.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
             for p in &list {
                 tq_core::kv::KvSpec::parse(p)?;
             }
-            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, &w.opts(), w.seed, &out)?;
+            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, &w.opts()?, w.seed, &out)?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -551,11 +579,17 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&kv, &lengths, &depths, format, &w.opts(), w.seed, json)
+            kv::needle(&kv, &lengths, &depths, format, &w.opts()?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
             kv::bench(&kv, &ctxs, steps, fill, json)
+        }
+        Cmd::Kv { what: KvCmd::Calibrate { text, chunks, ctx, shrink, out } } => {
+            let c = kv::calibrate(&text, chunks, ctx, shrink, false)?;
+            crate::files::write_atomic(&out, &c.to_bytes())?;
+            eprintln!("key calibration from {} ({} keys per stream, shrink {}) written to {}", c.source, c.tokens, c.shrink, out.display());
+            Ok(())
         }
         Cmd::Kv { what: KvCmd::Dump { text, tokens, layers, out } } => {
             let layers = layers.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad layer index '{l}'"))).collect::<Result<Vec<_>>>()?;

@@ -11,7 +11,11 @@
 //!   rotated domain and rotated back once (`Codec::accumulate`), so no
 //!   dequantized cache is ever materialized.
 
+pub mod calib;
+
+pub use calib::{CalibrationStats, KeyCalibration};
 use std::borrow::Cow;
+use std::sync::Arc;
 use tq_core::kv::{KvSpec, Store};
 use tq_core::{Codec, Result, RotationKind, TqError};
 
@@ -238,12 +242,12 @@ impl Side {
         }
         Ok(())
     }
-    /// `encode` of `x − mu` when an offset is given (`scratch` holds the difference).
-    fn encode_minus(&self, i: usize, x: &[f32], mu: Option<&[f32]>, scratch: &mut Vec<f32>, out: &mut Vec<u8>) {
+    /// `encode` of `x − mu` when an offset is given, of `T·(x − mu)` with a
+    /// transform too (`scratch` holds what is encoded).
+    fn encode_minus(&self, i: usize, x: &[f32], mu: Option<&[f32]>, t: Option<&[f32]>, scratch: &mut Vec<f32>, out: &mut Vec<u8>) {
         match mu {
             Some(mu) => {
-                scratch.clear();
-                scratch.extend(x.iter().zip(mu).map(|(a, m)| a - m));
+                key_input(x, mu, t, scratch);
                 self.encode(i, scratch, out);
             }
             None => self.encode(i, x, out),
@@ -298,15 +302,28 @@ pub struct CodecCache {
     pending_v: Vec<Vec<f32>>,
     center_keys: bool,
     /// per stream: the key offset μ subtracted before encoding (empty until
-    /// learned; only with `center_keys`)
+    /// learned with `center_keys`; from the calibration with `calibration`)
     kmu: Vec<Vec<f32>>,
+    /// calibrated key transforms (keys encoded as T·(k − μ), queries as T⁻¹q)
+    calib: Option<Arc<KeyCalibration>>,
+}
+
+/// `T·(x − mu)` (or `x − mu` without a transform) into `out`.
+fn key_input(x: &[f32], mu: &[f32], t: Option<&[f32]>, out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(x.iter().zip(mu).map(|(a, m)| a - m));
+    if let Some(t) = t {
+        let c: Vec<f32> = std::mem::take(out);
+        let dot = tq_core::kernels::kernels().dot;
+        out.extend(t.chunks_exact(c.len()).map(|row| dot(row, &c)));
+    }
 }
 
 /// A window token's key and value (borrowed f32, or decoded q8_0).
 type KeyValue<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
 
 /// Options of a compressed cache beyond its precision.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct CacheOptions {
     /// Also keep the first `sink` tokens (attention sinks) in f32.
     pub sink: usize,
@@ -321,6 +338,10 @@ pub struct CacheOptions {
     /// Hold the recent window as q8_0 codes (8.5 bits per value) instead of
     /// f32 (sinks stay f32).
     pub recent_q8: bool,
+    /// Calibrated key transforms ([`calib`]): keys are encoded as T·(k − μ)
+    /// with the calibration's μ and T, queries scored as T⁻¹q. Exclusive with
+    /// `center_keys` (it brings its own offset).
+    pub calibration: Option<Arc<KeyCalibration>>,
 }
 
 impl CodecCache {
@@ -334,6 +355,16 @@ impl CodecCache {
     pub fn with_options(shape: Shape, spec: &KvSpec, seed: u64, o: &CacheOptions) -> Result<Self> {
         let (sink, recent) = (o.sink, o.recent);
         let n = shape.layers * shape.kv_heads;
+        if let Some(c) = &o.calibration {
+            c.check_shape(shape)?;
+            if o.center_keys {
+                return Err(TqError::BadParams("--center-keys and a key calibration both set the key offset: choose one".into()));
+            }
+        }
+        let kmu = match &o.calibration {
+            Some(c) => (0..n).map(|i| c.mu(i).to_vec()).collect(),
+            None => vec![Vec::new(); n],
+        };
         let ring_q8 = if o.recent_q8 && recent > 0 { Some(tq_core::build("q8_0", shape.head_dim, 0, RotationKind::Hadamard)?) } else { None };
         Ok(Self {
             shape,
@@ -354,7 +385,8 @@ impl CodecCache {
             pending_k: vec![Vec::new(); n],
             pending_v: vec![Vec::new(); n],
             center_keys: o.center_keys,
-            kmu: vec![Vec::new(); n],
+            kmu,
+            calib: o.calibration.clone(),
         })
     }
 
@@ -396,7 +428,9 @@ impl CodecCache {
         if !pk.iter().chain(&self.pending_v[i]).all(|x| x.is_finite()) {
             return;
         }
-        let mu: Vec<f32> = if self.center_keys {
+        let mu: Vec<f32> = if self.calib.is_some() {
+            self.kmu[i].clone()
+        } else if self.center_keys {
             // tokens 1.. (token 0 is often an attention sink with an atypical key)
             let rows: Vec<&[f32]> = pk.chunks_exact(d).skip(1).collect();
             let mut m = vec![0.0f64; d];
@@ -407,7 +441,16 @@ impl CodecCache {
         } else {
             Vec::new()
         };
-        let centered: Vec<f32> = if self.center_keys { pk.chunks_exact(d).flat_map(|r| r.iter().zip(&mu).map(|(a, m)| a - m)).collect() } else { pk.clone() };
+        let t = self.calib.as_ref().map(|c| c.t(i));
+        let centered: Vec<f32> = if mu.is_empty() {
+            pk.clone()
+        } else {
+            let mut row = Vec::new();
+            pk.chunks_exact(d).flat_map(|r| {
+                key_input(r, &mu, t, &mut row);
+                row.clone()
+            }).collect()
+        };
         if self.keys.train(i, &centered).is_ok() && self.values.train(i, &self.pending_v[i]).is_ok() {
             self.kmu[i] = mu;
         }
@@ -429,18 +472,27 @@ impl CodecCache {
         let (Some(keys), Some(values)) = (self.keys.get(i), self.values.get(i)) else { unreachable!("trained above") };
         // codebook codes (stored as [packed][bf16 scale]) go through the group kernels
         let (kview, vview) = (keys.codebook_view(), values.codebook_view());
+        // with calibrated transforms the codes hold T·(k − μ): score them with T⁻¹q
+        let qt: Cow<[f32]> = match &self.calib {
+            Some(c) => {
+                let ti = c.t_inv(i);
+                Cow::Owned(qs.chunks_exact(d).flat_map(|q| ti.chunks_exact(d).map(|row| (k.dot)(row, q)).collect::<Vec<_>>()).collect())
+            }
+            None => Cow::Borrowed(qs),
+        };
+        let qk: &[f32] = &qt;
         with_scratch(group * len, group * d, |p, qr| {
             // ---- scores ----
             match (&keys, kview) {
                 (SideRef::Codec(kc), Some(kv)) => {
-                    for (r, q) in qr.chunks_exact_mut(d).zip(qs.chunks_exact(d)) {
+                    for (r, q) in qr.chunks_exact_mut(d).zip(qk.chunks_exact(d)) {
                         r.copy_from_slice(kc.prepare_unchecked(q).rotated());
                     }
                     let kcs = kv.packed + tq_core::kv::KV_SCALE_BYTES;
                     (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
                 }
                 (SideRef::Codec(kc), None) => {
-                    for (g, q) in qs.chunks_exact(d).enumerate() {
+                    for (g, q) in qk.chunks_exact(d).enumerate() {
                         let pq = kc.prepare_unchecked(q);
                         let row = &mut p[g * len..(g + 1) * len];
                         kc.score_ip_many(&pq, &self.k[i][..len * kc.code_size()], row);
@@ -448,7 +500,7 @@ impl CodecCache {
                     }
                 }
                 (SideRef::F16, _) => {
-                    for (g, q) in qs.chunks_exact(d).enumerate() {
+                    for (g, q) in qk.chunks_exact(d).enumerate() {
                         for t in 0..len {
                             let kb = &self.k[i][t * 2 * d..(t + 1) * 2 * d];
                             p[g * len + t] = q.iter().zip(kb.chunks_exact(2)).map(|(a, b)| a * half::f16::from_le_bytes([b[0], b[1]]).to_f32()).sum::<f32>() * scale;
@@ -460,7 +512,7 @@ impl CodecCache {
             let recent_from = if self.recent > 0 { self.sink.max(total.saturating_sub(self.recent)) } else { usize::MAX };
             let windowed: Vec<usize> = (0..self.sink.min(len)).chain(recent_from..total.min(len)).collect();
             // the codes score q·(k − μ) when centering: window scores drop q·μ too
-            let qmu: Vec<f32> = qs.chunks_exact(d).map(|q| if self.center_keys { (k.dot)(q, &self.kmu[i]) } else { 0.0 }).collect();
+            let qmu: Vec<f32> = qs.chunks_exact(d).map(|q| if self.kmu[i].is_empty() { 0.0 } else { (k.dot)(q, &self.kmu[i]) }).collect();
             let wins: Vec<_> = windowed.iter().map(|&t| self.window(i, t, total).expect("a window token")).collect();
             for (&t, (kt, _)) in windowed.iter().zip(&wins) {
                 for (g, q) in qs.chunks_exact(d).enumerate() {
@@ -523,15 +575,17 @@ impl KvCache for CodecCache {
                 if !self.collecting(i) {
                     let (pk, pv) = (std::mem::take(&mut self.pending_k[i]), std::mem::take(&mut self.pending_v[i]));
                     for (kr, vr) in pk.chunks_exact(k.len()).zip(pv.chunks_exact(v.len())) {
-                        let mu = self.center_keys.then_some(&self.kmu[i][..]);
-                        self.keys.encode_minus(i, kr, mu, &mut centered, &mut self.k[i]);
+                        let mu = (!self.kmu[i].is_empty()).then_some(&self.kmu[i][..]);
+                        let t = self.calib.as_ref().map(|c| c.t(i));
+                        self.keys.encode_minus(i, kr, mu, t, &mut centered, &mut self.k[i]);
                         self.values.encode(i, vr, &mut self.v[i]);
                     }
                 }
             }
         } else {
-            let mu = self.center_keys.then_some(&self.kmu[i][..]);
-            self.keys.encode_minus(i, k, mu, &mut centered, &mut self.k[i]);
+            let mu = (!self.kmu[i].is_empty()).then_some(&self.kmu[i][..]);
+            let t = self.calib.as_ref().map(|c| c.t(i));
+            self.keys.encode_minus(i, k, mu, t, &mut centered, &mut self.k[i]);
             self.values.encode(i, v, &mut self.v[i]);
         }
         if t < self.sink {

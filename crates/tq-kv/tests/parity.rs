@@ -120,7 +120,7 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
         ("k5v3", true, true),
     ] {
         let (sink, recent, n) = (2usize, 5usize, 40usize);
-        let mut cache = tq_kv::cache_with(shape, spec, 0, &tq_kv::CacheOptions { sink, recent, center_keys, recent_q8 }).unwrap();
+        let mut cache = tq_kv::cache_with(shape, spec, 0, &tq_kv::CacheOptions { sink, recent, center_keys, recent_q8, ..Default::default() }).unwrap();
         let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d).iter().zip(&offset).map(|(a, b)| a + b).collect()).collect();
         let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
         for (k, v) in ks.iter().zip(&vs) {
@@ -183,6 +183,84 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
         let recent_bytes = if recent_q8 { q8.code_size() } else { 4 * d };
         assert_eq!(cache.bytes(), n * per_token + sink * 2 * 4 * d + recent * 2 * recent_bytes + mu_bytes, "{spec}");
     }
+}
+
+/// Calibrated key transforms: the codes hold T·(k − μ) and queries are
+/// scored as T⁻¹q, so attention equals attention over μ + T⁻¹·decode(T·(k − μ))
+/// (window tokens exact), for codebook, generic, f16 and fractional key sides.
+#[test]
+fn calibrated_keys_are_exact() {
+    let mut r = Xoshiro256::new(5);
+    let d = 64;
+    let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    // anisotropic keys with an offset and queries with other channel scales
+    let kscale: Vec<f32> = (0..d).map(|j| 0.2 + (j % 9) as f32).collect();
+    let offset: Vec<f32> = randv(&mut r, d).iter().map(|x| 3.0 * x).collect();
+    let key = |r: &mut Xoshiro256| -> Vec<f32> { randv(r, d).iter().zip(&kscale).zip(&offset).map(|((x, s), o)| x * s + o).collect() };
+    let query = |r: &mut Xoshiro256| -> Vec<f32> { randv(r, d).iter().enumerate().map(|(j, x)| x * (1.0 + (j % 5) as f32) * 0.3).collect() };
+    let mut st = tq_kv::CalibrationStats::new(shape);
+    for _ in 0..400 {
+        st.add_key(0, &key(&mut r));
+        st.add_query(0, &query(&mut r));
+    }
+    let cal = std::sync::Arc::new(st.finish(0.1, "test").unwrap());
+    let (mu, t, ti) = (cal.mu(0).to_vec(), cal.t(0).to_vec(), cal.t_inv(0).to_vec());
+    let matvec = |m: &[f32], x: &[f32]| -> Vec<f32> { m.chunks_exact(d).map(|row| row.iter().zip(x).map(|(a, b)| (*a as f64 * *b as f64)).sum::<f64>() as f32).collect() };
+    for (spec, sink, recent, recent_q8) in [("tq-mse-3", 0usize, 0usize, false), ("k5v3", 2, 5, true), ("q4_0-rot", 1, 3, false), ("f16", 0, 0, false), ("tq-mse-3.5", 0, 4, false)] {
+        let o = tq_kv::CacheOptions { sink, recent, recent_q8, calibration: Some(cal.clone()), ..Default::default() };
+        let mut cache = tq_kv::cache_with(shape, spec, 0, &o).unwrap();
+        let n = 60;
+        let ks: Vec<Vec<f32>> = (0..n).map(|_| key(&mut r)).collect();
+        let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
+        for (k, v) in ks.iter().zip(&vs) {
+            cache.append(0, 0, k, v);
+        }
+        let qs: Vec<f32> = (0..3).flat_map(|_| query(&mut r)).collect();
+        let mut out = vec![f32::NAN; 3 * d];
+        cache.attend_group(0, 0, &qs, 3, n, &mut out);
+        let st = tq_core::kv::KvSpec::parse(spec).unwrap();
+        let tk: Vec<Vec<f32>> = ks.iter().map(|k| matvec(&t, &k.iter().zip(&mu).map(|(a, m)| a - m).collect::<Vec<_>>())).collect();
+        let trained = |name: &str, seed: u64, rows: &[Vec<f32>]| {
+            let mut c = build(name, d, seed, RotationKind::Hadamard).unwrap();
+            if c.wants_training() {
+                c.train(&rows[..tq_kv::TRAIN_TOKENS].concat()).unwrap();
+            }
+            c
+        };
+        let dec = |store: &tq_core::kv::Store, seed: u64, rows: &[Vec<f32>], x: &[f32]| -> Vec<f32> {
+            match store {
+                tq_core::kv::Store::Codec(name) => cache_roundtrip(trained(name, seed, rows).as_ref(), x),
+                _ => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
+            }
+        };
+        let q8 = build("q8_0", d, 0, RotationKind::Hadamard).unwrap();
+        let win = |t: usize, x: &Vec<f32>| if recent_q8 && t >= sink { cache_roundtrip(q8.as_ref(), x) } else { x.clone() };
+        let in_window = |t: usize| t < sink || t + recent >= n;
+        let kd: Vec<Vec<f32>> = (0..n)
+            .map(|t| if in_window(t) { win(t, &ks[t]) } else { matvec(&ti, &dec(&st.keys, 0, &tk, &tk[t])).iter().zip(&mu).map(|(a, m)| a + m).collect() })
+            .collect();
+        let vseed = tq_core::rng::derive_seed(0, 0x56);
+        let vd: Vec<Vec<f32>> = (0..n).map(|t| if in_window(t) { win(t, &vs[t]) } else { dec(&st.values, vseed, &vs, &vs[t]) }).collect();
+        for (g, o) in out.chunks_exact(d).enumerate() {
+            let q = &qs[g * d..(g + 1) * d];
+            let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
+            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            let want: Vec<f64> = (0..d).map(|j| e.iter().zip(&vd).map(|(w, v)| w / z * v[j] as f64).sum()).collect();
+            let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
+            for (a, b) in o.iter().zip(&want) {
+                assert!((*a as f64 - b).abs() <= 5e-4 * scale + 1e-5, "{spec} calibrated head {g}: {a} vs {b}");
+            }
+        }
+    }
+    // the calibration's geometry must match; it excludes --center-keys; KIVI refuses it
+    let other = Shape { layers: 2, kv_heads: 1, head_dim: d };
+    let o = tq_kv::CacheOptions { calibration: Some(cal.clone()), ..Default::default() };
+    assert!(tq_kv::cache_with(other, "tq-mse-4", 0, &o).err().unwrap().to_string().contains("layers"));
+    let both = tq_kv::CacheOptions { center_keys: true, ..o.clone() };
+    assert!(tq_kv::cache_with(shape, "tq-mse-4", 0, &both).err().unwrap().to_string().contains("choose one"));
+    assert!(tq_kv::cache_with(shape, "kivi-4", 0, &o).is_err());
 }
 
 /// Fractional rates online: each stream keeps its first TRAIN_TOKENS tokens in
