@@ -74,7 +74,7 @@ pub struct KvSpec {
 
 /// Every precision string family, for error messages and listings.
 pub const PRECISIONS: &str = "f32, f16, q8_0, q4_0, q8_0-rot, q4_0-rot, kivi-B, mxfp4, nvfp4, tq-mse-B, tq-mse-B-nc, tq-prod-B, \
-                              tq-mse-2.5, tq-mse-3.5, kBvC (B, C = 1..8: tq-mse keys at B bits, values at C)";
+                              tq-mse-2.5, tq-mse-3.5, kBvC and kBvC-nc (B, C = 1..8: tq-mse keys at B bits, values at C; -nc: without the norm correction)";
 
 impl KvSpec {
     pub fn parse(s: &str) -> Result<Self> {
@@ -94,6 +94,10 @@ impl KvSpec {
         }
         // kBvC
         if let Some(rest) = s.strip_prefix('k') {
+            let (rest, nc) = match rest.strip_suffix("-nc") {
+                Some(r) => (r, "-nc"),
+                None => (rest, ""),
+            };
             if let Some((kb, vb)) = rest.split_once('v') {
                 if let (Ok(kb), Ok(vb)) = (kb.parse::<u32>(), vb.parse::<u32>()) {
                     for b in [kb, vb] {
@@ -103,8 +107,8 @@ impl KvSpec {
                     }
                     return Ok(KvSpec {
                         name: s.to_string(),
-                        keys: Store::Codec(format!("tq-mse-{kb}")),
-                        values: Store::Codec(format!("tq-mse-{vb}")),
+                        keys: Store::Codec(format!("tq-mse-{kb}{nc}")),
+                        values: Store::Codec(format!("tq-mse-{vb}{nc}")),
                     });
                 }
             }

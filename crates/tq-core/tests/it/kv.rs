@@ -14,6 +14,9 @@ fn kv_bytes_per_token_are_exact() {
     let k4v3 = KvSpec::parse("k4v3").unwrap();
     assert_eq!((k4v3.keys.clone(), k4v3.values.clone()), (Store::Codec("tq-mse-4".into()), Store::Codec("tq-mse-3".into())));
     assert_eq!(k4v3.bits_per_value(128).unwrap(), (66.0 + 50.0) * 8.0 / 256.0);
+    let nc = KvSpec::parse("k5v3-nc").unwrap();
+    assert_eq!((nc.keys.clone(), nc.values.clone()), (Store::Codec("tq-mse-5-nc".into()), Store::Codec("tq-mse-3-nc".into())));
+    assert!(KvSpec::parse("k5v3-ncx").is_err() && KvSpec::parse("k9v3-nc").is_err());
     // tq-prod keeps its whole code (f32 norms and the QJL part)
     assert_eq!(KvSpec::parse("tq-prod-3").unwrap().keys.bytes_per_vector(128).unwrap(), tq_core::build("tq-prod-3", 128, 0, tq_core::RotationKind::Hadamard).unwrap().code_size() as f64);
     assert_eq!(KvSpec::parse("q4_0-rot").unwrap().bits_per_value(128).unwrap(), 4.5);
