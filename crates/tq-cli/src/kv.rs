@@ -129,7 +129,7 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
         let bits = spec.bits_per_value(shape.head_dim)?;
         let per_token = spec.bytes_per_token_per_layer(shape.kv_heads, shape.head_dim)?;
         rows.push(json!({"text": a.text, "chars": a.chars, "tokens": ids.len(), "ctx": a.ctx, "chunks": chunks, "kv": p,
-            "seed": a.seed, "sink": a.opts.sink, "recent": a.opts.recent, "recent_q8": a.opts.recent_q8, "center_keys": a.opts.center_keys,
+            "seed": a.seed, "sink": a.opts.sink, "recent": a.opts.recent, "recent_q8": a.opts.recent_q8, "delayed": a.opts.delayed, "center_keys": a.opts.center_keys,
             "calib": a.opts.calibration.as_ref().map(|c| c.source.clone()),
             "ppl": (s.nll / n).exp(), "ppl_f32": (nll_ref / n).exp(), "kld": s.kld / n, "top1_agree": s.agree as f64 / n,
             "bits_per_value": bits, "kv_bytes_per_token": per_token * shape.layers as f64, "kv_bytes_measured_per_token": s.kv_bytes as f64 / a.ctx as f64,
@@ -162,6 +162,9 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     if opts.recent_q8 {
         tag += "q8";
     }
+    if opts.delayed {
+        tag += "d";
+    }
     if opts.center_keys {
         tag += "_ck";
     }
@@ -180,6 +183,9 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     let mut win = if sink + recent > 0 { format!(", windows: {sink} f32 sink + {recent} {rf} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
     if opts.center_keys {
         win += ", keys centered (--center-keys)";
+    }
+    if opts.delayed {
+        win += ", recent tokens encoded when they leave the window (--delayed)";
     }
     if let Some(c) = &opts.calibration {
         win += &format!(", keys through transforms calibrated on {} (--calib-text {}; static per model, {} KiB, not in bits/value)", c.source, c.source, c.bytes() / 1024);
@@ -723,7 +729,7 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat,
             rows.push(row);
         }
     }
-    let summary = json!({"kv": kv, "seed": seed, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "center_keys": opts.center_keys, "calib": opts.calibration.as_ref().map(|c| c.source.clone()), "trials": trials, "pass_rate": pass as f64 / trials as f64,
+    let summary = json!({"kv": kv, "seed": seed, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "delayed": opts.delayed, "center_keys": opts.center_keys, "calib": opts.calibration.as_ref().map(|c| c.source.clone()), "trials": trials, "pass_rate": pass as f64 / trials as f64,
         "f32_pass_rate": pass_ref as f64 / trials as f64, "lengths": lengths, "depths": depths});
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())

@@ -172,6 +172,10 @@ struct Windows {
     /// Hold the recent window as q8_0 codes (8.5 bits per value) instead of f32.
     #[arg(long, requires = "recent")]
     recent_q8: bool,
+    /// Encode recent-window tokens only when they leave the window (from their
+    /// window copy), so the window costs no codes beside its own bytes.
+    #[arg(long, requires = "recent")]
+    delayed: bool,
     /// Seed of the codecs' random rotations (vary it to see the run-to-run spread).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -191,7 +195,7 @@ impl Windows {
             (None, Some(t)) => Some(std::sync::Arc::new(kv::calibrate(t, 4, 512, kv::CALIB_SHRINK, true)?)),
             (None, None) => None,
         };
-        Ok(tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys, recent_q8: self.recent_q8, calibration })
+        Ok(tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys, recent_q8: self.recent_q8, delayed: self.delayed, calibration })
     }
 }
 

@@ -306,6 +306,10 @@ pub struct CodecCache {
     kmu: Vec<Vec<f32>>,
     /// calibrated key transforms (keys encoded as T·(k − μ), queries as T⁻¹q)
     calib: Option<Arc<KeyCalibration>>,
+    /// recent tokens are encoded when they leave the window ([`CacheOptions::delayed`])
+    delayed: bool,
+    /// per stream: tokens with codes (all of them unless `delayed`)
+    coded: Vec<usize>,
 }
 
 /// `T·(x − mu)` (or `x − mu` without a transform) into `out`.
@@ -338,6 +342,11 @@ pub struct CacheOptions {
     /// Hold the recent window as q8_0 codes (8.5 bits per value) instead of
     /// f32 (sinks stay f32).
     pub recent_q8: bool,
+    /// Encode a recent-window token only when it leaves the window (from its
+    /// window copy: f32, or q8_0 with `recent_q8`), so the window costs its own
+    /// bytes and no codes beside them. Needs `recent`; not with `center_keys`
+    /// or fractional precisions (their streams train before encoding).
+    pub delayed: bool,
     /// Calibrated key transforms ([`calib`]): keys are encoded as T·(k − μ)
     /// with the calibration's μ and T, queries scored as T⁻¹q. Exclusive with
     /// `center_keys` (it brings its own offset).
@@ -359,6 +368,14 @@ impl CodecCache {
             c.check_shape(shape)?;
             if o.center_keys {
                 return Err(TqError::BadParams("--center-keys and a key calibration both set the key offset: choose one".into()));
+            }
+        }
+        if o.delayed {
+            if recent == 0 {
+                return Err(TqError::BadParams("delayed encoding needs a recent window (--recent N)".into()));
+            }
+            if o.center_keys || matches!(spec.keys, Store::Codec(ref n) if n.contains('.')) || matches!(spec.values, Store::Codec(ref n) if n.contains('.')) {
+                return Err(TqError::BadParams("delayed encoding does not combine with --center-keys or fractional precisions (their streams train on their first tokens before encoding)".into()));
             }
         }
         let kmu = match &o.calibration {
@@ -387,7 +404,18 @@ impl CodecCache {
             center_keys: o.center_keys,
             kmu,
             calib: o.calibration.clone(),
+            delayed: o.delayed,
+            coded: vec![0; n],
         })
+    }
+
+    /// Appends the codes of the next uncoded token of stream `i`.
+    fn encode_token(&mut self, i: usize, k: &[f32], v: &[f32], scratch: &mut Vec<f32>) {
+        let mu = (!self.kmu[i].is_empty()).then_some(&self.kmu[i][..]);
+        let t = self.calib.as_ref().map(|c| c.t(i));
+        self.keys.encode_minus(i, k, mu, t, scratch, &mut self.k[i]);
+        self.values.encode(i, v, &mut self.v[i]);
+        self.coded[i] += 1;
     }
 
     /// Whether stream `i` still holds its tokens in f32 (a side or the key
@@ -481,6 +509,8 @@ impl CodecCache {
             None => Cow::Borrowed(qs),
         };
         let qk: &[f32] = &qt;
+        // tokens with codes; the rest (delayed encoding) are all in the recent window
+        let nc = self.coded[i].min(len);
         with_scratch(group * len, group * d, |p, qr| {
             // ---- scores ----
             match (&keys, kview) {
@@ -489,19 +519,28 @@ impl CodecCache {
                         r.copy_from_slice(kc.prepare_unchecked(q).rotated());
                     }
                     let kcs = kv.packed + tq_core::kv::KV_SCALE_BYTES;
-                    (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
+                    if nc == len {
+                        (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
+                    } else {
+                        // the kernel's rows are `nc` long: score into a compact buffer
+                        let mut pc = vec![0.0f32; group * nc];
+                        (k.group_scores)(&self.k[i][..nc * kcs], kcs, kv.bits, kv.table, qr, d, scale, &mut pc);
+                        for (row, c) in p.chunks_exact_mut(len).zip(pc.chunks_exact(nc.max(1))) {
+                            row[..nc].copy_from_slice(&c[..nc]);
+                        }
+                    }
                 }
                 (SideRef::Codec(kc), None) => {
                     for (g, q) in qk.chunks_exact(d).enumerate() {
                         let pq = kc.prepare_unchecked(q);
-                        let row = &mut p[g * len..(g + 1) * len];
-                        kc.score_ip_many(&pq, &self.k[i][..len * kc.code_size()], row);
+                        let row = &mut p[g * len..g * len + nc];
+                        kc.score_ip_many(&pq, &self.k[i][..nc * kc.code_size()], row);
                         row.iter_mut().for_each(|s| *s *= scale);
                     }
                 }
                 (SideRef::F16, _) => {
                     for (g, q) in qk.chunks_exact(d).enumerate() {
-                        for t in 0..len {
+                        for t in 0..nc {
                             let kb = &self.k[i][t * 2 * d..(t + 1) * 2 * d];
                             p[g * len + t] = q.iter().zip(kb.chunks_exact(2)).map(|(a, b)| a * half::f16::from_le_bytes([b[0], b[1]]).to_f32()).sum::<f32>() * scale;
                         }
@@ -527,13 +566,19 @@ impl CodecCache {
             match (&values, vview) {
                 (SideRef::Codec(vc), Some(vv)) => {
                     let vcs = vv.packed + tq_core::kv::KV_SCALE_BYTES;
-                    (k.group_values)(&self.v[i][..len * vcs], vcs, vv.bits, vv.table, p, d, out);
+                    if nc == len {
+                        (k.group_values)(&self.v[i][..len * vcs], vcs, vv.bits, vv.table, p, d, out);
+                    } else {
+                        // window weights are already taken out of `p`: the codes' weights, compact
+                        let pc: Vec<f32> = p.chunks_exact(len).flat_map(|row| row[..nc].iter().copied()).collect();
+                        (k.group_values)(&self.v[i][..nc * vcs], vcs, vv.bits, vv.table, &pc, d, out);
+                    }
                     out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
                 }
                 (SideRef::Codec(vc), None) => {
                     let cs = vc.code_size();
                     for (g, o) in out.chunks_exact_mut(d).enumerate() {
-                        for t in 0..len {
+                        for t in 0..nc {
                             vc.accumulate(&self.v[i][t * cs..(t + 1) * cs], p[g * len + t], o);
                         }
                         vc.finish_accumulated(o);
@@ -541,7 +586,7 @@ impl CodecCache {
                 }
                 (SideRef::F16, _) => {
                     for (g, o) in out.chunks_exact_mut(d).enumerate() {
-                        for t in 0..len {
+                        for t in 0..nc {
                             let w = p[g * len + t];
                             let vb = &self.v[i][t * 2 * d..(t + 1) * 2 * d];
                             for (x, b) in o.iter_mut().zip(vb.chunks_exact(2)) {
@@ -575,18 +620,18 @@ impl KvCache for CodecCache {
                 if !self.collecting(i) {
                     let (pk, pv) = (std::mem::take(&mut self.pending_k[i]), std::mem::take(&mut self.pending_v[i]));
                     for (kr, vr) in pk.chunks_exact(k.len()).zip(pv.chunks_exact(v.len())) {
-                        let mu = (!self.kmu[i].is_empty()).then_some(&self.kmu[i][..]);
-                        let t = self.calib.as_ref().map(|c| c.t(i));
-                        self.keys.encode_minus(i, kr, mu, t, &mut centered, &mut self.k[i]);
-                        self.values.encode(i, vr, &mut self.v[i]);
+                        self.encode_token(i, kr, vr, &mut centered);
                     }
                 }
             }
+        } else if self.delayed && t >= self.sink {
+            // the token leaving the recent window (unless it is a sink) gets its codes now, from its window copy
+            if t >= self.recent && t - self.recent >= self.sink {
+                let (kw, vw) = self.window(i, t - self.recent, t).map(|(a, b)| (a.into_owned(), b.into_owned())).expect("the oldest window token");
+                self.encode_token(i, &kw, &vw, &mut centered);
+            }
         } else {
-            let mu = (!self.kmu[i].is_empty()).then_some(&self.kmu[i][..]);
-            let t = self.calib.as_ref().map(|c| c.t(i));
-            self.keys.encode_minus(i, k, mu, t, &mut centered, &mut self.k[i]);
-            self.values.encode(i, v, &mut self.v[i]);
+            self.encode_token(i, k, v, &mut centered);
         }
         if t < self.sink {
             self.sink_k[i].extend_from_slice(k);
@@ -630,16 +675,16 @@ impl KvCache for CodecCache {
         self.len[layer * self.shape.kv_heads + head]
     }
 
-    /// Codes of every token plus the f32 windows (and tokens awaiting training).
+    /// Codes of every coded token plus the windows (and tokens awaiting training).
     fn bytes(&self) -> usize {
         let d = self.shape.head_dim;
         let pending: usize = self.pending_k.iter().chain(&self.pending_v).map(|p| 4 * p.len()).sum();
-        let coded: usize = self.len.iter().zip(&self.pending_k).map(|(&l, p)| l - p.len() / d).sum();
-        let codes = coded * (self.keys.size(d) + self.values.size(d)) + pending;
+        let codes = self.coded.iter().sum::<usize>() * (self.keys.size(d) + self.values.size(d)) + pending;
         let sinks: usize = self.len.iter().map(|&l| l.min(self.sink)).sum();
         let recents: usize = self.len.iter().map(|&l| l.saturating_sub(self.sink).min(self.recent)).sum();
         let recent_bytes = self.ring_q8.as_ref().map_or(4 * d, |c| c.code_size());
-        let offsets: usize = self.kmu.iter().map(|m| 4 * m.len()).sum();
+        // learned offsets are per sequence; a calibration's are static per model (like its transforms)
+        let offsets: usize = if self.calib.is_some() { 0 } else { self.kmu.iter().map(|m| 4 * m.len()).sum() };
         codes + sinks * 2 * 4 * d + recents * 2 * recent_bytes + offsets
     }
 }

@@ -263,6 +263,76 @@ fn calibrated_keys_are_exact() {
     assert!(tq_kv::cache_with(shape, "kivi-4", 0, &o).is_err());
 }
 
+/// Delayed encoding: a recent-window token gets its codes only when it leaves
+/// the window, from its window copy. With an f32 window the codes are those of
+/// immediate encoding, so attention is the same (to rounding) and only the bytes shrink
+/// (by the window's codes); with a q8_0 window a token's codes are those of its
+/// decoded q8_0 copy.
+#[test]
+fn delayed_encoding_matches_immediate_and_saves_the_window_codes() {
+    let mut r = Xoshiro256::new(6);
+    let d = 64;
+    let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    let (sink, recent, n) = (2usize, 6usize, 50usize);
+    let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
+    let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
+    let qs = randv(&mut r, 3 * d);
+    for spec in ["k5v3-nc", "q4_0-rot", "f16", "tq-prod-3"] {
+        let base = tq_kv::CacheOptions { sink, recent, ..Default::default() };
+        let mut now = tq_kv::cache_with(shape, spec, 0, &base).unwrap();
+        let mut later = tq_kv::cache_with(shape, spec, 0, &tq_kv::CacheOptions { delayed: true, ..base.clone() }).unwrap();
+        for t in 0..n {
+            now.append(0, 0, &ks[t], &vs[t]);
+            later.append(0, 0, &ks[t], &vs[t]);
+            // every length, including those where the window still holds everything
+            let (mut a, mut b) = (vec![f32::NAN; 3 * d], vec![f32::NAN; 3 * d]);
+            now.attend_group(0, 0, &qs, 3, t + 1, &mut a);
+            later.attend_group(0, 0, &qs, 3, t + 1, &mut b);
+            // the same codes and windows; kernels may round a token's sums differently with the count
+            let scale = a.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+            let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(err <= 2e-6 * scale, "{spec} after {} tokens: {err}", t + 1);
+        }
+        let per_token = tq_core::kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap() as usize;
+        assert_eq!(now.bytes() - later.bytes(), recent * per_token, "{spec}");
+    }
+    // q8_0 window: out-of-window codes come from the decoded q8_0 copy
+    let o = tq_kv::CacheOptions { sink, recent, recent_q8: true, delayed: true, ..Default::default() };
+    let mut c = tq_kv::cache_with(shape, "k4v3-nc", 0, &o).unwrap();
+    for t in 0..n {
+        c.append(0, 0, &ks[t], &vs[t]);
+    }
+    let mut out = vec![f32::NAN; d];
+    c.attend(0, 0, &qs[..d], n, &mut out);
+    let q8 = build("q8_0", d, 0, RotationKind::Hadamard).unwrap();
+    let kc = build("tq-mse-4-nc", d, 0, RotationKind::Hadamard).unwrap();
+    let vc = build("tq-mse-3-nc", d, tq_core::rng::derive_seed(0, 0x56), RotationKind::Hadamard).unwrap();
+    let side = |c: &dyn Codec, t: usize, x: &Vec<f32>| -> Vec<f32> {
+        if t < sink {
+            x.clone()
+        } else if t + recent >= n {
+            cache_roundtrip(q8.as_ref(), x)
+        } else {
+            cache_roundtrip(c, &cache_roundtrip(q8.as_ref(), x))
+        }
+    };
+    let kd: Vec<Vec<f32>> = ks.iter().enumerate().map(|(t, k)| side(kc.as_ref(), t, k)).collect();
+    let vd: Vec<Vec<f32>> = vs.iter().enumerate().map(|(t, v)| side(vc.as_ref(), t, v)).collect();
+    let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(&qs[..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
+    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+    let z: f64 = e.iter().sum();
+    let want: Vec<f64> = (0..d).map(|j| e.iter().zip(&vd).map(|(w, v)| w / z * v[j] as f64).sum()).collect();
+    let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt();
+    for (a, b) in out.iter().zip(&want) {
+        assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "q8 window: {a} vs {b}");
+    }
+    // needs a window; refuses what trains before encoding
+    assert!(tq_kv::cache_with(shape, "tq-mse-4", 0, &tq_kv::CacheOptions { delayed: true, ..Default::default() }).is_err());
+    assert!(tq_kv::cache_with(shape, "tq-mse-3.5", 0, &tq_kv::CacheOptions { recent: 4, delayed: true, ..Default::default() }).is_err());
+    assert!(tq_kv::cache_with(shape, "tq-mse-4", 0, &tq_kv::CacheOptions { recent: 4, delayed: true, center_keys: true, ..Default::default() }).is_err());
+}
+
 /// Fractional rates online: each stream keeps its first TRAIN_TOKENS tokens in
 /// f32 (exact attention), then trains its own outlier split on them, encodes
 /// them and continues online.
