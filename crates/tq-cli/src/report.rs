@@ -70,7 +70,8 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
     let mut evals = Vec::new();
     let mut matrix = serde_json::Value::Null;
     let mut kv = serde_json::Value::Null;
-    let mut kv_centered = serde_json::Value::Null;
+    let mut kv_calibrated = serde_json::Value::Null;
+    let mut kv_window = serde_json::Value::Null;
     if !quick {
         for data in ["glove50", "minilm"] {
             let (text, rows) = search_section(out, data)?;
@@ -90,14 +91,28 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
         match crate::kv::sweep("austen", 200_000, 512, 4, &list, &tq_kv::CacheOptions::default(), 0, out) {
             Ok((text, rows)) => {
                 md.push_str(&text);
-                // the same at ≤ 4.5 bits with keys centered (exact for attention)
-                let centered: Vec<String> = CENTERED.split(',').map(str::to_string).collect();
-                let opts = tq_kv::CacheOptions { center_keys: true, ..Default::default() };
-                let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, 4, &centered, &opts, 0, out)?;
-                md.push_str("\n### The same with centered keys (`--center-keys`)\n\n");
-                md.push_str(&ctext);
                 kv = json!(rows);
-                kv_centered = json!(crows);
+                // around 4.5 bits with key transforms calibrated on another text (exact for attention)
+                let calibrated = || -> Result<(String, serde_json::Value, serde_json::Value)> {
+                    let cal = std::sync::Arc::new(crate::kv::calibrate("shakespeare", 4, 512, crate::kv::CALIB_SHRINK, true)?);
+                    let list: Vec<String> = CALIBRATED.split(',').map(str::to_string).collect();
+                    let opts = tq_kv::CacheOptions { calibration: Some(cal), ..Default::default() };
+                    let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, 4, &list, &opts, 0, out)?;
+                    let mut md = format!("\n### Keys through transforms calibrated on Shakespeare (`--calib-text shakespeare`)\n\n{ctext}");
+                    // and with a recent window of q8_0 codes that fits 4.5 bits per value at ctx 512
+                    let list: Vec<String> = WINDOWED.split(',').map(str::to_string).collect();
+                    let wopts = tq_kv::CacheOptions { recent: 30, recent_q8: true, delayed: true, ..opts };
+                    let (wtext, wrows) = crate::kv::sweep("austen", 200_000, 512, 4, &list, &wopts, 0, out)?;
+                    md += &format!("\n### Calibrated keys and 30 recent tokens as q8_0 (`--recent 30 --recent-q8 --delayed`: 4.5 bits per value at ctx 512)\n\n{wtext}");
+                    Ok((md, json!(crows), json!(wrows)))
+                };
+                match calibrated() {
+                    Ok((text, c, w)) => {
+                        md.push_str(&text);
+                        (kv_calibrated, kv_window) = (c, w);
+                    }
+                    Err(e) => md.push_str(&format!("\nCalibrated sweeps skipped: {e:#}.\n")),
+                }
             }
             // like the other real-data sections: say why, keep the report
             Err(e) => md.push_str(&format!("Skipped: {e:#}.\n")),
@@ -118,14 +133,16 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
             })
         })
         .collect();
-    let results = json!({"distortion": js, "search": search, "eval": evals, "matrix": matrix, "kv": kv, "kv_center_keys": kv_centered});
+    let results = json!({"distortion": js, "search": search, "eval": evals, "matrix": matrix, "kv": kv, "kv_calibrated": kv_calibrated, "kv_calibrated_window": kv_window});
     crate::files::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
     eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
     Ok(())
 }
 
-/// Precisions of the report's second KV sweep, with `--center-keys`.
-const CENTERED: &str = "q4_0-rot,tq-mse-4-nc,k5v3,k4v3";
+/// Precisions of the report's second KV sweep, with calibrated key transforms.
+const CALIBRATED: &str = "q4_0-rot,tq-mse-4-nc,k5v3-nc,k4v3-nc";
+/// Precisions of the report's third KV sweep: calibrated keys and a q8_0 recent window.
+const WINDOWED: &str = "tq-mse-4-nc,k5v3-nc";
 
 /// A finite number as JSON, NaN/∞ (no theory) as null.
 pub fn fin(v: f64) -> serde_json::Value {
