@@ -297,7 +297,9 @@ impl KvCache for DumpCache {
 }
 
 /// Default shrinkage of the calibration covariances (`tq kv calibrate`).
-pub const CALIB_SHRINK: f32 = 0.1;
+pub const CALIB_SHRINK: f32 = 0.2;
+/// Default chunks of 512 tokens a calibration runs (`tq kv calibrate`, `--calib-text`).
+pub const CALIB_CHUNKS: usize = 16;
 
 /// Feeds the key and query statistics of an f32 run (token 0 of each chunk,
 /// an attention sink with an atypical key, is left out of the key statistics).
