@@ -328,6 +328,20 @@ fn kv_and_vram_bad_input_is_clear() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read text file"));
     std::fs::write(d.join("empty.txt"), "  \n").unwrap();
     assert_fails(&run(&["kv", "eval", "--text", d.join("empty.txt").to_str().unwrap()]), "empty");
+    // key calibrations: missing, not one, corrupt; options that exclude each other
+    let cal = d.join("missing.cal");
+    assert_fails(&run(&["kv", "eval", "--kv", "tq-mse-4", "--calib", cal.to_str().unwrap()]), "cannot read key calibration");
+    std::fs::write(d.join("junk.cal"), b"not a calibration").unwrap();
+    assert_fails(&run(&["kv", "eval", "--kv", "tq-mse-4", "--calib", d.join("junk.cal").to_str().unwrap()]), "bad magic");
+    let mut head = b"TQKVCAL\0".to_vec();
+    head.extend_from_slice(&1u32.to_le_bytes());
+    head.extend_from_slice(&[30, 0, 0, 0, 3, 0, 0, 0, 64, 0, 0, 0]);
+    std::fs::write(d.join("short.cal"), &head).unwrap();
+    assert_fails(&run(&["kv", "eval", "--kv", "tq-mse-4", "--calib", d.join("short.cal").to_str().unwrap()]), "truncated");
+    let o = run(&["kv", "eval", "--kv", "tq-mse-4", "--calib", d.join("junk.cal").to_str().unwrap(), "--center-keys"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("cannot be used with"));
+    let o = run(&["kv", "eval", "--kv", "tq-mse-4", "--delayed"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--recent"));
     assert_fails(&run(&["vram", "--model", "gpt-5"]), "unknown model");
     assert_fails(&run(&["vram", "--model", "smollm2-135m", "--context", "100000"]), "exceeds");
     assert_fails(&run(&["vram", "--model", "llama-3.1-8b", "--kv", "f16,int3"]), "unknown kv precision");
