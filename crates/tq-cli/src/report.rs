@@ -99,11 +99,18 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
                     let opts = tq_kv::CacheOptions { calibration: Some(cal), ..Default::default() };
                     let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, 4, &list, &opts, 0, out)?;
                     let mut md = format!("\n### Keys through transforms calibrated on Shakespeare (`--calib-text shakespeare`)\n\n{ctext}");
-                    // and with a recent window of q8_0 codes that fits 4.5 bits per value at ctx 512
-                    let list: Vec<String> = WINDOWED.split(',').map(str::to_string).collect();
-                    let wopts = tq_kv::CacheOptions { recent: 30, recent_q8: true, delayed: true, ..opts };
-                    let (wtext, wrows) = crate::kv::sweep("austen", 200_000, 512, 4, &list, &wopts, 0, out)?;
-                    md += &format!("\n### Calibrated keys and 30 recent tokens as q8_0 (`--recent 30 --recent-q8 --delayed`: 4.5 bits per value at ctx 512)\n\n{wtext}");
+                    // and with the first token in f32 and a recent window of q8_0 codes that fit
+                    // 4.5 and 3.5 bits per value at ctx 512 (every byte counted)
+                    let mut wrows = Vec::new();
+                    for (list, recent, bits) in [(WINDOWED_45, 22, "4.5"), (WINDOWED_35, 18, "3.5")] {
+                        let list: Vec<String> = list.split(',').map(str::to_string).collect();
+                        let wopts = tq_kv::CacheOptions { sink: 1, recent, recent_q8: true, delayed: true, ..opts.clone() };
+                        let (wtext, rows) = crate::kv::sweep("austen", 200_000, 512, 4, &list, &wopts, 0, out)?;
+                        md += &format!(
+                            "\n### Calibrated keys, token 0 in f32 and {recent} recent tokens as q8_0 (`--sink 1 --recent {recent} --recent-q8 --delayed`: {bits} bits per value at ctx 512)\n\n{wtext}"
+                        );
+                        wrows.extend(rows);
+                    }
                     Ok((md, json!(crows), json!(wrows)))
                 };
                 match calibrated() {
@@ -141,8 +148,10 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
 
 /// Precisions of the report's second KV sweep, with calibrated key transforms.
 const CALIBRATED: &str = "q4_0-rot,tq-mse-4-nc,k5v3-nc,k4v3-nc";
-/// Precisions of the report's third KV sweep: calibrated keys and a q8_0 recent window.
-const WINDOWED: &str = "tq-mse-4-nc,k5v3-nc";
+/// Precisions of the report's windowed KV sweeps (calibrated keys, an f32 sink
+/// and a q8_0 recent window) at 4.5 and 3.5 bits per value.
+const WINDOWED_45: &str = "tq-mse-4-nc,k5v3-nc";
+const WINDOWED_35: &str = "k4v2-nc,tq-mse-3-nc";
 
 /// A finite number as JSON, NaN/∞ (no theory) as null.
 pub fn fin(v: f64) -> serde_json::Value {
