@@ -481,7 +481,9 @@ impl KvCache for TimedCache {
 /// filled with the real keys and values of a SmolLM2 run over the first
 /// `fill` tokens of Austen (tiled when `ctx` is longer), then `steps` tokens
 /// are decoded one at a time.
-pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, json: bool) -> Result<()> {
+/// The compressed cache takes `opts` (windows, calibration); the f32 cache is exact.
+#[allow(clippy::too_many_arguments)]
+pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, opts: &tq_kv::CacheOptions, seed: u64, json: bool) -> Result<()> {
     tq_core::kv::KvSpec::parse(kv)?;
     let path = crate::data::smollm_gguf(json)?;
     let model = Llama::load(&path)?;
@@ -511,7 +513,7 @@ pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, json: bool) ->
     for &ctx in ctxs {
         let mut res = Vec::new();
         for spec in ["f32", kv] {
-            let mut cache = TimedCache { inner: tq_kv::cache_for(shape, spec, 0)?, attend_ns: std::cell::Cell::new(0) };
+            let mut cache = TimedCache { inner: tq_kv::cache_with(shape, spec, seed, opts)?, attend_ns: std::cell::Cell::new(0) };
             for t in 0..ctx - steps {
                 let s = t % fill;
                 for i in 0..n {
@@ -541,7 +543,8 @@ pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, json: bool) ->
             res.push((secs, attn, cache.bytes(), best));
         }
         let ((fs, fa, fb, fo), (ks, ka, kb, ko)) = (res[0], res[1]);
-        let row = json!({"kv": kv, "ctx": ctx, "steps": steps, "decode_tok_s": steps as f64 / ks, "attn_ms_per_token": ka,
+        let row = json!({"kv": kv, "ctx": ctx, "steps": steps, "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "delayed": opts.delayed,
+            "calib": opts.calibration.as_ref().map(|c| c.source.clone()), "decode_tok_s": steps as f64 / ks, "attn_ms_per_token": ka,
             "f32_decode_tok_s": steps as f64 / fs, "f32_attn_ms_per_token": fa, "attn_speedup": fa / ka, "decode_speedup": fs / ks,
             "attn_only_ms": ko, "f32_attn_only_ms": fo, "attn_only_speedup": fo / ko,
             "kv_bytes": kb, "f32_kv_bytes": fb, "threads": rayon::current_num_threads()});

@@ -226,6 +226,8 @@ enum KvCmd {
         /// Real keys/values captured from this many tokens of Austen (tiled beyond).
         #[arg(long, default_value_t = 1024)]
         fill: usize,
+        #[command(flatten)]
+        windows: Windows,
         #[arg(long)]
         json: bool,
     },
@@ -585,9 +587,9 @@ fn run(cli: Cli) -> Result<()> {
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
             kv::needle(&kv, &lengths, &depths, format, &w.opts()?, w.seed, json)
         }
-        Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, json } } => {
+        Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, windows: w, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::bench(&kv, &ctxs, steps, fill, json)
+            kv::bench(&kv, &ctxs, steps, fill, &w.opts()?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Calibrate { text, chunks, ctx, shrink, out } } => {
             let c = kv::calibrate(&text, chunks, ctx, shrink, false)?;
