@@ -299,7 +299,10 @@ impl KvCache for DumpCache {
 /// Default shrinkage of the calibration covariances (`tq kv calibrate`).
 pub const CALIB_SHRINK: f32 = 0.2;
 /// Default chunks of 512 tokens a calibration runs (`tq kv calibrate`, `--calib-text`).
-pub const CALIB_CHUNKS: usize = 16;
+pub const CALIB_CHUNKS: usize = 2;
+/// Default tokens per calibration chunk: keys after RoPE depend on the position,
+/// so the statistics must cover the positions the cache will hold.
+pub const CALIB_CTX: usize = 4096;
 
 /// Feeds the key and query statistics of an f32 run (token 0 of each chunk,
 /// an attention sink with an atypical key, is left out of the key statistics).
@@ -319,6 +322,19 @@ impl KvCache for CalibCache {
     fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]) {
         self.stats.borrow_mut().add_query(layer * self.kv_heads + head, q);
         self.inner.attend(layer, head, q, len, out);
+    }
+    /// The f32 cache is exact: the model may prefill in batches (each
+    /// position's queries are recorded, then attended in parallel).
+    fn prefix_stable(&self, _layer: usize) -> bool {
+        true
+    }
+    fn attend_positions(&self, layer: usize, qs: &[f32], kv_heads: usize, group: usize, d: usize, start: usize, out: &mut [f32]) {
+        let mut st = self.stats.borrow_mut();
+        for (h, q) in qs.chunks_exact(d).enumerate() {
+            st.add_query(layer * kv_heads + (h / group) % kv_heads, q);
+        }
+        drop(st);
+        self.inner.attend_positions(layer, qs, kv_heads, group, d, start, out);
     }
     fn len(&self, layer: usize, head: usize) -> usize {
         self.inner.len(layer, head)

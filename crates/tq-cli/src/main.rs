@@ -183,7 +183,7 @@ struct Windows {
     #[arg(long, conflicts_with_all = ["center_keys", "calib_text"])]
     calib: Option<PathBuf>,
     /// Calibrate the key transforms first on this text (austen, shakespeare or a
-    /// file; 16 chunks of 512 tokens): use a different text than the one evaluated.
+    /// file; 2 chunks of 4096 tokens): use a different text than the one evaluated.
     #[arg(long, conflicts_with = "center_keys")]
     calib_text: Option<String>,
 }
@@ -192,7 +192,7 @@ impl Windows {
     fn opts(&self) -> Result<tq_kv::CacheOptions> {
         let calibration = match (&self.calib, &self.calib_text) {
             (Some(p), _) => Some(std::sync::Arc::new(kv::load_calibration(p)?)),
-            (None, Some(t)) => Some(std::sync::Arc::new(kv::calibrate(t, kv::CALIB_CHUNKS, 512, kv::CALIB_SHRINK, true)?)),
+            (None, Some(t)) => Some(std::sync::Arc::new(kv::calibrate(t, kv::CALIB_CHUNKS, kv::CALIB_CTX, kv::CALIB_SHRINK, true)?)),
             (None, None) => None,
         };
         Ok(tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys, recent_q8: self.recent_q8, delayed: self.delayed, calibration })
@@ -273,7 +273,9 @@ enum KvCmd {
         /// Chunks of --ctx tokens from the start of the text (each a fresh context).
         #[arg(long, default_value_t = kv::CALIB_CHUNKS)]
         chunks: usize,
-        #[arg(long, default_value_t = 512)]
+        /// Tokens per chunk: cover the positions the cache will hold (keys after
+        /// RoPE depend on the position).
+        #[arg(long, default_value_t = kv::CALIB_CTX)]
         ctx: usize,
         /// Shrinkage of both covariances toward a scaled identity, in [0, 1).
         #[arg(long, default_value_t = kv::CALIB_SHRINK)]
