@@ -188,7 +188,7 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
         win += ", recent tokens encoded when they leave the window (--delayed)";
     }
     if let Some(c) = &opts.calibration {
-        win += &format!(", keys through transforms calibrated on {} (--calib-text {}; static per model, {} KiB, not in bits/value)", c.source, c.source, c.bytes() / 1024);
+        win += &format!(", keys through transforms calibrated on {} (--calib; static per model, {} KiB, not in bits/value)", c.source, c.bytes() / 1024);
     }
     if seed != 0 {
         win += &format!(", rotation seed {seed}");
@@ -298,7 +298,7 @@ impl KvCache for DumpCache {
 
 /// Default shrinkage of the calibration covariances (`tq kv calibrate`).
 pub const CALIB_SHRINK: f32 = 0.2;
-/// Default chunks of 512 tokens a calibration runs (`tq kv calibrate`, `--calib-text`).
+/// Default chunks (fresh contexts) a calibration runs (`tq kv calibrate`, `--calib-text`).
 pub const CALIB_CHUNKS: usize = 2;
 /// Default tokens per calibration chunk: keys after RoPE depend on the position,
 /// so the statistics must cover the positions the cache will hold.
