@@ -183,16 +183,22 @@ struct Windows {
     #[arg(long, conflicts_with_all = ["center_keys", "calib_text"])]
     calib: Option<PathBuf>,
     /// Calibrate the key transforms first on this text (austen, shakespeare or a
-    /// file; 2 chunks of 4096 tokens): use a different text than the one evaluated.
+    /// file), over chunks as long as the longest context the command holds
+    /// (about 8K tokens in all): use a different text than the one evaluated.
     #[arg(long, conflicts_with = "center_keys")]
     calib_text: Option<String>,
 }
 
 impl Windows {
-    fn opts(&self) -> Result<tq_kv::CacheOptions> {
+    /// The options; `--calib-text` calibrates over chunks of `ctx` tokens (the
+    /// longest context the command will hold), about 8K tokens in all.
+    fn opts(&self, ctx: usize) -> Result<tq_kv::CacheOptions> {
         let calibration = match (&self.calib, &self.calib_text) {
             (Some(p), _) => Some(std::sync::Arc::new(kv::load_calibration(p)?)),
-            (None, Some(t)) => Some(std::sync::Arc::new(kv::calibrate(t, kv::CALIB_CHUNKS, kv::CALIB_CTX, kv::CALIB_SHRINK, true)?)),
+            (None, Some(t)) => {
+                let ctx = ctx.clamp(64, 8192);
+                Some(std::sync::Arc::new(kv::calibrate(t, (8192 / ctx).max(1), ctx, kv::CALIB_SHRINK, true)?))
+            }
             (None, None) => None,
         };
         Ok(tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys, recent_q8: self.recent_q8, delayed: self.delayed, calibration })
@@ -516,7 +522,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Report { out, n, quick } => report::run(&out, n, quick),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
-            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, opts: w.opts()?, seed: w.seed, json })
+            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, opts: w.opts(t.ctx)?, seed: w.seed, json })
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             if name == "austen" || name == "shakespeare" {
@@ -568,13 +574,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts()?, w.seed),
+        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts(kv::CALIB_CTX)?, w.seed),
         Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
             let list: Vec<String> = kv.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
             for p in &list {
                 tq_core::kv::KvSpec::parse(p)?;
             }
-            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, &w.opts()?, w.seed, &out)?;
+            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, &w.opts(t.ctx)?, w.seed, &out)?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -587,11 +593,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&kv, &lengths, &depths, format, &w.opts()?, w.seed, json)
+            kv::needle(&kv, &lengths, &depths, format, &w.opts(lengths.iter().copied().max().unwrap_or(kv::CALIB_CTX))?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, windows: w, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::bench(&kv, &ctxs, steps, fill, &w.opts()?, w.seed, json)
+            kv::bench(&kv, &ctxs, steps, fill, &w.opts(ctxs.iter().copied().max().unwrap_or(kv::CALIB_CTX))?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Calibrate { text, chunks, ctx, shrink, out } } => {
             let c = kv::calibrate(&text, chunks, ctx, shrink, false)?;

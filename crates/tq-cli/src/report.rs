@@ -94,7 +94,7 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
                 kv = json!(rows);
                 // around 4.5 bits with key transforms calibrated on another text (exact for attention)
                 let calibrated = || -> Result<(String, serde_json::Value, serde_json::Value)> {
-                    let cal = std::sync::Arc::new(crate::kv::calibrate("shakespeare", crate::kv::CALIB_CHUNKS, crate::kv::CALIB_CTX, crate::kv::CALIB_SHRINK, true)?);
+                    let cal = std::sync::Arc::new(crate::kv::calibrate("shakespeare", 16, 512, crate::kv::CALIB_SHRINK, true)?);
                     let list: Vec<String> = CALIBRATED.split(',').map(str::to_string).collect();
                     let opts = tq_kv::CacheOptions { calibration: Some(cal), ..Default::default() };
                     let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, 4, &list, &opts, 0, out)?;
