@@ -228,7 +228,7 @@ impl CalibrationStats {
             let t2 = symmetrize(&matmul(&matmul(&kih, &mid, d), &kih, d), d);
             let (vals, vecs) = jacobi_eigen(&t2, d);
             let mean = vals.iter().map(|l| l.max(0.0).sqrt()).sum::<f64>() / d as f64;
-            if !(mean.is_finite() && mean > 0.0) || vals.iter().any(|&l| !(l > 0.0)) {
+            if !(mean.is_finite() && mean > 0.0) || vals.iter().any(|l| l.is_nan() || *l <= 0.0) {
                 return Err(TqError::BadParams(format!("key calibration: stream {i} has a singular covariance (raise the shrink)")));
             }
             let ti = from_eigen(&vals.iter().map(|l| l.sqrt() / mean).collect::<Vec<_>>(), &vecs, d);
