@@ -25,22 +25,21 @@ fn cache_roundtrip(c: &dyn Codec, x: &[f32]) -> Vec<f32> {
     y
 }
 
-/// Reference: decode every key and value, then exact softmax attention in f64.
-fn reference(kc: &dyn Codec, vc: &dyn Codec, ks: &[Vec<f32>], vs: &[Vec<f32>], q: &[f32]) -> Vec<f64> {
+/// Exact softmax(q·Kᵀ/√d)·V in f64 over the given (decoded) keys and values.
+fn attend_f64(kd: &[Vec<f32>], vd: &[Vec<f32>], q: &[f32]) -> Vec<f64> {
     let d = q.len();
-    let kd: Vec<Vec<f32>> = ks.iter().map(|k| cache_roundtrip(kc, k)).collect();
-    let vd: Vec<Vec<f32>> = vs.iter().map(|v| cache_roundtrip(vc, v)).collect();
     let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
     let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
     let z: f64 = e.iter().sum();
-    let mut out = vec![0.0f64; d];
-    for (w, v) in e.iter().zip(&vd) {
-        for (o, x) in out.iter_mut().zip(v) {
-            *o += w / z * *x as f64;
-        }
-    }
-    out
+    (0..d).map(|j| e.iter().zip(vd).map(|(w, v)| w / z * v[j] as f64).sum()).collect()
+}
+
+/// Reference: decode every key and value, then exact softmax attention in f64.
+fn reference(kc: &dyn Codec, vc: &dyn Codec, ks: &[Vec<f32>], vs: &[Vec<f32>], q: &[f32]) -> Vec<f64> {
+    let kd: Vec<Vec<f32>> = ks.iter().map(|k| cache_roundtrip(kc, k)).collect();
+    let vd: Vec<Vec<f32>> = vs.iter().map(|v| cache_roundtrip(vc, v)).collect();
+    attend_f64(&kd, &vd, q)
 }
 
 #[test]
@@ -166,12 +165,7 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
         let vd: Vec<Vec<f32>> =
             vs.iter().enumerate().map(|(t, v)| if in_window(t) { win(t, v) } else { dec(&st.values, tq_core::rng::derive_seed(0, 0x56), v) }).collect();
         for (g, o) in out.chunks_exact(d).enumerate() {
-            let q = &qs[g * d..(g + 1) * d];
-            let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
-            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            let want: Vec<f64> = (0..d).map(|j| e.iter().zip(&vd).map(|(w, v)| w / z * v[j] as f64).sum()).collect();
+            let want = attend_f64(&kd, &vd, &qs[g * d..(g + 1) * d]);
             let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
             for (a, b) in o.iter().zip(&want) {
                 assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{spec} center {center_keys} head {g}: {a} vs {b}");
@@ -205,7 +199,7 @@ fn calibrated_keys_are_exact() {
     }
     let cal = std::sync::Arc::new(st.finish(0.1, "test").unwrap());
     let (mu, t, ti) = (cal.mu(0).to_vec(), cal.t(0).to_vec(), cal.t_inv(0).to_vec());
-    let matvec = |m: &[f32], x: &[f32]| -> Vec<f32> { m.chunks_exact(d).map(|row| row.iter().zip(x).map(|(a, b)| (*a as f64 * *b as f64)).sum::<f64>() as f32).collect() };
+    let matvec = |m: &[f32], x: &[f32]| -> Vec<f32> { m.chunks_exact(d).map(|row| row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect() };
     for (spec, sink, recent, recent_q8) in [("tq-mse-3", 0usize, 0usize, false), ("k5v3", 2, 5, true), ("q4_0-rot", 1, 3, false), ("f16", 0, 0, false), ("tq-mse-3.5", 0, 4, false)] {
         let o = tq_kv::CacheOptions { sink, recent, recent_q8, calibration: Some(cal.clone()), ..Default::default() };
         let mut cache = tq_kv::cache_with(shape, spec, 0, &o).unwrap();
@@ -242,12 +236,7 @@ fn calibrated_keys_are_exact() {
         let vseed = tq_core::rng::derive_seed(0, 0x56);
         let vd: Vec<Vec<f32>> = (0..n).map(|t| if in_window(t) { win(t, &vs[t]) } else { dec(&st.values, vseed, &vs, &vs[t]) }).collect();
         for (g, o) in out.chunks_exact(d).enumerate() {
-            let q = &qs[g * d..(g + 1) * d];
-            let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(q).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
-            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = e.iter().sum();
-            let want: Vec<f64> = (0..d).map(|j| e.iter().zip(&vd).map(|(w, v)| w / z * v[j] as f64).sum()).collect();
+            let want = attend_f64(&kd, &vd, &qs[g * d..(g + 1) * d]);
             let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
             for (a, b) in o.iter().zip(&want) {
                 assert!((*a as f64 - b).abs() <= 5e-4 * scale + 1e-5, "{spec} calibrated head {g}: {a} vs {b}");
@@ -318,11 +307,7 @@ fn delayed_encoding_matches_immediate_and_saves_the_window_codes() {
     };
     let kd: Vec<Vec<f32>> = ks.iter().enumerate().map(|(t, k)| side(kc.as_ref(), t, k)).collect();
     let vd: Vec<Vec<f32>> = vs.iter().enumerate().map(|(t, v)| side(vc.as_ref(), t, v)).collect();
-    let s: Vec<f64> = kd.iter().map(|k| k.iter().zip(&qs[..d]).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt()).collect();
-    let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-    let z: f64 = e.iter().sum();
-    let want: Vec<f64> = (0..d).map(|j| e.iter().zip(&vd).map(|(w, v)| w / z * v[j] as f64).sum()).collect();
+    let want = attend_f64(&kd, &vd, &qs[..d]);
     let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt();
     for (a, b) in out.iter().zip(&want) {
         assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "q8 window: {a} vs {b}");
