@@ -519,16 +519,8 @@ impl CodecCache {
                         r.copy_from_slice(kc.prepare_unchecked(q).rotated());
                     }
                     let kcs = kv.packed + tq_core::kv::KV_SCALE_BYTES;
-                    if nc == len {
-                        (k.group_scores)(&self.k[i][..len * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
-                    } else {
-                        // the kernel's rows are `nc` long: score into a compact buffer
-                        let mut pc = vec![0.0f32; group * nc];
-                        (k.group_scores)(&self.k[i][..nc * kcs], kcs, kv.bits, kv.table, qr, d, scale, &mut pc);
-                        for (row, c) in p.chunks_exact_mut(len).zip(pc.chunks_exact(nc.max(1))) {
-                            row[..nc].copy_from_slice(&c[..nc]);
-                        }
-                    }
+                    // rows of `len`: the kernel fills the first `nc` of each
+                    (k.group_scores)(&self.k[i][..nc * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
                 }
                 (SideRef::Codec(kc), None) => {
                     for (g, q) in qk.chunks_exact(d).enumerate() {
@@ -566,13 +558,8 @@ impl CodecCache {
             match (&values, vview) {
                 (SideRef::Codec(vc), Some(vv)) => {
                     let vcs = vv.packed + tq_core::kv::KV_SCALE_BYTES;
-                    if nc == len {
-                        (k.group_values)(&self.v[i][..len * vcs], vcs, vv.bits, vv.table, p, d, out);
-                    } else {
-                        // window weights are already taken out of `p`: the codes' weights, compact
-                        let pc: Vec<f32> = p.chunks_exact(len).flat_map(|row| row[..nc].iter().copied()).collect();
-                        (k.group_values)(&self.v[i][..nc * vcs], vcs, vv.bits, vv.table, &pc, d, out);
-                    }
+                    // the first `nc` weights of each row (window weights are already taken out)
+                    (k.group_values)(&self.v[i][..nc * vcs], vcs, vv.bits, vv.table, p, d, out);
                     out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
                 }
                 (SideRef::Codec(vc), None) => {

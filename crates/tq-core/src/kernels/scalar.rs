@@ -157,31 +157,33 @@ pub fn code_scale(c: &[u8], packed: usize) -> f32 {
 }
 
 /// Scores of a GQA group against `n` codebook codes (`[packed][scale]`, see
-/// [`code_scale`]; `code_size` bytes each): `out[g·n + t] = scale · s_t · Σ_j
-/// qs[g·d + j] · table[idx_tj]`.
+/// [`code_scale`]; `code_size` bytes each): `out[g·ld + t] = scale · s_t · Σ_j
+/// qs[g·d + j] · table[idx_tj]`, with rows of `ld = out.len() / G ≥ n` (G query
+/// heads): a caller may score the first `n` tokens of longer rows.
 #[allow(clippy::too_many_arguments)]
 pub fn group_scores_ref(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let packed = packed_bytes(d, bits);
-    let n = codes.len() / code_size;
     let g = qs.len() / d;
+    let ld = out.len() / g.max(1);
     for (t, c) in codes.chunks_exact(code_size).enumerate() {
         let s = code_scale(c, packed) * scale;
         for h in 0..g {
-            out[h * n + t] = dot_codes_ref(&qs[h * d..(h + 1) * d], &c[..packed], bits, table) * s;
+            out[h * ld + t] = dot_codes_ref(&qs[h * d..(h + 1) * d], &c[..packed], bits, table) * s;
         }
     }
 }
 
 /// Value sums of a GQA group over `n` codebook codes (`[packed][scale]`):
-/// `acc[g·d + j] += Σ_t (w[g·n + t] · s_t) · table[idx_tj]`.
+/// `acc[g·d + j] += Σ_t (w[g·ld + t] · s_t) · table[idx_tj]`, with weight rows
+/// of `ld = w.len() / G ≥ n` (the first `n` weights of each row are used).
 pub fn group_values_ref(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let packed = packed_bytes(d, bits);
-    let n = codes.len() / code_size;
     let g = acc.len() / d;
+    let ld = w.len() / g.max(1);
     for (t, c) in codes.chunks_exact(code_size).enumerate() {
         let s = code_scale(c, packed);
         for h in 0..g {
-            axpy_codes_ref(&c[..packed], bits, table, w[h * n + t] * s, &mut acc[h * d..(h + 1) * d]);
+            axpy_codes_ref(&c[..packed], bits, table, w[h * ld + t] * s, &mut acc[h * d..(h + 1) * d]);
         }
     }
 }

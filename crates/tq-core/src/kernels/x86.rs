@@ -669,6 +669,7 @@ fn group_scores(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[
 unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = qs.len() / d;
+    let ld = out.len() / g;
     let packed = scalar::packed_bytes(d, bits);
     let sb = code_size - packed;
     // SAFETY: see the bounds check in `group_scores`.
@@ -688,7 +689,7 @@ unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
                 let x = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps(*a, 1));
                 let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
                 let x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
-                *out.get_unchecked_mut(h * n + t) = _mm_cvtss_f32(x) * s;
+                *out.get_unchecked_mut(h * ld + t) = _mm_cvtss_f32(x) * s;
             }
         }
     }
@@ -712,7 +713,7 @@ fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f
 /// coordinate passes, their scaled weights live on the stack.
 const VBLOCK: usize = 128;
 
-/// `ws[h·VBLOCK + i] = w[h·n + t0 + i] · s_{t0+i}` for the `m` tokens of a block
+/// `ws[h·VBLOCK + i] = w[h·ld + t0 + i] · s_{t0+i}` for the `m` tokens of a block
 /// (the same product the scalar reference forms).
 ///
 /// # Safety
@@ -720,12 +721,12 @@ const VBLOCK: usize = 128;
 /// bytes, then a 2- or 4-byte scale).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scaled_weights(codes: &[u8], code_size: usize, packed: usize, w: &[f32], n: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
+unsafe fn scaled_weights(codes: &[u8], code_size: usize, packed: usize, w: &[f32], ld: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
     for i in 0..m {
         // SAFETY: the caller's contract.
         let s = unsafe { scale_at(codes.as_ptr().add((t0 + i) * code_size + packed), code_size - packed) };
         for h in 0..g {
-            ws[h * VBLOCK + i] = w[h * n + t0 + i] * s;
+            ws[h * VBLOCK + i] = w[h * ld + t0 + i] * s;
         }
     }
 }
@@ -734,6 +735,7 @@ unsafe fn scaled_weights(codes: &[u8], code_size: usize, packed: usize, w: &[f32
 unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
+    let ld = w.len() / g;
     let gv = g.min(8);
     // SAFETY: see the bounds check in `group_values`.
     unsafe {
@@ -741,7 +743,7 @@ unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, n, gv, t0, m, &mut ws);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, ld, gv, t0, m, &mut ws);
             // coordinate groups outer: the group's accumulators stay in registers over the block
             for k in 0..d / 8 {
                 let mut a = [_mm256_setzero_ps(); 8];
@@ -762,7 +764,7 @@ unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
         if g > 8 {
             // rare: groups wider than 8 heads fall back for the remaining heads
             let rest = &mut acc[8 * d..];
-            scalar::group_values_ref(codes, code_size, bits, table, &w[8 * n..], d, rest);
+            scalar::group_values_ref(codes, code_size, bits, table, &w[8 * ld..], d, rest);
         }
     }
 }
@@ -802,6 +804,7 @@ unsafe fn table8x2(bits: u32, table: &[f32]) -> (__m256, __m256) {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
+    let ld = out.len() / G;
     let packed = scalar::packed_bytes(d, BITS);
     let sb = code_size - packed;
     let f = per_byte(BITS);
@@ -832,7 +835,7 @@ unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code
             for h in 0..G {
                 let x = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][h], acc[1][h]), _mm256_hadd_ps(acc[2][h], acc[3][h]));
                 let s4 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
-                _mm_storeu_ps(out.as_mut_ptr().add(h * n + t), _mm_mul_ps(s4, sc));
+                _mm_storeu_ps(out.as_mut_ptr().add(h * ld + t), _mm_mul_ps(s4, sc));
             }
         }
         for t in n4..n {
@@ -843,7 +846,7 @@ unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code
                 let x = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps::<1>(*a));
                 let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
                 let x = _mm_add_ss(x, _mm_shuffle_ps::<1>(x, x));
-                *out.get_unchecked_mut(h * n + t) = _mm_cvtss_f32(x) * s;
+                *out.get_unchecked_mut(h * ld + t) = _mm_cvtss_f32(x) * s;
             }
         }
     }
@@ -862,7 +865,7 @@ unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code
         let mut ws = [0.0f32; 8 * VBLOCK];
         for b0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - b0);
-            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, n, G, b0, m, &mut ws);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, w.len() / G, G, b0, m, &mut ws);
             for blk in 0..d / (8 * f) {
                 let mut a = [[_mm256_setzero_ps(); G]; 4];
                 for r in 0..f {
@@ -1086,20 +1089,20 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
             }
         };
         let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
-        scores_by4::<G>(n, out, one, scale_of);
+        scores_by4::<G>(n, out.len() / G, out, one, scale_of);
     }
 }
 
 /// The token loop of the AVX-512 score kernels: `one(t, acc)` adds token
 /// `t`'s products into its `G` head accumulators; four tokens at a time, one
 /// transpose-add tree gives their four sums per head, times `scale_of(t)`,
-/// stored at `out[h·n + t]`.
+/// stored at `out[h·ld + t]`.
 ///
 /// # Safety
-/// AVX-512F/BW; `out` holds `G·n` floats.
+/// AVX-512F/BW; `out` holds `G` rows of `ld ≥ n` floats.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // head h indexes four accumulator sets
-unsafe fn scores_by4<const G: usize>(n: usize, out: &mut [f32], one: impl Fn(usize, &mut [__m512; G]), scale_of: impl Fn(usize) -> f32) {
+unsafe fn scores_by4<const G: usize>(n: usize, ld: usize, out: &mut [f32], one: impl Fn(usize, &mut [__m512; G]), scale_of: impl Fn(usize) -> f32) {
     // SAFETY: the caller's contract.
     unsafe {
         let n4 = n / 4 * 4;
@@ -1110,7 +1113,7 @@ unsafe fn scores_by4<const G: usize>(n: usize, out: &mut [f32], one: impl Fn(usi
             }
             let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
             for h in 0..G {
-                store_sums4(acc[0][h], acc[1][h], acc[2][h], acc[3][h], sc, out.as_mut_ptr().add(h * n + t));
+                store_sums4(acc[0][h], acc[1][h], acc[2][h], acc[3][h], sc, out.as_mut_ptr().add(h * ld + t));
             }
         }
         for t in n4..n {
@@ -1118,7 +1121,7 @@ unsafe fn scores_by4<const G: usize>(n: usize, out: &mut [f32], one: impl Fn(usi
             one(t, &mut acc);
             let s = scale_of(t);
             for (h, a) in acc.iter().enumerate() {
-                *out.get_unchecked_mut(h * n + t) = _mm512_reduce_add_ps(*a) * s;
+                *out.get_unchecked_mut(h * ld + t) = _mm512_reduce_add_ps(*a) * s;
             }
         }
     }
@@ -1233,7 +1236,7 @@ unsafe fn group_scores_wide512<const G: usize>(codes: &[u8], code_size: usize, b
             }
         };
         let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
-        scores_by4::<G>(n, out, one, scale_of);
+        scores_by4::<G>(n, out.len() / G, out, one, scale_of);
     }
 }
 
@@ -1246,7 +1249,7 @@ unsafe fn group_values_wide512<const G: usize>(codes: &[u8], code_size: usize, b
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, n, G, t0, m, &mut ws);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, w.len() / G, G, t0, m, &mut ws);
             for k in 0..d / 16 {
                 let mut a = [_mm512_setzero_ps(); G];
                 for (h, ah) in a.iter_mut().enumerate() {
@@ -1294,7 +1297,7 @@ unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, n, G, t0, m, &mut ws);
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, w.len() / G, G, t0, m, &mut ws);
             // one 16-byte block of every token at a time: its F·G sums stay in registers
             for blk in 0..d / (16 * f) {
                 let mut a = [[_mm512_setzero_ps(); G]; 4];

@@ -159,6 +159,30 @@ fn group_attention_kernels_match_scalar() {
                     assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * n as f32, "{} values bits={bits} d={d} g={g} scale bytes {sb}: {a} vs {b}", k.name);
                 }
             }
+            // longer rows (ld = n + 5, the first n tokens of each scored): the same
+            // values in the first n of every row, the rest untouched / unread
+            let ld = n + 5;
+            for k in available() {
+                let mut got = vec![f32::NAN; g * ld];
+                (k.group_scores)(&codes, cs, bits, &table, &qs, d, 0.3, &mut got);
+                for h in 0..g {
+                    for t in 0..ld {
+                        let a = got[h * ld + t];
+                        if t < n {
+                            let b = want_s[h * n + t];
+                            assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * d as f32, "{} strided scores bits={bits} d={d} g={g}: {a} vs {b}", k.name);
+                        } else {
+                            assert!(a.is_nan(), "{} wrote past the first n of a row", k.name);
+                        }
+                    }
+                }
+                let wl: Vec<f32> = (0..g * ld).map(|i| if i % ld < n { w[i / ld * n + i % ld] } else { f32::NAN }).collect();
+                let mut acc = start.clone();
+                (k.group_values)(&codes, cs, bits, &table, &wl, d, &mut acc);
+                for (a, b) in acc.iter().zip(&want_v) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()) * n as f32, "{} strided values bits={bits} d={d} g={g}: {a} vs {b}", k.name);
+                }
+            }
         }
     }
 }
