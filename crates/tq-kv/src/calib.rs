@@ -365,7 +365,7 @@ mod tests {
         assert!(orth < 1e-10, "orthogonality error {orth}");
     }
 
-    /// The optimum balances query and key energy: Tᵀ... with diagonal
+    /// The optimum balances query and key energy: with diagonal
     /// covariances, T² = diag(√(σq/σk)) up to scale, and T·T⁻¹ = I.
     #[test]
     fn diagonal_statistics_give_the_balancing_scale() {
