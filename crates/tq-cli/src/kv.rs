@@ -268,8 +268,10 @@ struct DumpCache {
     /// per dumped layer, per KV head: appended rows
     k: Vec<Vec<Vec<f32>>>,
     v: Vec<Vec<Vec<f32>>>,
-    /// per dumped layer: last-position queries in head order
+    /// per dumped layer: last-position queries in head order (every
+    /// position's with `all_queries`)
     q: std::cell::RefCell<Vec<Vec<f32>>>,
+    all_queries: bool,
 }
 
 impl KvCache for DumpCache {
@@ -281,7 +283,7 @@ impl KvCache for DumpCache {
         self.inner.append(layer, head, k, v);
     }
     fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]) {
-        if len == self.tokens {
+        if len == self.tokens || self.all_queries {
             if let Some(i) = self.layers.iter().position(|&l| l == layer) {
                 self.q.borrow_mut()[i].extend_from_slice(q);
             }
@@ -387,7 +389,7 @@ pub fn load_calibration(path: &std::path::Path) -> Result<tq_kv::KeyCalibration>
 /// `tq kv dump`: real SmolLM2 keys, values and last-position queries (f32
 /// cache) of `layers` after `tokens` tokens of `text`, as npy files plus
 /// meta.json in `out` (for the CUDA checks on real data).
-pub fn dump(text: &str, tokens: usize, layers: &[usize], out: &std::path::Path) -> Result<()> {
+pub fn dump(text: &str, tokens: usize, layers: &[usize], all_queries: bool, out: &std::path::Path) -> Result<()> {
     let path = crate::data::smollm_gguf(false)?;
     let model = Llama::load(&path)?;
     let c = &model.config;
@@ -413,6 +415,7 @@ pub fn dump(text: &str, tokens: usize, layers: &[usize], out: &std::path::Path) 
         k: vec![vec![Vec::new(); shape.kv_heads]; n],
         v: vec![vec![Vec::new(); shape.kv_heads]; n],
         q: std::cell::RefCell::new(vec![Vec::new(); n]),
+        all_queries,
     };
     // the attention calls of the last position carry the queries we keep
     model.forward(&ids[..tokens], &mut cache as &mut dyn KvCache, true)?;
@@ -429,7 +432,8 @@ pub fn dump(text: &str, tokens: usize, layers: &[usize], out: &std::path::Path) 
     w("q.npy", q)?;
     let meta = json!({"model": "SmolLM2-135M-Instruct", "text": text, "layers": n, "layer_indices": layers, "kv_heads": shape.kv_heads,
         "q_heads": c.heads, "tokens": tokens, "head_dim": d,
-        "layout": "k/v: [layer][kv_head][token][head_dim]; q: [layer][q_head][head_dim] at the last position"});
+        "all_queries": all_queries,
+        "layout": if all_queries { "k/v: [layer][kv_head][token][head_dim]; q: [layer][position][q_head][head_dim]" } else { "k/v: [layer][kv_head][token][head_dim]; q: [layer][q_head][head_dim] at the last position" }});
     crate::files::write_atomic(&out.join("meta.json"), serde_json::to_string_pretty(&meta)?.as_bytes())?;
     eprintln!("dumped {n} layers × {} KV heads × {tokens} tokens (d = {d}) to {}", shape.kv_heads, out.display());
     Ok(())

@@ -300,6 +300,10 @@ enum KvCmd {
         /// Comma-separated layer indices.
         #[arg(long, default_value = "0,15,29")]
         layers: String,
+        /// Keep the queries of every position, not only the last
+        /// (q.npy: [layer][position][q_head][head_dim]).
+        #[arg(long)]
+        all_queries: bool,
         #[arg(long)]
         out: PathBuf,
     },
@@ -605,9 +609,9 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("key calibration from {} ({} keys per stream, shrink {}) written to {}", c.source, c.tokens, c.shrink, out.display());
             Ok(())
         }
-        Cmd::Kv { what: KvCmd::Dump { text, tokens, layers, out } } => {
+        Cmd::Kv { what: KvCmd::Dump { text, tokens, layers, all_queries, out } } => {
             let layers = layers.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad layer index '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::dump(&text, tokens, &layers, &out)
+            kv::dump(&text, tokens, &layers, all_queries, &out)
         }
         Cmd::Bench { what: BenchCmd::Search { data, codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json } } => {
             index::bench_search(&index::BenchArgs { data: &data, codec: &codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json })
