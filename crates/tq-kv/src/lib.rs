@@ -314,13 +314,18 @@ pub struct CodecCache {
 
 /// `T·(x − mu)` (or `x − mu` without a transform) into `out`.
 fn key_input(x: &[f32], mu: &[f32], t: Option<&[f32]>, out: &mut Vec<f32>) {
-    out.clear();
-    out.extend(x.iter().zip(mu).map(|(a, m)| a - m));
-    if let Some(t) = t {
-        let c: Vec<f32> = std::mem::take(out);
-        let dot = tq_core::kernels::kernels().dot;
-        out.extend(t.chunks_exact(c.len()).map(|row| dot(row, &c)));
+    let c: Vec<f32> = x.iter().zip(mu).map(|(a, m)| a - m).collect();
+    match t {
+        Some(t) => mat_vec(t, &c, out),
+        None => *out = c,
     }
+}
+
+/// `m·x` (row-major `m` with `x.len()` columns) appended to `out`, cleared first.
+fn mat_vec(m: &[f32], x: &[f32], out: &mut Vec<f32>) {
+    let dot = tq_core::kernels::kernels().dot;
+    out.clear();
+    out.extend(m.chunks_exact(x.len()).map(|row| dot(row, x)));
 }
 
 /// A window token's key and value (borrowed f32, or decoded q8_0).
@@ -370,11 +375,14 @@ impl CodecCache {
                 return Err(TqError::BadParams("--center-keys and a key calibration both set the key offset: choose one".into()));
             }
         }
+        let keys = Side::new(&spec.keys, shape.head_dim, seed, n)?;
+        let values = Side::new(&spec.values, shape.head_dim, tq_core::rng::derive_seed(seed, 0x56), n)?;
         if o.delayed {
             if recent == 0 {
                 return Err(TqError::BadParams("delayed encoding needs a recent window (--recent N)".into()));
             }
-            if o.center_keys || matches!(spec.keys, Store::Codec(ref n) if n.contains('.')) || matches!(spec.values, Store::Codec(ref n) if n.contains('.')) {
+            let trains = |s: &Side| matches!(s, Side::PerStream { .. });
+            if o.center_keys || trains(&keys) || trains(&values) {
                 return Err(TqError::BadParams("delayed encoding does not combine with --center-keys or fractional precisions (their streams train on their first tokens before encoding)".into()));
             }
         }
@@ -385,8 +393,8 @@ impl CodecCache {
         let ring_q8 = if o.recent_q8 && recent > 0 { Some(tq_core::build("q8_0", shape.head_dim, 0, RotationKind::Hadamard)?) } else { None };
         Ok(Self {
             shape,
-            keys: Side::new(&spec.keys, shape.head_dim, seed, n)?,
-            values: Side::new(&spec.values, shape.head_dim, tq_core::rng::derive_seed(seed, 0x56), n)?,
+            keys,
+            values,
             k: vec![Vec::new(); n],
             v: vec![Vec::new(); n],
             len: vec![0; n],
@@ -503,8 +511,11 @@ impl CodecCache {
         // with calibrated transforms the codes hold T·(k − μ): score them with T⁻¹q
         let qt: Cow<[f32]> = match &self.calib {
             Some(c) => {
-                let ti = c.t_inv(i);
-                Cow::Owned(qs.chunks_exact(d).flat_map(|q| ti.chunks_exact(d).map(|row| (k.dot)(row, q)).collect::<Vec<_>>()).collect())
+                let mut row = Vec::with_capacity(d);
+                Cow::Owned(qs.chunks_exact(d).flat_map(|q| {
+                    mat_vec(c.t_inv(i), q, &mut row);
+                    row.clone()
+                }).collect())
             }
             None => Cow::Borrowed(qs),
         };
