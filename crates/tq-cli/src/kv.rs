@@ -300,7 +300,7 @@ impl KvCache for DumpCache {
 
 /// Default shrinkage of the calibration covariances (`tq kv calibrate`).
 pub const CALIB_SHRINK: f32 = 0.2;
-/// Default chunks (fresh contexts) a calibration runs (`tq kv calibrate`, `--calib-text`).
+/// Default chunks (fresh contexts) of `tq kv calibrate` (`--calib-text` sizes its own).
 pub const CALIB_CHUNKS: usize = 2;
 /// Default tokens per calibration chunk: keys after RoPE depend on the position,
 /// so the statistics must cover the positions the cache will hold.
