@@ -247,6 +247,7 @@ impl Side {
     fn encode_minus(&self, i: usize, x: &[f32], mu: Option<&[f32]>, t: Option<&[f32]>, scratch: &mut Vec<f32>, out: &mut Vec<u8>) {
         match mu {
             Some(mu) => {
+                scratch.clear();
                 key_input(x, mu, t, scratch);
                 self.encode(i, scratch, out);
             }
@@ -312,19 +313,18 @@ pub struct CodecCache {
     coded: Vec<usize>,
 }
 
-/// `T·(x − mu)` (or `x − mu` without a transform) into `out`.
+/// `T·(x − mu)` (or `x − mu` without a transform) appended to `out`.
 fn key_input(x: &[f32], mu: &[f32], t: Option<&[f32]>, out: &mut Vec<f32>) {
-    let c: Vec<f32> = x.iter().zip(mu).map(|(a, m)| a - m).collect();
+    let diff = x.iter().zip(mu).map(|(a, m)| a - m);
     match t {
-        Some(t) => mat_vec(t, &c, out),
-        None => *out = c,
+        Some(t) => mat_vec(t, &diff.collect::<Vec<f32>>(), out),
+        None => out.extend(diff),
     }
 }
 
-/// `m·x` (row-major `m` with `x.len()` columns) appended to `out`, cleared first.
+/// `m·x` (row-major `m` with `x.len()` columns) appended to `out`.
 fn mat_vec(m: &[f32], x: &[f32], out: &mut Vec<f32>) {
     let dot = tq_core::kernels::kernels().dot;
-    out.clear();
     out.extend(m.chunks_exact(x.len()).map(|row| dot(row, x)));
 }
 
@@ -481,11 +481,9 @@ impl CodecCache {
         let centered: Vec<f32> = if mu.is_empty() {
             pk.clone()
         } else {
-            let mut row = Vec::new();
-            pk.chunks_exact(d).flat_map(|r| {
-                key_input(r, &mu, t, &mut row);
-                row.clone()
-            }).collect()
+            let mut rows = Vec::with_capacity(pk.len());
+            pk.chunks_exact(d).for_each(|r| key_input(r, &mu, t, &mut rows));
+            rows
         };
         if self.keys.train(i, &centered).is_ok() && self.values.train(i, &self.pending_v[i]).is_ok() {
             self.kmu[i] = mu;
@@ -511,11 +509,9 @@ impl CodecCache {
         // with calibrated transforms the codes hold T·(k − μ): score them with T⁻¹q
         let qt: Cow<[f32]> = match &self.calib {
             Some(c) => {
-                let mut row = Vec::with_capacity(d);
-                Cow::Owned(qs.chunks_exact(d).flat_map(|q| {
-                    mat_vec(c.t_inv(i), q, &mut row);
-                    row.clone()
-                }).collect())
+                let mut t = Vec::with_capacity(qs.len());
+                qs.chunks_exact(d).for_each(|q| mat_vec(c.t_inv(i), q, &mut t));
+                Cow::Owned(t)
             }
             None => Cow::Borrowed(qs),
         };
