@@ -15,6 +15,7 @@ pub mod eval;
 pub mod fastscan;
 pub mod kmeans;
 pub mod kv;
+pub mod limits;
 pub mod matrix;
 pub mod registry;
 
