@@ -217,7 +217,7 @@ pub fn ensure(d: &Dataset, quiet: bool) -> Result<PathBuf> {
             files::write_atomic(&path, &files::npy_bytes(&m))?;
         }
         Source::SmolTensor { tensor } => {
-            let (data, shape) = tq_models::gguf::tensor_f32(&smollm_gguf(quiet)?, tensor)?;
+            let (data, shape) = tq_llm::gguf::tensor_f32(&smollm_gguf(quiet)?, tensor)?;
             let [rows, cols] = shape[..] else { bail!("{tensor} is not a matrix: shape {shape:?}") };
             files::write_atomic(&path, &files::npy_bytes(&Matrix { rows, cols, data }))?;
         }
@@ -292,8 +292,8 @@ fn split_after(s: &str, marks: &[char]) -> Vec<String> {
 fn minilm_embeddings(quiet: bool) -> Result<Matrix> {
     let text = austen_text(quiet)?;
     let segs = austen_segments(&text);
-    let model = tq_models::minilm::MiniLm::load(&minilm_model(quiet)?)?;
-    let dim = tq_models::minilm::DIM;
+    let model = tq_llm::minilm::MiniLm::load(&minilm_model(quiet)?)?;
+    let dim = tq_llm::minilm::DIM;
     let mut order: Vec<usize> = (0..segs.len()).collect();
     order.sort_by_key(|&i| (segs[i].len(), i));
     let mut data = vec![0.0f32; segs.len() * dim];

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use tq_models::llama::{F32Cache, KvCache, Llama};
+use tq_llm::llama::{F32Cache, KvCache, Llama};
 
 pub struct EvalArgs<'a> {
     pub text: &'a str,
@@ -71,8 +71,8 @@ fn eval_many(a: &EvalArgs<'_>, precisions: &[String], done: &dyn Fn(usize)) -> R
     if a.ctx < 4 || a.ctx > model.config.context {
         bail!("--ctx {} is outside 4..={} (the model's context)", a.ctx, model.config.context);
     }
-    let tok = tq_models::tokenizer::from_gguf(&path)?;
-    let ids = tq_models::tokenizer::encode(&tok, &text)?;
+    let tok = tq_llm::tokenizer::from_gguf(&path)?;
+    let ids = tq_llm::tokenizer::encode(&tok, &text)?;
     let chunks = a.chunks.min(ids.len() / a.ctx);
     if chunks == 0 {
         bail!("{} tokens of text are fewer than one chunk of {}", ids.len(), a.ctx);
@@ -361,8 +361,8 @@ pub fn calibrate(text: &str, chunks: usize, ctx: usize, shrink: f32, quiet: bool
     if body.trim().is_empty() {
         bail!("the calibration text is empty");
     }
-    let tok = tq_models::tokenizer::from_gguf(&path)?;
-    let ids = tq_models::tokenizer::encode(&tok, &body)?;
+    let tok = tq_llm::tokenizer::from_gguf(&path)?;
+    let ids = tq_llm::tokenizer::encode(&tok, &body)?;
     if ids.len() < chunks * ctx {
         bail!("the calibration text has {} tokens, fewer than {chunks} chunks of {ctx}", ids.len());
     }
@@ -400,8 +400,8 @@ pub fn dump(text: &str, tokens: usize, layers: &[usize], all_queries: bool, out:
         bail!("layer {l} does not exist (the model has {})", c.layers);
     }
     let body = load_text(text, false)?;
-    let tok = tq_models::tokenizer::from_gguf(&path)?;
-    let ids = tq_models::tokenizer::encode(&tok, &body)?;
+    let tok = tq_llm::tokenizer::from_gguf(&path)?;
+    let ids = tq_llm::tokenizer::encode(&tok, &body)?;
     if ids.len() < tokens {
         bail!("the text has {} tokens, fewer than {tokens}", ids.len());
     }
@@ -514,8 +514,8 @@ pub fn bench(kv: &str, ctxs: &[usize], steps: usize, fill: usize, opts: &tq_kv::
     if steps == 0 || fill == 0 {
         bail!("--steps and --fill must be positive");
     }
-    let tok = tq_models::tokenizer::from_gguf(&path)?;
-    let ids = tq_models::tokenizer::encode(&tok, &crate::data::austen_text(json)?)?;
+    let tok = tq_llm::tokenizer::from_gguf(&path)?;
+    let ids = tq_llm::tokenizer::encode(&tok, &crate::data::austen_text(json)?)?;
     let max_ctx = *ctxs.iter().max().context("no context length given")?;
     let fill = fill.min(max_ctx);
     if ids.len() < fill + steps {
@@ -596,8 +596,8 @@ pub fn generate(kv: &str, prompt: &str, max_tokens: usize, raw: bool, opts: &tq_
     }
     let path = crate::data::smollm_gguf(false)?;
     let model = Llama::load(&path)?;
-    let tok = tq_models::tokenizer::from_gguf(&path)?;
-    let (ids, mut stop) = if raw { (tq_models::tokenizer::encode(&tok, prompt)?, Vec::new()) } else { chat_ids(&tok, prompt)? };
+    let tok = tq_llm::tokenizer::from_gguf(&path)?;
+    let (ids, mut stop) = if raw { (tq_llm::tokenizer::encode(&tok, prompt)?, Vec::new()) } else { chat_ids(&tok, prompt)? };
     if let Some(eos) = tok.token_to_id("<|endoftext|>") {
         stop.push(eos);
     }
@@ -655,15 +655,15 @@ fn greedy(model: &Llama, cache: &mut dyn KvCache, ids: &[u32], max_new: usize, s
 
 /// SmolLM2's chat template around one user message: the token ids and the
 /// end-of-turn token (which ends the answer).
-fn chat_ids(tok: &tq_models::tokenizer::Tokenizer, user: &str) -> Result<(Vec<u32>, Vec<u32>)> {
+fn chat_ids(tok: &tq_llm::tokenizer::Tokenizer, user: &str) -> Result<(Vec<u32>, Vec<u32>)> {
     let special = |name: &str| tok.token_to_id(name).with_context(|| format!("the GGUF vocabulary has no {name}"));
     let (start, end) = (special("<|im_start|>")?, special("<|im_end|>")?);
     let mut ids = vec![start];
-    ids.extend(tq_models::tokenizer::encode(tok, &format!("user\n{user}"))?);
+    ids.extend(tq_llm::tokenizer::encode(tok, &format!("user\n{user}"))?);
     ids.push(end);
-    ids.extend(tq_models::tokenizer::encode(tok, "\n")?);
+    ids.extend(tq_llm::tokenizer::encode(tok, "\n")?);
     ids.push(start);
-    ids.extend(tq_models::tokenizer::encode(tok, "assistant\n")?);
+    ids.extend(tq_llm::tokenizer::encode(tok, "assistant\n")?);
     Ok((ids, vec![end]))
 }
 
@@ -694,8 +694,8 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat,
     if let Some(&l) = lengths.iter().find(|&&l| l < 64 || l + 32 > c.context) {
         bail!("length {l} is outside 64..={} (the model's context, less room for the answer)", c.context - 32);
     }
-    let tok = tq_models::tokenizer::from_gguf(&path)?;
-    let filler = tq_models::tokenizer::encode(&tok, &crate::data::austen_text(json)?)?;
+    let tok = tq_llm::tokenizer::from_gguf(&path)?;
+    let filler = tq_llm::tokenizer::encode(&tok, &crate::data::austen_text(json)?)?;
     let dec = |ids: &[u32]| tok.decode(ids, true).map_err(|e| anyhow::anyhow!("decode: {e}"));
     let (intro, question) = match format {
         NeedleFormat::Chat => ("", "\n\nWhat is the secret number mentioned in the text above? Answer with the number only."),
@@ -714,13 +714,13 @@ pub fn needle(kv: &str, lengths: &[usize], depths: &[f64], format: NeedleFormat,
                 NeedleFormat::Passkey => format!(" The pass key is {number}. Remember it. {number} is the pass key. "),
             };
             // filler tokens so that the whole prompt has about `len` tokens
-            let fixed = tq_models::tokenizer::encode(&tok, &format!("user\n{intro}{needle}{question}"))?.len() + 8;
+            let fixed = tq_llm::tokenizer::encode(&tok, &format!("user\n{intro}{needle}{question}"))?.len() + 8;
             let nf = len.saturating_sub(fixed).min(filler.len());
             let cut = ((nf as f64) * depth).round() as usize;
             let body = format!("{intro}{}{needle}{}{question}", dec(&filler[..cut])?, dec(&filler[cut..nf])?);
             let (ids, stop) = match format {
                 NeedleFormat::Chat => chat_ids(&tok, &body)?,
-                NeedleFormat::Passkey => (tq_models::tokenizer::encode(&tok, &body)?, Vec::new()),
+                NeedleFormat::Passkey => (tq_llm::tokenizer::encode(&tok, &body)?, Vec::new()),
             };
             if ids.len() + 24 > c.context {
                 bail!("the prompt of {} tokens leaves no room for the answer", ids.len());

@@ -1,4 +1,4 @@
-//! KV caches for the LLM runtime (`tq-models`): every key and value is stored
+//! KV caches for the LLM runtime (`tq-llm`): every key and value is stored
 //! once, when its token is appended, and attention runs through the cache.
 //!
 //! - [`F32Cache`]: the reference, f32 keys and values.
