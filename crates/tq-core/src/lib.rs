@@ -13,12 +13,13 @@ pub use error::{Result, TqError};
 pub mod codec;
 pub mod eval;
 pub mod fastscan;
+pub mod geometry;
 pub mod kmeans;
-pub mod kv;
 pub mod limits;
 pub mod matrix;
 pub mod registry;
 
 pub use codec::{Codec, CodebookView, PreparedQuery};
 pub use registry::{build, lookup, registry, CodecEntry, CodecKind};
+pub use geometry::KvGeometry;
 pub use rotation::RotationKind;

@@ -23,6 +23,13 @@ pub fn derive_seed(seed: u64, purpose: u64) -> u64 {
     splitmix64(&mut s)
 }
 
+/// The seed of the value side of a KV cache whose key side uses `seed`
+/// (keys and values must not share a rotation). Every cache — CPU and GPU —
+/// derives it here, so their codes agree.
+pub fn kv_value_seed(seed: u64) -> u64 {
+    derive_seed(seed, 0x56)
+}
+
 /// xoshiro256** by Blackman and Vigna.
 #[derive(Clone, Debug)]
 pub struct Xoshiro256 {

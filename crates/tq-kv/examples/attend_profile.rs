@@ -2,15 +2,15 @@
 //! over a cache filled with random rows, repeated; prints the best time.
 //! Real-model timings are `tq kv bench`.
 //! `cargo run --release -p tq-kv --example attend_profile -- tq-mse-4 8192 20`
-use tq_kv::{cache_for, Shape};
+use tq_kv::{cache_for, KvGeometry};
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let spec = a.get(1).map(String::as_str).unwrap_or("tq-mse-4");
     let ctx: usize = a.get(2).and_then(|s| s.parse().ok()).unwrap_or(8192);
     let reps: usize = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(20);
-    let shape = Shape { layers: 30, kv_heads: 3, head_dim: 64 };
+    let shape = KvGeometry { layers: 30, q_heads: 3, kv_heads: 3, head_dim: 64 };
     let d = 64;
-    let mut c = cache_for(shape, spec, 0).unwrap();
+    let mut c = cache_for(shape, &spec.parse::<tq_kv::KvSpec>().unwrap(), 0).unwrap();
     let mut s = 1u64;
     let mut rnd = || {
         s ^= s << 13; s ^= s >> 7; s ^= s << 17;

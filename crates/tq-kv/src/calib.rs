@@ -17,7 +17,7 @@
 //! from the tokens being cached, and every key is still encoded once, on
 //! arrival.
 
-use crate::Shape;
+use crate::KvGeometry;
 use tq_core::{Result, TqError};
 
 /// Magic and version of the calibration file format.
@@ -27,7 +27,7 @@ const VERSION: u32 = 1;
 /// The key transforms of one model.
 #[derive(Clone, PartialEq)]
 pub struct KeyCalibration {
-    pub shape: Shape,
+    pub shape: KvGeometry,
     /// Shrinkage toward a scaled identity applied to both covariances.
     pub shrink: f32,
     /// Tokens of keys the statistics were taken from (per stream).
@@ -85,7 +85,7 @@ impl KeyCalibration {
         for x in self.mu.iter().chain(&self.t).chain(&self.t_inv) {
             b.extend_from_slice(&x.to_le_bytes());
         }
-        let crc = crc32(&b);
+        let crc = tq_io::crc32(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
     }
@@ -124,7 +124,7 @@ impl KeyCalibration {
             return Err(bad(format!("{} bytes where the header implies {need} (truncated or trailing data)", b.len())));
         }
         let crc = u32::from_le_bytes(b[need - 4..].try_into().unwrap());
-        if crc != crc32(&b[..need - 4]) {
+        if crc != tq_io::crc32(&b[..need - 4]) {
             return Err(bad("checksum mismatch (corrupt file)".into()));
         }
         let source = String::from_utf8(b[at..at + slen].to_vec()).map_err(|_| bad("source name is not UTF-8".into()))?;
@@ -135,12 +135,29 @@ impl KeyCalibration {
         }
         let (mu, rest) = vals.split_at(n * head_dim);
         let (t, t_inv) = rest.split_at(n * head_dim * head_dim);
-        Ok(Self { shape: Shape { layers, kv_heads, head_dim }, shrink, tokens, source, mu: mu.to_vec(), t: t.to_vec(), t_inv: t_inv.to_vec() })
+        // T and T⁻¹ must be inverses (an all-zero or garbled transform with a
+        // valid checksum would silently destroy every key)
+        let d = head_dim;
+        for (i, (ti, ui)) in t.chunks_exact(d * d).zip(t_inv.chunks_exact(d * d)).enumerate() {
+            for r in 0..d {
+                for c in 0..d {
+                    let p: f64 = (0..d).map(|k| ti[r * d + k] as f64 * ui[k * d + c] as f64).sum();
+                    let want = if r == c { 1.0 } else { 0.0 };
+                    if (p - want).abs() > 1e-2 {
+                        return Err(bad(format!("stream {i}: T·T⁻¹ differs from the identity at ({r}, {c}) by {:.3} (corrupt or not a calibration)", p - want)));
+                    }
+                }
+            }
+        }
+        Ok(Self { shape: KvGeometry { layers, q_heads: kv_heads, kv_heads, head_dim }, shrink, tokens, source, mu: mu.to_vec(), t: t.to_vec(), t_inv: t_inv.to_vec() })
     }
 
-    /// Checks that the calibration was made for `shape`.
-    pub fn check_shape(&self, shape: Shape) -> Result<()> {
-        if self.shape != shape {
+    /// Checks that the calibration was made for `shape` (layers, KV heads and
+    /// head_dim: a calibration is per KV stream, the file does not store the
+    /// query heads).
+    pub fn check_shape(&self, shape: KvGeometry) -> Result<()> {
+        let key = |g: KvGeometry| (g.layers, g.kv_heads, g.head_dim);
+        if key(self.shape) != key(shape) {
             return Err(TqError::BadParams(format!(
                 "key calibration is for {} layers × {} KV heads × head_dim {}, the model has {} × {} × {}",
                 self.shape.layers, self.shape.kv_heads, self.shape.head_dim, shape.layers, shape.kv_heads, shape.head_dim
@@ -150,21 +167,10 @@ impl KeyCalibration {
     }
 }
 
-/// CRC-32 (IEEE), bitwise; the file is read once per run.
-fn crc32(b: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &x in b {
-        c ^= x as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
-        }
-    }
-    !c
-}
 
 /// Accumulates key and query statistics per stream (f64 sums).
 pub struct CalibrationStats {
-    shape: Shape,
+    shape: KvGeometry,
     nk: Vec<u64>,
     sk: Vec<f64>,
     kk: Vec<f64>,
@@ -173,7 +179,7 @@ pub struct CalibrationStats {
 }
 
 impl CalibrationStats {
-    pub fn new(shape: Shape) -> Self {
+    pub fn new(shape: KvGeometry) -> Self {
         let (n, d) = (shape.layers * shape.kv_heads, shape.head_dim);
         Self { shape, nk: vec![0; n], sk: vec![0.0; n * d], kk: vec![0.0; n * d * d], nq: vec![0; n], qq: vec![0.0; n * d * d] }
     }
@@ -369,7 +375,7 @@ mod tests {
     /// covariances, T² = diag(√(σq/σk)) up to scale, and T·T⁻¹ = I.
     #[test]
     fn diagonal_statistics_give_the_balancing_scale() {
-        let shape = Shape { layers: 1, kv_heads: 1, head_dim: 4 };
+        let shape = KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: 4 };
         let mut st = CalibrationStats::new(shape);
         let (sk, sq) = ([4.0f32, 1.0, 0.25, 1.0], [1.0f32, 1.0, 1.0, 16.0]);
         // ± each axis: means 0, covariances exactly diag(σ²)
@@ -399,7 +405,7 @@ mod tests {
 
     #[test]
     fn file_round_trip_and_bad_files() {
-        let shape = Shape { layers: 2, kv_heads: 1, head_dim: 8 };
+        let shape = KvGeometry { layers: 2, q_heads: 1, kv_heads: 1, head_dim: 8 };
         let mut st = CalibrationStats::new(shape);
         let mut s = 3u64;
         for _ in 0..50 {
@@ -422,7 +428,7 @@ mod tests {
         let mut x = b.clone();
         x[8] = 9;
         assert!(msg(&x).contains("version"));
-        assert!(c.check_shape(Shape { layers: 2, kv_heads: 1, head_dim: 16 }).unwrap_err().to_string().contains("head_dim"));
+        assert!(c.check_shape(KvGeometry { layers: 2, q_heads: 1, kv_heads: 1, head_dim: 16 }).unwrap_err().to_string().contains("head_dim"));
         assert!(CalibrationStats::new(shape).finish(0.1, "x").unwrap_err().to_string().contains("at least 2"));
     }
 }

@@ -4,7 +4,7 @@
 //! - [`F32Cache`]: the reference, f32 keys and values.
 //! - [`CodecCache`]: keys and values as codes of any registered vector codec
 //!   (TurboQuant, q8_0/q4_0 with or without rotation, FP4, ...), chosen by a
-//!   precision string (`tq_core::kv::KvSpec`: `tq-mse-4`, `k4v3`, `q4_0-rot`,
+//!   precision ([`KvSpec`], parsed once from a string: `tq-mse-4`, `k4v3`, `q4_0-rot`,
 //!   `f16`, ...). Attention is computed on the codes: the query is prepared
 //!   once per head (rotated, tables built), keys are scored straight from their
 //!   packed codes, and values are accumulated from their codes in the codec's
@@ -12,11 +12,14 @@
 //!   dequantized cache is ever materialized.
 
 pub mod calib;
+pub mod plan;
+pub mod spec;
 
 pub use calib::{CalibrationStats, KeyCalibration};
+pub use spec::{kv_code_size, KvSpec, Store, KV_SCALE_BYTES, PRECISIONS};
+pub use tq_core::KvGeometry;
 use std::borrow::Cow;
 use std::sync::Arc;
-use tq_core::kv::{KvSpec, Store};
 use tq_core::{Codec, Result, RotationKind, TqError};
 
 /// Where keys and values live. `append` stores one position's K and V for a
@@ -66,13 +69,6 @@ pub trait KvCache {
     fn bytes(&self) -> usize;
 }
 
-/// Geometry of a cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shape {
-    pub layers: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-}
 
 /// Softmax of `scores` in place (max-subtracted), through the kernel table
 /// (`tq_core::kernels::Kernels::softmax`: the same bits on every path).
@@ -117,13 +113,13 @@ fn par_positions(qs: &[f32], kv_heads: usize, group: usize, d: usize, start: usi
 
 /// The reference cache: f32 keys and values.
 pub struct F32Cache {
-    shape: Shape,
+    shape: KvGeometry,
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
 }
 
 impl F32Cache {
-    pub fn new(shape: Shape) -> Self {
+    pub fn new(shape: KvGeometry) -> Self {
         let n = shape.layers * shape.kv_heads;
         Self { shape, k: vec![Vec::new(); n], v: vec![Vec::new(); n] }
     }
@@ -176,7 +172,7 @@ enum Side {
     /// A codec that learns from data (fractional TurboQuant: its outlier
     /// channels): one instance per (layer, head) stream, trained on the
     /// stream's first [`TRAIN_TOKENS`] vectors.
-    PerStream { name: String, seed: u64, dim: usize, code_size: usize, codecs: Vec<Option<Box<dyn Codec>>> },
+    PerStream { entry: &'static tq_core::CodecEntry, seed: u64, dim: usize, code_size: usize, codecs: Vec<Option<Box<dyn Codec>>> },
 }
 
 /// Tokens a stream keeps in f32 (attended exactly) before codecs that learn
@@ -204,13 +200,14 @@ impl Side {
     fn new(store: &Store, head_dim: usize, seed: u64, streams: usize) -> Result<Self> {
         match store {
             Store::F16 => Ok(Side::F16),
-            Store::Codec(name) => {
-                let c = tq_core::build(name, head_dim, seed, RotationKind::Hadamard)?;
-                if c.wants_training() && !matches!(name.as_str(), n if n.starts_with("rabitq-")) {
-                    if !c.name().starts_with("tq-mse-") {
-                        return Err(TqError::BadParams(format!("{name} learns its codebooks from data and cannot encode online")));
+            Store::Codec(entry) => {
+                let c = entry.build(head_dim, seed, RotationKind::Hadamard, &[])?;
+                if c.wants_training() {
+                    // the fractional TurboQuant codecs pick their outlier channels per stream
+                    if !matches!(entry.kind, tq_core::CodecKind::Fractional { .. }) {
+                        return Err(TqError::BadParams(format!("{} learns its codebooks from data and cannot encode online", entry.name)));
                     }
-                    return Ok(Side::PerStream { name: name.clone(), seed, dim: head_dim, code_size: tq_core::kv::kv_code_size(c.as_ref()), codecs: (0..streams).map(|_| None).collect() });
+                    return Ok(Side::PerStream { entry, seed, dim: head_dim, code_size: kv_code_size(c.as_ref()), codecs: (0..streams).map(|_| None).collect() });
                 }
                 Ok(Side::Codec(c))
             }
@@ -221,7 +218,7 @@ impl Side {
     fn size(&self, d: usize) -> usize {
         match self {
             Side::F16 => 2 * d,
-            Side::Codec(c) => tq_core::kv::kv_code_size(c.as_ref()),
+            Side::Codec(c) => kv_code_size(c.as_ref()),
             Side::PerStream { code_size, .. } => *code_size,
         }
     }
@@ -235,8 +232,8 @@ impl Side {
     }
     /// Trains stream `i`'s codec on row-major `rows` (per-stream sides only).
     fn train(&mut self, i: usize, rows: &[f32]) -> Result<()> {
-        if let Side::PerStream { name, seed, dim, codecs, .. } = self {
-            let mut c = tq_core::build(name, *dim, *seed, RotationKind::Hadamard)?;
+        if let Side::PerStream { entry, seed, dim, codecs, .. } = self {
+            let mut c = entry.build(*dim, *seed, RotationKind::Hadamard, &[])?;
             c.train(rows)?;
             codecs[i] = Some(c);
         }
@@ -262,7 +259,7 @@ impl Side {
                 out.resize(n + c.code_size(), 0);
                 c.encode_unchecked(x, &mut out[n..]);
                 if let Some(v) = c.codebook_view() {
-                    // [packed][f32 scale] -> [packed][bf16 scale] (`tq_core::kv::kv_code_size`)
+                    // [packed][f32 scale] -> [packed][bf16 scale] (`kv_code_size`)
                     let p = n + v.packed;
                     let s = f32::from_le_bytes([out[p], out[p + 1], out[p + 2], out[p + 3]]);
                     out.truncate(p);
@@ -280,7 +277,7 @@ impl Side {
 /// exactly while they are in their window (every token is still encoded once,
 /// on arrival, and its code is used once it leaves the recent window).
 pub struct CodecCache {
-    shape: Shape,
+    shape: KvGeometry,
     keys: Side,
     values: Side,
     k: Vec<Vec<u8>>,
@@ -361,12 +358,12 @@ pub struct CacheOptions {
 impl CodecCache {
     /// A cache for a precision string (not `f32`: use [`F32Cache`]). Codecs
     /// are seeded per cache (`seed`), the same for every layer and head.
-    pub fn new(shape: Shape, spec: &KvSpec, seed: u64) -> Result<Self> {
+    pub fn new(shape: KvGeometry, spec: &KvSpec, seed: u64) -> Result<Self> {
         Self::with_options(shape, spec, seed, &CacheOptions::default())
     }
 
     /// With f32 windows and/or key centering (see [`CacheOptions`]).
-    pub fn with_options(shape: Shape, spec: &KvSpec, seed: u64, o: &CacheOptions) -> Result<Self> {
+    pub fn with_options(shape: KvGeometry, spec: &KvSpec, seed: u64, o: &CacheOptions) -> Result<Self> {
         let (sink, recent) = (o.sink, o.recent);
         let n = shape.layers * shape.kv_heads;
         if let Some(c) = &o.calibration {
@@ -376,7 +373,7 @@ impl CodecCache {
             }
         }
         let keys = Side::new(&spec.keys, shape.head_dim, seed, n)?;
-        let values = Side::new(&spec.values, shape.head_dim, tq_core::rng::derive_seed(seed, 0x56), n)?;
+        let values = Side::new(&spec.values, shape.head_dim, tq_core::rng::kv_value_seed(seed), n)?;
         if o.delayed {
             if recent == 0 {
                 return Err(TqError::BadParams("delayed encoding needs a recent window (--recent N)".into()));
@@ -525,7 +522,7 @@ impl CodecCache {
                     for (r, q) in qr.chunks_exact_mut(d).zip(qk.chunks_exact(d)) {
                         r.copy_from_slice(kc.prepare_unchecked(q).rotated());
                     }
-                    let kcs = kv.packed + tq_core::kv::KV_SCALE_BYTES;
+                    let kcs = kv.packed + KV_SCALE_BYTES;
                     // rows of `len`: the kernel fills the first `nc` of each
                     (k.group_scores)(&self.k[i][..nc * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
                 }
@@ -564,7 +561,7 @@ impl CodecCache {
             out.iter_mut().for_each(|o| *o = 0.0);
             match (&values, vview) {
                 (SideRef::Codec(vc), Some(vv)) => {
-                    let vcs = vv.packed + tq_core::kv::KV_SCALE_BYTES;
+                    let vcs = vv.packed + KV_SCALE_BYTES;
                     // the first `nc` weights of each row (window weights are already taken out)
                     (k.group_values)(&self.v[i][..nc * vcs], vcs, vv.bits, vv.table, p, d, out);
                     out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));
@@ -710,7 +707,7 @@ fn exact_group(ks: &[f32], vs: &[f32], qs: &[f32], group: usize, len: usize, d: 
 /// residual, fewer than 32 tokens) stays in f32. Attention decodes one group
 /// (32 tokens) at a time into scratch, so no dequantized cache is kept.
 pub struct KiviCache {
-    shape: Shape,
+    shape: KvGeometry,
     keys: tq_core::baselines::kivi::Kivi,
     values: tq_core::baselines::kivi::Kivi,
     /// per stream: encoded groups (keys, values), `group_bytes` each
@@ -739,7 +736,7 @@ fn kivi_rows<'a>(codec: &tq_core::baselines::kivi::Kivi, codes: &[u8], residual:
 pub const KIVI_GROUP: usize = tq_core::baselines::kivi::DEFAULT_GROUP;
 
 impl KiviCache {
-    pub fn new(shape: Shape, bits: u32) -> Result<Self> {
+    pub fn new(shape: KvGeometry, bits: u32) -> Result<Self> {
         use tq_core::baselines::kivi::Kivi;
         use tq_core::matrix::Axis;
         let n = shape.layers * shape.kv_heads;
@@ -822,16 +819,15 @@ impl KvCache for KiviCache {
     }
 }
 
-/// A cache for a precision string: `f32` gives the reference cache.
-pub fn cache_for(shape: Shape, spec: &str, seed: u64) -> Result<Box<dyn KvCache>> {
+/// A cache for a precision: `f32` gives the reference cache.
+pub fn cache_for(shape: KvGeometry, spec: &KvSpec, seed: u64) -> Result<Box<dyn KvCache>> {
     cache_with(shape, spec, seed, &CacheOptions::default())
 }
 
 /// A cache with options (see [`CacheOptions`]; the f32 cache is exact and
 /// ignores them).
-pub fn cache_with(shape: Shape, spec: &str, seed: u64, o: &CacheOptions) -> Result<Box<dyn KvCache>> {
-    let s = KvSpec::parse(spec)?;
-    if s.keys == Store::F32 && s.values == Store::F32 {
+pub fn cache_with(shape: KvGeometry, s: &KvSpec, seed: u64, o: &CacheOptions) -> Result<Box<dyn KvCache>> {
+    if s.is_f32() {
         return Ok(Box::new(F32Cache::new(shape)));
     }
     if let (Store::Kivi(bits), Store::Kivi(_)) = (&s.keys, &s.values) {
@@ -842,5 +838,5 @@ pub fn cache_with(shape: Shape, spec: &str, seed: u64, o: &CacheOptions) -> Resu
         }
         return Ok(Box::new(KiviCache::new(shape, *bits)?));
     }
-    Ok(Box::new(CodecCache::with_options(shape, &s, seed, o)?))
+    Ok(Box::new(CodecCache::with_options(shape, s, seed, o)?))
 }

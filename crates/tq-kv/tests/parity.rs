@@ -4,14 +4,22 @@
 
 use tq_core::rng::Xoshiro256;
 use tq_core::{build, Codec, RotationKind};
-use tq_kv::{cache_for, softmax_weights, Shape};
+use tq_kv::{softmax_weights, KvGeometry};
+
+/// The library takes parsed precisions; the tests name them as strings.
+fn cache_for(shape: KvGeometry, spec: &str, seed: u64) -> tq_core::Result<Box<dyn tq_kv::KvCache>> {
+    tq_kv::cache_for(shape, &spec.parse::<tq_kv::KvSpec>()?, seed)
+}
+fn cache_with(shape: KvGeometry, spec: &str, seed: u64, o: &tq_kv::CacheOptions) -> tq_core::Result<Box<dyn tq_kv::KvCache>> {
+    tq_kv::cache_with(shape, &spec.parse::<tq_kv::KvSpec>()?, seed, o)
+}
 
 fn randv(r: &mut Xoshiro256, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.gaussian() as f32).collect()
 }
 
 /// Encode then decode as the cache stores codes: codebook codes keep their
-/// scale as a bf16 (`tq_core::kv::kv_code_size`), so the reference rounds it too.
+/// scale as a bf16 (`tq_kv::kv_code_size`), so the reference rounds it too.
 fn cache_roundtrip(c: &dyn Codec, x: &[f32]) -> Vec<f32> {
     let mut code = vec![0u8; c.code_size()];
     c.encode(x, &mut code).unwrap();
@@ -46,7 +54,7 @@ fn reference(kc: &dyn Codec, vc: &dyn Codec, ks: &[Vec<f32>], vs: &[Vec<f32>], q
 fn attention_on_codes_matches_dequantize_then_attend() {
     let mut r = Xoshiro256::new(1);
     for d in [64usize, 128] {
-        let shape = Shape { layers: 2, kv_heads: 2, head_dim: d };
+        let shape = KvGeometry { layers: 2, q_heads: 2, kv_heads: 2, head_dim: d };
         for (spec, kname, vname) in [
             ("tq-mse-4", "tq-mse-4", "tq-mse-4"),
             ("tq-mse-2-nc", "tq-mse-2-nc", "tq-mse-2-nc"),
@@ -89,9 +97,9 @@ fn attention_on_codes_matches_dequantize_then_attend() {
                     }
                 }
             }
-            assert_eq!(cache.bytes(), n * (tq_core::kv::kv_code_size(kc.as_ref()) + tq_core::kv::kv_code_size(vc.as_ref())));
+            assert_eq!(cache.bytes(), n * (tq_kv::kv_code_size(kc.as_ref()) + tq_kv::kv_code_size(vc.as_ref())));
             // the accounting of the precision string is the cache's own
-            let per_token = tq_core::kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap();
+            let per_token = tq_kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap();
             assert_eq!(cache.bytes() as f64, n as f64 * per_token, "{spec}");
         }
     }
@@ -105,7 +113,7 @@ fn attention_on_codes_matches_dequantize_then_attend() {
 fn sink_and_recent_windows_and_centered_keys_are_exact() {
     let mut r = Xoshiro256::new(3);
     let d = 64;
-    let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    let shape = KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: d };
     // keys share a large offset (as real keys do), which centering removes
     let offset: Vec<f32> = randv(&mut r, d).iter().map(|x| 3.0 * x).collect();
     for (spec, center_keys, recent_q8) in [
@@ -119,7 +127,7 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
         ("k5v3", true, true),
     ] {
         let (sink, recent, n) = (2usize, 5usize, 40usize);
-        let mut cache = tq_kv::cache_with(shape, spec, 0, &tq_kv::CacheOptions { sink, recent, center_keys, recent_q8, ..Default::default() }).unwrap();
+        let mut cache = cache_with(shape, spec, 0, &tq_kv::CacheOptions { sink, recent, center_keys, recent_q8, ..Default::default() }).unwrap();
         let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d).iter().zip(&offset).map(|(a, b)| a + b).collect()).collect();
         let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
         for (k, v) in ks.iter().zip(&vs) {
@@ -129,7 +137,7 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
         let mut out = vec![f32::NAN; 2 * d];
         cache.attend_group(0, 0, &qs, 2, n, &mut out);
         // reference: decoded keys/values except in the windows
-        let st = tq_core::kv::KvSpec::parse(spec).unwrap();
+        let st = tq_kv::KvSpec::parse(spec).unwrap();
         let mu: Vec<f32> = if center_keys {
             (0..d).map(|j| (ks[1..tq_kv::TRAIN_TOKENS].iter().map(|k| k[j] as f64).sum::<f64>() / (tq_kv::TRAIN_TOKENS - 1) as f64) as f32).collect()
         } else {
@@ -143,10 +151,10 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
             c
         };
         let centered: Vec<Vec<f32>> = ks.iter().map(|k| k.iter().zip(&mu).map(|(a, m)| a - m).collect()).collect();
-        let dec = |store: &tq_core::kv::Store, seed: u64, x: &[f32]| -> Vec<f32> {
+        let dec = |store: &tq_kv::Store, seed: u64, x: &[f32]| -> Vec<f32> {
             match store {
-                tq_core::kv::Store::Codec(name) => {
-                    let c = trained(name, seed, if seed == 0 { &centered } else { &vs });
+                tq_kv::Store::Codec(e) => {
+                    let c = trained(&e.name, seed, if seed == 0 { &centered } else { &vs });
                     cache_roundtrip(c.as_ref(), x)
                 }
                 _ => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
@@ -172,7 +180,7 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
             }
         }
         // windows and the key offset are counted in the bytes
-        let per_token = tq_core::kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap() as usize;
+        let per_token = tq_kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap() as usize;
         let mu_bytes = if center_keys { 4 * d } else { 0 };
         let recent_bytes = if recent_q8 { q8.code_size() } else { 4 * d };
         assert_eq!(cache.bytes(), n * per_token + sink * 2 * 4 * d + recent * 2 * recent_bytes + mu_bytes, "{spec}");
@@ -186,7 +194,7 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
 fn calibrated_keys_are_exact() {
     let mut r = Xoshiro256::new(5);
     let d = 64;
-    let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    let shape = KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: d };
     // anisotropic keys with an offset and queries with other channel scales
     let kscale: Vec<f32> = (0..d).map(|j| 0.2 + (j % 9) as f32).collect();
     let offset: Vec<f32> = randv(&mut r, d).iter().map(|x| 3.0 * x).collect();
@@ -202,7 +210,7 @@ fn calibrated_keys_are_exact() {
     let matvec = |m: &[f32], x: &[f32]| -> Vec<f32> { m.chunks_exact(d).map(|row| row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect() };
     for (spec, sink, recent, recent_q8) in [("tq-mse-3", 0usize, 0usize, false), ("k5v3", 2, 5, true), ("q4_0-rot", 1, 3, false), ("f16", 0, 0, false), ("tq-mse-3.5", 0, 4, false)] {
         let o = tq_kv::CacheOptions { sink, recent, recent_q8, calibration: Some(cal.clone()), ..Default::default() };
-        let mut cache = tq_kv::cache_with(shape, spec, 0, &o).unwrap();
+        let mut cache = cache_with(shape, spec, 0, &o).unwrap();
         let n = 60;
         let ks: Vec<Vec<f32>> = (0..n).map(|_| key(&mut r)).collect();
         let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
@@ -212,7 +220,7 @@ fn calibrated_keys_are_exact() {
         let qs: Vec<f32> = (0..3).flat_map(|_| query(&mut r)).collect();
         let mut out = vec![f32::NAN; 3 * d];
         cache.attend_group(0, 0, &qs, 3, n, &mut out);
-        let st = tq_core::kv::KvSpec::parse(spec).unwrap();
+        let st = tq_kv::KvSpec::parse(spec).unwrap();
         let tk: Vec<Vec<f32>> = ks.iter().map(|k| matvec(&t, &k.iter().zip(&mu).map(|(a, m)| a - m).collect::<Vec<_>>())).collect();
         let trained = |name: &str, seed: u64, rows: &[Vec<f32>]| {
             let mut c = build(name, d, seed, RotationKind::Hadamard).unwrap();
@@ -221,9 +229,9 @@ fn calibrated_keys_are_exact() {
             }
             c
         };
-        let dec = |store: &tq_core::kv::Store, seed: u64, rows: &[Vec<f32>], x: &[f32]| -> Vec<f32> {
+        let dec = |store: &tq_kv::Store, seed: u64, rows: &[Vec<f32>], x: &[f32]| -> Vec<f32> {
             match store {
-                tq_core::kv::Store::Codec(name) => cache_roundtrip(trained(name, seed, rows).as_ref(), x),
+                tq_kv::Store::Codec(e) => cache_roundtrip(trained(&e.name, seed, rows).as_ref(), x),
                 _ => x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect(),
             }
         };
@@ -244,12 +252,12 @@ fn calibrated_keys_are_exact() {
         }
     }
     // the calibration's geometry must match; it excludes --center-keys; KIVI refuses it
-    let other = Shape { layers: 2, kv_heads: 1, head_dim: d };
+    let other = KvGeometry { layers: 2, q_heads: 1, kv_heads: 1, head_dim: d };
     let o = tq_kv::CacheOptions { calibration: Some(cal.clone()), ..Default::default() };
-    assert!(tq_kv::cache_with(other, "tq-mse-4", 0, &o).err().unwrap().to_string().contains("layers"));
+    assert!(cache_with(other, "tq-mse-4", 0, &o).err().unwrap().to_string().contains("layers"));
     let both = tq_kv::CacheOptions { center_keys: true, ..o.clone() };
-    assert!(tq_kv::cache_with(shape, "tq-mse-4", 0, &both).err().unwrap().to_string().contains("choose one"));
-    assert!(tq_kv::cache_with(shape, "kivi-4", 0, &o).is_err());
+    assert!(cache_with(shape, "tq-mse-4", 0, &both).err().unwrap().to_string().contains("choose one"));
+    assert!(cache_with(shape, "kivi-4", 0, &o).is_err());
 }
 
 /// Delayed encoding: a recent-window token gets its codes only when it leaves
@@ -261,15 +269,15 @@ fn calibrated_keys_are_exact() {
 fn delayed_encoding_matches_immediate_and_saves_the_window_codes() {
     let mut r = Xoshiro256::new(6);
     let d = 64;
-    let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    let shape = KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: d };
     let (sink, recent, n) = (2usize, 6usize, 50usize);
     let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
     let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
     let qs = randv(&mut r, 3 * d);
     for spec in ["k5v3-nc", "q4_0-rot", "f16", "tq-prod-3"] {
         let base = tq_kv::CacheOptions { sink, recent, ..Default::default() };
-        let mut now = tq_kv::cache_with(shape, spec, 0, &base).unwrap();
-        let mut later = tq_kv::cache_with(shape, spec, 0, &tq_kv::CacheOptions { delayed: true, ..base.clone() }).unwrap();
+        let mut now = cache_with(shape, spec, 0, &base).unwrap();
+        let mut later = cache_with(shape, spec, 0, &tq_kv::CacheOptions { delayed: true, ..base.clone() }).unwrap();
         for t in 0..n {
             now.append(0, 0, &ks[t], &vs[t]);
             later.append(0, 0, &ks[t], &vs[t]);
@@ -282,12 +290,12 @@ fn delayed_encoding_matches_immediate_and_saves_the_window_codes() {
             let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
             assert!(err <= 2e-6 * scale, "{spec} after {} tokens: {err}", t + 1);
         }
-        let per_token = tq_core::kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap() as usize;
+        let per_token = tq_kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap() as usize;
         assert_eq!(now.bytes() - later.bytes(), recent * per_token, "{spec}");
     }
     // q8_0 window: out-of-window codes come from the decoded q8_0 copy
     let o = tq_kv::CacheOptions { sink, recent, recent_q8: true, delayed: true, ..Default::default() };
-    let mut c = tq_kv::cache_with(shape, "k4v3-nc", 0, &o).unwrap();
+    let mut c = cache_with(shape, "k4v3-nc", 0, &o).unwrap();
     for t in 0..n {
         c.append(0, 0, &ks[t], &vs[t]);
     }
@@ -313,9 +321,9 @@ fn delayed_encoding_matches_immediate_and_saves_the_window_codes() {
         assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "q8 window: {a} vs {b}");
     }
     // needs a window; refuses what trains before encoding
-    assert!(tq_kv::cache_with(shape, "tq-mse-4", 0, &tq_kv::CacheOptions { delayed: true, ..Default::default() }).is_err());
-    assert!(tq_kv::cache_with(shape, "tq-mse-3.5", 0, &tq_kv::CacheOptions { recent: 4, delayed: true, ..Default::default() }).is_err());
-    assert!(tq_kv::cache_with(shape, "tq-mse-4", 0, &tq_kv::CacheOptions { recent: 4, delayed: true, center_keys: true, ..Default::default() }).is_err());
+    assert!(cache_with(shape, "tq-mse-4", 0, &tq_kv::CacheOptions { delayed: true, ..Default::default() }).is_err());
+    assert!(cache_with(shape, "tq-mse-3.5", 0, &tq_kv::CacheOptions { recent: 4, delayed: true, ..Default::default() }).is_err());
+    assert!(cache_with(shape, "tq-mse-4", 0, &tq_kv::CacheOptions { recent: 4, delayed: true, center_keys: true, ..Default::default() }).is_err());
 }
 
 /// Fractional rates online: each stream keeps its first TRAIN_TOKENS tokens in
@@ -325,7 +333,7 @@ fn delayed_encoding_matches_immediate_and_saves_the_window_codes() {
 fn fractional_caches_train_per_stream_then_encode() {
     let mut r = Xoshiro256::new(4);
     let d = 64;
-    let shape = Shape { layers: 1, kv_heads: 2, head_dim: d };
+    let shape = KvGeometry { layers: 1, q_heads: 2, kv_heads: 2, head_dim: d };
     let mut cache = cache_for(shape, "tq-mse-3.5", 0).unwrap();
     // channel-dependent scales, so the outlier split matters
     let scaled = |r: &mut Xoshiro256| -> Vec<f32> { randv(r, d).iter().enumerate().map(|(j, x)| x * (1.0 + (j % 7) as f32)).collect() };
@@ -377,7 +385,7 @@ fn kivi_cache_matches_its_matrix_codec() {
     use tq_core::matrix::{Axis, MatrixCodec};
     let mut r = Xoshiro256::new(5);
     let d = 64;
-    let shape = Shape { layers: 1, kv_heads: 1, head_dim: d };
+    let shape = KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: d };
     let mut cache = cache_for(shape, "kivi-2", 0).unwrap();
     let n = 3 * tq_kv::KIVI_GROUP + 7;
     let ks = randv(&mut r, n * d);
@@ -411,7 +419,7 @@ fn kivi_cache_matches_its_matrix_codec() {
         assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
     }
     assert_eq!(cache.bytes(), 2 * 3 * kc.encoded_size(32) + 2 * 7 * d * 4);
-    assert!(tq_kv::cache_with(shape, "kivi-2", 0, &tq_kv::CacheOptions { sink: 4, ..Default::default() }).is_err());
+    assert!(cache_with(shape, "kivi-2", 0, &tq_kv::CacheOptions { sink: 4, ..Default::default() }).is_err());
 }
 
 #[test]
@@ -431,7 +439,7 @@ fn exp_neg_is_within_two_ulp() {
 
 #[test]
 fn f16_and_f32_caches_and_bad_specs() {
-    let shape = Shape { layers: 1, kv_heads: 1, head_dim: 8 };
+    let shape = KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: 8 };
     let mut f = cache_for(shape, "f32", 0).unwrap();
     let mut h = cache_for(shape, "f16", 0).unwrap();
     let (k, v) = ([1.0f32, 0.5, 0.25, 0.0, -1.0, 2.0, 0.125, 3.0], [0.5f32; 8]);
@@ -471,7 +479,7 @@ fn f16_and_f32_caches_and_bad_specs() {
 fn batched_positions_equal_one_token_at_a_time() {
     let mut r = Xoshiro256::new(9);
     let (d, group, n) = (64usize, 3usize, 70usize);
-    let shape = Shape { layers: 2, kv_heads: 2, head_dim: d };
+    let shape = KvGeometry { layers: 2, q_heads: 2, kv_heads: 2, head_dim: d };
     let ks: Vec<f32> = randv(&mut r, n * 2 * d);
     let vs: Vec<f32> = randv(&mut r, n * 2 * d);
     let qs: Vec<f32> = randv(&mut r, n * 2 * group * d);
@@ -482,7 +490,7 @@ fn batched_positions_equal_one_token_at_a_time() {
         ("k4v3", tq_kv::CacheOptions { sink: 3, ..Default::default() }),
         ("q4_0-rot", Default::default()),
     ] {
-        let mut one = tq_kv::cache_with(shape, spec, 0, &o).unwrap();
+        let mut one = cache_with(shape, spec, 0, &o).unwrap();
         let mut want = vec![0.0f32; n * qd];
         for i in 0..n {
             for kh in 0..2 {
@@ -493,7 +501,7 @@ fn batched_positions_equal_one_token_at_a_time() {
                 one.attend_group(1, kh, &qs[rg.clone()], group, i + 1, &mut want[rg]);
             }
         }
-        let mut batch = tq_kv::cache_with(shape, spec, 0, &o).unwrap();
+        let mut batch = cache_with(shape, spec, 0, &o).unwrap();
         assert!(batch.prefix_stable(1), "{spec}");
         for i in 0..n {
             for kh in 0..2 {
@@ -505,9 +513,9 @@ fn batched_positions_equal_one_token_at_a_time() {
         assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{spec}");
     }
     // a recent window, a training phase or an open KIVI group depend on later tokens
-    let shape1 = Shape { layers: 1, kv_heads: 1, head_dim: d };
-    assert!(!tq_kv::cache_with(shape1, "tq-mse-4", 0, &tq_kv::CacheOptions { recent: 8, ..Default::default() }).unwrap().prefix_stable(0));
-    let mut c = tq_kv::cache_with(shape1, "tq-mse-4", 0, &tq_kv::CacheOptions { center_keys: true, ..Default::default() }).unwrap();
+    let shape1 = KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: d };
+    assert!(!cache_with(shape1, "tq-mse-4", 0, &tq_kv::CacheOptions { recent: 8, ..Default::default() }).unwrap().prefix_stable(0));
+    let mut c = cache_with(shape1, "tq-mse-4", 0, &tq_kv::CacheOptions { center_keys: true, ..Default::default() }).unwrap();
     assert!(!c.prefix_stable(0), "collecting its first tokens");
     for t in 0..tq_kv::TRAIN_TOKENS {
         c.append(0, 0, &ks[t * d..(t + 1) * d], &vs[t * d..(t + 1) * d]);

@@ -1,4 +1,6 @@
-use tq_core::kv::{vram, KvSpec, Store};
+use tq_core::registry::lookup;
+use tq_kv::plan::{model, vram, Weights};
+use tq_kv::{KvSpec, Store};
 use tq_core::TqError;
 
 #[test]
@@ -12,10 +14,10 @@ fn kv_bytes_per_token_are_exact() {
     assert_eq!(t4.bits_per_value(128).unwrap(), 4.125);
     assert_eq!(KvSpec::parse("tq-mse-4-nc").unwrap().bits_per_value(64).unwrap(), 4.25);
     let k4v3 = KvSpec::parse("k4v3").unwrap();
-    assert_eq!((k4v3.keys.clone(), k4v3.values.clone()), (Store::Codec("tq-mse-4".into()), Store::Codec("tq-mse-3".into())));
+    assert_eq!((k4v3.keys.clone(), k4v3.values.clone()), (Store::Codec(lookup("tq-mse-4").unwrap()), Store::Codec(lookup("tq-mse-3").unwrap())));
     assert_eq!(k4v3.bits_per_value(128).unwrap(), (66.0 + 50.0) * 8.0 / 256.0);
     let nc = KvSpec::parse("k5v3-nc").unwrap();
-    assert_eq!((nc.keys.clone(), nc.values.clone()), (Store::Codec("tq-mse-5-nc".into()), Store::Codec("tq-mse-3-nc".into())));
+    assert_eq!((nc.keys.clone(), nc.values.clone()), (Store::Codec(lookup("tq-mse-5-nc").unwrap()), Store::Codec(lookup("tq-mse-3-nc").unwrap())));
     assert!(KvSpec::parse("k5v3-ncx").is_err() && KvSpec::parse("k9v3-nc").is_err());
     // tq-prod keeps its whole code (f32 norms and the QJL part)
     assert_eq!(KvSpec::parse("tq-prod-3").unwrap().keys.bytes_per_vector(128).unwrap(), tq_core::build("tq-prod-3", 128, 0, tq_core::RotationKind::Hadamard).unwrap().code_size() as f64);
@@ -40,14 +42,17 @@ fn bad_precisions_name_the_valid_ones() {
 
 #[test]
 fn vram_plans_add_weights_and_cache() {
-    let p = vram("llama-3.1-8b", "bf16", 100_000, "f16").unwrap();
+    let plan = |m: &str, w: &str, ctx: usize, kv: &str| -> tq_core::Result<tq_kv::plan::VramPlan> {
+        vram(model(m)?, w.parse::<Weights>()?, ctx, &kv.parse::<KvSpec>()?)
+    };
+    let p = plan("llama-3.1-8b", "bf16", 100_000, "f16").unwrap();
     // 32 layers × 8 heads × 128 × 2 (K, V) × 2 bytes = 131,072 B per token
     assert!((p.kv_gb - 131_072.0 * 100_000.0 / 1e9).abs() < 1e-9);
     assert!((p.weights_gb - 16.06).abs() < 1e-9);
     assert_eq!(p.cards_24gb, ((16.06 + 13.1072) / 24.0f64).ceil() as usize);
-    let q = vram("llama-3.1-8b", "bf16", 100_000, "tq-mse-3.5").unwrap();
+    let q = plan("llama-3.1-8b", "bf16", 100_000, "tq-mse-3.5").unwrap();
     assert!(q.kv_gb < p.kv_gb / 3.5);
-    assert!(vram("gpt-5", "bf16", 1000, "f16").is_err());
-    assert!(vram("llama-3.1-8b", "fp3", 1000, "f16").is_err());
-    assert!(vram("llama-3.1-8b", "bf16", 0, "f16").is_err());
+    assert!(plan("gpt-5", "bf16", 1000, "f16").is_err());
+    assert!(plan("llama-3.1-8b", "fp3", 1000, "f16").is_err());
+    assert!(plan("llama-3.1-8b", "bf16", 0, "f16").is_err());
 }

@@ -1,0 +1,181 @@
+//! KV-cache precisions, parsed once at the edge into [`KvSpec`] values.
+//!
+//! A precision names how keys and values are stored, per layer and KV head:
+//! `f32`, `f16`, `q8_0`, `q4_0`, `q8_0-rot`, `q4_0-rot`, `kivi-B`, `mxfp4`,
+//! `nvfp4`, `tq-mse-B`, `tq-mse-B-nc`, `tq-prod-B`, `tq-mse-2.5`, `tq-mse-3.5`,
+//! and the asymmetric `kBvC` / `kBvC-nc` (TurboQuant `tq-mse` keys at B bits,
+//! values at C). A [`Store::Codec`] side holds its registry entry, so nothing
+//! after parsing looks a codec up by name again. Bytes per token are exact:
+//! every code's norms and scales are counted (KIVI's per-group scales are
+//! amortized over its group of 32 tokens). The CPU cache keeps the scale of
+//! codebook codes (TurboQuant MSE) as a bf16, see [`kv_code_size`].
+
+use std::fmt;
+use std::str::FromStr;
+
+use tq_core::registry::{lookup, CodecEntry, CodecKind};
+use tq_core::{Codec, Result, RotationKind, TqError};
+
+/// How one of K or V is stored.
+#[derive(Clone, Copy, Debug)]
+pub enum Store {
+    /// f32 values (the reference).
+    F32,
+    /// f16 values.
+    F16,
+    /// A vector codec of the registry, one code per head vector.
+    Codec(&'static CodecEntry),
+    /// KIVI at `bits` (keys per channel over 32 tokens, values per token over 32 channels).
+    Kivi(u32),
+}
+
+impl PartialEq for Store {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Store::F32, Store::F32) | (Store::F16, Store::F16) => true,
+            (Store::Codec(a), Store::Codec(b)) => a.id == b.id,
+            (Store::Kivi(a), Store::Kivi(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+impl Store {
+    /// Bytes per head vector of `head_dim` values (amortized for KIVI).
+    pub fn bytes_per_vector(&self, head_dim: usize) -> Result<f64> {
+        Ok(match self {
+            Store::F32 => 4.0 * head_dim as f64,
+            Store::F16 => 2.0 * head_dim as f64,
+            Store::Codec(e) => {
+                if head_dim < e.min_dim() {
+                    return Err(TqError::BadDim(head_dim, e.min_dim()));
+                }
+                kv_code_size(e.build(head_dim, 0, RotationKind::Hadamard, &[])?.as_ref()) as f64
+            }
+            Store::Kivi(bits) => {
+                let g = tq_core::baselines::kivi::DEFAULT_GROUP as f64;
+                head_dim as f64 * (*bits as f64 + 32.0 / g) / 8.0
+            }
+        })
+    }
+    /// The registry entry of a codec side.
+    pub fn codec(&self) -> Option<&'static CodecEntry> {
+        match self {
+            Store::Codec(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes of the scale a KV cache stores with each codebook code (a bf16).
+pub const KV_SCALE_BYTES: usize = 2;
+
+/// Bytes a KV cache stores per vector coded by `codec`: codebook codecs
+/// (TurboQuant MSE, whose codes are a scale times centroids; see
+/// `Codec::codebook_view`) keep their packed indices and the scale as a bf16
+/// (relative error ≤ 2^-9, far below the quantization error; 16 bits per
+/// vector saved, 0.25 bits per value at head_dim 64); other codecs keep their
+/// whole code.
+pub fn kv_code_size(codec: &dyn Codec) -> usize {
+    match codec.codebook_view() {
+        Some(v) => v.packed + KV_SCALE_BYTES,
+        None => codec.code_size(),
+    }
+}
+
+/// A parsed KV precision: the string it was parsed from and its two sides.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvSpec {
+    /// The precision string, as given.
+    pub name: String,
+    /// How keys are stored.
+    pub keys: Store,
+    /// How values are stored.
+    pub values: Store,
+}
+
+/// Every precision string family, for error messages and listings.
+pub const PRECISIONS: &str = "f32, f16, q8_0, q4_0, q8_0-rot, q4_0-rot, kivi-B, mxfp4, nvfp4, tq-mse-B, tq-mse-B-nc, tq-prod-B, \
+                              tq-mse-2.5, tq-mse-3.5, kBvC and kBvC-nc (B, C = 1..8: tq-mse keys at B bits, values at C; -nc: without the norm correction)";
+
+/// Whether a registry codec may be one side of a KV cache: online vector
+/// codecs (TurboQuant, llama.cpp blocks, FP4). Codecs that learn codebooks
+/// from a collection (PQ), need a collection centre (RaBitQ) or PolarQuant
+/// are index codecs, not cache formats.
+fn cache_format(e: &CodecEntry) -> bool {
+    matches!(e.kind, CodecKind::Mse { .. } | CodecKind::Prod { .. } | CodecKind::Fractional { .. } | CodecKind::Ggml { .. } | CodecKind::Fp4 { .. })
+}
+
+impl KvSpec {
+    /// Parses a precision string (see the module docs).
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = || TqError::BadParams(format!("unknown KV precision '{s}' (valid: {PRECISIONS})"));
+        let both = |st: Store| Ok(KvSpec { name: s.to_string(), keys: st, values: st });
+        match s {
+            "f32" => return both(Store::F32),
+            "f16" => return both(Store::F16),
+            _ => {}
+        }
+        if let Some(b) = s.strip_prefix("kivi-") {
+            let bits: u32 = b.parse().map_err(|_| bad())?;
+            if !(1..=8).contains(&bits) {
+                return Err(TqError::UnsupportedBits(bits));
+            }
+            return both(Store::Kivi(bits));
+        }
+        // kBvC
+        if let Some(rest) = s.strip_prefix('k') {
+            let (rest, nc) = match rest.strip_suffix("-nc") {
+                Some(r) => (r, "-nc"),
+                None => (rest, ""),
+            };
+            if let Some((kb, vb)) = rest.split_once('v') {
+                if let (Ok(kb), Ok(vb)) = (kb.parse::<u32>(), vb.parse::<u32>()) {
+                    for b in [kb, vb] {
+                        if !(1..=8).contains(&b) {
+                            return Err(TqError::UnsupportedBits(b));
+                        }
+                    }
+                    return Ok(KvSpec {
+                        name: s.to_string(),
+                        keys: Store::Codec(lookup(&format!("tq-mse-{kb}{nc}"))?),
+                        values: Store::Codec(lookup(&format!("tq-mse-{vb}{nc}"))?),
+                    });
+                }
+            }
+        }
+        match lookup(s) {
+            Ok(e) if cache_format(e) => both(Store::Codec(e)),
+            Err(TqError::UnsupportedBits(b)) => Err(TqError::UnsupportedBits(b)),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Both sides f32: the reference cache.
+    pub fn is_f32(&self) -> bool {
+        self.keys == Store::F32 && self.values == Store::F32
+    }
+
+    /// Cache bytes per token for one layer with `kv_heads` heads of `head_dim`.
+    pub fn bytes_per_token_per_layer(&self, kv_heads: usize, head_dim: usize) -> Result<f64> {
+        Ok(kv_heads as f64 * (self.keys.bytes_per_vector(head_dim)? + self.values.bytes_per_vector(head_dim)?))
+    }
+
+    /// Bits per cached value (K and V averaged), every overhead included.
+    pub fn bits_per_value(&self, head_dim: usize) -> Result<f64> {
+        Ok(8.0 * (self.keys.bytes_per_vector(head_dim)? + self.values.bytes_per_vector(head_dim)?) / (2 * head_dim) as f64)
+    }
+}
+
+impl FromStr for KvSpec {
+    type Err = TqError;
+    fn from_str(s: &str) -> Result<Self> {
+        KvSpec::parse(s)
+    }
+}
+
+impl fmt::Display for KvSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
