@@ -1,69 +1,12 @@
-//! AVX2 kernels (x86_64), selected at run time by `detect`.
+//! AVX2 (+FMA) kernels: every entry of the `avx2` table, and the fallbacks
+//! and fast-scan steps the `avx512` table reuses.
 
 use super::scalar;
-use super::{Had2, Kernels};
+use super::{group_phase_ok, per_byte, phase_permute, scale_at, scaled_weights, VBLOCK};
+use crate::kernels::Had2;
 use std::arch::x86_64::*;
 
-/// Expands `f!(BITS, G)` for the runtime (bits, g) of a call (bits 2/4, g 1..=8).
-macro_rules! dispatch_bg {
-    ($bits:expr, $g:expr, $f:ident, $($arg:expr),*) => {
-        match ($bits, $g) {
-            (4, 1) => $f::<4, 1>($($arg),*), (4, 2) => $f::<4, 2>($($arg),*), (4, 3) => $f::<4, 3>($($arg),*), (4, 4) => $f::<4, 4>($($arg),*),
-            (4, 5) => $f::<4, 5>($($arg),*), (4, 6) => $f::<4, 6>($($arg),*), (4, 7) => $f::<4, 7>($($arg),*), (4, 8) => $f::<4, 8>($($arg),*),
-            (2, 1) => $f::<2, 1>($($arg),*), (2, 2) => $f::<2, 2>($($arg),*), (2, 3) => $f::<2, 3>($($arg),*), (2, 4) => $f::<2, 4>($($arg),*),
-            (2, 5) => $f::<2, 5>($($arg),*), (2, 6) => $f::<2, 6>($($arg),*), (2, 7) => $f::<2, 7>($($arg),*), _ => $f::<2, 8>($($arg),*),
-        }
-    };
-}
-
-/// Expands `f!(G)` for the runtime group size `g` of a call (1..=8).
-macro_rules! dispatch_g {
-    ($g:expr, $f:ident, $($arg:expr),*) => {
-        match $g {
-            1 => $f::<1>($($arg),*), 2 => $f::<2>($($arg),*), 3 => $f::<3>($($arg),*), 4 => $f::<4>($($arg),*),
-            5 => $f::<5>($($arg),*), 6 => $f::<6>($($arg),*), 7 => $f::<7>($($arg),*), _ => $f::<8>($($arg),*),
-        }
-    };
-}
-
-static AVX2: Kernels = Kernels {
-    name: "avx2",
-    fwht,
-    quantize,
-    sum_sq,
-    dot,
-    dot_codes,
-    axpy_codes,
-    lookup_codes,
-    group_scores,
-    group_values,
-    had2_quantize,
-    fastscan_block,
-    softmax,
-};
-
-/// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
-static AVX512: Kernels =
-    Kernels { name: "avx512", group_scores: group_scores_512, group_values: group_values_512, fastscan_block: fastscan_block_512, ..AVX2 };
-
-/// The best table for this CPU.
-pub fn detect() -> Option<&'static Kernels> {
-    detect_all().last().copied()
-}
-
-/// Every SIMD table this CPU supports, weakest first.
-pub fn detect_all() -> Vec<&'static Kernels> {
-    let mut v = Vec::new();
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        v.push(&AVX2);
-        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
-            v.push(&AVX512);
-        }
-    }
-    v
-}
-
-fn fwht(x: &mut [f32]) {
+pub(super) fn fwht(x: &mut [f32]) {
     if x.len() < 8 {
         return scalar::fwht_ref(x);
     }
@@ -196,7 +139,7 @@ unsafe fn signed_fwht_regs<const R: usize>(v: &mut [__m256; R], s: &[u32]) {
     }
 }
 
-fn had2_quantize(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
+pub(super) fn had2_quantize(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
     let n = x.len();
     assert!(n >= 8 && n.is_power_of_two());
     assert!(p.s1.len() >= n && p.s2.len() >= n && y.len() >= n && idx.len() >= n);
@@ -310,7 +253,7 @@ unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [
     }
 }
 
-fn quantize(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) {
+pub(super) fn quantize(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) {
     assert_eq!(boundaries.len(), (1usize << bits) - 1);
     assert!(idx.len() >= y.len());
     // SAFETY: AVX2 checked by `detect`; lengths checked above.
@@ -369,7 +312,7 @@ unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]
     scalar::quantize_ref(&y[full..], boundaries, bits, &mut idx[full..n]);
 }
 
-fn softmax(s: &mut [f32]) {
+pub(super) fn softmax(s: &mut [f32]) {
     // SAFETY: AVX2 checked by `detect_all`.
     unsafe { softmax_avx2(s) }
 }
@@ -380,7 +323,7 @@ unsafe fn softmax_avx2(s: &mut [f32]) {
     scalar::softmax_body(s)
 }
 
-fn sum_sq(x: &[f32]) -> f32 {
+pub(super) fn sum_sq(x: &[f32]) -> f32 {
     // SAFETY: AVX2 checked by `detect`.
     unsafe { sum_sq_avx2(x) }
 }
@@ -403,7 +346,7 @@ unsafe fn sum_sq_avx2(x: &[f32]) -> f32 {
     scalar::reduce8(&l)
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     // SAFETY: AVX2 checked by `detect`; equal lengths.
     unsafe { dot_avx2(a, b) }
@@ -427,7 +370,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     scalar::reduce8(&l)
 }
 
-fn dot_codes(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 {
+pub(super) fn dot_codes(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 {
     assert!((1..=8).contains(&bits));
     assert!(table.len() >= 1 << bits);
     assert!(packed.len() * 8 >= q.len() * bits as usize);
@@ -483,7 +426,7 @@ unsafe fn dot_codes_avx2(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> 
     s
 }
 
-fn axpy_codes(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
+pub(super) fn axpy_codes(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
     assert!((1..=8).contains(&bits));
     assert!(table.len() >= 1 << bits);
     assert!(packed.len() * 8 >= acc.len() * bits as usize);
@@ -491,7 +434,7 @@ fn axpy_codes(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) 
     unsafe { codes_avx2::<true>(packed, bits, table, w, acc) }
 }
 
-fn lookup_codes(packed: &[u8], bits: u32, table: &[f32], out: &mut [f32]) {
+pub(super) fn lookup_codes(packed: &[u8], bits: u32, table: &[f32], out: &mut [f32]) {
     assert!((1..=8).contains(&bits));
     assert!(table.len() >= 1 << bits);
     assert!(packed.len() * 8 >= out.len() * bits as usize);
@@ -618,23 +561,6 @@ impl Unpack {
     }
 }
 
-/// The scale of the code whose indices end at `p` (`sb` = 2: bf16, 4: f32;
-/// see `scalar::code_scale`).
-///
-/// # Safety
-/// `sb` readable bytes at `p`.
-#[inline(always)]
-unsafe fn scale_at(p: *const u8, sb: usize) -> f32 {
-    // SAFETY: the caller's contract.
-    unsafe {
-        if sb == 2 {
-            f32::from_bits(((p as *const u16).read_unaligned() as u32) << 16)
-        } else {
-            (p as *const f32).read_unaligned()
-        }
-    }
-}
-
 /// Fast paths need whole 8-field groups, a 2- or 4-byte scale after the
 /// packed indices, and up to 4 bits 4 readable bytes at every group start (the
 /// group's `bits` bytes, read as one u32; the scale covers the overhang).
@@ -650,7 +576,7 @@ fn group_fast(code_size: usize, bits: u32, d: usize, n: usize, codes_len: usize)
 }
 
 #[allow(clippy::too_many_arguments)]
-fn group_scores(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
+pub(super) fn group_scores(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = qs.len() / d;
     if !group_fast(code_size, bits, d, n, codes.len()) || g == 0 || g > 8 || out.len() < g * n || table.len() < 1 << bits {
@@ -695,7 +621,7 @@ unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
     }
 }
 
-fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
+pub(super) fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
     if !group_fast(code_size, bits, d, n, codes.len()) || g == 0 || w.len() < g * n || table.len() < 1 << bits {
@@ -707,28 +633,6 @@ fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f
     }
     // SAFETY: AVX2+FMA checked by `detect`; bounds checked above.
     unsafe { group_values_avx2(codes, code_size, bits, table, w, d, acc) }
-}
-
-/// Tokens per block of the value kernels: their codes stay in L1 over the
-/// coordinate passes, their scaled weights live on the stack.
-const VBLOCK: usize = 128;
-
-/// `ws[h·VBLOCK + i] = w[h·ld + t0 + i] · s_{t0+i}` for the `m` tokens of a block
-/// (the same product the scalar reference forms).
-///
-/// # Safety
-/// `codes` holds tokens `t0..t0+m` (`code_size` bytes each: `packed` index
-/// bytes, then a 2- or 4-byte scale).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn scaled_weights(codes: &[u8], code_size: usize, packed: usize, w: &[f32], ld: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
-    for i in 0..m {
-        // SAFETY: the caller's contract.
-        let s = unsafe { scale_at(codes.as_ptr().add((t0 + i) * code_size + packed), code_size - packed) };
-        for h in 0..g {
-            ws[h * VBLOCK + i] = w[h * ld + t0 + i] * s;
-        }
-    }
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -902,7 +806,7 @@ fn padded8(table: &[f32]) -> [f32; 8] {
     t
 }
 
-fn fastscan_block(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
+pub(super) fn fastscan_block(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
     assert!(block.len() % 32 == 0 && tables.len() == block.len());
     // SAFETY: AVX2 checked by `detect`; both buffers hold `block.len()/32` pairs of 32 bytes.
     unsafe { fastscan_block_avx2(block, tables, out) }
@@ -928,7 +832,7 @@ unsafe fn fastscan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; 32]) 
 /// One pair of sub-codes into the (lo, lo_odd, hi, hi_odd) accumulators.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn fastscan_pair_avx2(c: *const u8, t: *const u8, acc: &mut [__m256i; 4]) {
+pub(super) unsafe fn fastscan_pair_avx2(c: *const u8, t: *const u8, acc: &mut [__m256i; 4]) {
     let mask = _mm256_set1_epi8(0x0F);
     // SAFETY: the caller guarantees 32 readable bytes at c and t.
     let (c, t) = unsafe { (_mm256_loadu_si256(c as *const __m256i), _mm256_loadu_si256(t as *const __m256i)) };
@@ -941,7 +845,7 @@ unsafe fn fastscan_pair_avx2(c: *const u8, t: *const u8, acc: &mut [__m256i; 4])
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]) {
+pub(super) unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]) {
     let [lo, lo_odd, hi, hi_odd] = acc;
     let lo_even = _mm256_sub_epi16(lo, _mm256_slli_epi16(lo_odd, 8));
     let hi_even = _mm256_sub_epi16(hi, _mm256_slli_epi16(hi_odd, 8));
@@ -967,403 +871,4 @@ unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]) {
             _mm256_storeu_si256(out.as_mut_ptr().add(16 * half + 8) as *mut __m256i, second);
         }
     }
-}
-
-// ---------------------------------------------------------------------------
-// AVX-512: group attention over 2- and 4-bit codebook codes
-// ---------------------------------------------------------------------------
-//
-// 16 code bytes are widened to 16 dword lanes at once; with F = 8 / bits
-// fields per byte, phase r (0..F) of the lanes holds fields `F·i + r` of the
-// block, decoded by one `vpermps` over the 16-entry table. The kernels thus
-// see each block's coordinates deinterleaved (phase-major): queries are
-// permuted into that order once per call, value sums are accumulated in it
-// and permuted back on store, so every coordinate's sum over tokens runs in
-// the reference's token order (values: the same bits as the AVX2 path).
-
-/// Fields per byte.
-const fn per_byte(bits: u32) -> usize {
-    (8 / bits) as usize
-}
-
-/// Coordinate of lane `i` of phase vector `k` (in order `k = block·F + r`)
-/// for blocks of `lanes` bytes.
-#[inline]
-fn phase_coord(bits: u32, lanes: usize, k: usize, i: usize) -> usize {
-    let f = per_byte(bits);
-    lanes * f * (k / f) + f * i + k % f
-}
-
-/// `x` (G rows of `d`) permuted into phase order (`to_phase`) or back.
-#[inline]
-fn phase_permute(bits: u32, lanes: usize, d: usize, g: usize, x: &[f32], y: &mut [f32], to_phase: bool) {
-    for h in 0..g {
-        for k in 0..d / lanes {
-            for i in 0..lanes {
-                let (p, c) = (h * d + k * lanes + i, h * d + phase_coord(bits, lanes, k, i));
-                if to_phase {
-                    y[p] = x[c];
-                } else {
-                    y[c] = x[p];
-                }
-            }
-        }
-    }
-}
-
-/// Shapes the phase kernels take: 2 or 4 bits, whole blocks of `lanes` code
-/// bytes, every code its packed bytes then an f32 scale, 1..=8 heads of at
-/// most 256 coordinates.
-fn group_phase_ok(lanes: usize, code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
-    (bits == 4 || bits == 2)
-        && d % (lanes * per_byte(bits)) == 0
-        && d <= 256
-        && matches!(code_size.checked_sub(scalar::packed_bytes(d, bits)), Some(2 | 4))
-        && (1..=8).contains(&g)
-        && table.len() >= 1 << bits
-}
-
-/// The F phase vectors of the 16 code bytes at `p`, decoded through `table`.
-#[inline(always)]
-unsafe fn unpack_block<const BITS: u32>(p: *const u8, table: __m512) -> [__m512; 4] {
-    // SAFETY: the caller guarantees 16 readable bytes at p.
-    unsafe {
-        let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-        let mask = _mm512_set1_epi32((1 << BITS) - 1);
-        let mut v = [_mm512_setzero_ps(); 4];
-        for (r, vr) in v.iter_mut().enumerate().take(per_byte(BITS)) {
-            let f = _mm512_and_si512(_mm512_srlv_epi32(b, _mm512_set1_epi32(r as i32 * BITS as i32)), mask);
-            *vr = _mm512_permutexvar_ps(f, table);
-        }
-        v
-    }
-}
-
-#[inline(always)]
-unsafe fn table16(bits: u32, table: &[f32]) -> __m512 {
-    let mut t = [0.0f32; 16];
-    t[..1 << bits].copy_from_slice(&table[..1 << bits]);
-    // SAFETY: 16 floats.
-    unsafe { _mm512_loadu_ps(t.as_ptr()) }
-}
-
-
-#[allow(clippy::too_many_arguments)]
-fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
-    let n = codes.len() / code_size;
-    let g = qs.len() / d;
-    if !group_phase_ok(16, code_size, bits, d, g, table) || out.len() < g * n {
-        if wide_ok(code_size, bits, d, g, table) && out.len() >= g * n {
-            // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked by `wide_ok`.
-            return unsafe { dispatch_g!(g, group_scores_wide512, codes, code_size, bits, table, qs, d, scale, out) };
-        }
-        return group_scores(codes, code_size, bits, table, qs, d, scale, out);
-    }
-    // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above
-    // (every code holds d·bits/8 packed bytes, then its f32 scale).
-    unsafe { dispatch_bg!(bits, g, group_scores_avx512, codes, code_size, table, qs, d, scale, out) }
-}
-
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
-    let n = codes.len() / code_size;
-    let packed = scalar::packed_bytes(d, BITS);
-    let sb = code_size - packed;
-    let f = per_byte(BITS);
-    // the queries in phase order
-    let mut qp = [0.0f32; 8 * 256];
-    phase_permute(BITS, 16, d, G, qs, &mut qp, true);
-    // SAFETY: see the shape check in `group_scores_512`.
-    unsafe {
-        let tab = table16(BITS, table);
-        let one = |t: usize, acc: &mut [__m512; G]| {
-            let c = codes.as_ptr().add(t * code_size);
-            for blk in 0..d / (16 * f) {
-                let v = unpack_block::<BITS>(c.add(16 * blk), tab);
-                for r in 0..f {
-                    for (h, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.as_ptr().add(h * d + (blk * f + r) * 16)), v[r], *a);
-                    }
-                }
-            }
-        };
-        let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
-        scores_by4::<G>(n, out.len() / G, out, one, scale_of);
-    }
-}
-
-/// The token loop of the AVX-512 score kernels: `one(t, acc)` adds token
-/// `t`'s products into its `G` head accumulators; four tokens at a time, one
-/// transpose-add tree gives their four sums per head, times `scale_of(t)`,
-/// stored at `out[h·ld + t]`.
-///
-/// # Safety
-/// AVX-512F/BW; `out` holds `G` rows of `ld ≥ n` floats.
-#[inline(always)]
-#[allow(clippy::needless_range_loop)] // head h indexes four accumulator sets
-unsafe fn scores_by4<const G: usize>(n: usize, ld: usize, out: &mut [f32], one: impl Fn(usize, &mut [__m512; G]), scale_of: impl Fn(usize) -> f32) {
-    // SAFETY: the caller's contract.
-    unsafe {
-        let n4 = n / 4 * 4;
-        for t in (0..n4).step_by(4) {
-            let mut acc = [[_mm512_setzero_ps(); G]; 4];
-            for (i, a) in acc.iter_mut().enumerate() {
-                one(t + i, a);
-            }
-            let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
-            for h in 0..G {
-                store_sums4(acc[0][h], acc[1][h], acc[2][h], acc[3][h], sc, out.as_mut_ptr().add(h * ld + t));
-            }
-        }
-        for t in n4..n {
-            let mut acc = [_mm512_setzero_ps(); G];
-            one(t, &mut acc);
-            let s = scale_of(t);
-            for (h, a) in acc.iter().enumerate() {
-                *out.get_unchecked_mut(h * ld + t) = _mm512_reduce_add_ps(*a) * s;
-            }
-        }
-    }
-}
-
-/// The four sums of `a0..a3` (one token each), times `sc`, stored at `out`.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn store_sums4(a0: __m512, a1: __m512, a2: __m512, a3: __m512, sc: __m128, out: *mut f32) {
-    let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
-    let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    let u4 = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(t0, t1), _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1));
-    let h8 = _mm256_add_ps(_mm512_castps512_ps256(u4), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u4))));
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
-    // SAFETY: the caller guarantees 4 writable floats at out.
-    unsafe { _mm_storeu_ps(out, _mm_mul_ps(s4, sc)) }
-}
-
-/// 3- and 5-bit codes (fields straddle bytes) on AVX-512: 16 consecutive
-/// fields (2·bits bytes) per step, in natural coordinate order.
-fn wide_ok(code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
-    (bits == 3 || bits == 5)
-        && d % 16 == 0
-        && d <= 256
-        && matches!(code_size.checked_sub(scalar::packed_bytes(d, bits)), Some(2 | 4))
-        && (1..=8).contains(&g)
-        && table.len() >= 1 << bits
-}
-
-/// Decoder of 16 fields of 3 or 5 bits: the group's bytes broadcast to every
-/// 128-bit lane, each dword lane gathers the two bytes its field spans
-/// (`vpshufb`), shifts and masks, then `vpermps` (3 bits, 8 entries) or
-/// `vpermt2ps` (5 bits, 32 entries) over the table.
-struct Wide16 {
-    shuf: __m512i,
-    shifts: __m512i,
-    mask: __m512i,
-    lo: __m512,
-    hi: __m512,
-    bits: u32,
-}
-
-impl Wide16 {
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn new(bits: u32, table: &[f32]) -> Self {
-        let mut t = [0.0f32; 32];
-        t[..1 << bits].copy_from_slice(&table[..1 << bits]);
-        let mut shuf = [-1i8; 64];
-        let mut sh = [0i32; 16];
-        for j in 0..16 {
-            let start = j * bits as usize;
-            let o = (start / 8) as i8;
-            // lane j of the 512-bit vector sits in 128-bit lane j / 4; every lane holds the same 16 bytes
-            shuf[4 * j] = o;
-            shuf[4 * j + 1] = if (o as usize) < 15 { o + 1 } else { -1 };
-            sh[j] = (start % 8) as i32;
-        }
-        // SAFETY: arrays of the sizes loaded.
-        unsafe {
-            Wide16 {
-                shuf: _mm512_loadu_si512(shuf.as_ptr() as *const _),
-                shifts: _mm512_loadu_si512(sh.as_ptr() as *const _),
-                mask: _mm512_set1_epi32((1 << bits) - 1),
-                lo: _mm512_loadu_ps(t.as_ptr()),
-                hi: _mm512_loadu_ps(t.as_ptr().add(16)),
-                bits,
-            }
-        }
-    }
-
-    /// The 16 table values of the field group at byte `off` of `codes`
-    /// (16 bytes read where in bounds, else the group's 2·bits bytes copied).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn get(&self, codes: &[u8], off: usize) -> __m512 {
-        // SAFETY: the caller guarantees the group's 2·bits bytes at `off`.
-        unsafe {
-            let b = if off + 16 <= codes.len() {
-                _mm_loadu_si128(codes.as_ptr().add(off) as *const __m128i)
-            } else {
-                let mut t = [0u8; 16];
-                let k = 2 * self.bits as usize;
-                t[..k].copy_from_slice(&codes[off..off + k]);
-                _mm_loadu_si128(t.as_ptr() as *const __m128i)
-            };
-            let v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(b), self.shuf);
-            let idx = _mm512_and_si512(_mm512_srlv_epi32(v, self.shifts), self.mask);
-            if self.bits == 5 {
-                _mm512_permutex2var_ps(self.lo, idx, self.hi)
-            } else {
-                _mm512_permutexvar_ps(idx, self.lo)
-            }
-        }
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_scores_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
-    let n = codes.len() / code_size;
-    let packed = scalar::packed_bytes(d, bits);
-    let sb = code_size - packed;
-    // SAFETY: see `wide_ok`; every group's bytes lie in its code.
-    unsafe {
-        let u = Wide16::new(bits, table);
-        let one = |t: usize, acc: &mut [__m512; G]| {
-            for k in 0..d / 16 {
-                let v = u.get(codes, t * code_size + k * 2 * bits as usize);
-                for (h, a) in acc.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(_mm512_loadu_ps(qs.as_ptr().add(h * d + k * 16)), v, *a);
-                }
-            }
-        };
-        let scale_of = |t: usize| scale_at(codes.as_ptr().add(t * code_size + packed), sb) * scale;
-        scores_by4::<G>(n, out.len() / G, out, one, scale_of);
-    }
-}
-
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_values_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
-    let n = codes.len() / code_size;
-    // SAFETY: see `wide_ok`.
-    unsafe {
-        let u = Wide16::new(bits, table);
-        let mut ws = [0.0f32; 8 * VBLOCK];
-        for t0 in (0..n).step_by(VBLOCK) {
-            let m = VBLOCK.min(n - t0);
-            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, w.len() / G, G, t0, m, &mut ws);
-            for k in 0..d / 16 {
-                let mut a = [_mm512_setzero_ps(); G];
-                for (h, ah) in a.iter_mut().enumerate() {
-                    *ah = _mm512_loadu_ps(acc.as_ptr().add(h * d + k * 16));
-                }
-                for i in 0..m {
-                    let v = u.get(codes, (t0 + i) * code_size + k * 2 * bits as usize);
-                    for (h, ah) in a.iter_mut().enumerate() {
-                        *ah = _mm512_fmadd_ps(_mm512_set1_ps(*ws.get_unchecked(h * VBLOCK + i)), v, *ah);
-                    }
-                }
-                for (h, ah) in a.iter().enumerate() {
-                    _mm512_storeu_ps(acc.as_mut_ptr().add(h * d + k * 16), *ah);
-                }
-            }
-        }
-    }
-}
-
-fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
-    let n = codes.len() / code_size;
-    let g = acc.len() / d;
-    if !group_phase_ok(16, code_size, bits, d, g, table) || w.len() < g * n {
-        if wide_ok(code_size, bits, d, g, table) && w.len() >= g * n {
-            // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked by `wide_ok`.
-            return unsafe { dispatch_g!(g, group_values_wide512, codes, code_size, bits, table, w, d, acc) };
-        }
-        return group_values(codes, code_size, bits, table, w, d, acc);
-    }
-    // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above.
-    unsafe { dispatch_bg!(bits, g, group_values_avx512, codes, code_size, table, w, d, acc) }
-}
-
-#[allow(clippy::needless_range_loop)] // phase r indexes F accumulator sets
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
-    let n = codes.len() / code_size;
-    let f = per_byte(BITS);
-    // the sums in phase order
-    let mut ap = [0.0f32; 8 * 256];
-    phase_permute(BITS, 16, d, G, acc, &mut ap, true);
-    // SAFETY: see the shape check in `group_values_512`.
-    unsafe {
-        let tab = table16(BITS, table);
-        let mut ws = [0.0f32; 8 * VBLOCK];
-        for t0 in (0..n).step_by(VBLOCK) {
-            let m = VBLOCK.min(n - t0);
-            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, w.len() / G, G, t0, m, &mut ws);
-            // one 16-byte block of every token at a time: its F·G sums stay in registers
-            for blk in 0..d / (16 * f) {
-                let mut a = [[_mm512_setzero_ps(); G]; 4];
-                for r in 0..f {
-                    for (h, ah) in a[r].iter_mut().enumerate() {
-                        *ah = _mm512_loadu_ps(ap.as_ptr().add(h * d + (blk * f + r) * 16));
-                    }
-                }
-                for i in 0..m {
-                    let v = unpack_block::<BITS>(codes.as_ptr().add((t0 + i) * code_size + 16 * blk), tab);
-                    for h in 0..G {
-                        let wb = _mm512_set1_ps(*ws.get_unchecked(h * VBLOCK + i));
-                        for r in 0..f {
-                            a[r][h] = _mm512_fmadd_ps(wb, v[r], a[r][h]);
-                        }
-                    }
-                }
-                for r in 0..f {
-                    for (h, ah) in a[r].iter().enumerate() {
-                        _mm512_storeu_ps(ap.as_mut_ptr().add(h * d + (blk * f + r) * 16), *ah);
-                    }
-                }
-            }
-        }
-    }
-    phase_permute(BITS, 16, d, G, &ap, acc, false);
-}
-
-// ---------------------------------------------------------------------------
-// AVX-512BW fast scan: two pairs of sub-codes per 512-bit shuffle
-// ---------------------------------------------------------------------------
-
-fn fastscan_block_512(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
-    assert!(block.len() % 32 == 0 && tables.len() == block.len());
-    // SAFETY: AVX-512F/BW checked by `detect_all`; both buffers hold `block.len()/32` pairs.
-    unsafe { fastscan_block_avx512(block, tables, out) }
-}
-
-/// As `fastscan_block_avx2`, two pairs per step; the two 256-bit halves of
-/// each accumulator are added at the end (sums modulo 2^16 do not depend on
-/// the order, so the result is identical).
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
-    let pairs = block.len() / 32;
-    let mask = _mm512_set1_epi8(0x0F);
-    let z = _mm512_setzero_si512();
-    let (mut lo, mut lo_odd, mut hi, mut hi_odd) = (z, z, z, z);
-    for p in 0..pairs / 2 {
-        // SAFETY: 64 bytes at 64p are in bounds of both buffers.
-        let (c, t) = unsafe {
-            (_mm512_loadu_si512(block.as_ptr().add(64 * p) as *const _), _mm512_loadu_si512(tables.as_ptr().add(64 * p) as *const _))
-        };
-        let rlo = _mm512_shuffle_epi8(t, _mm512_and_si512(c, mask));
-        let rhi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), mask));
-        lo = _mm512_add_epi16(lo, rlo);
-        lo_odd = _mm512_add_epi16(lo_odd, _mm512_srli_epi16(rlo, 8));
-        hi = _mm512_add_epi16(hi, rhi);
-        hi_odd = _mm512_add_epi16(hi_odd, _mm512_srli_epi16(rhi, 8));
-    }
-    let fold = |v: __m512i| _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
-    let mut acc = [fold(lo), fold(lo_odd), fold(hi), fold(hi_odd)];
-    if pairs % 2 == 1 {
-        let p = pairs - 1;
-        // SAFETY: the last pair's 32 bytes are in bounds; AVX2 is implied by AVX-512 here.
-        unsafe { fastscan_pair_avx2(block.as_ptr().add(32 * p), tables.as_ptr().add(32 * p), &mut acc) };
-    }
-    // SAFETY: AVX2 is available (the AVX-512 table is only handed out with it).
-    unsafe { fastscan_finish_avx2(acc, out) }
 }
