@@ -10,19 +10,23 @@ pub(super) fn fwht(x: &mut [f32]) {
     if x.len() < 8 {
         return scalar::fwht_ref(x);
     }
-    // SAFETY: `detect` checked AVX2 before this table could be handed out.
+    assert!(x.len().is_power_of_two(), "fwht takes a power-of-two length, not {}", x.len());
+    // SAFETY: AVX2 was detected (`detect_all` hands out this table only then);
+    // the length is a power of two >= 8 (checked above).
     unsafe { fwht_avx2(x) }
 }
 
+/// # Safety
+/// The CPU supports AVX2; `x.len()` is a power of two >= 8.
 #[target_feature(enable = "avx2")]
 unsafe fn fwht_avx2(x: &mut [f32]) {
     let n = x.len();
     let p = x.as_mut_ptr();
     for c in (0..n).step_by(8) {
-        // SAFETY: c + 8 <= n because n is a power of two >= 8.
+        // SAFETY: AVX2 (this function's contract); c + 8 <= n because n is a power of two >= 8.
         unsafe { _mm256_storeu_ps(p.add(c), low3(_mm256_loadu_ps(p.add(c)))) };
     }
-    // SAFETY: n is a power of two >= 8.
+    // SAFETY: AVX2; `p` covers the n floats of `x`, n a power of two >= 8.
     unsafe { high_stages(p, n) };
 }
 
@@ -44,12 +48,17 @@ fn low3(mut v: __m256) -> __m256 {
 /// Up to three consecutive stages run per pass over memory (8 registers at
 /// stride h); each butterfly sees the same operands as in the reference, so
 /// the result is bit-identical.
+///
+/// # Safety
+/// The CPU supports AVX2; `p` is valid for reads and writes of `n` floats, `n` a power
+/// of two >= 8.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn high_stages(p: *mut f32, n: usize) {
     let mut h = 8;
     while h < n {
-        // SAFETY: each pass stays inside [0, n) (see `butterfly_pass`).
+        // SAFETY: AVX2; h < n, so the pass taken has R·h <= n with h >= 8, both
+        // powers of two: it stays inside the n floats at `p` (see `butterfly_pass`).
         unsafe {
             if h * 8 <= n {
                 butterfly_pass::<8>(p, n, h);
@@ -67,6 +76,10 @@ unsafe fn high_stages(p: *mut f32, n: usize) {
 
 /// Stages h, 2h, .. (R/2)h in one pass: `R` registers at stride `h`.
 /// Requires `R·h <= n`, both powers of two, `h >= 8`.
+///
+/// # Safety
+/// The CPU supports AVX2; `p` is valid for reads and writes of `n` floats; `R·h <= n`,
+/// both powers of two, `h >= 8`.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
@@ -89,7 +102,7 @@ unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
                 d *= 2;
             }
             for (r, reg) in v.iter().enumerate() {
-                // SAFETY: as above.
+                // SAFETY: j + r·h + 8 <= base + R·h <= n, as for the load.
                 unsafe { _mm256_storeu_ps(p.add(j + r * h), *reg) };
             }
         }
@@ -98,31 +111,38 @@ unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
 
 /// Both unnormalized signed transforms of `had2_quantize` for `n = 8·R` with
 /// the whole vector held in `R` registers (same operations as `high_stages`).
+///
+/// # Safety
+/// The CPU supports AVX2; `x` is valid for reads and `y` for writes of `8·R` floats;
+/// `p.s1` and `p.s2` hold at least `8·R` masks each.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn rotate2_regs<const R: usize>(x: *const f32, p: &Had2<'_>, y: *mut f32) {
     let mut v = [_mm256_setzero_ps(); R];
     for (r, reg) in v.iter_mut().enumerate() {
-        // SAFETY: the caller guarantees 8·R elements in x.
+        // SAFETY: 8·r + 8 <= 8·R floats, readable at `x` (the caller's contract).
         *reg = unsafe { _mm256_loadu_ps(x.add(8 * r)) };
     }
-    // SAFETY: both sign arrays hold 8·R elements.
+    // SAFETY: AVX2; both sign arrays hold at least 8·R masks (the caller's contract).
     unsafe {
         signed_fwht_regs(&mut v, p.s1);
         signed_fwht_regs(&mut v, p.s2);
     }
     for (r, reg) in v.iter().enumerate() {
-        // SAFETY: y holds 8·R elements.
+        // SAFETY: 8·r + 8 <= 8·R floats, writable at `y` (the caller's contract).
         unsafe { _mm256_storeu_ps(y.add(8 * r), *reg) };
     }
 }
 
 /// `v ← H (s ⊙ v)` (unnormalized) on a vector held in `R` registers.
+///
+/// # Safety
+/// The CPU supports AVX2; `s` holds at least `8·R` masks.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn signed_fwht_regs<const R: usize>(v: &mut [__m256; R], s: &[u32]) {
     for (r, reg) in v.iter_mut().enumerate() {
-        // SAFETY: the caller guarantees 8·R sign masks.
+        // SAFETY: 8·r + 8 <= 8·R masks, held by `s` (the caller's contract).
         let m = unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(s.as_ptr().add(8 * r) as *const __m256i)) };
         *reg = low3(_mm256_xor_ps(*reg, m));
     }
@@ -144,16 +164,23 @@ pub(super) fn had2_quantize(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u
     assert!(n >= 8 && n.is_power_of_two());
     assert!(p.s1.len() >= n && p.s2.len() >= n && y.len() >= n && idx.len() >= n);
     assert_eq!(p.boundaries.len(), (1usize << p.bits) - 1);
-    // SAFETY: AVX2 checked by `detect`; lengths checked above.
+    // SAFETY: AVX2 was detected (`detect_all`); the lengths and the number of
+    // boundaries `had2_quantize_avx2` needs are asserted above.
     unsafe { had2_quantize_avx2(x, p, &mut y[..n], &mut idx[..n]) }
 }
 
+/// # Safety
+/// The CPU supports AVX2; `x.len()` is a power of two >= 8, `p.s1`, `p.s2`, `y` and
+/// `idx` hold at least `x.len()` elements, `p.boundaries.len() == 2^p.bits - 1`
+/// (as `had2_quantize` asserts).
 #[target_feature(enable = "avx2")]
 unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
     let n = x.len();
     let yp = y.as_mut_ptr();
-    // SAFETY (every pointer access below): c + 8 <= n for c a multiple of 8,
-    // and x, y, s1, s2, idx all hold at least n elements (checked by the caller).
+    // SAFETY: AVX2 (this function's contract). Every pointer access below is
+    // at c + 8 <= n (c a multiple of 8, or c + 32 <= full <= n for the 32-wide
+    // stores), and x, y, s1, s2, idx all hold at least n elements (the caller's
+    // contract); n = 64 / 128 hold 8 / 16 registers for `rotate2_regs`.
     unsafe {
         match n {
             64 => rotate2_regs::<8>(x.as_ptr(), p, yp),
@@ -256,10 +283,14 @@ unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [
 pub(super) fn quantize(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) {
     assert_eq!(boundaries.len(), (1usize << bits) - 1);
     assert!(idx.len() >= y.len());
-    // SAFETY: AVX2 checked by `detect`; lengths checked above.
+    // SAFETY: AVX2 was detected (`detect_all`); boundary count and output
+    // length asserted above.
     unsafe { quantize_avx2(y, boundaries, bits, idx) }
 }
 
+/// # Safety
+/// The CPU supports AVX2; `boundaries.len() == 2^bits - 1` and `idx.len() >= y.len()`
+/// (as `quantize` asserts).
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) {
     let n = y.len();
@@ -272,7 +303,7 @@ unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]
             bv[k] = _mm256_set1_ps(boundaries[k]);
         }
         for c in (0..full).step_by(8) {
-            // SAFETY: c + 8 <= n.
+            // SAFETY: AVX2; c + 8 <= full <= n = y.len().
             let v = unsafe { _mm256_loadu_ps(y.as_ptr().add(c)) };
             let mut cnt = _mm256_setzero_si256();
             for b in bv.iter().take(nb) {
@@ -280,7 +311,7 @@ unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]
                 let gt = _mm256_castps_si256(_mm256_cmp_ps(v, *b, _CMP_GT_OQ));
                 cnt = _mm256_sub_epi32(cnt, gt);
             }
-            // SAFETY: `out` has 8 lanes.
+            // SAFETY: AVX2; `out` holds the 8 i32 lanes stored.
             unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, cnt) };
             for l in 0..8 {
                 idx[c + l] = out[l] as u8;
@@ -288,13 +319,14 @@ unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]
         }
     } else {
         for c in (0..full).step_by(8) {
-            // SAFETY: c + 8 <= n.
+            // SAFETY: AVX2; c + 8 <= full <= n = y.len().
             let v = unsafe { _mm256_loadu_ps(y.as_ptr().add(c)) };
             let mut pos = _mm256_setzero_si256();
             let mut step = 1i32 << (bits - 1);
             while step > 0 {
                 let cand = _mm256_add_epi32(pos, _mm256_set1_epi32(step));
-                // SAFETY: cand - 1 <= 2^bits - 2 < boundaries.len().
+                // SAFETY: AVX2; every lane's cand - 1 <= 2^bits - 2 < boundaries.len()
+                // (the caller's contract), so the gather reads inside `boundaries`.
                 let thr = unsafe {
                     _mm256_i32gather_ps::<4>(boundaries.as_ptr(), _mm256_sub_epi32(cand, _mm256_set1_epi32(1)))
                 };
@@ -302,7 +334,7 @@ unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]
                 pos = _mm256_blendv_epi8(pos, cand, gt);
                 step >>= 1;
             }
-            // SAFETY: `out` has 8 lanes.
+            // SAFETY: AVX2; `out` holds the 8 i32 lanes stored.
             unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, pos) };
             for l in 0..8 {
                 idx[c + l] = out[l] as u8;
@@ -313,32 +345,37 @@ unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]
 }
 
 pub(super) fn softmax(s: &mut [f32]) {
-    // SAFETY: AVX2 checked by `detect_all`.
+    // SAFETY: AVX2 was detected (`detect_all`); the body is safe code.
     unsafe { softmax_avx2(s) }
 }
 
 /// The scalar body compiled for AVX2: 8 scores per instruction, the same bits.
+///
+/// # Safety
+/// The CPU supports AVX2 (the body is safe code).
 #[target_feature(enable = "avx2")]
 unsafe fn softmax_avx2(s: &mut [f32]) {
     scalar::softmax_body(s)
 }
 
 pub(super) fn sum_sq(x: &[f32]) -> f32 {
-    // SAFETY: AVX2 checked by `detect`.
+    // SAFETY: AVX2 was detected (`detect_all`); no length requirement.
     unsafe { sum_sq_avx2(x) }
 }
 
+/// # Safety
+/// The CPU supports AVX2 (every load is in bounds of `x`).
 #[target_feature(enable = "avx2")]
 unsafe fn sum_sq_avx2(x: &[f32]) -> f32 {
     let full = x.len() / 8 * 8;
     let mut acc = _mm256_setzero_ps();
     for c in (0..full).step_by(8) {
-        // SAFETY: c + 8 <= len.
+        // SAFETY: AVX2; c + 8 <= full <= x.len().
         let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(c)) };
         acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
     }
     let mut l = [0.0f32; 8];
-    // SAFETY: 8 lanes.
+    // SAFETY: AVX2; `l` holds the 8 floats stored.
     unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
     for (i, &v) in x[full..].iter().enumerate() {
         l[i] += v * v;
@@ -348,21 +385,23 @@ unsafe fn sum_sq_avx2(x: &[f32]) -> f32 {
 
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    // SAFETY: AVX2 checked by `detect`; equal lengths.
+    // SAFETY: AVX2 was detected (`detect_all`); equal lengths asserted above.
     unsafe { dot_avx2(a, b) }
 }
 
+/// # Safety
+/// The CPU supports AVX2; `a.len() == b.len()`.
 #[target_feature(enable = "avx2")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let full = a.len() / 8 * 8;
     let mut acc = _mm256_setzero_ps();
     for c in (0..full).step_by(8) {
-        // SAFETY: c + 8 <= len.
+        // SAFETY: AVX2; c + 8 <= full <= a.len() == b.len().
         let (x, y) = unsafe { (_mm256_loadu_ps(a.as_ptr().add(c)), _mm256_loadu_ps(b.as_ptr().add(c))) };
         acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
     }
     let mut l = [0.0f32; 8];
-    // SAFETY: 8 lanes.
+    // SAFETY: AVX2; `l` holds the 8 floats stored.
     unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
     for (i, (&x, &y)) in a[full..].iter().zip(&b[full..]).enumerate() {
         l[i] += x * y;
@@ -374,7 +413,8 @@ pub(super) fn dot_codes(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f
     assert!((1..=8).contains(&bits));
     assert!(table.len() >= 1 << bits);
     assert!(packed.len() * 8 >= q.len() * bits as usize);
-    // SAFETY: AVX2+FMA checked by `detect`; buffer sizes checked above.
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); width, table and
+    // packed sizes asserted above.
     unsafe { dot_codes_avx2(q, packed, bits, table) }
 }
 
@@ -398,17 +438,22 @@ fn unpack_consts(bits: u32) -> ([i8; 32], [i32; 8]) {
     (shuf, shifts)
 }
 
+/// # Safety
+/// The CPU supports AVX2 and FMA; `bits` in 1..=8, `table.len() >= 2^bits`,
+/// `packed` holds `q.len()` fields (as `dot_codes` asserts).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_codes_avx2(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 {
     let n = q.len();
     let groups = n / 8;
     let b = bits as usize;
-    // SAFETY: AVX2+FMA as for this function; table sizes checked by `dot_codes`.
+    // SAFETY: AVX2+FMA (this function's contract); bits in 1..=8 and
+    // table.len() >= 2^bits (the caller's contract).
     let u = unsafe { Unpack::new(bits, table) };
     let mut acc = _mm256_setzero_ps();
     let mut acc2 = _mm256_setzero_ps();
     for g in 0..groups {
-        // SAFETY: as above; g*8 + 8 <= n.
+        // SAFETY: AVX2+FMA; g·8 + 8 <= n = q.len(); `word_at` reads in bounds;
+        // the table holds 2^bits entries for the gather of `vals`.
         let (vals, qv) = unsafe { (u.vals(Unpack::word_at(packed, g * b), table), _mm256_loadu_ps(q.as_ptr().add(g * 8))) };
         if g % 2 == 0 {
             acc = _mm256_fmadd_ps(qv, vals, acc);
@@ -417,7 +462,7 @@ unsafe fn dot_codes_avx2(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> 
         }
     }
     let mut l = [0.0f32; 8];
-    // SAFETY: 8 lanes.
+    // SAFETY: AVX2; `l` holds the 8 floats stored.
     unsafe { _mm256_storeu_ps(l.as_mut_ptr(), _mm256_add_ps(acc, acc2)) };
     let mut s = scalar::reduce8(&l);
     for j in groups * 8..n {
@@ -430,7 +475,8 @@ pub(super) fn axpy_codes(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &
     assert!((1..=8).contains(&bits));
     assert!(table.len() >= 1 << bits);
     assert!(packed.len() * 8 >= acc.len() * bits as usize);
-    // SAFETY: AVX2+FMA checked by `detect`; buffer sizes checked above.
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); width, table and
+    // packed sizes asserted above.
     unsafe { codes_avx2::<true>(packed, bits, table, w, acc) }
 }
 
@@ -438,22 +484,29 @@ pub(super) fn lookup_codes(packed: &[u8], bits: u32, table: &[f32], out: &mut [f
     assert!((1..=8).contains(&bits));
     assert!(table.len() >= 1 << bits);
     assert!(packed.len() * 8 >= out.len() * bits as usize);
-    // SAFETY: AVX2+FMA checked by `detect`; buffer sizes checked above.
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); width, table and
+    // packed sizes asserted above.
     unsafe { codes_avx2::<false>(packed, bits, table, 1.0, out) }
 }
 
 /// `ACC`: `acc[j] += w · table[field_j]`; else `acc[j] = table[field_j]`.
 /// 8 coordinates per step (the unpacking of `dot_codes_avx2`).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `bits` in 1..=8, `table.len() >= 2^bits`,
+/// `packed` holds `acc.len()` fields (as `axpy_codes` and `lookup_codes` assert).
 #[target_feature(enable = "avx2,fma")]
 unsafe fn codes_avx2<const ACC: bool>(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
     let n = acc.len();
     let groups = n / 8;
     let b = bits as usize;
-    // SAFETY: AVX2+FMA as for this function; table sizes checked by the callers.
+    // SAFETY: AVX2+FMA (this function's contract); bits in 1..=8 and
+    // table.len() >= 2^bits (the caller's contract).
     let u = unsafe { Unpack::new(bits, table) };
     let wv = _mm256_set1_ps(w);
     for g in 0..groups {
-        // SAFETY: as above; g*8 + 8 <= n.
+        // SAFETY: AVX2+FMA; g·8 + 8 <= n = acc.len(); `word_at` reads in
+        // bounds; the table holds 2^bits entries for the gather of `vals`.
         unsafe {
             let vals = u.vals(Unpack::word_at(packed, g * b), table);
             let a = acc.as_mut_ptr().add(g * 8);
@@ -478,11 +531,17 @@ struct Unpack {
 }
 
 impl Unpack {
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `bits` in 1..=8 and `table.len() >= 2^bits` (the loads
+    /// read 16 entries of `table` at 4 bits and 8 from 5 bits on).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn new(bits: u32, table: &[f32]) -> Self {
         let (shuf, shifts) = unpack_consts(bits);
         let pad = padded8(table);
-        // SAFETY: the arrays have the sizes the loads read; for bits >= 4 the table has >= 16 entries.
+        // SAFETY: AVX2 (this function's contract); `shuf` and `shifts` have the
+        // 32 bytes each load reads, `pad` 8 floats; `table` is read only where
+        // it has the entries: 16 at 4 bits, 8 at 5 bits or more (2^bits entries,
+        // the caller's contract).
         unsafe {
             Unpack {
                 shuf: _mm256_loadu_si256(shuf.as_ptr() as *const __m256i),
@@ -499,7 +558,7 @@ impl Unpack {
     #[inline]
     fn word_at(packed: &[u8], off: usize) -> u64 {
         if off + 8 <= packed.len() {
-            // SAFETY: 8 bytes in bounds.
+            // SAFETY: off + 8 <= packed.len(): the 8 bytes read are in bounds.
             unsafe { (packed.as_ptr().add(off) as *const u64).read_unaligned() }
         } else {
             let mut tmp = [0u8; 8];
@@ -509,6 +568,10 @@ impl Unpack {
     }
 
     /// Table values of the 8 fields that start at bit 0 of `word`.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; for `bits > 4`, `table.len() >= 2^bits` (the gather reads
+    /// `table[idx]` for `idx < 2^bits`).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn vals(&self, word: u64, table: &[f32]) -> __m256 {
@@ -520,7 +583,7 @@ impl Unpack {
                 let hi = _mm256_permutevar8x32_ps(self.t1, idx);
                 _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
             }
-            // SAFETY: idx < 2^bits <= table.len() (checked by the callers).
+            // SAFETY: AVX2; every idx < 2^bits <= table.len() (the caller's contract).
             _ => unsafe { _mm256_i32gather_ps::<4>(table.as_ptr(), idx) },
         }
     }
@@ -532,10 +595,16 @@ impl Unpack {
     /// # Safety
     /// For bits <= 4, 4 readable bytes at `off`; for wider codes, the group's
     /// `bits` bytes in `codes` and every index < `table.len()`.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; for bits <= 4, 4 readable bytes at `off` of `codes`;
+    /// for wider codes, the group's `bits` bytes in `codes` and every index < `table.len()`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn get_at(&self, codes: &[u8], off: usize, table: &[f32]) -> __m256 {
-        // SAFETY: the caller's contract.
+        // SAFETY: AVX2+FMA; for bits <= 4 the caller guarantees 4 readable bytes
+        // at `off`; the 8-byte read is guarded by its bounds check; the gather's
+        // indices are < table.len() (the caller's contract).
         unsafe {
             if self.bits <= 4 {
                 return self.get(codes.as_ptr().add(off));
@@ -553,10 +622,14 @@ impl Unpack {
 
     /// The 8 values of fields `8k .. 8k+8` (`p` points at byte `k·bits`, 4
     /// readable bytes; bits <= 4, so the group lies in those 4 bytes).
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `self.bits <= 4` and 4 readable bytes at `p`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn get(&self, p: *const u8) -> __m256 {
-        // SAFETY: the caller guarantees 4 readable bytes at p; bits <= 4 needs no table pointer.
+        // SAFETY: AVX2+FMA; the caller guarantees 4 readable bytes at p; bits <= 4
+        // decodes through the registers alone (the empty table is never read).
         unsafe { self.vals((p as *const u32).read_unaligned() as u64, &[]) }
     }
 }
@@ -569,7 +642,7 @@ impl Unpack {
 fn group_fast(code_size: usize, bits: u32, d: usize, n: usize, codes_len: usize) -> bool {
     let packed = scalar::packed_bytes(d, bits);
     (1..=8).contains(&bits)
-        && d % 8 == 0
+        && d.is_multiple_of(8)
         && n > 0
         && matches!(code_size.checked_sub(packed), Some(2 | 4))
         && (bits > 4 || (n - 1) * code_size + (d / 8 - 1) * bits as usize + 4 <= codes_len)
@@ -583,13 +656,18 @@ pub(super) fn group_scores(codes: &[u8], code_size: usize, bits: u32, table: &[f
         return scalar::group_scores_ref(codes, code_size, bits, table, qs, d, scale, out);
     }
     if group_phase_ok(8, code_size, bits, d, g, table) {
-        // SAFETY: AVX2+FMA checked by `detect`; shapes checked above.
+        // SAFETY: AVX2 and FMA were detected (`detect_all`); `group_fast`, the
+        // head count, `out` and the table were checked above, `group_phase_ok` here.
         return unsafe { dispatch_bg!(bits, g, group_scores_avx2p, codes, code_size, table, qs, d, scale, out) };
     }
-    // SAFETY: AVX2+FMA checked by `detect`; bounds checked above.
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); `group_fast`, the
+    // head count, `out` and the table were checked above.
     unsafe { group_scores_avx2(codes, code_size, bits, table, qs, d, scale, out) }
 }
 
+/// # Safety
+/// The CPU supports AVX2 and FMA; the shapes `group_scores` checks: `group_fast`, 1..=8
+/// heads (`qs.len() / d`), `out.len() >= g·n`, `table.len() >= 2^bits`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
@@ -598,7 +676,11 @@ unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
     let ld = out.len() / g;
     let packed = scalar::packed_bytes(d, bits);
     let sb = code_size - packed;
-    // SAFETY: see the bounds check in `group_scores`.
+    // SAFETY: AVX2+FMA (this function's contract). Token t < n = codes.len() /
+    // code_size, so its code and scale lie in `codes`; `group_fast` gives 4
+    // readable bytes at every group start up to 4 bits (`get_at`); head h < g
+    // reads qs[h·d + k·8 ..][..8] with k·8 + 8 <= d; out.len() >= g·n makes
+    // ld >= n, so h·ld + t < out.len().
     unsafe {
         let u = Unpack::new(bits, table);
         for t in 0..n {
@@ -628,20 +710,28 @@ pub(super) fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f
         return scalar::group_values_ref(codes, code_size, bits, table, w, d, acc);
     }
     if group_phase_ok(8, code_size, bits, d, g, table) {
-        // SAFETY: AVX2+FMA checked by `detect`; shapes checked above.
+        // SAFETY: AVX2 and FMA were detected (`detect_all`); `group_fast`, the
+        // head count, `w` and the table were checked above, `group_phase_ok` here.
         return unsafe { dispatch_bg!(bits, g, group_values_avx2p, codes, code_size, table, w, d, acc) };
     }
-    // SAFETY: AVX2+FMA checked by `detect`; bounds checked above.
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); `group_fast`, the
+    // head count, `w` and the table were checked above.
     unsafe { group_values_avx2(codes, code_size, bits, table, w, d, acc) }
 }
 
+/// # Safety
+/// The CPU supports AVX2 and FMA; the shapes `group_values` checks: `group_fast`, at least
+/// one head (`acc.len() / d`), `w.len() >= g·n`, `table.len() >= 2^bits`.
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
     let ld = w.len() / g;
     let gv = g.min(8);
-    // SAFETY: see the bounds check in `group_values`.
+    // SAFETY: AVX2+FMA (this function's contract). Token t0 + i < n, so its
+    // code and scale lie in `codes` (`scaled_weights`, `get_at` with 4 readable
+    // bytes per group start from `group_fast`); head h < gv <= acc.len() / d
+    // touches acc[h·d + k·8 ..][..8] with k·8 + 8 <= d; h·VBLOCK + i < 8·VBLOCK.
     unsafe {
         let u = Unpack::new(bits, table);
         let mut ws = [0.0f32; 8 * VBLOCK];
@@ -675,9 +765,12 @@ unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[
 
 /// AVX2 analogue of `unpack_block`: the F phase vectors of the 8 code bytes
 /// at `p` (4 bits: two `vpermps` halves of the 16-entry table and a blend).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; 8 readable bytes at `p`.
 #[inline(always)]
 unsafe fn unpack_block8<const BITS: u32>(p: *const u8, t0: __m256, t1: __m256) -> [__m256; 4] {
-    // SAFETY: the caller guarantees 8 readable bytes at p.
+    // SAFETY: AVX2+FMA; the caller guarantees 8 readable bytes at p.
     unsafe {
         let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
         let mask = _mm256_set1_epi32((1 << BITS) - 1);
@@ -696,14 +789,20 @@ unsafe fn unpack_block8<const BITS: u32>(p: *const u8, t0: __m256, t1: __m256) -
 }
 
 /// The two 8-entry halves of a table of up to 16 entries (zero-padded).
+///
+/// # Safety
+/// The CPU supports AVX2; `bits <= 4` and `table.len() >= 2^bits`.
 #[inline(always)]
 unsafe fn table8x2(bits: u32, table: &[f32]) -> (__m256, __m256) {
     let mut t = [0.0f32; 16];
     t[..1 << bits].copy_from_slice(&table[..1 << bits]);
-    // SAFETY: 16 floats.
+    // SAFETY: AVX2; both loads stay inside the 16 floats of `t`.
     unsafe { (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))) }
 }
 
+/// # Safety
+/// The CPU supports AVX2 and FMA; the shapes `group_scores` checks: `group_fast`,
+/// `group_phase_ok(8, ..)` with `G` heads, `out.len() >= G·n`.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
@@ -714,7 +813,11 @@ unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code
     let f = per_byte(BITS);
     let mut qp = [0.0f32; 8 * 256];
     phase_permute(BITS, 8, d, G, qs, &mut qp, true);
-    // SAFETY: see the shape check in `group_scores`.
+    // SAFETY: AVX2+FMA (this function's contract). Token t < n: its block blk <
+    // d / (8·F) reads bytes 8·blk .. 8·blk + 8 <= d / F (its packed bytes) and
+    // its scale lies after them; `qp` holds 8·256 >= G·d floats (d <= 256, G <=
+    // 8); out.len() >= G·n makes ld >= n, so the 4 floats at h·ld + t (t + 4 <=
+    // n) and the float at h·ld + t lie in `out`.
     unsafe {
         let (t0, t1) = table8x2(BITS, table);
         let one = |t: usize, acc: &mut [__m256; G]| {
@@ -756,6 +859,9 @@ unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code
     }
 }
 
+/// # Safety
+/// The CPU supports AVX2 and FMA; the shapes `group_values` checks: `group_fast`,
+/// `group_phase_ok(8, ..)` with `G` heads, `w.len() >= G·n`.
 #[allow(clippy::needless_range_loop)] // phase r indexes F accumulator sets
 #[target_feature(enable = "avx2,fma")]
 unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
@@ -763,7 +869,10 @@ unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code
     let f = per_byte(BITS);
     let mut ap = [0.0f32; 8 * 256];
     phase_permute(BITS, 8, d, G, acc, &mut ap, true);
-    // SAFETY: see the shape check in `group_values`.
+    // SAFETY: AVX2+FMA (this function's contract). Token b0 + i < n: its block
+    // blk < d / (8·F) reads 8 bytes inside its packed bytes and its scale lies
+    // after them (`scaled_weights`); `ap` holds 8·256 >= G·d floats (d <= 256,
+    // G <= 8); h·VBLOCK + i < 8·VBLOCK.
     unsafe {
         let (t0, t1) = table8x2(BITS, table);
         let mut ws = [0.0f32; 8 * VBLOCK];
@@ -807,8 +916,9 @@ fn padded8(table: &[f32]) -> [f32; 8] {
 }
 
 pub(super) fn fastscan_block(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
-    assert!(block.len() % 32 == 0 && tables.len() == block.len());
-    // SAFETY: AVX2 checked by `detect`; both buffers hold `block.len()/32` pairs of 32 bytes.
+    assert!(block.len().is_multiple_of(32) && tables.len() == block.len());
+    // SAFETY: AVX2 was detected (`detect_all`); both buffers hold
+    // `block.len() / 32` pairs of 32 bytes (asserted above).
     unsafe { fastscan_block_avx2(block, tables, out) }
 }
 
@@ -816,25 +926,31 @@ pub(super) fn fastscan_block(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
 /// byte) sums modulo 2^16, and a second accumulator the odd bytes alone, so
 /// both byte streams are recovered exactly (`QuantizedLut` caps the entries so
 /// that no true sum exceeds 65535).
+///
+/// # Safety
+/// The CPU supports AVX2; `block.len()` is a multiple of 32 and `tables.len() == block.len()`.
 #[target_feature(enable = "avx2")]
 unsafe fn fastscan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
     let pairs = block.len() / 32;
     let z = _mm256_setzero_si256();
     let mut acc = [z; 4];
     for p in 0..pairs {
-        // SAFETY: 32 bytes at 32p are in bounds of both buffers.
+        // SAFETY: AVX2; 32·p + 32 <= block.len() == tables.len() (the caller's contract).
         unsafe { fastscan_pair_avx2(block.as_ptr().add(32 * p), tables.as_ptr().add(32 * p), &mut acc) };
     }
-    // SAFETY: AVX2 as above.
+    // SAFETY: AVX2 (this function's contract).
     unsafe { fastscan_finish_avx2(acc, out) }
 }
 
 /// One pair of sub-codes into the (lo, lo_odd, hi, hi_odd) accumulators.
+///
+/// # Safety
+/// The CPU supports AVX2; `c` and `t` are valid for reads of 32 bytes each.
 #[inline]
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn fastscan_pair_avx2(c: *const u8, t: *const u8, acc: &mut [__m256i; 4]) {
     let mask = _mm256_set1_epi8(0x0F);
-    // SAFETY: the caller guarantees 32 readable bytes at c and t.
+    // SAFETY: AVX2; the caller guarantees 32 readable bytes at c and at t.
     let (c, t) = unsafe { (_mm256_loadu_si256(c as *const __m256i), _mm256_loadu_si256(t as *const __m256i)) };
     let rlo = _mm256_shuffle_epi8(t, _mm256_and_si256(c, mask));
     let rhi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
@@ -844,6 +960,8 @@ pub(super) unsafe fn fastscan_pair_avx2(c: *const u8, t: *const u8, acc: &mut [_
     acc[3] = _mm256_add_epi16(acc[3], _mm256_srli_epi16(rhi, 8));
 }
 
+/// # Safety
+/// The CPU supports AVX2 (the stores stay inside `out`).
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]) {
     let [lo, lo_odd, hi, hi_odd] = acc;
@@ -865,7 +983,8 @@ pub(super) unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]
         let b = _mm256_unpackhi_epi32(e, o);
         let first = _mm256_permute2x128_si256::<0x20>(a, b); // vectors 0..8 of this half
         let second = _mm256_permute2x128_si256::<0x31>(a, b); // vectors 8..16
-        // SAFETY: `out` has 32 u32; each store writes 8 at 16·half and 16·half + 8.
+        // SAFETY: AVX2; `out` has 32 u32 and half < 2: the stores write 8 each
+        // at 16·half and 16·half + 8.
         unsafe {
             _mm256_storeu_si256(out.as_mut_ptr().add(16 * half) as *mut __m256i, first);
             _mm256_storeu_si256(out.as_mut_ptr().add(16 * half + 8) as *mut __m256i, second);

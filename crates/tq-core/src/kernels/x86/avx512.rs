@@ -15,9 +15,12 @@ use super::{group_phase_ok, per_byte, phase_permute, scale_at, scaled_weights, V
 use std::arch::x86_64::*;
 
 /// The F phase vectors of the 16 code bytes at `p`, decoded through `table`.
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512BW; 16 readable bytes at `p`.
 #[inline(always)]
 unsafe fn unpack_block<const BITS: u32>(p: *const u8, table: __m512) -> [__m512; 4] {
-    // SAFETY: the caller guarantees 16 readable bytes at p.
+    // SAFETY: AVX-512F/BW; the caller guarantees 16 readable bytes at p.
     unsafe {
         let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
         let mask = _mm512_set1_epi32((1 << BITS) - 1);
@@ -30,11 +33,13 @@ unsafe fn unpack_block<const BITS: u32>(p: *const u8, table: __m512) -> [__m512;
     }
 }
 
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512BW; `bits <= 4` and `table.len() >= 2^bits`.
 #[inline(always)]
 unsafe fn table16(bits: u32, table: &[f32]) -> __m512 {
     let mut t = [0.0f32; 16];
     t[..1 << bits].copy_from_slice(&table[..1 << bits]);
-    // SAFETY: 16 floats.
+    // SAFETY: AVX-512F; the load reads the 16 floats of `t`.
     unsafe { _mm512_loadu_ps(t.as_ptr()) }
 }
 
@@ -45,16 +50,21 @@ pub(super) fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table:
     let g = qs.len() / d;
     if !group_phase_ok(16, code_size, bits, d, g, table) || out.len() < g * n {
         if wide_ok(code_size, bits, d, g, table) && out.len() >= g * n {
-            // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked by `wide_ok`.
+            // SAFETY: AVX-512F/BW were detected (`detect_all` hands out this table
+            // only then); `wide_ok` and `out.len() >= g·n` checked here.
             return unsafe { dispatch_g!(g, group_scores_wide512, codes, code_size, bits, table, qs, d, scale, out) };
         }
         return group_scores(codes, code_size, bits, table, qs, d, scale, out);
     }
-    // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above
-    // (every code holds d·bits/8 packed bytes, then its f32 scale).
+    // SAFETY: AVX-512F/BW were detected (`detect_all`); `group_phase_ok` and
+    // `out.len() >= g·n` checked above (every code holds d·bits/8 packed bytes,
+    // then its 2- or 4-byte scale).
     unsafe { dispatch_bg!(bits, g, group_scores_avx512, codes, code_size, table, qs, d, scale, out) }
 }
 
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512BW; the shapes `group_scores_512` checks:
+/// `group_phase_ok(16, ..)` with `G` heads, `out.len() >= G·n`.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)] // head h indexes four accumulator sets
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
@@ -65,7 +75,10 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
     // the queries in phase order
     let mut qp = [0.0f32; 8 * 256];
     phase_permute(BITS, 16, d, G, qs, &mut qp, true);
-    // SAFETY: see the shape check in `group_scores_512`.
+    // SAFETY: AVX-512F/BW (this function's contract). Token t < n: its block
+    // blk < d / (16·F) reads bytes 16·blk .. 16·blk + 16 <= d / F (its packed
+    // bytes) and its scale lies after them; `qp` holds 8·256 >= G·d floats;
+    // out.len() >= G·n, so `scores_by4` gets G rows of ld = out.len() / G >= n.
     unsafe {
         let tab = table16(BITS, table);
         let one = |t: usize, acc: &mut [__m512; G]| {
@@ -90,11 +103,13 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
 /// stored at `out[h·ld + t]`.
 ///
 /// # Safety
-/// AVX-512F/BW; `out` holds `G` rows of `ld ≥ n` floats.
+/// The CPU supports AVX-512F and AVX-512BW; `out` holds `G` rows of `ld ≥ n` floats (`out.len() >= G·ld`);
+/// `one` and `scale_of` are sound for every token `t < n`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // head h indexes four accumulator sets
 unsafe fn scores_by4<const G: usize>(n: usize, ld: usize, out: &mut [f32], one: impl Fn(usize, &mut [__m512; G]), scale_of: impl Fn(usize) -> f32) {
-    // SAFETY: the caller's contract.
+    // SAFETY: AVX-512F/BW (this function's contract); t + 4 <= n4 <= n <= ld and
+    // h < G, so the 4 floats at h·ld + t and the float at h·ld + t lie in `out`.
     unsafe {
         let n4 = n / 4 * 4;
         for t in (0..n4).step_by(4) {
@@ -119,6 +134,9 @@ unsafe fn scores_by4<const G: usize>(n: usize, ld: usize, out: &mut [f32], one: 
 }
 
 /// The four sums of `a0..a3` (one token each), times `sc`, stored at `out`.
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512BW; `out` is valid for writes of 4 floats.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn store_sums4(a0: __m512, a1: __m512, a2: __m512, a3: __m512, sc: __m128, out: *mut f32) {
@@ -127,7 +145,7 @@ unsafe fn store_sums4(a0: __m512, a1: __m512, a2: __m512, a3: __m512, sc: __m128
     let u4 = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(t0, t1), _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1));
     let h8 = _mm256_add_ps(_mm512_castps512_ps256(u4), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u4))));
     let s4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
-    // SAFETY: the caller guarantees 4 writable floats at out.
+    // SAFETY: AVX-512F/BW; the caller guarantees 4 writable floats at out.
     unsafe { _mm_storeu_ps(out, _mm_mul_ps(s4, sc)) }
 }
 
@@ -135,7 +153,7 @@ unsafe fn store_sums4(a0: __m512, a1: __m512, a2: __m512, a3: __m512, sc: __m128
 /// fields (2·bits bytes) per step, in natural coordinate order.
 fn wide_ok(code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
     (bits == 3 || bits == 5)
-        && d % 16 == 0
+        && d.is_multiple_of(16)
         && d <= 256
         && matches!(code_size.checked_sub(scalar::packed_bytes(d, bits)), Some(2 | 4))
         && (1..=8).contains(&g)
@@ -156,6 +174,8 @@ struct Wide16 {
 }
 
 impl Wide16 {
+    /// # Safety
+    /// The CPU supports AVX-512F and AVX-512BW; `bits <= 5` and `table.len() >= 2^bits`.
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn new(bits: u32, table: &[f32]) -> Self {
         let mut t = [0.0f32; 32];
@@ -170,7 +190,8 @@ impl Wide16 {
             shuf[4 * j + 1] = if (o as usize) < 15 { o + 1 } else { -1 };
             sh[j] = (start % 8) as i32;
         }
-        // SAFETY: arrays of the sizes loaded.
+        // SAFETY: AVX-512F (this function's contract); `shuf`, `sh` and `t` have
+        // the 64 bytes each load reads (`t` at 0 and 16 of its 32 floats).
         unsafe {
             Wide16 {
                 shuf: _mm512_loadu_si512(shuf.as_ptr() as *const _),
@@ -185,10 +206,14 @@ impl Wide16 {
 
     /// The 16 table values of the field group at byte `off` of `codes`
     /// (16 bytes read where in bounds, else the group's 2·bits bytes copied).
+    ///
+    /// # Safety
+    /// The CPU supports AVX-512F and AVX-512BW; the group's `2·bits` bytes at `off` lie in `codes`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn get(&self, codes: &[u8], off: usize) -> __m512 {
-        // SAFETY: the caller guarantees the group's 2·bits bytes at `off`.
+        // SAFETY: AVX-512F/BW; the 16-byte read is guarded by its bounds check,
+        // the copy of the group's 2·bits bytes is bounds-checked slicing.
         unsafe {
             let b = if off + 16 <= codes.len() {
                 _mm_loadu_si128(codes.as_ptr().add(off) as *const __m128i)
@@ -209,13 +234,19 @@ impl Wide16 {
     }
 }
 
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512BW; the shapes `group_scores_512` checks:
+/// `wide_ok` with `G` heads, `out.len() >= G·n`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_scores_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let packed = scalar::packed_bytes(d, bits);
     let sb = code_size - packed;
-    // SAFETY: see `wide_ok`; every group's bytes lie in its code.
+    // SAFETY: AVX-512F/BW (this function's contract). Token t < n: group k <
+    // d / 16 spans bytes 2·bits·k .. 2·bits·(k + 1) <= d·bits / 8 of its code and
+    // its scale lies after them; head h < G = qs.len() / d reads qs[h·d + 16·k ..][..16];
+    // out.len() >= G·n, so `scores_by4` gets G rows of ld = out.len() / G >= n.
     unsafe {
         let u = Wide16::new(bits, table);
         let one = |t: usize, acc: &mut [__m512; G]| {
@@ -231,10 +262,15 @@ unsafe fn group_scores_wide512<const G: usize>(codes: &[u8], code_size: usize, b
     }
 }
 
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512BW; the shapes `group_values_512` checks:
+/// `wide_ok` with `G` heads (`acc.len() >= G·d`), `w.len() >= G·n`.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_values_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
-    // SAFETY: see `wide_ok`.
+    // SAFETY: AVX-512F/BW (this function's contract). Token t0 + i < n: its
+    // groups and scale lie in its code (as in `group_scores_wide512`); head h <
+    // G = acc.len() / d touches acc[h·d + 16·k ..][..16]; h·VBLOCK + i < 8·VBLOCK.
     unsafe {
         let u = Wide16::new(bits, table);
         let mut ws = [0.0f32; 8 * VBLOCK];
@@ -265,15 +301,20 @@ pub(super) fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table:
     let g = acc.len() / d;
     if !group_phase_ok(16, code_size, bits, d, g, table) || w.len() < g * n {
         if wide_ok(code_size, bits, d, g, table) && w.len() >= g * n {
-            // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked by `wide_ok`.
+            // SAFETY: AVX-512F/BW were detected (`detect_all`); `wide_ok` and
+            // `w.len() >= g·n` checked here.
             return unsafe { dispatch_g!(g, group_values_wide512, codes, code_size, bits, table, w, d, acc) };
         }
         return group_values(codes, code_size, bits, table, w, d, acc);
     }
-    // SAFETY: AVX-512F/BW checked by `detect_all`; shapes checked above.
+    // SAFETY: AVX-512F/BW were detected (`detect_all`); `group_phase_ok` and
+    // `w.len() >= g·n` checked above.
     unsafe { dispatch_bg!(bits, g, group_values_avx512, codes, code_size, table, w, d, acc) }
 }
 
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512BW; the shapes `group_values_512` checks:
+/// `group_phase_ok(16, ..)` with `G` heads, `w.len() >= G·n`.
 #[allow(clippy::needless_range_loop)] // phase r indexes F accumulator sets
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
@@ -282,7 +323,10 @@ unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
     // the sums in phase order
     let mut ap = [0.0f32; 8 * 256];
     phase_permute(BITS, 16, d, G, acc, &mut ap, true);
-    // SAFETY: see the shape check in `group_values_512`.
+    // SAFETY: AVX-512F/BW (this function's contract). Token t0 + i < n: its
+    // block blk < d / (16·F) reads 16 bytes inside its packed bytes and its
+    // scale lies after them (`scaled_weights`); `ap` holds 8·256 >= G·d floats;
+    // h·VBLOCK + i < 8·VBLOCK.
     unsafe {
         let tab = table16(BITS, table);
         let mut ws = [0.0f32; 8 * VBLOCK];
@@ -322,14 +366,18 @@ unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], cod
 // ---------------------------------------------------------------------------
 
 pub(super) fn fastscan_block_512(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
-    assert!(block.len() % 32 == 0 && tables.len() == block.len());
-    // SAFETY: AVX-512F/BW checked by `detect_all`; both buffers hold `block.len()/32` pairs.
+    assert!(block.len().is_multiple_of(32) && tables.len() == block.len());
+    // SAFETY: AVX-512F/BW were detected (`detect_all`); both buffers hold
+    // `block.len() / 32` pairs of 32 bytes (asserted above).
     unsafe { fastscan_block_avx512(block, tables, out) }
 }
 
 /// As `fastscan_block_avx2`, two pairs per step; the two 256-bit halves of
 /// each accumulator are added at the end (sums modulo 2^16 do not depend on
 /// the order, so the result is identical).
+///
+/// # Safety
+/// The CPU supports AVX-512F and AVX-512BW; `block.len()` is a multiple of 32 and `tables.len() == block.len()`.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
     let pairs = block.len() / 32;
@@ -337,7 +385,7 @@ unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]
     let z = _mm512_setzero_si512();
     let (mut lo, mut lo_odd, mut hi, mut hi_odd) = (z, z, z, z);
     for p in 0..pairs / 2 {
-        // SAFETY: 64 bytes at 64p are in bounds of both buffers.
+        // SAFETY: AVX-512F; 64·p + 64 <= 32·pairs = block.len() == tables.len().
         let (c, t) = unsafe {
             (_mm512_loadu_si512(block.as_ptr().add(64 * p) as *const _), _mm512_loadu_si512(tables.as_ptr().add(64 * p) as *const _))
         };
@@ -352,9 +400,10 @@ unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]
     let mut acc = [fold(lo), fold(lo_odd), fold(hi), fold(hi_odd)];
     if pairs % 2 == 1 {
         let p = pairs - 1;
-        // SAFETY: the last pair's 32 bytes are in bounds; AVX2 is implied by AVX-512 here.
+        // SAFETY: the last pair's 32 bytes are in bounds of both buffers; AVX2
+        // was detected too (`detect_all` offers AVX-512 only on top of AVX2).
         unsafe { fastscan_pair_avx2(block.as_ptr().add(32 * p), tables.as_ptr().add(32 * p), &mut acc) };
     }
-    // SAFETY: AVX2 is available (the AVX-512 table is only handed out with it).
+    // SAFETY: AVX2 was detected (`detect_all` offers AVX-512 only on top of AVX2).
     unsafe { fastscan_finish_avx2(acc, out) }
 }

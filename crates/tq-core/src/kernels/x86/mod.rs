@@ -1,7 +1,16 @@
 //! x86_64 SIMD kernels, selected at run time by `detect`: the `avx2` table
-//! (AVX2 + FMA, [`avx2`]) and the `avx512` table (the AVX2 table with the
-//! AVX-512F/BW group-attention and fast-scan kernels of [`avx512`]). This
+//! (AVX2 + FMA, module `avx2`) and the `avx512` table (the AVX2 table with the
+//! AVX-512F/BW group-attention and fast-scan kernels of module `avx512`). This
 //! module holds the tables, their detection and the helpers both ISAs share.
+//!
+//! Soundness: the safe entry points of `avx2` and `avx512` run
+//! `#[target_feature]` code, so they must only run on a CPU with those
+//! features. They are `pub(super)`: only the tables below name them, and
+//! `detect_all` (hence `detect`, `kernels::kernels` and `kernels::available`)
+//! hands out a table only after `is_x86_feature_detected!` found every
+//! feature it uses. The `// SAFETY:` comments of the entry points rely on this
+//! ("detected (`detect_all`)"); the `unsafe fn`s below them state the lengths
+//! they need in `# Safety` and the entry points check those first.
 
 /// Expands `f!(BITS, G)` for the runtime (bits, g) of a call (bits 2/4, g 1..=8).
 macro_rules! dispatch_bg {
@@ -72,10 +81,11 @@ pub fn detect_all() -> Vec<&'static Kernels> {
 /// see `scalar::code_scale`).
 ///
 /// # Safety
-/// `sb` readable bytes at `p`.
+/// `p` is valid for reads of `sb` bytes (`sb` is 2 or 4).
 #[inline(always)]
 unsafe fn scale_at(p: *const u8, sb: usize) -> f32 {
-    // SAFETY: the caller's contract.
+    // SAFETY: the caller guarantees `sb` readable bytes at `p`; the reads are
+    // unaligned and of 2 bytes (sb == 2) or 4 (otherwise).
     unsafe {
         if sb == 2 {
             f32::from_bits(((p as *const u16).read_unaligned() as u32) << 16)
@@ -99,7 +109,8 @@ const VBLOCK: usize = 128;
 #[allow(clippy::too_many_arguments)]
 unsafe fn scaled_weights(codes: &[u8], code_size: usize, packed: usize, w: &[f32], ld: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
     for i in 0..m {
-        // SAFETY: the caller's contract.
+        // SAFETY: token t0 + i lies in `codes` (the caller's contract), so its
+        // code_size - packed scale bytes at offset `packed` are readable.
         let s = unsafe { scale_at(codes.as_ptr().add((t0 + i) * code_size + packed), code_size - packed) };
         for h in 0..g {
             ws[h * VBLOCK + i] = w[h * ld + t0 + i] * s;
@@ -145,7 +156,7 @@ fn phase_permute(bits: u32, lanes: usize, d: usize, g: usize, x: &[f32], y: &mut
 /// most 256 coordinates.
 fn group_phase_ok(lanes: usize, code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
     (bits == 4 || bits == 2)
-        && d % (lanes * per_byte(bits)) == 0
+        && d.is_multiple_of(lanes * per_byte(bits))
         && d <= 256
         && matches!(code_size.checked_sub(scalar::packed_bytes(d, bits)), Some(2 | 4))
         && (1..=8).contains(&g)
