@@ -1,5 +1,15 @@
 //! The CUDA implementation (feature `cuda`): cudarc with dynamic loading,
 //! kernels compiled by NVRTC per configuration and cached per process.
+//!
+//! Soundness of the `unsafe` blocks here rests on three facts:
+//! - every allocation, copy, launch and event of a [`Gpu`] goes through its
+//!   one stream (`ctx.default_stream()`), so stream order alone orders all
+//!   device work; that is why cudarc's per-buffer event tracking may be off;
+//! - every launch pushes exactly the arguments of the kernel's parameter list
+//!   in `kernels.cu`, in order and with the same types (`i32` for `int`,
+//!   `u64` for `u64`, device slices for pointers);
+//! - every device buffer a launch passes is at least as large as the kernel
+//!   indexes it for the grid launched (sizes from the same shape as the grid).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -36,8 +46,11 @@ pub struct Gpu {
 /// `copies` identical-layout replicas (benchmarks cycle through them so that
 /// repeated runs do not measure the L2 cache).
 pub struct DeviceKv {
+    /// The batch geometry the cache was made for.
     pub shape: AttnShape,
+    /// How the keys are coded.
     pub k: SideKind,
+    /// How the values are coded.
     pub v: SideKind,
     cap: usize,
     copies: usize,
@@ -78,9 +91,13 @@ impl Gpu {
     /// device, returns [`Error::NoDevice`] (never panics).
     pub fn new(ordinal: usize) -> Result<Self> {
         // cudarc's dynamic loader panics when a library is missing: look first.
+        // SAFETY: the probe only opens (and closes) the first `libcuda` found
+        // on the loader path, running its initialisers; no symbol is called.
+        // Loading it is what every later cudarc call does anyway.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::NoDevice("libcuda (the NVIDIA driver) was not found".into()));
         }
+        // SAFETY: as above, for `libnvrtc`.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(Error::NoDevice("libnvrtc (the CUDA runtime compiler) was not found".into()));
         }
@@ -91,6 +108,11 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoDevice(e.to_string()))?;
         // Launch arguments here are never shared across streams: skip cudarc's
         // per-argument event bookkeeping (it would sit inside every timed launch).
+        // SAFETY: cudarc requires the caller to order the uses of every buffer
+        // across streams; this context is used through one stream only (the
+        // `stream` below: every allocation, copy, launch and event of `Gpu`),
+        // so stream order already orders them, and no buffer is freed before
+        // the work queued on it (a free is queued on the same stream).
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = cu(ctx.compute_capability())?;
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
@@ -99,10 +121,12 @@ impl Gpu {
         Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false), splits: AtomicUsize::new(0) })
     }
 
+    /// The device's name (as the driver reports it).
     pub fn name(&self) -> Result<String> {
         cu(self.ctx.name())
     }
 
+    /// Streaming multiprocessors of the device.
     pub fn sm_count(&self) -> usize {
         self.sms
     }
@@ -173,6 +197,11 @@ impl Gpu {
         b.arg(&x).arg(&n32).arg(&s1).arg(&s2).arg(&total).arg(&bounds).arg(&cent).arg(&bits32).arg(&nc32);
         b.arg(&mut codes).arg(&mut scales);
         let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the arguments are `tq_encode`'s parameters in order and type
+        // (xs, n, s1, s2, total, boundaries, centroids, bits, nc, codes, scales);
+        // block i < n encodes x[i·D..][..D] into codes[i·pb..][..pb] and
+        // scales[i], and the buffers hold n vectors, d signs each, the side's
+        // 2^bits - 1 boundaries and 2^bits centroids.
         cu(unsafe { b.launch(cfg) })?;
         let codes = cu(self.stream.clone_dtoh(&codes))?;
         let scales = cu(self.stream.clone_dtoh(&scales))?;
@@ -293,12 +322,16 @@ impl Gpu {
             let s = seed.wrapping_mul(2).wrapping_add(i as u32);
             let mut b = self.stream.launch_builder(&fill);
             b.arg(&mut *codes).arg(&words).arg(&s);
+            // SAFETY: `fill_random(u32* p, u64 n, u32 seed)`: `words` u32 fit in
+            // the codes buffer (its length / 4; device allocations are aligned).
             cu(unsafe { b.launch(grid_for(words)) })?;
             let half = matches!(kind, SideKind::Tq { .. }) as i32 ^ 1;
             let n = (scales.len() / if half == 1 { 2 } else { 4 }) as u64;
             let s2 = s ^ 0x9e37_79b9;
             let mut b = self.stream.launch_builder(&fill_scales);
             b.arg(&mut *scales).arg(&n).arg(&half).arg(&s2);
+            // SAFETY: `fill_scales(void* p, u64 n, int f16, u32 seed)`: `n` f16 or
+            // f32 scales (as `half` says) fit in the scales buffer (its length / 2 or / 4).
             cu(unsafe { b.launch(grid_for(n)) })?;
         }
         cu(self.stream.synchronize())?;
@@ -321,6 +354,10 @@ impl Gpu {
             block_dim: (NT as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        // SAFETY: `tq_prep_q(q, ks1, ks2, ktotal, qr)` in order and type; block i
+        // < batch·kv_heads reads and writes the G·D floats at i·G·D of `q` and
+        // `qr` (batch·q_heads·D each); the signs hold D entries (or 1, unused
+        // unless ROTK).
         cu(unsafe { b.launch(cfg) })?;
         let mut b = self.stream.launch_builder(&kv.attend);
         b.arg(&kv.qr).arg(&kc).arg(&ks).arg(&vc).arg(&vs).arg(&kv.lens).arg(&cap).arg(&heads).arg(&split_len);
@@ -331,6 +368,14 @@ impl Gpu {
             block_dim: (NT as u32, 1, 1),
             shared_mem_bytes: kv.smem,
         };
+        // SAFETY: the arguments are the parameter list shared by `tq_attend` and
+        // `tq_attend_mma` (q, kc, ks, vc, vs, lens, cap, kv_heads, split_len,
+        // ks1, ks2, ktotal, ktab, vtab, po, pm, pl) in order and type. The code
+        // and scale views are one copy of batch·kv_heads·cap slots, `lens` has
+        // batch entries <= cap, the partial buffers hold batch·q_heads·nsplit
+        // (·D) floats for the nsplit·split_len >= cap grid, and the dynamic
+        // shared memory is what `attend_smem` computes (the limit raised above
+        // 48 KiB in `device_kv`).
         cu(unsafe { b.launch(cfg) })?;
         let nsplit = kv.nsplit as i32;
         let mut b = self.stream.launch_builder(&kv.combine);
@@ -341,6 +386,9 @@ impl Gpu {
             block_dim: (COMBINE_THREADS, 1, 1),
             shared_mem_bytes: 4 * kv.nsplit as u32,
         };
+        // SAFETY: `tq_combine(po, pm, pl, nsplit, vs1, vs2, vtotal, out)` in order
+        // and type; block i < batch·q_heads reads its nsplit partials and writes
+        // out[i·D..][..D]; `wsplit` gets its nsplit floats of shared memory.
         cu(unsafe { b.launch(cfg) })?;
         Ok(())
     }
@@ -429,6 +477,8 @@ fn attention_defines(d: usize, g: usize, k: SideKind, v: SideKind) -> String {
 /// Compiles every kernel configuration the benchmarks use with NVRTC (no
 /// GPU or driver needed) and returns their PTX: a build check.
 pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
+    // SAFETY: the probe only opens (and closes) the first `libnvrtc` found on
+    // the loader path, running its initialisers; no symbol is called.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(Error::NoDevice("libnvrtc (the CUDA runtime compiler) was not found".into()));
     }
@@ -456,6 +506,7 @@ impl DeviceKv {
         let toks: usize = self.shape.lens.iter().sum::<usize>() * self.shape.kv_heads;
         toks * (self.k.bytes_per_vector(d) + self.v.bytes_per_vector(d))
     }
+    /// Parts each sequence is split into (blocks per sequence-head).
     pub fn splits(&self) -> usize {
         self.nsplit
     }
@@ -491,7 +542,7 @@ fn grid_for(n: u64) -> LaunchConfig {
 
 /// Dynamic shared memory of `tq_attend` (mirrors the carve-up in kernels.cu).
 fn attend_smem(d: usize, g: usize, k: SideKind, v: SideKind) -> usize {
-    let rsw = |p: usize| if (p / 4) % 2 == 0 { p / 4 + 1 } else { p / 4 };
+    let rsw = |p: usize| if (p / 4).is_multiple_of(2) { p / 4 + 1 } else { p / 4 };
     let sc = |s: SideKind| if matches!(s, SideKind::Tq { .. }) { 1 } else { d / 32 };
     let words = TILE * rsw(k.code_bytes(d)) + 4 + TILE * rsw(v.code_bytes(d)) + 4 + TILE * sc(v) + g * TILE + g * d + 512 + 3 * g;
     let groups = NT / (d / 8);
