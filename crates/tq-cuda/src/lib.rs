@@ -87,8 +87,11 @@ impl SideKind {
     /// (B = 2, 3 or 4), `q4_0` or `q8_0`; any other name is
     /// [`Error::Unsupported`].
     pub fn parse(name: &str) -> Result<Self> {
-        let unsupported =
-            || Error::Unsupported(format!("the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{name}'"));
+        let unsupported = || {
+            Error::Unsupported(format!(
+                "the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{name}'"
+            ))
+        };
         match name {
             "q4_0" => return Ok(SideKind::Q4_0),
             "q8_0" => return Ok(SideKind::Q8_0),
@@ -162,15 +165,30 @@ impl SideSpec {
     /// CPU codec (Hadamard rotation, as the GPU kernels apply it).
     pub fn new(name: &str, head_dim: usize, seed: u64) -> Result<Self> {
         if head_dim != 64 && head_dim != 128 {
-            return Err(Error::Unsupported(format!("head_dim {head_dim}: the GPU kernels take 64 or 128")));
+            return Err(Error::Unsupported(format!(
+                "head_dim {head_dim}: the GPU kernels take 64 or 128"
+            )));
         }
         let kind = SideKind::parse(name)?;
         let codec = tq_core::build(name, head_dim, seed, RotationKind::Hadamard)?;
         let tq = match kind {
-            SideKind::Tq { bits, nc } => Some(TurboQuantMse::new(head_dim, bits, seed, RotationKind::Hadamard, nc)?),
+            SideKind::Tq { bits, nc } => Some(TurboQuantMse::new(
+                head_dim,
+                bits,
+                seed,
+                RotationKind::Hadamard,
+                nc,
+            )?),
             _ => None,
         };
-        Ok(Self { name: name.to_string(), kind, seed, head_dim, codec, tq })
+        Ok(Self {
+            name: name.to_string(),
+            kind,
+            seed,
+            head_dim,
+            codec,
+            tq,
+        })
     }
     /// The CPU codec (the reference this side matches).
     pub fn codec(&self) -> &dyn Codec {
@@ -182,7 +200,9 @@ impl SideSpec {
     }
     /// Lloyd–Max (centroids, boundaries) of a TurboQuant side.
     pub fn codebook(&self) -> Option<(&[f32], &[f32])> {
-        self.tq.as_ref().map(|c| (&c.codebook().centroids[..], &c.codebook().boundaries[..]))
+        self.tq
+            .as_ref()
+            .map(|c| (&c.codebook().centroids[..], &c.codebook().boundaries[..]))
     }
     /// Whether the side's vectors are rotated before coding (TurboQuant sides).
     pub fn rotated(&self) -> bool {
@@ -194,20 +214,28 @@ impl SideSpec {
 /// seeds as `tq_kv::CodecCache` (values use `derive_seed(seed, 0x56)`).
 pub fn kv_sides(precision: &str, head_dim: usize, seed: u64) -> Result<(SideSpec, SideSpec)> {
     let spec = KvSpec::parse(precision)?;
-    let side = |s: &Store, seed: u64| match s {
+    let side = |s: &Store, seed: u64| {
+        match s {
         Store::Codec(name) => SideSpec::new(name, head_dim, seed),
         _ => Err(Error::Unsupported(format!(
             "KV precision '{precision}': the GPU kernels take tq-mse-B, tq-mse-B-nc, kBvC, q8_0 and q4_0"
         ))),
+    }
     };
-    Ok((side(&spec.keys, seed)?, side(&spec.values, tq_core::rng::derive_seed(seed, 0x56))?))
+    Ok((
+        side(&spec.keys, seed)?,
+        side(&spec.values, tq_core::rng::derive_seed(seed, 0x56))?,
+    ))
 }
 
 /// CPU codes (`n` consecutive codes of the side's codec) → (code plane, scale plane bytes).
 pub fn split_codes(kind: SideKind, d: usize, cpu: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     let cs = kind.bytes_per_vector(d);
     if !cpu.len().is_multiple_of(cs) {
-        return Err(Error::Shape(format!("{} bytes of codes is not a whole number of {cs}-byte codes", cpu.len())));
+        return Err(Error::Shape(format!(
+            "{} bytes of codes is not a whole number of {cs}-byte codes",
+            cpu.len()
+        )));
     }
     let n = cpu.len() / cs;
     let (pb, sb) = (kind.code_bytes(d), kind.scale_bytes(d));
@@ -229,7 +257,13 @@ pub fn split_codes(kind: SideKind, d: usize, cpu: &[u8]) -> Result<(Vec<u8>, Vec
                 // ggml: byte j = q_j | q_{j+16} << 4; GPU: coordinate j at nibble j (LSB-first)
                 for blk in c.chunks_exact(2 + QK / 2) {
                     scales.extend_from_slice(&blk[..2]);
-                    let q = |j: usize| if j < 16 { blk[2 + j] & 15 } else { blk[2 + j - 16] >> 4 };
+                    let q = |j: usize| {
+                        if j < 16 {
+                            blk[2 + j] & 15
+                        } else {
+                            blk[2 + j - 16] >> 4
+                        }
+                    };
                     for p in 0..QK / 2 {
                         codes.push(q(2 * p) | (q(2 * p + 1) << 4));
                     }
@@ -282,7 +316,10 @@ impl AttnShape {
     /// at least one token long.
     pub fn check(&self) -> Result<()> {
         if self.head_dim != 64 && self.head_dim != 128 {
-            return Err(Error::Unsupported(format!("head_dim {}: the GPU kernels take 64 or 128", self.head_dim)));
+            return Err(Error::Unsupported(format!(
+                "head_dim {}: the GPU kernels take 64 or 128",
+                self.head_dim
+            )));
         }
         if self.kv_heads == 0 || self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
             return Err(Error::Shape(format!(
@@ -291,10 +328,15 @@ impl AttnShape {
             )));
         }
         if self.group() > 16 {
-            return Err(Error::Unsupported(format!("a GQA group of {} query heads (at most 16)", self.group())));
+            return Err(Error::Unsupported(format!(
+                "a GQA group of {} query heads (at most 16)",
+                self.group()
+            )));
         }
         if self.lens.is_empty() || self.lens.contains(&0) {
-            return Err(Error::Shape("every sequence needs at least one cached token".into()));
+            return Err(Error::Shape(
+                "every sequence needs at least one cached token".into(),
+            ));
         }
         Ok(())
     }
@@ -305,7 +347,12 @@ impl AttnShape {
 /// sequence's length unused), `q` is `[batch][q_heads][head_dim]`; returns
 /// `[batch][q_heads][head_dim]`.
 pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
-    let (d, hq, g, t) = (shape.head_dim, shape.q_heads, shape.group(), shape.max_len());
+    let (d, hq, g, t) = (
+        shape.head_dim,
+        shape.q_heads,
+        shape.group(),
+        shape.max_len(),
+    );
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0.0f64; shape.batch() * hq * d];
     for (b, &len) in shape.lens.iter().enumerate() {
@@ -314,7 +361,13 @@ pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -
             let base = (b * shape.kv_heads + kvh) * t * d;
             let qv = &q[(b * hq + h) * d..(b * hq + h + 1) * d];
             let s: Vec<f64> = (0..len)
-                .map(|i| qv.iter().zip(&k[base + i * d..base + (i + 1) * d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale)
+                .map(|i| {
+                    qv.iter()
+                        .zip(&k[base + i * d..base + (i + 1) * d])
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
                 .collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
@@ -361,7 +414,10 @@ mod tests {
             assert_eq!(plane.len(), 7 * side.kind.code_bytes(d));
             assert_eq!(scales.len(), 7 * side.kind.scale_bytes(d));
             if let SideKind::Tq { bits, .. } = side.kind {
-                let f: Vec<f32> = scales.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let f: Vec<f32> = scales
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
                 assert_eq!(join_tq_codes(d, bits, &plane, &f), codes);
             }
             if side.kind == SideKind::Q4_0 {
@@ -370,7 +426,9 @@ mod tests {
                 c.decode(&codes[..c.code_size()], &mut dec).unwrap();
                 for j in 0..d {
                     let q = (plane[j / 2] >> (4 * (j % 2))) & 15;
-                    let s = half::f16::from_le_bytes([scales[2 * (j / 32)], scales[2 * (j / 32) + 1]]).to_f32();
+                    let s =
+                        half::f16::from_le_bytes([scales[2 * (j / 32)], scales[2 * (j / 32) + 1]])
+                            .to_f32();
                     assert_eq!((q as f32 - 8.0) * s, dec[j], "coordinate {j}");
                 }
             }
@@ -379,15 +437,40 @@ mod tests {
 
     #[test]
     fn specs_refuse_what_the_kernels_do_not_take() {
-        assert!(matches!(SideSpec::new("tq-mse-4", 96, 1), Err(Error::Unsupported(_))));
-        assert!(matches!(SideSpec::new("tq-prod-4", 128, 1), Err(Error::Unsupported(_))));
-        assert!(matches!(kv_sides("kivi-2", 128, 1), Err(Error::Unsupported(_))));
+        assert!(matches!(
+            SideSpec::new("tq-mse-4", 96, 1),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(
+            SideSpec::new("tq-prod-4", 128, 1),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(
+            kv_sides("kivi-2", 128, 1),
+            Err(Error::Unsupported(_))
+        ));
         assert!(kv_sides("nonsense", 128, 1).is_err());
         let (k, v) = kv_sides("k4v3", 128, 1).unwrap();
-        assert_eq!((k.kind, v.kind), (SideKind::Tq { bits: 4, nc: false }, SideKind::Tq { bits: 3, nc: false }));
-        let bad = AttnShape { q_heads: 9, kv_heads: 2, head_dim: 128, lens: vec![4] };
+        assert_eq!(
+            (k.kind, v.kind),
+            (
+                SideKind::Tq { bits: 4, nc: false },
+                SideKind::Tq { bits: 3, nc: false }
+            )
+        );
+        let bad = AttnShape {
+            q_heads: 9,
+            kv_heads: 2,
+            head_dim: 128,
+            lens: vec![4],
+        };
         assert!(matches!(bad.check(), Err(Error::Shape(_))));
-        let empty = AttnShape { q_heads: 8, kv_heads: 2, head_dim: 128, lens: vec![4, 0] };
+        let empty = AttnShape {
+            q_heads: 8,
+            kv_heads: 2,
+            head_dim: 128,
+            lens: vec![4, 0],
+        };
         assert!(matches!(empty.check(), Err(Error::Shape(_))));
     }
 }
