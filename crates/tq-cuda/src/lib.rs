@@ -10,9 +10,18 @@
 //! Layout on the device, per side (K or V) and per (sequence, KV head), for
 //! `cap` token slots: a plane of codes (`cap × code_bytes`) and a plane of
 //! scales (TurboQuant: one f32 norm per token; `q8_0`/`q4_0`: one f16 per
-//! block of 32 values). [`split_codes`] converts the CPU codecs' codes (the
-//! bytes `tq-kv` stores) into these planes and [`join_tq_codes`] back, so
+//! block of 32 values). [`split_codes`] converts the codes of the CPU codecs
+//! (what `Codec::encode` writes: TurboQuant `[packed indices][f32 norm]`, ggml
+//! blocks for `q8_0`/`q4_0`) into these planes and [`join_tq_codes`] back, so
 //! both sides can be compared byte for byte.
+//!
+//! These are not exactly the bytes `tq-kv` stores: for TurboQuant sides
+//! `tq-kv` keeps each code's scale as a bf16 (`tq_core::kv::kv_code_size`),
+//! while the GPU planes keep the codec's f32 norm per code (`q8_0`/`q4_0`
+//! codes are stored whole by both): a TurboQuant code stored by `tq-kv` has
+//! 2 scale bytes instead of 4, its norm rounded to bf16.
+#![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use tq_core::baselines::ggml::QK;
 use tq_core::codec::TurboQuantMse;
@@ -28,39 +37,61 @@ pub use gpu::*;
 #[cfg(not(feature = "cuda"))]
 pub use stub::*;
 
+/// Errors of the GPU path.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Built without the `cuda` feature: every GPU entry point returns this.
     #[error("this build of turboquant has no CUDA support (rebuild with the `cuda` feature)")]
     NoCuda,
+    /// No CUDA driver, no NVRTC, or no device of the requested ordinal.
     #[error("no usable CUDA driver: {0}")]
     NoDevice(String),
+    /// A CUDA driver call failed (the driver's message).
     #[error("CUDA error: {0}")]
     Cuda(String),
+    /// NVRTC refused a kernel configuration (its defines and the log).
     #[error("CUDA kernel compilation failed: {0}")]
     Compile(String),
+    /// A codec, precision, head dimension or group size the kernels do not take.
     #[error("{0}")]
     Unsupported(String),
+    /// Buffers or shapes that do not fit together.
     #[error("shape mismatch: {0}")]
     Shape(String),
+    /// An error of the CPU side (building a codec, checking vectors).
     #[error(transparent)]
     Core(#[from] tq_core::TqError),
 }
 
+/// `Result` with this crate's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// How one side of the cache is coded on the GPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SideKind {
     /// TurboQuant_mse at `bits` (2, 3 or 4), with or without norm correction.
-    Tq { bits: u32, nc: bool },
+    Tq {
+        /// Bits per coordinate (2, 3 or 4).
+        bits: u32,
+        /// Norm correction (`-nc` codecs): the decoded vector is rescaled to the input norm.
+        nc: bool,
+    },
+    /// ggml `q4_0`: 4-bit values with one f16 scale per block of 32.
     Q4_0,
+    /// ggml `q8_0`: 8-bit values with one f16 scale per block of 32.
     Q8_0,
 }
 
 impl SideKind {
+    /// The kind of a side from its codec name: `tq-mse-B` or `tq-mse-B-nc`
+    /// (B = 2, 3 or 4), `q4_0` or `q8_0`; any other name is
+    /// [`Error::Unsupported`].
     pub fn parse(name: &str) -> Result<Self> {
-        let unsupported =
-            || Error::Unsupported(format!("the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{name}'"));
+        let unsupported = || {
+            Error::Unsupported(format!(
+                "the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{name}'"
+            ))
+        };
         match name {
             "q4_0" => return Ok(SideKind::Q4_0),
             "q8_0" => return Ok(SideKind::Q8_0),
@@ -94,9 +125,12 @@ impl SideKind {
             SideKind::Q8_0 => 2,
         }
     }
+    /// Bytes of one head vector's code plane entry (`d · bits / 8`).
     pub fn code_bytes(self, d: usize) -> usize {
         d * self.bits() as usize / 8
     }
+    /// Bytes of one head vector's scale plane entry: an f32 norm
+    /// (TurboQuant) or one f16 per block of 32 values (`q8_0`/`q4_0`).
     pub fn scale_bytes(self, d: usize) -> usize {
         match self {
             SideKind::Tq { .. } => 4,
@@ -114,26 +148,47 @@ impl SideKind {
 
 /// One side: its kind and, for TurboQuant, the CPU codec it must match.
 pub struct SideSpec {
+    /// The codec name (as `tq_core::build` takes it).
     pub name: String,
+    /// How the GPU codes this side.
     pub kind: SideKind,
+    /// The codec's seed (rotation and signs).
     pub seed: u64,
+    /// Head dimension (64 or 128).
     pub head_dim: usize,
     codec: Box<dyn Codec>,
     tq: Option<TurboQuantMse>,
 }
 
 impl SideSpec {
+    /// The side for codec `name` at `head_dim` (64 or 128) and `seed`, with its
+    /// CPU codec (Hadamard rotation, as the GPU kernels apply it).
     pub fn new(name: &str, head_dim: usize, seed: u64) -> Result<Self> {
         if head_dim != 64 && head_dim != 128 {
-            return Err(Error::Unsupported(format!("head_dim {head_dim}: the GPU kernels take 64 or 128")));
+            return Err(Error::Unsupported(format!(
+                "head_dim {head_dim}: the GPU kernels take 64 or 128"
+            )));
         }
         let kind = SideKind::parse(name)?;
         let codec = tq_core::build(name, head_dim, seed, RotationKind::Hadamard)?;
         let tq = match kind {
-            SideKind::Tq { bits, nc } => Some(TurboQuantMse::new(head_dim, bits, seed, RotationKind::Hadamard, nc)?),
+            SideKind::Tq { bits, nc } => Some(TurboQuantMse::new(
+                head_dim,
+                bits,
+                seed,
+                RotationKind::Hadamard,
+                nc,
+            )?),
             _ => None,
         };
-        Ok(Self { name: name.to_string(), kind, seed, head_dim, codec, tq })
+        Ok(Self {
+            name: name.to_string(),
+            kind,
+            seed,
+            head_dim,
+            codec,
+            tq,
+        })
     }
     /// The CPU codec (the reference this side matches).
     pub fn codec(&self) -> &dyn Codec {
@@ -145,8 +200,11 @@ impl SideSpec {
     }
     /// Lloyd–Max (centroids, boundaries) of a TurboQuant side.
     pub fn codebook(&self) -> Option<(&[f32], &[f32])> {
-        self.tq.as_ref().map(|c| (&c.codebook().centroids[..], &c.codebook().boundaries[..]))
+        self.tq
+            .as_ref()
+            .map(|c| (&c.codebook().centroids[..], &c.codebook().boundaries[..]))
     }
+    /// Whether the side's vectors are rotated before coding (TurboQuant sides).
     pub fn rotated(&self) -> bool {
         self.kind.rotated()
     }
@@ -156,20 +214,28 @@ impl SideSpec {
 /// seeds as `tq_kv::CodecCache` (values use `derive_seed(seed, 0x56)`).
 pub fn kv_sides(precision: &str, head_dim: usize, seed: u64) -> Result<(SideSpec, SideSpec)> {
     let spec = KvSpec::parse(precision)?;
-    let side = |s: &Store, seed: u64| match s {
+    let side = |s: &Store, seed: u64| {
+        match s {
         Store::Codec(name) => SideSpec::new(name, head_dim, seed),
         _ => Err(Error::Unsupported(format!(
             "KV precision '{precision}': the GPU kernels take tq-mse-B, tq-mse-B-nc, kBvC, q8_0 and q4_0"
         ))),
+    }
     };
-    Ok((side(&spec.keys, seed)?, side(&spec.values, tq_core::rng::derive_seed(seed, 0x56))?))
+    Ok((
+        side(&spec.keys, seed)?,
+        side(&spec.values, tq_core::rng::derive_seed(seed, 0x56))?,
+    ))
 }
 
 /// CPU codes (`n` consecutive codes of the side's codec) → (code plane, scale plane bytes).
 pub fn split_codes(kind: SideKind, d: usize, cpu: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     let cs = kind.bytes_per_vector(d);
-    if cpu.len() % cs != 0 {
-        return Err(Error::Shape(format!("{} bytes of codes is not a whole number of {cs}-byte codes", cpu.len())));
+    if !cpu.len().is_multiple_of(cs) {
+        return Err(Error::Shape(format!(
+            "{} bytes of codes is not a whole number of {cs}-byte codes",
+            cpu.len()
+        )));
     }
     let n = cpu.len() / cs;
     let (pb, sb) = (kind.code_bytes(d), kind.scale_bytes(d));
@@ -191,7 +257,13 @@ pub fn split_codes(kind: SideKind, d: usize, cpu: &[u8]) -> Result<(Vec<u8>, Vec
                 // ggml: byte j = q_j | q_{j+16} << 4; GPU: coordinate j at nibble j (LSB-first)
                 for blk in c.chunks_exact(2 + QK / 2) {
                     scales.extend_from_slice(&blk[..2]);
-                    let q = |j: usize| if j < 16 { blk[2 + j] & 15 } else { blk[2 + j - 16] >> 4 };
+                    let q = |j: usize| {
+                        if j < 16 {
+                            blk[2 + j] & 15
+                        } else {
+                            blk[2 + j - 16] >> 4
+                        }
+                    };
                     for p in 0..QK / 2 {
                         codes.push(q(2 * p) | (q(2 * p + 1) << 4));
                     }
@@ -216,38 +288,55 @@ pub fn join_tq_codes(d: usize, bits: u32, codes: &[u8], scales: &[f32]) -> Vec<u
 /// Geometry of a batch of sequences for decode attention.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttnShape {
+    /// Query heads per sequence.
     pub q_heads: usize,
+    /// KV heads per sequence (`q_heads` is a multiple of it).
     pub kv_heads: usize,
+    /// Head dimension (64 or 128).
     pub head_dim: usize,
     /// Tokens in the cache of each sequence (1 or more each).
     pub lens: Vec<usize>,
 }
 
 impl AttnShape {
+    /// Sequences in the batch.
     pub fn batch(&self) -> usize {
         self.lens.len()
     }
+    /// Query heads per KV head (the GQA group).
     pub fn group(&self) -> usize {
         self.q_heads / self.kv_heads
     }
+    /// The longest sequence (0 for an empty batch).
     pub fn max_len(&self) -> usize {
         self.lens.iter().copied().max().unwrap_or(0)
     }
+    /// Whether the kernels take this shape: head_dim 64 or 128, query heads
+    /// grouped evenly over the KV heads, groups of at most 16, every sequence
+    /// at least one token long.
     pub fn check(&self) -> Result<()> {
         if self.head_dim != 64 && self.head_dim != 128 {
-            return Err(Error::Unsupported(format!("head_dim {}: the GPU kernels take 64 or 128", self.head_dim)));
+            return Err(Error::Unsupported(format!(
+                "head_dim {}: the GPU kernels take 64 or 128",
+                self.head_dim
+            )));
         }
-        if self.kv_heads == 0 || self.q_heads == 0 || self.q_heads % self.kv_heads != 0 {
+        if self.kv_heads == 0 || self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
             return Err(Error::Shape(format!(
                 "{} query heads cannot be grouped over {} KV heads",
                 self.q_heads, self.kv_heads
             )));
         }
         if self.group() > 16 {
-            return Err(Error::Unsupported(format!("a GQA group of {} query heads (at most 16)", self.group())));
+            return Err(Error::Unsupported(format!(
+                "a GQA group of {} query heads (at most 16)",
+                self.group()
+            )));
         }
         if self.lens.is_empty() || self.lens.contains(&0) {
-            return Err(Error::Shape("every sequence needs at least one cached token".into()));
+            return Err(Error::Shape(
+                "every sequence needs at least one cached token".into(),
+            ));
         }
         Ok(())
     }
@@ -258,7 +347,12 @@ impl AttnShape {
 /// sequence's length unused), `q` is `[batch][q_heads][head_dim]`; returns
 /// `[batch][q_heads][head_dim]`.
 pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
-    let (d, hq, g, t) = (shape.head_dim, shape.q_heads, shape.group(), shape.max_len());
+    let (d, hq, g, t) = (
+        shape.head_dim,
+        shape.q_heads,
+        shape.group(),
+        shape.max_len(),
+    );
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0.0f64; shape.batch() * hq * d];
     for (b, &len) in shape.lens.iter().enumerate() {
@@ -267,7 +361,13 @@ pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -
             let base = (b * shape.kv_heads + kvh) * t * d;
             let qv = &q[(b * hq + h) * d..(b * hq + h + 1) * d];
             let s: Vec<f64> = (0..len)
-                .map(|i| qv.iter().zip(&k[base + i * d..base + (i + 1) * d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale)
+                .map(|i| {
+                    qv.iter()
+                        .zip(&k[base + i * d..base + (i + 1) * d])
+                        .map(|(&a, &b)| a as f64 * b as f64)
+                        .sum::<f64>()
+                        * scale
+                })
                 .collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
@@ -314,7 +414,10 @@ mod tests {
             assert_eq!(plane.len(), 7 * side.kind.code_bytes(d));
             assert_eq!(scales.len(), 7 * side.kind.scale_bytes(d));
             if let SideKind::Tq { bits, .. } = side.kind {
-                let f: Vec<f32> = scales.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let f: Vec<f32> = scales
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
                 assert_eq!(join_tq_codes(d, bits, &plane, &f), codes);
             }
             if side.kind == SideKind::Q4_0 {
@@ -323,7 +426,9 @@ mod tests {
                 c.decode(&codes[..c.code_size()], &mut dec).unwrap();
                 for j in 0..d {
                     let q = (plane[j / 2] >> (4 * (j % 2))) & 15;
-                    let s = half::f16::from_le_bytes([scales[2 * (j / 32)], scales[2 * (j / 32) + 1]]).to_f32();
+                    let s =
+                        half::f16::from_le_bytes([scales[2 * (j / 32)], scales[2 * (j / 32) + 1]])
+                            .to_f32();
                     assert_eq!((q as f32 - 8.0) * s, dec[j], "coordinate {j}");
                 }
             }
@@ -332,15 +437,40 @@ mod tests {
 
     #[test]
     fn specs_refuse_what_the_kernels_do_not_take() {
-        assert!(matches!(SideSpec::new("tq-mse-4", 96, 1), Err(Error::Unsupported(_))));
-        assert!(matches!(SideSpec::new("tq-prod-4", 128, 1), Err(Error::Unsupported(_))));
-        assert!(matches!(kv_sides("kivi-2", 128, 1), Err(Error::Unsupported(_))));
+        assert!(matches!(
+            SideSpec::new("tq-mse-4", 96, 1),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(
+            SideSpec::new("tq-prod-4", 128, 1),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(
+            kv_sides("kivi-2", 128, 1),
+            Err(Error::Unsupported(_))
+        ));
         assert!(kv_sides("nonsense", 128, 1).is_err());
         let (k, v) = kv_sides("k4v3", 128, 1).unwrap();
-        assert_eq!((k.kind, v.kind), (SideKind::Tq { bits: 4, nc: false }, SideKind::Tq { bits: 3, nc: false }));
-        let bad = AttnShape { q_heads: 9, kv_heads: 2, head_dim: 128, lens: vec![4] };
+        assert_eq!(
+            (k.kind, v.kind),
+            (
+                SideKind::Tq { bits: 4, nc: false },
+                SideKind::Tq { bits: 3, nc: false }
+            )
+        );
+        let bad = AttnShape {
+            q_heads: 9,
+            kv_heads: 2,
+            head_dim: 128,
+            lens: vec![4],
+        };
         assert!(matches!(bad.check(), Err(Error::Shape(_))));
-        let empty = AttnShape { q_heads: 8, kv_heads: 2, head_dim: 128, lens: vec![4, 0] };
+        let empty = AttnShape {
+            q_heads: 8,
+            kv_heads: 2,
+            head_dim: 128,
+            lens: vec![4, 0],
+        };
         assert!(matches!(empty.check(), Err(Error::Shape(_))));
     }
 }

@@ -9,6 +9,12 @@
 //!
 //! Set `TQ_SIMD=scalar` to force the reference path, `TQ_SIMD=avx2` to skip
 //! AVX-512 (e.g. to compare).
+//!
+//! Every `unsafe` block states, in a `// SAFETY:` comment, why it is sound
+//! (the target features a kernel needs were detected at run time, the
+//! lengths its loads and stores touch were checked); every `unsafe fn`
+//! states the contract its callers uphold.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use std::sync::OnceLock;
 
@@ -102,7 +108,12 @@ pub fn kernels() -> &'static Kernels {
         {
             let all = x86::detect_all();
             // TQ_SIMD=avx2 caps the choice (comparisons); otherwise the best
-            if let Some(k) = all.iter().rev().find(|k| want.is_empty() || k.name == want).or(all.last()) {
+            if let Some(k) = all
+                .iter()
+                .rev()
+                .find(|k| want.is_empty() || k.name == want)
+                .or(all.last())
+            {
                 return k;
             }
         }
