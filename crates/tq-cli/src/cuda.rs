@@ -35,7 +35,7 @@ fn cpu_codes(side: &SideSpec, xs: &[f32]) -> Result<(Vec<u8>, Vec<f32>)> {
 /// Runs one attention check: CPU-encoded caches → GPU attention vs f64 reference.
 /// Returns (kernel, relative error) for each attention kernel that applies.
 fn attention_case(gpu: &Gpu, precision: &str, shape: &AttnShape, k: &[f32], v: &[f32], q: &[f32]) -> Result<Vec<(String, f64)>> {
-    let (ks, vs) = kv_sides(precision, shape.head_dim, 0)?;
+    let (ks, vs) = kv_sides(precision, shape.heads.head_dim, 0)?;
     let (kc, kd) = cpu_codes(&ks, k)?;
     let (vc, vd) = cpu_codes(&vs, v)?;
     let reference = tq_cuda::reference_attention(shape, q, &kd, &vd);
@@ -115,7 +115,7 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
     }
     // 2. attention on random data, ragged batch
     for &(geo, hq, hkv, d) in &GEOMETRIES {
-        let shape = AttnShape { q_heads: hq, kv_heads: hkv, head_dim: d, lens: vec![1, 129, 700, 2085] };
+        let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d }, lens: vec![1, 129, 700, 2085] };
         let t = shape.max_len();
         let rows = shape.batch() * hkv * t;
         let (k, v, q) = (gaussian(rows * d, 1), gaussian(rows * d, 2), gaussian(shape.batch() * hq * d, 3));
@@ -134,7 +134,7 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
         let dump = read_dump(dir)?;
         let d = dump.d;
         for layer in 0..dump.layers {
-            let shape = AttnShape { q_heads: dump.q_heads, kv_heads: dump.kv_heads, head_dim: d, lens: vec![dump.tokens] };
+            let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: dump.q_heads, kv_heads: dump.kv_heads, head_dim: d }, lens: vec![dump.tokens] };
             let n = dump.kv_heads * dump.tokens * d;
             let (k, v) = (&dump.k[layer * n..(layer + 1) * n], &dump.v[layer * n..(layer + 1) * n]);
             let q = &dump.q[layer * dump.q_heads * d..(layer + 1) * dump.q_heads * d];
@@ -151,7 +151,7 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
     }
     // 4. bad input gives errors, not crashes
     let (ks, vs) = kv_sides("tq-mse-4", 128, 0)?;
-    let shape = AttnShape { q_heads: 8, kv_heads: 2, head_dim: 128, lens: vec![5] };
+    let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: 8, kv_heads: 2, head_dim: 128 }, lens: vec![5] };
     let wrong = gpu.upload_kv(&shape, &ks, &vs, &[0u8; 10], &[0u8; 10]);
     if wrong.is_ok() {
         failures.push("mismatched code buffer accepted".into());
@@ -191,7 +191,7 @@ pub fn bench(sdpa: Option<&Path>, quick: bool) -> Result<Vec<Value>> {
                         continue; // ggml formats have the SIMT kernel only
                     }
                     gpu.force_simt(simt);
-                    let shape = AttnShape { q_heads: hq, kv_heads: hkv, head_dim: d, lens: vec![t; b] };
+                    let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d }, lens: vec![t; b] };
                     let bytes = b * hkv * t * (ks.kind.bytes_per_vector(d) + vs.kind.bytes_per_vector(d));
                     let copies = (1usize << 28).div_ceil(bytes).clamp(1, 16);
                     let mut kv = gpu.random_kv(&shape, &ks, &vs, copies, 1)?;

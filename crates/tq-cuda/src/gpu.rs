@@ -256,14 +256,14 @@ impl Gpu {
         copies: usize,
     ) -> Result<DeviceKv> {
         shape.check()?;
-        let d = shape.head_dim;
+        let d = shape.heads.head_dim;
         if k.head_dim != d || v.head_dim != d {
             return Err(Error::Shape(format!(
                 "sides built for head_dim {}/{}, shape has {d}",
                 k.head_dim, v.head_dim
             )));
         }
-        let (b, h, g) = (shape.batch(), shape.kv_heads, shape.group());
+        let (b, h, g) = (shape.batch(), shape.heads.kv_heads, shape.group());
         let cap = shape.max_len().div_ceil(TILE) * TILE;
         let rows = copies * b * h * cap;
         let defines = attention_defines(d, g, k.kind, v.kind);
@@ -299,7 +299,7 @@ impl Gpu {
         let split_len = tiles.div_ceil(want) * TILE;
         let nsplit = cap.div_ceil(split_len);
         let z8 = |n: usize| cu(self.stream.alloc_zeros::<u8>(n));
-        let hq = shape.q_heads;
+        let hq = shape.heads.q_heads;
         let lens: Vec<i32> = shape.lens.iter().map(|&l| l as i32).collect();
         Ok(DeviceKv {
             shape: shape.clone(),
@@ -344,8 +344,8 @@ impl Gpu {
         v_codes: &[u8],
     ) -> Result<DeviceKv> {
         let mut kv = self.device_kv(shape, k, v, 1)?;
-        let (d, t) = (shape.head_dim, shape.max_len());
-        let seqs = shape.batch() * shape.kv_heads;
+        let (d, t) = (shape.heads.head_dim, shape.max_len());
+        let seqs = shape.batch() * shape.heads.kv_heads;
         for (side, codes, is_k) in [(k, k_codes, true), (v, v_codes, false)] {
             let want = seqs * t * side.kind.bytes_per_vector(d);
             if codes.len() != want {
@@ -390,7 +390,7 @@ impl Gpu {
         seed: u32,
     ) -> Result<DeviceKv> {
         let mut kv = self.device_kv(shape, k, v, copies.max(1))?;
-        let module = self.module(&format!("#define D {}\n#define G 1\n", shape.head_dim))?;
+        let module = self.module(&format!("#define D {}\n#define G 1\n", shape.heads.head_dim))?;
         let fill = cu(module.load_function("fill_random"))?;
         let fill_scales = cu(module.load_function("fill_scales"))?;
         for (i, (codes, scales, kind)) in [
@@ -421,8 +421,8 @@ impl Gpu {
     }
 
     fn launch_attend(&self, kv: &mut DeviceKv, copy: usize) -> Result<()> {
-        let d = kv.shape.head_dim;
-        let per = kv.shape.batch() * kv.shape.kv_heads * kv.cap;
+        let d = kv.shape.heads.head_dim;
+        let per = kv.shape.batch() * kv.shape.heads.kv_heads * kv.cap;
         let (kcb, ksb, vcb, vsb) = (
             kv.k.code_bytes(d),
             kv.k.scale_bytes(d),
@@ -434,7 +434,7 @@ impl Gpu {
         let vc = kv.vc.slice(copy * per * vcb..(copy + 1) * per * vcb);
         let vs = kv.vs.slice(copy * per * vsb..(copy + 1) * per * vsb);
         let (cap, heads, split_len) =
-            (kv.cap as i32, kv.shape.kv_heads as i32, kv.split_len as i32);
+            (kv.cap as i32, kv.shape.heads.kv_heads as i32, kv.split_len as i32);
         let mut b = self.stream.launch_builder(&kv.prep);
         b.arg(&kv.q)
             .arg(&kv.krot.s1)
@@ -442,7 +442,7 @@ impl Gpu {
             .arg(&kv.krot.total)
             .arg(&mut kv.qr);
         let cfg = LaunchConfig {
-            grid_dim: ((kv.shape.batch() * kv.shape.kv_heads) as u32, 1, 1),
+            grid_dim: ((kv.shape.batch() * kv.shape.heads.kv_heads) as u32, 1, 1),
             block_dim: (NT as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -470,7 +470,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (
                 kv.nsplit as u32,
-                kv.shape.kv_heads as u32,
+                kv.shape.heads.kv_heads as u32,
                 kv.shape.batch() as u32,
             ),
             block_dim: (NT as u32, 1, 1),
@@ -496,7 +496,7 @@ impl Gpu {
             .arg(&kv.vrot.total);
         b.arg(&mut kv.out);
         let cfg = LaunchConfig {
-            grid_dim: ((kv.shape.batch() * kv.shape.q_heads) as u32, 1, 1),
+            grid_dim: ((kv.shape.batch() * kv.shape.heads.q_heads) as u32, 1, 1),
             block_dim: (COMBINE_THREADS, 1, 1),
             shared_mem_bytes: 4 * kv.nsplit as u32,
         };
@@ -508,14 +508,14 @@ impl Gpu {
     }
 
     fn set_query(&self, kv: &mut DeviceKv, q: &[f32]) -> Result<()> {
-        let want = kv.shape.batch() * kv.shape.q_heads * kv.shape.head_dim;
+        let want = kv.shape.batch() * kv.shape.heads.q_heads * kv.shape.heads.head_dim;
         if q.len() != want {
             return Err(Error::Shape(format!(
                 "{} query values given, {want} expected (batch × q_heads × head_dim)",
                 q.len()
             )));
         }
-        tq_core::codec::check_vectors(q, kv.shape.head_dim)?;
+        tq_core::codec::check_vectors(q, kv.shape.heads.head_dim)?;
         cu(self.stream.memcpy_htod(q, &mut kv.q))
     }
 
@@ -645,8 +645,8 @@ impl DeviceKv {
     /// Bytes one attention step must read from the cache: codes and scales of
     /// every cached token, keys and values (one copy).
     pub fn bytes_read(&self) -> usize {
-        let d = self.shape.head_dim;
-        let toks: usize = self.shape.lens.iter().sum::<usize>() * self.shape.kv_heads;
+        let d = self.shape.heads.head_dim;
+        let toks: usize = self.shape.lens.iter().sum::<usize>() * self.shape.heads.kv_heads;
         toks * (self.k.bytes_per_vector(d) + self.v.bytes_per_vector(d))
     }
     /// Parts each sequence is split into (blocks per sequence-head).

@@ -25,8 +25,9 @@
 
 use tq_core::baselines::ggml::QK;
 use tq_core::codec::TurboQuantMse;
-use tq_core::kv::{KvSpec, Store};
-use tq_core::{Codec, RotationKind};
+use tq_core::baselines::ggml::GgmlType;
+use tq_core::registry::{CodecEntry, CodecKind};
+use tq_core::{Codec, KvGeometry, RotationKind};
 
 #[cfg(feature = "cuda")]
 mod gpu;
@@ -83,30 +84,19 @@ pub enum SideKind {
 }
 
 impl SideKind {
-    /// The kind of a side from its codec name: `tq-mse-B` or `tq-mse-B-nc`
-    /// (B = 2, 3 or 4), `q4_0` or `q8_0`; any other name is
+    /// The kind of a side from its registry entry: `tq-mse-B` or `tq-mse-B-nc`
+    /// (B = 2, 3 or 4), `q4_0` or `q8_0` (unrotated); any other codec is
     /// [`Error::Unsupported`].
-    pub fn parse(name: &str) -> Result<Self> {
-        let unsupported = || {
-            Error::Unsupported(format!(
-                "the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{name}'"
-            ))
-        };
-        match name {
-            "q4_0" => return Ok(SideKind::Q4_0),
-            "q8_0" => return Ok(SideKind::Q8_0),
-            _ => {}
+    pub fn from_entry(e: &CodecEntry) -> Result<Self> {
+        match e.kind {
+            CodecKind::Mse { bits: bits @ 2..=4, nc } => Ok(SideKind::Tq { bits, nc }),
+            CodecKind::Ggml { t: GgmlType::Q4_0, rot: false } => Ok(SideKind::Q4_0),
+            CodecKind::Ggml { t: GgmlType::Q8_0, rot: false } => Ok(SideKind::Q8_0),
+            _ => Err(Error::Unsupported(format!(
+                "the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{}'",
+                e.name
+            ))),
         }
-        let rest = name.strip_prefix("tq-mse-").ok_or_else(unsupported)?;
-        let (b, nc) = match rest.strip_suffix("-nc") {
-            Some(b) => (b, true),
-            None => (rest, false),
-        };
-        let bits: u32 = b.parse().map_err(|_| unsupported())?;
-        if !(2..=4).contains(&bits) {
-            return Err(unsupported());
-        }
-        Ok(SideKind::Tq { bits, nc })
     }
 
     /// Bits per coordinate of the code plane.
@@ -163,14 +153,14 @@ pub struct SideSpec {
 impl SideSpec {
     /// The side for codec `name` at `head_dim` (64 or 128) and `seed`, with its
     /// CPU codec (Hadamard rotation, as the GPU kernels apply it).
-    pub fn new(name: &str, head_dim: usize, seed: u64) -> Result<Self> {
+    pub fn new(entry: &'static CodecEntry, head_dim: usize, seed: u64) -> Result<Self> {
         if head_dim != 64 && head_dim != 128 {
             return Err(Error::Unsupported(format!(
                 "head_dim {head_dim}: the GPU kernels take 64 or 128"
             )));
         }
-        let kind = SideKind::parse(name)?;
-        let codec = tq_core::build(name, head_dim, seed, RotationKind::Hadamard)?;
+        let kind = SideKind::from_entry(entry)?;
+        let codec = entry.build(head_dim, seed, RotationKind::Hadamard, &[])?;
         let tq = match kind {
             SideKind::Tq { bits, nc } => Some(TurboQuantMse::new(
                 head_dim,
@@ -182,7 +172,7 @@ impl SideSpec {
             _ => None,
         };
         Ok(Self {
-            name: name.to_string(),
+            name: entry.name.clone(),
             kind,
             seed,
             head_dim,
@@ -211,20 +201,17 @@ impl SideSpec {
 }
 
 /// Keys and values of a KV precision as the GPU runs it: the same codecs and
-/// seeds as `tq_kv::CodecCache` (values use `derive_seed(seed, 0x56)`).
-pub fn kv_sides(precision: &str, head_dim: usize, seed: u64) -> Result<(SideSpec, SideSpec)> {
-    let spec = KvSpec::parse(precision)?;
-    let side = |s: &Store, seed: u64| {
-        match s {
-        Store::Codec(name) => SideSpec::new(name, head_dim, seed),
-        _ => Err(Error::Unsupported(format!(
-            "KV precision '{precision}': the GPU kernels take tq-mse-B, tq-mse-B-nc, kBvC, q8_0 and q4_0"
-        ))),
-    }
-    };
+/// seeds as `tq_kv::CodecCache` (values seeded with
+/// [`tq_core::rng::kv_value_seed`]).
+pub fn kv_sides(
+    keys: &'static CodecEntry,
+    values: &'static CodecEntry,
+    head_dim: usize,
+    seed: u64,
+) -> Result<(SideSpec, SideSpec)> {
     Ok((
-        side(&spec.keys, seed)?,
-        side(&spec.values, tq_core::rng::derive_seed(seed, 0x56))?,
+        SideSpec::new(keys, head_dim, seed)?,
+        SideSpec::new(values, head_dim, tq_core::rng::kv_value_seed(seed))?,
     ))
 }
 
@@ -288,12 +275,9 @@ pub fn join_tq_codes(d: usize, bits: u32, codes: &[u8], scales: &[f32]) -> Vec<u
 /// Geometry of a batch of sequences for decode attention.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttnShape {
-    /// Query heads per sequence.
-    pub q_heads: usize,
-    /// KV heads per sequence (`q_heads` is a multiple of it).
-    pub kv_heads: usize,
-    /// Head dimension (64 or 128).
-    pub head_dim: usize,
+    /// Query heads, KV heads and head dimension of every sequence (the
+    /// model's geometry; `layers` is not used: one call attends one layer).
+    pub heads: KvGeometry,
     /// Tokens in the cache of each sequence (1 or more each).
     pub lens: Vec<usize>,
 }
@@ -305,7 +289,7 @@ impl AttnShape {
     }
     /// Query heads per KV head (the GQA group).
     pub fn group(&self) -> usize {
-        self.q_heads / self.kv_heads
+        self.heads.q_heads / self.heads.kv_heads
     }
     /// The longest sequence (0 for an empty batch).
     pub fn max_len(&self) -> usize {
@@ -315,16 +299,16 @@ impl AttnShape {
     /// grouped evenly over the KV heads, groups of at most 16, every sequence
     /// at least one token long.
     pub fn check(&self) -> Result<()> {
-        if self.head_dim != 64 && self.head_dim != 128 {
+        if self.heads.head_dim != 64 && self.heads.head_dim != 128 {
             return Err(Error::Unsupported(format!(
                 "head_dim {}: the GPU kernels take 64 or 128",
-                self.head_dim
+                self.heads.head_dim
             )));
         }
-        if self.kv_heads == 0 || self.q_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
+        if self.heads.kv_heads == 0 || self.heads.q_heads == 0 || !self.heads.q_heads.is_multiple_of(self.heads.kv_heads) {
             return Err(Error::Shape(format!(
                 "{} query heads cannot be grouped over {} KV heads",
-                self.q_heads, self.kv_heads
+                self.heads.q_heads, self.heads.kv_heads
             )));
         }
         if self.group() > 16 {
@@ -348,8 +332,8 @@ impl AttnShape {
 /// `[batch][q_heads][head_dim]`.
 pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
     let (d, hq, g, t) = (
-        shape.head_dim,
-        shape.q_heads,
+        shape.heads.head_dim,
+        shape.heads.q_heads,
         shape.group(),
         shape.max_len(),
     );
@@ -358,7 +342,7 @@ pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -
     for (b, &len) in shape.lens.iter().enumerate() {
         for h in 0..hq {
             let kvh = h / g;
-            let base = (b * shape.kv_heads + kvh) * t * d;
+            let base = (b * shape.heads.kv_heads + kvh) * t * d;
             let qv = &q[(b * hq + h) * d..(b * hq + h + 1) * d];
             let s: Vec<f64> = (0..len)
                 .map(|i| {
@@ -399,6 +383,7 @@ pub fn rel_error(a: &[f32], b: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tq_core::registry::lookup;
 
     #[test]
     fn planes_round_trip_cpu_codes() {
@@ -406,7 +391,7 @@ mod tests {
         let mut rng = tq_core::rng::Xoshiro256::new(5);
         let xs: Vec<f32> = (0..d * 7).map(|_| rng.gaussian() as f32).collect();
         for name in ["tq-mse-4", "tq-mse-3-nc", "q8_0", "q4_0"] {
-            let side = SideSpec::new(name, d, 9).unwrap();
+            let side = SideSpec::new(lookup(name).unwrap(), d, 9).unwrap();
             let c = side.codec();
             let mut codes = vec![0u8; 7 * c.code_size()];
             c.encode_batch(&xs, &mut codes).unwrap();
@@ -438,19 +423,18 @@ mod tests {
     #[test]
     fn specs_refuse_what_the_kernels_do_not_take() {
         assert!(matches!(
-            SideSpec::new("tq-mse-4", 96, 1),
+            SideSpec::new(lookup("tq-mse-4").unwrap(), 96, 1),
             Err(Error::Unsupported(_))
         ));
         assert!(matches!(
-            SideSpec::new("tq-prod-4", 128, 1),
+            SideSpec::new(lookup("tq-prod-4").unwrap(), 128, 1),
             Err(Error::Unsupported(_))
         ));
         assert!(matches!(
-            kv_sides("kivi-2", 128, 1),
+            SideSpec::new(lookup("q4_0-rot").unwrap(), 128, 1),
             Err(Error::Unsupported(_))
         ));
-        assert!(kv_sides("nonsense", 128, 1).is_err());
-        let (k, v) = kv_sides("k4v3", 128, 1).unwrap();
+        let (k, v) = kv_sides(lookup("tq-mse-4").unwrap(), lookup("tq-mse-3").unwrap(), 128, 1).unwrap();
         assert_eq!(
             (k.kind, v.kind),
             (
@@ -458,19 +442,9 @@ mod tests {
                 SideKind::Tq { bits: 3, nc: false }
             )
         );
-        let bad = AttnShape {
-            q_heads: 9,
-            kv_heads: 2,
-            head_dim: 128,
-            lens: vec![4],
-        };
+        let bad = AttnShape { heads: KvGeometry { layers: 1, q_heads: 9, kv_heads: 2, head_dim: 128 }, lens: vec![4] };
         assert!(matches!(bad.check(), Err(Error::Shape(_))));
-        let empty = AttnShape {
-            q_heads: 8,
-            kv_heads: 2,
-            head_dim: 128,
-            lens: vec![4, 0],
-        };
+        let empty = AttnShape { heads: KvGeometry { layers: 1, q_heads: 8, kv_heads: 2, head_dim: 128 }, lens: vec![4, 0] };
         assert!(matches!(empty.check(), Err(Error::Shape(_))));
     }
 }

@@ -1,5 +1,13 @@
-//! Real models on candle.
+//! The LLM runtime of turboquant's KV-cache evaluations, on candle: a
+//! llama-family forward pass over GGUF weights whose attention runs through a
+//! pluggable [`tq_kv::KvCache`] ([`llama`]), the GGUF's tokenizer
+//! ([`tokenizer`]), MiniLM sentence embeddings ([`minilm`]), the evaluations
+//! (perplexity and KL divergence, calibration, needle, decode timing:
+//! [`eval`]) and the datasets derived with these models ([`datasets`]).
+
+pub mod datasets;
+pub mod eval;
 pub mod gguf;
 pub mod llama;
-pub mod tokenizer;
 pub mod minilm;
+pub mod tokenizer;

@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{Device, Module, Tensor};
-pub use tq_kv::{F32Cache, KvCache, Shape};
+use tq_kv::{KvCache, KvGeometry};
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -42,8 +42,8 @@ struct Layer {
 
 impl Config {
     /// The KV cache geometry.
-    pub fn kv_shape(&self) -> Shape {
-        Shape { layers: self.layers, kv_heads: self.kv_heads, head_dim: self.head_dim }
+    pub fn kv_shape(&self) -> KvGeometry {
+        KvGeometry { layers: self.layers, q_heads: self.heads, kv_heads: self.kv_heads, head_dim: self.head_dim }
     }
 }
 
