@@ -55,7 +55,7 @@ impl IvfIndex {
 
     /// An empty index over given centroids (e.g. read back from a file).
     pub fn with_centroids(spec: IndexSpec, centroids: Vec<f32>) -> Result<Self> {
-        if spec.dim == 0 || centroids.is_empty() || centroids.len() % spec.dim != 0 || centroids.iter().any(|v| !v.is_finite()) {
+        if spec.dim == 0 || centroids.is_empty() || !centroids.len().is_multiple_of(spec.dim) || centroids.iter().any(|v| !v.is_finite()) {
             return Err(IndexError::Invalid("IVF centroids must be a non-empty finite nlist × dim matrix".into()));
         }
         let nlist = centroids.len() / spec.dim;
