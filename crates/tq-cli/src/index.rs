@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use tq_core::RotationKind;
-use tq_index::file::{self, AnyIndex, Appender};
+use tq_index::file::{self, AnyIndex, LoadOptions, LockWait};
 use tq_index::{FlatIndex, IndexSpec, IvfIndex, Metric, RawVectors, SearchParams};
 
 use crate::data;
@@ -84,7 +84,7 @@ pub fn build(data_name: Option<&str>, input: Option<&Path>, a: &BuildArgs<'_>, o
     let t = Instant::now();
     let idx = build_index(&m, a)?;
     let secs = t.elapsed().as_secs_f64();
-    file::save(&idx, out)?;
+    file::save_over(&idx, out, None, lock_wait())?;
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     let info = json!({"out": out.display().to_string(), "count": idx.len(), "dim": m.cols, "codec": a.codec,
         "metric": a.metric.name(), "ivf_lists": a.ivf, "build_seconds": secs, "file_bytes": bytes});
@@ -97,7 +97,8 @@ pub fn build(data_name: Option<&str>, input: Option<&Path>, a: &BuildArgs<'_>, o
 }
 
 pub fn add(index: &Path, input: &Path, start_id: Option<u64>) -> Result<()> {
-    let (mut idx, commit) = file::load(index)?;
+    // loaded and committed under the index's write lock (no other writer in between)
+    let (mut idx, mut app) = file::open_for_write_with(index, lock_wait(), load_options())?;
     let m = files::read_vectors(input)?;
     if m.cols != idx.spec().dim {
         bail!("{} has dimension {}, the index {}", input.display(), m.cols, idx.spec().dim);
@@ -108,7 +109,7 @@ pub fn add(index: &Path, input: &Path, start_id: Option<u64>) -> Result<()> {
     };
     let ids: Vec<u64> = (start..start + m.rows as u64).collect();
     let payload = idx.add(&ids, &m.data)?;
-    Appender::new(index, commit).append_add(&payload)?;
+    app.append_add(&payload)?;
     eprintln!("added {} vectors (ids {start}..{}) to {}; {} in total", m.rows, start + m.rows as u64, index.display(), idx.len());
     Ok(())
 }
@@ -136,9 +137,9 @@ pub fn remove(index: &Path, ids: &[u64]) -> Result<()> {
     if ids.is_empty() {
         bail!("no ids given");
     }
-    let (mut idx, commit) = file::load(index)?;
+    let (mut idx, mut app) = file::open_for_write_with(index, lock_wait(), load_options())?;
     let payload = idx.remove(ids)?;
-    Appender::new(index, commit).append_remove(&payload)?;
+    app.append_remove(&payload)?;
     eprintln!("removed {} ids from {}; {} left", ids.len(), index.display(), idx.len());
     Ok(())
 }
@@ -154,7 +155,7 @@ pub struct SearchArgs<'a> {
 }
 
 pub fn search(index: &Path, queries: &Path, a: &SearchArgs<'_>) -> Result<()> {
-    let (idx, _) = file::load(index)?;
+    let (idx, _) = file::load_with(index, load_options())?;
     let q = files::read_vectors(queries)?;
     if q.cols != idx.spec().dim {
         bail!("{} has dimension {}, the index {}", queries.display(), q.cols, idx.spec().dim);
@@ -191,7 +192,7 @@ pub fn search(index: &Path, queries: &Path, a: &SearchArgs<'_>) -> Result<()> {
 }
 
 pub fn info(index: &Path, json: bool) -> Result<()> {
-    let (idx, commit) = file::load(index)?;
+    let (idx, commit) = file::load_with(index, load_options())?;
     let spec = idx.spec();
     let (kind, lists) = match &idx {
         AnyIndex::Flat(f) => (if f.is_fast_scan() { "flat (fast-scan)" } else { "flat" }, None),
@@ -207,6 +208,53 @@ pub fn info(index: &Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&out)?);
     } else {
         println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
+static RECOVER_PREVIOUS_COMMIT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `tq index --recover-previous-commit`: set once, before the subcommand runs.
+pub fn set_recover_previous_commit(on: bool) {
+    RECOVER_PREVIOUS_COMMIT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn load_options() -> LoadOptions {
+    LoadOptions { recover_previous_commit: RECOVER_PREVIOUS_COMMIT.load(std::sync::atomic::Ordering::Relaxed) }
+}
+
+/// How long a writer waits for another's lock on the index: `$TQ_LOCK_TIMEOUT_MS`, else 10 s.
+fn lock_wait() -> LockWait {
+    match std::env::var("TQ_LOCK_TIMEOUT_MS").ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(ms) => LockWait::new(std::time::Duration::from_millis(ms)),
+        None => LockWait::default(),
+    }
+}
+
+/// `tq index check`: what the file holds and what is recoverable; an error
+/// (exit status 1) after the report when it does not load as is.
+pub fn check(index: &Path, json: bool) -> Result<()> {
+    let r = file::check(index)?;
+    let slot = |s: &file::SlotReport| {
+        let (state, seq, end) = match s.state {
+            file::SlotState::Empty => ("empty", None, None),
+            file::SlotState::Valid { seq, end } => ("valid", Some(seq), Some(end)),
+            file::SlotState::Corrupt { seq, end } => ("corrupt", Some(seq), Some(end)),
+        };
+        json!({"slot": s.name.to_string(), "offset": s.offset, "state": state, "seq": seq, "end": end})
+    };
+    let out = json!({"path": index.display().to_string(), "file_bytes": r.file_bytes, "header_error": r.header_error,
+        "slots": r.slots.iter().map(slot).collect::<Vec<_>>(), "commit_seq": r.commit.map(|c| c.seq), "committed_bytes": r.commit.map(|c| c.end),
+        "records_verified": r.records_verified, "count": r.count, "records_error": r.records_error, "bytes_after_end": r.bytes_after_end,
+        "records_after_end": r.records_after_end, "records_after_end_to": r.records_after_end_to, "loads": r.loads, "load_error": r.load_error,
+        "previous_commit_intact": r.previous_commit_intact, "verdict": r.verdict()});
+    if json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    if !r.loads {
+        bail!("{}: {}", index.display(), r.verdict());
     }
     Ok(())
 }

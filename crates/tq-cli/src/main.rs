@@ -101,6 +101,10 @@ enum Cmd {
     },
     /// Vector search indexes over codes (.tqi files).
     Index {
+        /// When a commit slot is corrupt, load the previous commit instead of
+        /// failing (writes committed only by the corrupt slot are not seen).
+        #[arg(long, global = true)]
+        recover_previous_commit: bool,
         #[command(subcommand)]
         what: IndexCmd,
     },
@@ -436,6 +440,14 @@ enum IndexCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Examine an index file: commit slots, records, what is recoverable
+    /// (exit status 1 when it does not load as is).
+    Check {
+        #[arg(long)]
+        index: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -551,7 +563,9 @@ fn run(cli: Cli) -> Result<()> {
             let codecs = codecs.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
             eval::vectors(&eval::EvalArgs { data: &data, codecs, n_base, n_queries, metric, seed, json })
         }
-        Cmd::Index { what } => match what {
+        Cmd::Index { recover_previous_commit, what } => {
+            index::set_recover_previous_commit(recover_previous_commit);
+            match what {
             IndexCmd::Build { data, input, codec, ivf, metric, seed, rotation, raw, out, json } => {
                 let a = index::BuildArgs { codec: &codec, metric, seed, rotation, ivf, raw, quiet: json };
                 index::build(data.as_deref(), input.as_deref(), &a, &out, json)
@@ -563,7 +577,9 @@ fn run(cli: Cli) -> Result<()> {
                 index::search(&index, &queries, &a)
             }
             IndexCmd::Info { index, json } => index::info(&index, json),
-        },
+            IndexCmd::Check { index, json } => index::check(&index, json),
+            }
+        }
         Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, out } } => {
             let lines: Vec<String> = if check {
                 vec![serde_json::to_string(&cuda::check(real.as_deref())?)?]

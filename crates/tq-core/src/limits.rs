@@ -4,3 +4,8 @@
 
 /// Largest vector dimension any codec, file or index accepts.
 pub const MAX_DIM: usize = 1 << 16;
+
+// Index files (`tq-index`).
+
+/// Largest number of IVF lists an index (or an index file header) may have.
+pub const MAX_NLIST: usize = 1 << 20;

@@ -66,6 +66,9 @@ impl FlatIndex {
     /// An empty index. Codecs with data-dependent parameters (`tq-mse-2.5/3.5`)
     /// take them from `spec.params`, or from `train` before the first add.
     pub fn new(spec: IndexSpec) -> Result<Self> {
+        if spec.dim == 0 || spec.dim > tq_core::limits::MAX_DIM {
+            return Err(IndexError::Invalid(format!("dimension {} is outside 1..={}", spec.dim, tq_core::limits::MAX_DIM)));
+        }
         let codec = lookup(&spec.codec)?.build(spec.dim, spec.seed, spec.rotation, &spec.params)?;
         let store = match codec.fastscan_m() {
             Some(m) => Store::Fast {
@@ -182,7 +185,10 @@ impl FlatIndex {
         }
         let mut seen = HashSet::with_capacity(ids.len());
         for &id in ids {
-            if self.slot_of.contains_key(&id) || !seen.insert(id) {
+            if !seen.insert(id) {
+                return Err(IndexError::RepeatedId(id));
+            }
+            if self.slot_of.contains_key(&id) {
                 return Err(IndexError::DuplicateId(id));
             }
         }
@@ -230,7 +236,10 @@ impl FlatIndex {
     pub fn remove(&mut self, ids: &[u64]) -> Result<()> {
         let mut seen = HashSet::with_capacity(ids.len());
         for &id in ids {
-            if !self.slot_of.contains_key(&id) || !seen.insert(id) {
+            if !seen.insert(id) {
+                return Err(IndexError::RepeatedId(id));
+            }
+            if !self.slot_of.contains_key(&id) {
                 return Err(IndexError::UnknownId(id));
             }
         }
@@ -321,9 +330,12 @@ impl FlatIndex {
     /// Search with a query prepared by this codec (or one with the same spec)
     /// and, for fast-scan stores, its tables (`lut`).
     pub(crate) fn search_prepared(&self, pq: &PreparedQuery, qv: &[f32], lut: Option<&QuantizedLut>, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+        // nothing is sized by more than the live vectors (a huge `k` is no allocation)
+        let n = self.len();
+        let k = k.min(n);
         if self.raw_rerank(p) {
             // candidates by the codes (as configured), final order by the raw vectors
-            let kk = k.saturating_mul(p.rerank.max(1));
+            let kk = k.saturating_mul(p.rerank.max(1)).min(n);
             let cand = self.search_prepared(pq, qv, lut, kk, &SearchParams { raw_rerank: false, ..*p });
             let mut top = TopK::new(k);
             for h in cand {
@@ -334,7 +346,7 @@ impl FlatIndex {
         }
         let mut top = TopK::new(k);
         if self.approximate(p) {
-            let mut cand = TopK::new(k.saturating_mul(p.rerank.max(1)));
+            let mut cand = TopK::new(k.saturating_mul(p.rerank.max(1)).min(n));
             self.scan_into(pq, lut, p, 0, &mut cand);
             let mut buf = vec![0u8; self.codec.code_size()];
             for e in cand.into_sorted() {

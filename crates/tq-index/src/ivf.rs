@@ -55,10 +55,13 @@ impl IvfIndex {
 
     /// An empty index over given centroids (e.g. read back from a file).
     pub fn with_centroids(spec: IndexSpec, centroids: Vec<f32>) -> Result<Self> {
-        if centroids.is_empty() || centroids.len() % spec.dim != 0 || centroids.iter().any(|v| !v.is_finite()) {
+        if spec.dim == 0 || centroids.is_empty() || !centroids.len().is_multiple_of(spec.dim) || centroids.iter().any(|v| !v.is_finite()) {
             return Err(IndexError::Invalid("IVF centroids must be a non-empty finite nlist × dim matrix".into()));
         }
         let nlist = centroids.len() / spec.dim;
+        if nlist > tq_core::limits::MAX_NLIST {
+            return Err(IndexError::Invalid(format!("{nlist} IVF lists, over the limit of {}", tq_core::limits::MAX_NLIST)));
+        }
         let lists = (0..nlist).map(|_| FlatIndex::new(spec.clone())).collect::<Result<Vec<_>>>()?;
         Ok(Self { spec, centroids, lists, list_of: HashMap::new() })
     }
@@ -118,7 +121,10 @@ impl IvfIndex {
         }
         let mut seen = std::collections::HashSet::new();
         for (&id, &l) in ids.iter().zip(lists) {
-            if self.list_of.contains_key(&id) || !seen.insert(id) {
+            if !seen.insert(id) {
+                return Err(IndexError::RepeatedId(id));
+            }
+            if self.list_of.contains_key(&id) {
                 return Err(IndexError::DuplicateId(id));
             }
             if l as usize >= self.lists.len() {
@@ -136,7 +142,10 @@ impl IvfIndex {
     pub fn remove(&mut self, ids: &[u64]) -> Result<()> {
         let mut seen = std::collections::HashSet::new();
         for &id in ids {
-            if !self.list_of.contains_key(&id) || !seen.insert(id) {
+            if !seen.insert(id) {
+                return Err(IndexError::RepeatedId(id));
+            }
+            if !self.list_of.contains_key(&id) {
                 return Err(IndexError::UnknownId(id));
             }
         }
@@ -165,8 +174,11 @@ impl IvfIndex {
         let lut = self.lists[0].lut(&pq);
         let approx = self.lists[0].approximate(p);
         let raw = self.lists[0].raw_rerank(p);
-        let kk = if raw { k.saturating_mul(p.rerank.max(1)) } else { k };
-        let mut heap = TopK::new(if approx { k.saturating_mul(p.rerank.max(1)) } else { kk });
+        // nothing is sized by more than the live vectors (a huge `k` is no allocation)
+        let n = self.len();
+        let k = k.min(n);
+        let kk = if raw { k.saturating_mul(p.rerank.max(1)).min(n) } else { k };
+        let mut heap = TopK::new(if approx { k.saturating_mul(p.rerank.max(1)).min(n) } else { kk });
         for e in probe.into_sorted() {
             self.lists[e.slot].scan_into(&pq, lut.as_ref(), p, e.slot << LIST_SHIFT, &mut heap);
         }

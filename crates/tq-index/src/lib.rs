@@ -151,6 +151,23 @@ pub enum IndexError {
     DuplicateId(u64),
     #[error("id {0} is not in the index")]
     UnknownId(u64),
+    /// The same id appears twice in one add or remove request.
+    #[error("id {0} is given more than once in the request")]
+    RepeatedId(u64),
+    /// A writer's view is stale: another writer committed (or replaced the
+    /// file) after this one loaded it. Nothing was written.
+    #[error("{path}: index file changed since it was loaded: commit {loaded} -> {now}{}; reload and retry", if *.replaced { " (the file was replaced)" } else { "" })]
+    Changed { path: String, loaded: u64, now: u64, replaced: bool },
+    /// A commit slot fails its checksum: the last commit cannot be trusted.
+    #[error("{path}: commit slot {slot} at byte {offset} is corrupt: {detail}")]
+    CorruptSlot { path: String, slot: char, offset: usize, detail: String },
+    /// Another process holds the write lock longer than the caller waits.
+    #[error("{lock}: timed out after {waited_ms} ms waiting for the index write lock, held by {}", match .holder_pid { Some(p) => format!("pid {p}"), None => "an unknown process".to_string() })]
+    LockTimeout { lock: String, holder_pid: Option<u32>, waited_ms: u64 },
+    /// A size field read from a file is beyond what the file or the
+    /// documented limits allow (refused before anything is allocated).
+    #[error("{path}: {field} is {value}, over the limit of {limit} (corrupt or hostile file)")]
+    TooLarge { path: String, field: &'static str, value: u64, limit: u64 },
     #[error("{0}")]
     Invalid(String),
 }

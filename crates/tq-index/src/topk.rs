@@ -35,7 +35,9 @@ pub(crate) struct TopK {
 
 impl TopK {
     pub fn new(k: usize) -> Self {
-        Self { k, heap: BinaryHeap::with_capacity(k + 1) }
+        // the heap grows as entries arrive; reserving for a huge `k` up front
+        // would allocate for results that may never exist
+        Self { k, heap: BinaryHeap::with_capacity(k.min(1024) + 1) }
     }
 
     /// Would `score` enter the set? (Cheap pre-test before filters.)

@@ -225,6 +225,10 @@ struct PyIndex {
     spec: IndexSpec,
     ivf_lists: Option<usize>,
     inner: Option<AnyIndex>,
+    /// The file this index was loaded from (or last saved to) and its
+    /// commit then: a save over that file refuses if another writer
+    /// committed since, instead of discarding that writer's records.
+    view: Option<(PathBuf, file::Commit)>,
 }
 
 fn metric_of(s: &str) -> PyResult<Metric> {
@@ -259,27 +263,76 @@ impl PyIndex {
         if ivf_lists == Some(0) {
             return Err(PyValueError::new_err("ivf_lists must be positive"));
         }
-        Ok(Self { spec, ivf_lists, inner: None })
+        Ok(Self { spec, ivf_lists, inner: None, view: None })
     }
 
     /// Loads a `.tqi` file (written by `save` or by `tq index build`).
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let (idx, _) = py.detach(|| file::load(&path)).map_err(value_err)?;
+        let (idx, commit) = py.detach(|| file::load(&path)).map_err(value_err)?;
         let ivf_lists = match &idx {
             AnyIndex::Ivf(i) => Some(i.nlist()),
             AnyIndex::Flat(_) => None,
         };
-        Ok(Self { spec: idx.spec().clone(), ivf_lists, inner: Some(idx) })
+        Ok(Self { spec: idx.spec().clone(), ivf_lists, inner: Some(idx), view: Some((path, commit)) })
     }
 
-    /// Writes the index atomically (temp file, fsync, rename).
-    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    /// Writes the index atomically (temp file, fsync, rename) under the
+    /// file's write lock (`<path>.lock`, waiting up to 10 s for another
+    /// writer). Saving over the file this index was loaded from fails with
+    /// "index file changed since it was loaded" if another writer committed
+    /// since; load again and retry.
+    fn save(&mut self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
         let idx = match &self.inner {
             Some(i) => i,
             None => return Err(PyValueError::new_err("the index is empty: add vectors before saving")),
         };
-        py.detach(|| file::save(idx, &path)).map_err(value_err)
+        let same = |a: &std::path::Path| a == path || matches!((a.canonicalize(), path.canonicalize()), (Ok(x), Ok(y)) if x == y);
+        let view = self.view.as_ref().filter(|(p, _)| same(p)).map(|(_, c)| *c);
+        let commit = py.detach(|| file::save_over(idx, &path, view, file::LockWait::default())).map_err(value_err)?;
+        self.view = Some((path, commit));
+        Ok(())
+    }
+
+    /// Examines a `.tqi` file without changing it: a dict with the commit
+    /// slots, the committed seq and end, records verified, bytes and valid
+    /// records after the committed end, whether it loads, and whether the
+    /// previous commit is intact when a slot is corrupt (see `tq index check`).
+    #[staticmethod]
+    fn verify<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+        let r = py.detach(|| file::check(&path)).map_err(value_err)?;
+        let d = PyDict::new(py);
+        d.set_item("path", path.display().to_string())?;
+        d.set_item("file_bytes", r.file_bytes)?;
+        d.set_item("header_error", r.header_error.clone())?;
+        let slots = pyo3::types::PyList::empty(py);
+        for s in &r.slots {
+            let sd = PyDict::new(py);
+            let (state, seq, end) = match s.state {
+                file::SlotState::Empty => ("empty", None, None),
+                file::SlotState::Valid { seq, end } => ("valid", Some(seq), Some(end)),
+                file::SlotState::Corrupt { seq, end } => ("corrupt", Some(seq), Some(end)),
+            };
+            sd.set_item("slot", s.name.to_string())?;
+            sd.set_item("offset", s.offset)?;
+            sd.set_item("state", state)?;
+            sd.set_item("seq", seq)?;
+            sd.set_item("end", end)?;
+            slots.append(sd)?;
+        }
+        d.set_item("slots", slots)?;
+        d.set_item("commit_seq", r.commit.map(|c| c.seq))?;
+        d.set_item("committed_bytes", r.commit.map(|c| c.end))?;
+        d.set_item("records_verified", r.records_verified)?;
+        d.set_item("count", r.count)?;
+        d.set_item("records_error", r.records_error.clone())?;
+        d.set_item("bytes_after_end", r.bytes_after_end)?;
+        d.set_item("records_after_end", r.records_after_end)?;
+        d.set_item("loads", r.loads)?;
+        d.set_item("load_error", r.load_error.clone())?;
+        d.set_item("previous_commit_intact", r.previous_commit_intact)?;
+        d.set_item("verdict", r.verdict())?;
+        Ok(d)
     }
 
     fn __len__(&self) -> usize {

@@ -3,7 +3,9 @@
 //! answer), not recall quality (that is `tq bench search` on real data).
 
 mod durability;
+mod hostile;
 mod search;
+mod writers;
 
 use tq_core::rng::Xoshiro256;
 
