@@ -5,7 +5,6 @@
 //! back as values (JSON objects with the documented keys, as the CLI prints
 //! them).
 
-use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -330,13 +329,6 @@ pub fn chat_ids(tok: &Tokenizer, user: &str) -> Result<(Vec<u32>, Vec<u32>)> {
     Ok((ids, vec![end]))
 }
 
-/// Default shrinkage of the calibration covariances (`tq kv calibrate`).
-pub const CALIB_SHRINK: f32 = 0.2;
-/// Default chunks (fresh contexts) of `tq kv calibrate` (`--calib-text` sizes its own).
-pub const CALIB_CHUNKS: usize = 2;
-/// Default tokens per calibration chunk: keys after RoPE depend on the position,
-/// so the statistics must cover the positions the cache will hold.
-pub const CALIB_CTX: usize = 4096;
 
 /// Key transforms calibrated on `chunks` chunks of `ctx` tokens of `text`
 /// (`tq kv calibrate`, `--calib-text`).
