@@ -10,12 +10,33 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use tq_core::rng::Xoshiro256;
+use tq_core::KvGeometry;
 use tq_cuda::{kv_sides, AttnShape, Gpu, SideSpec};
 
 /// Precisions the benchmark and checks run (keys/values as `tq_kv` names them).
 pub const PRECISIONS: [&str; 6] = ["tq-mse-4", "tq-mse-3", "tq-mse-2", "k4v3", "q8_0", "q4_0"];
 /// (name, q_heads, kv_heads, head_dim)
-pub const GEOMETRIES: [(&str, usize, usize, usize); 2] = [("llama3-8b", 32, 8, 128), ("smollm2-135m", 9, 3, 64)];
+pub const GEOMETRIES: [(&str, &str); 2] = [("llama3-8b", "llama-3.1-8b"), ("smollm2-135m", "smollm2-135m")];
+
+/// (label, query heads, KV heads, head_dim) of the benchmark geometries, from the model table.
+fn geometries() -> Result<Vec<(&'static str, usize, usize, usize)>> {
+    GEOMETRIES
+        .iter()
+        .map(|&(label, model)| {
+            let g = tq_kv::plan::model(model)?.geometry;
+            Ok((label, g.q_heads, g.kv_heads, g.head_dim))
+        })
+        .collect()
+}
+
+/// The GPU sides of a KV precision (parsed once; both sides must be codecs the kernels take).
+fn sides(precision: &str, head_dim: usize, seed: u64) -> Result<(SideSpec, SideSpec)> {
+    let spec: tq_kv::KvSpec = precision.parse()?;
+    let (Some(k), Some(v)) = (spec.keys.codec(), spec.values.codec()) else {
+        bail!("KV precision '{precision}': the GPU kernels take tq-mse-B, tq-mse-B-nc, kBvC, q8_0 and q4_0");
+    };
+    Ok(kv_sides(k, v, head_dim, seed)?)
+}
 
 fn gaussian(n: usize, seed: u64) -> Vec<f32> {
     let mut r = Xoshiro256::new(seed);
@@ -35,7 +56,7 @@ fn cpu_codes(side: &SideSpec, xs: &[f32]) -> Result<(Vec<u8>, Vec<f32>)> {
 /// Runs one attention check: CPU-encoded caches → GPU attention vs f64 reference.
 /// Returns (kernel, relative error) for each attention kernel that applies.
 fn attention_case(gpu: &Gpu, precision: &str, shape: &AttnShape, k: &[f32], v: &[f32], q: &[f32]) -> Result<Vec<(String, f64)>> {
-    let (ks, vs) = kv_sides(precision, shape.heads.head_dim, 0)?;
+    let (ks, vs) = sides(precision, shape.heads.head_dim, 0)?;
     let (kc, kd) = cpu_codes(&ks, k)?;
     let (vc, vd) = cpu_codes(&vs, v)?;
     let reference = tq_cuda::reference_attention(shape, q, &kd, &vd);
@@ -77,7 +98,7 @@ fn read_dump(dir: &Path) -> Result<Dump> {
     let meta: Value = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).with_context(|| format!("{}/meta.json", dir.display()))?)?;
     let get = |k: &str| meta[k].as_u64().map(|x| x as usize).with_context(|| format!("meta.json lacks {k}"));
     let (layers, kv_heads, q_heads, tokens, d) = (get("layers")?, get("kv_heads")?, get("q_heads")?, get("tokens")?, get("head_dim")?);
-    let m = |name: &str| crate::files::read_vectors(&dir.join(name));
+    let m = |name: &str| tq_data::vectors::read_vectors(&dir.join(name));
     let (k, v, q) = (m("k.npy")?, m("v.npy")?, m("q.npy")?);
     if k.cols != d || k.data.len() != layers * kv_heads * tokens * d || v.data.len() != k.data.len() || q.data.len() != layers * q_heads * d {
         bail!("the dump in {} does not match its meta.json", dir.display());
@@ -95,7 +116,7 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
     // 1. encode: bytes identical to the CPU encoder, including edge cases
     for d in [64usize, 128] {
         for name in ["tq-mse-2", "tq-mse-3", "tq-mse-4", "tq-mse-4-nc", "tq-mse-3-nc"] {
-            let side = SideSpec::new(name, d, 42)?;
+            let side = SideSpec::new(tq_core::lookup(name)?, d, 42)?;
             let n = 4096;
             let mut xs = gaussian(n * d, 7 + d as u64);
             xs[..d].iter_mut().for_each(|x| *x = 0.0); // zero vector
@@ -114,7 +135,7 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
         }
     }
     // 2. attention on random data, ragged batch
-    for &(geo, hq, hkv, d) in &GEOMETRIES {
+    for &(geo, hq, hkv, d) in &geometries()? {
         let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d }, lens: vec![1, 129, 700, 2085] };
         let t = shape.max_len();
         let rows = shape.batch() * hkv * t;
@@ -150,7 +171,7 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
         }
     }
     // 4. bad input gives errors, not crashes
-    let (ks, vs) = kv_sides("tq-mse-4", 128, 0)?;
+    let (ks, vs) = sides("tq-mse-4", 128, 0)?;
     let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: 8, kv_heads: 2, head_dim: 128 }, lens: vec![5] };
     let wrong = gpu.upload_kv(&shape, &ks, &vs, &[0u8; 10], &[0u8; 10]);
     if wrong.is_ok() {
@@ -182,11 +203,11 @@ pub fn bench(sdpa: Option<&Path>, quick: bool) -> Result<Vec<Value>> {
     }
     let (batches, contexts): (&[usize], &[usize]) = if quick { (&[8], &[32768]) } else { (&[1, 8, 32], &[8192, 32768, 131072]) };
     let mut rows = Vec::new();
-    for &(geo, hq, hkv, d) in &GEOMETRIES {
+    for &(geo, hq, hkv, d) in &geometries()? {
         for &b in batches {
             for &t in contexts {
                 for (p, simt) in PRECISIONS.iter().flat_map(|p| [(*p, false), (*p, true)]) {
-                    let (ks, vs) = kv_sides(p, d, 0)?;
+                    let (ks, vs) = sides(p, d, 0)?;
                     if simt && !(ks.rotated() && vs.rotated()) {
                         continue; // ggml formats have the SIMT kernel only
                     }

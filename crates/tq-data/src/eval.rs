@@ -260,8 +260,6 @@ pub fn build_index(m: &Matrix, a: &BuildArgs<'_>, progress: Progress<'_>) -> Res
 /// What [`run_search_bench`] builds and measures.
 pub struct BenchArgs<'a> {
     pub codec: &'a str,
-    pub queries: usize,
-    pub base: Option<usize>,
     pub k: usize,
     pub ivf: Option<usize>,
     pub nprobe: usize,
