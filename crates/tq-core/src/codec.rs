@@ -85,6 +85,12 @@ pub trait Codec: Send + Sync {
     fn is_trained(&self) -> bool {
         true
     }
+    /// Largest `|x_i|` below which every finite vector is represented (its code
+    /// decodes to finite values). The checked encoders verify vectors above it
+    /// with one encode and decode and refuse those that would not decode finite.
+    fn safe_abs(&self) -> f32 {
+        SAFE_ABS
+    }
     fn check_trained(&self) -> Result<()> {
         if self.is_trained() {
             Ok(())
@@ -107,9 +113,12 @@ pub trait Codec: Send + Sync {
     fn encode(&self, x: &[f32], code: &mut [u8]) -> Result<()> {
         self.check_trained()?;
         if x.len() != self.dim() {
-            return Err(TqError::DimMismatch { expected: self.dim(), got: x.len() });
+            return Err(TqError::DimMismatch {
+                expected: self.dim(),
+                got: x.len(),
+            });
         }
-        check_vectors(x, self.dim())?;
+        check_encodable(self, x)?;
         check_len(code.len(), self.code_size())?;
         self.encode_unchecked(x, code);
         Ok(())
@@ -119,7 +128,10 @@ pub trait Codec: Send + Sync {
         self.check_trained()?;
         check_len(code.len(), self.code_size())?;
         if out.len() != self.dim() {
-            return Err(TqError::DimMismatch { expected: self.dim(), got: out.len() });
+            return Err(TqError::DimMismatch {
+                expected: self.dim(),
+                got: out.len(),
+            });
         }
         self.decode_unchecked(code, out);
         Ok(())
@@ -130,7 +142,7 @@ pub trait Codec: Send + Sync {
     fn encode_batch(&self, xs: &[f32], codes: &mut [u8]) -> Result<()> {
         self.check_trained()?;
         let (d, cs) = (self.dim(), self.code_size());
-        check_vectors(xs, d)?;
+        check_encodable(self, xs)?;
         let n = xs.len() / d;
         check_len(codes.len(), n * cs)?;
         codes
@@ -155,20 +167,28 @@ pub trait Codec: Send + Sync {
         }
         let n = codes.len() / cs;
         if out.len() != n * d {
-            return Err(TqError::DimMismatch { expected: n * d, got: out.len() });
+            return Err(TqError::DimMismatch {
+                expected: n * d,
+                got: out.len(),
+            });
         }
-        out.par_chunks_mut(d * BATCH_CHUNK).zip(codes.par_chunks(cs * BATCH_CHUNK)).for_each(|(oo, cc)| {
-            for (o, c) in oo.chunks_exact_mut(d).zip(cc.chunks_exact(cs)) {
-                self.decode_unchecked(c, o);
-            }
-        });
+        out.par_chunks_mut(d * BATCH_CHUNK)
+            .zip(codes.par_chunks(cs * BATCH_CHUNK))
+            .for_each(|(oo, cc)| {
+                for (o, c) in oo.chunks_exact_mut(d).zip(cc.chunks_exact(cs)) {
+                    self.decode_unchecked(c, o);
+                }
+            });
         Ok(())
     }
 
     fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
         self.check_trained()?;
         if q.len() != self.dim() {
-            return Err(TqError::DimMismatch { expected: self.dim(), got: q.len() });
+            return Err(TqError::DimMismatch {
+                expected: self.dim(),
+                got: q.len(),
+            });
         }
         check_vectors(q, self.dim())?;
         Ok(self.prepare_unchecked(q))
@@ -227,29 +247,93 @@ fn check_len(got: usize, expected: usize) -> Result<()> {
     Ok(())
 }
 
+/// Below this largest `|x|` (1e18), `Σx²` cannot overflow f64 nor `‖x‖` f32
+/// (for any `dim <= MAX_DIM`), and every codec but the f16-scaled ones
+/// represents the vector with a finite decode (see `Codec::safe_abs`).
+pub const SAFE_ABS: f32 = 1e18;
+
 /// Validates a row-major batch: length a multiple of `dim`, all values finite,
 /// every norm representable in f32.
 pub fn check_vectors(xs: &[f32], dim: usize) -> Result<()> {
-    if xs.is_empty() || xs.len() % dim != 0 {
-        return Err(TqError::DimMismatch { expected: dim, got: if xs.is_empty() { 0 } else { xs.len() % dim } });
+    scan_vectors(xs, dim, f32::INFINITY, |_, _| Ok(()))
+}
+
+/// The validation of `check_vectors`, plus `flagged(i, v)` for every vector
+/// whose largest `|x|` exceeds `flag_above`.
+fn scan_vectors(
+    xs: &[f32],
+    dim: usize,
+    flag_above: f32,
+    mut flagged: impl FnMut(usize, &[f32]) -> Result<()>,
+) -> Result<()> {
+    if dim == 0 || xs.is_empty() || xs.len() % dim != 0 {
+        return Err(TqError::DimMismatch {
+            expected: dim,
+            got: if xs.is_empty() || dim == 0 {
+                0
+            } else {
+                xs.len() % dim
+            },
+        });
     }
     // Largest |x| (as ordered bits) per vector: a branch-free, vectorizable scan.
     // Only vectors with a huge coordinate need the exact f64 norm check.
-    const HUGE: u32 = 0x5D5E_0B6B; // 1e18: below it, Σx² cannot overflow f64 nor ‖x‖ f32
+    const HUGE: u32 = 0x5D5E_0B6B; // 1e18 = SAFE_ABS: below it, Σx² cannot overflow f64 nor ‖x‖ f32
+    let flag = flag_above.to_bits();
     for (i, v) in xs.chunks_exact(dim).enumerate() {
-        let m = v.iter().fold(0u32, |m, &x| m.max(x.to_bits() & 0x7FFF_FFFF));
+        let m = v
+            .iter()
+            .fold(0u32, |m, &x| m.max(x.to_bits() & 0x7FFF_FFFF));
         if m >= 0x7F80_0000 {
-            let (j, &x) = v.iter().enumerate().find(|(_, x)| !x.is_finite()).expect("a non-finite value");
-            return Err(TqError::NonFinite { vector: i, coord: j, value: x });
+            let (j, &x) = v
+                .iter()
+                .enumerate()
+                .find(|(_, x)| !x.is_finite())
+                .expect("a non-finite value");
+            return Err(TqError::NonFinite {
+                vector: i,
+                coord: j,
+                value: x,
+            });
         }
         if m > HUGE {
             let s: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
             if s.sqrt() > f32::MAX as f64 {
-                return Err(TqError::BadParams(format!("vector {i} has a norm that overflows f32")));
+                return Err(TqError::BadParams(format!(
+                    "vector {i} has a norm that overflows f32"
+                )));
             }
+        }
+        if m > flag {
+            flagged(i, v)?;
         }
     }
     Ok(())
+}
+
+/// `check_vectors` for encoding with `c`: a vector with a coordinate above
+/// `c.safe_abs()` (rare: 1e18 for most codecs, about 8e6 for q8_0) is encoded
+/// and decoded once here, and refused if its code would decode to inf/NaN.
+/// The codes of every accepted vector are those the encoder writes anyway.
+pub fn check_encodable<C: Codec + ?Sized>(c: &C, xs: &[f32]) -> Result<()> {
+    scan_vectors(xs, c.dim(), c.safe_abs(), |i, v| {
+        let mut code = vec![0u8; c.code_size()];
+        c.encode_unchecked(v, &mut code);
+        let mut out = vec![0.0f32; c.dim()];
+        c.decode_unchecked(&code, &mut out);
+        if out.iter().all(|x| x.is_finite()) {
+            return Ok(());
+        }
+        let amax = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        Err(TqError::Unencodable {
+            vector: i,
+            reason: format!(
+                "{} cannot represent its magnitude (largest |x| = {amax:e}, the code would decode to inf/NaN; every vector with |x| <= {:e} is representable)",
+                c.name(),
+                c.safe_abs()
+            ),
+        })
+    })
 }
 
 struct Scratch {
@@ -342,7 +426,13 @@ pub struct TurboQuantMse {
 }
 
 impl TurboQuantMse {
-    pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, norm_correction: bool) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        bits: u32,
+        seed: u64,
+        rotation: RotationKind,
+        norm_correction: bool,
+    ) -> Result<Self> {
         let codebook = LloydMax::get(dim, bits)?;
         let rotation = Rotation::new(rotation, dim, seed)?;
         let name = format!("tq-mse-{bits}{}", if norm_correction { "-nc" } else { "" });
@@ -418,7 +508,13 @@ impl Codec for TurboQuantMse {
             let k = kernels();
             // fused fast path (same bits as the general one); None for zero/extreme norms
             let fused = self.rotation.two_round_pow2().and_then(|(s1, s2, total)| {
-                let p = Had2 { s1, s2, total, boundaries: &self.codebook.boundaries, bits: self.bits };
+                let p = Had2 {
+                    s1,
+                    s2,
+                    total,
+                    boundaries: &self.codebook.boundaries,
+                    bits: self.bits,
+                };
                 (k.had2_quantize)(x, &p, y, idx)
             });
             let scale = match fused {
@@ -448,7 +544,10 @@ impl Codec for TurboQuantMse {
 
     fn prepare_unchecked(&self, q: &[f32]) -> PreparedQuery {
         let norm_sq = (kernels().sum_sq)(q);
-        PreparedQuery { parts: vec![self.rotation.rotate(q)], norm_sq }
+        PreparedQuery {
+            parts: vec![self.rotation.rotate(q)],
+            norm_sq,
+        }
     }
 
     fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
@@ -497,15 +596,27 @@ impl Codec for TurboQuantMse {
     /// Rotated domain: `acc += w·scale·c[idx]`, rotated back by `finish_accumulated`.
     fn accumulate(&self, code: &[u8], w: f32, acc: &mut [f32]) {
         let ws = w * read_f32(code, self.packed);
-        (kernels().axpy_codes)(&code[..self.packed], self.bits, &self.codebook.centroids, ws, acc);
+        (kernels().axpy_codes)(
+            &code[..self.packed],
+            self.bits,
+            &self.codebook.centroids,
+            ws,
+            acc,
+        );
     }
 
     fn finish_accumulated(&self, acc: &mut [f32]) {
-        with_scratch(self.dim, |_, tmp, _| self.rotation.unrotate_in_place(acc, tmp));
+        with_scratch(self.dim, |_, tmp, _| {
+            self.rotation.unrotate_in_place(acc, tmp)
+        });
     }
 
     fn codebook_view(&self) -> Option<CodebookView<'_>> {
-        Some(CodebookView { bits: self.bits, table: &self.codebook.centroids, packed: self.packed })
+        Some(CodebookView {
+            bits: self.bits,
+            table: &self.codebook.centroids,
+            packed: self.packed,
+        })
     }
 
     /// 1, 2 and 4 bits: nibble `i` of the packed indices holds `4/B` whole
@@ -571,7 +682,12 @@ impl TurboQuantMse {
 
     /// ⟨q, x̂⟩ from the rotated query `qr = Π q`.
     fn ip_rotated(&self, qr: &[f32], code: &[u8]) -> f32 {
-        let s = (kernels().dot_codes)(qr, &code[..self.packed], self.bits, &self.codebook.centroids);
+        let s = (kernels().dot_codes)(
+            qr,
+            &code[..self.packed],
+            self.bits,
+            &self.codebook.centroids,
+        );
         s * read_f32(code, self.packed)
     }
 
@@ -648,16 +764,27 @@ const QJL_PURPOSE: u64 = 0x0051_4A4C;
 
 impl TurboQuantProd {
     /// `orthogonal`: structured orthogonal projection instead of the paper's Gaussian one.
-    pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, orthogonal: bool) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        bits: u32,
+        seed: u64,
+        rotation: RotationKind,
+        orthogonal: bool,
+    ) -> Result<Self> {
         if !(1..=8).contains(&bits) {
             return Err(TqError::UnsupportedBits(bits));
         }
-        let codebook = if bits >= 2 { Some(LloydMax::get(dim, bits - 1)?) } else { None };
         let qjl_seed = derive_seed(seed, QJL_PURPOSE);
+        // the d×d projection is refused (before any allocation) above its limit
         let qjl = if orthogonal {
             QjlProjection::Orthogonal(Rotation::new(rotation, dim, qjl_seed)?)
         } else {
-            QjlProjection::Gaussian(DenseMatrix::random_directions(dim, qjl_seed))
+            QjlProjection::Gaussian(DenseMatrix::random_directions(dim, qjl_seed)?)
+        };
+        let codebook = if bits >= 2 {
+            Some(LloydMax::get(dim, bits - 1)?)
+        } else {
+            None
         };
         let qjl_scale = (1.0 / (dim as f64 * SphereCoordinate::new(dim).mean_abs())) as f32;
         Ok(Self {
@@ -760,7 +887,10 @@ impl Codec for TurboQuantProd {
         let mut qs = qr.clone();
         let mut tmp = vec![0.0; self.dim];
         self.qjl.project(&mut qs, &mut tmp);
-        PreparedQuery { parts: vec![qr, qs], norm_sq: (kernels().sum_sq)(q) }
+        PreparedQuery {
+            parts: vec![qr, qs],
+            norm_sq: (kernels().sum_sq)(q),
+        }
     }
 
     fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
@@ -804,14 +934,29 @@ pub struct TurboQuantFractional {
 }
 
 impl TurboQuantFractional {
-    pub fn new(name: &str, dim: usize, hi_bits: u32, lo_bits: u32, seed: u64, rotation: RotationKind) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        dim: usize,
+        hi_bits: u32,
+        lo_bits: u32,
+        seed: u64,
+        rotation: RotationKind,
+    ) -> Result<Self> {
         if dim < 4 {
             return Err(TqError::BadDim(dim, 4));
         }
         let n_out = dim / 2;
         let hi = TurboQuantMse::new(n_out, hi_bits, derive_seed(seed, 1), rotation, false)?;
         let lo = TurboQuantMse::new(dim - n_out, lo_bits, derive_seed(seed, 2), rotation, false)?;
-        let mut c = Self { name: name.to_string(), dim, seed, hi, lo, outliers: Vec::new(), rest: Vec::new() };
+        let mut c = Self {
+            name: name.to_string(),
+            dim,
+            seed,
+            hi,
+            lo,
+            outliers: Vec::new(),
+            rest: Vec::new(),
+        };
         c.set_outliers((0..n_out as u32).collect());
         Ok(c)
     }
@@ -822,7 +967,9 @@ impl TurboQuantFractional {
         for &o in &outliers {
             is_out[o as usize] = true;
         }
-        self.rest = (0..self.dim as u32).filter(|&c| !is_out[c as usize]).collect();
+        self.rest = (0..self.dim as u32)
+            .filter(|&c| !is_out[c as usize])
+            .collect();
         self.outliers = outliers;
     }
 
@@ -837,9 +984,14 @@ impl TurboQuantFractional {
                 params.len()
             )));
         }
-        let ids: Vec<u32> = params.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let ids: Vec<u32> = params
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         if ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&i| i as usize >= self.dim) {
-            return Err(TqError::BadParams("outlier channel ids must be increasing and < dim".into()));
+            return Err(TqError::BadParams(
+                "outlier channel ids must be increasing and < dim".into(),
+            ));
         }
         self.set_outliers(ids);
         Ok(self)
@@ -934,7 +1086,10 @@ impl Codec for TurboQuantFractional {
         let mut parts = pa.parts;
         parts.extend(pb.parts);
         parts.push(norms);
-        PreparedQuery { norm_sq: (kernels().sum_sq)(q), parts }
+        PreparedQuery {
+            norm_sq: (kernels().sum_sq)(q),
+            parts,
+        }
     }
 
     fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {

@@ -4,12 +4,12 @@
 
 use std::sync::OnceLock;
 
-use crate::bitpack::packed_len;
 use crate::baselines::fp::{Fp4, Fp4Kind};
 use crate::baselines::ggml::{Ggml, GgmlType, QK};
 use crate::baselines::polar::Polar;
 use crate::baselines::pq::{pq_m, Pq};
 use crate::baselines::rabitq::RaBitQ;
+use crate::bitpack::packed_len;
 use crate::codec::{Codec, TurboQuantFractional, TurboQuantMse, TurboQuantProd};
 use crate::error::{Result, TqError};
 use crate::rotation::RotationKind;
@@ -37,7 +37,10 @@ pub enum CodecKind {
 impl CodecKind {
     /// One of the TurboQuant codecs (as opposed to a baseline).
     pub fn is_turboquant(&self) -> bool {
-        matches!(self, CodecKind::Mse { .. } | CodecKind::Prod { .. } | CodecKind::Fractional { .. })
+        matches!(
+            self,
+            CodecKind::Mse { .. } | CodecKind::Prod { .. } | CodecKind::Fractional { .. }
+        )
     }
 }
 
@@ -57,7 +60,9 @@ impl CodecEntry {
             CodecKind::Prod { bits, .. } => {
                 packed_len(dim, bits - 1) + packed_len(dim, 1) + if bits >= 2 { 8 } else { 4 }
             }
-            CodecKind::Fractional { hi, lo } => packed_len(dim / 2, hi) + packed_len(dim - dim / 2, lo) + 8,
+            CodecKind::Fractional { hi, lo } => {
+                packed_len(dim / 2, hi) + packed_len(dim - dim / 2, lo) + 8
+            }
             CodecKind::RaBitQ { bits } => packed_len(dim, bits) + 8,
             CodecKind::Pq { bits } => pq_m(dim, bits),
             CodecKind::Ggml { t, .. } => dim.div_ceil(QK) * t.block_bytes(),
@@ -65,7 +70,11 @@ impl CodecEntry {
             CodecKind::Fp4 { kind: Fp4Kind::Nv } => dim.div_ceil(16) * 9 + 4,
             CodecKind::Polar { bits } => {
                 let (b, h, n) = (bits as usize, bits.div_ceil(2) as usize, dim.div_ceil(16));
-                (n * 8 * b).div_ceil(8) + (n * 4 * h).div_ceil(8) + (n * 2 * h).div_ceil(8) + (n * h).div_ceil(8) + 2 * n
+                (n * 8 * b).div_ceil(8)
+                    + (n * 4 * h).div_ceil(8)
+                    + (n * 2 * h).div_ceil(8)
+                    + (n * h).div_ceil(8)
+                    + 2 * n
             }
         }
     }
@@ -81,8 +90,13 @@ impl CodecEntry {
             CodecKind::Mse { bits, .. } | CodecKind::Prod { bits, .. } => bits as f64,
             CodecKind::Fractional { hi, lo } => (hi + lo) as f64 / 2.0,
             CodecKind::RaBitQ { bits } | CodecKind::Pq { bits } => bits as f64,
-            CodecKind::Ggml { t: GgmlType::Q8_0, .. } => 8.0,
-            CodecKind::Ggml { t: GgmlType::Q4_0, .. } | CodecKind::Fp4 { .. } => 4.0,
+            CodecKind::Ggml {
+                t: GgmlType::Q8_0, ..
+            } => 8.0,
+            CodecKind::Ggml {
+                t: GgmlType::Q4_0, ..
+            }
+            | CodecKind::Fp4 { .. } => 4.0,
             CodecKind::Polar { bits } => (8 * bits + 7 * bits.div_ceil(2)) as f64 / 16.0,
         }
     }
@@ -93,16 +107,26 @@ impl CodecEntry {
             CodecKind::Mse { bits, .. } => format!("ceil({bits}·dim/8) + 4"),
             CodecKind::Prod { bits: 1, .. } => "ceil(dim/8) + 4".to_string(),
             CodecKind::Prod { bits, .. } => format!("ceil({}·dim/8) + ceil(dim/8) + 8", bits - 1),
-            CodecKind::Fractional { hi, lo } => format!("ceil({hi}·⌊dim/2⌋/8) + ceil({lo}·⌈dim/2⌉/8) + 8"),
+            CodecKind::Fractional { hi, lo } => {
+                format!("ceil({hi}·⌊dim/2⌋/8) + ceil({lo}·⌈dim/2⌉/8) + 8")
+            }
             CodecKind::RaBitQ { bits } => format!("ceil({bits}·dim/8) + 8"),
-            CodecKind::Pq { bits } => format!("round({bits}·dim/8) (+ 1 KiB·dim codebooks per collection)"),
-            CodecKind::Ggml { t: GgmlType::Q8_0, .. } => "34·ceil(dim/32)".to_string(),
-            CodecKind::Ggml { t: GgmlType::Q4_0, .. } => "18·ceil(dim/32)".to_string(),
+            CodecKind::Pq { bits } => {
+                format!("round({bits}·dim/8) (+ 1 KiB·dim codebooks per collection)")
+            }
+            CodecKind::Ggml {
+                t: GgmlType::Q8_0, ..
+            } => "34·ceil(dim/32)".to_string(),
+            CodecKind::Ggml {
+                t: GgmlType::Q4_0, ..
+            } => "18·ceil(dim/32)".to_string(),
             CodecKind::Fp4 { kind: Fp4Kind::Mx } => "17·ceil(dim/32)".to_string(),
             CodecKind::Fp4 { kind: Fp4Kind::Nv } => "9·ceil(dim/16) + 4".to_string(),
             CodecKind::Polar { bits } => {
                 let h = bits.div_ceil(2);
-                format!("per 16 values: ceil-packed {bits}·8 + {h}·7 angle bits + 2 bytes f16 radius")
+                format!(
+                    "per 16 values: ceil-packed {bits}·8 + {h}·7 angle bits + 2 bytes f16 radius"
+                )
             }
         }
     }
@@ -139,7 +163,14 @@ impl CodecEntry {
     }
 
     /// Builds the codec; `params` are the stored parameters (empty for defaults).
-    pub fn build(&self, dim: usize, seed: u64, rotation: RotationKind, params: &[u8]) -> Result<Box<dyn Codec>> {
+    pub fn build(
+        &self,
+        dim: usize,
+        seed: u64,
+        rotation: RotationKind,
+        params: &[u8],
+    ) -> Result<Box<dyn Codec>> {
+        crate::limits::check_dim("dim", dim)?;
         if dim < self.min_dim() {
             return Err(TqError::BadDim(dim, self.min_dim()));
         }
@@ -147,7 +178,11 @@ impl CodecEntry {
             if params.is_empty() {
                 Ok(())
             } else {
-                Err(TqError::BadParams(format!("{} takes no parameters, got {} bytes", self.name, params.len())))
+                Err(TqError::BadParams(format!(
+                    "{} takes no parameters, got {} bytes",
+                    self.name,
+                    params.len()
+                )))
             }
         };
         Ok(match self.kind {
@@ -161,7 +196,11 @@ impl CodecEntry {
             }
             CodecKind::Fractional { hi, lo } => {
                 let c = TurboQuantFractional::new(&self.name, dim, hi, lo, seed, rotation)?;
-                Box::new(if params.is_empty() { c } else { c.with_params(params)? })
+                Box::new(if params.is_empty() {
+                    c
+                } else {
+                    c.with_params(params)?
+                })
             }
             CodecKind::RaBitQ { bits } => Box::new(RaBitQ::new(dim, bits, seed, rotation, params)?),
             CodecKind::Pq { bits } => Box::new(Pq::new(dim, bits, seed, params)?),
@@ -187,7 +226,11 @@ pub fn registry() -> &'static [CodecEntry] {
     R.get_or_init(|| {
         let mut v = Vec::new();
         for bits in 1..=8u32 {
-            v.push(CodecEntry { id: bits as u16, name: format!("tq-mse-{bits}"), kind: CodecKind::Mse { bits, nc: false } });
+            v.push(CodecEntry {
+                id: bits as u16,
+                name: format!("tq-mse-{bits}"),
+                kind: CodecKind::Mse { bits, nc: false },
+            });
         }
         for bits in 1..=8u32 {
             v.push(CodecEntry {
@@ -203,8 +246,16 @@ pub fn registry() -> &'static [CodecEntry] {
                 kind: CodecKind::Prod { bits, orth: false },
             });
         }
-        v.push(CodecEntry { id: 25, name: "tq-mse-2.5".into(), kind: CodecKind::Fractional { hi: 3, lo: 2 } });
-        v.push(CodecEntry { id: 26, name: "tq-mse-3.5".into(), kind: CodecKind::Fractional { hi: 4, lo: 3 } });
+        v.push(CodecEntry {
+            id: 25,
+            name: "tq-mse-2.5".into(),
+            kind: CodecKind::Fractional { hi: 3, lo: 2 },
+        });
+        v.push(CodecEntry {
+            id: 26,
+            name: "tq-mse-3.5".into(),
+            kind: CodecKind::Fractional { hi: 4, lo: 3 },
+        });
         for bits in 1..=8u32 {
             v.push(CodecEntry {
                 id: 26 + bits as u16,
@@ -214,10 +265,18 @@ pub fn registry() -> &'static [CodecEntry] {
         }
         // baselines
         for bits in 1..=8u32 {
-            v.push(CodecEntry { id: 34 + bits as u16, name: format!("rabitq-{bits}"), kind: CodecKind::RaBitQ { bits } });
+            v.push(CodecEntry {
+                id: 34 + bits as u16,
+                name: format!("rabitq-{bits}"),
+                kind: CodecKind::RaBitQ { bits },
+            });
         }
         for bits in 1..=8u32 {
-            v.push(CodecEntry { id: 42 + bits as u16, name: format!("pq-{bits}"), kind: CodecKind::Pq { bits } });
+            v.push(CodecEntry {
+                id: 42 + bits as u16,
+                name: format!("pq-{bits}"),
+                kind: CodecKind::Pq { bits },
+            });
         }
         for (id, name, t, rot) in [
             (51, "q8_0", GgmlType::Q8_0, false),
@@ -225,13 +284,29 @@ pub fn registry() -> &'static [CodecEntry] {
             (53, "q8_0-rot", GgmlType::Q8_0, true),
             (54, "q4_0-rot", GgmlType::Q4_0, true),
         ] {
-            v.push(CodecEntry { id, name: name.into(), kind: CodecKind::Ggml { t, rot } });
+            v.push(CodecEntry {
+                id,
+                name: name.into(),
+                kind: CodecKind::Ggml { t, rot },
+            });
         }
-        v.push(CodecEntry { id: 55, name: "mxfp4".into(), kind: CodecKind::Fp4 { kind: Fp4Kind::Mx } });
-        v.push(CodecEntry { id: 56, name: "nvfp4".into(), kind: CodecKind::Fp4 { kind: Fp4Kind::Nv } });
+        v.push(CodecEntry {
+            id: 55,
+            name: "mxfp4".into(),
+            kind: CodecKind::Fp4 { kind: Fp4Kind::Mx },
+        });
+        v.push(CodecEntry {
+            id: 56,
+            name: "nvfp4".into(),
+            kind: CodecKind::Fp4 { kind: Fp4Kind::Nv },
+        });
         // (57..=78: the matrix codecs of `crate::matrix::matrix_registry`)
         for bits in 2..=8u32 {
-            v.push(CodecEntry { id: 77 + bits as u16, name: format!("polar-{bits}"), kind: CodecKind::Polar { bits } });
+            v.push(CodecEntry {
+                id: 77 + bits as u16,
+                name: format!("polar-{bits}"),
+                kind: CodecKind::Polar { bits },
+            });
         }
         v
     })
@@ -245,14 +320,20 @@ pub fn lookup(name: &str) -> Result<&'static CodecEntry> {
     // A well-formed TurboQuant name with an unsupported bit width gets the more precise error.
     for prefix in ["tq-mse-", "tq-prod-", "rabitq-", "pq-", "polar-"] {
         if let Some(rest) = name.strip_prefix(prefix) {
-            let num = rest.strip_suffix("-nc").or_else(|| rest.strip_suffix("-orth")).unwrap_or(rest);
+            let num = rest
+                .strip_suffix("-nc")
+                .or_else(|| rest.strip_suffix("-orth"))
+                .unwrap_or(rest);
             if let Ok(b) = num.parse::<u32>() {
                 return Err(TqError::UnsupportedBits(b));
             }
         }
     }
     let known: Vec<&str> = registry().iter().map(|e| e.name.as_str()).collect();
-    Err(TqError::UnknownCodec { name: name.to_string(), known: known.join(", ") })
+    Err(TqError::UnknownCodec {
+        name: name.to_string(),
+        known: known.join(", "),
+    })
 }
 
 pub fn by_id(id: u16) -> Option<&'static CodecEntry> {

@@ -143,6 +143,19 @@ impl Codec for Ggml {
     fn code_size(&self) -> usize {
         self.blocks * self.t.block_bytes()
     }
+    /// The f16 block scale (`amax/127` for q8_0, `max/−8` for q4_0) is finite
+    /// up to 65,504; after a rotation a coordinate is at most `‖x‖ <= √dim·max|x|`.
+    fn safe_abs(&self) -> f32 {
+        let per = match self.t {
+            GgmlType::Q8_0 => 127.0,
+            GgmlType::Q4_0 => 8.0,
+        };
+        let amax = 65504.0 * per;
+        match self.rotation {
+            Some(_) => (amax / (self.dim as f64).sqrt() * 0.99) as f32,
+            None => amax as f32,
+        }
+    }
 
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
         let y = self.rotated(x);

@@ -158,6 +158,11 @@ impl Codec for Polar {
     fn code_size(&self) -> usize {
         self.offsets[LEVELS] + 2 * self.blocks
     }
+    /// The f16 radius of a rotated 16-block is finite up to 65,504, and is at
+    /// most `‖x‖ <= √dim·max|x|`.
+    fn safe_abs(&self) -> f32 {
+        (65504.0 / (self.dim as f64).sqrt() * 0.99) as f32
+    }
 
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
         let mut y = self.rotation.rotate(x);
