@@ -113,14 +113,10 @@ impl KvSpec {
                 }
             }
         }
-        let allowed = s.starts_with("tq-mse-")
-            || s.starts_with("tq-prod-")
-            || matches!(s, "q8_0" | "q4_0" | "q8_0-rot" | "q4_0-rot" | "mxfp4" | "nvfp4");
-        if !allowed {
-            return Err(bad());
-        }
+        // a registry codec usable as a KV precision (`Caps::kv`)
         match lookup(s) {
-            Ok(_) => both(Store::Codec(s.to_string())),
+            Ok(e) if e.caps.kv.is_some() => both(Store::Codec(s.to_string())),
+            Ok(_) => Err(bad()),
             Err(TqError::UnsupportedBits(b)) => Err(TqError::UnsupportedBits(b)),
             Err(_) => Err(bad()),
         }

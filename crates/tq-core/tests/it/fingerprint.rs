@@ -69,6 +69,30 @@ fn fingerprint(c: &dyn Codec, n: usize) -> u64 {
     h.0
 }
 
+/// Every registry entry's id, name, kind, sizes and texts, as recorded.
+#[test]
+fn registry_entries_match_the_recorded_list() {
+    let mut got = String::new();
+    for e in registry() {
+        let sizes: Vec<usize> = [2usize, 4, 9, 48, 64, 100, 128, 130, 1536].iter().map(|&d| e.code_size(d)).collect();
+        got += &format!(
+            "{} {} {:?} {sizes:?} {} {} | {} | {}\n",
+            e.id,
+            e.name,
+            e.kind,
+            e.nominal_bits(),
+            e.min_dim(),
+            e.code_size_formula(),
+            e.description()
+        );
+    }
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/registry.txt");
+    if std::env::var_os("TQ_BLESS").is_some() {
+        std::fs::write(path, &got).unwrap();
+    }
+    assert_eq!(got, std::fs::read_to_string(path).expect("recorded registry"));
+}
+
 #[test]
 fn codes_and_scores_match_the_recorded_fingerprints() {
     let mut lines = Vec::new();
