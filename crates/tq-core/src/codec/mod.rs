@@ -93,7 +93,13 @@ pub struct CodecInfo {
 
 impl CodecInfo {
     /// An online codec (no training) representing every `|x| <= SAFE_ABS`.
-    pub fn new(name: impl Into<String>, dim: usize, seed: u64, rotation: RotationKind, code_size: usize) -> Self {
+    pub fn new(
+        name: impl Into<String>,
+        dim: usize,
+        seed: u64,
+        rotation: RotationKind,
+        code_size: usize,
+    ) -> Self {
         Self {
             name: name.into(),
             dim,
@@ -199,7 +205,10 @@ pub trait Codec: Send + Sync {
     fn encode(&self, x: &[f32], code: &mut [u8]) -> Result<()> {
         self.check_trained()?;
         if x.len() != self.dim() {
-            return Err(TqError::DimMismatch { expected: self.dim(), got: x.len() });
+            return Err(TqError::DimMismatch {
+                expected: self.dim(),
+                got: x.len(),
+            });
         }
         check_encodable(self, x)?;
         check_len(code.len(), self.code_size())?;
@@ -211,7 +220,10 @@ pub trait Codec: Send + Sync {
         self.check_trained()?;
         check_len(code.len(), self.code_size())?;
         if out.len() != self.dim() {
-            return Err(TqError::DimMismatch { expected: self.dim(), got: out.len() });
+            return Err(TqError::DimMismatch {
+                expected: self.dim(),
+                got: out.len(),
+            });
         }
         self.decode_unchecked(code, out);
         Ok(())
@@ -225,18 +237,21 @@ pub trait Codec: Send + Sync {
         check_encodable(self, xs)?;
         let n = xs.len() / d;
         check_len(codes.len(), n * cs)?;
-        codes.par_chunks_mut(cs * BATCH_CHUNK).zip(xs.par_chunks(d * BATCH_CHUNK)).for_each(|(cc, xx)| {
-            for (c, x) in cc.chunks_exact_mut(cs).zip(xx.chunks_exact(d)) {
-                self.encode_unchecked(x, c);
-            }
-        });
+        codes
+            .par_chunks_mut(cs * BATCH_CHUNK)
+            .zip(xs.par_chunks(d * BATCH_CHUNK))
+            .for_each(|(cc, xx)| {
+                for (c, x) in cc.chunks_exact_mut(cs).zip(xx.chunks_exact(d)) {
+                    self.encode_unchecked(x, c);
+                }
+            });
         Ok(())
     }
 
     fn decode_batch(&self, codes: &[u8], out: &mut [f32]) -> Result<()> {
         self.check_trained()?;
         let (d, cs) = (self.dim(), self.code_size());
-        if codes.len() % cs != 0 {
+        if !codes.len().is_multiple_of(cs) {
             return Err(TqError::BadParams(format!(
                 "code buffer of {} bytes is not a whole number of {cs}-byte codes",
                 codes.len()
@@ -244,20 +259,28 @@ pub trait Codec: Send + Sync {
         }
         let n = codes.len() / cs;
         if out.len() != n * d {
-            return Err(TqError::DimMismatch { expected: n * d, got: out.len() });
+            return Err(TqError::DimMismatch {
+                expected: n * d,
+                got: out.len(),
+            });
         }
-        out.par_chunks_mut(d * BATCH_CHUNK).zip(codes.par_chunks(cs * BATCH_CHUNK)).for_each(|(oo, cc)| {
-            for (o, c) in oo.chunks_exact_mut(d).zip(cc.chunks_exact(cs)) {
-                self.decode_unchecked(c, o);
-            }
-        });
+        out.par_chunks_mut(d * BATCH_CHUNK)
+            .zip(codes.par_chunks(cs * BATCH_CHUNK))
+            .for_each(|(oo, cc)| {
+                for (o, c) in oo.chunks_exact_mut(d).zip(cc.chunks_exact(cs)) {
+                    self.decode_unchecked(c, o);
+                }
+            });
         Ok(())
     }
 
     fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
         self.check_trained()?;
         if q.len() != self.dim() {
-            return Err(TqError::DimMismatch { expected: self.dim(), got: q.len() });
+            return Err(TqError::DimMismatch {
+                expected: self.dim(),
+                got: q.len(),
+            });
         }
         check_vectors(q, self.dim())?;
         Ok(self.prepare_unchecked(q))
@@ -308,7 +331,8 @@ impl dyn Codec + '_ {
     }
     /// The fast-scan tables of `q` (empty without fast-scan support).
     pub fn fastscan_tables(&self, q: &PreparedQuery) -> Vec<f32> {
-        self.fastscan().map_or_else(Vec::new, |f| f.fastscan_tables(q))
+        self.fastscan()
+            .map_or_else(Vec::new, |f| f.fastscan_tables(q))
     }
     /// The fast-scan factor of `code` (1 without fast-scan support).
     pub fn fastscan_factor(&self, code: &[u8]) -> f32 {
@@ -345,7 +369,12 @@ impl dyn Codec + '_ {
 }
 
 /// One `score_ip` per code.
-pub(crate) fn score_each<C: Codec + ?Sized>(c: &C, q: &PreparedQuery, codes: &[u8], out: &mut [f32]) {
+pub(crate) fn score_each<C: Codec + ?Sized>(
+    c: &C,
+    q: &PreparedQuery,
+    codes: &[u8],
+    out: &mut [f32],
+) {
     for (o, code) in out.iter_mut().zip(codes.chunks_exact(c.code_size())) {
         *o = c.score_ip(q, code);
     }
@@ -377,7 +406,7 @@ fn scan_vectors(
     flag_above: f32,
     mut flagged: impl FnMut(usize, &[f32]) -> Result<()>,
 ) -> Result<()> {
-    if dim == 0 || xs.is_empty() || xs.len() % dim != 0 {
+    if dim == 0 || xs.is_empty() || !xs.len().is_multiple_of(dim) {
         return Err(TqError::DimMismatch {
             expected: dim,
             got: if xs.is_empty() || dim == 0 {
@@ -457,7 +486,10 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new(), idx: Vec::new() }) };
 }
 
-pub(crate) fn with_scratch<R>(dim: usize, f: impl FnOnce(&mut [f32], &mut [f32], &mut [u8]) -> R) -> R {
+pub(crate) fn with_scratch<R>(
+    dim: usize,
+    f: impl FnOnce(&mut [f32], &mut [f32], &mut [u8]) -> R,
+) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         if s.a.len() < dim {
@@ -515,4 +547,3 @@ pub(crate) fn normalize(y: &mut [f32], norm: f32) {
 pub(crate) fn read_f32(code: &[u8], at: usize) -> f32 {
     f32::from_le_bytes([code[at], code[at + 1], code[at + 2], code[at + 3]])
 }
-

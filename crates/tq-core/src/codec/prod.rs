@@ -10,7 +10,6 @@ use crate::kernels::kernels;
 use crate::rng::derive_seed;
 use crate::rotation::{DenseMatrix, Rotation, RotationKind};
 
-
 /// The QJL projection `S` of TurboQuant_prod, applied in the rotated domain
 /// (`S Π` has the same law as `S` for both choices). Both use the estimator
 /// constant `κ = 1/(dim · E|T|)` (E|T| the sphere's 1-bit centroid, → √(2/π)/√dim).
@@ -69,7 +68,13 @@ const QJL_PURPOSE: u64 = 0x0051_4A4C;
 
 impl TurboQuantProd {
     /// `orthogonal`: structured orthogonal projection instead of the paper's Gaussian one.
-    pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, orthogonal: bool) -> Result<Self> {
+    pub fn new(
+        dim: usize,
+        bits: u32,
+        seed: u64,
+        rotation: RotationKind,
+        orthogonal: bool,
+    ) -> Result<Self> {
         if !(1..=8).contains(&bits) {
             return Err(TqError::UnsupportedBits(bits));
         }
@@ -80,7 +85,11 @@ impl TurboQuantProd {
         } else {
             QjlProjection::Gaussian(DenseMatrix::random_directions(dim, qjl_seed)?)
         };
-        let codebook = if bits >= 2 { Some(LloydMax::get(dim, bits - 1)?) } else { None };
+        let codebook = if bits >= 2 {
+            Some(LloydMax::get(dim, bits - 1)?)
+        } else {
+            None
+        };
         let (packed_mse, packed_sign) = (packed_len(dim, bits - 1), packed_len(dim, 1));
         let code_size = packed_mse + packed_sign + if bits >= 2 { 8 } else { 4 };
         let name = format!("tq-prod-{bits}{}", if orthogonal { "-orth" } else { "" });
@@ -172,7 +181,10 @@ impl Codec for TurboQuantProd {
         let mut qs = qr.clone();
         let mut tmp = vec![0.0; self.dim];
         self.qjl.project(&mut qs, &mut tmp);
-        PreparedQuery { parts: vec![qr, qs], norm_sq: (kernels().sum_sq)(q) }
+        PreparedQuery {
+            parts: vec![qr, qs],
+            norm_sq: (kernels().sum_sq)(q),
+        }
     }
 
     fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
@@ -192,4 +204,3 @@ impl Codec for TurboQuantProd {
         q.norm_sq + norm * norm - 2.0 * self.score_ip(q, code)
     }
 }
-

@@ -74,7 +74,10 @@ fn fingerprint(c: &dyn Codec, n: usize) -> u64 {
 fn registry_entries_match_the_recorded_list() {
     let mut got = String::new();
     for e in registry() {
-        let sizes: Vec<usize> = [2usize, 4, 9, 48, 64, 100, 128, 130, 1536].iter().map(|&d| e.code_size(d)).collect();
+        let sizes: Vec<usize> = [2usize, 4, 9, 48, 64, 100, 128, 130, 1536]
+            .iter()
+            .map(|&d| e.code_size(d))
+            .collect();
         got += &format!(
             "{} {} {:?} {sizes:?} {} {} | {} | {}\n",
             e.id,
@@ -90,7 +93,10 @@ fn registry_entries_match_the_recorded_list() {
     if std::env::var_os("TQ_BLESS").is_some() {
         std::fs::write(path, &got).unwrap();
     }
-    assert_eq!(got, std::fs::read_to_string(path).expect("recorded registry"));
+    assert_eq!(
+        got,
+        std::fs::read_to_string(path).expect("recorded registry")
+    );
 }
 
 #[test]
