@@ -17,6 +17,12 @@ pub enum TqError {
     NonFinite { vector: usize, coord: usize, value: f32 },
     #[error("invalid codec parameters: {0}")]
     BadParams(String),
+    /// A size above a documented limit of `crate::limits` (`hint`: what to do instead).
+    #[error("{field} = {value} exceeds the limit of {limit}{hint}")]
+    LimitExceeded { field: &'static str, value: usize, limit: usize, hint: String },
+    /// A finite vector the codec cannot represent (its code would decode to inf/NaN).
+    #[error("vector {vector} cannot be encoded: {reason}")]
+    Unencodable { vector: usize, reason: String },
     #[error("{0} must be trained before use (it learns codebooks from data)")]
     NotTrained(String),
 }

@@ -41,7 +41,7 @@ pub struct FastScanCodes {
 impl FastScanCodes {
     /// An empty store for codes of `m` sub-codes (`m` even and positive).
     pub fn new(m: usize) -> Result<Self> {
-        if m == 0 || m % 2 != 0 {
+        if m == 0 || !m.is_multiple_of(2) {
             return Err(TqError::BadParams(format!("fast-scan needs an even, positive number of sub-codes, got {m}")));
         }
         Ok(Self { m, n: 0, data: Vec::new() })
@@ -87,7 +87,7 @@ impl FastScanCodes {
     /// low nibble of byte `k`, `2k+1` in the high one).
     pub fn push(&mut self, nibbles: &[u8]) {
         assert_eq!(nibbles.len(), self.m / 2, "fast-scan push: wrong code length");
-        if self.n % BLOCK == 0 {
+        if self.n.is_multiple_of(BLOCK) {
             self.data.resize(self.data.len() + self.block_bytes(), 0);
         }
         self.n += 1;
@@ -114,7 +114,7 @@ impl FastScanCodes {
     pub fn pop(&mut self) {
         assert!(self.n > 0);
         self.n -= 1;
-        if self.n % BLOCK == 0 {
+        if self.n.is_multiple_of(BLOCK) {
             self.data.truncate(self.blocks() * self.block_bytes());
         } else {
             let zero = vec![0u8; self.m / 2];
@@ -178,7 +178,7 @@ pub struct QuantizedLut {
 impl QuantizedLut {
     /// Quantizes `m` float tables of 16 entries each (`lut.len() == 16 m`, finite).
     pub fn new(lut: &[f32]) -> Self {
-        assert!(!lut.is_empty() && lut.len() % 32 == 0, "tables come in pairs of 16 entries");
+        assert!(!lut.is_empty() && lut.len().is_multiple_of(32), "tables come in pairs of 16 entries");
         let m = lut.len() / 16;
         // largest entry so that a 16-bit lane summing m/2 entries cannot overflow
         let qmax = (65535 / (m / 2)).min(255) as f32;

@@ -4,7 +4,7 @@
 //! Vector codecs also act on matrices, row by row (`RowWise`), so every
 //! codec can be compared on the same matrix.
 
-use crate::codec::{check_vectors, Codec};
+use crate::codec::{Codec, SAFE_ABS};
 use crate::error::{Result, TqError};
 
 /// Which axis a matrix codec's groups run along (KIVI's key/value recipes).
@@ -35,12 +35,17 @@ pub trait MatrixCodec: Send + Sync {
     fn train(&mut self, _m: &[f32]) -> Result<()> {
         Ok(())
     }
+    /// Largest `|x|` below which every finite matrix is represented (decodes
+    /// finite); above it, the checked encoder verifies and may refuse.
+    fn safe_abs(&self) -> f32 {
+        SAFE_ABS
+    }
     fn encode_unchecked(&self, m: &[f32], tokens: usize, out: &mut [u8]);
     fn decode_unchecked(&self, code: &[u8], tokens: usize, out: &mut [f32]);
 
     /// Checked encode of a row-major `tokens × channels` matrix.
     fn encode(&self, m: &[f32], out: &mut [u8]) -> Result<usize> {
-        check_vectors(m, self.channels())?;
+        check_matrix_encodable(self, m)?;
         let t = m.len() / self.channels();
         if out.len() != self.encoded_size(t) {
             return Err(TqError::CodeSizeMismatch { expected: self.encoded_size(t), got: out.len() });
@@ -60,6 +65,33 @@ pub trait MatrixCodec: Send + Sync {
         self.decode_unchecked(code, tokens, out);
         Ok(())
     }
+}
+
+/// `check_vectors` of the rows of `m`; when a value exceeds `c.safe_abs()`,
+/// the matrix is encoded and decoded once and refused if the code would
+/// decode to inf/NaN (naming the first row with a value above it).
+pub fn check_matrix_encodable<C: MatrixCodec + ?Sized>(c: &C, m: &[f32]) -> Result<()> {
+    crate::codec::check_vectors(m, c.channels())?;
+    let safe = c.safe_abs();
+    if !m.iter().any(|x| x.abs() > safe) {
+        return Ok(());
+    }
+    let t = m.len() / c.channels();
+    let mut code = vec![0u8; c.encoded_size(t)];
+    c.encode_unchecked(m, t, &mut code);
+    let mut out = vec![0.0f32; m.len()];
+    c.decode_unchecked(&code, t, &mut out);
+    if out.iter().all(|x| x.is_finite()) {
+        return Ok(());
+    }
+    let row = m.chunks_exact(c.channels()).position(|r| r.iter().any(|x| x.abs() > safe)).unwrap_or(0);
+    Err(TqError::Unencodable {
+        vector: row,
+        reason: format!(
+            "{} cannot represent the magnitudes of this matrix (the code would decode to inf/NaN; |x| <= {safe:e} is always representable)",
+            c.name()
+        ),
+    })
 }
 
 /// A vector codec applied to every row.
@@ -131,6 +163,7 @@ pub fn matrix_registry() -> &'static [MatrixEntry] {
 /// Builds a matrix codec by name for `channels` columns: a matrix codec of
 /// `matrix_registry()` (KIVI groups along `axis`), or any vector codec row by row.
 pub fn build_matrix(name: &str, channels: usize, axis: Axis, seed: u64) -> Result<Box<dyn MatrixCodec>> {
+    crate::limits::check_dim("channels", channels)?;
     if let Some(rest) = name.strip_prefix("kivi-") {
         let bits: u32 = rest.parse().map_err(|_| TqError::UnknownCodec { name: name.into(), known: "kivi-1..8".into() })?;
         return Ok(Box::new(crate::baselines::kivi::Kivi::new(channels, bits, crate::baselines::kivi::DEFAULT_GROUP, axis)?));

@@ -229,15 +229,19 @@ enum DenseKind {
 impl DenseMatrix {
     /// Haar-distributed rotation: Gram–Schmidt (twice, in f64) of a seeded
     /// Gaussian matrix, i.e. the Q of its QR decomposition with positive R
-    /// diagonal, which is exactly Haar. `O(dim³)` to build.
-    pub fn haar(dim: usize, seed: u64) -> Arc<DenseMatrix> {
-        Self::cached(DenseKind::Haar, dim, seed)
+    /// diagonal, which is exactly Haar. `O(dim³)` to build; refused above
+    /// [`crate::limits::MAX_DENSE_DIM`].
+    pub fn haar(dim: usize, seed: u64) -> Result<Arc<DenseMatrix>> {
+        crate::limits::check_dense("a Haar rotation", dim, "the Hadamard rotation (rotation = hadamard)")?;
+        Ok(Self::cached(DenseKind::Haar, dim, seed))
     }
 
     /// Independent uniformly random unit rows (i.i.d. N(0,1) rows, normalized):
-    /// the paper's QJL matrix with its row scale removed.
-    pub fn random_directions(dim: usize, seed: u64) -> Arc<DenseMatrix> {
-        Self::cached(DenseKind::Gaussian, dim, seed)
+    /// the paper's QJL matrix with its row scale removed. Refused above
+    /// [`crate::limits::MAX_DENSE_DIM`].
+    pub fn random_directions(dim: usize, seed: u64) -> Result<Arc<DenseMatrix>> {
+        crate::limits::check_dense("a Gaussian QJL projection", dim, "the orthogonal QJL projection (tq-prod-B-orth)")?;
+        Ok(Self::cached(DenseKind::Gaussian, dim, seed))
     }
 
     fn cached(kind: DenseKind, dim: usize, seed: u64) -> Arc<DenseMatrix> {
@@ -327,9 +331,10 @@ impl Rotation {
         if dim < 2 {
             return Err(TqError::BadDim(dim, 2));
         }
+        crate::limits::check_dim("dim", dim)?;
         Ok(match kind {
             RotationKind::Hadamard => Rotation::Hadamard(Hadamard::new(dim, seed)),
-            RotationKind::Haar => Rotation::Haar(DenseMatrix::haar(dim, seed)),
+            RotationKind::Haar => Rotation::Haar(DenseMatrix::haar(dim, seed)?),
         })
     }
 

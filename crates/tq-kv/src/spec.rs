@@ -13,7 +13,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use tq_core::registry::{lookup, CodecEntry, CodecKind};
+use tq_core::registry::{lookup, CodecEntry};
 use tq_core::{Codec, Result, RotationKind, TqError};
 
 /// How one of K or V is stored.
@@ -98,14 +98,6 @@ pub struct KvSpec {
 pub const PRECISIONS: &str = "f32, f16, q8_0, q4_0, q8_0-rot, q4_0-rot, kivi-B, mxfp4, nvfp4, tq-mse-B, tq-mse-B-nc, tq-prod-B, \
                               tq-mse-2.5, tq-mse-3.5, kBvC and kBvC-nc (B, C = 1..8: tq-mse keys at B bits, values at C; -nc: without the norm correction)";
 
-/// Whether a registry codec may be one side of a KV cache: online vector
-/// codecs (TurboQuant, llama.cpp blocks, FP4). Codecs that learn codebooks
-/// from a collection (PQ), need a collection centre (RaBitQ) or PolarQuant
-/// are index codecs, not cache formats.
-fn cache_format(e: &CodecEntry) -> bool {
-    matches!(e.kind, CodecKind::Mse { .. } | CodecKind::Prod { .. } | CodecKind::Fractional { .. } | CodecKind::Ggml { .. } | CodecKind::Fp4 { .. })
-}
-
 impl KvSpec {
     /// Parses a precision string (see the module docs).
     pub fn parse(s: &str) -> Result<Self> {
@@ -145,7 +137,8 @@ impl KvSpec {
             }
         }
         match lookup(s) {
-            Ok(e) if cache_format(e) => both(Store::Codec(e)),
+            // a registry codec usable as a KV precision (`Caps::kv`: online vector codecs)
+            Ok(e) if e.caps.kv.is_some() => both(Store::Codec(e)),
             Err(TqError::UnsupportedBits(b)) => Err(TqError::UnsupportedBits(b)),
             _ => Err(bad()),
         }

@@ -10,7 +10,7 @@
 //! nvfp4 code = `[blocks: u8 E4M3 + 8 bytes][f32 g]`. Element nibble = sign bit
 //! 3 | magnitude index 0..7. A last partial block is padded with zeros.
 
-use crate::codec::{Codec, PreparedQuery};
+use crate::codec::{Codec, CodecInfo, PreparedQuery};
 use crate::error::Result;
 use crate::kernels::kernels;
 use crate::rotation::RotationKind;
@@ -113,9 +113,8 @@ impl Fp4Kind {
 }
 
 pub struct Fp4 {
-    name: &'static str,
+    info: CodecInfo,
     dim: usize,
-    seed: u64,
     kind: Fp4Kind,
     blocks: usize,
 }
@@ -126,7 +125,9 @@ impl Fp4 {
             Fp4Kind::Mx => "mxfp4",
             Fp4Kind::Nv => "nvfp4",
         };
-        Ok(Self { name, dim, seed, kind, blocks: dim.div_ceil(kind.block()) })
+        let blocks = dim.div_ceil(kind.block());
+        let code_size = blocks * (1 + kind.block() / 2) + if kind == Fp4Kind::Nv { 4 } else { 0 };
+        Ok(Self { info: CodecInfo::new(name, dim, seed, RotationKind::Hadamard, code_size), dim, kind, blocks })
     }
 
     fn block_bytes(&self) -> usize {
@@ -159,20 +160,8 @@ impl Fp4 {
 }
 
 impl Codec for Fp4 {
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-    fn rotation_kind(&self) -> RotationKind {
-        RotationKind::Hadamard
-    }
-    fn code_size(&self) -> usize {
-        self.blocks * self.block_bytes() + if self.kind == Fp4Kind::Nv { 4 } else { 0 }
+    fn info(&self) -> &CodecInfo {
+        &self.info
     }
 
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {

@@ -11,7 +11,7 @@
 
 use half::f16;
 
-use crate::codec::{Codec, PreparedQuery};
+use crate::codec::{Codec, CodecInfo, PreparedQuery};
 use crate::error::Result;
 use crate::kernels::kernels;
 use crate::rotation::{Rotation, RotationKind};
@@ -85,9 +85,8 @@ pub fn dequantize_block(t: GgmlType, b: &[u8], out: &mut [f32; QK]) {
 }
 
 pub struct Ggml {
-    name: String,
+    info: CodecInfo,
     dim: usize,
-    seed: u64,
     t: GgmlType,
     rotation: Option<Rotation>,
     blocks: usize,
@@ -99,13 +98,20 @@ impl Ggml {
             GgmlType::Q8_0 => "q8_0",
             GgmlType::Q4_0 => "q4_0",
         };
+        let rotation = if rotated { Some(Rotation::new(rotation, dim, seed)?) } else { None };
+        let blocks = dim.div_ceil(QK);
+        // The f16 block scale (`amax/127` for q8_0, `max/−8` for q4_0) is finite
+        // up to 65,504; after a rotation a coordinate is at most `‖x‖ <= √dim·max|x|`.
+        let amax = 65504.0 * if t == GgmlType::Q8_0 { 127.0 } else { 8.0 };
+        let safe_abs = if rotated { (amax / (dim as f64).sqrt() * 0.99) as f32 } else { amax as f32 };
+        let kind = rotation.as_ref().map_or(RotationKind::Hadamard, |r| r.kind());
+        let name = format!("{base}{}", if rotated { "-rot" } else { "" });
         Ok(Self {
-            name: format!("{base}{}", if rotated { "-rot" } else { "" }),
+            info: CodecInfo::new(name, dim, seed, kind, blocks * t.block_bytes()).with_safe_abs(safe_abs),
             dim,
-            seed,
             t,
-            rotation: if rotated { Some(Rotation::new(rotation, dim, seed)?) } else { None },
-            blocks: dim.div_ceil(QK),
+            rotation,
+            blocks,
         })
     }
 
@@ -128,20 +134,8 @@ impl Ggml {
 }
 
 impl Codec for Ggml {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-    fn rotation_kind(&self) -> RotationKind {
-        self.rotation.as_ref().map_or(RotationKind::Hadamard, |r| r.kind())
-    }
-    fn code_size(&self) -> usize {
-        self.blocks * self.t.block_bytes()
+    fn info(&self) -> &CodecInfo {
+        &self.info
     }
 
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {

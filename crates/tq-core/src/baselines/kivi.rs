@@ -76,6 +76,11 @@ impl MatrixCodec for Kivi {
     fn encoded_size(&self, tokens: usize) -> usize {
         4 * self.n_groups(tokens) + packed_len(tokens * self.channels, self.bits)
     }
+    /// The f16 zero (`min`) and scale (`(max − min)/(2^B − 1)`) are finite
+    /// whenever every `|x| <= 65504/2`.
+    fn safe_abs(&self) -> f32 {
+        32752.0
+    }
 
     fn encode_unchecked(&self, m: &[f32], tokens: usize, out: &mut [u8]) {
         let levels = ((1u32 << self.bits) - 1) as f32;

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use half::f16;
 
 use crate::bitpack::{pack, packed_len, unpack};
-use crate::codec::{Codec, PreparedQuery};
+use crate::codec::{Codec, CodecInfo, PreparedQuery};
 use crate::error::{Result, TqError};
 use crate::kernels::kernels;
 use crate::rotation::{Rotation, RotationKind};
@@ -75,9 +75,8 @@ fn angle_codebook(k: u32, bits: u32) -> Arc<(Vec<f32>, Vec<f32>)> {
 }
 
 pub struct Polar {
-    name: String,
+    info: CodecInfo,
     dim: usize,
-    seed: u64,
     rotation: Rotation,
     bits: [u32; LEVELS],
     blocks: usize,
@@ -113,7 +112,13 @@ impl Polar {
         for book in &books {
             trig.push(book.0.iter().map(|a| (a.cos(), a.sin())).collect());
         }
-        Ok(Self { name: format!("polar-{b}"), dim, seed, rotation: Rotation::new(rotation, dim, seed)?, bits, blocks, books, offsets, trig })
+        let rotation = Rotation::new(rotation, dim, seed)?;
+        // The f16 radius of a rotated 16-block is finite up to 65,504, and is at
+        // most `‖x‖ <= √dim·max|x|`.
+        let safe_abs = (65504.0 / (dim as f64).sqrt() * 0.99) as f32;
+        let code_size = offsets[LEVELS] + 2 * blocks;
+        let info = CodecInfo::new(format!("polar-{b}"), dim, seed, rotation.kind(), code_size).with_safe_abs(safe_abs);
+        Ok(Self { info, dim, rotation, bits, blocks, books, offsets, trig })
     }
 
     /// Rotated, zero-padded coordinates of a decoded code.
@@ -143,20 +148,8 @@ impl Polar {
 }
 
 impl Codec for Polar {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-    fn rotation_kind(&self) -> RotationKind {
-        self.rotation.kind()
-    }
-    fn code_size(&self) -> usize {
-        self.offsets[LEVELS] + 2 * self.blocks
+    fn info(&self) -> &CodecInfo {
+        &self.info
     }
 
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {

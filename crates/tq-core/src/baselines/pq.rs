@@ -5,7 +5,7 @@
 //! stored as codec parameters (`256·dim` f32, amortized over the collection;
 //! not counted in `bits_per_value`). Training samples at most 65,536 rows.
 
-use crate::codec::{check_vectors, Codec, PreparedQuery};
+use crate::codec::{check_vectors, Codec, CodecInfo, PreparedQuery};
 use crate::error::{Result, TqError};
 use crate::kernels::kernels;
 use crate::kmeans::kmeans;
@@ -24,9 +24,8 @@ pub fn pq_m(dim: usize, bits: u32) -> usize {
 }
 
 pub struct Pq {
-    name: String,
+    info: CodecInfo,
     dim: usize,
-    seed: u64,
     /// Sub-space start offsets (`m + 1` entries).
     bounds: Vec<usize>,
     /// Per sub-space `256 × dsub` centroids, concatenated (empty untrained).
@@ -58,7 +57,8 @@ impl Pq {
         } else {
             return Err(TqError::BadParams(format!("PQ codebooks have {} bytes, expected {}", params.len(), 4 * K * dim)));
         };
-        Ok(Self { name: name.to_string(), dim, seed, bounds, books })
+        let info = CodecInfo::new(name, dim, seed, RotationKind::Hadamard, m).trained();
+        Ok(Self { info, dim, bounds, books })
     }
 
     fn m(&self) -> usize {
@@ -73,26 +73,11 @@ impl Pq {
 }
 
 impl Codec for Pq {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-    fn rotation_kind(&self) -> RotationKind {
-        RotationKind::Hadamard
-    }
-    fn code_size(&self) -> usize {
-        self.m()
+    fn info(&self) -> &CodecInfo {
+        &self.info
     }
     fn params(&self) -> Vec<u8> {
         f32s_to_bytes(&self.books)
-    }
-    fn wants_training(&self) -> bool {
-        true
     }
     fn is_trained(&self) -> bool {
         !self.books.is_empty()
@@ -106,7 +91,7 @@ impl Codec for Pq {
             let (a, b) = (self.bounds[s], self.bounds[s + 1]);
             let ds = b - a;
             let sub: Vec<f32> = sample.chunks_exact(self.dim).take(n).flat_map(|v| v[a..b].to_vec()).collect();
-            let c = kmeans(&sub, ds, K, ITERS, derive_seed(self.seed, 0x5051_0000 + s as u64));
+            let c = kmeans(&sub, ds, K, ITERS, derive_seed(self.info.seed, 0x5051_0000 + s as u64));
             books[K * a..K * b].copy_from_slice(&c);
         }
         self.books = books;

@@ -164,7 +164,7 @@ impl MatrixCodec for Qet {
 
     fn encode(&self, m: &[f32], out: &mut [u8]) -> Result<usize> {
         self.stage1.check_trained()?;
-        crate::codec::check_vectors(m, self.channels)?;
+        crate::matrix::check_matrix_encodable(self, m)?;
         let t = m.len() / self.channels;
         if out.len() != self.encoded_size(t) {
             return Err(TqError::CodeSizeMismatch { expected: self.encoded_size(t), got: out.len() });

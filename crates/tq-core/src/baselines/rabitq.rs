@@ -16,7 +16,7 @@
 use std::collections::BinaryHeap;
 
 use crate::bitpack::{pack, packed_len, unpack};
-use crate::codec::{check_vectors, Codec, PreparedQuery};
+use crate::codec::{check_vectors, Codec, CodecInfo, FastScanCodec, PreparedQuery};
 use crate::error::{Result, TqError};
 use crate::kernels::kernels;
 use crate::rotation::{Rotation, RotationKind};
@@ -24,10 +24,9 @@ use crate::rotation::{Rotation, RotationKind};
 use super::{bytes_to_f32s, f32s_to_bytes, read_f32};
 
 pub struct RaBitQ {
-    name: String,
+    info: CodecInfo,
     dim: usize,
     bits: u32,
-    seed: u64,
     rotation: Rotation,
     center: Vec<f32>,
     trained: bool,
@@ -71,12 +70,13 @@ impl RaBitQ {
             return Err(TqError::BadParams(format!("RaBitQ centre has {} bytes, expected {}", params.len(), 4 * dim)));
         };
         let half = ((1u32 << bits) - 1) as f32 / 2.0;
+        let rotation = Rotation::new(rotation, dim, seed)?;
+        let info = CodecInfo::new(format!("rabitq-{bits}"), dim, seed, rotation.kind(), packed_len(dim, bits) + 8).trained();
         Ok(Self {
-            name: format!("rabitq-{bits}"),
+            info,
             dim,
             bits,
-            seed,
-            rotation: Rotation::new(rotation, dim, seed)?,
+            rotation,
             center,
             trained,
             packed: packed_len(dim, bits),
@@ -134,20 +134,12 @@ impl RaBitQ {
 }
 
 impl Codec for RaBitQ {
-    fn name(&self) -> &str {
-        &self.name
+    fn info(&self) -> &CodecInfo {
+        &self.info
     }
-    fn dim(&self) -> usize {
-        self.dim
-    }
-    fn seed(&self) -> u64 {
-        self.seed
-    }
-    fn rotation_kind(&self) -> RotationKind {
-        self.rotation.kind()
-    }
-    fn code_size(&self) -> usize {
-        self.packed + 8
+    /// Bits 1, 2 and 4: whole levels per nibble, `[levels][f32 F][f32 r]`.
+    fn fastscan(&self) -> Option<&dyn FastScanCodec> {
+        matches!(self.bits, 1 | 2 | 4).then_some(self as &dyn FastScanCodec)
     }
     fn params(&self) -> Vec<u8> {
         if self.trained {
@@ -155,9 +147,6 @@ impl Codec for RaBitQ {
         } else {
             Vec::new()
         }
-    }
-    fn wants_training(&self) -> bool {
-        true
     }
     /// The centre is the mean of the sample.
     fn train(&mut self, sample: &[f32]) -> Result<()> {
@@ -235,16 +224,15 @@ impl Codec for RaBitQ {
         let (f, r) = self.factors(code);
         q.parts[2][1] - 2.0 * f * self.ip_y(&q.parts[1], code) + r * r
     }
+}
 
-    fn fastscan_m(&self) -> Option<usize> {
-        matches!(self.bits, 1 | 2 | 4).then_some(2 * self.packed)
+impl FastScanCodec for RaBitQ {
+    fn fastscan_m(&self) -> usize {
+        2 * self.packed
     }
 
     /// Up to the per-query constant `⟨q, c⟩`: tables of `q'_j · y_j`.
     fn fastscan_tables(&self, q: &PreparedQuery) -> Vec<f32> {
-        if self.fastscan_m().is_none() {
-            return Vec::new();
-        }
         crate::codec::nibble_tables(&q.parts[0], self.bits, &self.levels)
     }
 

@@ -4,6 +4,7 @@
 mod baselines;
 mod codecs;
 mod fastscan;
+mod fingerprint;
 mod kernels;
-mod kv;
+mod limits;
 mod theory;
