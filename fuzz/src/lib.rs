@@ -85,9 +85,32 @@ unsafe impl GlobalAlloc for Capped {
 #[global_allocator]
 static ALLOC: Capped = Capped;
 
+/// Builds every registered codec once at a small dimension, so that the
+/// per-process tables they cache (PolarQuant's angle codebooks take about a
+/// second under ASan) are not charged to the first input that names them.
+pub fn warm_up() {
+    for e in tq_core::registry() {
+        for dim in [16, 32] {
+            let _ = e.build(dim, 0, tq_core::RotationKind::Hadamard, &[]);
+        }
+    }
+}
+
 /// A fixed query of `dim` values (the "use" half of decode-then-use).
 fn query(dim: usize) -> Vec<f32> {
     (0..dim).map(|i| ((i * 7 + 3) % 11) as f32 * 0.25 - 1.25).collect()
+}
+
+/// Dimension above which a check does not build a codec that needs a dense
+/// `dim × dim` matrix (the Haar rotation, the Gaussian QJL projection of
+/// `tq-prod-B`). Their memory is capped by `tq_core::limits::MAX_DENSE_DIM`,
+/// but building one is `O(dim³)` (Haar) or `O(dim²)` work that legitimately
+/// takes seconds at dims in the thousands: a cost, not a parser bug (see
+/// fuzz/README.md), and it would stop every run at the first such header.
+pub const DENSE_FUZZ_DIM: usize = 256;
+
+fn needs_dense(codec: &str, rotation_id: u8) -> bool {
+    rotation_id == tq_core::RotationKind::Haar.id() || (codec.starts_with("tq-prod-") && !codec.ends_with("-orth"))
 }
 
 /// `.tqc`: parse, rebuild the codec it names (with its stored parameters),
@@ -100,6 +123,9 @@ pub fn tqc(data: &[u8]) {
     let again = tq_data::tqc::tqc_bytes(&f).expect("a parsed file can be written back");
     assert_eq!(tq_data::tqc::parse_tqc(&again).expect("written-back file parses"), f);
     let entry = tq_core::lookup(&f.codec_name).expect("a parsed codec name is registered");
+    if f.dim > DENSE_FUZZ_DIM && needs_dense(&f.codec_name, f.rotation.id()) {
+        return;
+    }
     let Ok(codec) = entry.build(f.dim, f.seed, f.rotation, &f.params) else { return };
     assert_eq!(codec.code_size(), f.code_size, "code size of the rebuilt codec");
     let mut out = vec![0.0f32; f.count * f.dim];
@@ -150,6 +176,9 @@ pub fn kv_calib(data: &[u8]) {
 /// scoring), write a snapshot and parse that back.
 pub fn tqi(data: &[u8]) {
     let path = std::path::Path::new("fuzz-input.tqi");
+    if tqi_spec_is_dense(data) {
+        return;
+    }
     let Ok((index, _commit)) = tq_index::file::from_bytes(data, path) else { return };
     let dim = index.spec().dim;
     let q = query(dim);
@@ -163,6 +192,15 @@ pub fn tqi(data: &[u8]) {
     let (again, _) = tq_index::file::from_bytes(&snap, path).expect("a snapshot of a loaded index loads");
     assert_eq!(again.len(), index.len());
     assert_eq!(again.spec(), index.spec());
+}
+
+/// Whether a `.tqi` image's spec names a dense codec above [`DENSE_FUZZ_DIM`]
+/// (spec at byte 68: kind u8, name u16 + bytes, dim u32, seed u64, rotation u8).
+fn tqi_spec_is_dense(b: &[u8]) -> bool {
+    let Some(nlen) = le_u16(b, 69) else { return false };
+    let Some(name) = b.get(71..71 + nlen) else { return false };
+    let (Some(dim), Some(&rot)) = (le_u32(b, 71 + nlen), b.get(71 + nlen + 12)) else { return false };
+    dim > DENSE_FUZZ_DIM && needs_dense(&String::from_utf8_lossy(name), rot)
 }
 
 // ---- checksum repair ------------------------------------------------------
