@@ -652,6 +652,7 @@ impl TurboQuantProd {
         if !(1..=8).contains(&bits) {
             return Err(TqError::UnsupportedBits(bits));
         }
+        crate::limits::check_dim(dim, (!orthogonal).then_some("the Gaussian QJL projection"))?;
         let codebook = if bits >= 2 { Some(LloydMax::get(dim, bits - 1)?) } else { None };
         let qjl_seed = derive_seed(seed, QJL_PURPOSE);
         let qjl = if orthogonal {

@@ -143,6 +143,7 @@ impl CodecEntry {
         if dim < self.min_dim() {
             return Err(TqError::BadDim(dim, self.min_dim()));
         }
+        crate::limits::check_dim(dim, None)?;
         let check_empty = || {
             if params.is_empty() {
                 Ok(())

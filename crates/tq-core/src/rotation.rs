@@ -327,6 +327,7 @@ impl Rotation {
         if dim < 2 {
             return Err(TqError::BadDim(dim, 2));
         }
+        crate::limits::check_dim(dim, (kind == RotationKind::Haar).then_some("the Haar rotation"))?;
         Ok(match kind {
             RotationKind::Hadamard => Rotation::Hadamard(Hadamard::new(dim, seed)),
             RotationKind::Haar => Rotation::Haar(DenseMatrix::haar(dim, seed)),
