@@ -151,3 +151,32 @@ pub fn write_tqc(path: &Path, f: &CodeFile) -> Result<()> {
     let bytes = tqc_bytes(f)?;
     tq_io::write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header_only(codec: &str, dim: usize, rotation: RotationKind) -> Vec<u8> {
+        let entry = tq_core::lookup(codec).unwrap();
+        let f = CodeFile { codec_name: codec.into(), rotation, dim, count: 0, seed: 1, code_size: entry.code_size(dim), params: Vec::new(), codes: Vec::new() };
+        tqc_bytes(&f).unwrap()
+    }
+
+    /// A header of a few dozen bytes may name any dimension up to `MAX_DIM`;
+    /// rebuilding its codec (the decode path) must be refused, not allocate
+    /// a dense `dim × dim` matrix (16 GiB for a Haar rotation at 65 536).
+    #[test]
+    fn dense_codecs_at_huge_dimensions_are_refused_on_decode() {
+        for (codec, rot) in [("tq-mse-4", RotationKind::Haar), ("tq-prod-2", RotationKind::Hadamard)] {
+            let f = parse_tqc(&header_only(codec, tq_core::limits::MAX_DIM, rot)).unwrap();
+            let e = tq_core::lookup(&f.codec_name).unwrap().build(f.dim, f.seed, f.rotation, &f.params).err().expect("refused");
+            assert!(e.to_string().contains("dense"), "{codec}: {e}");
+        }
+        let mut b = header_only("tq-mse-4", 16, RotationKind::Hadamard);
+        b[16..20].copy_from_slice(&((tq_core::limits::MAX_DIM + 1) as u32).to_le_bytes());
+        let crc_at = b.len() - 8;
+        let crc = tq_io::crc32(&b[..crc_at]);
+        b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+        assert!(parse_tqc(&b).unwrap_err().to_string().contains("maximum dimension"));
+    }
+}

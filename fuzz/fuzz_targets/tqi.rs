@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(init: tq_fuzz::warm_up(), |data: &[u8]| tq_fuzz::target::tqi(data));
