@@ -37,14 +37,7 @@ pub fn vectors(a: &EvalArgs<'_>) -> Result<()> {
     let truth = ground_truth(&base, &queries, a.metric, Some(&cache), &|k| pb.inc(k as u64)).context("ground truth")?;
     pb.finish_and_clear();
     if !a.json {
-        println!(
-            "{} base {} × {}, {} queries, unit vectors, metric {}",
-            a.data,
-            base.rows,
-            base.cols,
-            queries.rows,
-            a.metric.name()
-        );
+        println!("{} base {} × {}, {} queries, unit vectors, metric {}", a.data, base.rows, base.cols, queries.rows, a.metric.name());
         println!(
             "{:<14} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9}",
             "codec", "bits/val", "train s", "encode s", "rel_mse", "ip_rmse", "ip_bias", "R1@10", "R10@10", "query ms"
@@ -57,16 +50,7 @@ pub fn vectors(a: &EvalArgs<'_>) -> Result<()> {
         } else {
             println!(
                 "{:<14} {:>8.3} {:>9.3} {:>9.3} {:>9.5} {:>9.5} {:>+9.5} {:>8.4} {:>8.4} {:>9.3}",
-                r.codec,
-                r.bits_per_value,
-                r.train_seconds,
-                r.encode_seconds,
-                r.rel_mse,
-                r.ip_rmse,
-                r.ip_bias,
-                r.recall_1_at_10,
-                r.recall_10_at_10,
-                r.query_ms
+                r.codec, r.bits_per_value, r.train_seconds, r.encode_seconds, r.rel_mse, r.ip_rmse, r.ip_bias, r.recall_1_at_10, r.recall_10_at_10, r.query_ms
             );
         }
     }

@@ -83,11 +83,7 @@ fn max_id(idx: &AnyIndex) -> Option<u64> {
 }
 
 pub fn parse_ids(s: &str) -> Result<Vec<u64>> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u64>().with_context(|| format!("'{t}' is not an id (unsigned integer)")))
-        .collect()
+    s.split(',').map(str::trim).filter(|t| !t.is_empty()).map(|t| t.parse::<u64>().with_context(|| format!("'{t}' is not an id (unsigned integer)"))).collect()
 }
 
 pub fn remove(index: &Path, ids: &[u64], load: LoadOptions) -> Result<()> {
@@ -168,7 +164,6 @@ pub fn info(index: &Path, json: bool, load: LoadOptions) -> Result<()> {
     }
     Ok(())
 }
-
 
 /// How long a writer waits for another's lock on the index: `$TQ_LOCK_TIMEOUT_MS`, else 10 s.
 fn lock_wait() -> LockWait {

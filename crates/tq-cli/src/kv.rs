@@ -32,13 +32,23 @@ pub fn eval(cfg: &PplConfig<'_>, kv: &KvSpec, json: bool) -> Result<()> {
 }
 
 /// Precisions of `tq kv sweep` by default (and of the report's KV section).
-pub const SWEEP: &str = "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq-mse-4-nc,nvfp4,tq-prod-4,k5v3,k4v3,tq-mse-3.5,tq-mse-3,kivi-2,tq-mse-2.5,tq-mse-2";
+pub const SWEEP: &str =
+    "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq-mse-4-nc,nvfp4,tq-prod-4,k5v3,k4v3,tq-mse-3.5,tq-mse-3,kivi-2,tq-mse-2.5,tq-mse-2";
 
 /// `tq kv sweep`: `tq kv eval` for every precision (optionally with windows),
 /// as a markdown Pareto table (sorted by bits per value) and an SVG of KLD and
 /// ΔPPL against bits per value in `out`. Returns (markdown, rows).
 #[allow(clippy::too_many_arguments)]
-pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[KvSpec], opts: &CacheOptions, seed: u64, out: &Path) -> Result<(String, Vec<serde_json::Value>)> {
+pub fn sweep(
+    text: &str,
+    chars: usize,
+    ctx: usize,
+    chunks: usize,
+    precisions: &[KvSpec],
+    opts: &CacheOptions,
+    seed: u64,
+    out: &Path,
+) -> Result<(String, Vec<serde_json::Value>)> {
     let pb = indicatif::ProgressBar::new(chunks as u64);
     pb.set_style(indicatif::ProgressStyle::with_template("kv sweep [{bar:30}] {pos}/{len} chunks × {msg} ({eta})").unwrap().progress_chars("=> "));
     pb.set_message(format!("{} precisions", precisions.len()));
@@ -74,7 +84,8 @@ pub fn sweep(text: &str, chars: usize, ctx: usize, chunks: usize, precisions: &[
     let mut md = String::new();
     let (sink, recent) = (opts.sink, opts.recent);
     let rf = if opts.recent_q8 { "q8_0" } else { "f32" };
-    let mut win = if sink + recent > 0 { format!(", windows: {sink} f32 sink + {recent} {rf} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
+    let mut win =
+        if sink + recent > 0 { format!(", windows: {sink} f32 sink + {recent} {rf} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
     if opts.center_keys {
         win += ", keys centered (--center-keys)";
     }
@@ -123,7 +134,12 @@ fn plot_sweep(path: &Path, text: &str, rows: &[serde_json::Value]) -> Result<()>
         .filter(|r| r["kv"] != "f32")
         .map(|r| {
             let (ppl, f) = (r["ppl"].as_f64().unwrap_or(f64::NAN), r["ppl_f32"].as_f64().unwrap_or(f64::NAN));
-            (r["bits_per_value"].as_f64().unwrap_or(0.0), r["kld"].as_f64().unwrap_or(0.0).max(1e-6), 100.0 * (ppl / f - 1.0), r["kv"].as_str().unwrap_or("").to_string())
+            (
+                r["bits_per_value"].as_f64().unwrap_or(0.0),
+                r["kld"].as_f64().unwrap_or(0.0).max(1e-6),
+                100.0 * (ppl / f - 1.0),
+                r["kv"].as_str().unwrap_or("").to_string(),
+            )
         })
         .collect();
     let xmax = pts.iter().map(|p| p.0).fold(4.0f64, f64::max) * 1.1;
@@ -199,7 +215,6 @@ pub fn generate(kv: &KvSpec, prompt: &str, max_tokens: usize, raw: bool, opts: &
     );
     Ok(())
 }
-
 
 /// `tq kv bench`: JSON lines on stdout, a summary per context on stderr.
 #[allow(clippy::too_many_arguments)]

@@ -213,7 +213,14 @@ impl Windows {
             }
             (None, None) => None,
         };
-        Ok(tq_kv::CacheOptions { sink: self.sink, recent: self.recent, center_keys: self.center_keys, recent_q8: self.recent_q8, delayed: self.delayed, calibration })
+        Ok(tq_kv::CacheOptions {
+            sink: self.sink,
+            recent: self.recent,
+            center_keys: self.center_keys,
+            recent_q8: self.recent_q8,
+            delayed: self.delayed,
+            calibration,
+        })
     }
 }
 
@@ -523,8 +530,37 @@ enum BenchCmd {
     },
 }
 
+/// Writing into a closed pipe (`tq codecs | head -1`) ends the process the
+/// conventional way (killed by SIGPIPE, status 141 in a shell) instead of a
+/// panic in `println!`: Rust ignores SIGPIPE by default, so restore it.
+#[cfg(unix)]
+fn default_sigpipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13; // Linux and macOS
+    const SIG_DFL: usize = 0;
+    // SAFETY: `signal` is the C library's, called once at start-up before any
+    // thread exists, with a valid signal number and the default disposition.
+    unsafe {
+        signal(SIGPIPE, SIG_DFL);
+    }
+}
+#[cfg(not(unix))]
+fn default_sigpipe() {}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    default_sigpipe();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // a value that does not parse (a KV precision, a metric, ...): one line
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            let msg = e.to_string();
+            eprintln!("{}", msg.lines().next().unwrap_or("error: invalid argument"));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -541,9 +577,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Distortion { codec, dim, n, seed, rotation, json } => distortion(&codec, dim, n, seed, rotation, json),
         Cmd::Encode { codec, input, out, seed, rotation, json } => encode(&codec, &input, &out, seed, rotation, json),
         Cmd::Decode { input, out } => decode(&input, &out),
-        Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, json } } => {
-            bench::encode(&codec, dim, n, rotation, json)
-        }
+        Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, json } } => bench::encode(&codec, dim, n, rotation, json),
         Cmd::Report { out, n, quick, full } => report::run(&out, n, report::Size { quick, full }),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
@@ -578,18 +612,18 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Index { recover_previous_commit, what } => {
             let load = tq_index::file::LoadOptions { recover_previous_commit };
             match what {
-            IndexCmd::Build { data, input, codec, ivf, metric, seed, rotation, raw, out, json } => {
-                let a = tq_data::eval::BuildArgs { codec: &codec, metric, seed, rotation, ivf, raw };
-                index::build(data.as_deref(), input.as_deref(), &a, &out, json)
-            }
-            IndexCmd::Add { index, input, start_id } => index::add(&index, &input, start_id, load),
-            IndexCmd::Remove { index, ids } => index::remove(&index, &index::parse_ids(&ids)?, load),
-            IndexCmd::Search { index, queries, k, nprobe, rerank, exact, allow, raw_rerank, json } => {
-                let a = index::SearchArgs { raw_rerank, k, nprobe, rerank, exact, allow: allow.as_deref(), json };
-                index::search(&index, &queries, &a, load)
-            }
-            IndexCmd::Info { index, json } => index::info(&index, json, load),
-            IndexCmd::Check { index, json } => index::check(&index, json),
+                IndexCmd::Build { data, input, codec, ivf, metric, seed, rotation, raw, out, json } => {
+                    let a = tq_data::eval::BuildArgs { codec: &codec, metric, seed, rotation, ivf, raw };
+                    index::build(data.as_deref(), input.as_deref(), &a, &out, json)
+                }
+                IndexCmd::Add { index, input, start_id } => index::add(&index, &input, start_id, load),
+                IndexCmd::Remove { index, ids } => index::remove(&index, &index::parse_ids(&ids)?, load),
+                IndexCmd::Search { index, queries, k, nprobe, rerank, exact, allow, raw_rerank, json } => {
+                    let a = index::SearchArgs { raw_rerank, k, nprobe, rerank, exact, allow: allow.as_deref(), json };
+                    index::search(&index, &queries, &a, load)
+                }
+                IndexCmd::Info { index, json } => index::info(&index, json, load),
+                IndexCmd::Check { index, json } => index::check(&index, json),
             }
         }
         Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, out } } => {
@@ -664,10 +698,7 @@ fn vram(model: &str, weights: Weights, context: usize, kv: &[KvSpec], json: bool
         println!("{} ({} weights), {} tokens of context; GB = 10^9 bytes; cards of 24 GB", m.name, wname, context);
         println!("{:<12} {:>9} {:>10} {:>9} {:>9} {:>6}", "kv", "bits/val", "weights", "KV", "total", "cards");
         for p in &plans {
-            println!(
-                "{:<12} {:>9.3} {:>8.1}GB {:>7.1}GB {:>7.1}GB {:>6}",
-                p.kv, p.kv_bits_per_value, p.weights_gb, p.kv_gb, p.total_gb, p.cards_24gb
-            );
+            println!("{:<12} {:>9.3} {:>8.1}GB {:>7.1}GB {:>7.1}GB {:>6}", p.kv, p.kv_bits_per_value, p.weights_gb, p.kv_gb, p.total_gb, p.cards_24gb);
         }
     }
     Ok(())
@@ -697,7 +728,8 @@ fn embed_bar(quiet: bool) -> indicatif::ProgressBar {
 fn data_list(json: bool) -> Result<()> {
     let rows = tq_data::datasets::status();
     if json {
-        let v: Vec<_> = rows.iter().map(|r| json!({"name": r.name, "description": r.description, "cached": r.cached, "path": r.path.display().to_string()})).collect();
+        let v: Vec<_> =
+            rows.iter().map(|r| json!({"name": r.name, "description": r.description, "cached": r.cached, "path": r.path.display().to_string()})).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         for r in &rows {
@@ -729,15 +761,7 @@ fn codecs(dim: usize, json: bool) -> Result<()> {
         println!("{:<4} {:<16} {:>10} {:>10}  {:<40} description", "id", "name", "bits/val", "bytes", "code size (bytes)");
         println!("{:<4} {:<16} {:>10} {:>10}", "", "", format!("@d={dim}"), format!("@d={dim}"));
         for e in registry() {
-            println!(
-                "{:<4} {:<16} {:>10.4} {:>10}  {:<40} {}",
-                e.id,
-                e.name,
-                e.bits_per_value(dim),
-                e.code_size(dim),
-                e.code_size_formula(),
-                e.description()
-            );
+            println!("{:<4} {:<16} {:>10.4} {:>10}  {:<40} {}", e.id, e.name, e.bits_per_value(dim), e.code_size(dim), e.code_size_formula(), e.description());
         }
         println!("\nmatrix codecs (tokens × channels; `tq eval matrix`; vector codecs also apply row by row):");
         for e in tq_core::matrix::matrix_registry() {
@@ -778,10 +802,7 @@ fn distortion(name: &str, dim: usize, n: usize, seed: u64, rot: RotationKind, js
         println!("  d_mse  = {:.6} ± {:.6}   theory {:.6}", s.d_mse, s.d_mse_stderr, t.d_mse);
         println!("  d_prod·dim = {:.5} ± {:.5}   theory {:.5}", s.d_prod * dim as f64, s.d_prod_stderr * dim as f64, t.d_prod * dim as f64);
         println!("  ip_bias = {:+.6} ± {:.6} (independent q)", s.ip_bias, s.ip_bias_stderr);
-        println!(
-            "  planted q (ρ={}): bias {:+.6} ± {:.6}, gain {:.5} (theory {:.5})",
-            s.rho, s.ip_bias_rho, s.ip_bias_rho_stderr, s.ip_gain, t.ip_gain
-        );
+        println!("  planted q (ρ={}): bias {:+.6} ± {:.6}, gain {:.5} (theory {:.5})", s.rho, s.ip_bias_rho, s.ip_bias_rho_stderr, s.ip_gain, t.ip_gain);
     }
     Ok(())
 }
@@ -799,16 +820,8 @@ fn encode(name: &str, input: &Path, out: &Path, seed: u64, rot: RotationKind, js
     let t = std::time::Instant::now();
     codec.encode_batch(&m.data, &mut codes)?;
     let secs = t.elapsed().as_secs_f64();
-    let file = CodeFile {
-        codec_name: name.to_string(),
-        rotation: rot,
-        dim: m.cols,
-        count: m.rows,
-        seed,
-        code_size: codec.code_size(),
-        params: codec.params(),
-        codes,
-    };
+    let file =
+        CodeFile { codec_name: name.to_string(), rotation: rot, dim: m.cols, count: m.rows, seed, code_size: codec.code_size(), params: codec.params(), codes };
     let bytes = tq_data::tqc::tqc_bytes(&file)?;
     tq_io::write_atomic(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
     let info = json!({
@@ -821,7 +834,13 @@ fn encode(name: &str, input: &Path, out: &Path, seed: u64, rot: RotationKind, js
     } else {
         eprintln!(
             "encoded {} × {} with {} into {} ({} bytes, {:.3} bits/value, {:.3} s)",
-            m.rows, m.cols, name, out.display(), bytes.len(), codec.bits_per_value(), secs
+            m.rows,
+            m.cols,
+            name,
+            out.display(),
+            bytes.len(),
+            codec.bits_per_value(),
+            secs
         );
     }
     Ok(())

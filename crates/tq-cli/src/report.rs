@@ -47,27 +47,51 @@ pub struct Size {
 impl Size {
     /// Base vectors of the search and side-by-side sections.
     fn base(self) -> usize {
-        if self.full { 100_000 } else { 20_000 }
+        if self.full {
+            100_000
+        } else {
+            20_000
+        }
     }
     /// Queries of the search section.
     fn search_queries(self) -> usize {
-        if self.full { 1000 } else { 200 }
+        if self.full {
+            1000
+        } else {
+            200
+        }
     }
     /// Queries of the side-by-side section.
     fn eval_queries(self) -> usize {
-        if self.full { EVAL_QUERIES } else { 100 }
+        if self.full {
+            EVAL_QUERIES
+        } else {
+            100
+        }
     }
     /// Chunks of 512 tokens per KV sweep.
     fn kv_chunks(self) -> usize {
-        if self.full { 4 } else { 1 }
+        if self.full {
+            4
+        } else {
+            1
+        }
     }
     /// Chunks of 512 tokens of Shakespeare for the key calibration.
     fn calib_chunks(self) -> usize {
-        if self.full { 16 } else { 4 }
+        if self.full {
+            16
+        } else {
+            4
+        }
     }
     /// Rows of the embedding matrix for the matrix codecs.
     fn matrix_rows(self) -> usize {
-        if self.full { 16_384 } else { 4096 }
+        if self.full {
+            16_384
+        } else {
+            4096
+        }
     }
 }
 
@@ -89,11 +113,7 @@ pub fn run(out: &Path, n: Option<usize>, size: Size) -> Result<()> {
     }
     let total: usize = tasks.iter().map(|t| t.3).sum();
     let pb = indicatif::ProgressBar::new(total as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("distortion {msg:28} [{bar:40}] {pos}/{len} vectors ({eta})")
-            .unwrap()
-            .progress_chars("=> "),
-    );
+    pb.set_style(indicatif::ProgressStyle::with_template("distortion {msg:28} [{bar:40}] {pos}/{len} vectors ({eta})").unwrap().progress_chars("=> "));
     let mut rows = Vec::new();
     for (entry, dim, rotation, tn) in tasks {
         pb.set_message(format!("{} d={} {}", entry.name, dim, rotation.name()));
@@ -240,10 +260,7 @@ fn markdown(dims: &[usize], rows: &[Row], n: usize) -> String {
     let _ = writeln!(s, "Regenerate with `cargo run --release -p tq-cli -- report`.\n");
     for &dim in dims {
         let _ = writeln!(s, "## d = {dim}\n\n![distortion vs bits, d = {dim}](distortion_d{dim}.svg)\n");
-        let _ = writeln!(
-            s,
-            "| codec | bits/value | n | d_mse | theory | Δ% | lower 4^−b | upper | d_prod·d | theory | planted bias | gain | theory |"
-        );
+        let _ = writeln!(s, "| codec | bits/value | n | d_mse | theory | Δ% | lower 4^−b | upper | d_prod·d | theory | planted bias | gain | theory |");
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for r in rows.iter().filter(|r| r.dim == dim && r.rotation == RotationKind::Hadamard) {
             let (lo, hi) = mse_bounds(r.entry.nominal_bits());
@@ -354,12 +371,7 @@ fn plot(out: &Path, dim: usize, rows: &[Row]) -> Result<()> {
         .y_label_area_size(70)
         .build_cartesian_2d(0.8f64..8.2f64, (1e-6f64..3.0f64).log_scale())
         .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("bits per coordinate (nominal)")
-        .y_desc("E‖x − x̂‖² (log)")
-        .draw()
-        .map_err(|e| anyhow::anyhow!("plot: {e}"))?;
+    chart.configure_mesh().x_desc("bits per coordinate (nominal)").y_desc("E‖x − x̂‖² (log)").draw().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     let bits: Vec<f64> = (1..=8).map(|b| b as f64).collect();
     let lower: Vec<(f64, f64)> = bits.iter().map(|&b| (b, mse_bounds(b).0)).collect();
     let upper: Vec<(f64, f64)> = bits.iter().map(|&b| (b, mse_bounds(b).1)).collect();
@@ -396,13 +408,7 @@ fn plot(out: &Path, dim: usize, rows: &[Row]) -> Result<()> {
         .map_err(err)?
         .label("tq-prod measured (decoded vector)")
         .legend(|(x, y)| TriangleMarker::new((x + 10, y), 6, GREEN.filled()));
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
-        .draw()
-        .map_err(err)?;
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().map_err(err)?;
     root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
 }
@@ -459,8 +465,7 @@ fn search_section(out: &Path, data: &str, size: Size) -> Result<(String, serde_j
          in the same run. Fast-scan codecs (tq-mse 1/2/4 bits, rabitq 1/2/4) re-score 10 candidates per result \
          exactly; tq-prod and PQ are scored exactly from their codes (fewer queries). Single runs on a shared \
          2-core VM: timings vary by about ±30%.\n",
-        base.rows,
-        base.cols
+        base.rows, base.cols
     );
     let _ = writeln!(s, "![recall vs query time](search_{data}.svg)\n");
     let _ = writeln!(s, "| index | bytes/vector | build s (1 thread) | query ms | exact f32 ms | speed-up | recall 10@10 | recall 1@10 |");
@@ -538,9 +543,7 @@ fn plot_search(out: &Path, data: &str, rows: &[serde_json::Value]) -> Result<()>
         .map_err(err)?;
     chart.configure_mesh().x_desc("ms per query (log)").y_desc("recall 10@10").draw().map_err(err)?;
     chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 5, BLUE.filled()))).map_err(err)?;
-    chart
-        .draw_series(pts.iter().map(|p| Text::new(p.2.clone(), (p.0 * 1.05, p.1 + 0.015), ("sans-serif", 12))))
-        .map_err(err)?;
+    chart.draw_series(pts.iter().map(|p| Text::new(p.2.clone(), (p.0 * 1.05, p.1 + 0.015), ("sans-serif", 12)))).map_err(err)?;
     root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
     Ok(())
 }
@@ -555,10 +558,28 @@ fn section_bar(n: usize, what: &str) -> indicatif::ProgressBar {
 
 /// Codecs of the report's side-by-side evaluation, grouped by bit class.
 const EVAL_CODECS: &[&str] = &[
-    "tq-mse-1", "tq-mse-1-nc", "rabitq-1", "pq-1",
-    "tq-mse-2", "tq-mse-2-nc", "rabitq-2", "pq-2",
-    "tq-mse-3", "tq-mse-3-nc", "tq-mse-3.5", "rabitq-3",
-    "tq-mse-4", "tq-mse-4-nc", "tq-prod-4", "rabitq-4", "pq-4", "q4_0", "q4_0-rot", "mxfp4", "nvfp4", "polar-4",
+    "tq-mse-1",
+    "tq-mse-1-nc",
+    "rabitq-1",
+    "pq-1",
+    "tq-mse-2",
+    "tq-mse-2-nc",
+    "rabitq-2",
+    "pq-2",
+    "tq-mse-3",
+    "tq-mse-3-nc",
+    "tq-mse-3.5",
+    "rabitq-3",
+    "tq-mse-4",
+    "tq-mse-4-nc",
+    "tq-prod-4",
+    "rabitq-4",
+    "pq-4",
+    "q4_0",
+    "q4_0-rot",
+    "mxfp4",
+    "nvfp4",
+    "polar-4",
     "q8_0-rot",
 ];
 const EVAL_QUERIES: usize = 300;
@@ -578,9 +599,7 @@ fn eval_section(out: &Path, data: &str, size: Size) -> Result<(String, serde_jso
          by each codec's own estimator over all codes (exact scorer, no fast-scan); rel MSE = mean ‖x − x̂‖²/‖x‖² of \
          `decode` (for tq-prod and RaBitQ the decoded vector is the estimator's, not the MSE-optimal one). \
          bits/value include every per-vector overhead; PQ's codebooks (1 KiB per dimension) are per collection.\n",
-        base.rows,
-        base.cols,
-        queries.rows
+        base.rows, base.cols, queries.rows
     );
     let _ = writeln!(s, "![recall vs bits](eval_{data}_recall.svg) ![rel MSE vs bits](eval_{data}_mse.svg)\n");
     let _ = writeln!(s, "| codec | bits/value | train s | encode s | rel MSE | ip rmse | ip bias | recall 1@10 | recall 10@10 | scan ms |");

@@ -66,13 +66,7 @@ pub fn train_on_unit_vectors(codec: &mut dyn Codec, n: usize, seed: u64) -> crat
 
 /// Measures distortion of `codec` on `n` random unit vectors (seeded, deterministic).
 /// `progress` is called with the number of vectors done so far (from worker threads).
-pub fn measure_distortion(
-    codec: &dyn Codec,
-    n: usize,
-    seed: u64,
-    rho: f64,
-    progress: &(dyn Fn(usize) + Sync),
-) -> crate::Result<DistortionStats> {
+pub fn measure_distortion(codec: &dyn Codec, n: usize, seed: u64, rho: f64, progress: &(dyn Fn(usize) + Sync)) -> crate::Result<DistortionStats> {
     codec.check_trained()?;
     let dim = codec.dim();
     let rows: Vec<[f64; 4]> = (0..n)
@@ -148,11 +142,7 @@ pub fn theory(entry: &CodecEntry, dim: usize) -> Theory {
             // ⟨q, x̂⟩ − ⟨q, u⟩ = ⟨q, c − y⟩ in the rotated domain; for independent q
             // E⟨q, e⟩² = E‖e‖²/d, and the norm-corrected scale adds the factor's spread
             // (no closed form: measured only).
-            Theory {
-                d_mse: if nc { f64::NAN } else { dm },
-                d_prod: if nc { f64::NAN } else { dm / d },
-                ip_gain: if nc { 1.0 } else { 1.0 - dm },
-            }
+            Theory { d_mse: if nc { f64::NAN } else { dm }, d_prod: if nc { f64::NAN } else { dm / d }, ip_gain: if nc { 1.0 } else { 1.0 - dm } }
         }
         CodecKind::Prod { bits, orth } => {
             // est = ⟨Πq, c⟩ + γκ⟨Sq, s⟩ with κ = 1/(d m1), rows of S unit vectors.
@@ -161,11 +151,7 @@ pub fn theory(entry: &CodecEntry, dim: usize) -> Theory {
             let g2 = if bits >= 2 { mse_theory(dim, bits - 1) } else { 1.0 };
             let m1 = SphereCoordinate::new(dim).mean_abs();
             let a = 1.0 / (d * d * m1 * m1);
-            let (d_prod, d_mse) = if orth {
-                (g2 * (a - 1.0 / d), g2 * (d * a - 1.0))
-            } else {
-                (g2 * (a - 1.0 / (d * d)), g2 * (d * a - 1.0 / d))
-            };
+            let (d_prod, d_mse) = if orth { (g2 * (a - 1.0 / d), g2 * (d * a - 1.0)) } else { (g2 * (a - 1.0 / (d * d)), g2 * (d * a - 1.0 / d)) };
             Theory { d_mse, d_prod, ip_gain: 1.0 }
         }
         CodecKind::Fractional { hi, lo } => {

@@ -52,10 +52,7 @@ impl FastScanCodes {
         let mut s = Self::new(m)?;
         let want = n.div_ceil(BLOCK) * s.block_bytes();
         if data.len() != want {
-            return Err(TqError::BadParams(format!(
-                "fast-scan data of {} bytes does not hold {n} codes of {m} sub-codes ({want} bytes)",
-                data.len()
-            )));
+            return Err(TqError::BadParams(format!("fast-scan data of {} bytes does not hold {n} codes of {m} sub-codes ({want} bytes)", data.len())));
         }
         s.n = n;
         s.data = data;
@@ -183,17 +180,9 @@ impl QuantizedLut {
         // largest entry so that a 16-bit lane summing m/2 entries cannot overflow
         let qmax = (65535 / (m / 2)).min(255) as f32;
         let mins: Vec<f32> = lut.chunks_exact(16).map(|t| t.iter().copied().fold(f32::INFINITY, f32::min)).collect();
-        let range = lut
-            .chunks_exact(16)
-            .zip(&mins)
-            .map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max))
-            .fold(0.0f32, f32::max);
+        let range = lut.chunks_exact(16).zip(&mins).map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max)).fold(0.0f32, f32::max);
         let delta = if range > 0.0 { range / qmax } else { 1.0 };
-        let tables = lut
-            .chunks_exact(16)
-            .zip(&mins)
-            .flat_map(|(t, &lo)| t.iter().map(move |&v| ((v - lo) / delta).round().clamp(0.0, qmax) as u8))
-            .collect();
+        let tables = lut.chunks_exact(16).zip(&mins).flat_map(|(t, &lo)| t.iter().map(move |&v| ((v - lo) / delta).round().clamp(0.0, qmax) as u8)).collect();
         let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
         Self { m, tables, delta, bias }
     }

@@ -19,7 +19,7 @@ pub mod limits;
 pub mod matrix;
 pub mod registry;
 
-pub use codec::{Codec, CodebookView, PreparedQuery};
-pub use registry::{build, lookup, registry, CodecEntry, CodecKind};
+pub use codec::{CodebookView, Codec, PreparedQuery};
 pub use geometry::KvGeometry;
+pub use registry::{build, lookup, registry, CodecEntry, CodecKind};
 pub use rotation::RotationKind;

@@ -42,12 +42,7 @@ pub fn dense_bytes(dim: usize) -> u128 {
 /// Refuses `dim > MAX_DIM`, naming `field`.
 pub fn check_dim(field: &'static str, dim: usize) -> Result<()> {
     if dim > MAX_DIM {
-        return Err(TqError::LimitExceeded {
-            field,
-            value: dim,
-            limit: MAX_DIM,
-            hint: String::new(),
-        });
+        return Err(TqError::LimitExceeded { field, value: dim, limit: MAX_DIM, hint: String::new() });
     }
     Ok(())
 }

@@ -151,7 +151,11 @@ pub fn matrix_registry() -> &'static [MatrixEntry] {
             });
         }
         for b in 2..=8u16 {
-            v.push(MatrixEntry { id: 63 + b, name: format!("qet-{b}"), description: "baseline QET: 3-layer pair reordering (1.5 bits) + PQ + residual PQ (70/30)" });
+            v.push(MatrixEntry {
+                id: 63 + b,
+                name: format!("qet-{b}"),
+                description: "baseline QET: 3-layer pair reordering (1.5 bits) + PQ + residual PQ (70/30)",
+            });
         }
         for b in 2..=8u16 {
             v.push(MatrixEntry { id: 70 + b, name: format!("qet-{b}-nores"), description: "QET without the residual stage" });

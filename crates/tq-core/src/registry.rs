@@ -44,10 +44,7 @@ pub enum CodecKind {
 impl CodecKind {
     /// One of the TurboQuant codecs (as opposed to a baseline).
     pub fn is_turboquant(&self) -> bool {
-        matches!(
-            self,
-            CodecKind::Mse { .. } | CodecKind::Prod { .. } | CodecKind::Fractional { .. }
-        )
+        matches!(self, CodecKind::Mse { .. } | CodecKind::Prod { .. } | CodecKind::Fractional { .. })
     }
 
     /// The family, without its parameters.
@@ -117,18 +114,9 @@ pub struct Caps {
     pub kv: Option<KvScale>,
 }
 
-const ONLINE: Caps = Caps {
-    online: true,
-    trainable: false,
-    needs_training: false,
-    codebook: false,
-    fastscan: false,
-    gpu: false,
-    kv: None,
-};
+const ONLINE: Caps = Caps { online: true, trainable: false, needs_training: false, codebook: false, fastscan: false, gpu: false, kv: None };
 
-type Builder =
-    dyn Fn(&CodecEntry, usize, u64, RotationKind, &[u8]) -> Result<Box<dyn Codec>> + Send + Sync;
+type Builder = dyn Fn(&CodecEntry, usize, u64, RotationKind, &[u8]) -> Result<Box<dyn Codec>> + Send + Sync;
 type SizeFn = dyn Fn(usize) -> usize + Send + Sync;
 
 #[derive(Clone)]
@@ -154,12 +142,7 @@ pub struct CodecEntry {
 
 impl fmt::Debug for CodecEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CodecEntry")
-            .field("id", &self.id)
-            .field("name", &self.name)
-            .field("kind", &self.kind)
-            .field("caps", &self.caps)
-            .finish_non_exhaustive()
+        f.debug_struct("CodecEntry").field("id", &self.id).field("name", &self.name).field("kind", &self.kind).field("caps", &self.caps).finish_non_exhaustive()
     }
 }
 
@@ -194,13 +177,7 @@ impl CodecEntry {
     }
 
     /// Builds the codec; `params` are the stored parameters (empty for defaults).
-    pub fn build(
-        &self,
-        dim: usize,
-        seed: u64,
-        rotation: RotationKind,
-        params: &[u8],
-    ) -> Result<Box<dyn Codec>> {
+    pub fn build(&self, dim: usize, seed: u64, rotation: RotationKind, params: &[u8]) -> Result<Box<dyn Codec>> {
         crate::limits::check_dim("dim", dim)?;
         if dim < self.min_dim() {
             return Err(TqError::BadDim(dim, self.min_dim()));
@@ -213,11 +190,7 @@ impl CodecEntry {
         if params.is_empty() {
             Ok(())
         } else {
-            Err(TqError::BadParams(format!(
-                "{} takes no parameters, got {} bytes",
-                self.name,
-                params.len()
-            )))
+            Err(TqError::BadParams(format!("{} takes no parameters, got {} bytes", self.name, params.len())))
         }
     }
 }
@@ -234,10 +207,7 @@ fn entry(
     formula: String,
     nominal: f64,
     size: impl Fn(usize) -> usize + Send + Sync + 'static,
-    builder: impl Fn(&CodecEntry, usize, u64, RotationKind, &[u8]) -> Result<Box<dyn Codec>>
-        + Send
-        + Sync
-        + 'static,
+    builder: impl Fn(&CodecEntry, usize, u64, RotationKind, &[u8]) -> Result<Box<dyn Codec>> + Send + Sync + 'static,
 ) -> CodecEntry {
     CodecEntry {
         id,
@@ -259,13 +229,7 @@ fn entry(
 // ---- one function per family ----
 
 fn mse(id: u16, bits: u32, nc: bool) -> CodecEntry {
-    let caps = Caps {
-        codebook: true,
-        fastscan: matches!(bits, 1 | 2 | 4),
-        gpu: (2..=4).contains(&bits),
-        kv: Some(KvScale::Bf16),
-        ..ONLINE
-    };
+    let caps = Caps { codebook: true, fastscan: matches!(bits, 1 | 2 | 4), gpu: (2..=4).contains(&bits), kv: Some(KvScale::Bf16), ..ONLINE };
     let description = if nc {
         "TurboQuant_mse with norm correction ‖x‖/⟨u,û⟩ (unbiased ⟨q,x̂⟩)"
     } else {
@@ -292,25 +256,16 @@ fn prod(id: u16, bits: u32, orth: bool) -> CodecEntry {
     let description = match (bits, orth) {
         (1, false) => "QJL: 1-bit sign sketch (Gaussian S) + f32 norm (unbiased)",
         (1, true) => "QJL with an orthogonal projection (lower variance, unbiased)",
-        (_, false) => {
-            "TurboQuant_prod (Alg. 2): (b-1)-bit mse + 1-bit QJL (Gaussian S) of the residual"
-        }
+        (_, false) => "TurboQuant_prod (Alg. 2): (b-1)-bit mse + 1-bit QJL (Gaussian S) of the residual",
         (_, true) => "TurboQuant_prod with an orthogonal QJL projection",
     };
-    let formula = if bits == 1 {
-        "ceil(dim/8) + 4".to_string()
-    } else {
-        format!("ceil({}·dim/8) + ceil(dim/8) + 8", bits - 1)
-    };
+    let formula = if bits == 1 { "ceil(dim/8) + 4".to_string() } else { format!("ceil({}·dim/8) + ceil(dim/8) + 8", bits - 1) };
     entry(
         id,
         format!("tq-prod-{bits}{}", if orth { "-orth" } else { "" }),
         CodecKind::Prod { bits, orth },
         Some(bits),
-        Caps {
-            kv: Some(KvScale::InCode),
-            ..ONLINE
-        },
+        Caps { kv: Some(KvScale::InCode), ..ONLINE },
         description,
         formula,
         bits as f64,
@@ -323,12 +278,7 @@ fn prod(id: u16, bits: u32, orth: bool) -> CodecEntry {
 }
 
 fn fractional(id: u16, name: &str, hi: u32, lo: u32) -> CodecEntry {
-    let caps = Caps {
-        online: false,
-        trainable: true,
-        kv: Some(KvScale::InCode),
-        ..ONLINE
-    };
+    let caps = Caps { online: false, trainable: true, kv: Some(KvScale::InCode), ..ONLINE };
     let mut e = entry(
         id,
         name.to_string(),
@@ -341,11 +291,7 @@ fn fractional(id: u16, name: &str, hi: u32, lo: u32) -> CodecEntry {
         move |dim| packed_len(dim / 2, hi) + packed_len(dim - dim / 2, lo) + 8,
         move |e, dim, seed, rot, params| {
             let c = TurboQuantFractional::new(&e.name, dim, hi, lo, seed, rot)?;
-            Ok(Box::new(if params.is_empty() {
-                c
-            } else {
-                c.with_params(params)?
-            }))
+            Ok(Box::new(if params.is_empty() { c } else { c.with_params(params)? }))
         },
     );
     e.min_dim = 4;
@@ -363,11 +309,7 @@ fn rabitq(id: u16, bits: u32) -> CodecEntry {
         format!("rabitq-{bits}"),
         CodecKind::RaBitQ { bits },
         Some(bits),
-        Caps {
-            trainable: true,
-            fastscan: matches!(bits, 1 | 2 | 4),
-            ..ONLINE
-        },
+        Caps { trainable: true, fastscan: matches!(bits, 1 | 2 | 4), ..ONLINE },
         description,
         format!("ceil({bits}·dim/8) + 8"),
         bits as f64,
@@ -382,12 +324,7 @@ fn pq(id: u16, bits: u32) -> CodecEntry {
         format!("pq-{bits}"),
         CodecKind::Pq { bits },
         Some(bits),
-        Caps {
-            online: false,
-            trainable: true,
-            needs_training: true,
-            ..ONLINE
-        },
+        Caps { online: false, trainable: true, needs_training: true, ..ONLINE },
         "baseline PQ: k-means codebooks, 8-bit sub-codes, ADC tables (needs training)",
         format!("round({bits}·dim/8) (+ 1 KiB·dim codebooks per collection)"),
         bits as f64,
@@ -398,37 +335,17 @@ fn pq(id: u16, bits: u32) -> CodecEntry {
 
 fn ggml(id: u16, name: &str, t: GgmlType, rot: bool) -> CodecEntry {
     let (bits, description, formula) = match (t, rot) {
-        (GgmlType::Q8_0, false) => (
-            8,
-            "baseline llama.cpp q8_0: blocks of 32 int8, f16 scale",
-            "34·ceil(dim/32)",
-        ),
-        (GgmlType::Q4_0, false) => (
-            4,
-            "baseline llama.cpp q4_0: blocks of 32 4-bit, f16 scale",
-            "18·ceil(dim/32)",
-        ),
-        (GgmlType::Q8_0, true) => (
-            8,
-            "baseline llama.cpp block format after a Hadamard rotation",
-            "34·ceil(dim/32)",
-        ),
-        (GgmlType::Q4_0, true) => (
-            4,
-            "baseline llama.cpp block format after a Hadamard rotation",
-            "18·ceil(dim/32)",
-        ),
+        (GgmlType::Q8_0, false) => (8, "baseline llama.cpp q8_0: blocks of 32 int8, f16 scale", "34·ceil(dim/32)"),
+        (GgmlType::Q4_0, false) => (4, "baseline llama.cpp q4_0: blocks of 32 4-bit, f16 scale", "18·ceil(dim/32)"),
+        (GgmlType::Q8_0, true) => (8, "baseline llama.cpp block format after a Hadamard rotation", "34·ceil(dim/32)"),
+        (GgmlType::Q4_0, true) => (4, "baseline llama.cpp block format after a Hadamard rotation", "18·ceil(dim/32)"),
     };
     entry(
         id,
         name.to_string(),
         CodecKind::Ggml { t, rot },
         Some(bits),
-        Caps {
-            gpu: !rot,
-            kv: Some(KvScale::InCode),
-            ..ONLINE
-        },
+        Caps { gpu: !rot, kv: Some(KvScale::InCode), ..ONLINE },
         description,
         formula.to_string(),
         bits as f64,
@@ -442,24 +359,15 @@ fn ggml(id: u16, name: &str, t: GgmlType, rot: bool) -> CodecEntry {
 
 fn fp4(id: u16, name: &str, kind: Fp4Kind) -> CodecEntry {
     let (description, formula) = match kind {
-        Fp4Kind::Mx => (
-            "baseline MXFP4: E2M1, blocks of 32, E8M0 scale",
-            "17·ceil(dim/32)",
-        ),
-        Fp4Kind::Nv => (
-            "baseline NVFP4: E2M1, blocks of 16, E4M3 scale, f32 vector scale",
-            "9·ceil(dim/16) + 4",
-        ),
+        Fp4Kind::Mx => ("baseline MXFP4: E2M1, blocks of 32, E8M0 scale", "17·ceil(dim/32)"),
+        Fp4Kind::Nv => ("baseline NVFP4: E2M1, blocks of 16, E4M3 scale, f32 vector scale", "9·ceil(dim/16) + 4"),
     };
     entry(
         id,
         name.to_string(),
         CodecKind::Fp4 { kind },
         Some(4),
-        Caps {
-            kv: Some(KvScale::InCode),
-            ..ONLINE
-        },
+        Caps { kv: Some(KvScale::InCode), ..ONLINE },
         description,
         formula.to_string(),
         4.0,
@@ -544,20 +452,14 @@ pub fn lookup(name: &str) -> Result<&'static CodecEntry> {
     // A well-formed TurboQuant name with an unsupported bit width gets the more precise error.
     for prefix in ["tq-mse-", "tq-prod-", "rabitq-", "pq-", "polar-"] {
         if let Some(rest) = name.strip_prefix(prefix) {
-            let num = rest
-                .strip_suffix("-nc")
-                .or_else(|| rest.strip_suffix("-orth"))
-                .unwrap_or(rest);
+            let num = rest.strip_suffix("-nc").or_else(|| rest.strip_suffix("-orth")).unwrap_or(rest);
             if let Ok(b) = num.parse::<u32>() {
                 return Err(TqError::UnsupportedBits(b));
             }
         }
     }
     let known: Vec<&str> = registry().iter().map(|e| e.name.as_str()).collect();
-    Err(TqError::UnknownCodec {
-        name: name.to_string(),
-        known: known.join(", "),
-    })
+    Err(TqError::UnknownCodec { name: name.to_string(), known: known.join(", ") })
 }
 
 pub fn by_id(id: u16) -> Option<&'static CodecEntry> {

@@ -87,9 +87,7 @@ impl Hadamard {
         let block = if dim.is_power_of_two() { dim } else { dim.next_power_of_two() / 2 };
         let rounds = if dim.is_power_of_two() && dim >= 64 { 2 } else { 3 };
         let mut rng = Xoshiro256::new(seed);
-        let signs = (0..rounds)
-            .map(|_| (0..dim).map(|_| if rng.next_u64() >> 63 == 1 { 0x8000_0000 } else { 0 }).collect())
-            .collect();
+        let signs = (0..rounds).map(|_| (0..dim).map(|_| if rng.next_u64() >> 63 == 1 { 0x8000_0000 } else { 0 }).collect()).collect();
         let perms = if dim == block {
             Vec::new()
         } else {

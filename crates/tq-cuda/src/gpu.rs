@@ -16,9 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute_enum};
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::CompileOptions;
 
 use crate::{AttnShape, Error, Result, SideKind, SideSpec};
@@ -97,21 +95,15 @@ impl Gpu {
         // on the loader path, running its initialisers; no symbol is called.
         // Loading it is what every later cudarc call does anyway.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::NoDevice(
-                "libcuda (the NVIDIA driver) was not found".into(),
-            ));
+            return Err(Error::NoDevice("libcuda (the NVIDIA driver) was not found".into()));
         }
         // SAFETY: as above, for `libnvrtc`.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            return Err(Error::NoDevice(
-                "libnvrtc (the CUDA runtime compiler) was not found".into(),
-            ));
+            return Err(Error::NoDevice("libnvrtc (the CUDA runtime compiler) was not found".into()));
         }
         let n = CudaContext::device_count().map_err(|e| Error::NoDevice(e.to_string()))?;
         if ordinal >= n.max(0) as usize {
-            return Err(Error::NoDevice(format!(
-                "device {ordinal} requested, {n} present"
-            )));
+            return Err(Error::NoDevice(format!("device {ordinal} requested, {n} present")));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoDevice(e.to_string()))?;
         // Launch arguments here are never shared across streams: skip cudarc's
@@ -124,18 +116,9 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let (major, minor) = cu(ctx.compute_capability())?;
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
-        let sms = cu(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))?
-            as usize;
+        let sms = cu(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))? as usize;
         let stream = ctx.default_stream();
-        Ok(Self {
-            ctx,
-            stream,
-            arch,
-            sms,
-            modules: Mutex::new(HashMap::new()),
-            simt: AtomicBool::new(false),
-            splits: AtomicUsize::new(0),
-        })
+        Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false), splits: AtomicUsize::new(0) })
     }
 
     /// The device's name (as the driver reports it).
@@ -178,16 +161,8 @@ impl Gpu {
 
     fn rot(&self, side: &SideSpec) -> Result<Rot> {
         match side.hadamard() {
-            Some((s1, s2, total)) => Ok(Rot {
-                s1: self.upload(s1)?,
-                s2: self.upload(s2)?,
-                total,
-            }),
-            None => Ok(Rot {
-                s1: self.upload(&[0u32])?,
-                s2: self.upload(&[0u32])?,
-                total: 1.0,
-            }),
+            Some((s1, s2, total)) => Ok(Rot { s1: self.upload(s1)?, s2: self.upload(s2)?, total }),
+            None => Ok(Rot { s1: self.upload(&[0u32])?, s2: self.upload(&[0u32])?, total: 1.0 }),
         }
     }
 
@@ -203,10 +178,7 @@ impl Gpu {
     pub fn encode(&self, side: &SideSpec, xs: &[f32]) -> Result<Vec<u8>> {
         let d = side.head_dim;
         let SideKind::Tq { bits, nc } = side.kind else {
-            return Err(Error::Unsupported(format!(
-                "GPU encode takes tq-mse-B sides, not {}",
-                side.name
-            )));
+            return Err(Error::Unsupported(format!("GPU encode takes tq-mse-B sides, not {}", side.name)));
         };
         tq_core::codec::check_vectors(xs, d)?;
         let n = xs.len() / d;
@@ -222,21 +194,9 @@ impl Gpu {
         let mut scales = cu(self.stream.alloc_zeros::<f32>(n))?;
         let (n32, bits32, nc32) = (n as i32, bits as i32, nc as i32);
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&x)
-            .arg(&n32)
-            .arg(&s1)
-            .arg(&s2)
-            .arg(&total)
-            .arg(&bounds)
-            .arg(&cent)
-            .arg(&bits32)
-            .arg(&nc32);
+        b.arg(&x).arg(&n32).arg(&s1).arg(&s2).arg(&total).arg(&bounds).arg(&cent).arg(&bits32).arg(&nc32);
         b.arg(&mut codes).arg(&mut scales);
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (d as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: the arguments are `tq_encode`'s parameters in order and type
         // (xs, n, s1, s2, total, boundaries, centroids, bits, nc, codes, scales);
         // block i < n encodes x[i·D..][..D] into codes[i·pb..][..pb] and
@@ -248,20 +208,11 @@ impl Gpu {
         Ok(crate::join_tq_codes(d, bits, &codes, &scales))
     }
 
-    fn device_kv(
-        &self,
-        shape: &AttnShape,
-        k: &SideSpec,
-        v: &SideSpec,
-        copies: usize,
-    ) -> Result<DeviceKv> {
+    fn device_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, copies: usize) -> Result<DeviceKv> {
         shape.check()?;
         let d = shape.heads.head_dim;
         if k.head_dim != d || v.head_dim != d {
-            return Err(Error::Shape(format!(
-                "sides built for head_dim {}/{}, shape has {d}",
-                k.head_dim, v.head_dim
-            )));
+            return Err(Error::Shape(format!("sides built for head_dim {}/{}, shape has {d}", k.head_dim, v.head_dim)));
         }
         let (b, h, g) = (shape.batch(), shape.heads.kv_heads, shape.group());
         let cap = shape.max_len().div_ceil(TILE) * TILE;
@@ -272,25 +223,15 @@ impl Gpu {
         let attend = cu(module.load_function(if mma { "tq_attend_mma" } else { "tq_attend" }))?;
         let combine = cu(module.load_function("tq_combine"))?;
         let prep = cu(module.load_function("tq_prep_q"))?;
-        let smem = if mma {
-            0
-        } else {
-            attend_smem(d, g, k.kind, v.kind)
-        };
+        let smem = if mma { 0 } else { attend_smem(d, g, k.kind, v.kind) };
         if smem > 48 * 1024 {
-            cu(attend.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            ))?;
+            cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
         }
         // splits: as few (long) blocks as fill whole waves of resident blocks
         // to 90% at least (measured: short blocks lose to their setup, and a
         // nearly empty last wave costs a whole block's time)
         let tiles = cap / TILE;
-        let per_sm = cu(
-            attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, smem, None)
-        )?
-        .max(1) as usize;
+        let per_sm = cu(attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, smem, None))?.max(1) as usize;
         let want = match self.splits.load(Ordering::Relaxed) {
             0 => split_count(self.sms * per_sm, b * h),
             n => n,
@@ -335,14 +276,7 @@ impl Gpu {
     /// Uploads CPU codes: `k_codes`/`v_codes` hold, for every (sequence, KV
     /// head) in order, `max_len` consecutive codes of the side's CPU codec
     /// (slots past a sequence's length are ignored).
-    pub fn upload_kv(
-        &self,
-        shape: &AttnShape,
-        k: &SideSpec,
-        v: &SideSpec,
-        k_codes: &[u8],
-        v_codes: &[u8],
-    ) -> Result<DeviceKv> {
+    pub fn upload_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, k_codes: &[u8], v_codes: &[u8]) -> Result<DeviceKv> {
         let mut kv = self.device_kv(shape, k, v, 1)?;
         let (d, t) = (shape.heads.head_dim, shape.max_len());
         let seqs = shape.batch() * shape.heads.kv_heads;
@@ -365,10 +299,7 @@ impl Gpu {
                 }
                 o
             };
-            let (pc, ps) = (
-                pad(&plane, side.kind.code_bytes(d)),
-                pad(&scales, side.kind.scale_bytes(d)),
-            );
+            let (pc, ps) = (pad(&plane, side.kind.code_bytes(d)), pad(&scales, side.kind.scale_bytes(d)));
             if is_k {
                 cu(self.stream.memcpy_htod(&pc, &mut kv.kc))?;
                 cu(self.stream.memcpy_htod(&ps, &mut kv.ks))?;
@@ -381,25 +312,12 @@ impl Gpu {
     }
 
     /// A cache of random valid codes (benchmarks), `copies` replicas.
-    pub fn random_kv(
-        &self,
-        shape: &AttnShape,
-        k: &SideSpec,
-        v: &SideSpec,
-        copies: usize,
-        seed: u32,
-    ) -> Result<DeviceKv> {
+    pub fn random_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, copies: usize, seed: u32) -> Result<DeviceKv> {
         let mut kv = self.device_kv(shape, k, v, copies.max(1))?;
         let module = self.module(&format!("#define D {}\n#define G 1\n", shape.heads.head_dim))?;
         let fill = cu(module.load_function("fill_random"))?;
         let fill_scales = cu(module.load_function("fill_scales"))?;
-        for (i, (codes, scales, kind)) in [
-            (&mut kv.kc, &mut kv.ks, kv.k),
-            (&mut kv.vc, &mut kv.vs, kv.v),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        for (i, (codes, scales, kind)) in [(&mut kv.kc, &mut kv.ks, kv.k), (&mut kv.vc, &mut kv.vs, kv.v)].into_iter().enumerate() {
             let words = (codes.len() / 4) as u64;
             let s = seed.wrapping_mul(2).wrapping_add(i as u32);
             let mut b = self.stream.launch_builder(&fill);
@@ -423,56 +341,26 @@ impl Gpu {
     fn launch_attend(&self, kv: &mut DeviceKv, copy: usize) -> Result<()> {
         let d = kv.shape.heads.head_dim;
         let per = kv.shape.batch() * kv.shape.heads.kv_heads * kv.cap;
-        let (kcb, ksb, vcb, vsb) = (
-            kv.k.code_bytes(d),
-            kv.k.scale_bytes(d),
-            kv.v.code_bytes(d),
-            kv.v.scale_bytes(d),
-        );
+        let (kcb, ksb, vcb, vsb) = (kv.k.code_bytes(d), kv.k.scale_bytes(d), kv.v.code_bytes(d), kv.v.scale_bytes(d));
         let kc = kv.kc.slice(copy * per * kcb..(copy + 1) * per * kcb);
         let ks = kv.ks.slice(copy * per * ksb..(copy + 1) * per * ksb);
         let vc = kv.vc.slice(copy * per * vcb..(copy + 1) * per * vcb);
         let vs = kv.vs.slice(copy * per * vsb..(copy + 1) * per * vsb);
-        let (cap, heads, split_len) =
-            (kv.cap as i32, kv.shape.heads.kv_heads as i32, kv.split_len as i32);
+        let (cap, heads, split_len) = (kv.cap as i32, kv.shape.heads.kv_heads as i32, kv.split_len as i32);
         let mut b = self.stream.launch_builder(&kv.prep);
-        b.arg(&kv.q)
-            .arg(&kv.krot.s1)
-            .arg(&kv.krot.s2)
-            .arg(&kv.krot.total)
-            .arg(&mut kv.qr);
-        let cfg = LaunchConfig {
-            grid_dim: ((kv.shape.batch() * kv.shape.heads.kv_heads) as u32, 1, 1),
-            block_dim: (NT as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        b.arg(&kv.q).arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&mut kv.qr);
+        let cfg = LaunchConfig { grid_dim: ((kv.shape.batch() * kv.shape.heads.kv_heads) as u32, 1, 1), block_dim: (NT as u32, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: `tq_prep_q(q, ks1, ks2, ktotal, qr)` in order and type; block i
         // < batch·kv_heads reads and writes the G·D floats at i·G·D of `q` and
         // `qr` (batch·q_heads·D each); the signs hold D entries (or 1, unused
         // unless ROTK).
         cu(unsafe { b.launch(cfg) })?;
         let mut b = self.stream.launch_builder(&kv.attend);
-        b.arg(&kv.qr)
-            .arg(&kc)
-            .arg(&ks)
-            .arg(&vc)
-            .arg(&vs)
-            .arg(&kv.lens)
-            .arg(&cap)
-            .arg(&heads)
-            .arg(&split_len);
-        b.arg(&kv.krot.s1)
-            .arg(&kv.krot.s2)
-            .arg(&kv.krot.total)
-            .arg(&kv.ktab)
-            .arg(&kv.vtab);
+        b.arg(&kv.qr).arg(&kc).arg(&ks).arg(&vc).arg(&vs).arg(&kv.lens).arg(&cap).arg(&heads).arg(&split_len);
+        b.arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&kv.ktab).arg(&kv.vtab);
         b.arg(&mut kv.po).arg(&mut kv.pm).arg(&mut kv.pl);
         let cfg = LaunchConfig {
-            grid_dim: (
-                kv.nsplit as u32,
-                kv.shape.heads.kv_heads as u32,
-                kv.shape.batch() as u32,
-            ),
+            grid_dim: (kv.nsplit as u32, kv.shape.heads.kv_heads as u32, kv.shape.batch() as u32),
             block_dim: (NT as u32, 1, 1),
             shared_mem_bytes: kv.smem,
         };
@@ -487,13 +375,7 @@ impl Gpu {
         cu(unsafe { b.launch(cfg) })?;
         let nsplit = kv.nsplit as i32;
         let mut b = self.stream.launch_builder(&kv.combine);
-        b.arg(&kv.po)
-            .arg(&kv.pm)
-            .arg(&kv.pl)
-            .arg(&nsplit)
-            .arg(&kv.vrot.s1)
-            .arg(&kv.vrot.s2)
-            .arg(&kv.vrot.total);
+        b.arg(&kv.po).arg(&kv.pm).arg(&kv.pl).arg(&nsplit).arg(&kv.vrot.s1).arg(&kv.vrot.s2).arg(&kv.vrot.total);
         b.arg(&mut kv.out);
         let cfg = LaunchConfig {
             grid_dim: ((kv.shape.batch() * kv.shape.heads.q_heads) as u32, 1, 1),
@@ -510,10 +392,7 @@ impl Gpu {
     fn set_query(&self, kv: &mut DeviceKv, q: &[f32]) -> Result<()> {
         let want = kv.shape.batch() * kv.shape.heads.q_heads * kv.shape.heads.head_dim;
         if q.len() != want {
-            return Err(Error::Shape(format!(
-                "{} query values given, {want} expected (batch × q_heads × head_dim)",
-                q.len()
-            )));
+            return Err(Error::Shape(format!("{} query values given, {want} expected (batch × q_heads × head_dim)", q.len())));
         }
         tq_core::codec::check_vectors(q, kv.shape.heads.head_dim)?;
         cu(self.stream.memcpy_htod(q, &mut kv.q))
@@ -533,13 +412,7 @@ impl Gpu {
 
     /// Median milliseconds of one decode-attention step (attention + split
     /// merge), timed with events, cycling through the cache's copies.
-    pub fn time_attend(
-        &self,
-        kv: &mut DeviceKv,
-        q: &[f32],
-        warmup: usize,
-        iters: usize,
-    ) -> Result<f64> {
+    pub fn time_attend(&self, kv: &mut DeviceKv, q: &[f32], warmup: usize, iters: usize) -> Result<f64> {
         self.set_query(kv, q)?;
         for i in 0..warmup {
             self.launch_attend(kv, i % kv.copies)?;
@@ -547,10 +420,7 @@ impl Gpu {
         let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let mut times = Vec::with_capacity(iters);
         for i in 0..iters {
-            let (a, b) = (
-                cu(self.ctx.new_event(flags))?,
-                cu(self.ctx.new_event(flags))?,
-            );
+            let (a, b) = (cu(self.ctx.new_event(flags))?, cu(self.ctx.new_event(flags))?);
             cu(a.record(&self.stream))?;
             self.launch_attend(kv, i % kv.copies)?;
             cu(b.record(&self.stream))?;
@@ -568,10 +438,7 @@ impl Gpu {
         let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
         let mut times = Vec::new();
         for i in 0..13 {
-            let (a, b) = (
-                cu(self.ctx.new_event(flags))?,
-                cu(self.ctx.new_event(flags))?,
-            );
+            let (a, b) = (cu(self.ctx.new_event(flags))?, cu(self.ctx.new_event(flags))?);
             cu(a.record(&self.stream))?;
             cu(self.stream.memcpy_dtod(&src, &mut dst))?;
             cu(b.record(&self.stream))?;
@@ -587,13 +454,8 @@ impl Gpu {
 
 fn compile(defines: &str, arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
     let src = format!("{defines}\n{SOURCE}");
-    let opts = CompileOptions {
-        arch: Some(arch),
-        options: vec!["--std=c++17".into()],
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(src, opts)
-        .map_err(|e| Error::Compile(format!("{defines}: {e:?}")))
+    let opts = CompileOptions { arch: Some(arch), options: vec!["--std=c++17".into()], ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| Error::Compile(format!("{defines}: {e:?}")))
 }
 
 fn attention_defines(d: usize, g: usize, k: SideKind, v: SideKind) -> String {
@@ -614,19 +476,10 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
     // SAFETY: the probe only opens (and closes) the first `libnvrtc` found on
     // the loader path, running its initialisers; no symbol is called.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(Error::NoDevice(
-            "libnvrtc (the CUDA runtime compiler) was not found".into(),
-        ));
+        return Err(Error::NoDevice("libnvrtc (the CUDA runtime compiler) was not found".into()));
     }
     let tq = |b| SideKind::Tq { bits: b, nc: false };
-    let pairs = [
-        (tq(4), tq(4)),
-        (tq(3), tq(3)),
-        (tq(2), tq(2)),
-        (tq(4), tq(3)),
-        (SideKind::Q8_0, SideKind::Q8_0),
-        (SideKind::Q4_0, SideKind::Q4_0),
-    ];
+    let pairs = [(tq(4), tq(4)), (tq(3), tq(3)), (tq(2), tq(2)), (tq(4), tq(3)), (SideKind::Q8_0, SideKind::Q8_0), (SideKind::Q4_0, SideKind::Q4_0)];
     let mut out = Vec::new();
     for d in [64usize, 128] {
         let defs = format!("#define D {d}\n#define G 1\n");
@@ -657,14 +510,8 @@ impl DeviceKv {
     /// blocks per multiprocessor) of the attention kernel.
     pub fn occupancy(&self) -> Result<(i32, i32, u32)> {
         let regs = cu(self.attend.num_regs())?;
-        let local = cu(self
-            .attend
-            .get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES))?;
-        let blocks = cu(self.attend.occupancy_max_active_blocks_per_multiprocessor(
-            NT as u32,
-            self.smem as usize,
-            None,
-        ))?;
+        let local = cu(self.attend.get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES))?;
+        let blocks = cu(self.attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, self.smem as usize, None))?;
         Ok((regs, local, blocks))
     }
 }
@@ -686,11 +533,7 @@ fn split_count(slots: usize, seqs: usize) -> usize {
 }
 
 fn grid_for(n: u64) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).min(65_535 * 8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    LaunchConfig { grid_dim: (n.div_ceil(256).min(65_535 * 8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Dynamic shared memory of `tq_attend` (mirrors the carve-up in kernels.cu).
@@ -709,15 +552,7 @@ fn attend_smem(d: usize, g: usize, k: SideKind, v: SideKind) -> usize {
             d / 32
         }
     };
-    let words = TILE * rsw(k.code_bytes(d))
-        + 4
-        + TILE * rsw(v.code_bytes(d))
-        + 4
-        + TILE * sc(v)
-        + g * TILE
-        + g * d
-        + 512
-        + 3 * g;
+    let words = TILE * rsw(k.code_bytes(d)) + 4 + TILE * rsw(v.code_bytes(d)) + 4 + TILE * sc(v) + g * TILE + g * d + 512 + 3 * g;
     let groups = NT / (d / 8);
     4 * words.max(groups * g * d)
 }

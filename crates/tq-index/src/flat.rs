@@ -71,12 +71,7 @@ impl FlatIndex {
         }
         let codec = lookup(&spec.codec)?.build(spec.dim, spec.seed, spec.rotation, &spec.params)?;
         let store = match codec.fastscan_m() {
-            Some(m) => Store::Fast {
-                codes: FastScanCodes::new(m)?,
-                factors: Vec::new(),
-                tails: Vec::new(),
-                tail: codec.code_size() - m / 2,
-            },
+            Some(m) => Store::Fast { codes: FastScanCodes::new(m)?, factors: Vec::new(), tails: Vec::new(), tail: codec.code_size() - m / 2 },
             None => Store::Plain { codes: Vec::new() },
         };
         Ok(Self { spec, codec, ids: Vec::new(), slot_of: HashMap::new(), store, sqnorms: Vec::new(), raw: Vec::new() })
@@ -149,12 +144,7 @@ impl FlatIndex {
     /// bytes each: the code, then the raw copy when the index keeps one).
     pub fn encode(&self, ids: &[u64], xs: &[f32]) -> Result<Vec<u8>> {
         if xs.len() != ids.len() * self.spec.dim {
-            return Err(IndexError::Invalid(format!(
-                "{} ids for {} values of dimension {}",
-                ids.len(),
-                xs.len(),
-                self.spec.dim
-            )));
+            return Err(IndexError::Invalid(format!("{} ids for {} values of dimension {}", ids.len(), xs.len(), self.spec.dim)));
         }
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -368,12 +358,10 @@ impl FlatIndex {
         let d = self.spec.dim;
         match self.spec.raw {
             RawVectors::None => None,
-            RawVectors::F16 => Some(
-                self.raw[slot * 2 * d..(slot + 1) * 2 * d].chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            ),
-            RawVectors::F32 => Some(
-                self.raw[slot * 4 * d..(slot + 1) * 4 * d].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect(),
-            ),
+            RawVectors::F16 => {
+                Some(self.raw[slot * 2 * d..(slot + 1) * 2 * d].chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+            }
+            RawVectors::F32 => Some(self.raw[slot * 4 * d..(slot + 1) * 4 * d].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect()),
         }
     }
 

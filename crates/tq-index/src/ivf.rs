@@ -34,7 +34,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
-
 impl IvfIndex {
     /// Trains `nlist` centroids on `sample` (row-major; at least `nlist` rows)
     /// with `iters` Lloyd iterations, deterministically from `spec.seed`.
@@ -216,4 +215,3 @@ impl IvfIndex {
         qs.par_chunks(self.spec.dim).map(|q| self.search(q, k, p)).collect()
     }
 }
-

@@ -28,9 +28,7 @@ pub fn crc32(bytes: &[u8]) -> u32 {
 /// in the same directory (so the rename is atomic), unique per process.
 pub fn temp_path(path: &Path) -> io::Result<PathBuf> {
     let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("output path {} has no file name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("output path {} has no file name", path.display())))?;
     Ok(dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id())))
 }
 

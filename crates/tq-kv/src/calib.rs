@@ -44,7 +44,12 @@ pub struct KeyCalibration {
 
 impl std::fmt::Debug for KeyCalibration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyCalibration").field("shape", &self.shape).field("shrink", &self.shrink).field("tokens", &self.tokens).field("source", &self.source).finish_non_exhaustive()
+        f.debug_struct("KeyCalibration")
+            .field("shape", &self.shape)
+            .field("shrink", &self.shrink)
+            .field("tokens", &self.tokens)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
     }
 }
 
@@ -144,12 +149,23 @@ impl KeyCalibration {
                     let p: f64 = (0..d).map(|k| ti[r * d + k] as f64 * ui[k * d + c] as f64).sum();
                     let want = if r == c { 1.0 } else { 0.0 };
                     if (p - want).abs() > 1e-2 {
-                        return Err(bad(format!("stream {i}: T·T⁻¹ differs from the identity at ({r}, {c}) by {:.3} (corrupt or not a calibration)", p - want)));
+                        return Err(bad(format!(
+                            "stream {i}: T·T⁻¹ differs from the identity at ({r}, {c}) by {:.3} (corrupt or not a calibration)",
+                            p - want
+                        )));
                     }
                 }
             }
         }
-        Ok(Self { shape: KvGeometry { layers, q_heads: kv_heads, kv_heads, head_dim }, shrink, tokens, source, mu: mu.to_vec(), t: t.to_vec(), t_inv: t_inv.to_vec() })
+        Ok(Self {
+            shape: KvGeometry { layers, q_heads: kv_heads, kv_heads, head_dim },
+            shrink,
+            tokens,
+            source,
+            mu: mu.to_vec(),
+            t: t.to_vec(),
+            t_inv: t_inv.to_vec(),
+        })
     }
 
     /// Checks that the calibration was made for `shape` (layers, KV heads and
@@ -166,7 +182,6 @@ impl KeyCalibration {
         Ok(())
     }
 }
-
 
 /// Accumulates key and query statistics per stream (f64 sums).
 pub struct CalibrationStats {

@@ -17,9 +17,9 @@ pub mod spec;
 
 pub use calib::{CalibrationStats, KeyCalibration};
 pub use spec::{kv_code_size, KvSpec, Store, KV_SCALE_BYTES, PRECISIONS};
-pub use tq_core::KvGeometry;
 use std::borrow::Cow;
 use std::sync::Arc;
+pub use tq_core::KvGeometry;
 use tq_core::{Codec, Result, RotationKind, TqError};
 
 /// Where keys and values live. `append` stores one position's K and V for a
@@ -68,7 +68,6 @@ pub trait KvCache {
     /// Bytes held for keys and values (all layers and heads).
     fn bytes(&self) -> usize;
 }
-
 
 /// Softmax of `scores` in place (max-subtracted), through the kernel table
 /// (`tq_core::kernels::Kernels::softmax`: the same bits on every path).
@@ -172,7 +171,13 @@ enum Side {
     /// A codec that learns from data (fractional TurboQuant: its outlier
     /// channels): one instance per (layer, head) stream, trained on the
     /// stream's first [`TRAIN_TOKENS`] vectors.
-    PerStream { entry: &'static tq_core::CodecEntry, seed: u64, dim: usize, code_size: usize, codecs: Vec<Option<Box<dyn Codec>>> },
+    PerStream {
+        entry: &'static tq_core::CodecEntry,
+        seed: u64,
+        dim: usize,
+        code_size: usize,
+        codecs: Vec<Option<Box<dyn Codec>>>,
+    },
 }
 
 /// Tokens a stream keeps in f32 (attended exactly) before codecs that learn
@@ -207,7 +212,13 @@ impl Side {
                     if !matches!(entry.kind, tq_core::CodecKind::Fractional { .. }) {
                         return Err(TqError::BadParams(format!("{} learns its codebooks from data and cannot encode online", entry.name)));
                     }
-                    return Ok(Side::PerStream { entry, seed, dim: head_dim, code_size: kv_code_size(c.as_ref()), codecs: (0..streams).map(|_| None).collect() });
+                    return Ok(Side::PerStream {
+                        entry,
+                        seed,
+                        dim: head_dim,
+                        code_size: kv_code_size(c.as_ref()),
+                        codecs: (0..streams).map(|_| None).collect(),
+                    });
                 }
                 Ok(Side::Codec(c))
             }
@@ -380,7 +391,10 @@ impl CodecCache {
             }
             let trains = |s: &Side| matches!(s, Side::PerStream { .. });
             if o.center_keys || trains(&keys) || trains(&values) {
-                return Err(TqError::BadParams("delayed encoding does not combine with --center-keys or fractional precisions (their streams train on their first tokens before encoding)".into()));
+                return Err(TqError::BadParams(
+                    "delayed encoding does not combine with --center-keys or fractional precisions (their streams train on their first tokens before encoding)"
+                        .into(),
+                ));
             }
         }
         let kmu = match &o.calibration {
@@ -538,7 +552,8 @@ impl CodecCache {
                     for (g, q) in qk.chunks_exact(d).enumerate() {
                         for t in 0..nc {
                             let kb = &self.k[i][t * 2 * d..(t + 1) * 2 * d];
-                            p[g * len + t] = q.iter().zip(kb.chunks_exact(2)).map(|(a, b)| a * half::f16::from_le_bytes([b[0], b[1]]).to_f32()).sum::<f32>() * scale;
+                            p[g * len + t] =
+                                q.iter().zip(kb.chunks_exact(2)).map(|(a, b)| a * half::f16::from_le_bytes([b[0], b[1]]).to_f32()).sum::<f32>() * scale;
                         }
                     }
                 }
@@ -556,7 +571,8 @@ impl CodecCache {
             }
             p.chunks_exact_mut(len).for_each(softmax_weights);
             // window weights are applied in f32 after the codes' pass
-            let wwin: Vec<f32> = windowed.iter().flat_map(|&t| (0..group).map(move |g| (g, t))).map(|(g, t)| std::mem::replace(&mut p[g * len + t], 0.0)).collect();
+            let wwin: Vec<f32> =
+                windowed.iter().flat_map(|&t| (0..group).map(move |g| (g, t))).map(|(g, t)| std::mem::replace(&mut p[g * len + t], 0.0)).collect();
             // ---- values ----
             out.iter_mut().for_each(|o| *o = 0.0);
             match (&values, vview) {

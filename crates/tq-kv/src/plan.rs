@@ -34,9 +34,10 @@ pub const MODELS: &[ModelInfo] = &[
 
 /// A built-in model by name.
 pub fn model(name: &str) -> Result<&'static ModelInfo> {
-    MODELS.iter().find(|m| m.name == name).ok_or_else(|| {
-        TqError::BadParams(format!("unknown model '{name}' (known: {})", MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")))
-    })
+    MODELS
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| TqError::BadParams(format!("unknown model '{name}' (known: {})", MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "))))
 }
 
 /// Weight storage per parameter.

@@ -207,8 +207,11 @@ fn calibrated_keys_are_exact() {
     }
     let cal = std::sync::Arc::new(st.finish(0.1, "test").unwrap());
     let (mu, t, ti) = (cal.mu(0).to_vec(), cal.t(0).to_vec(), cal.t_inv(0).to_vec());
-    let matvec = |m: &[f32], x: &[f32]| -> Vec<f32> { m.chunks_exact(d).map(|row| row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect() };
-    for (spec, sink, recent, recent_q8) in [("tq-mse-3", 0usize, 0usize, false), ("k5v3", 2, 5, true), ("q4_0-rot", 1, 3, false), ("f16", 0, 0, false), ("tq-mse-3.5", 0, 4, false)] {
+    let matvec =
+        |m: &[f32], x: &[f32]| -> Vec<f32> { m.chunks_exact(d).map(|row| row.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() as f32).collect() };
+    for (spec, sink, recent, recent_q8) in
+        [("tq-mse-3", 0usize, 0usize, false), ("k5v3", 2, 5, true), ("q4_0-rot", 1, 3, false), ("f16", 0, 0, false), ("tq-mse-3.5", 0, 4, false)]
+    {
         let o = tq_kv::CacheOptions { sink, recent, recent_q8, calibration: Some(cal.clone()), ..Default::default() };
         let mut cache = cache_with(shape, spec, 0, &o).unwrap();
         let n = 60;

@@ -1,7 +1,7 @@
 use tq_core::registry::lookup;
+use tq_core::TqError;
 use tq_kv::plan::{model, vram, Weights};
 use tq_kv::{KvSpec, Store};
-use tq_core::TqError;
 
 #[test]
 fn kv_bytes_per_token_are_exact() {
@@ -20,7 +20,10 @@ fn kv_bytes_per_token_are_exact() {
     assert_eq!((nc.keys.clone(), nc.values.clone()), (Store::Codec(lookup("tq-mse-5-nc").unwrap()), Store::Codec(lookup("tq-mse-3-nc").unwrap())));
     assert!(KvSpec::parse("k5v3-ncx").is_err() && KvSpec::parse("k9v3-nc").is_err());
     // tq-prod keeps its whole code (f32 norms and the QJL part)
-    assert_eq!(KvSpec::parse("tq-prod-3").unwrap().keys.bytes_per_vector(128).unwrap(), tq_core::build("tq-prod-3", 128, 0, tq_core::RotationKind::Hadamard).unwrap().code_size() as f64);
+    assert_eq!(
+        KvSpec::parse("tq-prod-3").unwrap().keys.bytes_per_vector(128).unwrap(),
+        tq_core::build("tq-prod-3", 128, 0, tq_core::RotationKind::Hadamard).unwrap().code_size() as f64
+    );
     assert_eq!(KvSpec::parse("q4_0-rot").unwrap().bits_per_value(128).unwrap(), 4.5);
     assert_eq!(KvSpec::parse("q8_0").unwrap().bits_per_value(128).unwrap(), 8.5);
     assert_eq!(KvSpec::parse("kivi-2").unwrap().bits_per_value(128).unwrap(), 3.0);

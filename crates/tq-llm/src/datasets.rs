@@ -51,4 +51,3 @@ fn minilm_embeddings(quiet: bool, progress: &dyn Fn(usize, usize)) -> Result<Mat
     }
     Ok(Matrix { rows: segs.len(), cols: dim, data })
 }
-

@@ -299,7 +299,14 @@ impl KvCache for TimedCache {
 
 /// Greedy continuation of `ids` with `cache` (at most `max_new` tokens, stops at `stop`).
 /// `on_token` sees the tokens produced so far after each new one.
-pub fn greedy(model: &Llama, cache: &mut dyn KvCache, ids: &[u32], max_new: usize, stop: &[u32], on_token: &mut dyn FnMut(&[u32]) -> Result<()>) -> Result<Vec<u32>> {
+pub fn greedy(
+    model: &Llama,
+    cache: &mut dyn KvCache,
+    ids: &[u32],
+    max_new: usize,
+    stop: &[u32],
+    on_token: &mut dyn FnMut(&[u32]) -> Result<()>,
+) -> Result<Vec<u32>> {
     let argmax = |l: &[f32]| l.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0 as u32;
     let mut logits = model.forward(ids, cache, true)?;
     let mut out = Vec::new();
@@ -328,7 +335,6 @@ pub fn chat_ids(tok: &Tokenizer, user: &str) -> Result<(Vec<u32>, Vec<u32>)> {
     ids.extend(tokenizer::encode(tok, "assistant\n")?);
     Ok((ids, vec![end]))
 }
-
 
 /// Key transforms calibrated on `chunks` chunks of `ctx` tokens of `text`
 /// (`tq kv calibrate`, `--calib-text`).
@@ -422,7 +428,6 @@ pub fn dump(rt: &Runtime, text: &str, tokens: usize, layers: &[usize], all_queri
     Ok(KvDump { k, v, q, head_dim: d, meta })
 }
 
-
 /// `tq kv bench`: decode speed and attention time per token with a cache of
 /// `ctx` tokens, for `kv` and for the f32 cache in the same run. The caches are
 /// filled with the real keys and values of a SmolLM2 run over the first
@@ -430,7 +435,17 @@ pub fn dump(rt: &Runtime, text: &str, tokens: usize, layers: &[usize], all_queri
 /// are decoded one at a time.
 /// The compressed cache takes `opts` (windows, calibration); the f32 cache is exact.
 #[allow(clippy::too_many_arguments)]
-pub fn bench(rt: &Runtime, kv: &KvSpec, ctxs: &[usize], steps: usize, fill: usize, opts: &CacheOptions, seed: u64, quiet: bool, log: Log<'_>) -> Result<Vec<serde_json::Value>> {
+pub fn bench(
+    rt: &Runtime,
+    kv: &KvSpec,
+    ctxs: &[usize],
+    steps: usize,
+    fill: usize,
+    opts: &CacheOptions,
+    seed: u64,
+    quiet: bool,
+    log: Log<'_>,
+) -> Result<Vec<serde_json::Value>> {
     let model = &rt.model;
     let c = &model.config;
     if let Some(&x) = ctxs.iter().find(|&&x| x <= steps || x > c.context) {
@@ -517,7 +532,6 @@ pub enum NeedleFormat {
     Passkey,
 }
 
-
 impl std::str::FromStr for NeedleFormat {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -536,7 +550,18 @@ impl std::str::FromStr for NeedleFormat {
 ///
 /// `on_trial` sees each trial's JSON object as it finishes; the summary is returned.
 #[allow(clippy::too_many_arguments)]
-pub fn needle(rt: &Runtime, kv: &KvSpec, lengths: &[usize], depths: &[f64], format: NeedleFormat, opts: &CacheOptions, seed: u64, quiet: bool, on_trial: &mut dyn FnMut(&serde_json::Value), log: Log<'_>) -> Result<serde_json::Value> {
+pub fn needle(
+    rt: &Runtime,
+    kv: &KvSpec,
+    lengths: &[usize],
+    depths: &[f64],
+    format: NeedleFormat,
+    opts: &CacheOptions,
+    seed: u64,
+    quiet: bool,
+    on_trial: &mut dyn FnMut(&serde_json::Value),
+    log: Log<'_>,
+) -> Result<serde_json::Value> {
     if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
         bail!("depth {d} is outside 0..1");
     }

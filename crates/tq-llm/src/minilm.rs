@@ -25,20 +25,17 @@ impl MiniLm {
     /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from `dir`.
     pub fn load(dir: &Path) -> Result<Self> {
         let device = Device::Cpu;
-        let config: Config = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("no config.json in {}", dir.display()))?,
-        )
-        .context("bad BERT config.json")?;
+        let config: Config =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("no config.json in {}", dir.display()))?)
+                .context("bad BERT config.json")?;
         let weights = dir.join("model.safetensors");
         // SAFETY: the weights file is a read-only cache entry written atomically.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }
-            .with_context(|| format!("cannot map {}", weights.display()))?;
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }.with_context(|| format!("cannot map {}", weights.display()))?;
         let model = BertModel::load(vb, &config).context("cannot build the BERT model from its weights")?;
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow!("tokenizer.json: {e}"))?;
         tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..Default::default() }));
-        tokenizer
-            .with_truncation(Some(TruncationParams { max_length: MAX_TOKENS, ..Default::default() }))
-            .map_err(|e| anyhow!("tokenizer truncation: {e}"))?;
+        tokenizer.with_truncation(Some(TruncationParams { max_length: MAX_TOKENS, ..Default::default() })).map_err(|e| anyhow!("tokenizer truncation: {e}"))?;
         Ok(Self { model, tokenizer, device })
     }
 

@@ -184,7 +184,15 @@ fn recording(r: &Run) -> String {
         ("argmax", json!(argmax)),
         // informational: the smallest gap between a position's two largest
         // logits (how near the closest argmax is to a tie)
-        ("argmax_min_gap", json!((0..CTX).map(|p| { let t = top(row(r, p)); t[0].1 - t[1].1 }).fold(f32::INFINITY, f32::min))),
+        (
+            "argmax_min_gap",
+            json!((0..CTX)
+                .map(|p| {
+                    let t = top(row(r, p));
+                    t[0].1 - t[1].1
+                })
+                .fold(f32::INFINITY, f32::min)),
+        ),
         ("nll_positions", json!([NLL_FROM, CTX - 1])),
         ("mean_nll", json!(nll)),
         ("perplexity", json!(nll.exp())),
@@ -206,8 +214,7 @@ fn golden() -> &'static Value {
             std::fs::write(&path, &text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
             eprintln!("recorded {}", path.display());
         }
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("no golden recording {} ({e}); record it with TQ_RECORD_GOLDEN=1", path.display()));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("no golden recording {} ({e}); record it with TQ_RECORD_GOLDEN=1", path.display()));
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()))
     })
 }
@@ -232,7 +239,13 @@ fn tokenizer_ids() {
     let got: Vec<usize> = r.ids.iter().map(|&i| i as usize).collect();
     assert_eq!(got.len(), want.len(), "token count of the passage");
     if let Some(i) = got.iter().zip(&want).position(|(a, b)| a != b) {
-        panic!("token {i} is {} (recorded {}); ids from there: {:?} (recorded {:?})", got[i], want[i], &got[i..(i + 8).min(got.len())], &want[i..(i + 8).min(want.len())]);
+        panic!(
+            "token {i} is {} (recorded {}); ids from there: {:?} (recorded {:?})",
+            got[i],
+            want[i],
+            &got[i..(i + 8).min(got.len())],
+            &want[i..(i + 8).min(want.len())]
+        );
     }
 }
 
@@ -272,7 +285,12 @@ fn forward_logits() {
         let v = row(r, p);
         for (&id, &w) in ids.iter().zip(&want) {
             let got = v[id] as f64;
-            assert!((got - w).abs() < LOGIT_TOL * scale, "position {p}, token {id}: logit {got}, recorded {w} (|Δ| {:.3e}, allowed {:.3e})", (got - w).abs(), LOGIT_TOL * scale);
+            assert!(
+                (got - w).abs() < LOGIT_TOL * scale,
+                "position {p}, token {id}: logit {got}, recorded {w} (|Δ| {:.3e}, allowed {:.3e})",
+                (got - w).abs(),
+                LOGIT_TOL * scale
+            );
         }
     }
 }

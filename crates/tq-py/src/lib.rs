@@ -62,9 +62,7 @@ fn rows<'py>(obj: &Bound<'py, PyAny>, cols: usize, what: &str) -> PyResult<(usiz
 
 /// A C-contiguous uint8[n, code_size] array of codes (n, borrowed view).
 fn codes_of<'py>(codes: &Bound<'py, PyAny>, cs: usize) -> PyResult<(usize, numpy::PyReadonlyArray2<'py, u8>)> {
-    let a = codes
-        .cast::<PyArray2<u8>>()
-        .map_err(|_| PyTypeError::new_err(format!("codes must be a uint8 numpy array of shape (n, {cs})")))?;
+    let a = codes.cast::<PyArray2<u8>>().map_err(|_| PyTypeError::new_err(format!("codes must be a uint8 numpy array of shape (n, {cs})")))?;
     if a.shape()[1] != cs || !a.is_c_contiguous() {
         return Err(PyValueError::new_err(format!("codes must be C-contiguous uint8 of shape (n, {cs}); got {:?}", a.shape())));
     }
@@ -212,7 +210,13 @@ impl PyCodec {
     }
 
     fn __repr__(&self) -> String {
-        format!("Codec('{}', dim={}, code_size={}, bits_per_value={:.3})", self.inner.name(), self.inner.dim(), self.inner.code_size(), self.inner.bits_per_value())
+        format!(
+            "Codec('{}', dim={}, code_size={}, bits_per_value={:.3})",
+            self.inner.name(),
+            self.inner.dim(),
+            self.inner.code_size(),
+            self.inner.bits_per_value()
+        )
     }
 }
 
@@ -253,11 +257,7 @@ impl PyIndex {
     #[new]
     #[pyo3(signature = (codec, dim, metric = "ip", ivf_lists = None, seed = 0, raw = "none"))]
     fn new(codec: &str, dim: usize, metric: &str, ivf_lists: Option<usize>, seed: u64, raw: &str) -> PyResult<Self> {
-        let spec = IndexSpec {
-            seed,
-            raw: raw.parse::<RawVectors>().map_err(PyValueError::new_err)?,
-            ..IndexSpec::new(codec, dim, metric_of(metric)?)
-        };
+        let spec = IndexSpec { seed, raw: raw.parse::<RawVectors>().map_err(PyValueError::new_err)?, ..IndexSpec::new(codec, dim, metric_of(metric)?) };
         // validate now: unknown codec or bad dim fail at construction
         FlatIndex::new(spec.clone()).map_err(value_err)?;
         if ivf_lists == Some(0) {

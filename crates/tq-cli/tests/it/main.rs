@@ -312,14 +312,8 @@ fn data_fetch_failure_is_clear() {
 #[test]
 fn kv_and_vram_bad_input_is_clear() {
     let d = tmpdir("kv");
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_tq"))
-            .env("TQ_DATA_DIR", &d)
-            .env("TQ_PYTHON", "/nonexistent/python3")
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_tq")).env("TQ_DATA_DIR", &d).env("TQ_PYTHON", "/nonexistent/python3").args(args).output().unwrap();
     assert_fails(&run(&["kv", "eval", "--kv", "int3"]), "valid: f32, f16");
     assert_fails(&run(&["kv", "eval", "--kv", "tq-mse-9"]), "unsupported bit width 9");
     // no model and no way to fetch it: the error names what was tried

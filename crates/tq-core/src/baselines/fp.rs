@@ -85,11 +85,7 @@ pub fn e8m0_for(amax: f32) -> u8 {
         return 0;
     }
     // ⌊log₂ amax⌋ exactly, subnormals included
-    let e = if amax.is_normal() {
-        ((amax.to_bits() >> 23) & 0xFF) as i32 - 127
-    } else {
-        -127 - (amax.to_bits().leading_zeros() as i32 - 9)
-    };
+    let e = if amax.is_normal() { ((amax.to_bits() >> 23) & 0xFF) as i32 - 127 } else { -127 - (amax.to_bits().leading_zeros() as i32 - 9) };
     ((e - 2).clamp(-127, 127) + 127) as u8
 }
 

@@ -106,13 +106,7 @@ impl Ggml {
         let safe_abs = if rotated { (amax / (dim as f64).sqrt() * 0.99) as f32 } else { amax as f32 };
         let kind = rotation.as_ref().map_or(RotationKind::Hadamard, |r| r.kind());
         let name = format!("{base}{}", if rotated { "-rot" } else { "" });
-        Ok(Self {
-            info: CodecInfo::new(name, dim, seed, kind, blocks * t.block_bytes()).with_safe_abs(safe_abs),
-            dim,
-            t,
-            rotation,
-            blocks,
-        })
+        Ok(Self { info: CodecInfo::new(name, dim, seed, kind, blocks * t.block_bytes()).with_safe_abs(safe_abs), dim, t, rotation, blocks })
     }
 
     fn rotated(&self, x: &[f32]) -> Vec<f32> {

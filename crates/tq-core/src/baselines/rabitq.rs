@@ -72,16 +72,7 @@ impl RaBitQ {
         let half = ((1u32 << bits) - 1) as f32 / 2.0;
         let rotation = Rotation::new(rotation, dim, seed)?;
         let info = CodecInfo::new(format!("rabitq-{bits}"), dim, seed, rotation.kind(), packed_len(dim, bits) + 8).trained();
-        Ok(Self {
-            info,
-            dim,
-            bits,
-            rotation,
-            center,
-            trained,
-            packed: packed_len(dim, bits),
-            levels: (0..1u32 << bits).map(|u| u as f32 - half).collect(),
-        })
+        Ok(Self { info, dim, bits, rotation, center, trained, packed: packed_len(dim, bits), levels: (0..1u32 << bits).map(|u| u as f32 - half).collect() })
     }
 
     /// Magnitude steps `k_i` maximizing `⟨y, |o|⟩/‖y‖`; returns `⟨y, |o|⟩`.

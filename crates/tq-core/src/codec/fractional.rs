@@ -24,36 +24,15 @@ pub struct TurboQuantFractional {
 }
 
 impl TurboQuantFractional {
-    pub fn new(
-        name: &str,
-        dim: usize,
-        hi_bits: u32,
-        lo_bits: u32,
-        seed: u64,
-        rotation: RotationKind,
-    ) -> Result<Self> {
+    pub fn new(name: &str, dim: usize, hi_bits: u32, lo_bits: u32, seed: u64, rotation: RotationKind) -> Result<Self> {
         if dim < 4 {
             return Err(TqError::BadDim(dim, 4));
         }
         let n_out = dim / 2;
         let hi = TurboQuantMse::new(n_out, hi_bits, derive_seed(seed, 1), rotation, false)?;
         let lo = TurboQuantMse::new(dim - n_out, lo_bits, derive_seed(seed, 2), rotation, false)?;
-        let info = CodecInfo::new(
-            name,
-            dim,
-            seed,
-            hi.rotation_kind(),
-            hi.code_size() + lo.code_size(),
-        )
-        .trained();
-        let mut c = Self {
-            info,
-            dim,
-            hi,
-            lo,
-            outliers: Vec::new(),
-            rest: Vec::new(),
-        };
+        let info = CodecInfo::new(name, dim, seed, hi.rotation_kind(), hi.code_size() + lo.code_size()).trained();
+        let mut c = Self { info, dim, hi, lo, outliers: Vec::new(), rest: Vec::new() };
         c.set_outliers((0..n_out as u32).collect());
         Ok(c)
     }
@@ -64,9 +43,7 @@ impl TurboQuantFractional {
         for &o in &outliers {
             is_out[o as usize] = true;
         }
-        self.rest = (0..self.dim as u32)
-            .filter(|&c| !is_out[c as usize])
-            .collect();
+        self.rest = (0..self.dim as u32).filter(|&c| !is_out[c as usize]).collect();
         self.outliers = outliers;
     }
 
@@ -81,14 +58,9 @@ impl TurboQuantFractional {
                 params.len()
             )));
         }
-        let ids: Vec<u32> = params
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let ids: Vec<u32> = params.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         if ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&i| i as usize >= self.dim) {
-            return Err(TqError::BadParams(
-                "outlier channel ids must be increasing and < dim".into(),
-            ));
+            return Err(TqError::BadParams("outlier channel ids must be increasing and < dim".into()));
         }
         self.set_outliers(ids);
         Ok(self)
@@ -167,10 +139,7 @@ impl Codec for TurboQuantFractional {
         let mut parts = pa.parts;
         parts.extend(pb.parts);
         parts.push(norms);
-        PreparedQuery {
-            norm_sq: (kernels().sum_sq)(q),
-            parts,
-        }
+        PreparedQuery { norm_sq: (kernels().sum_sq)(q), parts }
     }
 
     fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
@@ -180,7 +149,6 @@ impl Codec for TurboQuantFractional {
 
     fn score_l2(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
         let h = self.hi.code_size();
-        self.hi.l2_rotated(&q.parts[0], q.parts[2][0], &code[..h])
-            + self.lo.l2_rotated(&q.parts[1], q.parts[2][1], &code[h..])
+        self.hi.l2_rotated(&q.parts[0], q.parts[2][0], &code[..h]) + self.lo.l2_rotated(&q.parts[1], q.parts[2][1], &code[h..])
     }
 }

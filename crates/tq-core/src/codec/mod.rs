@@ -93,23 +93,8 @@ pub struct CodecInfo {
 
 impl CodecInfo {
     /// An online codec (no training) representing every `|x| <= SAFE_ABS`.
-    pub fn new(
-        name: impl Into<String>,
-        dim: usize,
-        seed: u64,
-        rotation: RotationKind,
-        code_size: usize,
-    ) -> Self {
-        Self {
-            name: name.into(),
-            dim,
-            seed,
-            rotation,
-            code_size,
-            bits_per_value: (code_size * 8) as f64 / dim as f64,
-            trains: false,
-            safe_abs: SAFE_ABS,
-        }
+    pub fn new(name: impl Into<String>, dim: usize, seed: u64, rotation: RotationKind, code_size: usize) -> Self {
+        Self { name: name.into(), dim, seed, rotation, code_size, bits_per_value: (code_size * 8) as f64 / dim as f64, trains: false, safe_abs: SAFE_ABS }
     }
     /// Marks a codec whose `train` learns parameters.
     pub fn trained(mut self) -> Self {
@@ -205,10 +190,7 @@ pub trait Codec: Send + Sync {
     fn encode(&self, x: &[f32], code: &mut [u8]) -> Result<()> {
         self.check_trained()?;
         if x.len() != self.dim() {
-            return Err(TqError::DimMismatch {
-                expected: self.dim(),
-                got: x.len(),
-            });
+            return Err(TqError::DimMismatch { expected: self.dim(), got: x.len() });
         }
         check_encodable(self, x)?;
         check_len(code.len(), self.code_size())?;
@@ -220,10 +202,7 @@ pub trait Codec: Send + Sync {
         self.check_trained()?;
         check_len(code.len(), self.code_size())?;
         if out.len() != self.dim() {
-            return Err(TqError::DimMismatch {
-                expected: self.dim(),
-                got: out.len(),
-            });
+            return Err(TqError::DimMismatch { expected: self.dim(), got: out.len() });
         }
         self.decode_unchecked(code, out);
         Ok(())
@@ -237,14 +216,11 @@ pub trait Codec: Send + Sync {
         check_encodable(self, xs)?;
         let n = xs.len() / d;
         check_len(codes.len(), n * cs)?;
-        codes
-            .par_chunks_mut(cs * BATCH_CHUNK)
-            .zip(xs.par_chunks(d * BATCH_CHUNK))
-            .for_each(|(cc, xx)| {
-                for (c, x) in cc.chunks_exact_mut(cs).zip(xx.chunks_exact(d)) {
-                    self.encode_unchecked(x, c);
-                }
-            });
+        codes.par_chunks_mut(cs * BATCH_CHUNK).zip(xs.par_chunks(d * BATCH_CHUNK)).for_each(|(cc, xx)| {
+            for (c, x) in cc.chunks_exact_mut(cs).zip(xx.chunks_exact(d)) {
+                self.encode_unchecked(x, c);
+            }
+        });
         Ok(())
     }
 
@@ -252,35 +228,24 @@ pub trait Codec: Send + Sync {
         self.check_trained()?;
         let (d, cs) = (self.dim(), self.code_size());
         if !codes.len().is_multiple_of(cs) {
-            return Err(TqError::BadParams(format!(
-                "code buffer of {} bytes is not a whole number of {cs}-byte codes",
-                codes.len()
-            )));
+            return Err(TqError::BadParams(format!("code buffer of {} bytes is not a whole number of {cs}-byte codes", codes.len())));
         }
         let n = codes.len() / cs;
         if out.len() != n * d {
-            return Err(TqError::DimMismatch {
-                expected: n * d,
-                got: out.len(),
-            });
+            return Err(TqError::DimMismatch { expected: n * d, got: out.len() });
         }
-        out.par_chunks_mut(d * BATCH_CHUNK)
-            .zip(codes.par_chunks(cs * BATCH_CHUNK))
-            .for_each(|(oo, cc)| {
-                for (o, c) in oo.chunks_exact_mut(d).zip(cc.chunks_exact(cs)) {
-                    self.decode_unchecked(c, o);
-                }
-            });
+        out.par_chunks_mut(d * BATCH_CHUNK).zip(codes.par_chunks(cs * BATCH_CHUNK)).for_each(|(oo, cc)| {
+            for (o, c) in oo.chunks_exact_mut(d).zip(cc.chunks_exact(cs)) {
+                self.decode_unchecked(c, o);
+            }
+        });
         Ok(())
     }
 
     fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
         self.check_trained()?;
         if q.len() != self.dim() {
-            return Err(TqError::DimMismatch {
-                expected: self.dim(),
-                got: q.len(),
-            });
+            return Err(TqError::DimMismatch { expected: self.dim(), got: q.len() });
         }
         check_vectors(q, self.dim())?;
         Ok(self.prepare_unchecked(q))
@@ -331,8 +296,7 @@ impl dyn Codec + '_ {
     }
     /// The fast-scan tables of `q` (empty without fast-scan support).
     pub fn fastscan_tables(&self, q: &PreparedQuery) -> Vec<f32> {
-        self.fastscan()
-            .map_or_else(Vec::new, |f| f.fastscan_tables(q))
+        self.fastscan().map_or_else(Vec::new, |f| f.fastscan_tables(q))
     }
     /// The fast-scan factor of `code` (1 without fast-scan support).
     pub fn fastscan_factor(&self, code: &[u8]) -> f32 {
@@ -369,12 +333,7 @@ impl dyn Codec + '_ {
 }
 
 /// One `score_ip` per code.
-pub(crate) fn score_each<C: Codec + ?Sized>(
-    c: &C,
-    q: &PreparedQuery,
-    codes: &[u8],
-    out: &mut [f32],
-) {
+pub(crate) fn score_each<C: Codec + ?Sized>(c: &C, q: &PreparedQuery, codes: &[u8], out: &mut [f32]) {
     for (o, code) in out.iter_mut().zip(codes.chunks_exact(c.code_size())) {
         *o = c.score_ip(q, code);
     }
@@ -400,48 +359,24 @@ pub fn check_vectors(xs: &[f32], dim: usize) -> Result<()> {
 
 /// The validation of `check_vectors`, plus `flagged(i, v)` for every vector
 /// whose largest `|x|` exceeds `flag_above`.
-fn scan_vectors(
-    xs: &[f32],
-    dim: usize,
-    flag_above: f32,
-    mut flagged: impl FnMut(usize, &[f32]) -> Result<()>,
-) -> Result<()> {
+fn scan_vectors(xs: &[f32], dim: usize, flag_above: f32, mut flagged: impl FnMut(usize, &[f32]) -> Result<()>) -> Result<()> {
     if dim == 0 || xs.is_empty() || !xs.len().is_multiple_of(dim) {
-        return Err(TqError::DimMismatch {
-            expected: dim,
-            got: if xs.is_empty() || dim == 0 {
-                0
-            } else {
-                xs.len() % dim
-            },
-        });
+        return Err(TqError::DimMismatch { expected: dim, got: if xs.is_empty() || dim == 0 { 0 } else { xs.len() % dim } });
     }
     // Largest |x| (as ordered bits) per vector: a branch-free, vectorizable scan.
     // Only vectors with a huge coordinate need the exact f64 norm check.
     const HUGE: u32 = 0x5D5E_0B6B; // 1e18 = SAFE_ABS: below it, Σx² cannot overflow f64 nor ‖x‖ f32
     let flag = flag_above.to_bits();
     for (i, v) in xs.chunks_exact(dim).enumerate() {
-        let m = v
-            .iter()
-            .fold(0u32, |m, &x| m.max(x.to_bits() & 0x7FFF_FFFF));
+        let m = v.iter().fold(0u32, |m, &x| m.max(x.to_bits() & 0x7FFF_FFFF));
         if m >= 0x7F80_0000 {
-            let (j, &x) = v
-                .iter()
-                .enumerate()
-                .find(|(_, x)| !x.is_finite())
-                .expect("a non-finite value");
-            return Err(TqError::NonFinite {
-                vector: i,
-                coord: j,
-                value: x,
-            });
+            let (j, &x) = v.iter().enumerate().find(|(_, x)| !x.is_finite()).expect("a non-finite value");
+            return Err(TqError::NonFinite { vector: i, coord: j, value: x });
         }
         if m > HUGE {
             let s: f64 = v.iter().map(|&x| x as f64 * x as f64).sum();
             if s.sqrt() > f32::MAX as f64 {
-                return Err(TqError::BadParams(format!(
-                    "vector {i} has a norm that overflows f32"
-                )));
+                return Err(TqError::BadParams(format!("vector {i} has a norm that overflows f32")));
             }
         }
         if m > flag {
@@ -486,10 +421,7 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = const { RefCell::new(Scratch { a: Vec::new(), b: Vec::new(), idx: Vec::new() }) };
 }
 
-pub(crate) fn with_scratch<R>(
-    dim: usize,
-    f: impl FnOnce(&mut [f32], &mut [f32], &mut [u8]) -> R,
-) -> R {
+pub(crate) fn with_scratch<R>(dim: usize, f: impl FnOnce(&mut [f32], &mut [f32], &mut [u8]) -> R) -> R {
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         if s.a.len() < dim {

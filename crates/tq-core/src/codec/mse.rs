@@ -2,10 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{
-    norm_of, normalize, read_f32, score_each, with_scratch, AttentionCodec, CodebookView, Codec,
-    CodecInfo, FastScanCodec, PreparedQuery,
-};
+use super::{norm_of, normalize, read_f32, score_each, with_scratch, AttentionCodec, CodebookView, Codec, CodecInfo, FastScanCodec, PreparedQuery};
 use crate::bitpack::{pack, packed_len, unpack};
 use crate::codebook::LloydMax;
 use crate::error::Result;
@@ -28,13 +25,7 @@ pub struct TurboQuantMse {
 }
 
 impl TurboQuantMse {
-    pub fn new(
-        dim: usize,
-        bits: u32,
-        seed: u64,
-        rotation: RotationKind,
-        norm_correction: bool,
-    ) -> Result<Self> {
+    pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, norm_correction: bool) -> Result<Self> {
         let codebook = LloydMax::get(dim, bits)?;
         let rotation = Rotation::new(rotation, dim, seed)?;
         let name = format!("tq-mse-{bits}{}", if norm_correction { "-nc" } else { "" });
@@ -106,13 +97,7 @@ impl Codec for TurboQuantMse {
             let k = kernels();
             // fused fast path (same bits as the general one); None for zero/extreme norms
             let fused = self.rotation.two_round_pow2().and_then(|(s1, s2, total)| {
-                let p = Had2 {
-                    s1,
-                    s2,
-                    total,
-                    boundaries: &self.codebook.boundaries,
-                    bits: self.bits,
-                };
+                let p = Had2 { s1, s2, total, boundaries: &self.codebook.boundaries, bits: self.bits };
                 (k.had2_quantize)(x, &p, y, idx)
             });
             let scale = match fused {
@@ -142,10 +127,7 @@ impl Codec for TurboQuantMse {
 
     fn prepare_unchecked(&self, q: &[f32]) -> PreparedQuery {
         let norm_sq = (kernels().sum_sq)(q);
-        PreparedQuery {
-            parts: vec![self.rotation.rotate(q)],
-            norm_sq,
-        }
+        PreparedQuery { parts: vec![self.rotation.rotate(q)], norm_sq }
     }
 
     fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {
@@ -163,27 +145,15 @@ impl AttentionCodec for TurboQuantMse {
     /// Rotated domain: `acc += w·scale·c[idx]`, rotated back by `finish_accumulated`.
     fn accumulate(&self, code: &[u8], w: f32, acc: &mut [f32]) {
         let ws = w * read_f32(code, self.packed);
-        (kernels().axpy_codes)(
-            &code[..self.packed],
-            self.bits,
-            &self.codebook.centroids,
-            ws,
-            acc,
-        );
+        (kernels().axpy_codes)(&code[..self.packed], self.bits, &self.codebook.centroids, ws, acc);
     }
 
     fn finish_accumulated(&self, acc: &mut [f32]) {
-        with_scratch(self.dim, |_, tmp, _| {
-            self.rotation.unrotate_in_place(acc, tmp)
-        });
+        with_scratch(self.dim, |_, tmp, _| self.rotation.unrotate_in_place(acc, tmp));
     }
 
     fn codebook_view(&self) -> Option<CodebookView<'_>> {
-        Some(CodebookView {
-            bits: self.bits,
-            table: &self.codebook.centroids,
-            packed: self.packed,
-        })
+        Some(CodebookView { bits: self.bits, table: &self.codebook.centroids, packed: self.packed })
     }
 
     /// Batch scoring. For 1, 2 and 4 bits (whole coordinates per byte) and
@@ -278,12 +248,7 @@ impl TurboQuantMse {
 
     /// ⟨q, x̂⟩ from the rotated query `qr = Π q`.
     pub(super) fn ip_rotated(&self, qr: &[f32], code: &[u8]) -> f32 {
-        let s = (kernels().dot_codes)(
-            qr,
-            &code[..self.packed],
-            self.bits,
-            &self.codebook.centroids,
-        );
+        let s = (kernels().dot_codes)(qr, &code[..self.packed], self.bits, &self.codebook.centroids);
         s * read_f32(code, self.packed)
     }
 

@@ -68,13 +68,7 @@ const QJL_PURPOSE: u64 = 0x0051_4A4C;
 
 impl TurboQuantProd {
     /// `orthogonal`: structured orthogonal projection instead of the paper's Gaussian one.
-    pub fn new(
-        dim: usize,
-        bits: u32,
-        seed: u64,
-        rotation: RotationKind,
-        orthogonal: bool,
-    ) -> Result<Self> {
+    pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, orthogonal: bool) -> Result<Self> {
         if !(1..=8).contains(&bits) {
             return Err(TqError::UnsupportedBits(bits));
         }
@@ -85,11 +79,7 @@ impl TurboQuantProd {
         } else {
             QjlProjection::Gaussian(DenseMatrix::random_directions(dim, qjl_seed)?)
         };
-        let codebook = if bits >= 2 {
-            Some(LloydMax::get(dim, bits - 1)?)
-        } else {
-            None
-        };
+        let codebook = if bits >= 2 { Some(LloydMax::get(dim, bits - 1)?) } else { None };
         let (packed_mse, packed_sign) = (packed_len(dim, bits - 1), packed_len(dim, 1));
         let code_size = packed_mse + packed_sign + if bits >= 2 { 8 } else { 4 };
         let name = format!("tq-prod-{bits}{}", if orthogonal { "-orth" } else { "" });
@@ -181,10 +171,7 @@ impl Codec for TurboQuantProd {
         let mut qs = qr.clone();
         let mut tmp = vec![0.0; self.dim];
         self.qjl.project(&mut qs, &mut tmp);
-        PreparedQuery {
-            parts: vec![qr, qs],
-            norm_sq: (kernels().sum_sq)(q),
-        }
+        PreparedQuery { parts: vec![qr, qs], norm_sq: (kernels().sum_sq)(q) }
     }
 
     fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32 {

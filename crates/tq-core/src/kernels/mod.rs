@@ -108,12 +108,7 @@ pub fn kernels() -> &'static Kernels {
         {
             let all = x86::detect_all();
             // TQ_SIMD=avx2 caps the choice (comparisons); otherwise the best
-            if let Some(k) = all
-                .iter()
-                .rev()
-                .find(|k| want.is_empty() || k.name == want)
-                .or(all.last())
-            {
+            if let Some(k) = all.iter().rev().find(|k| want.is_empty() || k.name == want).or(all.last()) {
                 return k;
             }
         }

@@ -84,7 +84,7 @@ fn mxfp4_and_nvfp4_encode_hand_computed_blocks() {
     let g = f32::from_le_bytes(code[9..13].try_into().unwrap());
     assert_eq!(g, 6.0 / 2688.0);
     assert_eq!(code[0], 0x7E); // block scale 448 (amax/6/g)
-    // elements relative to scale 448·g ≈ 1: 6 → 7, −3 → 0x8|5, 0.5 → 1
+                               // elements relative to scale 448·g ≈ 1: 6 → 7, −3 → 0x8|5, 0.5 → 1
     assert_eq!(code[1..3], [0xD7, 0x01]);
     let mut y = [0.0f32; 16];
     c.decode(&code, &mut y).unwrap();

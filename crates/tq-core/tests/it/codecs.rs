@@ -62,8 +62,7 @@ fn every_codec_roundtrips_and_scores_match_decoded() {
                 let xh = &dec[i * dim..(i + 1) * dim];
                 let ip: f64 = q.iter().zip(xh).map(|(&a, &b)| a as f64 * b as f64).sum();
                 let s = c.score_ip(&pq, code) as f64;
-                let scale: f64 = q.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt()
-                    * xh.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                let scale: f64 = q.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() * xh.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
                 assert!((s - ip).abs() <= 1e-4 * scale + 1e-6, "{} dim {dim}: {s} vs {ip}", e.name);
                 if !matches!(e.kind, tq_core::CodecKind::Prod { .. } | tq_core::CodecKind::RaBitQ { .. }) {
                     // L2 is the distance to the decoded vector (the unbiased
@@ -74,8 +73,7 @@ fn every_codec_roundtrips_and_scores_match_decoded() {
                 }
             }
             // relative reconstruction error is bounded for >= 3 bits
-            if e.nominal_bits() >= 3.0
-                && !matches!(e.kind, tq_core::CodecKind::Prod { .. } | tq_core::CodecKind::RaBitQ { .. } | tq_core::CodecKind::Pq { .. })
+            if e.nominal_bits() >= 3.0 && !matches!(e.kind, tq_core::CodecKind::Prod { .. } | tq_core::CodecKind::RaBitQ { .. } | tq_core::CodecKind::Pq { .. })
             {
                 let err: f64 = xs.iter().zip(&dec).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
                 let nrm: f64 = xs.iter().map(|&a| (a as f64).powi(2)).sum();

@@ -75,8 +75,7 @@ fn block_kernels_are_exact_on_every_path() {
     for m in [2usize, 8, 64, 128, 510, 768, 1536] {
         let qmax = (65535 / (m / 2)).min(255) as u64;
         for fill in [false, true] {
-            let tables: Vec<u8> =
-                (0..16 * m).map(|_| if fill { qmax as u8 } else { rng.below(qmax + 1) as u8 }).collect();
+            let tables: Vec<u8> = (0..16 * m).map(|_| if fill { qmax as u8 } else { rng.below(qmax + 1) as u8 }).collect();
             let mut st = FastScanCodes::new(m).unwrap();
             let n = 45; // one full block and a partial one
             let codes: Vec<Vec<u8>> = (0..n).map(|_| (0..m / 2).map(|_| rng.below(256) as u8).collect()).collect();
@@ -111,11 +110,7 @@ fn quantized_table_sums_are_within_the_bound() {
         let q = QuantizedLut::new(&lut);
         for _ in 0..50 {
             let nib: Vec<u8> = (0..m / 2).map(|_| rng.below(256) as u8).collect();
-            let exact: f64 = nib
-                .iter()
-                .enumerate()
-                .map(|(k, &b)| lut[32 * k + (b & 15) as usize] as f64 + lut[32 * k + 16 + (b >> 4) as usize] as f64)
-                .sum();
+            let exact: f64 = nib.iter().enumerate().map(|(k, &b)| lut[32 * k + (b & 15) as usize] as f64 + lut[32 * k + 16 + (b >> 4) as usize] as f64).sum();
             let approx = q.value(naive_sum(&nib, q.tables())) as f64;
             assert!((approx - exact).abs() <= q.max_error() as f64 * 1.0001 + 1e-4, "m={m}: {approx} vs {exact}");
         }

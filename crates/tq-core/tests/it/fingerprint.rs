@@ -38,20 +38,14 @@ fn fingerprint(c: &dyn Codec, n: usize) -> u64 {
     h.f32s(&dec);
     for qi in 0..2 {
         let q = c.prepare(&data(1, d, 100 + qi)).unwrap();
-        let s: Vec<f32> = codes
-            .chunks_exact(c.code_size())
-            .flat_map(|k| [c.score_ip(&q, k), c.score_l2(&q, k)])
-            .collect();
+        let s: Vec<f32> = codes.chunks_exact(c.code_size()).flat_map(|k| [c.score_ip(&q, k), c.score_l2(&q, k)]).collect();
         h.f32s(&s);
         let mut many = vec![0.0f32; n];
         c.score_ip_many(&q, &codes, &mut many);
         h.f32s(&many);
         if c.fastscan_m().is_some() {
             h.f32s(&c.fastscan_tables(&q));
-            let f: Vec<f32> = codes
-                .chunks_exact(c.code_size())
-                .map(|k| c.fastscan_factor(k))
-                .collect();
+            let f: Vec<f32> = codes.chunks_exact(c.code_size()).map(|k| c.fastscan_factor(k)).collect();
             h.f32s(&f);
         }
     }
@@ -74,50 +68,26 @@ fn fingerprint(c: &dyn Codec, n: usize) -> u64 {
 fn registry_entries_match_the_recorded_list() {
     let mut got = String::new();
     for e in registry() {
-        let sizes: Vec<usize> = [2usize, 4, 9, 48, 64, 100, 128, 130, 1536]
-            .iter()
-            .map(|&d| e.code_size(d))
-            .collect();
-        got += &format!(
-            "{} {} {:?} {sizes:?} {} {} | {} | {}\n",
-            e.id,
-            e.name,
-            e.kind,
-            e.nominal_bits(),
-            e.min_dim(),
-            e.code_size_formula(),
-            e.description()
-        );
+        let sizes: Vec<usize> = [2usize, 4, 9, 48, 64, 100, 128, 130, 1536].iter().map(|&d| e.code_size(d)).collect();
+        got += &format!("{} {} {:?} {sizes:?} {} {} | {} | {}\n", e.id, e.name, e.kind, e.nominal_bits(), e.min_dim(), e.code_size_formula(), e.description());
     }
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/registry.txt");
     if std::env::var_os("TQ_BLESS").is_some() {
         std::fs::write(path, &got).unwrap();
     }
-    assert_eq!(
-        got,
-        std::fs::read_to_string(path).expect("recorded registry")
-    );
+    assert_eq!(got, std::fs::read_to_string(path).expect("recorded registry"));
 }
 
 #[test]
 fn codes_and_scores_match_the_recorded_fingerprints() {
     let mut lines = Vec::new();
     for e in registry() {
-        for (dim, rot) in [
-            (64usize, RotationKind::Hadamard),
-            (100, RotationKind::Hadamard),
-            (48, RotationKind::Haar),
-        ] {
+        for (dim, rot) in [(64usize, RotationKind::Hadamard), (100, RotationKind::Hadamard), (48, RotationKind::Haar)] {
             let mut c = e.build(dim, 7, rot, &[]).unwrap();
             if c.wants_training() {
                 c.train(&data(300, dim, 5)).unwrap();
             }
-            lines.push(format!(
-                "{} {dim} {} {:016x}",
-                e.name,
-                rot.name(),
-                fingerprint(c.as_ref(), 80)
-            ));
+            lines.push(format!("{} {dim} {} {:016x}", e.name, rot.name(), fingerprint(c.as_ref(), 80)));
         }
     }
     for e in matrix_registry() {

@@ -19,12 +19,7 @@ fn fwht_simd_is_bit_identical_to_scalar() {
         for k in available() {
             let mut got = x.clone();
             (k.fwht)(&mut got);
-            assert_eq!(
-                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                "{} n={n}",
-                k.name
-            );
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} n={n}", k.name);
         }
     }
 }
@@ -282,8 +277,7 @@ fn fused_hadamard_quantize_matches_the_unfused_path_bit_for_bit() {
                 for kt in available() {
                     let mut y = vec![0.0; n];
                     let mut idx = vec![0u8; n];
-                    let got = (kt.had2_quantize)(&x, &p, &mut y, &mut idx)
-                        .map(|norm| (norm.to_bits(), y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), idx));
+                    let got = (kt.had2_quantize)(&x, &p, &mut y, &mut idx).map(|norm| (norm.to_bits(), y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), idx));
                     assert_eq!(got, want, "{} n={n} bits={bits} scale={scale}", kt.name);
                 }
             }

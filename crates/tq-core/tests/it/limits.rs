@@ -16,82 +16,31 @@ fn data(n: usize, dim: usize, seed: u64) -> Vec<f32> {
 #[test]
 fn dimensions_above_max_dim_are_refused_naming_the_field() {
     for name in ["tq-mse-4", "tq-prod-2-orth", "q8_0", "pq-4", "polar-4"] {
-        let e = build(name, MAX_DIM + 1, 0, RotationKind::Hadamard)
-            .err()
-            .expect("refused");
-        assert!(
-            matches!(
-                e,
-                TqError::LimitExceeded {
-                    field: "dim",
-                    limit: MAX_DIM,
-                    ..
-                }
-            ),
-            "{name}: {e}"
-        );
+        let e = build(name, MAX_DIM + 1, 0, RotationKind::Hadamard).err().expect("refused");
+        assert!(matches!(e, TqError::LimitExceeded { field: "dim", limit: MAX_DIM, .. }), "{name}: {e}");
         assert!(!e.to_string().contains('\n'));
     }
     for name in ["kivi-2", "qet-4", "tq-mse-4"] {
-        let e = build_matrix(name, MAX_DIM + 1, Axis::PerToken, 0)
-            .err()
-            .expect("refused");
-        assert!(
-            matches!(
-                e,
-                TqError::LimitExceeded {
-                    field: "channels",
-                    ..
-                }
-            ),
-            "{name}: {e}"
-        );
+        let e = build_matrix(name, MAX_DIM + 1, Axis::PerToken, 0).err().expect("refused");
+        assert!(matches!(e, TqError::LimitExceeded { field: "channels", .. }), "{name}: {e}");
     }
     assert!(build("tq-mse-4", MAX_DIM, 0, RotationKind::Hadamard).is_ok());
 }
 
 #[test]
 fn dense_transforms_are_refused_above_their_limit_with_the_structured_alternative() {
-    assert!(
-        MAX_DENSE_DIM >= 1536,
-        "the report runs dense QJL at d = 1536"
-    );
+    assert!(MAX_DENSE_DIM >= 1536, "the report runs dense QJL at d = 1536");
     let d = MAX_DENSE_DIM + 1;
     for name in ["tq-prod-1", "tq-prod-3"] {
-        let e = build(name, d, 0, RotationKind::Hadamard)
-            .err()
-            .expect("refused");
-        assert!(
-            matches!(
-                e,
-                TqError::LimitExceeded {
-                    limit: MAX_DENSE_DIM,
-                    ..
-                }
-            ),
-            "{e}"
-        );
+        let e = build(name, d, 0, RotationKind::Hadamard).err().expect("refused");
+        assert!(matches!(e, TqError::LimitExceeded { limit: MAX_DENSE_DIM, .. }), "{e}");
         let m = e.to_string();
-        assert!(
-            m.contains("-orth") && m.contains("2048") && m.contains("GiB"),
-            "{m}"
-        );
+        assert!(m.contains("-orth") && m.contains("2048") && m.contains("GiB"), "{m}");
     }
     // tq-prod at 100,000 (once a 40 GB matrix): refused by MAX_DIM, at once
-    assert!(matches!(
-        build("tq-prod-2", 100_000, 0, RotationKind::Hadamard),
-        Err(TqError::LimitExceeded { .. })
-    ));
-    for name in [
-        "tq-mse-4",
-        "rabitq-1",
-        "q8_0-rot",
-        "polar-3",
-        "tq-prod-2-orth",
-    ] {
-        let e = build(name, d, 0, RotationKind::Haar)
-            .err()
-            .expect("refused");
+    assert!(matches!(build("tq-prod-2", 100_000, 0, RotationKind::Hadamard), Err(TqError::LimitExceeded { .. })));
+    for name in ["tq-mse-4", "rabitq-1", "q8_0-rot", "polar-3", "tq-prod-2-orth"] {
+        let e = build(name, d, 0, RotationKind::Haar).err().expect("refused");
         assert!(e.to_string().contains("hadamard"), "{name}: {e}");
     }
     // the structured variants are fine far above it
@@ -138,11 +87,7 @@ fn encode_refuses_or_decodes_finite(c: &dyn Codec, x: &[f32]) -> std::result::Re
             c.decode(&code, &mut out).unwrap();
             match out.iter().position(|v| !v.is_finite()) {
                 None => Ok(()),
-                Some(j) => Err(format!(
-                    "{}: accepted, decodes to {} at {j}",
-                    c.name(),
-                    out[j]
-                )),
+                Some(j) => Err(format!("{}: accepted, decodes to {} at {j}", c.name(), out[j])),
             }
         }
     }
@@ -172,11 +117,7 @@ fn extreme_norms_are_refused_or_represented_by_every_codec() {
                     Ok(()) => {
                         let mut out = vec![0.0f32; batch.len()];
                         c.decode_batch(&codes, &mut out).unwrap();
-                        assert!(
-                            out.iter().all(|v| v.is_finite()),
-                            "{} at scale {scale:e}",
-                            c.name()
-                        );
+                        assert!(out.iter().all(|v| v.is_finite()), "{} at scale {scale:e}", c.name());
                     }
                     Err(TqError::Unencodable { vector, .. }) => {
                         assert_eq!(vector, 3, "{}", c.name())
@@ -207,10 +148,7 @@ fn f16_scaled_formats_refuse_what_their_scale_cannot_hold() {
     let mut out = vec![0u8; k.encoded_size(4)];
     k.encode(&m, &mut out).unwrap();
     m[64 * 2 + 1] = 1e6;
-    assert!(matches!(
-        k.encode(&m, &mut out),
-        Err(TqError::Unencodable { vector: 2, .. })
-    ));
+    assert!(matches!(k.encode(&m, &mut out), Err(TqError::Unencodable { vector: 2, .. })));
 }
 
 #[test]
@@ -224,11 +162,7 @@ fn matrix_codecs_refuse_or_represent_extreme_values() {
                 Ok(_) => {
                     let mut dec = vec![0.0f32; m.len()];
                     c.decode(&out, 40, &mut dec).unwrap();
-                    assert!(
-                        dec.iter().all(|v| v.is_finite()),
-                        "{} at {scale:e}",
-                        c.name()
-                    );
+                    assert!(dec.iter().all(|v| v.is_finite()), "{} at {scale:e}", c.name());
                 }
                 Err(TqError::Unencodable { vector: 7, .. }) => {}
                 Err(e) => panic!("{}: {e}", c.name()),
@@ -275,30 +209,10 @@ fn registry_capabilities_match_the_codecs() {
         assert_eq!(e.caps.needs_training, !c.is_trained(), "{}", e.name);
         assert_eq!(e.caps.fastscan, c.fastscan().is_some(), "{}", e.name);
         assert_eq!(e.caps.codebook, c.codebook_view().is_some(), "{}", e.name);
-        assert_eq!(
-            e.caps.kv == Some(KvScale::Bf16),
-            e.caps.codebook,
-            "{}",
-            e.name
-        );
+        assert_eq!(e.caps.kv == Some(KvScale::Bf16), e.caps.codebook, "{}", e.name);
         assert_eq!(e.family, e.kind.family());
-        assert_eq!(
-            e.caps.online,
-            !e.caps.trainable || e.family == Family::RaBitQ,
-            "{}",
-            e.name
-        );
-        let gpu = matches!(
-            e.name.as_str(),
-            "q8_0"
-                | "q4_0"
-                | "tq-mse-2"
-                | "tq-mse-3"
-                | "tq-mse-4"
-                | "tq-mse-2-nc"
-                | "tq-mse-3-nc"
-                | "tq-mse-4-nc"
-        );
+        assert_eq!(e.caps.online, !e.caps.trainable || e.family == Family::RaBitQ, "{}", e.name);
+        let gpu = matches!(e.name.as_str(), "q8_0" | "q4_0" | "tq-mse-2" | "tq-mse-3" | "tq-mse-4" | "tq-mse-2-nc" | "tq-mse-3-nc" | "tq-mse-4-nc");
         assert_eq!(e.caps.gpu, gpu, "{}", e.name);
         assert_eq!(e.norm_correction, e.name.ends_with("-nc"));
         if let Some(b) = e.bits {

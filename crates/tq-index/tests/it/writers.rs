@@ -19,38 +19,24 @@ const DIM: usize = 16;
 /// Ids of the index every scenario starts from.
 const BASE: u64 = 10;
 /// Generous: a test machine may be slow, and a timeout would fail the test.
-const WAIT: LockWait = LockWait {
-    timeout: Duration::from_secs(60),
-};
+const WAIT: LockWait = LockWait { timeout: Duration::from_secs(60) };
 
 fn base_index() -> AnyIndex {
     let mut f = FlatIndex::new(IndexSpec::new("tq-mse-4", DIM, Metric::Ip)).unwrap();
-    f.add(
-        &(0..BASE).collect::<Vec<u64>>(),
-        &data(BASE as usize, DIM, 1),
-    )
-    .unwrap();
+    f.add(&(0..BASE).collect::<Vec<u64>>(), &data(BASE as usize, DIM, 1)).unwrap();
     AnyIndex::Flat(f)
 }
 
 fn ids_of(a: &AnyIndex) -> BTreeSet<u64> {
     match a {
         AnyIndex::Flat(f) => f.ids().iter().copied().collect(),
-        AnyIndex::Ivf(i) => (0..i.nlist())
-            .flat_map(|l| i.list(l).ids().to_vec())
-            .collect(),
+        AnyIndex::Ivf(i) => (0..i.nlist()).flat_map(|l| i.list(l).ids().to_vec()).collect(),
     }
 }
 
 fn child(test: &str, env: &[(&str, String)]) -> Command {
     let mut c = Command::new(std::env::current_exe().unwrap());
-    c.args([
-        "--exact",
-        test,
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ]);
+    c.args(["--exact", test, "--ignored", "--nocapture", "--test-threads=1"]);
     for (k, v) in env {
         c.env(k, v);
     }
@@ -82,11 +68,7 @@ fn writer_child() {
     let mut retries = 0;
     for op in 0..ops {
         let remove = !mine.is_empty() && rng.below(3) == 0;
-        let id = if remove {
-            mine.swap_remove(rng.below(mine.len() as u64) as usize)
-        } else {
-            (me + 1) * 1_000_000 + op
-        };
+        let id = if remove { mine.swap_remove(rng.below(mine.len() as u64) as usize) } else { (me + 1) * 1_000_000 + op };
         let (tag, ack) = if remove { ("r", "R") } else { ("a", "A") };
         say(format!("{tag} {id}"));
         let x = data(1, DIM, id);
@@ -179,12 +161,7 @@ fn parse_log(out: &str) -> Log {
 fn spawn_writer(path: &Path, me: u64, ops: u64, seed: u64) -> Child {
     child(
         "writers::writer_child",
-        &[
-            ("TQI_W_PATH", path.display().to_string()),
-            ("TQI_W_ID", me.to_string()),
-            ("TQI_W_OPS", ops.to_string()),
-            ("TQI_W_SEED", seed.to_string()),
-        ],
+        &[("TQI_W_PATH", path.display().to_string()), ("TQI_W_ID", me.to_string()), ("TQI_W_OPS", ops.to_string()), ("TQI_W_SEED", seed.to_string())],
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -211,10 +188,7 @@ fn two_writers_lose_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.tqi");
     file::save(&base_index(), &path).unwrap();
-    let ws = [
-        spawn_writer(&path, 0, 100, 11),
-        spawn_writer(&path, 1, 100, 12),
-    ];
+    let ws = [spawn_writer(&path, 0, 100, 11), spawn_writer(&path, 1, 100, 12)];
     let mut expect: BTreeSet<u64> = (0..BASE).collect();
     let mut acked = 0;
     for w in ws {
@@ -231,10 +205,7 @@ fn two_writers_lose_no_acknowledged_write() {
     assert_eq!(idx.len(), expect.len());
     assert!(commit.seq >= 1);
     let report = file::check(&path).unwrap();
-    assert!(
-        report.loads && report.count == Some(expect.len()),
-        "{report:?}"
-    );
+    assert!(report.loads && report.count == Some(expect.len()), "{report:?}");
 }
 
 /// Two writers, one killed at a random point, many times: the file always
@@ -247,10 +218,7 @@ fn killed_writer_loses_no_acknowledged_write() {
     let mut victims_acked = Vec::new();
     for round in 0..12u64 {
         file::save(&base_index(), &path).unwrap();
-        let mut ws = vec![
-            spawn_writer(&path, 0, 30, 100 + round),
-            spawn_writer(&path, 1, 30, 200 + round),
-        ];
+        let mut ws = vec![spawn_writer(&path, 0, 30, 100 + round), spawn_writer(&path, 1, 30, 200 + round)];
         std::thread::sleep(Duration::from_millis(8 + rng.below(80)));
         let victim = rng.below(2) as usize;
         let _ = ws[victim].kill();
@@ -258,10 +226,7 @@ fn killed_writer_loses_no_acknowledged_write() {
         let mut maybe = BTreeSet::new();
         for (i, w) in ws.into_iter().enumerate() {
             let (ok, out) = finish(w);
-            assert!(
-                ok || i == victim,
-                "round {round}: the surviving writer failed:\n{out}"
-            );
+            assert!(ok || i == victim, "round {round}: the surviving writer failed:\n{out}");
             let log = parse_log(&out);
             if i == victim {
                 victims_acked.push(log.added.len() + log.removed.len());
@@ -272,26 +237,19 @@ fn killed_writer_loses_no_acknowledged_write() {
             }
             maybe.extend(log.pending);
         }
-        let (idx, _) = file::load(&path)
-            .unwrap_or_else(|e| panic!("round {round}: load after a kill failed: {e}"));
+        let (idx, _) = file::load(&path).unwrap_or_else(|e| panic!("round {round}: load after a kill failed: {e}"));
         let got = ids_of(&idx);
         // an unacknowledged write of the killed writer may or may not have committed
         let got_sure: BTreeSet<u64> = got.difference(&maybe).copied().collect();
         let expect_sure: BTreeSet<u64> = expect.difference(&maybe).copied().collect();
-        assert_eq!(
-            got_sure, expect_sure,
-            "round {round}: acknowledged writes lost or unknown ids present"
-        );
+        assert_eq!(got_sure, expect_sure, "round {round}: acknowledged writes lost or unknown ids present");
         // the next writer appends after whatever the kill left
         let (mut idx, mut app) = file::open_for_write(&path, WAIT).unwrap();
-        app.append_add(&idx.add(&[7_000_000], &data(1, DIM, 7)).unwrap())
-            .unwrap();
+        app.append_add(&idx.add(&[7_000_000], &data(1, DIM, 7)).unwrap()).unwrap();
         drop(app);
         assert!(file::load(&path).unwrap().0.contains(7_000_000));
     }
-    eprintln!(
-        "writes acknowledged by the killed writer before its kill (of 30): {victims_acked:?}"
-    );
+    eprintln!("writes acknowledged by the killed writer before its kill (of 30): {victims_acked:?}");
 }
 
 /// A writer whose view is stale is refused and writes nothing; a locked
@@ -303,37 +261,14 @@ fn stale_views_are_refused_without_writing() {
     file::save(&base_index(), &path).unwrap();
     let (mut a, ca) = file::load(&path).unwrap();
     let (mut b, cb) = file::load(&path).unwrap();
-    Appender::new(&path, ca)
-        .append_add(&a.add(&[100], &data(1, DIM, 100)).unwrap())
-        .unwrap();
+    Appender::new(&path, ca).append_add(&a.add(&[100], &data(1, DIM, 100)).unwrap()).unwrap();
     let before = std::fs::read(&path).unwrap();
-    let e = Appender::new(&path, cb)
-        .append_add(&b.add(&[200], &data(1, DIM, 200)).unwrap())
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            IndexError::Changed {
-                loaded: 1,
-                now: 2,
-                replaced: false,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(
-        e.to_string()
-            .contains("index file changed since it was loaded: commit 1 -> 2; reload and retry"),
-        "{e}"
-    );
+    let e = Appender::new(&path, cb).append_add(&b.add(&[200], &data(1, DIM, 200)).unwrap()).unwrap_err();
+    assert!(matches!(e, IndexError::Changed { loaded: 1, now: 2, replaced: false, .. }), "{e}");
+    assert!(e.to_string().contains("index file changed since it was loaded: commit 1 -> 2; reload and retry"), "{e}");
     let e = file::save_over(&b, &path, Some(cb), WAIT).unwrap_err();
     assert!(matches!(e, IndexError::Changed { .. }), "{e}");
-    assert_eq!(
-        std::fs::read(&path).unwrap(),
-        before,
-        "a refused writer changed the file"
-    );
+    assert_eq!(std::fs::read(&path).unwrap(), before, "a refused writer changed the file");
     // a save replaces the file by one with the same seq and length: still noticed
     file::save(&base_index(), &path).unwrap();
     let (_, cc) = file::load(&path).unwrap();
@@ -343,13 +278,8 @@ fn stale_views_are_refused_without_writing() {
     file::save(&other, &path).unwrap();
     let now = file::load(&path).unwrap().1;
     assert_eq!((now.seq, now.end), (cc.seq, cc.end));
-    let e = Appender::new(&path, cc)
-        .append_remove(&[0u8; 8])
-        .unwrap_err();
-    assert!(
-        matches!(e, IndexError::Changed { replaced: true, .. }),
-        "{e}"
-    );
+    let e = Appender::new(&path, cc).append_remove(&[0u8; 8]).unwrap_err();
+    assert!(matches!(e, IndexError::Changed { replaced: true, .. }), "{e}");
     // save_over with a fresh view succeeds and returns the new commit
     let (mut d, cd) = file::load(&path).unwrap();
     d.add(&[300], &data(1, DIM, 3)).unwrap();
@@ -374,22 +304,13 @@ fn lock_timeout_names_the_holder() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("l.tqi");
     file::save(&base_index(), &path).unwrap();
-    let mut c = child(
-        "writers::lock_holder_child",
-        &[("TQI_W_PATH", path.display().to_string())],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .unwrap();
+    let mut c =
+        child("writers::lock_holder_child", &[("TQI_W_PATH", path.display().to_string())]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut line = String::new();
     let mut out = BufReader::new(c.stdout.take().unwrap());
     while !line.contains("LOCK-HELD") {
         line.clear();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "the lock holder exited"
-        );
+        assert!(out.read_line(&mut line).unwrap() > 0, "the lock holder exited");
     }
     let pid = c.id();
     let lock = file::lock_path(&path);
@@ -398,47 +319,31 @@ fn lock_timeout_names_the_holder() {
     let errs = [
         file::open_for_write(&path, short).err().unwrap(),
         file::save_over(&base_index(), &path, None, short).unwrap_err(),
-        Appender::new(&path, file::load(&path).unwrap().1)
-            .with_wait(LockWait::no_wait())
-            .append_remove(&[0; 8])
-            .unwrap_err(),
+        Appender::new(&path, file::load(&path).unwrap().1).with_wait(LockWait::no_wait()).append_remove(&[0; 8]).unwrap_err(),
     ];
     for e in errs {
         match &e {
-            IndexError::LockTimeout {
-                lock: l,
-                holder_pid,
-                ..
-            } => {
+            IndexError::LockTimeout { lock: l, holder_pid, .. } => {
                 assert_eq!(*holder_pid, Some(pid));
                 assert_eq!(Path::new(l), lock);
             }
             _ => panic!("expected a lock timeout, got {e}"),
         }
         let msg = e.to_string();
-        assert!(
-            msg.contains(&format!("pid {pid}")) && msg.contains("l.tqi.lock"),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("pid {pid}")) && msg.contains("l.tqi.lock"), "{msg}");
     }
     assert_eq!(std::fs::read(&path).unwrap(), before);
     // a dead holder's lock is gone at once
     c.kill().unwrap();
     c.wait().unwrap();
     let (mut idx, mut app) = file::open_for_write(&path, LockWait::no_wait()).unwrap();
-    app.append_add(&idx.add(&[42], &data(1, DIM, 42)).unwrap())
-        .unwrap();
+    app.append_add(&idx.add(&[42], &data(1, DIM, 42)).unwrap()).unwrap();
     drop(app);
     assert!(lock.exists(), "the lock file stays");
     // in one process too (each open of the lock file is its own lock)
     let held = file::open_for_write(&path, LockWait::no_wait()).unwrap();
-    let e = file::open_for_write(&path, LockWait::no_wait())
-        .err()
-        .unwrap();
-    assert!(
-        matches!(e, IndexError::LockTimeout { holder_pid: Some(p), .. } if p == std::process::id()),
-        "{e}"
-    );
+    let e = file::open_for_write(&path, LockWait::no_wait()).err().unwrap();
+    assert!(matches!(e, IndexError::LockTimeout { holder_pid: Some(p), .. } if p == std::process::id()), "{e}");
     drop(held);
     assert!(file::open_for_write(&path, LockWait::no_wait()).is_ok());
 }
@@ -458,11 +363,7 @@ fn disk_full_child() {
     assert!(payload.len() > 128 * 1024);
     let e = app.append_add(&payload).unwrap_err();
     assert!(matches!(e, IndexError::Io { .. }), "{e}");
-    assert_eq!(
-        std::fs::metadata(path).unwrap().len(),
-        end,
-        "a partial record was left after a failed append"
-    );
+    assert_eq!(std::fs::metadata(path).unwrap().len(), end, "a partial record was left after a failed append");
     assert_eq!(app.commit().end, end);
     say("refused".into());
 }
@@ -481,22 +382,12 @@ fn failed_append_leaves_no_partial_record() {
         .arg("-c")
         .arg("trap '' XFSZ; ulimit -f 64 && exec \"$0\" \"$@\"")
         .arg(&exe)
-        .args([
-            "--exact",
-            "writers::disk_full_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "writers::disk_full_child", "--ignored", "--nocapture", "--test-threads=1"])
         .env("TQI_W_PATH", &path)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("refused"),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success() && stdout.contains("refused"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(std::fs::read(&path).unwrap(), before);
     assert_eq!(ids_of(&file::load(&path).unwrap().0), (0..BASE).collect());
 }

@@ -10,11 +10,7 @@ pub(super) fn fwht(x: &mut [f32]) {
     if x.len() < 8 {
         return scalar::fwht_ref(x);
     }
-    assert!(
-        x.len().is_power_of_two(),
-        "fwht takes a power-of-two length, not {}",
-        x.len()
-    );
+    assert!(x.len().is_power_of_two(), "fwht takes a power-of-two length, not {}", x.len());
     // SAFETY: AVX2 was detected (`detect_all` hands out this table only then);
     // the length is a power of two >= 8 (checked above).
     unsafe { fwht_avx2(x) }
@@ -147,9 +143,7 @@ unsafe fn rotate2_regs<const R: usize>(x: *const f32, p: &Had2<'_>, y: *mut f32)
 unsafe fn signed_fwht_regs<const R: usize>(v: &mut [__m256; R], s: &[u32]) {
     for (r, reg) in v.iter_mut().enumerate() {
         // SAFETY: 8·r + 8 <= 8·R masks, held by `s` (the caller's contract).
-        let m = unsafe {
-            _mm256_castsi256_ps(_mm256_loadu_si256(s.as_ptr().add(8 * r) as *const __m256i))
-        };
+        let m = unsafe { _mm256_castsi256_ps(_mm256_loadu_si256(s.as_ptr().add(8 * r) as *const __m256i)) };
         *reg = low3(_mm256_xor_ps(*reg, m));
     }
     let mut h = 1;
@@ -180,12 +174,7 @@ pub(super) fn had2_quantize(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u
 /// `idx` hold at least `x.len()` elements, `p.boundaries.len() == 2^p.bits - 1`
 /// (as `had2_quantize` asserts).
 #[target_feature(enable = "avx2")]
-unsafe fn had2_quantize_avx2(
-    x: &[f32],
-    p: &Had2<'_>,
-    y: &mut [f32],
-    idx: &mut [u8],
-) -> Option<f32> {
+unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
     let n = x.len();
     let yp = y.as_mut_ptr();
     // SAFETY: AVX2 (this function's contract). Every pointer access below is
@@ -198,23 +187,13 @@ unsafe fn had2_quantize_avx2(
             128 => rotate2_regs::<16>(x.as_ptr(), p, yp),
             _ => {
                 for c in (0..n).step_by(8) {
-                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(
-                        p.s1.as_ptr().add(c) as *const __m256i
-                    ));
-                    _mm256_storeu_ps(
-                        yp.add(c),
-                        low3(_mm256_xor_ps(_mm256_loadu_ps(x.as_ptr().add(c)), m)),
-                    );
+                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(p.s1.as_ptr().add(c) as *const __m256i));
+                    _mm256_storeu_ps(yp.add(c), low3(_mm256_xor_ps(_mm256_loadu_ps(x.as_ptr().add(c)), m)));
                 }
                 high_stages(yp, n);
                 for c in (0..n).step_by(8) {
-                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(
-                        p.s2.as_ptr().add(c) as *const __m256i
-                    ));
-                    _mm256_storeu_ps(
-                        yp.add(c),
-                        low3(_mm256_xor_ps(_mm256_loadu_ps(yp.add(c)), m)),
-                    );
+                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(p.s2.as_ptr().add(c) as *const __m256i));
+                    _mm256_storeu_ps(yp.add(c), low3(_mm256_xor_ps(_mm256_loadu_ps(yp.add(c)), m)));
                 }
                 high_stages(yp, n);
             }
@@ -268,11 +247,7 @@ unsafe fn had2_quantize_avx2(
                 let mut j = _mm256_setzero_si256();
                 for step in [4, 2, 1] {
                     let k = _mm256_add_epi32(j, _mm256_set1_epi32(step - 1));
-                    let thr = _mm256_blendv_ps(
-                        _mm256_permutevar8x32_ps(lo7, k),
-                        _mm256_permutevar8x32_ps(hi7, k),
-                        up,
-                    );
+                    let thr = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo7, k), _mm256_permutevar8x32_ps(hi7, k), up);
                     let gt = _mm256_castps_si256(_mm256_cmp_ps(v, thr, _CMP_GT_OQ));
                     j = _mm256_add_epi32(j, _mm256_and_si256(gt, _mm256_set1_epi32(step)));
                 }
@@ -280,10 +255,7 @@ unsafe fn had2_quantize_avx2(
             } else {
                 let mut cnt = _mm256_setzero_si256();
                 for b in bv.iter().take(nb) {
-                    cnt = _mm256_sub_epi32(
-                        cnt,
-                        _mm256_castps_si256(_mm256_cmp_ps(v, *b, _CMP_GT_OQ)),
-                    );
+                    cnt = _mm256_sub_epi32(cnt, _mm256_castps_si256(_mm256_cmp_ps(v, *b, _CMP_GT_OQ)));
                 }
                 cnt
             }
@@ -355,12 +327,7 @@ unsafe fn quantize_avx2(y: &[f32], boundaries: &[f32], bits: u32, idx: &mut [u8]
                 let cand = _mm256_add_epi32(pos, _mm256_set1_epi32(step));
                 // SAFETY: AVX2; every lane's cand - 1 <= 2^bits - 2 < boundaries.len()
                 // (the caller's contract), so the gather reads inside `boundaries`.
-                let thr = unsafe {
-                    _mm256_i32gather_ps::<4>(
-                        boundaries.as_ptr(),
-                        _mm256_sub_epi32(cand, _mm256_set1_epi32(1)),
-                    )
-                };
+                let thr = unsafe { _mm256_i32gather_ps::<4>(boundaries.as_ptr(), _mm256_sub_epi32(cand, _mm256_set1_epi32(1))) };
                 let gt = _mm256_castps_si256(_mm256_cmp_ps(v, thr, _CMP_GT_OQ));
                 pos = _mm256_blendv_epi8(pos, cand, gt);
                 step >>= 1;
@@ -428,12 +395,7 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for c in (0..full).step_by(8) {
         // SAFETY: AVX2; c + 8 <= full <= a.len() == b.len().
-        let (x, y) = unsafe {
-            (
-                _mm256_loadu_ps(a.as_ptr().add(c)),
-                _mm256_loadu_ps(b.as_ptr().add(c)),
-            )
-        };
+        let (x, y) = unsafe { (_mm256_loadu_ps(a.as_ptr().add(c)), _mm256_loadu_ps(b.as_ptr().add(c))) };
         acc = _mm256_add_ps(acc, _mm256_mul_ps(x, y));
     }
     let mut l = [0.0f32; 8];
@@ -490,12 +452,7 @@ unsafe fn dot_codes_avx2(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> 
     for g in 0..groups {
         // SAFETY: AVX2+FMA; g·8 + 8 <= n = q.len(); `word_at` reads in bounds;
         // the table holds 2^bits entries for the gather of `vals`.
-        let (vals, qv) = unsafe {
-            (
-                u.vals(Unpack::word_at(packed, g * b), table),
-                _mm256_loadu_ps(q.as_ptr().add(g * 8)),
-            )
-        };
+        let (vals, qv) = unsafe { (u.vals(Unpack::word_at(packed, g * b), table), _mm256_loadu_ps(q.as_ptr().add(g * 8))) };
         if g % 2 == 0 {
             acc = _mm256_fmadd_ps(qv, vals, acc);
         } else {
@@ -537,13 +494,7 @@ pub(super) fn lookup_codes(packed: &[u8], bits: u32, table: &[f32], out: &mut [f
 /// The CPU supports AVX2 and FMA; `bits` in 1..=8, `table.len() >= 2^bits`,
 /// `packed` holds `acc.len()` fields (as `axpy_codes` and `lookup_codes` assert).
 #[target_feature(enable = "avx2,fma")]
-unsafe fn codes_avx2<const ACC: bool>(
-    packed: &[u8],
-    bits: u32,
-    table: &[f32],
-    w: f32,
-    acc: &mut [f32],
-) {
+unsafe fn codes_avx2<const ACC: bool>(packed: &[u8], bits: u32, table: &[f32], w: f32, acc: &mut [f32]) {
     let n = acc.len();
     let groups = n / 8;
     let b = bits as usize;
@@ -557,14 +508,7 @@ unsafe fn codes_avx2<const ACC: bool>(
         unsafe {
             let vals = u.vals(Unpack::word_at(packed, g * b), table);
             let a = acc.as_mut_ptr().add(g * 8);
-            _mm256_storeu_ps(
-                a,
-                if ACC {
-                    _mm256_fmadd_ps(wv, vals, _mm256_loadu_ps(a))
-                } else {
-                    vals
-                },
-            );
+            _mm256_storeu_ps(a, if ACC { _mm256_fmadd_ps(wv, vals, _mm256_loadu_ps(a)) } else { vals });
         }
     }
     for j in groups * 8..n {
@@ -601,16 +545,8 @@ impl Unpack {
                 shuf: _mm256_loadu_si256(shuf.as_ptr() as *const __m256i),
                 shifts: _mm256_loadu_si256(shifts.as_ptr() as *const __m256i),
                 mask: _mm256_set1_epi32((1i32 << bits) - 1),
-                t0: _mm256_loadu_ps(if bits <= 3 {
-                    pad.as_ptr()
-                } else {
-                    table.as_ptr()
-                }),
-                t1: if bits == 4 {
-                    _mm256_loadu_ps(table.as_ptr().add(8))
-                } else {
-                    _mm256_loadu_ps(pad.as_ptr())
-                },
+                t0: _mm256_loadu_ps(if bits <= 3 { pad.as_ptr() } else { table.as_ptr() }),
+                t1: if bits == 4 { _mm256_loadu_ps(table.as_ptr().add(8)) } else { _mm256_loadu_ps(pad.as_ptr()) },
                 bits,
             }
         }
@@ -637,13 +573,7 @@ impl Unpack {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn vals(&self, word: u64, table: &[f32]) -> __m256 {
-        let idx = _mm256_and_si256(
-            _mm256_srlv_epi32(
-                _mm256_shuffle_epi8(_mm256_set1_epi64x(word as i64), self.shuf),
-                self.shifts,
-            ),
-            self.mask,
-        );
+        let idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_shuffle_epi8(_mm256_set1_epi64x(word as i64), self.shuf), self.shifts), self.mask);
         match self.bits {
             1..=3 => _mm256_permutevar8x32_ps(self.t0, idx),
             4 => {
@@ -717,43 +647,16 @@ fn group_fast(code_size: usize, bits: u32, d: usize, n: usize, codes_len: usize)
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_scores(
-    codes: &[u8],
-    code_size: usize,
-    bits: u32,
-    table: &[f32],
-    qs: &[f32],
-    d: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+pub(super) fn group_scores(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = qs.len() / d;
-    if !group_fast(code_size, bits, d, n, codes.len())
-        || g == 0
-        || g > 8
-        || out.len() < g * n
-        || table.len() < 1 << bits
-    {
+    if !group_fast(code_size, bits, d, n, codes.len()) || g == 0 || g > 8 || out.len() < g * n || table.len() < 1 << bits {
         return scalar::group_scores_ref(codes, code_size, bits, table, qs, d, scale, out);
     }
     if group_phase_ok(8, code_size, bits, d, g, table) {
         // SAFETY: AVX2 and FMA were detected (`detect_all`); `group_fast`, the
         // head count, `out` and the table were checked above, `group_phase_ok` here.
-        return unsafe {
-            dispatch_bg!(
-                bits,
-                g,
-                group_scores_avx2p,
-                codes,
-                code_size,
-                table,
-                qs,
-                d,
-                scale,
-                out
-            )
-        };
+        return unsafe { dispatch_bg!(bits, g, group_scores_avx2p, codes, code_size, table, qs, d, scale, out) };
     }
     // SAFETY: AVX2 and FMA were detected (`detect_all`); `group_fast`, the
     // head count, `out` and the table were checked above.
@@ -765,16 +668,7 @@ pub(super) fn group_scores(
 /// heads (`qs.len() / d`), `out.len() >= g·n`, `table.len() >= 2^bits`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_scores_avx2(
-    codes: &[u8],
-    code_size: usize,
-    bits: u32,
-    table: &[f32],
-    qs: &[f32],
-    d: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+unsafe fn group_scores_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = qs.len() / d;
     let ld = out.len() / g;
@@ -807,40 +701,16 @@ unsafe fn group_scores_avx2(
     }
 }
 
-pub(super) fn group_values(
-    codes: &[u8],
-    code_size: usize,
-    bits: u32,
-    table: &[f32],
-    w: &[f32],
-    d: usize,
-    acc: &mut [f32],
-) {
+pub(super) fn group_values(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
-    if !group_fast(code_size, bits, d, n, codes.len())
-        || g == 0
-        || w.len() < g * n
-        || table.len() < 1 << bits
-    {
+    if !group_fast(code_size, bits, d, n, codes.len()) || g == 0 || w.len() < g * n || table.len() < 1 << bits {
         return scalar::group_values_ref(codes, code_size, bits, table, w, d, acc);
     }
     if group_phase_ok(8, code_size, bits, d, g, table) {
         // SAFETY: AVX2 and FMA were detected (`detect_all`); `group_fast`, the
         // head count, `w` and the table were checked above, `group_phase_ok` here.
-        return unsafe {
-            dispatch_bg!(
-                bits,
-                g,
-                group_values_avx2p,
-                codes,
-                code_size,
-                table,
-                w,
-                d,
-                acc
-            )
-        };
+        return unsafe { dispatch_bg!(bits, g, group_values_avx2p, codes, code_size, table, w, d, acc) };
     }
     // SAFETY: AVX2 and FMA were detected (`detect_all`); `group_fast`, the
     // head count, `w` and the table were checked above.
@@ -851,15 +721,7 @@ pub(super) fn group_values(
 /// The CPU supports AVX2 and FMA; the shapes `group_values` checks: `group_fast`, at least
 /// one head (`acc.len() / d`), `w.len() >= g·n`, `table.len() >= 2^bits`.
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_values_avx2(
-    codes: &[u8],
-    code_size: usize,
-    bits: u32,
-    table: &[f32],
-    w: &[f32],
-    d: usize,
-    acc: &mut [f32],
-) {
+unsafe fn group_values_avx2(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
     let ld = w.len() / g;
@@ -873,17 +735,7 @@ unsafe fn group_values_avx2(
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(
-                codes,
-                code_size,
-                scalar::packed_bytes(d, bits),
-                w,
-                ld,
-                gv,
-                t0,
-                m,
-                &mut ws,
-            );
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, ld, gv, t0, m, &mut ws);
             // coordinate groups outer: the group's accumulators stay in registers over the block
             for k in 0..d / 8 {
                 let mut a = [_mm256_setzero_ps(); 8];
@@ -893,11 +745,7 @@ unsafe fn group_values_avx2(
                 for i in 0..m {
                     let v = u.get_at(codes, (t0 + i) * code_size + k * bits as usize, table);
                     for (h, ah) in a.iter_mut().enumerate().take(gv) {
-                        *ah = _mm256_fmadd_ps(
-                            _mm256_set1_ps(*ws.get_unchecked(h * VBLOCK + i)),
-                            v,
-                            *ah,
-                        );
+                        *ah = _mm256_fmadd_ps(_mm256_set1_ps(*ws.get_unchecked(h * VBLOCK + i)), v, *ah);
                     }
                 }
                 for (h, ah) in a.iter().enumerate().take(gv) {
@@ -926,15 +774,9 @@ unsafe fn unpack_block8<const BITS: u32>(p: *const u8, t0: __m256, t1: __m256) -
         let mask = _mm256_set1_epi32((1 << BITS) - 1);
         let mut v = [_mm256_setzero_ps(); 4];
         for (r, vr) in v.iter_mut().enumerate().take(per_byte(BITS)) {
-            let f = _mm256_and_si256(
-                _mm256_srlv_epi32(b, _mm256_set1_epi32(r as i32 * BITS as i32)),
-                mask,
-            );
+            let f = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_set1_epi32(r as i32 * BITS as i32)), mask);
             *vr = if BITS == 4 {
-                let (lo, hi) = (
-                    _mm256_permutevar8x32_ps(t0, f),
-                    _mm256_permutevar8x32_ps(t1, f),
-                );
+                let (lo, hi) = (_mm256_permutevar8x32_ps(t0, f), _mm256_permutevar8x32_ps(t1, f));
                 _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(f, 28)))
             } else {
                 _mm256_permutevar8x32_ps(t0, f)
@@ -953,12 +795,7 @@ unsafe fn table8x2(bits: u32, table: &[f32]) -> (__m256, __m256) {
     let mut t = [0.0f32; 16];
     t[..1 << bits].copy_from_slice(&table[..1 << bits]);
     // SAFETY: AVX2; both loads stay inside the 16 floats of `t`.
-    unsafe {
-        (
-            _mm256_loadu_ps(t.as_ptr()),
-            _mm256_loadu_ps(t.as_ptr().add(8)),
-        )
-    }
+    unsafe { (_mm256_loadu_ps(t.as_ptr()), _mm256_loadu_ps(t.as_ptr().add(8))) }
 }
 
 /// # Safety
@@ -995,11 +832,7 @@ unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(
                 let v = unpack_block8::<BITS>(c.add(8 * blk), t0, t1);
                 for r in 0..f {
                     for (h, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(qp.as_ptr().add(h * d + (blk * f + r) * 8)),
-                            v[r],
-                            *a,
-                        );
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.as_ptr().add(h * d + (blk * f + r) * 8)), v[r], *a);
                     }
                 }
             }
@@ -1011,17 +844,9 @@ unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(
             for (i, a) in acc.iter_mut().enumerate() {
                 one(t + i, a);
             }
-            let sc = _mm_set_ps(
-                scale_of(t + 3),
-                scale_of(t + 2),
-                scale_of(t + 1),
-                scale_of(t),
-            );
+            let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
             for h in 0..G {
-                let x = _mm256_hadd_ps(
-                    _mm256_hadd_ps(acc[0][h], acc[1][h]),
-                    _mm256_hadd_ps(acc[2][h], acc[3][h]),
-                );
+                let x = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][h], acc[1][h]), _mm256_hadd_ps(acc[2][h], acc[3][h]));
                 let s4 = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps::<1>(x));
                 _mm_storeu_ps(out.as_mut_ptr().add(h * ld + t), _mm_mul_ps(s4, sc));
             }
@@ -1045,14 +870,7 @@ unsafe fn group_scores_avx2p<const BITS: u32, const G: usize>(
 /// `group_phase_ok(8, ..)` with `G` heads, `w.len() >= G·n`.
 #[allow(clippy::needless_range_loop)] // phase r indexes F accumulator sets
 #[target_feature(enable = "avx2,fma")]
-unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(
-    codes: &[u8],
-    code_size: usize,
-    table: &[f32],
-    w: &[f32],
-    d: usize,
-    acc: &mut [f32],
-) {
+unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let f = per_byte(BITS);
     let mut ap = [0.0f32; 8 * 256];
@@ -1066,17 +884,7 @@ unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(
         let mut ws = [0.0f32; 8 * VBLOCK];
         for b0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - b0);
-            scaled_weights(
-                codes,
-                code_size,
-                scalar::packed_bytes(d, BITS),
-                w,
-                w.len() / G,
-                G,
-                b0,
-                m,
-                &mut ws,
-            );
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, w.len() / G, G, b0, m, &mut ws);
             for blk in 0..d / (8 * f) {
                 let mut a = [[_mm256_setzero_ps(); G]; 4];
                 for r in 0..f {
@@ -1085,11 +893,7 @@ unsafe fn group_values_avx2p<const BITS: u32, const G: usize>(
                     }
                 }
                 for i in 0..m {
-                    let v = unpack_block8::<BITS>(
-                        codes.as_ptr().add((b0 + i) * code_size + 8 * blk),
-                        t0,
-                        t1,
-                    );
+                    let v = unpack_block8::<BITS>(codes.as_ptr().add((b0 + i) * code_size + 8 * blk), t0, t1);
                     for h in 0..G {
                         let wb = _mm256_set1_ps(*ws.get_unchecked(h * VBLOCK + i));
                         for r in 0..f {
@@ -1138,13 +942,7 @@ unsafe fn fastscan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; 32]) 
     let mut acc = [z; 4];
     for p in 0..pairs {
         // SAFETY: AVX2; 32·p + 32 <= block.len() == tables.len() (the caller's contract).
-        unsafe {
-            fastscan_pair_avx2(
-                block.as_ptr().add(32 * p),
-                tables.as_ptr().add(32 * p),
-                &mut acc,
-            )
-        };
+        unsafe { fastscan_pair_avx2(block.as_ptr().add(32 * p), tables.as_ptr().add(32 * p), &mut acc) };
     }
     // SAFETY: AVX2 (this function's contract).
     unsafe { fastscan_finish_avx2(acc, out) }
@@ -1159,12 +957,7 @@ unsafe fn fastscan_block_avx2(block: &[u8], tables: &[u8], out: &mut [u32; 32]) 
 pub(super) unsafe fn fastscan_pair_avx2(c: *const u8, t: *const u8, acc: &mut [__m256i; 4]) {
     let mask = _mm256_set1_epi8(0x0F);
     // SAFETY: AVX2; the caller guarantees 32 readable bytes at c and at t.
-    let (c, t) = unsafe {
-        (
-            _mm256_loadu_si256(c as *const __m256i),
-            _mm256_loadu_si256(t as *const __m256i),
-        )
-    };
+    let (c, t) = unsafe { (_mm256_loadu_si256(c as *const __m256i), _mm256_loadu_si256(t as *const __m256i)) };
     let rlo = _mm256_shuffle_epi8(t, _mm256_and_si256(c, mask));
     let rhi = _mm256_shuffle_epi8(t, _mm256_and_si256(_mm256_srli_epi16(c, 4), mask));
     acc[0] = _mm256_add_epi16(acc[0], rlo);
@@ -1183,16 +976,8 @@ pub(super) unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]
     // Word k of the low 128 bits holds tables 2p, word k+8 tables 2p+1, both
     // for vector 2k (even words) or 2k+1 (odd words); `hi` holds vectors 16..32.
     // Widen to u32, add the halves, interleave even/odd vectors back in order.
-    let halves = |v: __m256i| {
-        _mm256_add_epi32(
-            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)),
-            _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(v)),
-        )
-    };
-    for (half, (e, o)) in [(lo_even, lo_odd), (hi_even, hi_odd)]
-        .into_iter()
-        .enumerate()
-    {
+    let halves = |v: __m256i| _mm256_add_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), _mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(v)));
+    for (half, (e, o)) in [(lo_even, lo_odd), (hi_even, hi_odd)].into_iter().enumerate() {
         let (e, o) = (halves(e), halves(o));
         // unpack within 128-bit lanes: [e0 o0 e1 o1 | e4 o4 e5 o5], [e2 o2 e3 o3 | e6 o6 e7 o7]
         let a = _mm256_unpacklo_epi32(e, o);

@@ -26,10 +26,7 @@ unsafe fn unpack_block<const BITS: u32>(p: *const u8, table: __m512) -> [__m512;
         let mask = _mm512_set1_epi32((1 << BITS) - 1);
         let mut v = [_mm512_setzero_ps(); 4];
         for (r, vr) in v.iter_mut().enumerate().take(per_byte(BITS)) {
-            let f = _mm512_and_si512(
-                _mm512_srlv_epi32(b, _mm512_set1_epi32(r as i32 * BITS as i32)),
-                mask,
-            );
+            let f = _mm512_and_si512(_mm512_srlv_epi32(b, _mm512_set1_epi32(r as i32 * BITS as i32)), mask);
             *vr = _mm512_permutexvar_ps(f, table);
         }
         v
@@ -47,56 +44,21 @@ unsafe fn table16(bits: u32, table: &[f32]) -> __m512 {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn group_scores_512(
-    codes: &[u8],
-    code_size: usize,
-    bits: u32,
-    table: &[f32],
-    qs: &[f32],
-    d: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+pub(super) fn group_scores_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = qs.len() / d;
     if !group_phase_ok(16, code_size, bits, d, g, table) || out.len() < g * n {
         if wide_ok(code_size, bits, d, g, table) && out.len() >= g * n {
             // SAFETY: AVX-512F/BW were detected (`detect_all` hands out this table
             // only then); `wide_ok` and `out.len() >= g·n` checked here.
-            return unsafe {
-                dispatch_g!(
-                    g,
-                    group_scores_wide512,
-                    codes,
-                    code_size,
-                    bits,
-                    table,
-                    qs,
-                    d,
-                    scale,
-                    out
-                )
-            };
+            return unsafe { dispatch_g!(g, group_scores_wide512, codes, code_size, bits, table, qs, d, scale, out) };
         }
         return group_scores(codes, code_size, bits, table, qs, d, scale, out);
     }
     // SAFETY: AVX-512F/BW were detected (`detect_all`); `group_phase_ok` and
     // `out.len() >= g·n` checked above (every code holds d·bits/8 packed bytes,
     // then its 2- or 4-byte scale).
-    unsafe {
-        dispatch_bg!(
-            bits,
-            g,
-            group_scores_avx512,
-            codes,
-            code_size,
-            table,
-            qs,
-            d,
-            scale,
-            out
-        )
-    }
+    unsafe { dispatch_bg!(bits, g, group_scores_avx512, codes, code_size, table, qs, d, scale, out) }
 }
 
 /// # Safety
@@ -132,11 +94,7 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(
                 let v = unpack_block::<BITS>(c.add(16 * blk), tab);
                 for r in 0..f {
                     for (h, a) in acc.iter_mut().enumerate() {
-                        *a = _mm512_fmadd_ps(
-                            _mm512_loadu_ps(qp.as_ptr().add(h * d + (blk * f + r) * 16)),
-                            v[r],
-                            *a,
-                        );
+                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(qp.as_ptr().add(h * d + (blk * f + r) * 16)), v[r], *a);
                     }
                 }
             }
@@ -156,13 +114,7 @@ unsafe fn group_scores_avx512<const BITS: u32, const G: usize>(
 /// `one` and `scale_of` are sound for every token `t < n`.
 #[inline(always)]
 #[allow(clippy::needless_range_loop)] // head h indexes four accumulator sets
-unsafe fn scores_by4<const G: usize>(
-    n: usize,
-    ld: usize,
-    out: &mut [f32],
-    one: impl Fn(usize, &mut [__m512; G]),
-    scale_of: impl Fn(usize) -> f32,
-) {
+unsafe fn scores_by4<const G: usize>(n: usize, ld: usize, out: &mut [f32], one: impl Fn(usize, &mut [__m512; G]), scale_of: impl Fn(usize) -> f32) {
     // SAFETY: AVX-512F/BW (this function's contract); t + 4 <= n4 <= n <= ld and
     // h < G, so the 4 floats at h·ld + t and the float at h·ld + t lie in `out`.
     unsafe {
@@ -172,21 +124,9 @@ unsafe fn scores_by4<const G: usize>(
             for (i, a) in acc.iter_mut().enumerate() {
                 one(t + i, a);
             }
-            let sc = _mm_set_ps(
-                scale_of(t + 3),
-                scale_of(t + 2),
-                scale_of(t + 1),
-                scale_of(t),
-            );
+            let sc = _mm_set_ps(scale_of(t + 3), scale_of(t + 2), scale_of(t + 1), scale_of(t));
             for h in 0..G {
-                store_sums4(
-                    acc[0][h],
-                    acc[1][h],
-                    acc[2][h],
-                    acc[3][h],
-                    sc,
-                    out.as_mut_ptr().add(h * ld + t),
-                );
+                store_sums4(acc[0][h], acc[1][h], acc[2][h], acc[3][h], sc, out.as_mut_ptr().add(h * ld + t));
             }
         }
         for t in n4..n {
@@ -209,14 +149,8 @@ unsafe fn scores_by4<const G: usize>(
 unsafe fn store_sums4(a0: __m512, a1: __m512, a2: __m512, a3: __m512, sc: __m128, out: *mut f32) {
     let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
     let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
-    let u4 = _mm512_add_ps(
-        _mm512_shuffle_ps::<0b01_00_01_00>(t0, t1),
-        _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1),
-    );
-    let h8 = _mm256_add_ps(
-        _mm512_castps512_ps256(u4),
-        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u4))),
-    );
+    let u4 = _mm512_add_ps(_mm512_shuffle_ps::<0b01_00_01_00>(t0, t1), _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1));
+    let h8 = _mm256_add_ps(_mm512_castps512_ps256(u4), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(u4))));
     let s4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps::<1>(h8));
     // SAFETY: AVX-512F/BW; the caller guarantees 4 writable floats at out.
     unsafe { _mm_storeu_ps(out, _mm_mul_ps(s4, sc)) }
@@ -228,10 +162,7 @@ fn wide_ok(code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bo
     (bits == 3 || bits == 5)
         && d.is_multiple_of(16)
         && d <= 256
-        && matches!(
-            code_size.checked_sub(scalar::packed_bytes(d, bits)),
-            Some(2 | 4)
-        )
+        && matches!(code_size.checked_sub(scalar::packed_bytes(d, bits)), Some(2 | 4))
         && (1..=8).contains(&g)
         && table.len() >= 1 << bits
 }
@@ -315,16 +246,7 @@ impl Wide16 {
 /// `wide_ok` with `G` heads, `out.len() >= G·n`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_scores_wide512<const G: usize>(
-    codes: &[u8],
-    code_size: usize,
-    bits: u32,
-    table: &[f32],
-    qs: &[f32],
-    d: usize,
-    scale: f32,
-    out: &mut [f32],
-) {
+unsafe fn group_scores_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], qs: &[f32], d: usize, scale: f32, out: &mut [f32]) {
     let n = codes.len() / code_size;
     let packed = scalar::packed_bytes(d, bits);
     let sb = code_size - packed;
@@ -351,15 +273,7 @@ unsafe fn group_scores_wide512<const G: usize>(
 /// The CPU supports AVX-512F and AVX-512BW; the shapes `group_values_512` checks:
 /// `wide_ok` with `G` heads (`acc.len() >= G·d`), `w.len() >= G·n`.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_values_wide512<const G: usize>(
-    codes: &[u8],
-    code_size: usize,
-    bits: u32,
-    table: &[f32],
-    w: &[f32],
-    d: usize,
-    acc: &mut [f32],
-) {
+unsafe fn group_values_wide512<const G: usize>(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     // SAFETY: AVX-512F/BW (this function's contract). Token t0 + i < n: its
     // groups and scale lie in its code (as in `group_scores_wide512`); head h <
@@ -369,17 +283,7 @@ unsafe fn group_values_wide512<const G: usize>(
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(
-                codes,
-                code_size,
-                scalar::packed_bytes(d, bits),
-                w,
-                w.len() / G,
-                G,
-                t0,
-                m,
-                &mut ws,
-            );
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, bits), w, w.len() / G, G, t0, m, &mut ws);
             for k in 0..d / 16 {
                 let mut a = [_mm512_setzero_ps(); G];
                 for (h, ah) in a.iter_mut().enumerate() {
@@ -388,11 +292,7 @@ unsafe fn group_values_wide512<const G: usize>(
                 for i in 0..m {
                     let v = u.get(codes, (t0 + i) * code_size + k * 2 * bits as usize);
                     for (h, ah) in a.iter_mut().enumerate() {
-                        *ah = _mm512_fmadd_ps(
-                            _mm512_set1_ps(*ws.get_unchecked(h * VBLOCK + i)),
-                            v,
-                            *ah,
-                        );
+                        *ah = _mm512_fmadd_ps(_mm512_set1_ps(*ws.get_unchecked(h * VBLOCK + i)), v, *ah);
                     }
                 }
                 for (h, ah) in a.iter().enumerate() {
@@ -403,52 +303,20 @@ unsafe fn group_values_wide512<const G: usize>(
     }
 }
 
-pub(super) fn group_values_512(
-    codes: &[u8],
-    code_size: usize,
-    bits: u32,
-    table: &[f32],
-    w: &[f32],
-    d: usize,
-    acc: &mut [f32],
-) {
+pub(super) fn group_values_512(codes: &[u8], code_size: usize, bits: u32, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let g = acc.len() / d;
     if !group_phase_ok(16, code_size, bits, d, g, table) || w.len() < g * n {
         if wide_ok(code_size, bits, d, g, table) && w.len() >= g * n {
             // SAFETY: AVX-512F/BW were detected (`detect_all`); `wide_ok` and
             // `w.len() >= g·n` checked here.
-            return unsafe {
-                dispatch_g!(
-                    g,
-                    group_values_wide512,
-                    codes,
-                    code_size,
-                    bits,
-                    table,
-                    w,
-                    d,
-                    acc
-                )
-            };
+            return unsafe { dispatch_g!(g, group_values_wide512, codes, code_size, bits, table, w, d, acc) };
         }
         return group_values(codes, code_size, bits, table, w, d, acc);
     }
     // SAFETY: AVX-512F/BW were detected (`detect_all`); `group_phase_ok` and
     // `w.len() >= g·n` checked above.
-    unsafe {
-        dispatch_bg!(
-            bits,
-            g,
-            group_values_avx512,
-            codes,
-            code_size,
-            table,
-            w,
-            d,
-            acc
-        )
-    }
+    unsafe { dispatch_bg!(bits, g, group_values_avx512, codes, code_size, table, w, d, acc) }
 }
 
 /// # Safety
@@ -456,14 +324,7 @@ pub(super) fn group_values_512(
 /// `group_phase_ok(16, ..)` with `G` heads, `w.len() >= G·n`.
 #[allow(clippy::needless_range_loop)] // phase r indexes F accumulator sets
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn group_values_avx512<const BITS: u32, const G: usize>(
-    codes: &[u8],
-    code_size: usize,
-    table: &[f32],
-    w: &[f32],
-    d: usize,
-    acc: &mut [f32],
-) {
+unsafe fn group_values_avx512<const BITS: u32, const G: usize>(codes: &[u8], code_size: usize, table: &[f32], w: &[f32], d: usize, acc: &mut [f32]) {
     let n = codes.len() / code_size;
     let f = per_byte(BITS);
     // the sums in phase order
@@ -478,17 +339,7 @@ unsafe fn group_values_avx512<const BITS: u32, const G: usize>(
         let mut ws = [0.0f32; 8 * VBLOCK];
         for t0 in (0..n).step_by(VBLOCK) {
             let m = VBLOCK.min(n - t0);
-            scaled_weights(
-                codes,
-                code_size,
-                scalar::packed_bytes(d, BITS),
-                w,
-                w.len() / G,
-                G,
-                t0,
-                m,
-                &mut ws,
-            );
+            scaled_weights(codes, code_size, scalar::packed_bytes(d, BITS), w, w.len() / G, G, t0, m, &mut ws);
             // one 16-byte block of every token at a time: its F·G sums stay in registers
             for blk in 0..d / (16 * f) {
                 let mut a = [[_mm512_setzero_ps(); G]; 4];
@@ -498,10 +349,7 @@ unsafe fn group_values_avx512<const BITS: u32, const G: usize>(
                     }
                 }
                 for i in 0..m {
-                    let v = unpack_block::<BITS>(
-                        codes.as_ptr().add((t0 + i) * code_size + 16 * blk),
-                        tab,
-                    );
+                    let v = unpack_block::<BITS>(codes.as_ptr().add((t0 + i) * code_size + 16 * blk), tab);
                     for h in 0..G {
                         let wb = _mm512_set1_ps(*ws.get_unchecked(h * VBLOCK + i));
                         for r in 0..f {
@@ -545,12 +393,7 @@ unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]
     let (mut lo, mut lo_odd, mut hi, mut hi_odd) = (z, z, z, z);
     for p in 0..pairs / 2 {
         // SAFETY: AVX-512F; 64·p + 64 <= 32·pairs = block.len() == tables.len().
-        let (c, t) = unsafe {
-            (
-                _mm512_loadu_si512(block.as_ptr().add(64 * p) as *const _),
-                _mm512_loadu_si512(tables.as_ptr().add(64 * p) as *const _),
-            )
-        };
+        let (c, t) = unsafe { (_mm512_loadu_si512(block.as_ptr().add(64 * p) as *const _), _mm512_loadu_si512(tables.as_ptr().add(64 * p) as *const _)) };
         let rlo = _mm512_shuffle_epi8(t, _mm512_and_si512(c, mask));
         let rhi = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), mask));
         lo = _mm512_add_epi16(lo, rlo);
@@ -558,20 +401,13 @@ unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]
         hi = _mm512_add_epi16(hi, rhi);
         hi_odd = _mm512_add_epi16(hi_odd, _mm512_srli_epi16(rhi, 8));
     }
-    let fold =
-        |v: __m512i| _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+    let fold = |v: __m512i| _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
     let mut acc = [fold(lo), fold(lo_odd), fold(hi), fold(hi_odd)];
     if pairs % 2 == 1 {
         let p = pairs - 1;
         // SAFETY: the last pair's 32 bytes are in bounds of both buffers; AVX2
         // was detected too (`detect_all` offers AVX-512 only on top of AVX2).
-        unsafe {
-            fastscan_pair_avx2(
-                block.as_ptr().add(32 * p),
-                tables.as_ptr().add(32 * p),
-                &mut acc,
-            )
-        };
+        unsafe { fastscan_pair_avx2(block.as_ptr().add(32 * p), tables.as_ptr().add(32 * p), &mut acc) };
     }
     // SAFETY: AVX2 was detected (`detect_all` offers AVX-512 only on top of AVX2).
     unsafe { fastscan_finish_avx2(acc, out) }

@@ -112,26 +112,11 @@ const VBLOCK: usize = 128;
 /// bytes, then a 2- or 4-byte scale).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scaled_weights(
-    codes: &[u8],
-    code_size: usize,
-    packed: usize,
-    w: &[f32],
-    ld: usize,
-    g: usize,
-    t0: usize,
-    m: usize,
-    ws: &mut [f32; 8 * VBLOCK],
-) {
+unsafe fn scaled_weights(codes: &[u8], code_size: usize, packed: usize, w: &[f32], ld: usize, g: usize, t0: usize, m: usize, ws: &mut [f32; 8 * VBLOCK]) {
     for i in 0..m {
         // SAFETY: token t0 + i lies in `codes` (the caller's contract), so its
         // code_size - packed scale bytes at offset `packed` are readable.
-        let s = unsafe {
-            scale_at(
-                codes.as_ptr().add((t0 + i) * code_size + packed),
-                code_size - packed,
-            )
-        };
+        let s = unsafe { scale_at(codes.as_ptr().add((t0 + i) * code_size + packed), code_size - packed) };
         for h in 0..g {
             ws[h * VBLOCK + i] = w[h * ld + t0 + i] * s;
         }
@@ -156,22 +141,11 @@ fn phase_coord(bits: u32, lanes: usize, k: usize, i: usize) -> usize {
 
 /// `x` (G rows of `d`) permuted into phase order (`to_phase`) or back.
 #[inline]
-fn phase_permute(
-    bits: u32,
-    lanes: usize,
-    d: usize,
-    g: usize,
-    x: &[f32],
-    y: &mut [f32],
-    to_phase: bool,
-) {
+fn phase_permute(bits: u32, lanes: usize, d: usize, g: usize, x: &[f32], y: &mut [f32], to_phase: bool) {
     for h in 0..g {
         for k in 0..d / lanes {
             for i in 0..lanes {
-                let (p, c) = (
-                    h * d + k * lanes + i,
-                    h * d + phase_coord(bits, lanes, k, i),
-                );
+                let (p, c) = (h * d + k * lanes + i, h * d + phase_coord(bits, lanes, k, i));
                 if to_phase {
                     y[p] = x[c];
                 } else {
@@ -185,21 +159,11 @@ fn phase_permute(
 /// Shapes the phase kernels take: 2 or 4 bits, whole blocks of `lanes` code
 /// bytes, every code its packed bytes then an f32 scale, 1..=8 heads of at
 /// most 256 coordinates.
-fn group_phase_ok(
-    lanes: usize,
-    code_size: usize,
-    bits: u32,
-    d: usize,
-    g: usize,
-    table: &[f32],
-) -> bool {
+fn group_phase_ok(lanes: usize, code_size: usize, bits: u32, d: usize, g: usize, table: &[f32]) -> bool {
     (bits == 4 || bits == 2)
         && d.is_multiple_of(lanes * per_byte(bits))
         && d <= 256
-        && matches!(
-            code_size.checked_sub(scalar::packed_bytes(d, bits)),
-            Some(2 | 4)
-        )
+        && matches!(code_size.checked_sub(scalar::packed_bytes(d, bits)), Some(2 | 4))
         && (1..=8).contains(&g)
         && table.len() >= 1 << bits
 }
