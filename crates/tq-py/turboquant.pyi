@@ -76,7 +76,16 @@ class Index:
     ) -> None: ...
     @staticmethod
     def load(path: Union[str, PathLike]) -> "Index": ...
-    def save(self, path: Union[str, PathLike]) -> None: ...
+    def save(self, path: Union[str, PathLike]) -> None:
+        """Writes the index atomically under the file's write lock; refuses
+        (ValueError) when another writer committed to the file since this
+        index was loaded from or last saved to it."""
+    @staticmethod
+    def verify(path: Union[str, PathLike]) -> dict:
+        """What a .tqi file holds and what is recoverable (see `tq index
+        check`): commit slots, committed seq and end, records verified, bytes
+        after the committed end, whether it loads, whether the previous commit
+        is intact."""
     def __len__(self) -> int: ...
     @property
     def codec(self) -> str: ...

@@ -64,7 +64,9 @@ pub fn add(index: &Path, input: &Path, start_id: Option<u64>, load: LoadOptions)
         Some(s) => s,
         None => max_id(&idx).map_or(0, |v| v + 1),
     };
-    let ids: Vec<u64> = (start..start + m.rows as u64).collect();
+    let end =
+        start.checked_add(m.rows as u64).ok_or_else(|| anyhow::anyhow!("ids {start}.. for {} vectors overflow u64 (choose a smaller --start-id)", m.rows))?;
+    let ids: Vec<u64> = (start..end).collect();
     let payload = idx.add(&ids, &m.data)?;
     app.append_add(&payload)?;
     eprintln!("added {} vectors (ids {start}..{}) to {}; {} in total", m.rows, start + m.rows as u64, index.display(), idx.len());

@@ -213,9 +213,10 @@ impl Windows {
             }
             (None, None) => None,
         };
+        // a window never holds more tokens than the command's longest context
         Ok(tq_kv::CacheOptions {
-            sink: self.sink,
-            recent: self.recent,
+            sink: self.sink.min(ctx),
+            recent: self.recent.min(ctx),
             center_keys: self.center_keys,
             recent_q8: self.recent_q8,
             delayed: self.delayed,

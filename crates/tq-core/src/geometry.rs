@@ -36,7 +36,7 @@ impl KvGeometry {
         if self.layers == 0 || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
             return bad(format!("{self} has a zero count"));
         }
-        if self.q_heads % self.kv_heads != 0 {
+        if !self.q_heads.is_multiple_of(self.kv_heads) {
             return bad(format!("{} query heads are not a multiple of {} KV heads", self.q_heads, self.kv_heads));
         }
         if self.head_dim > MAX_DIM {

@@ -1,6 +1,8 @@
 //! TurboQuant core: rotations, Lloyd–Max codebooks, codecs, bit packing and
 //! scoring kernels. This crate does no I/O.
 
+#![warn(missing_docs)]
+
 pub mod baselines;
 pub mod bitpack;
 pub mod codebook;

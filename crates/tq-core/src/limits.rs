@@ -23,6 +23,10 @@ pub const MAX_DIM: usize = 1 << 16;
 /// Largest number of IVF lists an index (or an index file header) may have.
 pub const MAX_NLIST: usize = 1 << 20;
 
+/// Largest full-precision window (`sink` or `recent` tokens) a KV cache
+/// allocates: the longest context of the built-in models (131,072 tokens).
+pub const MAX_WINDOW_TOKENS: usize = 1 << 17;
+
 /// Largest dimension of a dense `d × d` transform: the Haar rotation (built by
 /// Gram–Schmidt in `O(d³)`: about 7 s at 1,536, 131 s at 4,000) and
 /// the Gaussian QJL projection of `tq-prod-B` (`O(d²)` memory and time per

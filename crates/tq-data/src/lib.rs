@@ -12,6 +12,8 @@
 //! only output is the fetch notices on stderr that the callers' `quiet`
 //! flags turn off.
 
+#![warn(missing_docs)]
+
 pub mod datasets;
 mod error;
 pub mod eval;

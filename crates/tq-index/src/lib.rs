@@ -11,6 +11,8 @@
 //!
 //! Ids are caller-chosen `u64`. Adding needs no training for TurboQuant codecs.
 
+#![warn(missing_docs)]
+
 pub mod file;
 mod flat;
 mod ivf;

@@ -412,8 +412,8 @@ mod tests {
             assert!((t[j * 4 + j] as f64 - want[j] / mean).abs() < 1e-5, "T[{j}{j}] = {}", t[j * 4 + j]);
         }
         let prod = matmul(&c.t(0).iter().map(|&x| x as f64).collect::<Vec<_>>(), &c.t_inv(0).iter().map(|&x| x as f64).collect::<Vec<_>>(), 4);
-        for k in 0..16 {
-            assert!((prod[k] - if k % 5 == 0 { 1.0 } else { 0.0 }).abs() < 1e-5);
+        for (k, p) in prod.iter().enumerate() {
+            assert!((p - if k % 5 == 0 { 1.0 } else { 0.0 }).abs() < 1e-5);
         }
         assert!(c.mu(0).iter().all(|&m| m.abs() < 1e-6));
     }

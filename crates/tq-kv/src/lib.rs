@@ -11,6 +11,8 @@
 //!   rotated domain and rotated back once (`Codec::accumulate`), so no
 //!   dequantized cache is ever materialized.
 
+#![warn(missing_docs)]
+
 pub mod calib;
 pub mod plan;
 pub mod spec;
@@ -376,6 +378,14 @@ impl CodecCache {
     /// With f32 windows and/or key centering (see [`CacheOptions`]).
     pub fn with_options(shape: KvGeometry, spec: &KvSpec, seed: u64, o: &CacheOptions) -> Result<Self> {
         let (sink, recent) = (o.sink, o.recent);
+        for (field, v) in [("sink", sink), ("recent", recent)] {
+            if v > tq_core::limits::MAX_WINDOW_TOKENS {
+                return Err(TqError::BadParams(format!(
+                    "--{field} {v} exceeds the largest window of {} tokens (tq_core::limits::MAX_WINDOW_TOKENS)",
+                    tq_core::limits::MAX_WINDOW_TOKENS
+                )));
+            }
+        }
         let n = shape.layers * shape.kv_heads;
         if let Some(c) = &o.calibration {
             c.check_shape(shape)?;

@@ -14,10 +14,10 @@ fn kv_bytes_per_token_are_exact() {
     assert_eq!(t4.bits_per_value(128).unwrap(), 4.125);
     assert_eq!(KvSpec::parse("tq-mse-4-nc").unwrap().bits_per_value(64).unwrap(), 4.25);
     let k4v3 = KvSpec::parse("k4v3").unwrap();
-    assert_eq!((k4v3.keys.clone(), k4v3.values.clone()), (Store::Codec(lookup("tq-mse-4").unwrap()), Store::Codec(lookup("tq-mse-3").unwrap())));
+    assert_eq!((k4v3.keys, k4v3.values), (Store::Codec(lookup("tq-mse-4").unwrap()), Store::Codec(lookup("tq-mse-3").unwrap())));
     assert_eq!(k4v3.bits_per_value(128).unwrap(), (66.0 + 50.0) * 8.0 / 256.0);
     let nc = KvSpec::parse("k5v3-nc").unwrap();
-    assert_eq!((nc.keys.clone(), nc.values.clone()), (Store::Codec(lookup("tq-mse-5-nc").unwrap()), Store::Codec(lookup("tq-mse-3-nc").unwrap())));
+    assert_eq!((nc.keys, nc.values), (Store::Codec(lookup("tq-mse-5-nc").unwrap()), Store::Codec(lookup("tq-mse-3-nc").unwrap())));
     assert!(KvSpec::parse("k5v3-ncx").is_err() && KvSpec::parse("k9v3-nc").is_err());
     // tq-prod keeps its whole code (f32 norms and the QJL part)
     assert_eq!(

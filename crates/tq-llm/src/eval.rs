@@ -78,6 +78,9 @@ struct Acc {
 /// is called after each chunk with the chunks done). One JSON object per
 /// precision, in order.
 pub fn perplexity(rt: &Runtime, a: &PplConfig<'_>, specs: &[KvSpec], quiet: bool, done: &dyn Fn(usize), log: Log<'_>) -> Result<Vec<serde_json::Value>> {
+    if a.chunks == 0 {
+        bail!("--chunks must be at least 1");
+    }
     let text = tq_data::datasets::text(a.text, quiet)?;
     let text: String = text.chars().take(a.chars).collect();
     if text.trim().is_empty() {

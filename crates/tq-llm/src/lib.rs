@@ -5,6 +5,8 @@
 //! (perplexity and KL divergence, calibration, needle, decode timing:
 //! [`eval`]) and the datasets derived with these models ([`datasets`]).
 
+#![warn(missing_docs)]
+
 pub mod datasets;
 pub mod eval;
 pub mod gguf;

@@ -453,14 +453,14 @@ impl PyIndex {
 /// The KV-cache precision strings (`f32`, `tq-mse-4`, `k4v3`, ...).
 #[pyfunction]
 fn kv_precisions() -> &'static str {
-    tq_core::kv::PRECISIONS
+    tq_kv::PRECISIONS
 }
 
 /// Bytes per token per layer and bits per value of a KV precision for
 /// `kv_heads` heads of `head_dim`: `{"bytes_per_token_per_layer": .., "bits_per_value": ..}`.
 #[pyfunction]
 fn kv_bytes<'py>(py: Python<'py>, precision: &str, kv_heads: usize, head_dim: usize) -> PyResult<Bound<'py, PyDict>> {
-    let s = tq_core::kv::KvSpec::parse(precision).map_err(value_err)?;
+    let s: tq_kv::KvSpec = precision.parse().map_err(value_err)?;
     let d = PyDict::new(py);
     d.set_item("bytes_per_token_per_layer", s.bytes_per_token_per_layer(kv_heads, head_dim).map_err(value_err)?)?;
     d.set_item("bits_per_value", s.bits_per_value(head_dim).map_err(value_err)?)?;
@@ -472,7 +472,10 @@ fn kv_bytes<'py>(py: Python<'py>, precision: &str, kv_heads: usize, head_dim: us
 #[pyfunction]
 #[pyo3(signature = (model, context, kv, weights = "bf16"))]
 fn vram<'py>(py: Python<'py>, model: &str, context: usize, kv: &str, weights: &str) -> PyResult<Bound<'py, PyDict>> {
-    let p = tq_core::kv::vram(model, weights, context, kv).map_err(value_err)?;
+    let m = tq_kv::plan::model(model).map_err(value_err)?;
+    let w: tq_kv::plan::Weights = weights.parse().map_err(value_err)?;
+    let spec: tq_kv::KvSpec = kv.parse().map_err(value_err)?;
+    let p = tq_kv::plan::vram(m, w, context, &spec).map_err(value_err)?;
     let d = PyDict::new(py);
     d.set_item("model", p.model)?;
     d.set_item("kv", p.kv)?;

@@ -184,3 +184,33 @@ def test_kv_precisions_and_vram_planner():
     r = subprocess.run([TQ, "vram", "--model", "llama-3.1-8b", "--context", "100000", "--kv", "tq-mse-3.5", "--json"], check=True, capture_output=True, text=True)
     cli = json.loads(r.stdout)
     assert abs(cli["kv_gb"] - p["kv_gb"]) < 1e-9 and cli["cards_24gb"] == p["cards_24gb"]
+
+
+def test_verify_reports_a_corrupt_commit_slot_and_load_refuses(tmp_path):
+    p = tmp_path / "v.tqi"
+    idx = tq.Index("tq-mse-4-nc", 32, metric="ip")
+    idx.add(rng_data(100, 32, seed=5))
+    idx.save(p)
+    r = tq.Index.verify(p)
+    assert r["loads"] and r["count"] == 100
+    b = bytearray(p.read_bytes())
+    b[16] ^= 1  # commit slot A starts at byte 16
+    p.write_bytes(bytes(b))
+    r = tq.Index.verify(p)
+    assert not r["loads"]
+    with pytest.raises(ValueError, match="slot"):
+        tq.Index.load(p)
+
+
+def test_a_stale_save_is_refused_and_loses_nothing(tmp_path):
+    p = tmp_path / "s.tqi"
+    idx = tq.Index("tq-mse-4", 16)
+    idx.add(rng_data(10, 16, seed=1))
+    idx.save(p)
+    a, b = tq.Index.load(p), tq.Index.load(p)
+    a.add(rng_data(5, 16, seed=2), ids=np.arange(100, 105))
+    a.save(p)
+    b.add(rng_data(3, 16, seed=3), ids=np.arange(200, 203))
+    with pytest.raises(ValueError, match="changed"):
+        b.save(p)
+    assert len(tq.Index.load(p)) == 15
