@@ -26,7 +26,9 @@ use crate::error::{Result, TqError};
 /// A symmetric scalar quantizer with `2^bits` levels.
 #[derive(Clone, Debug)]
 pub struct LloydMax {
+    /// Dimension of the sphere whose coordinate law the codebook quantizes.
     pub dim: usize,
+    /// Bits per coordinate (1..=8).
     pub bits: u32,
     /// All `2^bits` centroids, ascending (`centroids[L-1-k] == -centroids[k]`).
     pub centroids: Vec<f32>,
@@ -112,12 +114,14 @@ pub fn inc_beta(a: f64, b: f64, x: f64) -> f64 {
 /// The coordinate law of a uniformly random unit vector in `R^dim`.
 #[derive(Clone, Copy, Debug)]
 pub struct SphereCoordinate {
+    /// Dimension `d` of the sphere.
     pub dim: usize,
     /// Normalizing constant `C_d`.
     pub c_d: f64,
 }
 
 impl SphereCoordinate {
+    /// The coordinate law at `dim` (computes `C_d`).
     pub fn new(dim: usize) -> Self {
         let d = dim as f64;
         let c_d = (ln_gamma(d / 2.0) - ln_gamma((d - 1.0) / 2.0)).exp() / std::f64::consts::PI.sqrt();
@@ -323,6 +327,7 @@ impl LloydMax {
         Ok(cb)
     }
 
+    /// Number of quantization levels, `2^bits`.
     pub fn levels(&self) -> usize {
         1 << self.bits
     }

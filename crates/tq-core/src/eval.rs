@@ -11,21 +11,28 @@ use crate::rng::{derive_seed, Xoshiro256};
 /// Correlation of the planted query used for the bias/shrinkage measurement.
 pub const DEFAULT_RHO: f64 = 0.5;
 
+/// Measured distortion of a codec (see [`measure_distortion`]); `*_stderr` are standard errors of the means.
 #[derive(Clone, Debug, Default)]
 pub struct DistortionStats {
+    /// Number of test vectors.
     pub n: usize,
     /// mean ‖x − x̂‖² over unit x
     pub d_mse: f64,
+    /// Standard error of `d_mse`.
     pub d_mse_stderr: f64,
     /// mean (⟨q,x⟩ − est)² over independent unit q
     pub d_prod: f64,
+    /// Standard error of `d_prod`.
     pub d_prod_stderr: f64,
     /// mean (est − ⟨q,x⟩) over independent unit q
     pub ip_bias: f64,
+    /// Standard error of `ip_bias`.
     pub ip_bias_stderr: f64,
-    /// planted queries q = ρu + √(1−ρ²)w (w ⊥ u random): mean (est − ρ)
+    /// correlation ρ of the planted queries q = ρu + √(1−ρ²)w (w ⊥ u random)
     pub rho: f64,
+    /// mean (est − ⟨q,x⟩) on the planted queries (⟨q,x⟩ = ρ)
     pub ip_bias_rho: f64,
+    /// Standard error of `ip_bias_rho`.
     pub ip_bias_rho_stderr: f64,
     /// mean est / ρ on planted queries (1 = unbiased; 1 − D_mse for tq-mse)
     pub ip_gain: f64,
@@ -134,6 +141,8 @@ pub fn mse_bounds(bits: f64) -> (f64, f64) {
     (l, 3f64.sqrt() * std::f64::consts::PI / 2.0 * l)
 }
 
+/// Theoretical values of `entry` at `dim`; NaN where there is no closed form
+/// (norm-corrected `tq-mse`, the baselines).
 pub fn theory(entry: &CodecEntry, dim: usize) -> Theory {
     let d = dim as f64;
     match entry.kind {

@@ -59,12 +59,15 @@ impl FastScanCodes {
         Ok(s)
     }
 
+    /// Sub-codes per code.
     pub fn m(&self) -> usize {
         self.m
     }
+    /// Number of codes stored.
     pub fn len(&self) -> usize {
         self.n
     }
+    /// Whether no code is stored.
     pub fn is_empty(&self) -> bool {
         self.n == 0
     }
@@ -72,6 +75,7 @@ impl FastScanCodes {
     pub fn block_bytes(&self) -> usize {
         16 * self.m
     }
+    /// Number of blocks of 32 codes (the last one possibly partial).
     pub fn blocks(&self) -> usize {
         self.n.div_ceil(BLOCK)
     }
@@ -187,6 +191,7 @@ impl QuantizedLut {
         Self { m, tables, delta, bias }
     }
 
+    /// Number of tables (sub-codes).
     pub fn m(&self) -> usize {
         self.m
     }

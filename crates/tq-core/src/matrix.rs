@@ -16,7 +16,9 @@ pub enum Axis {
     PerToken,
 }
 
+/// A codec of whole row-major `tokens × channels` matrices (see the module docs).
 pub trait MatrixCodec: Send + Sync {
+    /// Registry name, e.g. `kivi-4`.
     fn name(&self) -> &str;
     /// Columns of the matrices this codec takes.
     fn channels(&self) -> usize;
@@ -40,7 +42,9 @@ pub trait MatrixCodec: Send + Sync {
     fn safe_abs(&self) -> f32 {
         SAFE_ABS
     }
+    /// Encodes a finite `tokens × channels` matrix into `out` (`encoded_size(tokens)` bytes).
     fn encode_unchecked(&self, m: &[f32], tokens: usize, out: &mut [u8]);
+    /// Decodes a code of `tokens` rows into `out` (`tokens × channels` values).
     fn decode_unchecked(&self, code: &[u8], tokens: usize, out: &mut [f32]);
 
     /// Checked encode of a row-major `tokens × channels` matrix.
@@ -133,7 +137,9 @@ impl MatrixCodec for RowWise {
 pub struct MatrixEntry {
     /// Stable id (shared id space with the vector registry).
     pub id: u16,
+    /// Registry name, e.g. `kivi-4`.
     pub name: String,
+    /// One-line description.
     pub description: &'static str,
 }
 

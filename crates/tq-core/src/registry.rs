@@ -21,24 +21,57 @@ use crate::codec::{Codec, TurboQuantFractional, TurboQuantMse, TurboQuantProd};
 use crate::error::{Result, TqError};
 use crate::rotation::RotationKind;
 
+/// A codec's family and parameters (what its name encodes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CodecKind {
     /// TurboQuant_mse at `bits`; `nc` = norm correction.
-    Mse { bits: u32, nc: bool },
+    Mse {
+        /// Bits per coordinate.
+        bits: u32,
+        /// Norm correction (`-nc`).
+        nc: bool,
+    },
     /// TurboQuant_prod at `bits` total (bits-1 MSE + 1 QJL); `orth` = orthogonal QJL projection.
-    Prod { bits: u32, orth: bool },
+    Prod {
+        /// Total bits per coordinate.
+        bits: u32,
+        /// Orthogonal QJL projection (`-orth`).
+        orth: bool,
+    },
     /// Outlier-channel split: half the channels at `hi`, half at `lo` bits.
-    Fractional { hi: u32, lo: u32 },
+    Fractional {
+        /// Bits of the outlier channels.
+        hi: u32,
+        /// Bits of the other channels.
+        lo: u32,
+    },
     /// RaBitQ (`bits` = 1) and extended RaBitQ.
-    RaBitQ { bits: u32 },
+    RaBitQ {
+        /// Bits per coordinate.
+        bits: u32,
+    },
     /// Product quantization with 8-bit sub-codes, `dim·bits/8` sub-spaces.
-    Pq { bits: u32 },
+    Pq {
+        /// Bits per value.
+        bits: u32,
+    },
     /// llama.cpp block formats, optionally Hadamard-rotated.
-    Ggml { t: GgmlType, rot: bool },
+    Ggml {
+        /// The block format.
+        t: GgmlType,
+        /// Rotated before quantizing (`-rot`).
+        rot: bool,
+    },
     /// FP4 (E2M1) with MX or NV block scales.
-    Fp4 { kind: Fp4Kind },
+    Fp4 {
+        /// MX or NV block scales.
+        kind: Fp4Kind,
+    },
     /// PolarQuant: recursive polar transform of blocks of 16, `bits` at level 1.
-    Polar { bits: u32 },
+    Polar {
+        /// Bits of the level-1 angles.
+        bits: u32,
+    },
 }
 
 impl CodecKind {
@@ -119,18 +152,23 @@ const ONLINE: Caps = Caps { online: true, trainable: false, needs_training: fals
 type Builder = dyn Fn(&CodecEntry, usize, u64, RotationKind, &[u8]) -> Result<Box<dyn Codec>> + Send + Sync;
 type SizeFn = dyn Fn(usize) -> usize + Send + Sync;
 
+/// One registered codec: its id, name, kind, capabilities, sizes and builder.
 #[derive(Clone)]
 pub struct CodecEntry {
     /// Stable numeric id stored in file headers.
     pub id: u16,
+    /// Registry name, e.g. `tq-mse-4`.
     pub name: String,
+    /// Family and parameters.
     pub kind: CodecKind,
+    /// The family (`kind.family()`).
     pub family: Family,
     /// The integer bit width in the name (`tq-mse-4`: 4, `q8_0`: 8, `mxfp4`: 4);
     /// `None` for the fractional rates (see `kind`, `nominal_bits`).
     pub bits: Option<u32>,
     /// TurboQuant_mse with norm correction (`-nc`).
     pub norm_correction: bool,
+    /// What the codec can do.
     pub caps: Caps,
     description: &'static str,
     formula: String,
@@ -167,6 +205,7 @@ impl CodecEntry {
         self.formula.clone()
     }
 
+    /// One-line description.
     pub fn description(&self) -> &'static str {
         self.description
     }
@@ -462,6 +501,7 @@ pub fn lookup(name: &str) -> Result<&'static CodecEntry> {
     Err(TqError::UnknownCodec { name: name.to_string(), known: known.join(", ") })
 }
 
+/// The codec with the stable numeric `id`, if any.
 pub fn by_id(id: u16) -> Option<&'static CodecEntry> {
     registry().iter().find(|e| e.id == id)
 }

@@ -38,12 +38,14 @@ pub struct Xoshiro256 {
 }
 
 impl Xoshiro256 {
+    /// A generator whose state is four SplitMix64 outputs from `seed`.
     pub fn new(seed: u64) -> Self {
         let mut sm = seed;
         let s = [splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm), splitmix64(&mut sm)];
         Self { s, cached_gaussian: None }
     }
 
+    /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {
         let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);

@@ -28,25 +28,31 @@ use crate::error::{Result, TqError};
 use crate::kernels::kernels;
 use crate::rng::Xoshiro256;
 
+/// Which random rotation a codec uses (stored in file headers by [`RotationKind::id`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RotationKind {
+    /// Seeded randomized Hadamard transform (fast, the default).
     Hadamard,
+    /// Dense Haar rotation (QR of a seeded Gaussian matrix; the paper-exact mode).
     Haar,
 }
 
 impl RotationKind {
+    /// The name accepted by `from_str`: `hadamard` or `haar`.
     pub fn name(self) -> &'static str {
         match self {
             RotationKind::Hadamard => "hadamard",
             RotationKind::Haar => "haar",
         }
     }
+    /// Stable numeric id (`hadamard` 0, `haar` 1).
     pub fn id(self) -> u8 {
         match self {
             RotationKind::Hadamard => 0,
             RotationKind::Haar => 1,
         }
     }
+    /// The kind of a numeric id, `None` if unknown.
     pub fn from_id(id: u8) -> Option<Self> {
         match id {
             0 => Some(RotationKind::Hadamard),
@@ -83,6 +89,7 @@ pub struct Hadamard {
 }
 
 impl Hadamard {
+    /// The transform for `dim` seeded by `seed` (2 rounds for powers of two `>= 64`, else 3).
     pub fn new(dim: usize, seed: u64) -> Self {
         let block = if dim.is_power_of_two() { dim } else { dim.next_power_of_two() / 2 };
         let rounds = if dim.is_power_of_two() && dim >= 64 { 2 } else { 3 };
@@ -106,6 +113,7 @@ impl Hadamard {
         Self { dim, block, signs, perms, scale: (1.0 / (block as f64).sqrt()) as f32, total }
     }
 
+    /// Number of rounds (2 or 3).
     pub fn rounds(&self) -> usize {
         self.signs.len()
     }
@@ -320,11 +328,14 @@ impl DenseMatrix {
 /// A rotation of `R^dim` (see the module docs).
 #[derive(Clone, Debug)]
 pub enum Rotation {
+    /// Randomized Hadamard transform.
     Hadamard(Hadamard),
+    /// Dense Haar rotation matrix (shared).
     Haar(Arc<DenseMatrix>),
 }
 
 impl Rotation {
+    /// The rotation of `kind` for `dim` (`>= 2`, within `limits`) seeded by `seed`.
     pub fn new(kind: RotationKind, dim: usize, seed: u64) -> Result<Self> {
         if dim < 2 {
             return Err(TqError::BadDim(dim, 2));
@@ -336,6 +347,7 @@ impl Rotation {
         })
     }
 
+    /// Which kind of rotation this is.
     pub fn kind(&self) -> RotationKind {
         match self {
             Rotation::Hadamard(_) => RotationKind::Hadamard,
@@ -343,6 +355,7 @@ impl Rotation {
         }
     }
 
+    /// Dimension rotated.
     pub fn dim(&self) -> usize {
         match self {
             Rotation::Hadamard(h) => h.dim,

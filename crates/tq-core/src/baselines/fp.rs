@@ -48,6 +48,7 @@ pub fn e2m1_encode(x: f32) -> u8 {
     }
 }
 
+/// The value of an E2M1 nibble (sign in bit 3, magnitude index in bits 0..=2).
 pub fn e2m1_decode(c: u8) -> f32 {
     let v = E2M1[(c & 7) as usize];
     if c & 8 != 0 {
@@ -75,6 +76,7 @@ pub fn e4m3_encode(x: f32) -> u8 {
     nearest_even(e4m3_table(), x.max(0.0)) as u8
 }
 
+/// The non-negative value of an E4M3 code (the sign bit is ignored; 0x7F reads as 448).
 pub fn e4m3_decode(c: u8) -> f32 {
     e4m3_table()[(c & 0x7F).min(126) as usize]
 }
@@ -89,13 +91,17 @@ pub fn e8m0_for(amax: f32) -> u8 {
     ((e - 2).clamp(-127, 127) + 127) as u8
 }
 
+/// The scale `2^(c − 127)` of an E8M0 code.
 pub fn e8m0_decode(c: u8) -> f32 {
     2f64.powi(c as i32 - 127) as f32
 }
 
+/// Which FP4 block-scale format (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fp4Kind {
+    /// `mxfp4`: blocks of 32 with an E8M0 scale.
     Mx,
+    /// `nvfp4`: blocks of 16 with an E4M3 scale, plus one f32 scale per vector.
     Nv,
 }
 
@@ -108,6 +114,7 @@ impl Fp4Kind {
     }
 }
 
+/// The `mxfp4` / `nvfp4` codec (no rotation, no training).
 pub struct Fp4 {
     info: CodecInfo,
     dim: usize,
@@ -116,6 +123,7 @@ pub struct Fp4 {
 }
 
 impl Fp4 {
+    /// An FP4 codec for `dim`-vectors; the last partial block is zero-padded.
     pub fn new(dim: usize, kind: Fp4Kind, seed: u64) -> Result<Self> {
         let name = match kind {
             Fp4Kind::Mx => "mxfp4",

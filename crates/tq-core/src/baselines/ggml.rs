@@ -16,11 +16,15 @@ use crate::error::Result;
 use crate::kernels::kernels;
 use crate::rotation::{Rotation, RotationKind};
 
+/// Values per ggml block.
 pub const QK: usize = 32;
 
+/// Which llama.cpp block format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
+    /// `q8_0`: 8-bit values and an f16 scale per block (8.5 bits per value).
     Q8_0,
+    /// `q4_0`: 4-bit values and an f16 scale per block (4.5 bits per value).
     Q4_0,
 }
 
@@ -84,6 +88,7 @@ pub fn dequantize_block(t: GgmlType, b: &[u8], out: &mut [f32; QK]) {
     }
 }
 
+/// The `q8_0` / `q4_0` codecs, optionally after a seeded rotation (`-rot`).
 pub struct Ggml {
     info: CodecInfo,
     dim: usize,
@@ -93,6 +98,7 @@ pub struct Ggml {
 }
 
 impl Ggml {
+    /// A ggml codec for `dim`-vectors; `rotated` applies the `rotation` of `seed` first.
     pub fn new(dim: usize, t: GgmlType, rotated: bool, seed: u64, rotation: RotationKind) -> Result<Self> {
         let base = match t {
             GgmlType::Q8_0 => "q8_0",

@@ -14,8 +14,10 @@ use crate::bitpack::{pack, packed_len, unpack};
 use crate::error::{Result, TqError};
 use crate::matrix::{Axis, MatrixCodec};
 
+/// Default group size `G` (tokens or channels per group).
 pub const DEFAULT_GROUP: usize = 32;
 
+/// The KIVI matrix codec `kivi-B` (see the module docs).
 pub struct Kivi {
     name: String,
     channels: usize,
@@ -25,6 +27,7 @@ pub struct Kivi {
 }
 
 impl Kivi {
+    /// KIVI at `bits` (1..=8) with groups of `group` along `axis`, for `channels` columns.
     pub fn new(channels: usize, bits: u32, group: usize, axis: Axis) -> Result<Self> {
         if !(1..=8).contains(&bits) {
             return Err(TqError::UnsupportedBits(bits));

@@ -74,6 +74,7 @@ fn angle_codebook(k: u32, bits: u32) -> Arc<(Vec<f32>, Vec<f32>)> {
     cb
 }
 
+/// The PolarQuant codec `polar-B` (see the module docs).
 pub struct Polar {
     info: CodecInfo,
     dim: usize,
@@ -89,6 +90,7 @@ pub struct Polar {
 }
 
 impl Polar {
+    /// PolarQuant at `b` bits (2..=8) for level-1 angles, after the seeded `rotation`.
     pub fn new(dim: usize, b: u32, seed: u64, rotation: RotationKind) -> Result<Self> {
         if !(2..=8).contains(&b) {
             return Err(TqError::UnsupportedBits(b));

@@ -23,6 +23,7 @@ pub fn pq_m(dim: usize, bits: u32) -> usize {
     ((dim * bits as usize + 4) / 8).clamp(1, dim)
 }
 
+/// The product-quantization codec `pq-B` (needs training before use).
 pub struct Pq {
     info: CodecInfo,
     dim: usize,
@@ -33,6 +34,7 @@ pub struct Pq {
 }
 
 impl Pq {
+    /// `pq-bits` (1..=8) with `pq_m(dim, bits)` sub-spaces; `params`: stored codebooks, or empty.
     pub fn new(dim: usize, bits: u32, seed: u64, params: &[u8]) -> Result<Self> {
         if !(1..=8).contains(&bits) {
             return Err(TqError::UnsupportedBits(bits));

@@ -15,8 +15,10 @@ use crate::error::{Result, TqError};
 use crate::matrix::MatrixCodec;
 use crate::rng::derive_seed;
 
+/// Reordering layers `L` (0.5·L permutation bits per element).
 pub const LAYERS: usize = 3;
 
+/// The QET matrix codec `qet-B` / `qet-B-nores` (see the module docs).
 pub struct Qet {
     name: String,
     channels: usize,

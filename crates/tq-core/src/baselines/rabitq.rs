@@ -23,6 +23,7 @@ use crate::rotation::{Rotation, RotationKind};
 
 use super::{bytes_to_f32s, f32s_to_bytes, read_f32};
 
+/// The RaBitQ codec `rabitq-B` (B = 1: RaBitQ, B ≥ 2: extended RaBitQ).
 pub struct RaBitQ {
     info: CodecInfo,
     dim: usize,
@@ -54,6 +55,7 @@ impl PartialOrd for Event {
 }
 
 impl RaBitQ {
+    /// RaBitQ at `bits` (1..=8); `params`: the stored centre (`dim` f32), or empty for the origin.
     pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, params: &[u8]) -> Result<Self> {
         if !(1..=8).contains(&bits) {
             return Err(TqError::UnsupportedBits(bits));

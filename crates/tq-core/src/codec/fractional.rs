@@ -24,6 +24,7 @@ pub struct TurboQuantFractional {
 }
 
 impl TurboQuantFractional {
+    /// The split codec `name` with `hi_bits` on `dim/2` outlier channels and `lo_bits` on the rest (`dim >= 4`).
     pub fn new(name: &str, dim: usize, hi_bits: u32, lo_bits: u32, seed: u64, rotation: RotationKind) -> Result<Self> {
         if dim < 4 {
             return Err(TqError::BadDim(dim, 4));
@@ -66,6 +67,7 @@ impl TurboQuantFractional {
         Ok(self)
     }
 
+    /// The outlier channel ids (increasing, `dim/2` of them).
     pub fn outliers(&self) -> &[u32] {
         &self.outliers
     }

@@ -60,7 +60,9 @@ impl PreparedQuery {
 /// before `finish_accumulated` rotates back.
 #[derive(Clone, Copy, Debug)]
 pub struct CodebookView<'a> {
+    /// Bits per index.
     pub bits: u32,
+    /// The `2^bits` codebook values, by index.
     pub table: &'a [f32],
     /// Bytes of packed indices (the f32 scale follows).
     pub packed: usize,
@@ -76,7 +78,9 @@ const BATCH_CHUNK: usize = 256;
 pub struct CodecInfo {
     /// Registry name, e.g. `tq-mse-4`.
     pub name: String,
+    /// Values per vector.
     pub dim: usize,
+    /// Seed of the rotation and any other random parts.
     pub seed: u64,
     /// The rotation stored codes depend on (`Hadamard` for codecs without one).
     pub rotation: RotationKind,
@@ -108,6 +112,7 @@ impl CodecInfo {
     }
 }
 
+/// A vector codec: fixed-size codes of `dim`-vectors, scored without decoding (see the module docs).
 pub trait Codec: Send + Sync {
     /// Name, dimension, seed, rotation, code size, ...: see [`CodecInfo`].
     fn info(&self) -> &CodecInfo;
@@ -116,12 +121,15 @@ pub trait Codec: Send + Sync {
     fn name(&self) -> &str {
         &self.info().name
     }
+    /// Values per vector.
     fn dim(&self) -> usize {
         self.info().dim
     }
+    /// Seed of the rotation and any other random parts.
     fn seed(&self) -> u64 {
         self.info().seed
     }
+    /// The rotation stored codes depend on.
     fn rotation_kind(&self) -> RotationKind {
         self.info().rotation
     }
@@ -157,6 +165,7 @@ pub trait Codec: Send + Sync {
     fn is_trained(&self) -> bool {
         true
     }
+    /// `Err(NotTrained)` unless `is_trained`.
     fn check_trained(&self) -> Result<()> {
         if self.is_trained() {
             Ok(())
@@ -167,7 +176,9 @@ pub trait Codec: Send + Sync {
 
     /// Encodes one finite vector of length `dim` into `code` (`code_size` bytes).
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]);
+    /// Decodes one code into `out` (`dim` values).
     fn decode_unchecked(&self, code: &[u8], out: &mut [f32]);
+    /// Prepares one finite query of length `dim` for scoring.
     fn prepare_unchecked(&self, q: &[f32]) -> PreparedQuery;
     /// Estimate of ⟨q, x⟩ from the code.
     fn score_ip(&self, q: &PreparedQuery, code: &[u8]) -> f32;
@@ -187,6 +198,8 @@ pub trait Codec: Send + Sync {
 
     // ---- checked, provided API ----
 
+    /// Checked `encode_unchecked`: refuses an untrained codec, a wrong length, non-finite or
+    /// unrepresentable input, and a `code` that is not `code_size` bytes.
     fn encode(&self, x: &[f32], code: &mut [u8]) -> Result<()> {
         self.check_trained()?;
         if x.len() != self.dim() {
@@ -198,6 +211,7 @@ pub trait Codec: Send + Sync {
         Ok(())
     }
 
+    /// Checked `decode_unchecked`: refuses an untrained codec, a wrong code size or output length.
     fn decode(&self, code: &[u8], out: &mut [f32]) -> Result<()> {
         self.check_trained()?;
         check_len(code.len(), self.code_size())?;
@@ -224,6 +238,7 @@ pub trait Codec: Send + Sync {
         Ok(())
     }
 
+    /// Decodes `codes` (whole `code_size`-byte codes) into `out` (`dim` values each), in parallel.
     fn decode_batch(&self, codes: &[u8], out: &mut [f32]) -> Result<()> {
         self.check_trained()?;
         let (d, cs) = (self.dim(), self.code_size());
@@ -242,6 +257,7 @@ pub trait Codec: Send + Sync {
         Ok(())
     }
 
+    /// Checked `prepare_unchecked`: refuses an untrained codec, a wrong length or non-finite query.
     fn prepare(&self, q: &[f32]) -> Result<PreparedQuery> {
         self.check_trained()?;
         if q.len() != self.dim() {

@@ -25,6 +25,7 @@ pub struct TurboQuantMse {
 }
 
 impl TurboQuantMse {
+    /// TurboQuant_mse at `bits` (1..=8) with the seeded `rotation`; `norm_correction` gives `-nc`.
     pub fn new(dim: usize, bits: u32, seed: u64, rotation: RotationKind, norm_correction: bool) -> Result<Self> {
         let codebook = LloydMax::get(dim, bits)?;
         let rotation = Rotation::new(rotation, dim, seed)?;
@@ -43,6 +44,7 @@ impl TurboQuantMse {
         })
     }
 
+    /// The Lloyd–Max codebook of `(dim, bits)`.
     pub fn codebook(&self) -> &LloydMax {
         &self.codebook
     }

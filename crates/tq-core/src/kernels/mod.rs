@@ -24,6 +24,7 @@ pub mod x86;
 
 /// A table of kernel entry points resolved once per process.
 pub struct Kernels {
+    /// Name of the path: `scalar`, `avx2` or `avx512`.
     pub name: &'static str,
     /// In-place unnormalized fast Walsh–Hadamard transform; `x.len()` is a power of two.
     pub fwht: fn(&mut [f32]),
@@ -73,13 +74,17 @@ pub type Had2Fn = fn(&[f32], &Had2<'_>, &mut [f32], &mut [u8]) -> Option<f32>;
 pub struct Had2<'a> {
     /// Sign masks (0 or 0x8000_0000) of the two rounds, `n` each.
     pub s1: &'a [u32],
+    /// Sign masks of the second round.
     pub s2: &'a [u32],
     /// Combined scale `n^-1` of the two unnormalized transforms.
     pub total: f32,
+    /// Decision boundaries of the codebook (`2^bits - 1`, ascending).
     pub boundaries: &'a [f32],
+    /// Bits per index.
     pub bits: u32,
 }
 
+/// The scalar reference kernels (`TQ_SIMD=scalar`).
 pub static SCALAR: Kernels = Kernels {
     name: "scalar",
     fwht: scalar::fwht_ref,

@@ -18,6 +18,7 @@ pub fn fwht_ref(x: &mut [f32]) {
     }
 }
 
+/// `idx[j]` = number of boundaries strictly below `y[j]` (`bits` is unused).
 pub fn quantize_ref(y: &[f32], boundaries: &[f32], _bits: u32, idx: &mut [u8]) {
     for (o, &v) in idx.iter_mut().zip(y) {
         *o = boundaries.partition_point(|&b| b < v) as u8;
@@ -77,6 +78,7 @@ pub fn softmax_body(scores: &mut [f32]) {
     scores.iter_mut().for_each(|s| *s *= inv);
 }
 
+/// Softmax in place (see [`softmax_body`]).
 pub fn softmax_ref(scores: &mut [f32]) {
     softmax_body(scores)
 }
@@ -87,6 +89,7 @@ pub fn reduce8(l: &[f32; 8]) -> f32 {
     ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
 }
 
+/// Σ x² in the canonical order (8 lanes, lane = index mod 8, [`reduce8`]).
 pub fn sum_sq_ref(x: &[f32]) -> f32 {
     let mut l = [0.0f32; 8];
     for (i, &v) in x.iter().enumerate() {
@@ -95,6 +98,7 @@ pub fn sum_sq_ref(x: &[f32]) -> f32 {
     reduce8(&l)
 }
 
+/// Σ a·b in the canonical order (as [`sum_sq_ref`]).
 pub fn dot_ref(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
     let mut l = [0.0f32; 8];
@@ -117,6 +121,7 @@ pub fn get_field(packed: &[u8], bits: u32, j: usize) -> usize {
     ((w >> shift) & ((1u32 << bits) - 1)) as usize
 }
 
+/// `Σ_j q[j] · table[field_j]` over the `q.len()` `bits`-bit fields of `packed`.
 pub fn dot_codes_ref(q: &[f32], packed: &[u8], bits: u32, table: &[f32]) -> f32 {
     let mut s = 0.0f32;
     for (j, &qj) in q.iter().enumerate() {
