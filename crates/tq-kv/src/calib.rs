@@ -27,6 +27,7 @@ const VERSION: u32 = 1;
 /// The key transforms of one model.
 #[derive(Clone, PartialEq)]
 pub struct KeyCalibration {
+    /// The model's KV geometry (layers, KV heads, head dimension).
     pub shape: KvGeometry,
     /// Shrinkage toward a scaled identity applied to both covariances.
     pub shrink: f32,
@@ -194,6 +195,7 @@ pub struct CalibrationStats {
 }
 
 impl CalibrationStats {
+    /// Empty statistics for every (layer, KV head) stream of `shape`.
     pub fn new(shape: KvGeometry) -> Self {
         let (n, d) = (shape.layers * shape.kv_heads, shape.head_dim);
         Self { shape, nk: vec![0; n], sk: vec![0.0; n * d], kk: vec![0.0; n * d * d], nq: vec![0; n], qq: vec![0.0; n * d * d] }

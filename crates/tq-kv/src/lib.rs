@@ -28,7 +28,10 @@ use tq_core::{Codec, Result, RotationKind, TqError};
 /// (layer, KV head); `attend` writes softmax(q·Kᵀ/√d)·V over the first `len`
 /// positions of that head into `out`.
 pub trait KvCache {
+    /// Stores the next position's key `k` and value `v` of (`layer`, `head`).
     fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]);
+    /// Writes softmax(q·Kᵀ/√d)·V of query `q` over the first `len` positions
+    /// of (`layer`, `head`) into `out`.
     fn attend(&self, layer: usize, head: usize, q: &[f32], len: usize, out: &mut [f32]);
     /// Attention of the `group` query heads that share KV head `head` (GQA):
     /// `qs` and `out` hold `group` rows each. Default: one `attend` per row;
@@ -63,7 +66,9 @@ pub trait KvCache {
             }
         }
     }
+    /// Positions stored for (`layer`, `head`).
     fn len(&self, layer: usize, head: usize) -> usize;
+    /// True when nothing is stored yet (layer 0, head 0 holds no position).
     fn is_empty(&self) -> bool {
         self.len(0, 0) == 0
     }
@@ -120,6 +125,7 @@ pub struct F32Cache {
 }
 
 impl F32Cache {
+    /// An empty cache for `shape`.
     pub fn new(shape: KvGeometry) -> Self {
         let n = shape.layers * shape.kv_heads;
         Self { shape, k: vec![Vec::new(); n], v: vec![Vec::new(); n] }
@@ -762,6 +768,8 @@ fn kivi_rows<'a>(codec: &tq_core::baselines::kivi::Kivi, codes: &[u8], residual:
 pub const KIVI_GROUP: usize = tq_core::baselines::kivi::DEFAULT_GROUP;
 
 impl KiviCache {
+    /// An empty cache for `shape` with `bits`-bit keys and values (`bits` in
+    /// 1..=8, else an error).
     pub fn new(shape: KvGeometry, bits: u32) -> Result<Self> {
         use tq_core::baselines::kivi::Kivi;
         use tq_core::matrix::Axis;

@@ -14,17 +14,28 @@ use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{Device, Module, Tensor};
 use tq_kv::{KvCache, KvGeometry};
 
+/// The model's hyperparameters, read from the GGUF metadata (`llama.*`).
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// Transformer blocks.
     pub layers: usize,
+    /// Query heads.
     pub heads: usize,
+    /// KV heads (fewer than `heads` with grouped-query attention).
     pub kv_heads: usize,
+    /// Dimension of one head (`embed / heads`).
     pub head_dim: usize,
+    /// Width of the residual stream.
     pub embed: usize,
+    /// Hidden width of the feed-forward (SwiGLU) block.
     pub ffn: usize,
+    /// RoPE frequency base (10,000 when the GGUF has none).
     pub rope_base: f32,
+    /// ε of the RMS norms.
     pub rms_eps: f32,
+    /// Longest sequence the model runs (positions of the RoPE table).
     pub context: usize,
+    /// Vocabulary size (rows of the token embedding).
     pub vocab: usize,
 }
 
@@ -47,7 +58,9 @@ impl Config {
     }
 }
 
+/// A loaded llama-family model: weights dequantized to f32 on the CPU.
 pub struct Llama {
+    /// The hyperparameters.
     pub config: Config,
     embed: Vec<f32>,
     output: QMatMul,
@@ -68,6 +81,8 @@ fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
 }
 
 impl Llama {
+    /// Loads a GGUF model (the output matrix falls back to the token
+    /// embedding when the file has none: tied embeddings).
     pub fn load(path: &Path) -> Result<Self> {
         let device = Device::Cpu;
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot open model {}", path.display()))?;

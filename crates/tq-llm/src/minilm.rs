@@ -12,9 +12,11 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+/// Embedding dimension.
 pub const DIM: usize = 384;
 const MAX_TOKENS: usize = 256;
 
+/// The all-MiniLM-L6-v2 model and its tokenizer (CPU).
 pub struct MiniLm {
     model: BertModel,
     tokenizer: Tokenizer,
