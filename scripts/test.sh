@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The test command: the Rust workspace tests, then the Python bindings built
-# into a private virtual environment (target/pyenv) with maturin and tested
-# with pytest against the `tq` binary of the same tree.
+# The test command: format and lint checks (rustfmt, clippy with warnings
+# denied), the Rust workspace tests, the Python bindings built into a private
+# virtual environment (target/pyenv) with maturin and tested with pytest
+# against the `tq` binary of the same tree, then a short bounded fuzz run of
+# every file parser (scripts/fuzz.sh; the long run is documented in fuzz/README.md).
 # Needs: cargo, python3 (>= 3.9) with venv, and the PyPI index for
 # maturin/numpy/pytest (installed once into target/pyenv).
 set -euo pipefail
@@ -25,9 +27,15 @@ if [ ! -e "$NVRTC/nvidia/cu13/lib/libnvrtc.so.13" ]; then
 fi
 export LD_LIBRARY_PATH="$PWD/$NVRTC/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
+cargo fmt --all -- --check
+(cd crates/tq-py && cargo fmt -- --check)
+(cd fuzz && cargo fmt -- --check)
+cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --workspace --release
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.7,<2" numpy pytest
 rm -rf target/wheels
 ( cd crates/tq-py && CARGO_TARGET_DIR=../../target/py "../../$VENV/bin/maturin" build --release --out ../../target/wheels )
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps target/wheels/turboquant-*.whl
 TQ_BIN="$PWD/target/release/tq" "$VENV/bin/python" -m pytest -q crates/tq-py/tests
+# a bounded fuzz run: every target for ${TQ_FUZZ_SECONDS:-20} s from the committed corpus
+scripts/fuzz.sh "${TQ_FUZZ_SECONDS:-20}"
