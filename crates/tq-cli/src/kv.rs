@@ -20,6 +20,7 @@ fn logger(quiet: bool) -> impl Fn(&str) {
 
 /// `tq kv eval`: one precision, one JSON object on stdout.
 pub fn eval(cfg: &PplConfig<'_>, kv: &KvSpec, json: bool) -> Result<()> {
+    eval::ppl_text(cfg, json)?; // a bad text fails before the model loads
     let rt = Runtime::smollm(json)?;
     let mut rows = eval::perplexity(&rt, cfg, std::slice::from_ref(kv), json, &|_| {}, &logger(json))?;
     let out = rows.remove(0);
@@ -53,6 +54,7 @@ pub fn sweep(
     pb.set_style(indicatif::ProgressStyle::with_template("kv sweep [{bar:30}] {pos}/{len} chunks × {msg} ({eta})").unwrap().progress_chars("=> "));
     pb.set_message(format!("{} precisions", precisions.len()));
     let a = PplConfig { text, chars, ctx, chunks, opts: opts.clone(), seed };
+    eval::ppl_text(&a, true)?;
     let rt = Runtime::smollm(true)?;
     let mut rows = eval::perplexity(&rt, &a, precisions, true, &|k| pb.set_position(k as u64), &eval::quiet)?;
     pb.finish_and_clear();
@@ -229,6 +231,9 @@ pub fn bench(kv: &KvSpec, ctxs: &[usize], steps: usize, fill: usize, opts: &Cach
 /// `tq kv needle`: a JSON line per trial as it finishes, then the summary.
 #[allow(clippy::too_many_arguments)]
 pub fn needle(kv: &KvSpec, lengths: &[usize], depths: &[f64], format: eval::NeedleFormat, opts: &CacheOptions, seed: u64, json: bool) -> Result<()> {
+    if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
+        bail!("depth {d} is outside 0..1"); // before the model loads
+    }
     let rt = Runtime::smollm(json)?;
     let summary = eval::needle(&rt, kv, lengths, depths, format, opts, seed, json, &mut |row| println!("{row}"), &logger(json))?;
     println!("{summary}");

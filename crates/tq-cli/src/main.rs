@@ -130,7 +130,7 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         context: usize,
         /// Comma-separated KV precisions (see `tq_kv::PRECISIONS`).
-        #[arg(long, value_delimiter = ',', required = true, default_value = "f16,q8_0-rot,q4_0-rot,kivi-2,tq-mse-4,k4v3,tq-mse-3.5,tq-mse-3,tq-mse-2.5")]
+        #[arg(long, value_delimiter = ',', default_value = "f16,q8_0-rot,q4_0-rot,kivi-2,tq-mse-4,k4v3,tq-mse-3.5,tq-mse-3,tq-mse-2.5")]
         kv: Vec<KvSpec>,
         #[arg(long)]
         json: bool,
@@ -263,7 +263,7 @@ enum KvCmd {
         #[command(flatten)]
         text: TextArgs,
         /// Comma-separated precisions.
-        #[arg(long, value_delimiter = ',', required = true, default_value = kv::SWEEP)]
+        #[arg(long, value_delimiter = ',', default_value = kv::SWEEP)]
         kv: Vec<KvSpec>,
         #[command(flatten)]
         windows: Windows,

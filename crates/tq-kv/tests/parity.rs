@@ -526,3 +526,14 @@ fn batched_positions_equal_one_token_at_a_time() {
     assert!(c.prefix_stable(0), "trained");
     assert!(!cache_for(shape1, "kivi-4", 0).unwrap().prefix_stable(0));
 }
+
+/// Windows are bounded before anything is allocated: an absurd `--recent`
+/// is a one-line error naming the field, not a capacity-overflow panic.
+#[test]
+fn absurd_windows_are_refused_by_name() {
+    let shape = KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: 8 };
+    for (sink, recent, field) in [(0, usize::MAX, "--recent"), (usize::MAX, 0, "--sink")] {
+        let e = cache_with(shape, "tq-mse-4", 0, &tq_kv::CacheOptions { sink, recent, ..Default::default() }).err().expect("refused");
+        assert!(e.to_string().contains(field), "{e}");
+    }
+}

@@ -73,11 +73,10 @@ struct Acc {
     kv_bytes: usize,
 }
 
-/// `tq kv eval` for several precisions over the same chunks: each chunk's f32
-/// reference is computed once and compared with every precision (`done(k)`
-/// is called after each chunk with the chunks done). One JSON object per
-/// precision, in order.
-pub fn perplexity(rt: &Runtime, a: &PplConfig<'_>, specs: &[KvSpec], quiet: bool, done: &dyn Fn(usize), log: Log<'_>) -> Result<Vec<serde_json::Value>> {
+/// The text a [`perplexity`] run scores: the first `chars` characters of
+/// `a.text`, refused when empty or when `chunks` is 0 (cheap: callers check
+/// it before loading the model).
+pub fn ppl_text(a: &PplConfig<'_>, quiet: bool) -> Result<String> {
     if a.chunks == 0 {
         bail!("--chunks must be at least 1");
     }
@@ -86,6 +85,15 @@ pub fn perplexity(rt: &Runtime, a: &PplConfig<'_>, specs: &[KvSpec], quiet: bool
     if text.trim().is_empty() {
         bail!("the text is empty");
     }
+    Ok(text)
+}
+
+/// `tq kv eval` for several precisions over the same chunks: each chunk's f32
+/// reference is computed once and compared with every precision (`done(k)`
+/// is called after each chunk with the chunks done). One JSON object per
+/// precision, in order.
+pub fn perplexity(rt: &Runtime, a: &PplConfig<'_>, specs: &[KvSpec], quiet: bool, done: &dyn Fn(usize), log: Log<'_>) -> Result<Vec<serde_json::Value>> {
+    let text = ppl_text(a, quiet)?;
     let model = &rt.model;
     if a.ctx < 4 || a.ctx > model.config.context {
         bail!("--ctx {} is outside 4..={} (the model's context)", a.ctx, model.config.context);

@@ -376,3 +376,28 @@ fn generate_and_needle_refuse_bad_input() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("bad length 'abc'"), "{err}");
 }
+
+/// A closed pipe (`tq codecs | head -1`) ends `tq` the conventional way
+/// (SIGPIPE), never with a panic message.
+#[test]
+fn a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    // 20,000 result lines (about 2 MB): far more than a pipe holds
+    let d = tmpdir("pipe");
+    let (xs, idx) = (d.join("x.npy"), d.join("x.tqi"));
+    write_npy(&xs, 20_000, 16, &data(20_000, 16));
+    assert!(tq(&["index", "build", "--input", p(&xs), "--codec", "tq-mse-2", "--out", p(&idx)]).status.success());
+    let args = ["index", "search", "--index", p(&idx), "--queries", p(&xs), "-k", "10"];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tq")).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    out.read_line(&mut first).unwrap();
+    assert!(first.starts_with("0\t"), "{first}");
+    drop(out); // the reader goes away, like `head -1`
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
+    assert_eq!(o.status.signal(), Some(13), "status {:?}: {err}", o.status);
+}
