@@ -251,6 +251,6 @@ pub fn dump(text: &str, tokens: usize, layers: &[usize], all_queries: bool, out:
     }
     let meta = serde_json::to_string_pretty(&d.meta)?;
     tq_io::write_atomic(&out.join("meta.json"), meta.as_bytes()).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.join("meta.json").display()))?;
-    eprintln!("dumped {} to {}", d.meta, out.display());
+    eprintln!("dumped {} layers × {} KV heads × {tokens} tokens (d = {n}) to {}", layers.len(), d.meta["kv_heads"], out.display());
     Ok(())
 }

@@ -546,7 +546,7 @@ fn parse(b: &[u8], end: u64, path: &Path, verified: &mut usize) -> Result<AnyInd
     }
     let spec_len = read_u32(b, SPEC_AT) as usize;
     let room = b.len() - (SPEC_AT + 4);
-    if spec_len > room.saturating_sub(4) {
+    if room < 4 || spec_len > room - 4 {
         // the spec (and its checksum) would run past the file
         return Err(too_large(path, "spec length", spec_len as u64, room.saturating_sub(4) as u64));
     }

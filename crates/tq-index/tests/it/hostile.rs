@@ -276,3 +276,24 @@ fn repeated_ids_are_reported_as_repeated() {
         assert_eq!(idx.len(), 20);
     }
 }
+
+/// Found by fuzzing: a file that ends 0–3 bytes after the spec length field
+/// (so the spec's checksum would lie past the end) is a clean error, not an
+/// out-of-bounds panic, on every path that reads it.
+#[test]
+fn a_spec_checksum_past_the_end_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let found: [&[u8]; 2] = [
+        include_bytes!("../../../../fuzz/regressions/tqi/spec-checksum-past-the-end-68b"),
+        include_bytes!("../../../../fuzz/regressions/tqi/spec-checksum-past-the-end-69b"),
+    ];
+    for (i, b) in found.into_iter().enumerate() {
+        for opts in [LoadOptions::default(), LoadOptions { recover_previous_commit: true }] {
+            assert!(file::from_bytes_with(b, Path::new("t.tqi"), opts).is_err(), "input {i}");
+        }
+        let p = dir.path().join(format!("{i}.tqi"));
+        std::fs::write(&p, b).unwrap();
+        assert!(file::load(&p).is_err());
+        assert!(!file::check(&p).unwrap().loads);
+    }
+}
