@@ -44,7 +44,8 @@ for t in "${targets[@]}"; do
     log="target/fuzz-$t.log"
     start=$(date +%s)
     set +e
-    "$bin/$t" "$work" "corpus/$t" -max_total_time="$secs" -timeout=1 -rss_limit_mb=1024 -malloc_limit_mb=1024 \
+    extra=(); [ -d "regressions/$t" ] && extra=("regressions/$t")
+    "$bin/$t" "$work" "corpus/$t" "${extra[@]}" -max_total_time="$secs" -timeout=1 -rss_limit_mb=1024 -malloc_limit_mb=1024 \
         -max_len="$max_len" -artifact_prefix="artifacts/$t/" -print_final_stats=1 >"$log" 2>&1
     rc=$?
     set -e

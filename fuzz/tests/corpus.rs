@@ -128,7 +128,11 @@ fn fvecs_seeds() -> Vec<(String, Vec<u8>)> {
 
 fn kv_calib_seeds() -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
-    for (k, shape) in [tq_kv::Shape { layers: 1, kv_heads: 1, head_dim: 4 }, tq_kv::Shape { layers: 2, kv_heads: 1, head_dim: 6 }].into_iter().enumerate() {
+    for (k, shape) in
+        [tq_kv::KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: 4 }, tq_kv::KvGeometry { layers: 2, q_heads: 1, kv_heads: 1, head_dim: 6 }]
+            .into_iter()
+            .enumerate()
+    {
         let mut st = tq_kv::CalibrationStats::new(shape);
         let d = shape.head_dim;
         let mut r = Xoshiro256::new(k as u64);
