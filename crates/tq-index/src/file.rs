@@ -210,7 +210,7 @@ fn record(tag: u32, payload: &[u8]) -> Vec<u8> {
     let mut r = Vec::with_capacity(RECORD_HEAD + payload.len());
     r.extend_from_slice(&tag.to_le_bytes());
     r.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    r.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    r.extend_from_slice(&tq_io::crc32(payload).to_le_bytes());
     r.extend_from_slice(payload);
     r
 }
@@ -235,7 +235,7 @@ fn slot_bytes(seq: u64, end: u64) -> [u8; 24] {
     let mut s = [0u8; 24];
     s[..8].copy_from_slice(&seq.to_le_bytes());
     s[8..16].copy_from_slice(&end.to_le_bytes());
-    let crc = crc32fast::hash(&s[..16]);
+    let crc = tq_io::crc32(&s[..16]);
     s[16..20].copy_from_slice(&crc.to_le_bytes());
     s
 }
@@ -254,7 +254,7 @@ pub fn to_bytes(index: &AnyIndex) -> Vec<u8> {
     out.extend_from_slice(&[0u8; 48]); // slots, filled below
     out.extend_from_slice(&(spec.len() as u32).to_le_bytes());
     out.extend_from_slice(&spec);
-    out.extend_from_slice(&crc32fast::hash(&spec).to_le_bytes());
+    out.extend_from_slice(&tq_io::crc32(&spec).to_le_bytes());
     match index {
         AnyIndex::Flat(f) => {
             out.extend(record(TAG_ADD, &add_payload(f.ids(), &vec![0; f.len()], &f.all_codes())));
@@ -427,7 +427,7 @@ fn slot_state(b: &[u8]) -> SlotState {
     let crc = u32::from_le_bytes(b[16..20].try_into().expect("4"));
     if b[..24].iter().all(|&x| x == 0) {
         SlotState::Empty
-    } else if seq > 0 && crc32fast::hash(&b[..16]) == crc && b[20..24] == [0; 4] {
+    } else if seq > 0 && tq_io::crc32(&b[..16]) == crc && b[20..24] == [0; 4] {
         SlotState::Valid { seq, end }
     } else {
         SlotState::Corrupt { seq, end }
@@ -552,7 +552,7 @@ fn parse(b: &[u8], end: u64, path: &Path, verified: &mut usize) -> Result<AnyInd
     }
     let spec_raw = &b[SPEC_AT + 4..SPEC_AT + 4 + spec_len];
     let crc = read_u32(b, SPEC_AT + 4 + spec_len);
-    if crc32fast::hash(spec_raw) != crc {
+    if tq_io::crc32(spec_raw) != crc {
         return Err(err(path, "corrupt header: checksum mismatch in the index spec"));
     }
     let records_at = SPEC_AT + 8 + spec_len;
@@ -690,7 +690,7 @@ fn read_record<'a>(b: &'a [u8], at: usize, end: usize, path: &Path) -> Result<(u
         return Err(too_large(path, "record length", len, room));
     }
     let payload = r.take(len as usize).ok_or_else(bad)?;
-    if crc32fast::hash(payload) != crc {
+    if tq_io::crc32(payload) != crc {
         return Err(err(path, format!("corrupt record at byte {at}: checksum mismatch")));
     }
     Ok((tag, payload, r.at))
@@ -927,25 +927,7 @@ impl Appender {
 /// and `path` is untouched. Takes no lock: writers of index files use
 /// [`save`] / [`save_over`], which hold the write lock around this.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| err(path, "not a file path"))?;
-    let tmp: PathBuf = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = File::open(dir) {
-            // fsync of the directory makes the rename durable (not supported everywhere)
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.map_err(io(path))
+    tq_io::write_atomic(path, bytes).map_err(io(path))
 }
 
 /// Saves a snapshot, replacing whatever `path` holds (under the write lock,

@@ -65,9 +65,9 @@ fn attention_on_codes_matches_dequantize_then_attend() {
             ("nvfp4", "nvfp4", "nvfp4"),
         ] {
             let mut cache = cache_for(shape, spec, 0).unwrap();
-            // the cache seeds keys with 0 and values with derive_seed(0, 0x56)
+            // the cache seeds keys with 0 and values with kv_value_seed(0)
             let kc = build(kname, d, 0, RotationKind::Hadamard).unwrap();
-            let vc = build(vname, d, tq_core::rng::derive_seed(0, 0x56), RotationKind::Hadamard).unwrap();
+            let vc = build(vname, d, tq_core::rng::kv_value_seed(0), RotationKind::Hadamard).unwrap();
             let n = 300;
             let ks: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
             let vs: Vec<Vec<f32>> = (0..n).map(|_| randv(&mut r, d)).collect();
@@ -171,7 +171,7 @@ fn sink_and_recent_windows_and_centered_keys_are_exact() {
             .map(|(t, (k, kc))| if in_window(t) { win(t, k) } else { dec(&st.keys, 0, kc).iter().zip(&mu).map(|(a, m)| a + m).collect() })
             .collect();
         let vd: Vec<Vec<f32>> =
-            vs.iter().enumerate().map(|(t, v)| if in_window(t) { win(t, v) } else { dec(&st.values, tq_core::rng::derive_seed(0, 0x56), v) }).collect();
+            vs.iter().enumerate().map(|(t, v)| if in_window(t) { win(t, v) } else { dec(&st.values, tq_core::rng::kv_value_seed(0), v) }).collect();
         for (g, o) in out.chunks_exact(d).enumerate() {
             let want = attend_f64(&kd, &vd, &qs[g * d..(g + 1) * d]);
             let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
@@ -244,7 +244,7 @@ fn calibrated_keys_are_exact() {
         let kd: Vec<Vec<f32>> = (0..n)
             .map(|t| if in_window(t) { win(t, &ks[t]) } else { matvec(&ti, &dec(&st.keys, 0, &tk, &tk[t])).iter().zip(&mu).map(|(a, m)| a + m).collect() })
             .collect();
-        let vseed = tq_core::rng::derive_seed(0, 0x56);
+        let vseed = tq_core::rng::kv_value_seed(0);
         let vd: Vec<Vec<f32>> = (0..n).map(|t| if in_window(t) { win(t, &vs[t]) } else { dec(&st.values, vseed, &vs, &vs[t]) }).collect();
         for (g, o) in out.chunks_exact(d).enumerate() {
             let want = attend_f64(&kd, &vd, &qs[g * d..(g + 1) * d]);
@@ -306,7 +306,7 @@ fn delayed_encoding_matches_immediate_and_saves_the_window_codes() {
     c.attend(0, 0, &qs[..d], n, &mut out);
     let q8 = build("q8_0", d, 0, RotationKind::Hadamard).unwrap();
     let kc = build("tq-mse-4-nc", d, 0, RotationKind::Hadamard).unwrap();
-    let vc = build("tq-mse-3-nc", d, tq_core::rng::derive_seed(0, 0x56), RotationKind::Hadamard).unwrap();
+    let vc = build("tq-mse-3-nc", d, tq_core::rng::kv_value_seed(0), RotationKind::Hadamard).unwrap();
     let side = |c: &dyn Codec, t: usize, x: &Vec<f32>| -> Vec<f32> {
         if t < sink {
             x.clone()
@@ -368,7 +368,7 @@ fn fractional_caches_train_per_stream_then_encode() {
         c
     };
     let kc = train("tq-mse-3.5", 0, &ks);
-    let vc = train("tq-mse-3.5", tq_core::rng::derive_seed(0, 0x56), &vs);
+    let vc = train("tq-mse-3.5", tq_core::rng::kv_value_seed(0), &vs);
     let mut out = vec![f32::NAN; d];
     cache.attend(0, 1, &q, n, &mut out);
     let want = reference(kc.as_ref(), vc.as_ref(), &ks, &vs, &q);
