@@ -73,15 +73,8 @@ pub fn add(index: &Path, input: &Path, start_id: Option<u64>, load: LoadOptions)
     Ok(())
 }
 
-fn all_ids(idx: &AnyIndex) -> Vec<u64> {
-    match idx {
-        AnyIndex::Flat(f) => f.ids().to_vec(),
-        AnyIndex::Ivf(i) => (0..i.nlist()).flat_map(|l| i.list(l).ids().to_vec()).collect(),
-    }
-}
-
 fn max_id(idx: &AnyIndex) -> Option<u64> {
-    all_ids(idx).into_iter().max()
+    idx.ids().into_iter().max()
 }
 
 pub fn parse_ids(s: &str) -> Result<Vec<u64>> {

@@ -130,6 +130,13 @@ impl AnyIndex {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Every id held: the flat index's slot order, or list after list.
+    pub fn ids(&self) -> Vec<u64> {
+        match self {
+            AnyIndex::Flat(f) => f.ids().to_vec(),
+            AnyIndex::Ivf(i) => (0..i.nlist()).flat_map(|l| i.list(l).ids().to_vec()).collect(),
+        }
+    }
     /// Whether `id` is in the index.
     pub fn contains(&self, id: u64) -> bool {
         match self {

@@ -241,11 +241,7 @@ fn metric_of(s: &str) -> PyResult<Metric> {
 
 impl PyIndex {
     fn all_ids(&self) -> Vec<u64> {
-        match &self.inner {
-            None => Vec::new(),
-            Some(AnyIndex::Flat(f)) => f.ids().to_vec(),
-            Some(AnyIndex::Ivf(i)) => (0..i.nlist()).flat_map(|l| i.list(l).ids().to_vec()).collect(),
-        }
+        self.inner.as_ref().map_or_else(Vec::new, AnyIndex::ids)
     }
 }
 

@@ -18,10 +18,7 @@ fn flat(codec: &str, n: usize, dim: usize, id0: u64) -> AnyIndex {
 }
 
 fn ids_of(a: &AnyIndex) -> BTreeSet<u64> {
-    match a {
-        AnyIndex::Flat(f) => f.ids().iter().copied().collect(),
-        AnyIndex::Ivf(i) => (0..i.nlist()).flat_map(|l| i.list(l).ids().to_vec()).collect(),
-    }
+    a.ids().into_iter().collect()
 }
 
 /// Same ids and the same search results on a few queries.

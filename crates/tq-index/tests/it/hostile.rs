@@ -19,10 +19,7 @@ fn flat(n: u64, dim: usize) -> AnyIndex {
 }
 
 fn ids_of(a: &AnyIndex) -> BTreeSet<u64> {
-    match a {
-        AnyIndex::Flat(f) => f.ids().iter().copied().collect(),
-        AnyIndex::Ivf(i) => (0..i.nlist()).flat_map(|l| i.list(l).ids().to_vec()).collect(),
-    }
+    a.ids().into_iter().collect()
 }
 
 fn slot_b_flipped(path: &Path) {
