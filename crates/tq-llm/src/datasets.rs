@@ -9,13 +9,17 @@ use tq_data::Matrix;
 /// Loads any dataset by name, computing a derived one on its first use
 /// (`progress(done, total)` is called while MiniLM embeds).
 pub fn load(name: &str, quiet: bool, progress: &dyn Fn(usize, usize)) -> Result<Matrix> {
-    Ok(datasets::load_with(name, quiet, &|d, q| derive(d, q, progress).map_err(|e| tq_data::DataError::Msg(format!("{e:#}"))))?)
+    Ok(datasets::load_with(name, quiet, &|d, q| derive_for_data(d, q, progress))?)
 }
 
 /// Path of a dataset's cached file, computing it first when needed.
 pub fn ensure(name: &str, quiet: bool, progress: &dyn Fn(usize, usize)) -> Result<std::path::PathBuf> {
-    let d = datasets::find(name)?;
-    Ok(datasets::ensure_with(d, quiet, &|d, q| derive(d, q, progress).map_err(|e| tq_data::DataError::Msg(format!("{e:#}"))))?)
+    Ok(datasets::ensure_with(datasets::find(name)?, quiet, &|d, q| derive_for_data(d, q, progress))?)
+}
+
+/// [`derive`] as the `tq_data::datasets::Derive` callback wants it.
+fn derive_for_data(d: &Dataset, quiet: bool, progress: &dyn Fn(usize, usize)) -> tq_data::Result<Matrix> {
+    derive(d, quiet, progress).map_err(|e| tq_data::DataError::Msg(format!("{e:#}")))
 }
 
 fn derive(d: &Dataset, quiet: bool, progress: &dyn Fn(usize, usize)) -> Result<Matrix> {
