@@ -9,6 +9,22 @@ use anyhow::{bail, Result};
 use tq_kv::{CacheOptions, KvSpec};
 use tq_llm::eval::{self, PplConfig, Runtime};
 
+/// SmolLM2, loaded on first use and then shared: by `--calib-text`'s
+/// calibration and the command it serves, or by the report's sweeps.
+#[derive(Default)]
+pub struct Model(std::cell::OnceCell<Runtime>);
+
+impl Model {
+    /// The runtime, loading it (fetching the GGUF when needed) on the first call.
+    pub fn get(&self, quiet: bool) -> Result<&Runtime> {
+        if let Some(rt) = self.0.get() {
+            return Ok(rt);
+        }
+        let rt = Runtime::smollm(quiet)?;
+        Ok(self.0.get_or_init(|| rt))
+    }
+}
+
 /// A progress line on stderr unless `quiet`.
 fn logger(quiet: bool) -> impl Fn(&str) {
     move |m: &str| {
@@ -19,10 +35,9 @@ fn logger(quiet: bool) -> impl Fn(&str) {
 }
 
 /// `tq kv eval`: one precision, one JSON object on stdout.
-pub fn eval(cfg: &PplConfig<'_>, kv: &KvSpec, json: bool) -> Result<()> {
-    eval::ppl_text(cfg, json)?; // a bad text fails before the model loads
-    let rt = Runtime::smollm(json)?;
-    let mut rows = eval::perplexity(&rt, cfg, std::slice::from_ref(kv), json, &|_| {}, &logger(json))?;
+pub fn eval(model: &Model, cfg: &PplConfig<'_>, kv: &KvSpec, json: bool) -> Result<()> {
+    let text = eval::ppl_text(cfg, json)?; // a bad text fails before the model loads
+    let mut rows = eval::perplexity(model.get(json)?, cfg, &text, std::slice::from_ref(kv), &|_| {}, &logger(json))?;
     let out = rows.remove(0);
     if json {
         println!("{}", serde_json::to_string(&out)?);
@@ -41,6 +56,7 @@ pub const SWEEP: &str =
 /// ΔPPL against bits per value in `out`. Returns (markdown, rows).
 #[allow(clippy::too_many_arguments)]
 pub fn sweep(
+    model: &Model,
     text: &str,
     chars: usize,
     ctx: usize,
@@ -54,9 +70,8 @@ pub fn sweep(
     pb.set_style(indicatif::ProgressStyle::with_template("kv sweep [{bar:30}] {pos}/{len} chunks × {msg} ({eta})").unwrap().progress_chars("=> "));
     pb.set_message(format!("{} precisions", precisions.len()));
     let a = PplConfig { text, chars, ctx, chunks, opts: opts.clone(), seed };
-    eval::ppl_text(&a, true)?;
-    let rt = Runtime::smollm(true)?;
-    let mut rows = eval::perplexity(&rt, &a, precisions, true, &|k| pb.set_position(k as u64), &eval::quiet)?;
+    let body = eval::ppl_text(&a, true)?;
+    let mut rows = eval::perplexity(model.get(true)?, &a, &body, precisions, &|k| pb.set_position(k as u64), &eval::quiet)?;
     pb.finish_and_clear();
     rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
@@ -174,11 +189,11 @@ fn plot_sweep(path: &Path, text: &str, rows: &[serde_json::Value]) -> Result<()>
 /// `tq generate`: greedy decoding with a KV cache of the given precision,
 /// tokens streamed to stdout as they are produced. The prompt is wrapped in
 /// SmolLM2's chat template unless `raw`.
-pub fn generate(kv: &KvSpec, prompt: &str, max_tokens: usize, raw: bool, opts: &CacheOptions, seed: u64) -> Result<()> {
+pub fn generate(model: &Model, kv: &KvSpec, prompt: &str, max_tokens: usize, raw: bool, opts: &CacheOptions, seed: u64) -> Result<()> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty");
     }
-    let rt = Runtime::smollm(false)?;
+    let rt = model.get(false)?;
     let (model, tok) = (&rt.model, &rt.tok);
     let (ids, mut stop) = if raw { (rt.encode(prompt)?, Vec::new()) } else { eval::chat_ids(tok, prompt)? };
     if let Some(eos) = tok.token_to_id("<|endoftext|>") {
@@ -220,9 +235,8 @@ pub fn generate(kv: &KvSpec, prompt: &str, max_tokens: usize, raw: bool, opts: &
 
 /// `tq kv bench`: JSON lines on stdout, a summary per context on stderr.
 #[allow(clippy::too_many_arguments)]
-pub fn bench(kv: &KvSpec, ctxs: &[usize], steps: usize, fill: usize, opts: &CacheOptions, seed: u64, json: bool) -> Result<()> {
-    let rt = Runtime::smollm(json)?;
-    for r in eval::bench(&rt, kv, ctxs, steps, fill, opts, seed, json, &logger(json))? {
+pub fn bench(model: &Model, kv: &KvSpec, ctxs: &[usize], steps: usize, fill: usize, opts: &CacheOptions, seed: u64, json: bool) -> Result<()> {
+    for r in eval::bench(model.get(json)?, kv, ctxs, steps, fill, opts, seed, json, &logger(json))? {
         println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
@@ -230,12 +244,20 @@ pub fn bench(kv: &KvSpec, ctxs: &[usize], steps: usize, fill: usize, opts: &Cach
 
 /// `tq kv needle`: a JSON line per trial as it finishes, then the summary.
 #[allow(clippy::too_many_arguments)]
-pub fn needle(kv: &KvSpec, lengths: &[usize], depths: &[f64], format: eval::NeedleFormat, opts: &CacheOptions, seed: u64, json: bool) -> Result<()> {
+pub fn needle(
+    model: &Model,
+    kv: &KvSpec,
+    lengths: &[usize],
+    depths: &[f64],
+    format: eval::NeedleFormat,
+    opts: &CacheOptions,
+    seed: u64,
+    json: bool,
+) -> Result<()> {
     if let Some(d) = depths.iter().find(|d| !(0.0..=1.0).contains(*d)) {
         bail!("depth {d} is outside 0..1"); // before the model loads
     }
-    let rt = Runtime::smollm(json)?;
-    let summary = eval::needle(&rt, kv, lengths, depths, format, opts, seed, json, &mut |row| println!("{row}"), &logger(json))?;
+    let summary = eval::needle(model.get(json)?, kv, lengths, depths, format, opts, seed, json, &mut |row| println!("{row}"), &logger(json))?;
     println!("{summary}");
     Ok(())
 }

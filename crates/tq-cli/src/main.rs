@@ -203,13 +203,20 @@ struct Windows {
 impl Windows {
     /// The options; `--calib-text` calibrates over chunks of `ctx` tokens (the
     /// longest context the command will hold), about 8K tokens in all.
-    fn opts(&self, ctx: usize) -> Result<tq_kv::CacheOptions> {
+    fn opts(&self, ctx: usize, model: &kv::Model) -> Result<tq_kv::CacheOptions> {
         let calibration = match (&self.calib, &self.calib_text) {
             (Some(p), _) => Some(std::sync::Arc::new(tq_llm::eval::load_calibration(p)?)),
             (None, Some(t)) => {
                 let ctx = ctx.clamp(64, 8192);
-                let rt = tq_llm::eval::Runtime::smollm(true)?;
-                Some(std::sync::Arc::new(tq_llm::eval::calibrate(&rt, t, (8192 / ctx).max(1), ctx, tq_llm::eval::CALIB_SHRINK, true, &tq_llm::eval::quiet)?))
+                Some(std::sync::Arc::new(tq_llm::eval::calibrate(
+                    model.get(true)?,
+                    t,
+                    (8192 / ctx).max(1),
+                    ctx,
+                    tq_llm::eval::CALIB_SHRINK,
+                    true,
+                    &tq_llm::eval::quiet,
+                )?))
             }
             (None, None) => None,
         };
@@ -573,6 +580,8 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // SmolLM2 for the KV commands, loaded once when first needed
+    let model = kv::Model::default();
     match cli.cmd {
         Cmd::Codecs { dim, json } => codecs(dim, json),
         Cmd::Distortion { codec, dim, n, seed, rotation, json } => distortion(&codec, dim, n, seed, rotation, json),
@@ -582,8 +591,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Report { out, n, quick, full } => report::run(&out, n, report::Size { quick, full }),
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
-            let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx)?, seed: w.seed };
-            kv::eval(&cfg, &kv, json)
+            let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx, &model)?, seed: w.seed };
+            kv::eval(&model, &cfg, &kv, json)
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             use tq_data::datasets as ds;
@@ -641,9 +650,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => kv::generate(&kv, &prompt, max_tokens, raw, &w.opts(tq_llm::eval::CALIB_CTX)?, w.seed),
+        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => {
+            kv::generate(&model, &kv, &prompt, max_tokens, raw, &w.opts(tq_llm::eval::CALIB_CTX, &model)?, w.seed)
+        }
         Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
-            let (md, rows) = kv::sweep(&t.text, t.chars, t.ctx, t.chunks, &kv, &w.opts(t.ctx)?, w.seed, &out)?;
+            let (md, rows) = kv::sweep(&model, &t.text, t.chars, t.ctx, t.chunks, &kv, &w.opts(t.ctx, &model)?, w.seed, &out)?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -656,15 +667,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json } } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&kv, &lengths, &depths, format, &w.opts(lengths.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX))?, w.seed, json)
+            kv::needle(&model, &kv, &lengths, &depths, format, &w.opts(lengths.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX), &model)?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, windows: w, json } } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::bench(&kv, &ctxs, steps, fill, &w.opts(ctxs.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX))?, w.seed, json)
+            kv::bench(&model, &kv, &ctxs, steps, fill, &w.opts(ctxs.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX), &model)?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Calibrate { text, chunks, ctx, shrink, out } } => {
-            let rt = tq_llm::eval::Runtime::smollm(false)?;
-            let c = tq_llm::eval::calibrate(&rt, &text, chunks, ctx, shrink, false, &|m| eprintln!("{m}"))?;
+            let c = tq_llm::eval::calibrate(model.get(false)?, &text, chunks, ctx, shrink, false, &|m| eprintln!("{m}"))?;
             tq_io::write_atomic(&out, &c.to_bytes()).with_context(|| format!("cannot write {}", out.display()))?;
             eprintln!("key calibration from {} ({} keys per stream, shrink {}) written to {}", c.source, c.tokens, c.shrink, out.display());
             Ok(())

@@ -149,26 +149,34 @@ pub fn run(out: &Path, n: Option<usize>, size: Size) -> Result<()> {
         md.push_str(&text);
         matrix = rows;
         md.push_str("\n## KV-cache precisions in SmolLM2 (Austen)\n\n");
+        // SmolLM2, loaded by the first sweep and shared by the calibration and the others
+        let model = crate::kv::Model::default();
         let specs = |list: &str| list.split(',').map(KvSpec::parse).collect::<tq_core::Result<Vec<_>>>();
         let chunks = size.kv_chunks();
-        match crate::kv::sweep("austen", 200_000, 512, chunks, &specs(crate::kv::SWEEP)?, &tq_kv::CacheOptions::default(), 0, out) {
+        match crate::kv::sweep(&model, "austen", 200_000, 512, chunks, &specs(crate::kv::SWEEP)?, &tq_kv::CacheOptions::default(), 0, out) {
             Ok((text, rows)) => {
                 md.push_str(&text);
                 kv = json!(rows);
                 // around 4.5 bits with key transforms calibrated on another text (exact for attention)
                 let calibrated = || -> Result<(String, serde_json::Value, serde_json::Value)> {
-                    let rt = tq_llm::eval::Runtime::smollm(true)?;
-                    let cal = tq_llm::eval::calibrate(&rt, "shakespeare", size.calib_chunks(), 512, tq_llm::eval::CALIB_SHRINK, true, &tq_llm::eval::quiet)?;
-                    drop(rt);
+                    let cal = tq_llm::eval::calibrate(
+                        model.get(true)?,
+                        "shakespeare",
+                        size.calib_chunks(),
+                        512,
+                        tq_llm::eval::CALIB_SHRINK,
+                        true,
+                        &tq_llm::eval::quiet,
+                    )?;
                     let opts = tq_kv::CacheOptions { calibration: Some(std::sync::Arc::new(cal)), ..Default::default() };
-                    let (ctext, crows) = crate::kv::sweep("austen", 200_000, 512, chunks, &specs(CALIBRATED)?, &opts, 0, out)?;
+                    let (ctext, crows) = crate::kv::sweep(&model, "austen", 200_000, 512, chunks, &specs(CALIBRATED)?, &opts, 0, out)?;
                     let mut md = format!("\n### Keys through transforms calibrated on Shakespeare (`--calib-text shakespeare`)\n\n{ctext}");
                     // and with the first token in f32 and a recent window of q8_0 codes that fit
                     // 4.5 and 3.5 bits per value at ctx 512 (every byte counted)
                     let mut wrows = Vec::new();
                     for (list, recent, bits) in [(WINDOWED_45, 22, "4.5"), (WINDOWED_35, 18, "3.5")] {
                         let wopts = tq_kv::CacheOptions { sink: 1, recent, recent_q8: true, delayed: true, ..opts.clone() };
-                        let (wtext, rows) = crate::kv::sweep("austen", 200_000, 512, chunks, &specs(list)?, &wopts, 0, out)?;
+                        let (wtext, rows) = crate::kv::sweep(&model, "austen", 200_000, 512, chunks, &specs(list)?, &wopts, 0, out)?;
                         md += &format!(
                             "\n### Calibrated keys, token 0 in f32 and {recent} recent tokens as q8_0 (`--sink 1 --recent {recent} --recent-q8 --delayed`: {bits} bits per value at ctx 512)\n\n{wtext}"
                         );

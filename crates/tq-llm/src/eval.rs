@@ -91,14 +91,14 @@ pub fn ppl_text(a: &PplConfig<'_>, quiet: bool) -> Result<String> {
 /// `tq kv eval` for several precisions over the same chunks: each chunk's f32
 /// reference is computed once and compared with every precision (`done(k)`
 /// is called after each chunk with the chunks done). One JSON object per
-/// precision, in order.
-pub fn perplexity(rt: &Runtime, a: &PplConfig<'_>, specs: &[KvSpec], quiet: bool, done: &dyn Fn(usize), log: Log<'_>) -> Result<Vec<serde_json::Value>> {
-    let text = ppl_text(a, quiet)?;
+/// precision, in order. `text` is [`ppl_text`]`(a)` (callers read it first,
+/// before the model loads).
+pub fn perplexity(rt: &Runtime, a: &PplConfig<'_>, text: &str, specs: &[KvSpec], done: &dyn Fn(usize), log: Log<'_>) -> Result<Vec<serde_json::Value>> {
     let model = &rt.model;
     if a.ctx < 4 || a.ctx > model.config.context {
         bail!("--ctx {} is outside 4..={} (the model's context)", a.ctx, model.config.context);
     }
-    let ids = rt.encode(&text)?;
+    let ids = rt.encode(text)?;
     let chunks = a.chunks.min(ids.len() / a.ctx);
     if chunks == 0 {
         bail!("{} tokens of text are fewer than one chunk of {}", ids.len(), a.ctx);
