@@ -155,6 +155,7 @@ fn crash_child() {
 /// the committed states, never an error and never a mix.
 #[test]
 fn killed_writers_leave_old_or_new_content() {
+    let _alone = crate::processes_alone();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.tqi");
     let old = flat("tq-mse-4", 2000, 64, 0);

@@ -7,7 +7,17 @@ mod hostile;
 mod search;
 mod writers;
 
+use std::sync::{Mutex, MutexGuard};
+
 use tq_core::rng::Xoshiro256;
+
+/// Held by every test that runs child processes, so they do not run at the
+/// same time: `killed_writers_leave_old_or_new_content` times its kills from
+/// an undisturbed child's lifetime, which another test's children would skew.
+pub fn processes_alone() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub fn data(n: usize, dim: usize, seed: u64) -> Vec<f32> {
     let mut r = Xoshiro256::new(seed);

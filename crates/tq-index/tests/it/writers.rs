@@ -182,6 +182,7 @@ fn finish(mut c: Child) -> (bool, String) {
 /// writer path: every acknowledged write is in the file, nothing else is.
 #[test]
 fn two_writers_lose_no_acknowledged_write() {
+    let _alone = crate::processes_alone();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("w.tqi");
     file::save(&base_index(), &path).unwrap();
@@ -209,6 +210,7 @@ fn two_writers_lose_no_acknowledged_write() {
 /// loads (a committed state), every acknowledged write is there.
 #[test]
 fn killed_writer_loses_no_acknowledged_write() {
+    let _alone = crate::processes_alone();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("k.tqi");
     let mut rng = Xoshiro256::new(5);
@@ -298,6 +300,7 @@ fn lock_holder_child() {
 
 #[test]
 fn lock_timeout_names_the_holder() {
+    let _alone = crate::processes_alone();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("l.tqi");
     file::save(&base_index(), &path).unwrap();
@@ -367,6 +370,7 @@ fn disk_full_child() {
 
 #[test]
 fn failed_append_leaves_no_partial_record() {
+    let _alone = crate::processes_alone();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.tqi");
     file::save(&base_index(), &path).unwrap();
