@@ -15,11 +15,11 @@
 //! blocks for `q8_0`/`q4_0`) into these planes and [`join_tq_codes`] back, so
 //! both sides can be compared byte for byte.
 //!
-//! These are not exactly the bytes `tq-kv` stores: for TurboQuant sides
-//! `tq-kv` keeps each code's scale as a bf16 (`tq_core::kv::kv_code_size`),
-//! while the GPU planes keep the codec's f32 norm per code (`q8_0`/`q4_0`
-//! codes are stored whole by both): a TurboQuant code stored by `tq-kv` has
-//! 2 scale bytes instead of 4, its norm rounded to bf16.
+//! These are not exactly the bytes `tq-kv` stores: for TurboQuant sides the
+//! CPU caches keep each code's scale as a bf16 ([`tq_core::KvLayout`], the
+//! owner of the stored layout), while the GPU planes keep the codec's f32 norm
+//! per code (`q8_0`/`q4_0` codes are stored whole by both): a TurboQuant code
+//! stored by `tq-kv` has 2 scale bytes instead of 4, its norm rounded to bf16.
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
