@@ -74,8 +74,9 @@ pub fn generate(model: &Model, kv: &KvSpec, prompt: &str, max_tokens: usize, raw
         // decode the whole answer each time: byte-level tokens may split characters
         let text = rt.decode(so_far)?;
         if text.len() > printed && text.is_char_boundary(printed) {
-            write!(stdout, "{}", &text[printed..])?;
-            stdout.flush()?;
+            let io = |e: std::io::Error| tq_llm::LlmError::Msg(format!("cannot write to stdout: {e}"));
+            write!(stdout, "{}", &text[printed..]).map_err(io)?;
+            stdout.flush().map_err(io)?;
             printed = text.len();
         }
         Ok(())

@@ -603,6 +603,10 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{name}: {} characters in {}", t.len(), ds::cache_dir().join(f).display());
                 return Ok(());
             }
+            if ds::MODELS.iter().any(|m| m.name == name) {
+                eprintln!("{name}: {}", ds::model_gguf(&name, false)?.display());
+                return Ok(());
+            }
             let pb = embed_bar(false);
             let p = tq_llm::datasets::ensure(&name, false, &|done, total| {
                 pb.set_length(total as u64);

@@ -8,8 +8,8 @@ use crate::spec::KvSpec;
 /// A model for memory planning.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
-    /// Name for `--model`.
-    pub name: &'static str,
+    /// Name for `--model` (or the name of a GGUF model read at run time).
+    pub name: std::borrow::Cow<'static, str>,
     /// Parameters, in billions.
     pub params_b: f64,
     /// Attention geometry.
@@ -19,7 +19,7 @@ pub struct ModelInfo {
 }
 
 const fn m(name: &'static str, params_b: f64, layers: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_context: usize) -> ModelInfo {
-    ModelInfo { name, params_b, geometry: KvGeometry { layers, q_heads, kv_heads, head_dim }, max_context }
+    ModelInfo { name: std::borrow::Cow::Borrowed(name), params_b, geometry: KvGeometry { layers, q_heads, kv_heads, head_dim }, max_context }
 }
 
 /// Built-in models.
@@ -37,7 +37,7 @@ pub fn model(name: &str) -> Result<&'static ModelInfo> {
     MODELS
         .iter()
         .find(|m| m.name == name)
-        .ok_or_else(|| TqError::BadParams(format!("unknown model '{name}' (known: {})", MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "))))
+        .ok_or_else(|| TqError::BadParams(format!("unknown model '{name}' (known: {})", MODELS.iter().map(|m| m.name.as_ref()).collect::<Vec<_>>().join(", "))))
 }
 
 /// Weight storage per parameter.
@@ -78,7 +78,7 @@ impl std::str::FromStr for Weights {
 #[derive(Clone, Debug, PartialEq)]
 pub struct VramPlan {
     /// The model's name.
-    pub model: &'static str,
+    pub model: String,
     /// The KV precision.
     pub kv: String,
     /// Tokens of context.
@@ -105,7 +105,7 @@ pub fn vram(model: &ModelInfo, weights: Weights, context: usize, kv: &KvSpec) ->
     let kv_gb = kv.bytes_per_token_per_layer(g.kv_heads, g.head_dim)? * g.layers as f64 * context as f64 / 1e9;
     let total_gb = weights_gb + kv_gb;
     Ok(VramPlan {
-        model: model.name,
+        model: model.name.to_string(),
         kv: kv.name.clone(),
         context,
         kv_bits_per_value: kv.bits_per_value(g.head_dim)?,
