@@ -587,7 +587,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Decode { input, out } => decode(&input, &out),
         Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, json } } => bench::encode(&codec, dim, n, rotation, json),
         Cmd::Report { out, n, quick, full } => {
-            tq_report::run(&out, n, tq_report::Size { quick, full }, &|| model.get(true), &bars::Bars::new())?;
+            tq_report::run(
+                &out,
+                n,
+                tq_report::Size { quick, full },
+                &|| model.get(true).map_err(|e| tq_llm::LlmError::Msg(format!("{e:#}"))),
+                &bars::Bars::new(),
+            )?;
             eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
             Ok(())
         }

@@ -36,8 +36,8 @@ pub enum ReportError {
     #[error("{0}")]
     Data(#[from] tq_data::DataError),
     /// The model runtime failed (loading, tokenizing, a forward pass).
-    #[error(transparent)]
-    Llm(#[from] anyhow::Error),
+    #[error("{0}")]
+    Llm(#[from] tq_llm::LlmError),
     /// A file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -133,7 +133,7 @@ impl Size {
 
 /// The model the KV sections evaluate, loaded on first use (the report may
 /// skip those sections, with the reason, when it cannot be loaded).
-pub type ModelSource<'a> = &'a dyn Fn() -> anyhow::Result<&'a Runtime>;
+pub type ModelSource<'a> = &'a dyn Fn() -> std::result::Result<&'a Runtime, tq_llm::LlmError>;
 
 /// Writes the report into `out`: `n` vectors per (codec, dim) of the
 /// distortion part (default 4,000, or 20,000 when `size.full`). Real-data

@@ -19,7 +19,7 @@ fn quick_report_matches_theory_and_reports_progress() {
     let out = dir.path().join("r");
     let progress = Count(AtomicU64::new(0), AtomicU64::new(0));
     // the quick report never needs the model
-    let model = || -> anyhow::Result<&tq_llm::eval::Runtime> { anyhow::bail!("no model in this test") };
+    let model = || -> Result<&tq_llm::eval::Runtime, tq_llm::LlmError> { Err(tq_llm::LlmError::Msg("no model in this test".into())) };
     tq_report::run(&out, Some(300), tq_report::Size { quick: true, full: false }, &model, &progress).unwrap();
     for f in ["index.md", "index.html", "results.json", "distortion_d64.svg"] {
         assert!(out.join(f).metadata().unwrap().len() > 100, "{f}");
