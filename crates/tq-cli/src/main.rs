@@ -532,6 +532,26 @@ enum BenchCmd {
         /// One case per geometry and precision (B=8, T=32K).
         #[arg(long)]
         quick: bool,
+        /// Batch sizes to time, comma-separated (default 1,8,32; --quick: 8).
+        #[arg(long, value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Cached tokens per sequence to time, comma-separated (default
+        /// 8192,32768,131072; --quick: 32768).
+        #[arg(long, value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Query tokens per sequence, comma-separated (default 1).
+        #[arg(long, value_delimiter = ',')]
+        q_tokens: Vec<usize>,
+        /// KV precisions to time, comma-separated (default: all six).
+        #[arg(long, value_delimiter = ',')]
+        kv: Vec<String>,
+        /// Geometries to time, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        geometries: Vec<String>,
+        /// Time only the kernel chosen for each precision (no forced SIMT runs
+        /// of TurboQuant caches).
+        #[arg(long)]
+        no_simt: bool,
         /// Also write the JSON lines to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -636,11 +656,12 @@ fn run(cli: Cli) -> Result<()> {
                 IndexCmd::Check { index, json } => index::check(&index, json),
             }
         }
-        Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, out } } => {
+        Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, batches, contexts, q_tokens, kv, geometries, no_simt, out } } => {
             let lines: Vec<String> = if check {
                 vec![serde_json::to_string(&cuda::check(real.as_deref())?)?]
             } else {
-                cuda::bench(sdpa.as_deref(), quick)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
+                let grid = cuda::Grid::new(quick, batches, contexts, q_tokens, kv, geometries, no_simt)?;
+                cuda::bench(sdpa.as_deref(), &grid)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
             };
             for l in &lines {
                 println!("{l}");
