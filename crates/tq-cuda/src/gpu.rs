@@ -618,3 +618,27 @@ fn attend_smem(d: usize, g: usize, k: SideKind, v: SideKind) -> usize {
     let groups = NT / (d / 8);
     4 * words.max(groups * g * d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every tensor-core configuration `compile_all` builds asks for no more
+    /// dynamic shared memory than a Hopper multiprocessor gives one block
+    /// (227 KiB), so its launch cannot fail for want of shared memory.
+    #[test]
+    fn tensor_core_blocks_fit_in_shared_memory() {
+        let tq = |b| SideKind::Tq { bits: b, nc: false };
+        for d in [64usize, 128] {
+            for (k, v) in [(tq(4), tq(4)), (tq(3), tq(3)), (tq(2), tq(2)), (tq(4), tq(3))] {
+                for rows in 1..=8 * 16usize {
+                    let rb = rows.div_ceil(rows.div_ceil(MMA_ROWS));
+                    for kvsame in [false, true] {
+                        let smem = mma_smem(d, rb, kvsame, k, v);
+                        assert!(smem <= 227 * 1024, "d={d} {k:?}/{v:?} rows={rows}: {smem} bytes of shared memory");
+                    }
+                }
+            }
+        }
+    }
+}
