@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-GEOMETRIES = [("llama3-8b", 32, 8, 128), ("smollm2-135m", 9, 3, 64)]
+GEOMETRIES = [("llama3-8b", 32, 8, 128), ("smollm2-135m", 9, 3, 64), ("qwen2.5-1.5b", 12, 2, 128)]
 
 
 def time_case(b, t, hq, hkv, d, nq=1, warmup=3, iters=20):

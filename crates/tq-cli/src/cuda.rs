@@ -16,7 +16,7 @@ use tq_cuda::{kv_sides, AttnShape, Gpu, SideSpec};
 /// Precisions the benchmark and checks run (keys/values as `tq_kv` names them).
 pub const PRECISIONS: [&str; 6] = ["tq-mse-4", "tq-mse-3", "tq-mse-2", "k4v3", "q8_0", "q4_0"];
 /// (name, q_heads, kv_heads, head_dim)
-pub const GEOMETRIES: [(&str, &str); 2] = [("llama3-8b", "llama-3.1-8b"), ("smollm2-135m", "smollm2-135m")];
+pub const GEOMETRIES: [(&str, &str); 3] = [("llama3-8b", "llama-3.1-8b"), ("smollm2-135m", "smollm2-135m"), ("qwen2.5-1.5b", "qwen2.5-1.5b")];
 
 /// (label, query heads, KV heads, head_dim) of the benchmark geometries, from the model table.
 fn geometries() -> Result<Vec<(&'static str, usize, usize, usize)>> {
@@ -156,7 +156,8 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
     // each token sees the cache up to itself; the shortest sequence holds
     // only the step's tokens, so its first query token sees one cached token
     for &(geo, hq, hkv, d) in &geometries()? {
-        for nq in if d == 64 { vec![4] } else { vec![2, 8] } {
+        // Llama-3: 8 and 32 rows per KV head; SmolLM2: 12; Qwen2.5: 12 (groups of 6)
+        for nq in if d == 64 || hq / hkv == 6 { vec![if d == 64 { 4 } else { 2 }] } else { vec![2, 8] } {
             let heads = KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d };
             let shape = AttnShape { heads, lens: vec![nq, 129, 700, 2085], q_tokens: nq };
             let rows = shape.batch() * hkv * shape.max_len();

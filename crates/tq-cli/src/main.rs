@@ -121,7 +121,7 @@ enum Cmd {
     },
     /// KV-cache and total memory for a model at a context length, per precision.
     Vram {
-        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m.
+        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m, qwen2.5-1.5b.
         #[arg(long)]
         model: String,
         /// bf16 (or f16), int8, int4.

@@ -495,7 +495,10 @@ fn attention_defines(d: usize, g: usize, nq: usize, rb: usize, kvsame: bool, k: 
 }
 
 /// Compiles every kernel configuration the benchmarks use with NVRTC (no
-/// GPU or driver needed) and returns their PTX: a build check.
+/// GPU or driver needed) and returns their PTX: a build check. For each
+/// tensor-core configuration it also checks that the shared memory the host
+/// gives a block (`mma_smem`) is what the kernel's carve-up needs (the
+/// module's `tq_mma_smem_bytes`).
 pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
     // SAFETY: the probe only opens (and closes) the first `libnvrtc` found on
     // the loader path, running its initialisers; no symbol is called.
@@ -504,15 +507,16 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
     }
     let tq = |b| SideKind::Tq { bits: b, nc: false };
     let pairs = [(tq(4), tq(4)), (tq(3), tq(3)), (tq(2), tq(2)), (tq(4), tq(3)), (SideKind::Q8_0, SideKind::Q8_0), (SideKind::Q4_0, SideKind::Q4_0)];
-    let mut defines = Vec::new();
+    // (defines, shared memory the host gives a tensor-core block)
+    let mut defines: Vec<(String, Option<usize>)> = Vec::new();
     for d in [64usize, 128] {
-        defines.push(format!("#define D {d}\n#define G 1\n"));
+        defines.push((format!("#define D {d}\n#define G 1\n"), None));
         // (group, query tokens): one-token steps for the group sizes of the
         // benchmark geometries (3, 4, 6 query heads per KV head) and others;
         // multi-token steps at the geometries' own head_dim (SmolLM2 64,
         // Llama 128); rows per block as `device_kv` picks them (the SIMT
         // kernel forced on TurboQuant sides takes fewer rows per block)
-        let multi: &[(usize, usize)] = if d == 64 { &[(3, 4)] } else { &[(4, 2), (4, 8)] };
+        let multi: &[(usize, usize)] = if d == 64 { &[(3, 4)] } else { &[(4, 2), (4, 8), (6, 2)] };
         for &(g, nq) in [(1usize, 1usize), (3, 1), (4, 1), (6, 1), (8, 1)].iter().chain(multi) {
             for &(k, v) in &pairs {
                 let tq = k.rotated() && v.rotated();
@@ -525,15 +529,25 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
                 if tq && rb(SIMT_ROWS) != blocks[0] {
                     blocks.push(rb(SIMT_ROWS));
                 }
-                defines.extend(blocks.into_iter().map(|rb| attention_defines(d, g, nq, rb, kvsame, k, v)));
+                defines.extend(blocks.into_iter().map(|rb| (attention_defines(d, g, nq, rb, kvsame, k, v), tq.then(|| mma_smem(d, rb, kvsame, k, v)))));
             }
         }
     }
     // NVRTC is thread-safe: compile on every core
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(defines.len());
-    let chunks: Vec<&[String]> = defines.chunks(defines.len().div_ceil(workers)).collect();
+    let chunks: Vec<&[(String, Option<usize>)]> = defines.chunks(defines.len().div_ceil(workers)).collect();
+    let one = |defs: &str, smem: Option<usize>| -> Result<(String, String)> {
+        let ptx = compile(defs, arch)?.to_src();
+        if let Some(host) = smem {
+            let kernel = ptx.split("tq_mma_smem_bytes = ").nth(1).and_then(|x| x.split(';').next()).and_then(|x| x.trim().parse::<usize>().ok());
+            if kernel != Some(host) {
+                return Err(Error::Compile(format!("{defs}: the host gives the tensor-core block {host} bytes of shared memory, the kernel needs {kernel:?}")));
+            }
+        }
+        Ok((defs.to_string(), ptx))
+    };
     let done: Vec<Result<Vec<(String, String)>>> = std::thread::scope(|s| {
-        let hs: Vec<_> = chunks.iter().map(|c| s.spawn(move || c.iter().map(|d| Ok((d.clone(), compile(d, arch)?.to_src()))).collect())).collect();
+        let hs: Vec<_> = chunks.iter().map(|c| s.spawn(move || c.iter().map(|(d, m)| one(d, *m)).collect())).collect();
         hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Compile("an NVRTC worker thread panicked".into())))).collect()
     });
     let mut out = Vec::new();

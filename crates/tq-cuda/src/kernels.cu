@@ -610,6 +610,8 @@ extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restr
 #define PIPE_BYTES (MW * STAGES * STG)
 #define MERGE_BYTES (MW * RB * (D + 2) * 4)
 #define MMA_SMEM ((TAB_BYTES + PIPE_BYTES > MERGE_BYTES ? TAB_BYTES + PIPE_BYTES : MERGE_BYTES) + MW * STAGES * 8)
+// the carve-up's size, for the host's build check (compile_all)
+extern "C" __constant__ int tq_mma_smem_bytes = MMA_SMEM;
 
 __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     u32 r;

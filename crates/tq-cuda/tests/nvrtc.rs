@@ -6,9 +6,10 @@
 fn every_kernel_configuration_compiles_without_local_memory() {
     let ptx = tq_cuda::compile_all("compute_90").expect("NVRTC compiles every kernel configuration");
     // per head_dim: the encoder, 5 one-token group sizes × 6 precisions, and
-    // the multi-token TurboQuant configurations (two row blocks each where the
-    // SIMT kernel takes fewer rows than the tensor-core one)
-    assert_eq!(ptx.len(), 2 * (1 + 5 * 6) + 4 * 2 + 4 * (1 + 2));
+    // the multi-token TurboQuant configurations, 4 precisions each (d = 64:
+    // 3 × 4 rows; d = 128: 4 × 2, 4 × 8, 6 × 2 rows), two row-block sizes
+    // where the SIMT kernel takes fewer rows than the tensor-core one
+    assert_eq!(ptx.len(), 2 * (1 + 5 * 6) + 4 * 2 + 4 * (1 + 2 + 2));
     let mut multi = 0;
     for (defs, src) in ptx {
         assert!(src.contains(".entry"), "{defs}: no kernel entry in the PTX");
@@ -27,5 +28,5 @@ fn every_kernel_configuration_compiles_without_local_memory() {
             multi += !defs.contains("#define NQ 1\n") as usize;
         }
     }
-    assert_eq!(multi, 4 * 2 + 4 * (1 + 2), "multi-token configurations");
+    assert_eq!(multi, 4 * 2 + 4 * (1 + 2 + 2), "multi-token configurations");
 }
