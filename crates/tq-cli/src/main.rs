@@ -119,7 +119,7 @@ enum Cmd {
     },
     /// KV-cache and total memory for a model at a context length, per precision.
     Vram {
-        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m.
+        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m, qwen2.5-1.5b.
         #[arg(long)]
         model: String,
         /// bf16 (or f16), int8, int4.
@@ -530,6 +530,26 @@ enum BenchCmd {
         /// One case per geometry and precision (B=8, T=32K).
         #[arg(long)]
         quick: bool,
+        /// Batch sizes to time, comma-separated (default 1,8,32; --quick: 8).
+        #[arg(long, value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Cached tokens per sequence to time, comma-separated (default
+        /// 8192,32768,131072; --quick: 32768).
+        #[arg(long, value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Query tokens per sequence, comma-separated (default 1).
+        #[arg(long, value_delimiter = ',')]
+        q_tokens: Vec<usize>,
+        /// KV precisions to time, comma-separated (default: all six).
+        #[arg(long, value_delimiter = ',')]
+        kv: Vec<String>,
+        /// Geometries to time, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        geometries: Vec<String>,
+        /// Time only the kernel chosen for each precision (no forced SIMT runs
+        /// of TurboQuant caches).
+        #[arg(long)]
+        no_simt: bool,
         /// Also write the JSON lines to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -648,11 +668,12 @@ fn run(cli: Cli) -> Result<()> {
                 IndexCmd::Check { index, json } => index::check(&index, json),
             }
         }
-        Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, out } } => {
+        Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, batches, contexts, q_tokens, kv, geometries, no_simt, out } } => {
             let lines: Vec<String> = if check {
                 vec![serde_json::to_string(&cuda::check(real.as_deref())?)?]
             } else {
-                cuda::bench(sdpa.as_deref(), quick)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
+                let grid = cuda::Grid::new(quick, batches, contexts, q_tokens, kv, geometries, no_simt)?;
+                cuda::bench(sdpa.as_deref(), &grid)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
             };
             for l in &lines {
                 println!("{l}");

@@ -30,6 +30,7 @@ pub const MODELS: &[ModelInfo] = &[
     m("glm-4-9b-chat", 9.4, 40, 32, 2, 128, 131_072),
     m("mixtral-8x22b", 141.0, 56, 48, 8, 128, 65_536),
     m("smollm2-135m", 0.135, 30, 9, 3, 64, 8_192),
+    m("qwen2.5-1.5b", 1.54, 28, 12, 2, 128, 32_768),
 ];
 
 /// A built-in model by name.
