@@ -151,6 +151,17 @@ impl FastScanCodes {
         (kernels().fastscan_block)(&self.data[b * bb..(b + 1) * bb], &lut.tables, out);
     }
 
+    /// Integer table sums of many queries over blocks `b0..b1` in one pass
+    /// (`kernels().fastscan_multi`): `tables` holds the `tables()` of the
+    /// queries one after another, and `out[(q·(b1 − b0) + b − b0)·32 + i]`
+    /// receives the sum of vector `32b + i` under query `q` (the same integers
+    /// as `scan_block`).
+    pub fn scan_blocks_multi(&self, b0: usize, b1: usize, tables: &[u8], out: &mut [u32]) {
+        let bb = self.block_bytes();
+        assert!(b0 <= b1 && b1 <= self.blocks() && tables.len().is_multiple_of(bb), "fast-scan block range or tables");
+        (kernels().fastscan_multi)(&self.data[b0 * bb..b1 * bb], tables, bb, out);
+    }
+
     /// Approximate `Σ_i T_i[sub-code i]` for every code, in order (`out.len() == len()`).
     pub fn scan(&self, lut: &QuantizedLut, out: &mut [f32]) {
         assert_eq!(out.len(), self.n);

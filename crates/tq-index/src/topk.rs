@@ -61,6 +61,14 @@ impl TopK {
         }
     }
 
+    /// Adds every entry of `other` (the result equals pushing them one by one:
+    /// the k best under (score, then lower slot), whatever the order).
+    pub fn merge(&mut self, other: TopK) {
+        for e in other.heap {
+            self.push(e.score, e.slot);
+        }
+    }
+
     /// Best first.
     pub fn into_sorted(self) -> Vec<Entry> {
         self.heap.into_sorted_vec()

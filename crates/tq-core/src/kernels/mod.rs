@@ -57,6 +57,13 @@ pub struct Kernels {
     /// `(block, tables, out)` with `block.len() == tables.len() == 16·m` (16 bytes
     /// per sub-code). Exact integer arithmetic: identical on every path.
     pub fastscan_block: fn(&[u8], &[u8], &mut [u32; 32]),
+    /// Integer table sums of many queries over many fast-scan blocks in one
+    /// pass: `(blocks, tables, bb, out)` with blocks and per-query tables of
+    /// `bb = 16·m` bytes each, `out[(q·nb + b)·32 + i]` the sum of vector `i`
+    /// of block `b` under query `q` (see `scalar::fastscan_multi_ref`). Each
+    /// block is loaded once per group of queries whose tables stay in L1.
+    /// Exact integer arithmetic: identical on every path and to `fastscan_block`.
+    pub fastscan_multi: FastScanMultiFn,
     /// Softmax in place (attention weights); the same bits on every path.
     pub softmax: fn(&mut [f32]),
 }
@@ -66,6 +73,9 @@ pub type GroupScoresFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, f32, &mut 
 
 /// Signature of `Kernels::group_values`: `(codes, code_size, bits, table, w, d, acc)`.
 pub type GroupValuesFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, &mut [f32]);
+
+/// Signature of `Kernels::fastscan_multi`: `(blocks, tables, bb, out)`.
+pub type FastScanMultiFn = fn(&[u8], &[u8], usize, &mut [u32]);
 
 /// Signature of `Kernels::had2_quantize`.
 pub type Had2Fn = fn(&[f32], &Had2<'_>, &mut [f32], &mut [u8]) -> Option<f32>;
@@ -98,6 +108,7 @@ pub static SCALAR: Kernels = Kernels {
     group_values: scalar::group_values_ref,
     had2_quantize: scalar::had2_quantize_ref,
     fastscan_block: scalar::fastscan_block_ref,
+    fastscan_multi: scalar::fastscan_multi_ref,
     softmax: scalar::softmax_ref,
 };
 

@@ -158,3 +158,42 @@ fn tq_fastscan_scores_match_the_exact_estimator() {
         assert!(build(name, 64, 1, RotationKind::Hadamard).unwrap().fastscan_m().is_none(), "{name}");
     }
 }
+
+/// The multi-query kernels give, on every path and for every query count
+/// (groups of any size and a remainder), exactly the single-block sums.
+#[test]
+fn multi_query_kernels_equal_the_block_kernel_on_every_path() {
+    let mut rng = Xoshiro256::new(24);
+    for m in [2usize, 4, 62, 576, 1536] {
+        let qmax = (65535 / (m / 2)).min(255) as u64;
+        let mut st = FastScanCodes::new(m).unwrap();
+        for _ in 0..(3 * BLOCK + 7) {
+            let c: Vec<u8> = (0..m / 2).map(|_| rng.below(256) as u8).collect();
+            st.push(&c);
+        }
+        let bb = st.block_bytes();
+        for nq in [1usize, 2, 3, 5, 7, 13] {
+            let tables: Vec<u8> = (0..nq * bb).map(|i| if i % 7 == 0 { qmax as u8 } else { rng.below(qmax + 1) as u8 }).collect();
+            let nb = st.blocks();
+            let mut want = vec![0u32; nq * nb * 32];
+            for q in 0..nq {
+                for b in 0..nb {
+                    let mut o = [0u32; BLOCK];
+                    scalar::fastscan_block_ref(&st.data()[b * bb..(b + 1) * bb], &tables[q * bb..(q + 1) * bb], &mut o);
+                    want[(q * nb + b) * 32..(q * nb + b + 1) * 32].copy_from_slice(&o);
+                }
+            }
+            for k in available() {
+                let mut got = vec![0u32; nq * nb * 32];
+                (k.fastscan_multi)(st.data(), &tables, bb, &mut got);
+                assert!(got == want, "{} m={m} nq={nq}", k.name);
+                // a sub-range of blocks, as a tile of a larger store
+                let mut part = vec![0u32; nq * 2 * 32];
+                (k.fastscan_multi)(&st.data()[bb..3 * bb], &tables, bb, &mut part);
+                for q in 0..nq {
+                    assert_eq!(part[q * 64..(q + 1) * 64], want[(q * nb + 1) * 32..(q * nb + 3) * 32], "{} m={m} nq={nq} tile", k.name);
+                }
+            }
+        }
+    }
+}

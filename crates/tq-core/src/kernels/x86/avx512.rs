@@ -412,3 +412,76 @@ unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]
     // SAFETY: AVX2 was detected (`detect_all` offers AVX-512 only on top of AVX2).
     unsafe { fastscan_finish_avx2(acc, out) }
 }
+
+/// Queries per pass of the AVX-512 multi-query kernel (4 accumulators each:
+/// 6 queries and the masks fit the 32 registers).
+const MULTI_G: usize = 6;
+
+pub(super) fn fastscan_multi_512(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    let (nb, nq) = super::avx2::fastscan_multi_shape(blocks, tables, bb, out);
+    let mut q = 0;
+    while q < nq {
+        let g = (nq - q).min(MULTI_G);
+        let (t, o) = (&tables[q * bb..(q + g) * bb], &mut out[q * nb * 32..(q + g) * nb * 32]);
+        // SAFETY: AVX-512F/BW and AVX2 were detected (`detect_all`); `t` holds
+        // g tables of bb bytes, `blocks` nb blocks of bb bytes (bb a multiple
+        // of 32) and `o` g·nb·32 sums (checked by `fastscan_multi_shape`).
+        unsafe {
+            match g {
+                1 => fastscan_multi_avx512::<1>(blocks, t, bb, o),
+                2 => fastscan_multi_avx512::<2>(blocks, t, bb, o),
+                3 => fastscan_multi_avx512::<3>(blocks, t, bb, o),
+                4 => fastscan_multi_avx512::<4>(blocks, t, bb, o),
+                5 => fastscan_multi_avx512::<5>(blocks, t, bb, o),
+                _ => fastscan_multi_avx512::<6>(blocks, t, bb, o),
+            }
+        }
+        q += g;
+    }
+}
+
+/// As `fastscan_block_avx512` for `G` queries at once: every 64-byte load of
+/// codes (two pairs of sub-codes) and its nibble masks serve the `G` tables.
+///
+/// # Safety
+/// The CPU supports AVX-512F/BW and AVX2; `tables` holds `G` tables of `bb`
+/// bytes, `blocks` a whole number of blocks of `bb` bytes (a multiple of 32),
+/// and `out.len() == G · (blocks.len() / bb) · 32`.
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn fastscan_multi_avx512<const G: usize>(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    let (nb, pairs) = (blocks.len() / bb, bb / 32);
+    let mask = _mm512_set1_epi8(0x0F);
+    let z = _mm512_setzero_si512();
+    for b in 0..nb {
+        let blk = b * bb;
+        let mut acc = [[z; 4]; G];
+        for p in 0..pairs / 2 {
+            // SAFETY: AVX-512F; blk + 64·p + 64 <= blk + 32·pairs <= blocks.len().
+            let c = unsafe { _mm512_loadu_si512(blocks.as_ptr().add(blk + 64 * p) as *const _) };
+            let clo = _mm512_and_si512(c, mask);
+            let chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+            for (g, a) in acc.iter_mut().enumerate() {
+                // SAFETY: AVX-512F; g·bb + 64·p + 64 <= g·bb + bb <= tables.len().
+                let t = unsafe { _mm512_loadu_si512(tables.as_ptr().add(g * bb + 64 * p) as *const _) };
+                let rlo = _mm512_shuffle_epi8(t, clo);
+                let rhi = _mm512_shuffle_epi8(t, chi);
+                a[0] = _mm512_add_epi16(a[0], rlo);
+                a[1] = _mm512_add_epi16(a[1], _mm512_srli_epi16(rlo, 8));
+                a[2] = _mm512_add_epi16(a[2], rhi);
+                a[3] = _mm512_add_epi16(a[3], _mm512_srli_epi16(rhi, 8));
+            }
+        }
+        let fold = |v: __m512i| _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+        for (g, a) in acc.into_iter().enumerate() {
+            let mut a256 = a.map(fold);
+            if pairs % 2 == 1 {
+                let p = pairs - 1;
+                // SAFETY: AVX2; the last pair's 32 bytes lie in block b and in table g.
+                unsafe { fastscan_pair_avx2(blocks.as_ptr().add(blk + 32 * p), tables.as_ptr().add(g * bb + 32 * p), &mut a256) };
+            }
+            let o: &mut [u32; 32] = (&mut out[(g * nb + b) * 32..(g * nb + b + 1) * 32]).try_into().expect("32 sums");
+            // SAFETY: AVX2 (this function's contract).
+            unsafe { fastscan_finish_avx2(a256, o) }
+        }
+    }
+}

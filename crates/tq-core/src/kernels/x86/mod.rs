@@ -53,6 +53,7 @@ static AVX2: Kernels = Kernels {
     group_values: avx2::group_values,
     had2_quantize: avx2::had2_quantize,
     fastscan_block: avx2::fastscan_block,
+    fastscan_multi: avx2::fastscan_multi,
     softmax: avx2::softmax,
 };
 
@@ -62,6 +63,7 @@ static AVX512: Kernels = Kernels {
     group_scores: avx512::group_scores_512,
     group_values: avx512::group_values_512,
     fastscan_block: avx512::fastscan_block_512,
+    fastscan_multi: avx512::fastscan_multi_512,
     ..AVX2
 };
 
