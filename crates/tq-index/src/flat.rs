@@ -446,11 +446,11 @@ impl FlatIndex {
             }
         }
         let best = sims[..len].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        if !heap.accepts(best) {
+        if !heap.may_accept(best) {
             return;
         }
         for (i, &sim) in sims[..len].iter().enumerate() {
-            if heap.accepts(sim) && p.allow.is_none_or(|a| a.contains(&self.ids[base + i])) {
+            if heap.accepts(sim, tag + base + i) && p.allow.is_none_or(|a| a.contains(&self.ids[base + i])) {
                 heap.push(sim, tag + base + i);
             }
         }
@@ -557,7 +557,7 @@ impl FlatIndex {
                 for slot in 0..n {
                     if allowed(slot) {
                         let s = self.rescore(pq, slot, &mut buf);
-                        if heap.accepts(s) {
+                        if heap.accepts(s, tag + slot) {
                             heap.push(s, tag + slot);
                         }
                     }
