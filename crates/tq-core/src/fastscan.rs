@@ -215,6 +215,11 @@ impl QuantizedLut {
     pub fn value(&self, sum: u32) -> f32 {
         self.bias + self.delta * sum as f32
     }
+    /// [`Self::value`] of a sum given as `i32` (the same value for every sum below 2^31).
+    #[inline]
+    pub fn value_i(&self, sum: i32) -> f32 {
+        self.bias + self.delta * sum as f32
+    }
     /// Bound on |estimate − exact table sum|: `m·Δ/2`.
     pub fn max_error(&self) -> f32 {
         self.m as f32 * self.delta * 0.5

@@ -41,10 +41,11 @@ impl TopK {
     }
 
     /// Could an entry of score `score` enter the set (whatever its slot)?
-    /// A cheap pre-test for a whole block of candidates.
+    /// A cheap pre-test for a whole block of candidates (a float comparison:
+    /// -0 and +0 pass alike, and `accepts` then decides by the total order).
     #[inline]
     pub fn may_accept(&self, score: f32) -> bool {
-        self.k > 0 && (self.heap.len() < self.k || self.heap.peek().is_some_and(|w| score.total_cmp(&w.score).is_ge()))
+        self.k > 0 && (self.heap.len() < self.k || self.heap.peek().is_some_and(|w| score >= w.score))
     }
 
     /// Would `(score, slot)` enter the set? Exactly when `push` would keep it,
