@@ -99,9 +99,8 @@ impl FastScanCodes {
     pub fn get(&self, i: usize, nibbles: &mut [u8]) {
         assert!(i < self.n && nibbles.len() == self.m / 2);
         let (base, shift) = self.slot(i);
-        for (p, o) in nibbles.iter_mut().enumerate() {
-            let at = base + p * 32;
-            *o = ((self.data[at] >> shift) & 0x0F) | (((self.data[at + 16] >> shift) & 0x0F) << 4);
+        for (o, pair) in nibbles.iter_mut().zip(self.data[base..].chunks(32)) {
+            *o = ((pair[0] >> shift) & 0x0F) | (((pair[16] >> shift) & 0x0F) << 4);
         }
     }
 
@@ -197,7 +196,12 @@ impl QuantizedLut {
         let mins: Vec<f32> = lut.chunks_exact(16).map(|t| t.iter().copied().fold(f32::INFINITY, f32::min)).collect();
         let range = lut.chunks_exact(16).zip(&mins).map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max)).fold(0.0f32, f32::max);
         let delta = if range > 0.0 { range / qmax } else { 1.0 };
-        let tables = lut.chunks_exact(16).zip(&mins).flat_map(|(t, &lo)| t.iter().map(move |&v| ((v - lo) / delta).round().clamp(0.0, qmax) as u8)).collect();
+        let mut tables = vec![0u8; lut.len()];
+        for ((o, t), &lo) in tables.chunks_exact_mut(16).zip(lut.chunks_exact(16)).zip(&mins) {
+            for (o, &v) in o.iter_mut().zip(t) {
+                *o = ((v - lo) / delta).round().clamp(0.0, qmax) as u8;
+            }
+        }
         let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
         Self { m, tables, delta, bias }
     }

@@ -12,7 +12,7 @@ use crate::topk::TopK;
 use crate::{IndexError, IndexSpec, Metric, RawVectors, Result};
 
 /// Queries per work item of a batched fast-scan search (a multiple of the
-/// kernels' query groups: 2 on AVX2, 6 on AVX-512): every tile is read from
+/// kernels' query groups: 2 on AVX2, 6 on AVX-512, 12 with VBMI/VNNI): every tile is read from
 /// memory once per chunk, then from L2 by the chunk's other query groups.
 const QCHUNK: usize = 48;
 

@@ -8,7 +8,7 @@
 //! only; parity tests bound that difference.
 //!
 //! Set `TQ_SIMD=scalar` to force the reference path, `TQ_SIMD=avx2` to skip
-//! AVX-512 (e.g. to compare).
+//! AVX-512, `TQ_SIMD=avx512` to skip the VBMI/VNNI fast-scan kernels (e.g. to compare).
 //!
 //! Every `unsafe` block states, in a `// SAFETY:` comment, why it is sound
 //! (the target features a kernel needs were detected at run time, the
@@ -24,7 +24,7 @@ pub mod x86;
 
 /// A table of kernel entry points resolved once per process.
 pub struct Kernels {
-    /// Name of the path: `scalar`, `avx2` or `avx512`.
+    /// Name of the path: `scalar`, `avx2`, `avx512` or `avx512vnni`.
     pub name: &'static str,
     /// In-place unnormalized fast Walsh–Hadamard transform; `x.len()` is a power of two.
     pub fwht: fn(&mut [f32]),

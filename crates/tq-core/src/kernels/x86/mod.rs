@@ -67,6 +67,11 @@ static AVX512: Kernels = Kernels {
     ..AVX2
 };
 
+/// AVX-512 plus the VBMI/VNNI fast-scan kernels (byte permutes into 64-entry
+/// tables, 4-byte dot products; the same integer sums).
+static AVX512_VNNI: Kernels =
+    Kernels { name: "avx512vnni", fastscan_block: avx512::fastscan_block_vnni, fastscan_multi: avx512::fastscan_multi_vnni_entry, ..AVX512 };
+
 /// The best table for this CPU.
 pub fn detect() -> Option<&'static Kernels> {
     detect_all().last().copied()
@@ -79,6 +84,9 @@ pub fn detect_all() -> Vec<&'static Kernels> {
         v.push(&AVX2);
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
             v.push(&AVX512);
+            if is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512vnni") {
+                v.push(&AVX512_VNNI);
+            }
         }
     }
     v
