@@ -35,6 +35,14 @@ def exact_top(base, queries, k):
     return out
 
 
+def pad(x, multiple):
+    """Zero columns up to a multiple of `multiple` (for libraries that take
+    only such dimensions): every inner product is kept; bits/dim are still
+    reported per original dimension."""
+    extra = -x.shape[1] % multiple
+    return np.ascontiguousarray(np.pad(x, ((0, 0), (0, extra)))) if extra else x
+
+
 def recall(ids, truth):
     return float(np.mean([len(set(a[:10].tolist()) & set(b[:10].tolist())) / 10 for a, b in zip(ids, truth)]))
 
@@ -62,13 +70,15 @@ class Turbovec:
     def build(self, base, threads):
         import turbovec
 
-        self.index = turbovec.TurboQuantIndex(dim=base.shape[1], bit_width=self.bw)
-        self.index.add(base)
+        if base.shape[1] % 8:
+            self.name += f" (zero-padded to {pad(base[:1], 8).shape[1]})"
+        self.index = turbovec.TurboQuantIndex(dim=pad(base, 8).shape[1], bit_width=self.bw)
+        self.index.add(pad(base, 8))
         self.index.prepare()
         self.bits = len(self.index.to_bytes()) * 8 / base.size
 
     def search(self, q, k, threads):
-        return self.index.search(q, k)[1]
+        return self.index.search(pad(q, 8), k)[1]
 
 
 class Rabitq:
@@ -89,14 +99,17 @@ class Rabitq:
             km = faiss.Kmeans(base.shape[1], self.nlist, niter=10, seed=1)
             km.train(base)
             cent, assign = km.centroids, km.index.search(base, 1)[1][:, 0].astype(np.uint32)
-        self.index = rabitqlib.IvfIndex(base.shape[1], len(base), self.nlist, self.nbits, metric="ip")
-        self.index.build(base, cent, assign, num_threads=threads)
+        # its rotation takes multiples of 64 only
+        if base.shape[1] % 64:
+            self.name += f" (zero-padded to {pad(base[:1], 64).shape[1]})"
+        self.index = rabitqlib.IvfIndex(pad(base, 64).shape[1], len(base), self.nlist, self.nbits, metric="ip")
+        self.index.build(pad(base, 64), pad(cent, 64), assign, num_threads=threads)
         with tempfile.TemporaryDirectory() as d:
             self.index.save(os.path.join(d, "i"))
             self.bits = os.path.getsize(os.path.join(d, "i")) * 8 / base.size
 
     def search(self, q, k, threads):
-        return self.index.search(q, k, self.nprobe, num_threads=threads)[0].astype(np.int64)
+        return self.index.search(pad(q, 64), k, self.nprobe, num_threads=threads)[0].astype(np.int64)
 
 
 class Faiss:

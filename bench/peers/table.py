@@ -14,7 +14,7 @@ for (data, n, dim), by_t in groups.items():
     print("| index | bits/dim | build s | threads | µs/query | qps vs turbovec 4-bit | qps vs turbovec 2-bit | recall 10@10 |")
     print("|---|---|---|---|---|---|---|---|")
     for t, rs in sorted(by_t.items()):
-        ref = {r["index"]: r["us_per_query"] for r in rs}
+        ref = {r["index"].split(" (")[0]: r["us_per_query"] for r in rs}
         for r in rs:
             q4 = ref.get("turbovec 4-bit")
             q2 = ref.get("turbovec 2-bit")

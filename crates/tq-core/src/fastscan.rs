@@ -219,10 +219,12 @@ impl QuantizedLut {
     pub fn value(&self, sum: u32) -> f32 {
         self.bias + self.delta * sum as f32
     }
-    /// [`Self::value`] of a sum given as `i32` (the same value for every sum below 2^31).
-    #[inline]
-    pub fn value_i(&self, sum: i32) -> f32 {
-        self.bias + self.delta * sum as f32
+    /// `out[i] = factors[i] · value(sums[i])` for `i < out.len()`
+    /// (`factors.len() == out.len() <= sums.len()`) and the maxima of its
+    /// blocks of 32 (`maxes.len() == out.len().div_ceil(32)`), vectorized
+    /// (`kernels().fastscan_values`).
+    pub fn values(&self, sums: &[u32], factors: &[f32], out: &mut [f32], maxes: &mut [f32]) {
+        (kernels().fastscan_values)(sums, factors, self.bias, self.delta, out, maxes)
     }
     /// Bound on |estimate − exact table sum|: `m·Δ/2`.
     pub fn max_error(&self) -> f32 {

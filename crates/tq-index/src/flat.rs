@@ -19,6 +19,10 @@ const QCHUNK: usize = 48;
 /// Bytes of codes per tile: a tile stays in L2 while a chunk of queries passes over it.
 const TILE_BYTES: usize = 256 << 10;
 
+/// Bytes of the integer sums of a chunk of queries over a tile (the tile is
+/// shortened for short codes so that these stay in L2 too).
+const SUMS_BYTES: usize = 256 << 10;
+
 /// One search result. `score` is the similarity (inner product / cosine;
 /// larger is better) or the squared distance (L2; smaller is better).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -379,7 +383,8 @@ impl FlatIndex {
         let Store::Fast { codes, .. } = &self.store else { unreachable!("scan_many on a fast-scan store") };
         let nq = luts.len();
         let nb = codes.blocks();
-        let tile = (tile_bytes / codes.block_bytes()).clamp(1, nb.max(1));
+        // codes of a tile in L2, and the integer sums of a chunk over it too
+        let tile = (tile_bytes / codes.block_bytes()).min(SUMS_BYTES / (QCHUNK * BLOCK * 4)).clamp(1, nb.max(1));
         let ntiles = nb.div_ceil(tile);
         let nchunks = nq.div_ceil(QCHUNK);
         if nq == 0 || nb == 0 {
@@ -414,53 +419,41 @@ impl FlatIndex {
         let mut tables = Vec::with_capacity(luts.iter().map(|l| l.tables().len()).sum());
         luts.iter().for_each(|l| tables.extend_from_slice(l.tables()));
         let mut sums = vec![0u32; luts.len() * tile * BLOCK];
+        let mut sims = vec![0.0f32; tile * BLOCK];
+        let mut maxes = vec![0.0f32; tile];
         for t in tiles {
             let (b0, b1) = (t * tile, ((t + 1) * tile).min(codes.blocks()));
             let s = &mut sums[..luts.len() * (b1 - b0) * BLOCK];
             codes.scan_blocks_multi(b0, b1, &tables, s);
+            let live = (b1 * BLOCK).min(self.ids.len()) - b0 * BLOCK;
             for (qi, (lut, heap)) in luts.iter().zip(heaps.iter_mut()).enumerate() {
-                for b in b0..b1 {
-                    let at = (qi * (b1 - b0) + b - b0) * BLOCK;
-                    let block: &[u32; BLOCK] = s[at..at + BLOCK].try_into().expect("a block of sums");
-                    self.offer_block(factors, lut, b, block, p, tag, heap);
+                let at = qi * (b1 - b0) * BLOCK;
+                lut.values(&s[at..at + live], &factors[b0 * BLOCK..b0 * BLOCK + live], &mut sims[..live], &mut maxes[..b1 - b0]);
+                for (j, chunk) in sims[..live].chunks_mut(BLOCK).enumerate() {
+                    self.offer_block(chunk, maxes[j], b0 + j, p, tag, heap);
                 }
             }
         }
     }
 
-    /// Offers the allowed codes of fast-scan block `b` (integer sums `sums`)
-    /// to `heap` as `(similarity estimate, tag + slot)`.
+    /// Offers the allowed codes of fast-scan block `b` to `heap` as
+    /// `(similarity estimate, tag + slot)`; `sims` holds the block's
+    /// `factor · value(sum)` (one per live code of the block) and `best` their
+    /// maximum (the per-slot work only runs for blocks with a contender).
     #[inline]
-    #[allow(clippy::too_many_arguments)]
-    fn offer_block(&self, factors: &[f32], lut: &QuantizedLut, b: usize, sums: &[u32; BLOCK], p: &SearchParams<'_>, tag: usize, heap: &mut TopK) {
+    fn offer_block(&self, sims: &mut [f32], mut best: f32, b: usize, p: &SearchParams<'_>, tag: usize, heap: &mut TopK) {
         let base = b * BLOCK;
-        let len = BLOCK.min(self.ids.len() - base);
-        let mut sims = [0.0f32; BLOCK];
-        // whole-block conversion and threshold test (vectorizable); the
-        // per-slot work only runs for blocks with a contender
-        let f = &factors[base..base + len];
-        for ((o, &s), &f) in sims.iter_mut().zip(sums).zip(f) {
-            // sums are below 2^31 (16-bit lanes), so through i32 (a vector
-            // conversion on every x86-64) is the same value as `s as f32`
-            *o = f * lut.value_i(s as i32);
-        }
         if self.spec.metric == Metric::L2 {
+            let len = sims.len();
             for (o, &q) in sims.iter_mut().zip(&self.sqnorms[base..base + len]) {
                 *o = 2.0 * *o - q;
             }
+            best = sims.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
         }
-        // maximum in 8 lanes (vectorizes; a fold over f32::max does not)
-        let mut lanes = [f32::NEG_INFINITY; 8];
-        for c in sims[..len].chunks(8) {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l = if v > *l { v } else { *l };
-            }
-        }
-        let best = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
         if !heap.may_accept(best) {
             return;
         }
-        for (i, &sim) in sims[..len].iter().enumerate() {
+        for (i, &sim) in sims.iter().enumerate() {
             if heap.accepts(sim, tag + base + i) && p.allow.is_none_or(|a| a.contains(&self.ids[base + i])) {
                 heap.push(sim, tag + base + i);
             }
@@ -558,9 +551,13 @@ impl FlatIndex {
             Store::Fast { codes, factors, .. } if !p.exact => {
                 let lut = lut.expect("fast-scan tables for a fast-scan store");
                 let mut sums = [0u32; BLOCK];
+                let mut sims = [0.0f32; BLOCK];
+                let mut best = [0.0f32];
                 for b in 0..codes.blocks() {
                     codes.scan_block(b, lut, &mut sums);
-                    self.offer_block(factors, lut, b, &sums, p, tag, heap);
+                    let live = BLOCK.min(n - b * BLOCK);
+                    lut.values(&sums, &factors[b * BLOCK..b * BLOCK + live], &mut sims[..live], &mut best);
+                    self.offer_block(&mut sims[..live], best[0], b, p, tag, heap);
                 }
             }
             _ => {

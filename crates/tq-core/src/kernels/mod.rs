@@ -64,6 +64,10 @@ pub struct Kernels {
     /// block is loaded once per group of queries whose tables stay in L1.
     /// Exact integer arithmetic: identical on every path and to `fastscan_block`.
     pub fastscan_multi: FastScanMultiFn,
+    /// Fast-scan estimates `factor · (bias + Δ · sum)` of integer sums and their
+    /// maxima per block of 32 (see `scalar::fastscan_values_ref`; element-wise,
+    /// the same bits on every path).
+    pub fastscan_values: FastScanValuesFn,
     /// Softmax in place (attention weights); the same bits on every path.
     pub softmax: fn(&mut [f32]),
 }
@@ -76,6 +80,9 @@ pub type GroupValuesFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, &mut [f32]
 
 /// Signature of `Kernels::fastscan_multi`: `(blocks, tables, bb, out)`.
 pub type FastScanMultiFn = fn(&[u8], &[u8], usize, &mut [u32]);
+
+/// Signature of `Kernels::fastscan_values`: `(sums, factors, bias, delta, out, maxes)`.
+pub type FastScanValuesFn = fn(&[u32], &[f32], f32, f32, &mut [f32], &mut [f32]);
 
 /// Signature of `Kernels::had2_quantize`.
 pub type Had2Fn = fn(&[f32], &Had2<'_>, &mut [f32], &mut [u8]) -> Option<f32>;
@@ -109,6 +116,7 @@ pub static SCALAR: Kernels = Kernels {
     had2_quantize: scalar::had2_quantize_ref,
     fastscan_block: scalar::fastscan_block_ref,
     fastscan_multi: scalar::fastscan_multi_ref,
+    fastscan_values: scalar::fastscan_values_ref,
     softmax: scalar::softmax_ref,
 };
 

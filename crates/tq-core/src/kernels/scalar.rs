@@ -244,3 +244,18 @@ pub fn fastscan_multi_ref(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u3
         }
     }
 }
+
+/// Fast-scan estimates from integer sums: `out[i] = factors[i] · (bias + delta · sums[i])`
+/// for `i < out.len()` (`factors.len() == out.len() <= sums.len()`, sums below
+/// 2^31), and `maxes[j]` the largest of `out[32j..32j + 32]` (`maxes.len() ==
+/// out.len().div_ceil(32)`). Element-wise, no FMA: the same bits on every path
+/// (the maxima equal as numbers; +0 and -0 may differ).
+pub fn fastscan_values_ref(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32], maxes: &mut [f32]) {
+    assert!(factors.len() == out.len() && sums.len() >= out.len() && maxes.len() == out.len().div_ceil(32), "fast-scan value shapes");
+    for ((o, &s), &f) in out.iter_mut().zip(sums).zip(factors) {
+        *o = f * (bias + delta * s as f32);
+    }
+    for (m, c) in maxes.iter_mut().zip(out.chunks(32)) {
+        *m = c.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    }
+}

@@ -197,3 +197,31 @@ fn multi_query_kernels_equal_the_block_kernel_on_every_path() {
         }
     }
 }
+
+/// The estimate kernels give the reference's bits on every path, for lengths
+/// that leave partial vectors and for sums up to the 16-bit lane limit and beyond.
+#[test]
+fn value_kernels_give_the_reference_bits_on_every_path() {
+    let mut rng = Xoshiro256::new(25);
+    for n in [0usize, 1, 7, 8, 15, 16, 31, 32, 33, 100] {
+        let sums: Vec<u32> = (0..n + 3).map(|i| if i % 5 == 0 { (1 << 30) + rng.below(1 << 20) as u32 } else { rng.below(65536) as u32 }).collect();
+        let factors: Vec<f32> = (0..n).map(|_| rng.gaussian() as f32).collect();
+        let (bias, delta) = (rng.gaussian() as f32, 1e-3 * (1.0 + rng.below(100) as f32));
+        let mut want = vec![0.0f32; n];
+        let mut want_max = vec![0.0f32; n.div_ceil(32)];
+        scalar::fastscan_values_ref(&sums, &factors, bias, delta, &mut want, &mut want_max);
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(w.to_bits(), (factors[i] * (bias + delta * sums[i] as f32)).to_bits());
+        }
+        for (j, m) in want_max.iter().enumerate() {
+            assert_eq!(*m, want[32 * j..(32 * j + 32).min(n)].iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        }
+        for k in available() {
+            let mut got = vec![f32::NAN; n];
+            let mut got_max = vec![f32::NAN; n.div_ceil(32)];
+            (k.fastscan_values)(&sums, &factors, bias, delta, &mut got, &mut got_max);
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} n={n}", k.name);
+            assert_eq!(got_max, want_max, "{} n={n} maxima", k.name);
+        }
+    }
+}

@@ -1062,3 +1062,34 @@ unsafe fn fastscan_multi_avx2<const G: usize>(blocks: &[u8], tables: &[u8], bb: 
         }
     }
 }
+
+pub(super) fn fastscan_values(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32], maxes: &mut [f32]) {
+    assert!(factors.len() == out.len() && sums.len() >= out.len() && maxes.len() == out.len().div_ceil(32), "fast-scan value shapes");
+    // SAFETY: AVX2 was detected (`detect_all`); the lengths are checked above.
+    unsafe { fastscan_values_avx2(sums, factors, bias, delta, out) };
+    for (m, c) in maxes.iter_mut().zip(out.chunks(32)) {
+        *m = c.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    }
+}
+
+/// # Safety
+/// The CPU supports AVX2; `factors.len() == out.len() <= sums.len()`.
+#[target_feature(enable = "avx2")]
+unsafe fn fastscan_values_avx2(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32]) {
+    let n = out.len();
+    let (b, d) = (_mm256_set1_ps(bias), _mm256_set1_ps(delta));
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: AVX2; i + 8 <= n <= sums.len() and == factors.len() == out.len().
+        unsafe {
+            // sums are below 2^31: the signed conversion is exact as `s as f32`
+            let s = _mm256_cvtepi32_ps(_mm256_loadu_si256(sums.as_ptr().add(i) as *const __m256i));
+            let v = _mm256_add_ps(b, _mm256_mul_ps(d, s));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_loadu_ps(factors.as_ptr().add(i)), v));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        out[j] = factors[j] * (bias + delta * sums[j] as f32);
+    }
+}

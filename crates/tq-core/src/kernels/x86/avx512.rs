@@ -592,3 +592,43 @@ unsafe fn fastscan_multi_vnni<const G: usize>(blocks: &[u8], tables: &[u8], bb: 
         }
     }
 }
+
+pub(super) fn fastscan_values_512(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32], maxes: &mut [f32]) {
+    assert!(factors.len() == out.len() && sums.len() >= out.len() && maxes.len() == out.len().div_ceil(32), "fast-scan value shapes");
+    // SAFETY: AVX-512F was detected (`detect_all`); the lengths are checked above.
+    unsafe { fastscan_values_avx512(sums, factors, bias, delta, out, maxes) }
+}
+
+/// Blocks of 32 as two masked vectors of 16; the maximum of a block is that
+/// of the two vectors (absent lanes read as -inf).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `factors.len() == out.len() <= sums.len()`,
+/// `maxes.len() == out.len().div_ceil(32)`.
+#[target_feature(enable = "avx512f")]
+unsafe fn fastscan_values_avx512(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32], maxes: &mut [f32]) {
+    let n = out.len();
+    let (b, d, ninf) = (_mm512_set1_ps(bias), _mm512_set1_ps(delta), _mm512_set1_ps(f32::NEG_INFINITY));
+    let mut half = |i: usize| -> __m512 {
+        let k: __mmask16 = if i >= n {
+            0
+        } else if n - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        // SAFETY: AVX-512F; the masked loads and store touch only lanes
+        // i..min(i + 16, n), inside all three slices (none when i >= n).
+        unsafe {
+            let s = _mm512_cvtepu32_ps(_mm512_maskz_loadu_epi32(k, sums.as_ptr().add(i.min(n)) as *const i32));
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, factors.as_ptr().add(i.min(n))), _mm512_add_ps(b, _mm512_mul_ps(d, s)));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i.min(n)), k, v);
+            _mm512_mask_blend_ps(k, ninf, v)
+        }
+    };
+    for (j, m) in maxes.iter_mut().enumerate() {
+        let lo = half(32 * j);
+        let hi = half(32 * j + 16);
+        *m = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi));
+    }
+}

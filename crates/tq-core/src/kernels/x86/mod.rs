@@ -54,6 +54,7 @@ static AVX2: Kernels = Kernels {
     had2_quantize: avx2::had2_quantize,
     fastscan_block: avx2::fastscan_block,
     fastscan_multi: avx2::fastscan_multi,
+    fastscan_values: avx2::fastscan_values,
     softmax: avx2::softmax,
 };
 
@@ -64,6 +65,7 @@ static AVX512: Kernels = Kernels {
     group_values: avx512::group_values_512,
     fastscan_block: avx512::fastscan_block_512,
     fastscan_multi: avx512::fastscan_multi_512,
+    fastscan_values: avx512::fastscan_values_512,
     ..AVX2
 };
 
