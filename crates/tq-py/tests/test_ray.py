@@ -26,7 +26,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 import turboquant as tq  # noqa: E402
-from turboquant.ray import PartialSearch, ShardedIndex, ShardUnavailableError, shard_of  # noqa: E402
+from turboquant.ray import PartialSearch, ShardedIndex, ShardUnavailableError, dataset_from_numpy, shard_of  # noqa: E402
 
 TQ = os.environ.get("TQ_BIN", "tq")
 N_BASE, N_QUERY, N_DUP = 20_000, 200, 40
@@ -40,8 +40,8 @@ def glove():
     path = line.split(": ", 1)[1]
     x = np.load(path, mmap_mode="r")
     assert x.shape == (400_000, DIM)
-    base = np.array(x[:N_BASE], dtype=np.float32)
-    q = np.array(x[300_000 : 300_000 + N_QUERY], dtype=np.float32)
+    base = np.array(x[:N_BASE], dtype=np.float32, order="C")
+    q = np.array(x[300_000 : 300_000 + N_QUERY], dtype=np.float32, order="C")
     base /= np.linalg.norm(base, axis=1, keepdims=True)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     rng = np.random.default_rng(1)
@@ -96,6 +96,17 @@ def test_turboquant_ray_without_ray_says_how_to_install():
     assert "turboquant.ray needs Ray" in r.stdout and "pip install 'turboquant[ray]'" in r.stdout, r.stdout + r.stderr
 
 
+def test_without_ray_init_nothing_is_written(tmp_path):
+    code = (
+        "import sys, turboquant.ray as r\n"
+        "try:\n r.ShardedIndex(sys.argv[1], 'tq-mse-4-nc', 8, 2)\n"
+        "except RuntimeError as e:\n print(e)\n"
+    )  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "idx")], check=True, capture_output=True, text=True)
+    assert "call ray.init" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "idx").exists()
+
+
 def test_routing_is_the_documented_splitmix64():
     m = (1 << 64) - 1
 
@@ -118,6 +129,25 @@ def test_routing_is_the_documented_splitmix64():
         shard_of([-1], 4)
     with pytest.raises(ValueError, match="num_shards"):
         shard_of([1], 0)
+
+
+def test_merge_equals_a_full_sort_with_many_ties():
+    from turboquant.ray import _sorted_top, _top
+
+    rng = np.random.default_rng(4)
+    for shards, k, levels, l2 in [(64, 10, 5, False), (300, 7, 3, True), (16, 10, 1000, False), (8, 1, 2, False)]:
+        # scores from a few levels: most of a row ties; ids distinct per row; some padding
+        D = rng.integers(0, levels, (50, shards * k)).astype(np.float32)
+        I = rng.permuted(np.tile(np.arange(4 * shards * k, dtype=np.int64), (50, 1)), axis=1)[:, : shards * k]
+        pad = rng.random(D.shape) < 0.05
+        I[pad], D[pad] = -1, (np.inf if l2 else -np.inf)
+        got, want = _top(D, I, k, l2), _sorted_top(D, I, k, l2)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+        # and the full sort is the definition: by score, then by the lower id
+        for r in range(3):
+            o = sorted((float(d) if l2 else -float(d), i if i >= 0 else 2**63, j) for j, (d, i) in enumerate(zip(D[r], I[r])))[:k]
+            assert want[1][r].tolist() == [int(I[r][j]) for _, _, j in o]
 
 
 # --------------------------------------------------------------------------- exactness
@@ -235,22 +265,22 @@ def test_bulk_load_through_ray_data_from_parquet(cluster, glove, tmp_path):
 
     xs, ids, queries = glove
     perm = np.random.default_rng(5).permutation(len(ids))
-    table = pa.table({"id": pa.array(ids[perm], pa.uint64()), "vector": pa.FixedSizeListArray.from_arrays(pa.array(xs[perm].ravel()), DIM)})
-    pq.write_table(table, tmp_path / "glove.parquet", row_group_size=2_500)
+    (tmp_path / "pq").mkdir()
+    for i, part in enumerate(np.array_split(perm, 4)):  # four files, rows in random order
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(xs[part].ravel()), DIM)
+        pq.write_table(pa.table({"id": pa.array(ids[part], pa.uint64()), "vector": vec}), tmp_path / "pq" / f"part-{i}.parquet")
     ref = one_index("tq-mse-4-nc", xs, ids)
     with ShardedIndex(tmp_path / "idx", "tq-mse-4-nc", DIM, 2) as si:
-        added = si.add_dataset(ray.data.read_parquet(str(tmp_path / "glove.parquet"), override_num_blocks=8), batch_size=1_000, concurrency=2)
+        added = si.add_dataset(ray.data.read_parquet(str(tmp_path / "pq")), batch_size=1_000, concurrency=2)
         assert added == len(ids) == len(si)
         D, I = si.search(queries, 10, exact=True)
         D1, I1 = ref.search(queries, 10, exact=True)
         np.testing.assert_array_equal(I, I1)
         np.testing.assert_array_equal(D, D1)
-        # loading the same rows again fails by name (nothing is added twice) ...
+        # the same rows again from numpy arrays: refused by name, nothing is added twice
         with pytest.raises(Exception, match="already in the index"):
-            si.add_dataset(ray.data.read_parquet(str(tmp_path / "glove.parquet"), override_num_blocks=8), batch_size=1_000)
+            si.add_dataset(dataset_from_numpy(xs[:2_000], ids[:2_000]), batch_size=500)
         assert len(si) == len(ids)
-        # ... unless asked to skip held ids
-        assert si.add_dataset(ray.data.read_parquet(str(tmp_path / "glove.parquet"), override_num_blocks=8), skip_present=True) == 0
 
 
 # --------------------------------------------------------------------------- files

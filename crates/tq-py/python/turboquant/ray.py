@@ -68,7 +68,7 @@ except ImportError as e:  # pragma: no cover - exercised in a subprocess by the 
 
 from ._turboquant import Codec, Index
 
-__all__ = ["ShardedIndex", "ShardUnavailableError", "PartialSearch", "shard_of", "MANIFEST", "ROUTING"]
+__all__ = ["ShardedIndex", "ShardUnavailableError", "PartialSearch", "shard_of", "dataset_from_numpy", "MANIFEST", "ROUTING"]
 
 MANIFEST = "manifest.json"
 """The manifest's file name inside a sharded index directory."""
@@ -232,6 +232,15 @@ def _check_codec(codec: str, dim: int, seed: int) -> None:
         )
 
 
+def _rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class _Shard:
     """One shard: a `turboquant.Index` and its file. Runs as a Ray actor; Ray
     calls `__init__` again after a restart, which reloads the file."""
@@ -252,7 +261,7 @@ class _Shard:
             self.index, self.has_file = Index(**spec), False
 
     def info(self) -> dict:
-        return {"shard": self.shard, "path": self.path, "len": len(self.index), "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id()}
+        return {"shard": self.shard, "path": self.path, "len": len(self.index), "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "rss_bytes": _rss_bytes()}
 
     def pid(self) -> int:
         return os.getpid()
@@ -328,7 +337,27 @@ class _Shard:
 
 
 def _top(D: np.ndarray, I: np.ndarray, k: int, l2: bool):
-    """The first k per row by score (best first), equal scores by the lower id, padding last."""
+    """The first k per row by score (best first), equal scores by the lower id, padding last.
+
+    Wide rows (many shards) are cut to their 2k best by a partition first;
+    rows where ties at the k-th place reach past those 2k are sorted whole."""
+    nq, w = D.shape
+    if k and w > 4 * k:
+        key = D if l2 else -D
+        part = np.argpartition(key, 2 * k - 1, axis=1)[:, : 2 * k]
+        kth = np.sort(np.take_along_axis(key, part, axis=1), axis=1)[:, k - 1]
+        whole = (key <= kth[:, None]).sum(axis=1) > 2 * k
+        Dc, Ic = np.take_along_axis(D, part, axis=1), np.take_along_axis(I, part, axis=1)
+        if whole.any():
+            Dw, Iw = _sorted_top(D[whole], I[whole], k, l2)
+            Dc, Ic = _sorted_top(Dc, Ic, k, l2)
+            Dc[whole], Ic[whole] = Dw, Iw
+            return Dc, Ic
+        return _sorted_top(Dc, Ic, k, l2)
+    return _sorted_top(D, I, k, l2)
+
+
+def _sorted_top(D: np.ndarray, I: np.ndarray, k: int, l2: bool):
     nq = D.shape[0]
     if D.shape[1]:
         score_key = D if l2 else -D
@@ -483,6 +512,7 @@ class ShardedIndex:
         retry_timeout_s: float = 30.0,
     ):
         directory = os.fspath(directory)
+        _need_ray()
         shard_of(np.zeros(0, np.uint64), num_shards)  # checks num_shards
         Index(codec, dim, metric=metric, seed=seed, raw=raw)  # checks the spec
         _check_codec(codec, dim, seed)
@@ -529,8 +559,7 @@ class ShardedIndex:
         return self
 
     def _start(self, directory, m, num_cpus, threads, max_restarts, node_ids, retry_timeout_s) -> None:
-        if not ray.is_initialized():
-            raise RuntimeError("Ray is not initialized: call ray.init(...) (or connect to a cluster) first")
+        _need_ray()
         self.directory, self._manifest = directory, m
         spec = _spec_of(m)
         paths = [os.path.abspath(os.path.join(directory, name)) for name in m["shards"]]
@@ -586,7 +615,7 @@ class ShardedIndex:
         return self._shards.retries
 
     def info(self, timeout_s: Optional[float] = None) -> list:
-        """Per shard: number, file, rows, actor pid and node id."""
+        """Per shard: number, file, rows, actor pid, node id and resident memory."""
         res, _ = self._shards.call("info", {s: (lambda h, retry: h.info.remote()) for s in range(self.num_shards)}, timeout_s)
         return [res[s] for s in range(self.num_shards)]
 
@@ -643,13 +672,15 @@ class ShardedIndex:
         `concurrency` batches are in flight and Ray Data's streaming executor
         holds reading back until they commit. Returns the rows added.
         `vector_column` holds float32/float64 vectors of length `dim` (a
-        tensor column, or a list column); `id_column` non-negative integers."""
+        fixed-size list or list column, or Ray's tensor column);
+        `id_column` non-negative integers. For numpy arrays in the driver,
+        `dataset_from_numpy(x, ids)` makes such a dataset."""
         conc = concurrency or self.num_shards
         out = ds.map_batches(
             _Loader,
             fn_constructor_args=(self._shards, id_column, vector_column, skip_present),
             batch_size=batch_size,
-            batch_format="numpy",
+            batch_format="pyarrow",
             concurrency=conc,
             num_cpus=num_cpus,
         )
@@ -740,6 +771,11 @@ class ShardedIndex:
         return f"ShardedIndex({self.directory!r}, codec={self.codec!r}, dim={self.dim}, metric={self.metric!r}, num_shards={self.num_shards})"
 
 
+def _need_ray() -> None:
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialized: call ray.init(...) (or connect to a cluster) first")
+
+
 def _last_error_line(msg: str) -> str:
     lines = [ln.strip() for ln in msg.strip().splitlines() if ln.strip()]
     for ln in reversed(lines):
@@ -748,19 +784,60 @@ def _last_error_line(msg: str) -> str:
     return lines[-1] if lines else msg
 
 
+def _vectors_of(col: Any, dim: int, name: str) -> np.ndarray:
+    """float32 (n, dim) from an Arrow column: fixed-size list, list, or Ray's tensor type."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if col.null_count:
+        raise ValueError(f"column {name!r} holds nulls")
+    t = col.type
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t):
+        if pa.types.is_fixed_size_list(t):
+            width_ok = t.list_size == dim
+        else:
+            lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+            width_ok = bool(np.all(lengths == dim))
+        if not width_ok:
+            raise ValueError(f"column {name!r} must hold vectors of length {dim}")
+        v = col.flatten().to_numpy(zero_copy_only=False)
+        return v.reshape(len(col), dim)
+    v = col.to_numpy(zero_copy_only=False)  # Ray's tensor extension types give (n, dim)
+    if v.dtype == object:
+        v = np.stack([np.asarray(r) for r in v]) if len(v) else np.zeros((0, dim), np.float32)
+    return v
+
+
 class _Loader:
     """A Ray Data map_batches worker: routes a batch to its shards and waits for their commits."""
 
     def __init__(self, shards: _Shards, id_column: str, vector_column: str, skip_present: bool):
         self.shards, self.id_column, self.vector_column, self.skip_present = shards, id_column, vector_column, skip_present
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: Any) -> dict:
         for c in (self.id_column, self.vector_column):
-            if c not in batch:
-                raise ValueError(f"the dataset has no column {c!r} (columns: {', '.join(batch)})")
-        v = batch[self.vector_column]
-        if v.dtype == object:
-            v = np.stack([np.asarray(r, dtype=np.float32) for r in v]) if len(v) else np.zeros((0, self.shards.spec["dim"]), np.float32)
-        added = self.shards.add(v, batch[self.id_column], skip_present=self.skip_present)
+            if c not in batch.column_names:
+                raise ValueError(f"the dataset has no column {c!r} (columns: {', '.join(batch.column_names)})")
+        dim = self.shards.spec["dim"]
+        v = _vectors_of(batch.column(self.vector_column), dim, self.vector_column)
+        ids = batch.column(self.id_column).to_numpy()
+        added = self.shards.add(v, ids, skip_present=self.skip_present)
         return {"added": np.array([added], dtype=np.int64)}
 
+
+def dataset_from_numpy(x: np.ndarray, ids: Any, *, blocks: int = 16, id_column: str = "id", vector_column: str = "vector") -> "ray.data.Dataset":
+    """A Ray Dataset of `blocks` blocks with an id column and a fixed-size-list vector column, for `ShardedIndex.add_dataset`."""
+    import pyarrow as pa
+
+    x = np.asarray(x)
+    ids = _ids(ids)
+    if x.ndim != 2 or len(ids) != x.shape[0]:
+        raise ValueError(f"x must be (n, dim) with one id per row; got x {list(x.shape)} and {len(ids)} ids")
+    tables = []
+    for part in np.array_split(np.arange(len(ids)), max(1, min(blocks, len(ids)))):
+        xs = np.ascontiguousarray(x[part])
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(xs.reshape(-1)), x.shape[1])
+        tables.append(pa.table({id_column: pa.array(ids[part], pa.uint64()), vector_column: vec}))
+    return ray.data.from_arrow(tables)
