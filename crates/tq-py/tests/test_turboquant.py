@@ -249,5 +249,5 @@ def test_durable_add_and_remove_append_to_the_file(tmp_path):
         idx.remove([10, 11], durable=True)
     assert len(idx) == 150 and idx.contains([10, 11, 150]).tolist() == [True, True, True]  # reloaded from the file
     assert len(tq.Index.load(p)) == 150
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(TypeError, match="non-negative"):
         idx.contains([-1])
