@@ -16,7 +16,8 @@ Measured, per configuration (wall clock, best of `--repeat` where repeated):
                     the default two-stage fast-scan search and exact=True
   latency_ms        median and p90 of single-query search calls
   same_ids          fraction of exact=True results equal to one Index's
-  rss / file bytes  per shard (actor's resident memory, .tqi size)
+  rss / file bytes  per shard (actor's resident memory, .tqi size); one
+                    process: the memory a loaded index adds, and its load time
   merge_us          the driver's merge of S shards' top-k for S up to 1024
                     (synthetic scores: this times the merge, nothing else)
 
@@ -111,11 +112,13 @@ def single(args):
         idx.save(os.path.join(d, "one.tqi"))
         size = os.path.getsize(os.path.join(d, "one.tqi"))
         before = rss_bytes()
-        again = tq.Index.load(os.path.join(d, "one.tqi"))
+        t_load = time.perf_counter()
+        again = tq.Index.load(os.path.join(d, "one.tqi"))  # what a restarted shard does
+        t_load = time.perf_counter() - t_load
         index_bytes = rss_bytes() - before  # what a loaded index holds in memory
         assert len(again) == len(ids)
     out = {"mode": "single", "threads": os.environ.get("RAYON_NUM_THREADS", "all"), "build_s": t, "file_bytes": size,
-           "loaded_index_bytes_per_vector": index_bytes / len(ids), **stats}  # fmt: skip
+           "load_s": t_load, "loaded_index_bytes_per_vector": index_bytes / len(ids), **stats}  # fmt: skip
     np.save(args.exact_out, ie)
     print(json.dumps(out))
 
