@@ -405,6 +405,8 @@ class _Shards:
             submit(s)
         while pending or retry_at:
             now = time.monotonic()
+            if now >= deadline and not pending:
+                break
             for s in [s for s, t in retry_at.items() if t <= now]:
                 del retry_at[s]
                 submit(s)
