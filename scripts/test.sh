@@ -5,7 +5,7 @@
 # against the `tq` binary of the same tree, then a short bounded fuzz run of
 # every file parser (scripts/fuzz.sh; the long run is documented in fuzz/README.md).
 # Needs: cargo, python3 (>= 3.9) with venv, and the PyPI index for
-# maturin/numpy/pytest (installed once into target/pyenv).
+# maturin/numpy/pytest/ray (installed once into target/pyenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +32,8 @@ cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --workspace --release
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.7,<2" numpy pytest
+# Ray (with Ray Data) for turboquant.ray's tests: a local multi-process cluster on 127.0.0.1
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.7,<2" numpy pytest "ray[data]==2.60.0"
 rm -rf target/wheels
 ( cd crates/tq-py && CARGO_TARGET_DIR=../../target/py "../../$VENV/bin/maturin" build --release --out ../../target/wheels )
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps target/wheels/turboquant-*.whl

@@ -243,6 +243,17 @@ impl PyIndex {
     fn all_ids(&self) -> Vec<u64> {
         self.inner.as_ref().map_or_else(Vec::new, AnyIndex::ids)
     }
+
+    /// The file a durable write appends to, and the commit this index has seen.
+    fn file_view(&self) -> PyResult<(PathBuf, file::Commit)> {
+        self.view.clone().ok_or_else(|| PyValueError::new_err("durable=True needs the index's file: save the index (or load it from a file) first"))
+    }
+
+    fn commit_view(&mut self, commit: file::Commit) {
+        if let Some((_, c)) = self.view.as_mut() {
+            *c = commit;
+        }
+    }
 }
 
 /// `(scores, ids)` of a search.
@@ -349,9 +360,13 @@ impl PyIndex {
     }
 
     /// Adds float32[n, dim] vectors with ids (default: after the largest id).
-    /// All or nothing: on error nothing is added.
-    #[pyo3(signature = (x, ids = None))]
-    fn add(&mut self, py: Python<'_>, x: &Bound<'_, PyAny>, ids: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    /// All or nothing: on error nothing is added. `durable=True` also appends
+    /// the ADD record to the index's file (the one it was loaded from or last
+    /// saved to: fsync, then the commit slot, under the write lock) before
+    /// returning; if that append fails (or another writer committed to the
+    /// file since) the rows are taken out again and the error is raised.
+    #[pyo3(signature = (x, ids = None, durable = false))]
+    fn add(&mut self, py: Python<'_>, x: &Bound<'_, PyAny>, ids: Option<&Bound<'_, PyAny>>, durable: bool) -> PyResult<()> {
         let (n, r) = rows(x, self.spec.dim, "x")?;
         let ids = match ids {
             Some(o) => ids_of(o)?,
@@ -363,33 +378,87 @@ impl PyIndex {
         if ids.len() != n {
             return Err(PyValueError::new_err(format!("{} ids for {n} vectors", ids.len())));
         }
+        let view = if durable { Some(self.file_view()?) } else { None };
         let s = r.slice();
         let (spec, lists) = (self.spec.clone(), self.ivf_lists);
         let inner = &mut self.inner;
-        py.detach(|| -> tq_index::Result<()> {
-            if inner.is_none() {
-                let mut f = FlatIndex::new(spec)?;
-                if f.codec().wants_training() {
-                    f.train(s)?;
+        let committed = py
+            .detach(|| -> tq_index::Result<Option<file::Commit>> {
+                if inner.is_none() {
+                    let mut f = FlatIndex::new(spec)?;
+                    if f.codec().wants_training() {
+                        f.train(s)?;
+                    }
+                    *inner = Some(match lists {
+                        None => AnyIndex::Flat(f),
+                        Some(l) => AnyIndex::Ivf(IvfIndex::train(f.spec().clone(), l, s, 10)?),
+                    });
                 }
-                *inner = Some(match lists {
-                    None => AnyIndex::Flat(f),
-                    Some(l) => AnyIndex::Ivf(IvfIndex::train(f.spec().clone(), l, s, 10)?),
-                });
-            }
-            inner.as_mut().expect("built above").add(&ids, s)?;
-            Ok(())
-        })
-        .map_err(value_err)
+                let idx = inner.as_mut().expect("built above");
+                let payload = idx.add(&ids, s)?;
+                let Some((path, commit)) = view else { return Ok(None) };
+                let mut app = file::Appender::new(&path, commit);
+                match app.append_add(&payload) {
+                    Ok(()) => Ok(Some(app.commit())),
+                    Err(e) => {
+                        // newest first: each removed row holds the last slot of
+                        // its list, so the older rows keep their slots
+                        let newest_first: Vec<u64> = ids.iter().rev().copied().collect();
+                        idx.remove(&newest_first)?;
+                        Err(e)
+                    }
+                }
+            })
+            .map_err(value_err)?;
+        if let Some(c) = committed {
+            self.commit_view(c);
+        }
+        Ok(())
     }
 
     /// Removes ids (all or nothing: an unknown id raises and removes none).
-    fn remove(&mut self, py: Python<'_>, ids: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// `durable=True` also appends the REMOVE record to the index's file
+    /// before returning (as `add`); if that append fails the index is loaded
+    /// again from its file (where the ids are still present) and the error
+    /// is raised.
+    #[pyo3(signature = (ids, durable = false))]
+    fn remove(&mut self, py: Python<'_>, ids: &Bound<'_, PyAny>, durable: bool) -> PyResult<()> {
         let ids = ids_of(ids)?;
+        let view = if durable { Some(self.file_view()?) } else { None };
         let Some(inner) = self.inner.as_mut() else {
             return Err(PyValueError::new_err("the index is empty"));
         };
-        py.detach(|| inner.remove(&ids)).map(|_| ()).map_err(value_err)
+        let payload = py.detach(|| inner.remove(&ids)).map_err(value_err)?;
+        let Some((path, commit)) = view else { return Ok(()) };
+        let mut app = file::Appender::new(&path, commit);
+        match py.detach(|| app.append_remove(&payload)) {
+            Ok(()) => {
+                self.commit_view(app.commit());
+                Ok(())
+            }
+            Err(e) => match py.detach(|| file::load(&path)) {
+                Ok((idx, c)) => {
+                    self.inner = Some(idx);
+                    self.view = Some((path, c));
+                    Err(value_err(e))
+                }
+                Err(e2) => Err(PyValueError::new_err(format!(
+                    "{e}; loading the file again also failed ({e2}): the index in memory no longer matches its file, load it again"
+                ))),
+            },
+        }
+    }
+
+    /// Every id held (uint64): the flat index's slot order, or IVF list after list.
+    fn ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<u64>> {
+        PyArray1::from_vec(py, self.all_ids())
+    }
+
+    /// Whether each of `ids` is in the index (bool array, same length).
+    fn contains<'py>(&self, py: Python<'py>, ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyArray1<bool>>> {
+        let ids = ids_of(ids)?;
+        let held: Vec<bool> = ids.iter().map(|&i| self.inner.as_ref().is_some_and(|x| x.contains(i))).collect();
+        Ok(PyArray1::from_vec(py, held))
     }
 
     /// The `k` best results per query, FAISS's `(D, I)` convention:
@@ -484,8 +553,9 @@ fn vram<'py>(py: Python<'py>, model: &str, context: usize, kv: &str, weights: &s
     Ok(d)
 }
 
+/// The native module; the `turboquant` package re-exports it (`turboquant/__init__.py`).
 #[pymodule]
-fn turboquant(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn _turboquant(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(codecs, m)?)?;
     m.add_function(wrap_pyfunction!(kv_precisions, m)?)?;
     m.add_function(wrap_pyfunction!(kv_bytes, m)?)?;

@@ -214,3 +214,40 @@ def test_a_stale_save_is_refused_and_loses_nothing(tmp_path):
     with pytest.raises(ValueError, match="changed"):
         b.save(p)
     assert len(tq.Index.load(p)) == 15
+
+
+def test_durable_add_and_remove_append_to_the_file(tmp_path):
+    p = tmp_path / "d.tqi"
+    x = rng_data(300, 16, seed=4)
+    idx = tq.Index("tq-mse-4-nc", 16)
+    with pytest.raises(ValueError, match="needs the index's file"):
+        idx.add(x[:10], ids=np.arange(10), durable=True)
+    assert len(idx) == 0
+    idx.add(x[:100], ids=np.arange(100))
+    idx.save(p)
+    size = p.stat().st_size
+    idx.add(x[100:150], ids=np.arange(100, 150), durable=True)
+    v = tq.Index.verify(p)
+    assert v["commit_seq"] == 2 and v["count"] == 150 and p.stat().st_size > size  # appended, not rewritten
+    idx.remove(np.arange(10), durable=True)
+    back = tq.Index.load(p)
+    assert len(back) == 140 and not back.contains([0, 9]).any() and back.contains([10, 149]).all()
+    np.testing.assert_array_equal(np.sort(back.ids()), np.arange(10, 150, dtype=np.uint64))
+    D, I = idx.search(x[:20], 5)
+    D2, I2 = back.search(x[:20], 5)
+    np.testing.assert_array_equal(I, I2)
+    np.testing.assert_array_equal(D, D2)
+    # another writer commits: a durable add is refused and leaves memory as it was
+    other = tq.Index.load(p)
+    other.add(x[150:160], ids=np.arange(150, 160), durable=True)
+    before_ids = idx.ids()
+    with pytest.raises(ValueError, match="changed"):
+        idx.add(x[160:170], ids=np.arange(160, 170), durable=True)
+    np.testing.assert_array_equal(idx.ids(), before_ids)  # same rows, same slots
+    np.testing.assert_array_equal(idx.search(x[:20], 5)[1], I)
+    with pytest.raises(ValueError, match="changed"):
+        idx.remove([10, 11], durable=True)
+    assert len(idx) == 150 and idx.contains([10, 11, 150]).tolist() == [True, True, True]  # reloaded from the file
+    assert len(tq.Index.load(p)) == 150
+    with pytest.raises(TypeError, match="non-negative"):
+        idx.contains([-1])

@@ -1,5 +1,8 @@
 """TurboQuant vector quantization and search over codes (Rust engine, numpy in and out).
 
+The sharded index on Ray is `turboquant.ray` (pip install 'turboquant[ray]');
+`import turboquant` never imports Ray.
+
 Arrays: float32 C-contiguous inputs are used without copying; float64 inputs are
 converted to float32 (a copy); other dtypes raise TypeError, non-contiguous arrays
 or wrong shapes raise ValueError. Heavy calls release the GIL.
@@ -93,10 +96,22 @@ class Index:
     def dim(self) -> int: ...
     @property
     def metric(self) -> str: ...
-    def add(self, x: FloatArray, ids: Optional[IdArray] = None) -> None:
-        """Add vectors (ids default to after the largest id). All or nothing."""
-    def remove(self, ids: IdArray) -> None:
-        """Remove ids; an unknown id raises ValueError and removes none."""
+    def add(self, x: FloatArray, ids: Optional[IdArray] = None, durable: bool = False) -> None:
+        """Add vectors (ids default to after the largest id). All or nothing.
+
+        durable=True: also append the ADD record to the index's file (the one
+        it was loaded from or last saved to; fsync, then the commit slot, under
+        the write lock) before returning. ValueError if the index has no file
+        or another writer committed to it since; then nothing is added."""
+    def remove(self, ids: IdArray, durable: bool = False) -> None:
+        """Remove ids; an unknown id raises ValueError and removes none.
+
+        durable=True: also append the REMOVE record to the index's file (as
+        `add`); if that fails the index is loaded again from its file."""
+    def ids(self) -> npt.NDArray[np.uint64]:
+        """Every id held: the flat index's slot order, or IVF list after list."""
+    def contains(self, ids: IdArray) -> npt.NDArray[np.bool_]:
+        """Whether each id is in the index."""
     def search(
         self,
         queries: FloatArray,
