@@ -25,8 +25,15 @@ const SOURCE: &str = include_str!("kernels.cu");
 /// Threads of the SIMT attention kernel and of `tq_prep_q` (NT in kernels.cu).
 const NT: usize = 128;
 const TILE: usize = 128;
-/// Warps of a tensor-core attention block (MW in kernels.cu).
-const MMA_WARPS: usize = 8;
+/// Warps of a tensor-core attention block (MW in kernels.cu): 16, or 8 when
+/// a block takes more than 8 rows (twice the accumulators per thread).
+fn mma_warps(rb: usize) -> usize {
+    if rb > 8 {
+        8
+    } else {
+        16
+    }
+}
 /// Steps in flight per warp of the tensor-core kernel (STAGES in kernels.cu).
 const MMA_STAGES: usize = 4;
 /// Most score rows (query token × head) one block takes: tensor-core kernel
@@ -239,7 +246,7 @@ impl Gpu {
         let attend = cu(module.load_function(if mma { "tq_attend_mma" } else { "tq_attend" }))?;
         let combine = cu(module.load_function("tq_combine"))?;
         let prep = cu(module.load_function("tq_prep_q"))?;
-        let (smem, threads) = if mma { (mma_smem(d, rb, kvsame, k.kind, v.kind), 32 * MMA_WARPS) } else { (attend_smem(d, rb, k.kind, v.kind), NT) };
+        let (smem, threads) = if mma { (mma_smem(d, rb, kvsame, k.kind, v.kind), 32 * mma_warps(rb)) } else { (attend_smem(d, rb, k.kind, v.kind), NT) };
         if smem > 48 * 1024 {
             cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
         }
@@ -600,16 +607,21 @@ fn grid_for(n: u64) -> LaunchConfig {
 }
 
 /// Dynamic shared memory of `tq_attend_mma` (MMA_SMEM in kernels.cu): the
-/// pair tables (32 copies of each entry; one table when K and V share it) and
-/// every warp's stages, or the merge area that reuses them if larger, then
-/// one mbarrier per stage.
+/// pair tables (32 copies of each entry, 256 or 128 bytes per entry; one
+/// table when K and V share it) and every warp's stages (with one stage of
+/// slack where the tables sit on a 64 KiB boundary), or the merge area that
+/// reuses them if larger, then one mbarrier per stage.
 fn mma_smem(d: usize, rb: usize, kvsame: bool, k: SideKind, v: SideKind) -> usize {
     let (kb, vb) = (k.bits() as usize, v.bits() as usize);
+    let stride = |bits: usize| if bits == 4 { 256 } else { 128 };
     let stage = 16 * (k.code_bytes(d) + v.code_bytes(d)) + 16 * 8;
-    let tab = ((1 << (2 * kb)) + if kvsame && kb == vb { 0 } else { 1 << (2 * vb) }) * 32 * 4;
-    let pipe = MMA_WARPS * MMA_STAGES * stage;
-    let merge = MMA_WARPS * rb * (d + 2) * 4;
-    (tab + pipe).max(merge) + MMA_WARPS * MMA_STAGES * 8
+    let tab = (1 << (2 * kb)) * stride(kb) + if kvsame && kb == vb { 0 } else { (1 << (2 * vb)) * stride(vb) };
+    let mw = mma_warps(rb);
+    let pipe = mw * MMA_STAGES * stage;
+    // 4-bit keys: the K table on a 64 KiB boundary, stages before and after it
+    let layout = tab + if kb == 4 { (pipe + stage).max(65536) } else { pipe };
+    let merge = mw * rb * (d + 2) * 4;
+    layout.max(merge) + mw * MMA_STAGES * 8
 }
 
 /// Dynamic shared memory of `tq_attend` (mirrors the carve-up in kernels.cu).
