@@ -3,8 +3,10 @@
 //!
 //! Soundness of the `unsafe` blocks here rests on three facts:
 //! - every allocation, copy, launch and event of a [`Gpu`] goes through its
-//!   one stream (`ctx.default_stream()`), so stream order alone orders all
-//!   device work; that is why cudarc's per-buffer event tracking may be off;
+//!   one stream (created with the context; not the legacy default stream, so
+//!   that a decode step can be captured into a CUDA graph), so stream order
+//!   alone orders all device work; that is why cudarc's per-buffer event
+//!   tracking may be off;
 //! - every launch pushes exactly the arguments of the kernel's parameter list
 //!   in `kernels.cu`, in order and with the same types (`i32` for `int`,
 //!   `u64` for `u64`, device slices for pointers);
@@ -136,7 +138,8 @@ impl Gpu {
         let (major, minor) = cu(ctx.compute_capability())?;
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let sms = cu(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))? as usize;
-        let stream = ctx.default_stream();
+        // a stream of our own (the legacy default stream cannot be captured into a graph)
+        let stream = cu(ctx.new_stream())?;
         Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false), splits: AtomicUsize::new(0) })
     }
 
@@ -461,6 +464,44 @@ impl Gpu {
         Ok(times[times.len() / 2])
     }
 
+    /// Median milliseconds of one decode-attention step replayed as a CUDA
+    /// graph (the step's three launches captured once per cache copy, then
+    /// replayed cycling through the copies), timed with events: the step
+    /// without launch gaps. The launch parameters of a cache are fixed when it
+    /// is made, so one capture serves every step of its shape.
+    pub fn time_attend_graph(&self, kv: &mut DeviceKv, q: &[f32], warmup: usize, iters: usize) -> Result<f64> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.set_query(kv, q)?;
+        cu(self.stream.synchronize())?;
+        let mut graphs = Vec::with_capacity(kv.copies);
+        for c in 0..kv.copies {
+            cu(self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED))?;
+            let launched = self.launch_attend(kv, c);
+            // end the capture whatever happened, so that the stream is usable again
+            let graph = cu(self.stream.end_capture(CUgraphInstantiate_flags(0)))?;
+            launched?;
+            graphs.push(graph.ok_or_else(|| Error::Cuda("stream capture of a decode step produced no graph".into()))?);
+        }
+        for g in &graphs {
+            cu(g.upload())?;
+        }
+        for i in 0..warmup {
+            cu(graphs[i % graphs.len()].launch())?;
+        }
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..iters {
+            let (a, b) = (cu(self.ctx.new_event(flags))?, cu(self.ctx.new_event(flags))?);
+            cu(a.record(&self.stream))?;
+            cu(graphs[i % graphs.len()].launch())?;
+            cu(b.record(&self.stream))?;
+            cu(b.synchronize())?;
+            times.push(cu(a.elapsed_ms(&b))? as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(times[times.len() / 2])
+    }
+
     /// Device-to-device copy bandwidth in GB/s (bytes read + written), median of 10.
     pub fn copy_gbps(&self, bytes: usize) -> Result<f64> {
         let src = cu(self.stream.alloc_zeros::<u8>(bytes))?;
@@ -540,6 +581,8 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
             }
         }
     }
+    // 4-bit K and V with two codebooks (no table shared, none on a 64 KiB boundary)
+    defines.push((attention_defines(128, 4, 1, 4, false, tq(4), tq(4)), Some(mma_smem(128, 4, false, tq(4), tq(4)))));
     // NVRTC is thread-safe: compile on every core
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(defines.len());
     let chunks: Vec<&[(String, Option<usize>)]> = defines.chunks(defines.len().div_ceil(workers)).collect();
@@ -613,13 +656,15 @@ fn grid_for(n: u64) -> LaunchConfig {
 /// reuses them if larger, then one mbarrier per stage.
 fn mma_smem(d: usize, rb: usize, kvsame: bool, k: SideKind, v: SideKind) -> usize {
     let (kb, vb) = (k.bits() as usize, v.bits() as usize);
-    let stride = |bits: usize| if bits == 4 { 256 } else { 128 };
+    let share = kvsame && kb == vb;
+    // the K table on a 64 KiB boundary, stages before and after it; 4-bit
+    // keys (unless K and V are 4-bit with two codebooks) 256 bytes per entry
+    let kstride = if kb == 4 && (share || vb != 4) { 256 } else { 128 };
     let stage = 16 * (k.code_bytes(d) + v.code_bytes(d)) + 16 * 8;
-    let tab = (1 << (2 * kb)) * stride(kb) + if kvsame && kb == vb { 0 } else { (1 << (2 * vb)) * stride(vb) };
+    let tab = (1 << (2 * kb)) * kstride + if share { 0 } else { (1 << (2 * vb)) * 128 };
     let mw = mma_warps(rb);
     let pipe = mw * MMA_STAGES * stage;
-    // 4-bit keys: the K table on a 64 KiB boundary, stages before and after it
-    let layout = tab + if kb == 4 { (pipe + stage).max(65536) } else { pipe };
+    let layout = tab + (pipe + stage).max(65536);
     let merge = mw * rb * (d + 2) * 4;
     layout.max(merge) + mw * MMA_STAGES * 8
 }

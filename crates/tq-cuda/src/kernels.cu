@@ -606,18 +606,21 @@ extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restr
 #define NPK (1 << (2 * KB))
 #define NPV (1 << (2 * VB))
 #define TABSHARE (KVSAME && KB == VB)
-// bytes per table entry: 32 copies of 4 bytes, spaced 256 bytes apart for
-// byte-wide pair fields so that one byte permute makes the offset
-#define TSTR(bits) ((bits) == 4 ? 256 : 128)
-#define KTAB_BYTES (NPK * TSTR(KB))
-#define TAB_BYTES (KTAB_BYTES + (TABSHARE ? 0 : NPV * TSTR(VB)))
+// The K table starts on a 64 KiB boundary of the shared window (its address
+// has zero bits 0..15): a lookup's address is then (offset | table address +
+// lane offset), no add; stages fill the space before the tables and after
+// them. 4-bit keys take 256 bytes per entry (32 copies of 4 bytes, then
+// unused), so that one byte permute of the codes and of (table address +
+// lane offset) is the whole address; not with 4-bit K and V of two codebooks
+// (two such tables and the stages would not fit). The V table is K's, or
+// follows it, on a 64 KiB boundary too when K's table is 64 KiB (VALIGN).
+#define KSH ((KB == 4 && (TABSHARE || VB != 4)) ? 8 : 7)  // log2 bytes per K table entry
+#define VSH (TABSHARE ? KSH : 7)                         // log2 bytes per V table entry
+#define KTAB_BYTES (NPK << KSH)
+#define VALIGN (TABSHARE || KTAB_BYTES % 65536 == 0)
+#define TAB_BYTES (KTAB_BYTES + (TABSHARE ? 0 : NPV << VSH))
 #define PIPE_BYTES (MW * STAGES * STG)
-// 4-bit keys: the K table starts on a 64 KiB boundary of the shared window
-// (its address has zero bits 0..15), so that a byte permute of the codes and
-// of (table address + lane offset) is the whole address; stages fill the
-// space before the table and after it
-#define KALIGN (KB == 4)
-#define LAYOUT_BYTES (TAB_BYTES + (KALIGN ? (PIPE_BYTES + STG > 65536 ? PIPE_BYTES + STG : 65536) : PIPE_BYTES))
+#define LAYOUT_BYTES (TAB_BYTES + (PIPE_BYTES + STG > 65536 ? PIPE_BYTES + STG : 65536))
 #define MERGE_BYTES (MW * RB * (D + 2) * 4)
 #define MMA_SMEM ((LAYOUT_BYTES > MERGE_BYTES ? LAYOUT_BYTES : MERGE_BYTES) + MW * STAGES * 8)
 // the carve-up's size, for the host's build check (compile_all)
@@ -702,23 +705,23 @@ __device__ __forceinline__ u32 lds32(u32 addr) {
 // Pair-table entry for the field of BITS bits at `pos` (compile time) of
 // aligned words: the table (at shared address `tab`, `tabl` = tab + lane·4)
 // holds 32 copies of each entry side by side, copy l at byte 4l of the entry,
-// so lane l's offset is field * stride | lane << 2. Byte-wide fields of a
-// table on a 64 KiB boundary (ALIGNED): one byte permute gives the address
-// [tabl byte 0, field, tabl bytes 2, 3]; otherwise a shift, one logic op and
-// the base.
-template <int BITS, bool ALIGNED>
+// so lane l's offset is field << S | lane << 2 (2^S bytes per entry). On a
+// 64 KiB boundary (ALIGNED) the address is offset | tabl: byte-wide fields
+// with S = 8 take one byte permute ([tabl byte 0, field, tabl bytes 2, 3]),
+// others a shift and one logic op; otherwise the base is added.
+template <int BITS, int S, bool ALIGNED>
 __device__ __forceinline__ u32 lut(u32 tab, u32 tabl, const u32* a, int pos, u32 lane4) {
     int wi = pos >> 5, sh = pos & 31;
-    if (BITS == 8 && ALIGNED && sh % 8 == 0) return lds32(__byte_perm(a[wi], tabl, 0x7604u | ((u32)(sh >> 3) << 4)));
+    if (BITS == 8 && S == 8 && ALIGNED && sh % 8 == 0) return lds32(__byte_perm(a[wi], tabl, 0x7604u | ((u32)(sh >> 3) << 4)));
     u32 off;
-    if (BITS == 8 && sh % 8 == 0) {
+    if (BITS == 8 && S == 8 && sh % 8 == 0) {
         off = __byte_perm(a[wi], lane4, 0x5504u | ((u32)(sh >> 3) << 4));  // [lane4, byte, 0, 0]
     } else {
-        const int S = BITS == 8 ? 8 : 7;
         const u32 mask = ((1u << BITS) - 1) << S;
         if (sh + BITS > 32) off = field<BITS>(a, pos) << S;
         else if (sh >= S) off = (a[wi] >> (sh - S)) & mask;
         else off = (a[wi] << (S - sh)) & mask;
+        if (ALIGNED) return lds32(off | tabl);
         off |= lane4;
     }
     return lds32(tab + off);
@@ -733,14 +736,13 @@ extern "C" __global__ void __launch_bounds__(MW * 32, 1) tq_attend_mma(
     extern __shared__ __align__(128) unsigned char dsm[];
     // layout: stages [0, hole), tables [hole, hole + TAB_BYTES), stages after
     const u32 dsm_s = smem_u32(dsm);
-    const u32 hole = KALIGN ? ((0x10000u - (dsm_s & 0xFFFFu)) & 0xFFFFu) : 0u;
+    const u32 hole = (0x10000u - (dsm_s & 0xFFFFu)) & 0xFFFFu;
     const int before = min((int)(hole / STG), MW * STAGES);  // stages before the tables
     u32* ktab = (u32*)(dsm + hole);
     u32* vtab = TABSHARE ? ktab : (u32*)(dsm + hole + KTAB_BYTES);
     const u32 ktab_s = dsm_s + hole, vtab_s = ktab_s + (TABSHARE ? 0 : KTAB_BYTES);
     const u32 lane_off = (threadIdx.x & 31) << 2;
     const u32 ktabl = ktab_s + lane_off, vtabl = vtab_s + lane_off;
-    (void)vtabl;  // (used by byte-wide V fields only)
     auto stage = [&](int i) { return dsm + (i < before ? i * STG : hole + TAB_BYTES + (i - before) * STG); };
     u64* bars = (u64*)(dsm + MMA_SMEM - MW * STAGES * 8);
 
@@ -760,12 +762,12 @@ extern "C" __global__ void __launch_bounds__(MW * 32, 1) tq_attend_mma(
 
     for (int i = tid; i < NPK * 32; i += blockDim.x) {
         int e = i >> 5;
-        ktab[e * (TSTR(KB) / 4) + (i & 31)] = pack_h2(ktab_g[e & ((1 << KB) - 1)], ktab_g[e >> KB]);
+        ktab[(e << (KSH - 2)) + (i & 31)] = pack_h2(ktab_g[e & ((1 << KB) - 1)], ktab_g[e >> KB]);
     }
     if (!TABSHARE)
         for (int i = tid; i < NPV * 32; i += blockDim.x) {
             int e = i >> 5;
-            vtab[e * (TSTR(VB) / 4) + (i & 31)] = pack_h2(vtab_g[e & ((1 << VB) - 1)], vtab_g[e >> VB]);
+            vtab[(e << (VSH - 2)) + (i & 31)] = pack_h2(vtab_g[e & ((1 << VB) - 1)], vtab_g[e >> VB]);
         }
     if (tid == 0) {
         for (int i = 0; i < MW * STAGES; i++) mbar_init(bars + i, 1);
@@ -851,8 +853,8 @@ extern "C" __global__ void __launch_bounds__(MW * 32, 1) tq_attend_mma(
             for (int i = 0; i < 4; i++) { sc[j][i] = 0.0f; sc2[j][i] = 0.0f; }
 #pragma unroll
             for (int s = 0; s < D / 16; s++) {
-                u32 b0 = lut<2 * KB, KALIGN>(ktab_s, ktabl, kw[j], (2 * s) * 2 * KB, lane4);
-                u32 b1 = lut<2 * KB, KALIGN>(ktab_s, ktabl, kw[j], (2 * s + 1) * 2 * KB, lane4);
+                u32 b0 = lut<2 * KB, KSH, true>(ktab_s, ktabl, kw[j], (2 * s) * 2 * KB, lane4);
+                u32 b1 = lut<2 * KB, KSH, true>(ktab_s, ktabl, kw[j], (2 * s + 1) * 2 * KB, lane4);
                 mma16816(s % 2 ? sc2[j] : sc[j], qa[s][0], RT == 2 ? qb[s][0] : 0u, qa[s][1], RT == 2 ? qb[s][1] : 0u, b0, b1);
             }
 #pragma unroll
@@ -909,9 +911,8 @@ extern "C" __global__ void __launch_bounds__(MW * 32, 1) tq_attend_mma(
 #pragma unroll
         for (int mb = 0; mb < D / 16; mb++) {
             int w = mb >> 2, pos = (mb & 3) * 8 + 32 * w;
-            // (V's table is on a 64 KiB boundary too: shared with K's, or right after its 64 KiB)
-            u32 a0 = lut<8, KALIGN>(vtab_s, vtabl, plo[0], pos, lane4), a1 = lut<8, KALIGN>(vtab_s, vtabl, phi[0], pos, lane4);
-            u32 a2 = lut<8, KALIGN>(vtab_s, vtabl, plo[1], pos, lane4), a3 = lut<8, KALIGN>(vtab_s, vtabl, phi[1], pos, lane4);
+            u32 a0 = lut<8, VSH, VALIGN>(vtab_s, vtabl, plo[0], pos, lane4), a1 = lut<8, VSH, VALIGN>(vtab_s, vtabl, phi[0], pos, lane4);
+            u32 a2 = lut<8, VSH, VALIGN>(vtab_s, vtabl, plo[1], pos, lane4), a3 = lut<8, VSH, VALIGN>(vtab_s, vtabl, phi[1], pos, lane4);
 #pragma unroll
             for (int rt = 0; rt < RT; rt++) mma16816(o[rt][mb], a0, a1, a2, a3, pb[rt][0], pb[rt][1]);
         }
@@ -922,8 +923,10 @@ extern "C" __global__ void __launch_bounds__(MW * 32, 1) tq_attend_mma(
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 int pos = (2 * mb + e) * VB;
-                a[e] = lds32(vtab_s + (((field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)) << 7) | lane4));
-                a[2 + e] = lds32(vtab_s + (((field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)) << 7) | lane4));
+                u32 i0 = (field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)) << VSH;
+                u32 i1 = (field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)) << VSH;
+                a[e] = lds32(VALIGN ? i0 | vtabl : vtab_s + (i0 | lane4));
+                a[2 + e] = lds32(VALIGN ? i1 | vtabl : vtab_s + (i1 | lane4));
             }
 #pragma unroll
             for (int rt = 0; rt < RT; rt++) mma16816(o[rt][mb], a[0], a[1], a[2], a[3], pb[rt][0], pb[rt][1]);
