@@ -293,16 +293,20 @@ pub fn bench(sdpa: Option<&Path>, grid: &Grid) -> Result<Vec<Value>> {
                         let mut kv = gpu.random_kv(&shape, &ks, &vs, copies, 1)?;
                         let q = gaussian(b * nq * hq * d, 4);
                         let ms = gpu.time_attend(&mut kv, &q, 3, 20)?;
+                        // the same step replayed as a CUDA graph (no launch gaps); a failed capture is reported, not fatal
+                        let graph_ms = gpu.time_attend_graph(&mut kv, &q, 3, 20).map_err(|e| eprintln!("graph capture of {p} B={b} T={t}: {e}")).ok();
                         let gbps = kv.bytes_read() as f64 / (ms * 1e-3) / 1e9;
                         let sd = base.get(&(b, t, hq, hkv, d, nq)).copied();
                         let (regs, local_bytes, blocks_per_sm) = kv.occupancy()?;
                         let row = json!({"card": card, "codec": p, "kernel": kv.kernel, "geometry": geo, "batch": b, "context": t, "q_tokens": nq,
-                            "q_heads": hq, "kv_heads": hkv, "head_dim": d, "kernel_ms": ms, "sdpa_bf16_ms": sd, "speedup": sd.map(|s| s / ms),
+                            "q_heads": hq, "kv_heads": hkv, "head_dim": d, "kernel_ms": ms, "graph_ms": graph_ms, "sdpa_bf16_ms": sd, "speedup": sd.map(|s| s / ms),
+                            "graph_speedup": sd.zip(graph_ms).map(|(s, g)| s / g),
                             "gbps": gbps, "copy_gbps": copy, "bandwidth_fraction": gbps / copy, "cache_bytes": kv.bytes_read(), "splits": kv.splits(),
                             "registers": regs, "local_bytes": local_bytes, "blocks_per_sm": blocks_per_sm});
                         eprintln!(
-                            "{geo:13} B={b:2} T={t:6} nq={nq} {p:8} {:8}: {ms:8.4} ms  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}  [{regs} regs, {local_bytes} B local, {blocks_per_sm} blocks/SM, {} splits]",
+                            "{geo:13} B={b:2} T={t:6} nq={nq} {p:8} {:8}: {ms:8.4} ms (graph {})  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}  [{regs} regs, {local_bytes} B local, {blocks_per_sm} blocks/SM, {} splits]",
                             kv.kernel,
+                            graph_ms.map(|g| format!("{g:.4} ms")).unwrap_or_else(|| "-".into()),
                             100.0 * gbps / copy,
                             sd.map(|s| format!("{s:.4} ms, {:.2}x", s / ms)).unwrap_or_else(|| "-".into()),
                             kv.splits()

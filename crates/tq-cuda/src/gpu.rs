@@ -3,8 +3,10 @@
 //!
 //! Soundness of the `unsafe` blocks here rests on three facts:
 //! - every allocation, copy, launch and event of a [`Gpu`] goes through its
-//!   one stream (`ctx.default_stream()`), so stream order alone orders all
-//!   device work; that is why cudarc's per-buffer event tracking may be off;
+//!   one stream (created with the context; not the legacy default stream, so
+//!   that a decode step can be captured into a CUDA graph), so stream order
+//!   alone orders all device work; that is why cudarc's per-buffer event
+//!   tracking may be off;
 //! - every launch pushes exactly the arguments of the kernel's parameter list
 //!   in `kernels.cu`, in order and with the same types (`i32` for `int`,
 //!   `u64` for `u64`, device slices for pointers);
@@ -25,8 +27,15 @@ const SOURCE: &str = include_str!("kernels.cu");
 /// Threads of the SIMT attention kernel and of `tq_prep_q` (NT in kernels.cu).
 const NT: usize = 128;
 const TILE: usize = 128;
-/// Warps of a tensor-core attention block (MW in kernels.cu).
-const MMA_WARPS: usize = 8;
+/// Warps of a tensor-core attention block (MW in kernels.cu): 16, or 8 when
+/// a block takes more than 8 rows (twice the accumulators per thread).
+fn mma_warps(rb: usize) -> usize {
+    if rb > 8 {
+        8
+    } else {
+        16
+    }
+}
 /// Steps in flight per warp of the tensor-core kernel (STAGES in kernels.cu).
 const MMA_STAGES: usize = 4;
 /// Most score rows (query token × head) one block takes: tensor-core kernel
@@ -129,7 +138,8 @@ impl Gpu {
         let (major, minor) = cu(ctx.compute_capability())?;
         let arch: &'static str = Box::leak(format!("compute_{major}{minor}").into_boxed_str());
         let sms = cu(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))? as usize;
-        let stream = ctx.default_stream();
+        // a stream of our own (the legacy default stream cannot be captured into a graph)
+        let stream = cu(ctx.new_stream())?;
         Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false), splits: AtomicUsize::new(0) })
     }
 
@@ -239,7 +249,7 @@ impl Gpu {
         let attend = cu(module.load_function(if mma { "tq_attend_mma" } else { "tq_attend" }))?;
         let combine = cu(module.load_function("tq_combine"))?;
         let prep = cu(module.load_function("tq_prep_q"))?;
-        let (smem, threads) = if mma { (mma_smem(d, rb, kvsame, k.kind, v.kind), 32 * MMA_WARPS) } else { (attend_smem(d, rb, k.kind, v.kind), NT) };
+        let (smem, threads) = if mma { (mma_smem(d, rb, kvsame, k.kind, v.kind), 32 * mma_warps(rb)) } else { (attend_smem(d, rb, k.kind, v.kind), NT) };
         if smem > 48 * 1024 {
             cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
         }
@@ -454,6 +464,44 @@ impl Gpu {
         Ok(times[times.len() / 2])
     }
 
+    /// Median milliseconds of one decode-attention step replayed as a CUDA
+    /// graph (the step's three launches captured once per cache copy, then
+    /// replayed cycling through the copies), timed with events: the step
+    /// without launch gaps. The launch parameters of a cache are fixed when it
+    /// is made, so one capture serves every step of its shape.
+    pub fn time_attend_graph(&self, kv: &mut DeviceKv, q: &[f32], warmup: usize, iters: usize) -> Result<f64> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        self.set_query(kv, q)?;
+        cu(self.stream.synchronize())?;
+        let mut graphs = Vec::with_capacity(kv.copies);
+        for c in 0..kv.copies {
+            cu(self.stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED))?;
+            let launched = self.launch_attend(kv, c);
+            // end the capture whatever happened, so that the stream is usable again
+            let graph = cu(self.stream.end_capture(CUgraphInstantiate_flags(0)))?;
+            launched?;
+            graphs.push(graph.ok_or_else(|| Error::Cuda("stream capture of a decode step produced no graph".into()))?);
+        }
+        for g in &graphs {
+            cu(g.upload())?;
+        }
+        for i in 0..warmup {
+            cu(graphs[i % graphs.len()].launch())?;
+        }
+        let flags = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..iters {
+            let (a, b) = (cu(self.ctx.new_event(flags))?, cu(self.ctx.new_event(flags))?);
+            cu(a.record(&self.stream))?;
+            cu(graphs[i % graphs.len()].launch())?;
+            cu(b.record(&self.stream))?;
+            cu(b.synchronize())?;
+            times.push(cu(a.elapsed_ms(&b))? as f64);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(times[times.len() / 2])
+    }
+
     /// Device-to-device copy bandwidth in GB/s (bytes read + written), median of 10.
     pub fn copy_gbps(&self, bytes: usize) -> Result<f64> {
         let src = cu(self.stream.alloc_zeros::<u8>(bytes))?;
@@ -533,6 +581,8 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
             }
         }
     }
+    // 4-bit K and V with two codebooks (no table shared, none on a 64 KiB boundary)
+    defines.push((attention_defines(128, 4, 1, 4, false, tq(4), tq(4)), Some(mma_smem(128, 4, false, tq(4), tq(4)))));
     // NVRTC is thread-safe: compile on every core
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(defines.len());
     let chunks: Vec<&[(String, Option<usize>)]> = defines.chunks(defines.len().div_ceil(workers)).collect();
@@ -600,16 +650,23 @@ fn grid_for(n: u64) -> LaunchConfig {
 }
 
 /// Dynamic shared memory of `tq_attend_mma` (MMA_SMEM in kernels.cu): the
-/// pair tables (32 copies of each entry; one table when K and V share it) and
-/// every warp's stages, or the merge area that reuses them if larger, then
-/// one mbarrier per stage.
+/// pair tables (32 copies of each entry, 256 or 128 bytes per entry; one
+/// table when K and V share it) and every warp's stages (with one stage of
+/// slack where the tables sit on a 64 KiB boundary), or the merge area that
+/// reuses them if larger, then one mbarrier per stage.
 fn mma_smem(d: usize, rb: usize, kvsame: bool, k: SideKind, v: SideKind) -> usize {
     let (kb, vb) = (k.bits() as usize, v.bits() as usize);
+    let share = kvsame && kb == vb;
+    // the K table on a 64 KiB boundary, stages before and after it; 4-bit
+    // keys (unless K and V are 4-bit with two codebooks) 256 bytes per entry
+    let kstride = if kb == 4 && (share || vb != 4) { 256 } else { 128 };
     let stage = 16 * (k.code_bytes(d) + v.code_bytes(d)) + 16 * 8;
-    let tab = ((1 << (2 * kb)) + if kvsame && kb == vb { 0 } else { 1 << (2 * vb) }) * 32 * 4;
-    let pipe = MMA_WARPS * MMA_STAGES * stage;
-    let merge = MMA_WARPS * rb * (d + 2) * 4;
-    (tab + pipe).max(merge) + MMA_WARPS * MMA_STAGES * 8
+    let tab = (1 << (2 * kb)) * kstride + if share { 0 } else { (1 << (2 * vb)) * 128 };
+    let mw = mma_warps(rb);
+    let pipe = mw * MMA_STAGES * stage;
+    let layout = tab + (pipe + stage).max(65536);
+    let merge = mw * rb * (d + 2) * 4;
+    layout.max(merge) + mw * MMA_STAGES * 8
 }
 
 /// Dynamic shared memory of `tq_attend` (mirrors the carve-up in kernels.cu).

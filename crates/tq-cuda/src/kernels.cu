@@ -597,7 +597,7 @@ extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restr
 #define CPV (D / 8)                        // V coordinates per thread
 #define VWA ((CPV * VB + 31) / 32)         // aligned V words per thread
 #define RT (RB > 8 ? 2 : 1)                // 8-row halves of the MMA's 16 rows in use
-#define MW 8                               // warps per block
+#define MW (RT == 2 ? 8 : 16)               // warps per block (one block per SM)
 #define STAGES 4                           // steps in flight per warp
 #define WT 16                              // tokens per warp step
 #define STG_K (WT * PK)
@@ -606,10 +606,23 @@ extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restr
 #define NPK (1 << (2 * KB))
 #define NPV (1 << (2 * VB))
 #define TABSHARE (KVSAME && KB == VB)
-#define TAB_BYTES ((NPK + (TABSHARE ? 0 : NPV)) * 32 * 4)
+// The K table starts on a 64 KiB boundary of the shared window (its address
+// has zero bits 0..15): a lookup's address is then (offset | table address +
+// lane offset), no add; stages fill the space before the tables and after
+// them. 4-bit keys take 256 bytes per entry (32 copies of 4 bytes, then
+// unused), so that one byte permute of the codes and of (table address +
+// lane offset) is the whole address; not with 4-bit K and V of two codebooks
+// (two such tables and the stages would not fit). The V table is K's, or
+// follows it, on a 64 KiB boundary too when K's table is 64 KiB (VALIGN).
+#define KSH ((KB == 4 && (TABSHARE || VB != 4)) ? 8 : 7)  // log2 bytes per K table entry
+#define VSH (TABSHARE ? KSH : 7)                         // log2 bytes per V table entry
+#define KTAB_BYTES (NPK << KSH)
+#define VALIGN (TABSHARE || KTAB_BYTES % 65536 == 0)
+#define TAB_BYTES (KTAB_BYTES + (TABSHARE ? 0 : NPV << VSH))
 #define PIPE_BYTES (MW * STAGES * STG)
+#define LAYOUT_BYTES (TAB_BYTES + (PIPE_BYTES + STG > 65536 ? PIPE_BYTES + STG : 65536))
 #define MERGE_BYTES (MW * RB * (D + 2) * 4)
-#define MMA_SMEM ((TAB_BYTES + PIPE_BYTES > MERGE_BYTES ? TAB_BYTES + PIPE_BYTES : MERGE_BYTES) + MW * STAGES * 8)
+#define MMA_SMEM ((LAYOUT_BYTES > MERGE_BYTES ? LAYOUT_BYTES : MERGE_BYTES) + MW * STAGES * 8)
 // the carve-up's size, for the host's build check (compile_all)
 extern "C" __constant__ int tq_mma_smem_bytes = MMA_SMEM;
 
@@ -683,30 +696,54 @@ __device__ __forceinline__ u32 field(const u32* a, int pos) {
     return v & ((1u << BITS) - 1);
 }
 
-// Pair-table entry for the field at `pos` (compile time): the table holds 32
-// copies of each entry side by side (entry e, copy l at word 32e + l), so the
-// byte offset is field << 7 | lane << 2: a shift and one logic op.
-template <int BITS>
-__device__ __forceinline__ u32 lut(const u32* tab, const u32* a, int pos, u32 lane4) {
-    int wi = pos >> 5, sh = pos & 31;
-    const u32 mask = ((1u << BITS) - 1) << 7;
-    u32 off;
-    if (sh + BITS > 32) off = field<BITS>(a, pos) << 7;
-    else if (sh >= 7) off = (a[wi] >> (sh - 7)) & mask;
-    else off = (a[wi] << (7 - sh)) & mask;
-    return *(const u32*)((const char*)tab + (off | lane4));
+__device__ __forceinline__ u32 lds32(u32 addr) {
+    u32 v;
+    asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
 }
 
-extern "C" __global__ void __launch_bounds__(MW * 32, RB > 8 ? 1 : 2) tq_attend_mma(
+// Pair-table entry for the field of BITS bits at `pos` (compile time) of
+// aligned words: the table (at shared address `tab`, `tabl` = tab + lane·4)
+// holds 32 copies of each entry side by side, copy l at byte 4l of the entry,
+// so lane l's offset is field << S | lane << 2 (2^S bytes per entry). On a
+// 64 KiB boundary (ALIGNED) the address is offset | tabl: byte-wide fields
+// with S = 8 take one byte permute ([tabl byte 0, field, tabl bytes 2, 3]),
+// others a shift and one logic op; otherwise the base is added.
+template <int BITS, int S, bool ALIGNED>
+__device__ __forceinline__ u32 lut(u32 tab, u32 tabl, const u32* a, int pos, u32 lane4) {
+    int wi = pos >> 5, sh = pos & 31;
+    if (BITS == 8 && S == 8 && ALIGNED && sh % 8 == 0) return lds32(__byte_perm(a[wi], tabl, 0x7604u | ((u32)(sh >> 3) << 4)));
+    u32 off;
+    if (BITS == 8 && S == 8 && sh % 8 == 0) {
+        off = __byte_perm(a[wi], lane4, 0x5504u | ((u32)(sh >> 3) << 4));  // [lane4, byte, 0, 0]
+    } else {
+        const u32 mask = ((1u << BITS) - 1) << S;
+        if (sh + BITS > 32) off = field<BITS>(a, pos) << S;
+        else if (sh >= S) off = (a[wi] >> (sh - S)) & mask;
+        else off = (a[wi] << (S - sh)) & mask;
+        if (ALIGNED) return lds32(off | tabl);
+        off |= lane4;
+    }
+    return lds32(tab + off);
+}
+
+extern "C" __global__ void __launch_bounds__(MW * 32, 1) tq_attend_mma(
     const float* __restrict__ q, const u8* __restrict__ kc, const float* __restrict__ ks,
     const u8* __restrict__ vc, const float* __restrict__ vs, const int* __restrict__ lens, int cap, int kv_heads,
     int split_len, const u32* __restrict__ ks1, const u32* __restrict__ ks2, float ktotal,
     const float* __restrict__ ktab_g, const float* __restrict__ vtab_g, float* __restrict__ po,
     float* __restrict__ pm, float* __restrict__ pl) {
     extern __shared__ __align__(128) unsigned char dsm[];
-    u32* ktab = (u32*)dsm;
-    u32* vtab = TABSHARE ? ktab : ktab + NPK * 32;
-    unsigned char* pipe = dsm + TAB_BYTES;
+    // layout: stages [0, hole), tables [hole, hole + TAB_BYTES), stages after
+    const u32 dsm_s = smem_u32(dsm);
+    const u32 hole = (0x10000u - (dsm_s & 0xFFFFu)) & 0xFFFFu;
+    const int before = min((int)(hole / STG), MW * STAGES);  // stages before the tables
+    u32* ktab = (u32*)(dsm + hole);
+    u32* vtab = TABSHARE ? ktab : (u32*)(dsm + hole + KTAB_BYTES);
+    const u32 ktab_s = dsm_s + hole, vtab_s = ktab_s + (TABSHARE ? 0 : KTAB_BYTES);
+    const u32 lane_off = (threadIdx.x & 31) << 2;
+    const u32 ktabl = ktab_s + lane_off, vtabl = vtab_s + lane_off;
+    auto stage = [&](int i) { return dsm + (i < before ? i * STG : hole + TAB_BYTES + (i - before) * STG); };
     u64* bars = (u64*)(dsm + MMA_SMEM - MW * STAGES * 8);
 
     int split = blockIdx.x, h = blockIdx.y / NGR, row0 = (blockIdx.y % NGR) * RB, b = blockIdx.z;
@@ -725,12 +762,12 @@ extern "C" __global__ void __launch_bounds__(MW * 32, RB > 8 ? 1 : 2) tq_attend_
 
     for (int i = tid; i < NPK * 32; i += blockDim.x) {
         int e = i >> 5;
-        ktab[i] = pack_h2(ktab_g[e & ((1 << KB) - 1)], ktab_g[e >> KB]);
+        ktab[(e << (KSH - 2)) + (i & 31)] = pack_h2(ktab_g[e & ((1 << KB) - 1)], ktab_g[e >> KB]);
     }
     if (!TABSHARE)
         for (int i = tid; i < NPV * 32; i += blockDim.x) {
             int e = i >> 5;
-            vtab[i] = pack_h2(vtab_g[e & ((1 << VB) - 1)], vtab_g[e >> VB]);
+            vtab[(e << (VSH - 2)) + (i & 31)] = pack_h2(vtab_g[e & ((1 << VB) - 1)], vtab_g[e >> VB]);
         }
     if (tid == 0) {
         for (int i = 0; i < MW * STAGES; i++) mbar_init(bars + i, 1);
@@ -740,13 +777,12 @@ extern "C" __global__ void __launch_bounds__(MW * 32, RB > 8 ? 1 : 2) tq_attend_
 
     // this warp's steps: t0 = first + k * WT * MW, k < nsteps
     u64* wb = bars + warp * STAGES;
-    unsigned char* wp = pipe + warp * STAGES * STG;
     int first = t_begin + WT * warp;
     int nsteps = first < t_end ? (t_end - first + WT * MW - 1) / (WT * MW) : 0;
     auto issue = [&](int k) {
         int t0 = first + k * WT * MW;
         int sl = k % STAGES;
-        unsigned char* dst = wp + sl * STG;
+        unsigned char* dst = stage(warp * STAGES + sl);
         mbar_expect_tx(wb + sl, STG);
         bulk_g2s(dst, kcs + (u64)t0 * PK, STG_K, wb + sl);
         bulk_g2s(dst + STG_K, vcs + (u64)t0 * PV, STG_V, wb + sl);
@@ -793,9 +829,10 @@ extern "C" __global__ void __launch_bounds__(MW * 32, RB > 8 ? 1 : 2) tq_attend_
         int sl = k % STAGES;
         int t0 = first + k * WT * MW;
         mbar_wait(wb + sl, (k / STAGES) & 1);
-        const u32* kcw = (const u32*)(wp + sl * STG);
-        const u32* vcw = (const u32*)(wp + sl * STG + STG_K);
-        const float* knw = (const float*)(wp + sl * STG + STG_K + STG_V);
+        const unsigned char* sp = stage(warp * STAGES + sl);
+        const u32* kcw = (const u32*)sp;
+        const u32* vcw = (const u32*)(sp + STG_K);
+        const float* knw = (const float*)(sp + STG_K + STG_V);
         const float* vnw = knw + WT;
 
         u32 kw[2][KWA];
@@ -816,8 +853,8 @@ extern "C" __global__ void __launch_bounds__(MW * 32, RB > 8 ? 1 : 2) tq_attend_
             for (int i = 0; i < 4; i++) { sc[j][i] = 0.0f; sc2[j][i] = 0.0f; }
 #pragma unroll
             for (int s = 0; s < D / 16; s++) {
-                u32 b0 = lut<2 * KB>(ktab, kw[j], (2 * s) * 2 * KB, lane4);
-                u32 b1 = lut<2 * KB>(ktab, kw[j], (2 * s + 1) * 2 * KB, lane4);
+                u32 b0 = lut<2 * KB, KSH, true>(ktab_s, ktabl, kw[j], (2 * s) * 2 * KB, lane4);
+                u32 b1 = lut<2 * KB, KSH, true>(ktab_s, ktabl, kw[j], (2 * s + 1) * 2 * KB, lane4);
                 mma16816(s % 2 ? sc2[j] : sc[j], qa[s][0], RT == 2 ? qb[s][0] : 0u, qa[s][1], RT == 2 ? qb[s][1] : 0u, b0, b1);
             }
 #pragma unroll
@@ -874,8 +911,8 @@ extern "C" __global__ void __launch_bounds__(MW * 32, RB > 8 ? 1 : 2) tq_attend_
 #pragma unroll
         for (int mb = 0; mb < D / 16; mb++) {
             int w = mb >> 2, pos = (mb & 3) * 8 + 32 * w;
-            u32 a0 = lut<8>(vtab, plo[0], pos, lane4), a1 = lut<8>(vtab, phi[0], pos, lane4);
-            u32 a2 = lut<8>(vtab, plo[1], pos, lane4), a3 = lut<8>(vtab, phi[1], pos, lane4);
+            u32 a0 = lut<8, VSH, VALIGN>(vtab_s, vtabl, plo[0], pos, lane4), a1 = lut<8, VSH, VALIGN>(vtab_s, vtabl, phi[0], pos, lane4);
+            u32 a2 = lut<8, VSH, VALIGN>(vtab_s, vtabl, plo[1], pos, lane4), a3 = lut<8, VSH, VALIGN>(vtab_s, vtabl, phi[1], pos, lane4);
 #pragma unroll
             for (int rt = 0; rt < RT; rt++) mma16816(o[rt][mb], a0, a1, a2, a3, pb[rt][0], pb[rt][1]);
         }
@@ -886,18 +923,19 @@ extern "C" __global__ void __launch_bounds__(MW * 32, RB > 8 ? 1 : 2) tq_attend_
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 int pos = (2 * mb + e) * VB;
-                a[e] = vtab[((field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)) << 5) | lane];
-                a[2 + e] = vtab[((field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)) << 5) | lane];
+                u32 i0 = (field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)) << VSH;
+                u32 i1 = (field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)) << VSH;
+                a[e] = lds32(VALIGN ? i0 | vtabl : vtab_s + (i0 | lane4));
+                a[2 + e] = lds32(VALIGN ? i1 | vtabl : vtab_s + (i1 | lane4));
             }
 #pragma unroll
             for (int rt = 0; rt < RT; rt++) mma16816(o[rt][mb], a[0], a[1], a[2], a[3], pb[rt][0], pb[rt][1]);
         }
 #endif
         __syncwarp();  // every lane is done with this stage
-        if (lane == 0 && k + STAGES < nsteps) {
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            issue(k + STAGES);
-        }
+        // every read of the stage has completed (its values were consumed
+        // above), so the copy engine may overwrite it
+        if (lane == 0 && k + STAGES < nsteps) issue(k + STAGES);
     }
 
     // ---- merge the warps of the block (the merge area reuses tables and stages) ----

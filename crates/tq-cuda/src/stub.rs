@@ -73,6 +73,11 @@ impl Gpu {
     pub fn time_attend(&self, _kv: &mut DeviceKv, _q: &[f32], _warmup: usize, _iters: usize) -> Result<f64> {
         match self.0 {}
     }
+    /// Median milliseconds of one decode-attention step replayed as a CUDA
+    /// graph (captured once per cache copy), timed with events.
+    pub fn time_attend_graph(&self, _kv: &mut DeviceKv, _q: &[f32], _warmup: usize, _iters: usize) -> Result<f64> {
+        match self.0 {}
+    }
     /// Device-to-device copy bandwidth in GB/s (bytes read + written), median of 10.
     pub fn copy_gbps(&self, _bytes: usize) -> Result<f64> {
         match self.0 {}
