@@ -672,8 +672,8 @@ fn run(cli: Cli) -> Result<()> {
             let lines: Vec<String> = if check {
                 vec![serde_json::to_string(&cuda::check(real.as_deref())?)?]
             } else {
-                let grid = cuda::Grid::new(quick, batches, contexts, q_tokens, kv, geometries, no_simt)?;
-                cuda::bench(sdpa.as_deref(), &grid)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
+                let grid = cuda::GridArgs { quick, batches, contexts, q_tokens, kv, geometries, no_simt };
+                cuda::bench(sdpa.as_deref(), grid)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
             };
             for l in &lines {
                 println!("{l}");

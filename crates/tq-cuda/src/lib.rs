@@ -33,6 +33,7 @@ use tq_core::{Codec, KvGeometry, RotationKind};
 mod gpu;
 #[cfg(not(feature = "cuda"))]
 mod stub;
+pub mod suite;
 #[cfg(feature = "cuda")]
 pub use gpu::*;
 #[cfg(not(feature = "cuda"))]

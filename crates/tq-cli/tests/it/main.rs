@@ -365,8 +365,8 @@ fn bench_cuda_without_a_gpu_is_a_clear_error() {
 #[test]
 fn bench_cuda_refuses_a_bad_grid() {
     for (args, want) in [
-        (&["--q-tokens", "9"][..], "--q-tokens 9: 1 to 8 query tokens"),
-        (&["--q-tokens", "0"][..], "--q-tokens 0: 1 to 8 query tokens"),
+        (&["--q-tokens", "9"][..], "9 query tokens per sequence: the kernels take 1 to 8"),
+        (&["--q-tokens", "0"][..], "0 query tokens per sequence: the kernels take 1 to 8"),
         (&["--geometries", "gpt-2"][..], "unknown geometry 'gpt-2'"),
         (&["--kv", "tq-mse-4,int3"][..], "unknown KV precision 'int3'"),
     ] {
