@@ -8,20 +8,26 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use tq_kv::{CacheOptions, KvSpec};
 use tq_llm::eval::{self, PplConfig, Runtime};
+use tq_llm::ModelSpec;
 
-/// SmolLM2, loaded on first use and then shared: by `--calib-text`'s
-/// calibration and the command it serves, or by the report's sweeps.
+/// The model of `--model` (SmolLM2 by default), loaded on first use and then
+/// shared: by `--calib-text`'s calibration and the command it serves, or by
+/// the report's sweeps.
 #[derive(Default)]
-pub struct Model(std::cell::OnceCell<Runtime>);
+pub struct Model(ModelSpec, std::cell::OnceCell<Runtime>);
 
 impl Model {
+    /// The model `spec` names, not loaded yet.
+    pub fn new(spec: ModelSpec) -> Self {
+        Self(spec, std::cell::OnceCell::new())
+    }
     /// The runtime, loading it (fetching the GGUF when needed) on the first call.
     pub fn get(&self, quiet: bool) -> Result<&Runtime> {
-        if let Some(rt) = self.0.get() {
+        if let Some(rt) = self.1.get() {
             return Ok(rt);
         }
-        let rt = Runtime::smollm(quiet)?;
-        Ok(self.0.get_or_init(|| rt))
+        let rt = Runtime::load(&self.0, quiet)?;
+        Ok(self.1.get_or_init(|| rt))
     }
 }
 
@@ -71,7 +77,8 @@ pub fn sweep(
     pb.set_message(format!("{} precisions", precisions.len()));
     let a = PplConfig { text, chars, ctx, chunks, opts: opts.clone(), seed };
     let body = eval::ppl_text(&a, true)?;
-    let mut rows = eval::perplexity(model.get(true)?, &a, &body, precisions, &|k| pb.set_position(k as u64), &eval::quiet)?;
+    let rt = model.get(true)?;
+    let mut rows = eval::perplexity(rt, &a, &body, precisions, &|k| pb.set_position(k as u64), &eval::quiet)?;
     pb.finish_and_clear();
     rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
@@ -95,6 +102,9 @@ pub fn sweep(
     if seed != 0 {
         tag += &format!("_seed{seed}");
     }
+    if model.0 != ModelSpec::default() {
+        tag += &format!("_{}", model.0.to_string().replace(['/', '.'], "_"));
+    }
     let svg = format!("kv_sweep_{}{tag}.svg", text.replace(['/', '.'], "_"));
     plot_sweep(&out.join(&svg), text, &rows)?;
     use std::fmt::Write as _;
@@ -117,9 +127,11 @@ pub fn sweep(
     }
     let _ = writeln!(
         md,
-        "`tq kv sweep --text {text} --chars {chars} --ctx {ctx} --chunks {chunks}`: SmolLM2-135M, llama.cpp's perplexity convention; KLD and top-1 \
+        "`tq kv{} sweep --text {text} --chars {chars} --ctx {ctx} --chunks {chunks}`: {}, llama.cpp's perplexity convention; KLD and top-1 \
          against the f32 cache on the same tokens{win}. Differences below about 1% ΔPPL are within the run-to-run \
-         sensitivity of quantized caches (see docs/kv-cache.md).\n\n![KLD and ΔPPL vs bits per value]({svg})\n"
+         sensitivity of quantized caches (see docs/kv-cache.md).\n\n![KLD and ΔPPL vs bits per value]({svg})\n",
+        if model.0 == ModelSpec::default() { String::new() } else { format!(" --model {}", model.0) },
+        rt.name()
     );
     let _ = writeln!(md, "| KV precision | bits/value | bytes/token (measured) | ppl | ΔPPL | KLD | top-1 agree |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
@@ -188,7 +200,7 @@ fn plot_sweep(path: &Path, text: &str, rows: &[serde_json::Value]) -> Result<()>
 
 /// `tq generate`: greedy decoding with a KV cache of the given precision,
 /// tokens streamed to stdout as they are produced. The prompt is wrapped in
-/// SmolLM2's chat template unless `raw`.
+/// the model's chat template (ChatML) unless `raw`.
 pub fn generate(model: &Model, kv: &KvSpec, prompt: &str, max_tokens: usize, raw: bool, opts: &CacheOptions, seed: u64) -> Result<()> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty");
@@ -264,9 +276,8 @@ pub fn needle(
 }
 
 /// `tq kv dump`: the arrays as npy files plus meta.json in `out`.
-pub fn dump(text: &str, tokens: usize, layers: &[usize], all_queries: bool, out: &Path) -> Result<()> {
-    let rt = Runtime::smollm(false)?;
-    let d = eval::dump(&rt, text, tokens, layers, all_queries)?;
+pub fn dump(model: &Model, text: &str, tokens: usize, layers: &[usize], all_queries: bool, out: &Path) -> Result<()> {
+    let d = eval::dump(model.get(false)?, text, tokens, layers, all_queries)?;
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     let n = d.head_dim;
     for (name, data) in [("k.npy", d.k), ("v.npy", d.v), ("q.npy", d.q)] {
