@@ -67,7 +67,7 @@ fn gguf(meta: &[(&str, V)], tensors: &[(&str, &[u64], u32, u64)], data: usize) -
         b.extend(ty.to_le_bytes());
         b.extend(off.to_le_bytes());
     }
-    while b.len() % 32 != 0 {
+    while !b.len().is_multiple_of(32) {
         b.push(0);
     }
     b.extend(std::iter::repeat_n(0u8, data));
@@ -122,12 +122,12 @@ fn unsupported_architecture_is_named() {
 fn unhandled_tokenizers_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "bpe.gguf", &gguf(&meta("llama", "llama-bpe"), &[], 0));
-    let e = tq_llm::tokenizer::from_gguf(&p).err().expect("llama-bpe is refused");
+    let e = tq_llm::tokenizer::from_gguf(&p).expect_err("llama-bpe is refused");
     assert_eq!(one_line(e), format!("{}: tokenizer tokenizer.ggml.pre = 'llama-bpe' is not supported (supported: smollm, qwen2)", p.display()));
     let mut m = meta("llama", "smollm");
     m[9] = ("tokenizer.ggml.model", V::Str("llama"));
     let p = write(dir.path(), "spm.gguf", &gguf(&m, &[], 0));
-    let e = tq_llm::tokenizer::from_gguf(&p).err().expect("a sentencepiece tokenizer is refused");
+    let e = tq_llm::tokenizer::from_gguf(&p).expect_err("a sentencepiece tokenizer is refused");
     assert_eq!(one_line(e), format!("{}: tokenizer tokenizer.ggml.model = 'llama' is not supported (supported: gpt2)", p.display()));
     // both pre-tokenizers we build load from a header
     for pre in ["smollm", "qwen2"] {
