@@ -8,20 +8,30 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use tq_kv::{CacheOptions, KvSpec};
 use tq_llm::eval::{self, PplConfig, Runtime};
+use tq_llm::ModelSpec;
 
-/// SmolLM2, loaded on first use and then shared: by `--calib-text`'s
-/// calibration and the command it serves, or by the report's sweeps.
+/// The model of `--model` (SmolLM2 by default), loaded on first use and then
+/// shared: by `--calib-text`'s calibration and the command it serves, or by
+/// the report's sweeps.
 #[derive(Default)]
-pub struct Model(std::cell::OnceCell<Runtime>);
+pub struct Model(ModelSpec, std::cell::OnceCell<Runtime>);
 
 impl Model {
+    /// The model `spec` names, not loaded yet.
+    pub fn new(spec: ModelSpec) -> Self {
+        Self(spec, std::cell::OnceCell::new())
+    }
+    /// Which model it is.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.0
+    }
     /// The runtime, loading it (fetching the GGUF when needed) on the first call.
-    pub fn get(&self, quiet: bool) -> Result<&Runtime> {
-        if let Some(rt) = self.0.get() {
+    pub fn get(&self, quiet: bool) -> tq_llm::Result<&Runtime> {
+        if let Some(rt) = self.1.get() {
             return Ok(rt);
         }
-        let rt = Runtime::smollm(quiet)?;
-        Ok(self.0.get_or_init(|| rt))
+        let rt = Runtime::load(&self.0, quiet)?;
+        Ok(self.1.get_or_init(|| rt))
     }
 }
 
@@ -49,7 +59,7 @@ pub fn eval(model: &Model, cfg: &PplConfig<'_>, kv: &KvSpec, json: bool) -> Resu
 
 /// `tq generate`: greedy decoding with a KV cache of the given precision,
 /// tokens streamed to stdout as they are produced. The prompt is wrapped in
-/// SmolLM2's chat template unless `raw`.
+/// the model's chat template (ChatML) unless `raw`.
 pub fn generate(model: &Model, kv: &KvSpec, prompt: &str, max_tokens: usize, raw: bool, opts: &CacheOptions, seed: u64) -> Result<()> {
     if prompt.trim().is_empty() {
         bail!("the prompt is empty");
@@ -125,9 +135,8 @@ pub fn needle(
 }
 
 /// `tq kv dump`: the arrays as npy files plus meta.json in `out`.
-pub fn dump(text: &str, tokens: usize, layers: &[usize], all_queries: bool, out: &Path) -> Result<()> {
-    let rt = Runtime::smollm(false)?;
-    let d = eval::dump(&rt, text, tokens, layers, all_queries)?;
+pub fn dump(model: &Model, text: &str, tokens: usize, layers: &[usize], all_queries: bool, out: &Path) -> Result<()> {
+    let d = eval::dump(model.get(false)?, text, tokens, layers, all_queries)?;
     std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
     let n = d.head_dim;
     for (name, data) in [("k.npy", d.k), ("v.npy", d.v), ("q.npy", d.q)] {

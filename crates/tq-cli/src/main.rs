@@ -20,6 +20,7 @@ use tq_index::{Metric, RawVectors};
 use tq_data::Matrix;
 use tq_kv::plan::Weights;
 use tq_kv::KvSpec;
+use tq_llm::ModelSpec;
 
 #[derive(Parser)]
 #[command(name = "tq", version, about = "TurboQuant: near-optimal online vector quantization")]
@@ -74,8 +75,11 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Generate text with SmolLM2 (greedy), streaming, with a KV cache of any precision.
+    /// Generate text (greedy), streaming, with a KV cache of any precision.
     Generate {
+        /// smollm2, qwen2.5-1.5b or a GGUF file (architecture llama or qwen2).
+        #[arg(long, default_value = "smollm2")]
+        model: ModelSpec,
         #[arg(long, default_value = "tq-mse-4")]
         kv: KvSpec,
         #[arg(long)]
@@ -112,14 +116,19 @@ enum Cmd {
         #[command(subcommand)]
         what: EvalCmd,
     },
-    /// The LLM runtime (SmolLM2 on candle) and its KV cache.
+    /// The LLM runtime (candle; SmolLM2, Qwen2.5 or a GGUF) and its KV cache.
     Kv {
+        /// smollm2, qwen2.5-1.5b or a GGUF file (architecture llama or qwen2).
+        #[arg(long, global = true, default_value = "smollm2")]
+        model: ModelSpec,
         #[command(subcommand)]
         what: KvCmd,
     },
     /// KV-cache and total memory for a model at a context length, per precision.
     Vram {
-        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m, qwen2.5-1.5b.
+        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b,
+        /// smollm2-135m, or a GGUF model (smollm2, qwen2.5-1.5b, PATH.gguf: geometry
+        /// and parameter count read from its header).
         #[arg(long)]
         model: String,
         /// bf16 (or f16), int8, int4.
@@ -315,7 +324,7 @@ enum KvCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Capture real keys, values and last-position queries of SmolLM2 (f32
+    /// Capture real keys, values and last-position queries of the model (f32
     /// cache) for some layers into npy files (`tq bench cuda --check --real DIR`).
     Dump {
         #[arg(long, default_value = "austen")]
@@ -598,8 +607,11 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    // SmolLM2 for the KV commands, loaded once when first needed
-    let model = kv::Model::default();
+    // the model of the KV commands, loaded once when first needed
+    let model = kv::Model::new(match &cli.cmd {
+        Cmd::Kv { model, .. } | Cmd::Generate { model, .. } => model.clone(),
+        _ => ModelSpec::default(),
+    });
     match cli.cmd {
         Cmd::Codecs { dim, json } => codecs(dim, json),
         Cmd::Distortion { codec, dim, n, seed, rotation, json } => distortion(&codec, dim, n, seed, rotation, json),
@@ -607,18 +619,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Decode { input, out } => decode(&input, &out),
         Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, json } } => bench::encode(&codec, dim, n, rotation, json),
         Cmd::Report { out, n, quick, full } => {
-            tq_report::run(
-                &out,
-                n,
-                tq_report::Size { quick, full },
-                &|| model.get(true).map_err(|e| tq_llm::LlmError::Msg(format!("{e:#}"))),
-                &bars::Bars::new(),
-            )?;
+            tq_report::run(&out, n, tq_report::Size { quick, full }, &|| model.get(true), &bars::Bars::new())?;
             eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
             Ok(())
         }
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, weights, context, &kv, json),
-        Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
+        Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json }, .. } => {
             let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx, &model)?, seed: w.seed };
             kv::eval(&model, &cfg, &kv, json)
         }
@@ -683,12 +689,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w } => {
+        Cmd::Generate { kv, prompt, max_tokens, raw, windows: w, .. } => {
             kv::generate(&model, &kv, &prompt, max_tokens, raw, &w.opts(tq_llm::eval::CALIB_CTX, &model)?, w.seed)
         }
-        Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
+        Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json }, .. } => {
             let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx, &model)?, seed: w.seed };
-            let (md, rows) = tq_report::sweep(model.get(true)?, &cfg, &kv, &out, &bars::Bars::new())?;
+            let (md, rows) = tq_report::sweep(model.get(true)?, model.spec(), &cfg, &kv, &out, &bars::Bars::new())?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -698,24 +704,24 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json } } => {
+        Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json }, .. } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
             kv::needle(&model, &kv, &lengths, &depths, format, &w.opts(lengths.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX), &model)?, w.seed, json)
         }
-        Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, windows: w, json } } => {
+        Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, windows: w, json }, .. } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
             kv::bench(&model, &kv, &ctxs, steps, fill, &w.opts(ctxs.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX), &model)?, w.seed, json)
         }
-        Cmd::Kv { what: KvCmd::Calibrate { text, chunks, ctx, shrink, out } } => {
+        Cmd::Kv { what: KvCmd::Calibrate { text, chunks, ctx, shrink, out }, .. } => {
             let c = tq_llm::eval::calibrate(model.get(false)?, &text, chunks, ctx, shrink, false, &|m| eprintln!("{m}"))?;
             tq_io::write_atomic(&out, &c.to_bytes()).with_context(|| format!("cannot write {}", out.display()))?;
             eprintln!("key calibration from {} ({} keys per stream, shrink {}) written to {}", c.source, c.tokens, c.shrink, out.display());
             Ok(())
         }
-        Cmd::Kv { what: KvCmd::Dump { text, tokens, layers, all_queries, out } } => {
+        Cmd::Kv { what: KvCmd::Dump { text, tokens, layers, all_queries, out }, .. } => {
             let layers = layers.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad layer index '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::dump(&text, tokens, &layers, all_queries, &out)
+            kv::dump(&model, &text, tokens, &layers, all_queries, &out)
         }
         Cmd::Bench { what: BenchCmd::Search { data, codec, queries, base, k, ivf, nprobe, rerank, raw, seed, json } } => {
             let args = tq_data::eval::BenchArgs { codec: &codec, k, ivf, nprobe, rerank, raw, seed };
@@ -725,7 +731,8 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn vram(model: &str, weights: Weights, context: usize, kv: &[KvSpec], json: bool) -> Result<()> {
-    let m = tq_kv::plan::model(model)?;
+    let m = tq_llm::model::plan_model(model)?;
+    let m = &m;
     if context > m.max_context {
         bail!("context {context} exceeds {}'s limit of {} tokens", m.name, m.max_context);
     }

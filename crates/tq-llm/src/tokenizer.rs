@@ -106,3 +106,27 @@ pub fn read(g: &Gguf) -> Result<GgufTokenizer> {
 pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
     Ok(tok.encode(text, false).map_err(|e| err!("tokenize: {e}"))?.get_ids().to_vec())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer as _};
+
+    /// The pieces a pre-tokenizer cuts `text` into (byte-level mapped).
+    fn pieces(p: PreTokenizer, text: &str) -> Vec<String> {
+        let mut s = PreTokenizedString::from(text);
+        p.build().unwrap().pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(t, _, _)| t.to_string()).collect()
+    }
+
+    #[test]
+    fn qwen2_splits_as_its_regex_says() {
+        // case-insensitive contractions, one digit per piece, a space run before
+        // a word keeps its last space for the word (`\s+(?!\S)`), newline runs
+        let got = pieces(PreTokenizer::Qwen2, "I'M here:  12 apples\n\n  x");
+        assert_eq!(got, ["I", "'M", "Ġhere", ":", "Ġ", "Ġ", "1", "2", "Ġapples", "ĊĊ", "Ġ", "Ġx"]);
+        // GPT-2's regex (smollm) matches lower-case contractions only
+        let got = pieces(PreTokenizer::Smollm, "I'M I'm 12");
+        assert_eq!(got, ["I", "'", "M", "ĠI", "'m", "Ġ", "1", "2"]);
+    }
+}

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tq_kv::{CacheOptions, KvSpec};
 use tq_llm::eval::{self, PplConfig, Runtime};
+use tq_llm::ModelSpec;
 
 use crate::plot::plot_sweep;
 use crate::{create_dir, ModelSource, Progress, Result, Size};
@@ -19,7 +20,16 @@ pub const SWEEP: &str =
 /// Perplexity and KLD of every precision on `cfg`'s text in one pass, as a
 /// markdown Pareto table (sorted by bits per value) and an SVG of KLD and
 /// ΔPPL against bits per value in `out`. Returns (markdown, rows).
-pub fn sweep(rt: &Runtime, cfg: &PplConfig<'_>, precisions: &[KvSpec], out: &Path, progress: &dyn Progress) -> Result<(String, Vec<serde_json::Value>)> {
+/// `model` is the `--model` the runtime was loaded from (named in the table
+/// and the plot's file name unless it is the default).
+pub fn sweep(
+    rt: &Runtime,
+    model: &ModelSpec,
+    cfg: &PplConfig<'_>,
+    precisions: &[KvSpec],
+    out: &Path,
+    progress: &dyn Progress,
+) -> Result<(String, Vec<serde_json::Value>)> {
     let (text, chars, ctx, chunks, opts, seed) = (cfg.text, cfg.chars, cfg.ctx, cfg.chunks, &cfg.opts, cfg.seed);
     let body = eval::ppl_text(cfg, true)?;
     progress.stage(&format!("kv sweep, {} precisions", precisions.len()), chunks as u64, "chunks");
@@ -48,6 +58,9 @@ pub fn sweep(rt: &Runtime, cfg: &PplConfig<'_>, precisions: &[KvSpec], out: &Pat
     if seed != 0 {
         tag += &format!("_seed{seed}");
     }
+    if *model != ModelSpec::default() {
+        tag += &format!("_{}", model.to_string().replace(['/', '.'], "_"));
+    }
     let svg = format!("kv_sweep_{}{tag}.svg", text.replace(['/', '.'], "_"));
     plot_sweep(&out.join(&svg), text, &rows)?;
     let mut md = String::new();
@@ -69,9 +82,11 @@ pub fn sweep(rt: &Runtime, cfg: &PplConfig<'_>, precisions: &[KvSpec], out: &Pat
     }
     let _ = writeln!(
         md,
-        "`tq kv sweep --text {text} --chars {chars} --ctx {ctx} --chunks {chunks}`: SmolLM2-135M, llama.cpp's perplexity convention; KLD and top-1 \
+        "`tq kv{} sweep --text {text} --chars {chars} --ctx {ctx} --chunks {chunks}`: {}, llama.cpp's perplexity convention; KLD and top-1 \
          against the f32 cache on the same tokens{win}. Differences below about 1% ΔPPL are within the run-to-run \
-         sensitivity of quantized caches (see docs/kv-cache.md).\n\n![KLD and ΔPPL vs bits per value]({svg})\n"
+         sensitivity of quantized caches (see docs/kv-cache.md).\n\n![KLD and ΔPPL vs bits per value]({svg})\n",
+        if *model == ModelSpec::default() { String::new() } else { format!(" --model {model}") },
+        rt.name()
     );
     let _ = writeln!(md, "| KV precision | bits/value | bytes/token (measured) | ppl | ΔPPL | KLD | top-1 agree |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|");
@@ -115,7 +130,9 @@ pub(crate) fn report_section(
     let mut md = String::from("\n## KV-cache precisions in SmolLM2 (Austen)\n\n");
     let chunks = size.kv_chunks();
     let cfg = |opts: CacheOptions| PplConfig { text: "austen", chars: 200_000, ctx: 512, chunks, opts, seed: 0 };
-    let first = model().map_err(Into::into).and_then(|rt| sweep(rt, &cfg(CacheOptions::default()), &specs(SWEEP)?, out, progress).map(|r| (rt, r)));
+    let first = model()
+        .map_err(Into::into)
+        .and_then(|rt| sweep(rt, &ModelSpec::default(), &cfg(CacheOptions::default()), &specs(SWEEP)?, out, progress).map(|r| (rt, r)));
     let (rt, (text, rows)) = match first {
         Ok(v) => v,
         // like the other real-data sections: say why, keep the report
@@ -132,14 +149,14 @@ pub(crate) fn report_section(
         let cal = eval::calibrate(rt, "shakespeare", size.calib_chunks(), 512, eval::CALIB_SHRINK, true, &eval::quiet);
         progress.finish();
         let opts = CacheOptions { calibration: Some(Arc::new(cal?)), ..Default::default() };
-        let (ctext, crows) = sweep(rt, &cfg(opts.clone()), &specs(CALIBRATED)?, out, progress)?;
+        let (ctext, crows) = sweep(rt, &ModelSpec::default(), &cfg(opts.clone()), &specs(CALIBRATED)?, out, progress)?;
         let mut md = format!("\n### Keys through transforms calibrated on Shakespeare (`--calib-text shakespeare`)\n\n{ctext}");
         // and with the first token in f32 and a recent window of q8_0 codes that fit
         // 4.5 and 3.5 bits per value at ctx 512 (every byte counted)
         let mut wrows = Vec::new();
         for (list, recent, bits) in [(WINDOWED_45, 22, "4.5"), (WINDOWED_35, 18, "3.5")] {
             let wopts = CacheOptions { sink: 1, recent, recent_q8: true, delayed: true, ..opts.clone() };
-            let (wtext, rows) = sweep(rt, &cfg(wopts), &specs(list)?, out, progress)?;
+            let (wtext, rows) = sweep(rt, &ModelSpec::default(), &cfg(wopts), &specs(list)?, out, progress)?;
             let _ = write!(
                 md,
                 "\n### Calibrated keys, token 0 in f32 and {recent} recent tokens as q8_0 (`--sink 1 --recent {recent} --recent-q8 --delayed`: {bits} bits per value at ctx 512)\n\n{wtext}"

