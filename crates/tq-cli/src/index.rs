@@ -152,11 +152,7 @@ pub fn info(index: &Path, json: bool, load: LoadOptions) -> Result<()> {
         "codec": spec.codec, "dim": spec.dim, "seed": spec.seed, "rotation": spec.rotation.name(), "metric": spec.metric.name(),
         "bits_per_value": codec.bits_per_value(spec.dim), "code_size": codec.code_size(spec.dim),
         "format_version": file::VERSION, "commit_seq": commit.seq, "committed_bytes": commit.end, "file_bytes": bytes});
-    if json {
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
+    crate::print_json(&out, json)?;
     Ok(())
 }
 
@@ -185,11 +181,7 @@ pub fn check(index: &Path, json: bool) -> Result<()> {
         "records_verified": r.records_verified, "count": r.count, "records_error": r.records_error, "bytes_after_end": r.bytes_after_end,
         "records_after_end": r.records_after_end, "records_after_end_to": r.records_after_end_to, "loads": r.loads, "load_error": r.load_error,
         "previous_commit_intact": r.previous_commit_intact, "verdict": r.verdict()});
-    if json {
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
+    crate::print_json(&out, json)?;
     if !r.loads {
         bail!("{}: {}", index.display(), r.verdict());
     }

@@ -49,11 +49,7 @@ pub fn eval(model: &Model, cfg: &PplConfig<'_>, kv: &KvSpec, json: bool) -> Resu
     let text = eval::ppl_text(cfg, json)?; // a bad text fails before the model loads
     let mut rows = eval::perplexity(model.get(json)?, cfg, &text, std::slice::from_ref(kv), &|_| {}, &logger(json))?;
     let out = rows.remove(0);
-    if json {
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    }
+    crate::print_json(&out, json)?;
     Ok(())
 }
 

@@ -11,7 +11,7 @@ mod kv;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use tq_core::{registry, RotationKind};
@@ -731,11 +731,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn vram(model: &str, weights: Weights, context: usize, kv: &[KvSpec], json: bool) -> Result<()> {
-    let m = tq_llm::model::plan_model(model)?;
-    let m = &m;
-    if context > m.max_context {
-        bail!("context {context} exceeds {}'s limit of {} tokens", m.name, m.max_context);
-    }
+    let m = &tq_llm::model::plan_model(model)?;
     let wname = format!("{weights:?}").to_lowercase();
     let plans = kv.iter().map(|spec| tq_kv::plan::vram(m, weights, context, spec)).collect::<tq_core::Result<Vec<_>>>()?;
     if json {
@@ -782,13 +778,12 @@ fn data_list(json: bool) -> Result<()> {
     if json {
         let v: Vec<_> =
             rows.iter().map(|r| json!({"name": r.name, "description": r.description, "cached": r.cached, "path": r.path.display().to_string()})).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        for r in &rows {
-            println!("{:<10} {:<8} {}", r.name, if r.cached { "cached" } else { "-" }, r.description);
-        }
-        println!("cache: {}", tq_data::datasets::cache_dir().display());
+        return print_json(&json!(v), false);
     }
+    for r in &rows {
+        println!("{:<10} {:<8} {}", r.name, if r.cached { "cached" } else { "-" }, r.description);
+    }
+    println!("cache: {}", tq_data::datasets::cache_dir().display());
     Ok(())
 }
 
@@ -808,17 +803,16 @@ fn codecs(dim: usize, json: bool) -> Result<()> {
         .map(|e| json!({"id": e.id, "name": e.name, "shape": "matrix (tokens × channels)", "description": e.description}))
         .collect();
     if json {
-        println!("{}", serde_json::to_string_pretty(&json!({"dim": dim, "codecs": rows, "matrix_codecs": matrix}))?);
-    } else {
-        println!("{:<4} {:<16} {:>10} {:>10}  {:<40} description", "id", "name", "bits/val", "bytes", "code size (bytes)");
-        println!("{:<4} {:<16} {:>10} {:>10}", "", "", format!("@d={dim}"), format!("@d={dim}"));
-        for e in registry() {
-            println!("{:<4} {:<16} {:>10.4} {:>10}  {:<40} {}", e.id, e.name, e.bits_per_value(dim), e.code_size(dim), e.code_size_formula(), e.description());
-        }
-        println!("\nmatrix codecs (tokens × channels; `tq eval matrix`; vector codecs also apply row by row):");
-        for e in tq_core::matrix::matrix_registry() {
-            println!("{:<4} {:<16} {}", e.id, e.name, e.description);
-        }
+        return print_json(&json!({"dim": dim, "codecs": rows, "matrix_codecs": matrix}), false);
+    }
+    println!("{:<4} {:<16} {:>10} {:>10}  {:<40} description", "id", "name", "bits/val", "bytes", "code size (bytes)");
+    println!("{:<4} {:<16} {:>10} {:>10}", "", "", format!("@d={dim}"), format!("@d={dim}"));
+    for e in registry() {
+        println!("{:<4} {:<16} {:>10.4} {:>10}  {:<40} {}", e.id, e.name, e.bits_per_value(dim), e.code_size(dim), e.code_size_formula(), e.description());
+    }
+    println!("\nmatrix codecs (tokens × channels; `tq eval matrix`; vector codecs also apply row by row):");
+    for e in tq_core::matrix::matrix_registry() {
+        println!("{:<4} {:<16} {}", e.id, e.name, e.description);
     }
     Ok(())
 }
@@ -863,5 +857,11 @@ fn encode(name: &str, input: &Path, out: &Path, seed: u64, rot: RotationKind, js
 fn decode(input: &Path, out: &Path) -> Result<()> {
     let f = tq_data::tqc::decode_file(input, out)?;
     eprintln!("decoded {} × {} ({}) into {}", f.count, f.dim, f.codec_name, out.display());
+    Ok(())
+}
+
+/// A JSON value on stdout: one line when `compact`, else indented.
+pub(crate) fn print_json(v: &serde_json::Value, compact: bool) -> Result<()> {
+    println!("{}", if compact { serde_json::to_string(v)? } else { serde_json::to_string_pretty(v)? });
     Ok(())
 }

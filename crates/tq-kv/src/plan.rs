@@ -101,6 +101,9 @@ pub fn vram(model: &ModelInfo, weights: Weights, context: usize, kv: &KvSpec) ->
     if context == 0 {
         return Err(TqError::BadParams("context must be positive".into()));
     }
+    if context > model.max_context {
+        return Err(TqError::BadParams(format!("context {context} exceeds {}'s limit of {} tokens", model.name, model.max_context)));
+    }
     let g = model.geometry;
     let weights_gb = model.params_b * weights.bytes_per_param();
     let kv_gb = kv.bytes_per_token_per_layer(g.kv_heads, g.head_dim)? * g.layers as f64 * context as f64 / 1e9;
