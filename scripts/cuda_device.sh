@@ -14,4 +14,8 @@ done
 "$TQ" bench cuda --check --real "$DUMP" > "$OUT/check.json" || { echo "CHECKS FAILED"; cat "$OUT/check.json"; exit 1; }
 PYTHONUNBUFFERED=1 python3 scripts/sdpa_bench.py $QUICK --out "$OUT/sdpa.jsonl" > /dev/null || exit 1
 "$TQ" bench cuda --sdpa "$OUT/sdpa.jsonl" $QUICK --out "$OUT/cuda.jsonl" > /dev/null || exit 1
+# several query tokens per sequence (B = 8, T = 32K), TurboQuant caches
+PYTHONUNBUFFERED=1 python3 scripts/sdpa_bench.py --batches 8 --contexts 32768 --q-tokens 2,4,8 --out "$OUT/sdpa-multi.jsonl" > /dev/null || exit 1
+"$TQ" bench cuda --sdpa "$OUT/sdpa-multi.jsonl" --batches 8 --contexts 32768 --q-tokens 2,4,8 --kv tq-mse-4,tq-mse-3,tq-mse-2,k4v3 --no-simt \
+  --out "$OUT/cuda-multi.jsonl" > /dev/null || exit 1
 echo OK

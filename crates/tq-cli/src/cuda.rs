@@ -16,7 +16,7 @@ use tq_cuda::{kv_sides, AttnShape, Gpu, SideSpec};
 /// Precisions the benchmark and checks run (keys/values as `tq_kv` names them).
 pub const PRECISIONS: [&str; 6] = ["tq-mse-4", "tq-mse-3", "tq-mse-2", "k4v3", "q8_0", "q4_0"];
 /// (name, q_heads, kv_heads, head_dim)
-pub const GEOMETRIES: [(&str, &str); 2] = [("llama3-8b", "llama-3.1-8b"), ("smollm2-135m", "smollm2-135m")];
+pub const GEOMETRIES: [(&str, &str); 3] = [("llama3-8b", "llama-3.1-8b"), ("smollm2-135m", "smollm2-135m"), ("qwen2.5-1.5b", "qwen2.5-1.5b")];
 
 /// (label, query heads, KV heads, head_dim) of the benchmark geometries, from the model table.
 fn geometries() -> Result<Vec<(&'static str, usize, usize, usize)>> {
@@ -138,7 +138,7 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
     }
     // 2. attention on random data, ragged batch
     for &(geo, hq, hkv, d) in &geometries()? {
-        let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d }, lens: vec![1, 129, 700, 2085] };
+        let shape = AttnShape::decode(KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d }, vec![1, 129, 700, 2085]);
         let t = shape.max_len();
         let rows = shape.batch() * hkv * t;
         let (k, v, q) = (gaussian(rows * d, 1), gaussian(rows * d, 2), gaussian(shape.batch() * hq * d, 3));
@@ -152,12 +152,33 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
             }
         }
     }
+    // 2b. several query tokens per sequence (a step verifying drafted tokens):
+    // each token sees the cache up to itself; the shortest sequence holds
+    // only the step's tokens, so its first query token sees one cached token
+    for &(geo, hq, hkv, d) in &geometries()? {
+        // Llama-3: 8 and 32 rows per KV head; SmolLM2: 12; Qwen2.5: 12 (groups of 6)
+        for nq in if d == 64 || hq / hkv == 6 { vec![if d == 64 { 4 } else { 2 }] } else { vec![2, 8] } {
+            let heads = KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d };
+            let shape = AttnShape { heads, lens: vec![nq, 129, 700, 2085], q_tokens: nq };
+            let rows = shape.batch() * hkv * shape.max_len();
+            let (k, v, q) = (gaussian(rows * d, 11), gaussian(rows * d, 12), gaussian(shape.batch() * nq * hq * d, 13));
+            for p in ["tq-mse-4", "tq-mse-3", "k4v3", "q8_0"] {
+                for (kernel, e) in attention_case(&gpu, p, &shape, &k, &v, &q)? {
+                    eprintln!("attention {p} {geo} [{kernel}] {nq} query tokens, random lens {:?}: rel error {e:.2e}", shape.lens);
+                    results.push(json!({"check": "attention", "data": "random", "kv": p, "kernel": kernel, "geometry": geo, "lens": shape.lens, "q_tokens": nq, "rel_error": e}));
+                    if !(e <= 1e-3) {
+                        failures.push(format!("attention {p} {geo} [{kernel}] {nq} query tokens, random: rel error {e:.2e}"));
+                    }
+                }
+            }
+        }
+    }
     // 3. attention on real SmolLM2 keys, values and queries
     if let Some(dir) = real {
         let dump = read_dump(dir)?;
         let d = dump.d;
         for layer in 0..dump.layers {
-            let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: dump.q_heads, kv_heads: dump.kv_heads, head_dim: d }, lens: vec![dump.tokens] };
+            let shape = AttnShape::decode(KvGeometry { layers: 1, q_heads: dump.q_heads, kv_heads: dump.kv_heads, head_dim: d }, vec![dump.tokens]);
             let n = dump.kv_heads * dump.tokens * d;
             let (k, v) = (&dump.k[layer * n..(layer + 1) * n], &dump.v[layer * n..(layer + 1) * n]);
             let q = &dump.q[layer * dump.q_heads * d..(layer + 1) * dump.q_heads * d];
@@ -174,7 +195,7 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
     }
     // 4. bad input gives errors, not crashes
     let (ks, vs) = sides("tq-mse-4", 128, 0)?;
-    let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: 8, kv_heads: 2, head_dim: 128 }, lens: vec![5] };
+    let shape = AttnShape::decode(KvGeometry { layers: 1, q_heads: 8, kv_heads: 2, head_dim: 128 }, vec![5]);
     let wrong = gpu.upload_kv(&shape, &ks, &vs, &[0u8; 10], &[0u8; 10]);
     if wrong.is_ok() {
         failures.push("mismatched code buffer accepted".into());
@@ -187,56 +208,111 @@ pub fn check(real: Option<&Path>) -> Result<Value> {
     Ok(summary)
 }
 
+/// What `tq bench cuda` times.
+pub struct Grid {
+    batches: Vec<usize>,
+    contexts: Vec<usize>,
+    q_tokens: Vec<usize>,
+    precisions: Vec<String>,
+    geometries: Vec<(&'static str, usize, usize, usize)>,
+    simt: bool,
+}
+
+impl Grid {
+    /// The grid from the command's lists (an empty list takes the default).
+    pub fn new(
+        quick: bool,
+        batches: Vec<usize>,
+        contexts: Vec<usize>,
+        q_tokens: Vec<usize>,
+        kv: Vec<String>,
+        geos: Vec<String>,
+        no_simt: bool,
+    ) -> Result<Self> {
+        let or = |v: Vec<usize>, d: &[usize]| if v.is_empty() { d.to_vec() } else { v };
+        let all = geometries()?;
+        let geometries = if geos.is_empty() {
+            all
+        } else {
+            geos.iter()
+                .map(|g| {
+                    all.iter().find(|x| x.0 == g).copied().with_context(|| format!("unknown geometry '{g}' (known: {})", GEOMETRIES.map(|x| x.0).join(", ")))
+                })
+                .collect::<Result<_>>()?
+        };
+        let precisions = if kv.is_empty() { PRECISIONS.map(String::from).to_vec() } else { kv };
+        for p in &precisions {
+            sides(p, 128, 0)?; // every precision parses and runs on the GPU
+        }
+        let q_tokens = or(q_tokens, &[1]);
+        if let Some(n) = q_tokens.iter().find(|&&n| n == 0 || n > tq_cuda::MAX_Q_TOKENS) {
+            bail!("--q-tokens {n}: 1 to {} query tokens per sequence", tq_cuda::MAX_Q_TOKENS);
+        }
+        Ok(Self {
+            batches: or(batches, if quick { &[8] } else { &[1, 8, 32] }),
+            contexts: or(contexts, if quick { &[32768] } else { &[8192, 32768, 131072] }),
+            q_tokens,
+            precisions,
+            geometries,
+            simt: !no_simt,
+        })
+    }
+}
+
 /// `tq bench cuda`: decode-attention timings (JSON lines) merged with SDPA's.
-pub fn bench(sdpa: Option<&Path>, quick: bool) -> Result<Vec<Value>> {
+pub fn bench(sdpa: Option<&Path>, grid: &Grid) -> Result<Vec<Value>> {
     let gpu = Gpu::new(0)?;
     let card = gpu.name()?;
     let copy = gpu.copy_gbps(2 << 30)?;
     eprintln!("card: {card}; device copy {copy:.0} GB/s (read + write)");
-    let mut base: HashMap<(usize, usize, usize, usize, usize), f64> = HashMap::new();
+    let mut base: HashMap<(usize, usize, usize, usize, usize, usize), f64> = HashMap::new();
     if let Some(p) = sdpa {
         for line in std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.lines() {
             let v: Value = serde_json::from_str(line)?;
             let g = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
             if let Some(ms) = v["sdpa_bf16_ms"].as_f64() {
-                base.insert((g("batch"), g("context"), g("q_heads"), g("kv_heads"), g("head_dim")), ms);
+                base.insert((g("batch"), g("context"), g("q_heads"), g("kv_heads"), g("head_dim"), g("q_tokens").max(1)), ms);
             }
         }
     }
-    let (batches, contexts): (&[usize], &[usize]) = if quick { (&[8], &[32768]) } else { (&[1, 8, 32], &[8192, 32768, 131072]) };
     let mut rows = Vec::new();
-    for &(geo, hq, hkv, d) in &geometries()? {
-        for &b in batches {
-            for &t in contexts {
-                for (p, simt) in PRECISIONS.iter().flat_map(|p| [(*p, false), (*p, true)]) {
-                    let (ks, vs) = sides(p, d, 0)?;
-                    if simt && !(ks.rotated() && vs.rotated()) {
-                        continue; // ggml formats have the SIMT kernel only
+    for &(geo, hq, hkv, d) in &grid.geometries {
+        for &b in &grid.batches {
+            for &t in &grid.contexts {
+                for &nq in &grid.q_tokens {
+                    for (p, simt) in grid.precisions.iter().flat_map(|p| [(p.as_str(), false), (p.as_str(), true)]) {
+                        let (ks, vs) = sides(p, d, 0)?;
+                        if simt && !(grid.simt && ks.rotated() && vs.rotated()) {
+                            continue; // ggml formats have the SIMT kernel only
+                        }
+                        gpu.force_simt(simt);
+                        let heads = KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d };
+                        let shape = AttnShape { heads, lens: vec![t; b], q_tokens: nq };
+                        let bytes = b * hkv * t * (ks.kind.bytes_per_vector(d) + vs.kind.bytes_per_vector(d));
+                        let copies = (1usize << 28).div_ceil(bytes).clamp(1, 16);
+                        let mut kv = gpu.random_kv(&shape, &ks, &vs, copies, 1)?;
+                        let q = gaussian(b * nq * hq * d, 4);
+                        let ms = gpu.time_attend(&mut kv, &q, 3, 20)?;
+                        let gbps = kv.bytes_read() as f64 / (ms * 1e-3) / 1e9;
+                        let sd = base.get(&(b, t, hq, hkv, d, nq)).copied();
+                        let (regs, local_bytes, blocks_per_sm) = kv.occupancy()?;
+                        let row = json!({"card": card, "codec": p, "kernel": kv.kernel, "geometry": geo, "batch": b, "context": t, "q_tokens": nq,
+                            "q_heads": hq, "kv_heads": hkv, "head_dim": d, "kernel_ms": ms, "sdpa_bf16_ms": sd, "speedup": sd.map(|s| s / ms),
+                            "gbps": gbps, "copy_gbps": copy, "bandwidth_fraction": gbps / copy, "cache_bytes": kv.bytes_read(), "splits": kv.splits(),
+                            "registers": regs, "local_bytes": local_bytes, "blocks_per_sm": blocks_per_sm});
+                        eprintln!(
+                            "{geo:13} B={b:2} T={t:6} nq={nq} {p:8} {:8}: {ms:8.4} ms  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}  [{regs} regs, {local_bytes} B local, {blocks_per_sm} blocks/SM, {} splits]",
+                            kv.kernel,
+                            100.0 * gbps / copy,
+                            sd.map(|s| format!("{s:.4} ms, {:.2}x", s / ms)).unwrap_or_else(|| "-".into()),
+                            kv.splits()
+                        );
+                        rows.push(row);
                     }
-                    gpu.force_simt(simt);
-                    let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: hq, kv_heads: hkv, head_dim: d }, lens: vec![t; b] };
-                    let bytes = b * hkv * t * (ks.kind.bytes_per_vector(d) + vs.kind.bytes_per_vector(d));
-                    let copies = (1usize << 28).div_ceil(bytes).clamp(1, 16);
-                    let mut kv = gpu.random_kv(&shape, &ks, &vs, copies, 1)?;
-                    let q = gaussian(b * hq * d, 4);
-                    let ms = gpu.time_attend(&mut kv, &q, 3, 20)?;
-                    let gbps = kv.bytes_read() as f64 / (ms * 1e-3) / 1e9;
-                    let sd = base.get(&(b, t, hq, hkv, d)).copied();
-                    let (regs, local_bytes, blocks_per_sm) = kv.occupancy()?;
-                    let row = json!({"card": card, "codec": p, "kernel": kv.kernel, "geometry": geo, "batch": b, "context": t, "q_heads": hq, "kv_heads": hkv,
-                        "head_dim": d, "kernel_ms": ms, "sdpa_bf16_ms": sd, "speedup": sd.map(|s| s / ms), "gbps": gbps,
-                        "copy_gbps": copy, "bandwidth_fraction": gbps / copy, "cache_bytes": kv.bytes_read(), "splits": kv.splits(),
-                        "registers": regs, "local_bytes": local_bytes, "blocks_per_sm": blocks_per_sm});
-                    eprintln!(
-                        "{geo:13} B={b:2} T={t:6} {p:8} {:8}: {ms:8.4} ms  {gbps:6.0} GB/s ({:3.0}% of copy)  SDPA {}  [{regs} regs, {local_bytes} B local, {blocks_per_sm} blocks/SM]",
-                        kv.kernel,
-                        100.0 * gbps / copy,
-                        sd.map(|s| format!("{s:.4} ms, {:.2}x", s / ms)).unwrap_or_else(|| "-".into())
-                    );
-                    rows.push(row);
                 }
             }
         }
     }
+    gpu.force_simt(false);
     Ok(rows)
 }

@@ -223,7 +223,7 @@ pub fn bench_search(b: &BenchSearch<'_>) -> Result<()> {
         "data": b.data, "codec": a.codec, "n": base.rows, "queries": queries.rows, "dim": base.cols, "metric": "ip (unit vectors)",
         "ivf_lists": a.ivf, "nprobe": a.ivf.map(|_| a.nprobe), "rerank": a.rerank,
         "build_seconds": r.build_seconds, "bytes_per_vector": r.bytes_per_vector,
-        "query_ms": r.query_ms, "qps": r.qps, "threads": rayon::current_num_threads(),
+        "query_ms": r.query_ms, "qps": r.qps, "qps_one_thread": r.qps_one_thread, "threads": rayon::current_num_threads(),
         "recall_10_at_10": r.recall_10_at_10, "recall_1_at_10": r.recall_1_at_10,
         "exact_query_ms": r.exact_query_ms, "speedup_vs_exact": r.exact_query_ms / r.query_ms,
         "raw_vectors": format!("{:?}", a.raw).to_lowercase(),
@@ -237,7 +237,7 @@ pub fn bench_search(b: &BenchSearch<'_>) -> Result<()> {
         println!("  build            {:.3} s (one thread)", r.build_seconds);
         println!("  bytes/vector     {}", r.bytes_per_vector);
         println!("  query            {:.4} ms (one thread)   exact f32 {:.4} ms ({:.1}× faster)", r.query_ms, r.exact_query_ms, r.exact_query_ms / r.query_ms);
-        println!("  qps              {:.0} ({} threads)", r.qps, rayon::current_num_threads());
+        println!("  qps              {:.0} ({} threads), {:.0} (one thread), one batch of all queries", r.qps, rayon::current_num_threads(), r.qps_one_thread);
         println!("  recall 10@10     {:.4}", r.recall_10_at_10);
         println!("  recall 1@10      {:.4}", r.recall_1_at_10);
         if let Some((ms, r10, r1)) = r.raw_rerank {

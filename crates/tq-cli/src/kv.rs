@@ -1,6 +1,6 @@
 //! `tq kv ...` and `tq generate`: argument handling and printing around the
-//! evaluations of `tq_llm::eval` (perplexity and KLD, sweep tables and plots,
-//! decode timing, needle retrieval, calibration, K/V dumps).
+//! evaluations of `tq_llm::eval` (perplexity and KLD, decode timing, needle
+//! retrieval, calibration, K/V dumps; sweeps are `tq_report::sweep`).
 
 use std::path::Path;
 use std::time::Instant;
@@ -47,145 +47,6 @@ pub fn eval(model: &Model, cfg: &PplConfig<'_>, kv: &KvSpec, json: bool) -> Resu
     Ok(())
 }
 
-/// Precisions of `tq kv sweep` by default (and of the report's KV section).
-pub const SWEEP: &str =
-    "f16,q8_0-rot,k8v4,k5v4,q4_0-rot,q4_0,kivi-4,tq-mse-4,tq-mse-4-nc,nvfp4,tq-prod-4,k5v3,k4v3,tq-mse-3.5,tq-mse-3,kivi-2,tq-mse-2.5,tq-mse-2";
-
-/// `tq kv sweep`: `tq kv eval` for every precision (optionally with windows),
-/// as a markdown Pareto table (sorted by bits per value) and an SVG of KLD and
-/// ΔPPL against bits per value in `out`. Returns (markdown, rows).
-#[allow(clippy::too_many_arguments)]
-pub fn sweep(
-    model: &Model,
-    text: &str,
-    chars: usize,
-    ctx: usize,
-    chunks: usize,
-    precisions: &[KvSpec],
-    opts: &CacheOptions,
-    seed: u64,
-    out: &Path,
-) -> Result<(String, Vec<serde_json::Value>)> {
-    let pb = indicatif::ProgressBar::new(chunks as u64);
-    pb.set_style(indicatif::ProgressStyle::with_template("kv sweep [{bar:30}] {pos}/{len} chunks × {msg} ({eta})").unwrap().progress_chars("=> "));
-    pb.set_message(format!("{} precisions", precisions.len()));
-    let a = PplConfig { text, chars, ctx, chunks, opts: opts.clone(), seed };
-    let body = eval::ppl_text(&a, true)?;
-    let mut rows = eval::perplexity(model.get(true)?, &a, &body, precisions, &|k| pb.set_position(k as u64), &eval::quiet)?;
-    pb.finish_and_clear();
-    rows.sort_by(|a, b| a["bits_per_value"].as_f64().unwrap_or(0.0).total_cmp(&b["bits_per_value"].as_f64().unwrap_or(0.0)));
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
-    // one plot per text and cache options
-    let mut tag = String::new();
-    if opts.sink + opts.recent > 0 {
-        tag += &format!("_s{}r{}", opts.sink, opts.recent);
-    }
-    if opts.recent_q8 {
-        tag += "q8";
-    }
-    if opts.delayed {
-        tag += "d";
-    }
-    if opts.center_keys {
-        tag += "_ck";
-    }
-    if let Some(c) = &opts.calibration {
-        tag += &format!("_cal-{}", c.source.replace(['/', '.'], "_"));
-    }
-    if seed != 0 {
-        tag += &format!("_seed{seed}");
-    }
-    let svg = format!("kv_sweep_{}{tag}.svg", text.replace(['/', '.'], "_"));
-    plot_sweep(&out.join(&svg), text, &rows)?;
-    use std::fmt::Write as _;
-    let mut md = String::new();
-    let (sink, recent) = (opts.sink, opts.recent);
-    let rf = if opts.recent_q8 { "q8_0" } else { "f32" };
-    let mut win =
-        if sink + recent > 0 { format!(", windows: {sink} f32 sink + {recent} {rf} recent tokens (not in bits/value; in bytes/token)") } else { String::new() };
-    if opts.center_keys {
-        win += ", keys centered (--center-keys)";
-    }
-    if opts.delayed {
-        win += ", recent tokens encoded when they leave the window (--delayed)";
-    }
-    if let Some(c) = &opts.calibration {
-        win += &format!(", keys through transforms calibrated on {} (--calib; static per model, {} KiB, not in bits/value)", c.source, c.bytes() / 1024);
-    }
-    if seed != 0 {
-        win += &format!(", rotation seed {seed}");
-    }
-    let _ = writeln!(
-        md,
-        "`tq kv sweep --text {text} --chars {chars} --ctx {ctx} --chunks {chunks}`: SmolLM2-135M, llama.cpp's perplexity convention; KLD and top-1 \
-         against the f32 cache on the same tokens{win}. Differences below about 1% ΔPPL are within the run-to-run \
-         sensitivity of quantized caches (see docs/kv-cache.md).\n\n![KLD and ΔPPL vs bits per value]({svg})\n"
-    );
-    let _ = writeln!(md, "| KV precision | bits/value | bytes/token (measured) | ppl | ΔPPL | KLD | top-1 agree |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
-    for r in &rows {
-        let (ppl, f) = (r["ppl"].as_f64().unwrap_or(f64::NAN), r["ppl_f32"].as_f64().unwrap_or(f64::NAN));
-        let _ = writeln!(
-            md,
-            "| {} | {:.2} | {:.0} | {:.3} | {:+.2}% | {:.4} | {:.3} |",
-            r["kv"].as_str().unwrap_or(""),
-            r["bits_per_value"].as_f64().unwrap_or(f64::NAN),
-            r["kv_bytes_measured_per_token"].as_f64().unwrap_or(f64::NAN),
-            ppl,
-            100.0 * (ppl / f - 1.0),
-            r["kld"].as_f64().unwrap_or(f64::NAN),
-            r["top1_agree"].as_f64().unwrap_or(f64::NAN)
-        );
-    }
-    Ok((md, rows))
-}
-
-fn plot_sweep(path: &Path, text: &str, rows: &[serde_json::Value]) -> Result<()> {
-    use plotters::prelude::*;
-    let root = SVGBackend::new(path, (1000, 500)).into_drawing_area();
-    let err = |e: plotters::drawing::DrawingAreaErrorKind<_>| anyhow::anyhow!("plot: {e}");
-    root.fill(&WHITE).map_err(err)?;
-    let (left, right) = root.split_horizontally(500);
-    let pts: Vec<(f64, f64, f64, String)> = rows
-        .iter()
-        .filter(|r| r["kv"] != "f32")
-        .map(|r| {
-            let (ppl, f) = (r["ppl"].as_f64().unwrap_or(f64::NAN), r["ppl_f32"].as_f64().unwrap_or(f64::NAN));
-            (
-                r["bits_per_value"].as_f64().unwrap_or(0.0),
-                r["kld"].as_f64().unwrap_or(0.0).max(1e-6),
-                100.0 * (ppl / f - 1.0),
-                r["kv"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    let xmax = pts.iter().map(|p| p.0).fold(4.0f64, f64::max) * 1.1;
-    let kmax = pts.iter().map(|p| p.1).fold(1e-3f64, f64::max) * 2.0;
-    let mut c = ChartBuilder::on(&left)
-        .caption(format!("{text}: KLD vs bits/value"), ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..xmax, (1e-6..kmax).log_scale())
-        .map_err(err)?;
-    c.configure_mesh().x_desc("bits per value").y_desc("KLD vs f32 cache (log)").draw().map_err(err)?;
-    c.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 4, BLUE.filled()))).map_err(err)?;
-    c.draw_series(pts.iter().map(|p| Text::new(p.3.clone(), (p.0 + 0.1, p.1), ("sans-serif", 11)))).map_err(err)?;
-    let dmax = pts.iter().map(|p| p.2).filter(|v| v.is_finite()).fold(1.0f64, f64::max) * 1.1;
-    let mut c = ChartBuilder::on(&right)
-        .caption(format!("{text}: ΔPPL vs bits/value"), ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(0.0..xmax, -1.0..dmax)
-        .map_err(err)?;
-    c.configure_mesh().x_desc("bits per value").y_desc("ΔPPL vs f32 cache (%)").draw().map_err(err)?;
-    c.draw_series(pts.iter().map(|p| Circle::new((p.0, p.2), 4, RED.filled()))).map_err(err)?;
-    c.draw_series(pts.iter().map(|p| Text::new(p.3.clone(), (p.0 + 0.1, p.2), ("sans-serif", 11)))).map_err(err)?;
-    root.present().map_err(|e| anyhow::anyhow!("plot: {e}"))?;
-    Ok(())
-}
-
 /// `tq generate`: greedy decoding with a KV cache of the given precision,
 /// tokens streamed to stdout as they are produced. The prompt is wrapped in
 /// SmolLM2's chat template unless `raw`.
@@ -213,8 +74,9 @@ pub fn generate(model: &Model, kv: &KvSpec, prompt: &str, max_tokens: usize, raw
         // decode the whole answer each time: byte-level tokens may split characters
         let text = rt.decode(so_far)?;
         if text.len() > printed && text.is_char_boundary(printed) {
-            write!(stdout, "{}", &text[printed..])?;
-            stdout.flush()?;
+            let io = |e: std::io::Error| tq_llm::LlmError::Msg(format!("cannot write to stdout: {e}"));
+            write!(stdout, "{}", &text[printed..]).map_err(io)?;
+            stdout.flush().map_err(io)?;
             printed = text.len();
         }
         Ok(())

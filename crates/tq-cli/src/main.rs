@@ -1,12 +1,12 @@
 //! `tq`: TurboQuant from the command line. Errors are one line on stderr with
 //! a non-zero exit status; no command leaves a partial output file.
 
+mod bars;
 mod bench;
 mod cuda;
 mod eval;
 mod index;
 mod kv;
-mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,11 +14,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use tq_core::eval::{measure_distortion, theory, DEFAULT_RHO};
 use tq_core::{registry, RotationKind};
 use tq_index::{Metric, RawVectors};
 
-use tq_data::tqc::CodeFile;
 use tq_data::Matrix;
 use tq_kv::plan::Weights;
 use tq_kv::KvSpec;
@@ -121,7 +119,7 @@ enum Cmd {
     },
     /// KV-cache and total memory for a model at a context length, per precision.
     Vram {
-        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m.
+        /// llama-3.1-8b, llama-3.1-70b, qwen2.5-32b, glm-4-9b-chat, mixtral-8x22b, smollm2-135m, qwen2.5-1.5b.
         #[arg(long)]
         model: String,
         /// bf16 (or f16), int8, int4.
@@ -270,7 +268,7 @@ enum KvCmd {
         #[command(flatten)]
         text: TextArgs,
         /// Comma-separated precisions.
-        #[arg(long, value_delimiter = ',', default_value = kv::SWEEP)]
+        #[arg(long, value_delimiter = ',', default_value = tq_report::SWEEP)]
         kv: Vec<KvSpec>,
         #[command(flatten)]
         windows: Windows,
@@ -532,6 +530,26 @@ enum BenchCmd {
         /// One case per geometry and precision (B=8, T=32K).
         #[arg(long)]
         quick: bool,
+        /// Batch sizes to time, comma-separated (default 1,8,32; --quick: 8).
+        #[arg(long, value_delimiter = ',')]
+        batches: Vec<usize>,
+        /// Cached tokens per sequence to time, comma-separated (default
+        /// 8192,32768,131072; --quick: 32768).
+        #[arg(long, value_delimiter = ',')]
+        contexts: Vec<usize>,
+        /// Query tokens per sequence, comma-separated (default 1).
+        #[arg(long, value_delimiter = ',')]
+        q_tokens: Vec<usize>,
+        /// KV precisions to time, comma-separated (default: all six).
+        #[arg(long, value_delimiter = ',')]
+        kv: Vec<String>,
+        /// Geometries to time, comma-separated (default: all).
+        #[arg(long, value_delimiter = ',')]
+        geometries: Vec<String>,
+        /// Time only the kernel chosen for each precision (no forced SIMT runs
+        /// of TurboQuant caches).
+        #[arg(long)]
+        no_simt: bool,
         /// Also write the JSON lines to this file.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -588,7 +606,17 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Encode { codec, input, out, seed, rotation, json } => encode(&codec, &input, &out, seed, rotation, json),
         Cmd::Decode { input, out } => decode(&input, &out),
         Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, json } } => bench::encode(&codec, dim, n, rotation, json),
-        Cmd::Report { out, n, quick, full } => report::run(&out, n, report::Size { quick, full }),
+        Cmd::Report { out, n, quick, full } => {
+            tq_report::run(
+                &out,
+                n,
+                tq_report::Size { quick, full },
+                &|| model.get(true).map_err(|e| tq_llm::LlmError::Msg(format!("{e:#}"))),
+                &bars::Bars::new(),
+            )?;
+            eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());
+            Ok(())
+        }
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json } } => {
             let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx, &model)?, seed: w.seed };
@@ -599,6 +627,10 @@ fn run(cli: Cli) -> Result<()> {
             if name == "austen" || name == "shakespeare" {
                 let (t, f) = if name == "austen" { (ds::austen_text(false)?, ds::AUSTEN_FILE) } else { (ds::shakespeare_text(false)?, ds::SHAKESPEARE_FILE) };
                 eprintln!("{name}: {} characters in {}", t.len(), ds::cache_dir().join(f).display());
+                return Ok(());
+            }
+            if ds::MODELS.iter().any(|m| m.name == name) {
+                eprintln!("{name}: {}", ds::model_gguf(&name, false)?.display());
                 return Ok(());
             }
             let pb = embed_bar(false);
@@ -636,11 +668,12 @@ fn run(cli: Cli) -> Result<()> {
                 IndexCmd::Check { index, json } => index::check(&index, json),
             }
         }
-        Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, out } } => {
+        Cmd::Bench { what: BenchCmd::Cuda { check, real, sdpa, quick, batches, contexts, q_tokens, kv, geometries, no_simt, out } } => {
             let lines: Vec<String> = if check {
                 vec![serde_json::to_string(&cuda::check(real.as_deref())?)?]
             } else {
-                cuda::bench(sdpa.as_deref(), quick)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
+                let grid = cuda::Grid::new(quick, batches, contexts, q_tokens, kv, geometries, no_simt)?;
+                cuda::bench(sdpa.as_deref(), &grid)?.iter().map(serde_json::to_string).collect::<std::result::Result<_, _>>()?
             };
             for l in &lines {
                 println!("{l}");
@@ -654,7 +687,8 @@ fn run(cli: Cli) -> Result<()> {
             kv::generate(&model, &kv, &prompt, max_tokens, raw, &w.opts(tq_llm::eval::CALIB_CTX, &model)?, w.seed)
         }
         Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json } } => {
-            let (md, rows) = kv::sweep(&model, &t.text, t.chars, t.ctx, t.chunks, &kv, &w.opts(t.ctx, &model)?, w.seed, &out)?;
+            let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx, &model)?, seed: w.seed };
+            let (md, rows) = tq_report::sweep(model.get(true)?, &cfg, &kv, &out, &bars::Bars::new())?;
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r)?);
@@ -783,90 +817,44 @@ fn codecs(dim: usize, json: bool) -> Result<()> {
 }
 
 fn distortion(name: &str, dim: usize, n: usize, seed: u64, rot: RotationKind, json: bool) -> Result<()> {
-    if n < 2 {
-        bail!("--n must be at least 2 (got {n})");
-    }
-    let entry = tq_core::lookup(name)?;
-    let mut codec = entry.build(dim, seed, rot, &[])?;
-    // codecs that learn from data (PQ, RaBitQ's centre) train on independent unit vectors
-    tq_core::eval::train_on_unit_vectors(codec.as_mut(), n.min(20_000), seed)?;
-    let pb = indicatif::ProgressBar::new(n as u64);
+    let bars = bars::Bars::new();
+    let v = tq_report::distortion(name, dim, n, seed, rot, if json { &tq_report::Silent } else { &bars })?;
     if json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
     }
-    let s = measure_distortion(codec.as_ref(), n, seed.wrapping_add(1), DEFAULT_RHO, &|k| pb.inc(k as u64))?;
-    pb.finish_and_clear();
-    let t = theory(entry, dim);
-    let out = json!({
-        "codec": name, "dim": dim, "n": n, "seed": seed, "rotation": rot.name(),
-        "bits_per_value": codec.bits_per_value(),
-        "d_mse": s.d_mse, "d_mse_stderr": s.d_mse_stderr, "d_mse_theory": report::fin(t.d_mse),
-        "d_prod": s.d_prod, "d_prod_stderr": s.d_prod_stderr, "d_prod_theory": report::fin(t.d_prod),
-        "ip_bias": s.ip_bias, "ip_bias_stderr": s.ip_bias_stderr,
-        "rho": s.rho, "ip_bias_rho": s.ip_bias_rho, "ip_bias_rho_stderr": s.ip_bias_rho_stderr,
-        "ip_gain": s.ip_gain, "ip_gain_theory": t.ip_gain,
-    });
-    if json {
-        println!("{}", serde_json::to_string(&out)?);
-    } else {
-        println!("{} dim={} n={} rotation={} bits/value={:.4}", name, dim, n, rot.name(), codec.bits_per_value());
-        println!("  d_mse  = {:.6} ± {:.6}   theory {:.6}", s.d_mse, s.d_mse_stderr, t.d_mse);
-        println!("  d_prod·dim = {:.5} ± {:.5}   theory {:.5}", s.d_prod * dim as f64, s.d_prod_stderr * dim as f64, t.d_prod * dim as f64);
-        println!("  ip_bias = {:+.6} ± {:.6} (independent q)", s.ip_bias, s.ip_bias_stderr);
-        println!("  planted q (ρ={}): bias {:+.6} ± {:.6}, gain {:.5} (theory {:.5})", s.rho, s.ip_bias_rho, s.ip_bias_rho_stderr, s.ip_gain, t.ip_gain);
-    }
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    let d = dim as f64;
+    println!("{} dim={} n={} rotation={} bits/value={:.4}", name, dim, n, rot.name(), f("bits_per_value"));
+    println!("  d_mse  = {:.6} ± {:.6}   theory {:.6}", f("d_mse"), f("d_mse_stderr"), f("d_mse_theory"));
+    println!("  d_prod·dim = {:.5} ± {:.5}   theory {:.5}", f("d_prod") * d, f("d_prod_stderr") * d, f("d_prod_theory") * d);
+    println!("  ip_bias = {:+.6} ± {:.6} (independent q)", f("ip_bias"), f("ip_bias_stderr"));
+    println!(
+        "  planted q (ρ={}): bias {:+.6} ± {:.6}, gain {:.5} (theory {:.5})",
+        f("rho"),
+        f("ip_bias_rho"),
+        f("ip_bias_rho_stderr"),
+        f("ip_gain"),
+        f("ip_gain_theory")
+    );
     Ok(())
 }
 
-/// Vectors used to fit data-dependent codec parameters (fractional codecs).
-const TRAIN_SAMPLE: usize = 4096;
-
 fn encode(name: &str, input: &Path, out: &Path, seed: u64, rot: RotationKind, json: bool) -> Result<()> {
-    let entry = tq_core::lookup(name)?;
-    let m = tq_data::vectors::read_vectors(input)?;
-    let mut codec = entry.build(m.cols, seed, rot, &[]).with_context(|| format!("{} has dimension {}", input.display(), m.cols))?;
-    tq_core::codec::check_vectors(&m.data, m.cols).with_context(|| format!("bad input {}", input.display()))?;
-    codec.train(&m.data[..m.cols * m.rows.min(TRAIN_SAMPLE)])?;
-    let mut codes = vec![0u8; m.rows * codec.code_size()];
-    let t = std::time::Instant::now();
-    codec.encode_batch(&m.data, &mut codes)?;
-    let secs = t.elapsed().as_secs_f64();
-    let file =
-        CodeFile { codec_name: name.to_string(), rotation: rot, dim: m.cols, count: m.rows, seed, code_size: codec.code_size(), params: codec.params(), codes };
-    let bytes = tq_data::tqc::tqc_bytes(&file)?;
-    tq_io::write_atomic(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
-    let info = json!({
-        "codec": name, "dim": m.cols, "count": m.rows, "code_size": codec.code_size(),
-        "bits_per_value": codec.bits_per_value(), "file_bytes": bytes.len(), "encode_seconds": secs,
-        "out": out.display().to_string(),
-    });
+    let e = tq_data::tqc::encode_file(name, input, out, seed, rot)?;
     if json {
+        let info = json!({"codec": name, "dim": e.dim, "count": e.count, "code_size": e.code_size, "bits_per_value": e.bits_per_value,
+            "file_bytes": e.file_bytes, "encode_seconds": e.encode_seconds, "out": out.display().to_string()});
         println!("{}", serde_json::to_string(&info)?);
     } else {
-        eprintln!(
-            "encoded {} × {} with {} into {} ({} bytes, {:.3} bits/value, {:.3} s)",
-            m.rows,
-            m.cols,
-            name,
-            out.display(),
-            bytes.len(),
-            codec.bits_per_value(),
-            secs
-        );
+        let (n, d, b, bpv, s) = (e.count, e.dim, e.file_bytes, e.bits_per_value, e.encode_seconds);
+        eprintln!("encoded {n} × {d} with {name} into {} ({b} bytes, {bpv:.3} bits/value, {s:.3} s)", out.display());
     }
     Ok(())
 }
 
 fn decode(input: &Path, out: &Path) -> Result<()> {
-    let f = tq_data::tqc::read_tqc(input)?;
-    if f.count == 0 {
-        bail!("{} holds no codes (count 0): nothing to decode", input.display());
-    }
-    let entry = tq_core::lookup(&f.codec_name)?;
-    let codec = entry.build(f.dim, f.seed, f.rotation, &f.params).with_context(|| format!("cannot rebuild the codec of {}", input.display()))?;
-    let mut data = vec![0.0f32; f.count * f.dim];
-    codec.decode_batch(&f.codes, &mut data)?;
-    tq_data::vectors::write_npy(out, &Matrix { rows: f.count, cols: f.dim, data })?;
+    let f = tq_data::tqc::decode_file(input, out)?;
     eprintln!("decoded {} × {} ({}) into {}", f.count, f.dim, f.codec_name, out.display());
     Ok(())
 }

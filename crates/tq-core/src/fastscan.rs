@@ -99,9 +99,8 @@ impl FastScanCodes {
     pub fn get(&self, i: usize, nibbles: &mut [u8]) {
         assert!(i < self.n && nibbles.len() == self.m / 2);
         let (base, shift) = self.slot(i);
-        for (p, o) in nibbles.iter_mut().enumerate() {
-            let at = base + p * 32;
-            *o = ((self.data[at] >> shift) & 0x0F) | (((self.data[at + 16] >> shift) & 0x0F) << 4);
+        for (o, pair) in nibbles.iter_mut().zip(self.data[base..].chunks(32)) {
+            *o = ((pair[0] >> shift) & 0x0F) | (((pair[16] >> shift) & 0x0F) << 4);
         }
     }
 
@@ -151,6 +150,17 @@ impl FastScanCodes {
         (kernels().fastscan_block)(&self.data[b * bb..(b + 1) * bb], &lut.tables, out);
     }
 
+    /// Integer table sums of many queries over blocks `b0..b1` in one pass
+    /// (`kernels().fastscan_multi`): `tables` holds the `tables()` of the
+    /// queries one after another, and `out[(q·(b1 − b0) + b − b0)·32 + i]`
+    /// receives the sum of vector `32b + i` under query `q` (the same integers
+    /// as `scan_block`).
+    pub fn scan_blocks_multi(&self, b0: usize, b1: usize, tables: &[u8], out: &mut [u32]) {
+        let bb = self.block_bytes();
+        assert!(b0 <= b1 && b1 <= self.blocks() && tables.len().is_multiple_of(bb), "fast-scan block range or tables");
+        (kernels().fastscan_multi)(&self.data[b0 * bb..b1 * bb], tables, bb, out);
+    }
+
     /// Approximate `Σ_i T_i[sub-code i]` for every code, in order (`out.len() == len()`).
     pub fn scan(&self, lut: &QuantizedLut, out: &mut [f32]) {
         assert_eq!(out.len(), self.n);
@@ -186,7 +196,12 @@ impl QuantizedLut {
         let mins: Vec<f32> = lut.chunks_exact(16).map(|t| t.iter().copied().fold(f32::INFINITY, f32::min)).collect();
         let range = lut.chunks_exact(16).zip(&mins).map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max)).fold(0.0f32, f32::max);
         let delta = if range > 0.0 { range / qmax } else { 1.0 };
-        let tables = lut.chunks_exact(16).zip(&mins).flat_map(|(t, &lo)| t.iter().map(move |&v| ((v - lo) / delta).round().clamp(0.0, qmax) as u8)).collect();
+        let mut tables = vec![0u8; lut.len()];
+        for ((o, t), &lo) in tables.chunks_exact_mut(16).zip(lut.chunks_exact(16)).zip(&mins) {
+            for (o, &v) in o.iter_mut().zip(t) {
+                *o = ((v - lo) / delta).round().clamp(0.0, qmax) as u8;
+            }
+        }
         let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
         Self { m, tables, delta, bias }
     }
@@ -203,6 +218,13 @@ impl QuantizedLut {
     #[inline]
     pub fn value(&self, sum: u32) -> f32 {
         self.bias + self.delta * sum as f32
+    }
+    /// `out[i] = factors[i] · value(sums[i])` for `i < out.len()`
+    /// (`factors.len() == out.len() <= sums.len()`) and the maxima of its
+    /// blocks of 32 (`maxes.len() == out.len().div_ceil(32)`), vectorized
+    /// (`kernels().fastscan_values`).
+    pub fn values(&self, sums: &[u32], factors: &[f32], out: &mut [f32], maxes: &mut [f32]) {
+        (kernels().fastscan_values)(sums, factors, self.bias, self.delta, out, maxes)
     }
     /// Bound on |estimate − exact table sum|: `m·Δ/2`.
     pub fn max_error(&self) -> f32 {

@@ -8,6 +8,7 @@ pub mod bitpack;
 pub mod codebook;
 pub mod error;
 pub mod kernels;
+pub mod kv_layout;
 pub mod rng;
 pub mod rotation;
 
@@ -23,5 +24,6 @@ pub mod registry;
 
 pub use codec::{CodebookView, Codec, PreparedQuery};
 pub use geometry::KvGeometry;
+pub use kv_layout::KvLayout;
 pub use registry::{build, lookup, registry, CodecEntry, CodecKind};
 pub use rotation::RotationKind;

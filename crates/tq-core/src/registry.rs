@@ -116,11 +116,11 @@ pub enum Family {
     Polar,
 }
 
-/// How a KV cache stores a vector coded by a codec (`crate::kv::kv_code_size`).
+/// How a KV cache stores a vector coded by a codec ([`crate::KvLayout`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvScale {
     /// Codebook codes: the packed indices and the f32 scale as a bf16
-    /// (`crate::kv::KV_SCALE_BYTES`).
+    /// ([`crate::kv_layout::KV_SCALE_BYTES`]).
     Bf16,
     /// The whole code, with the scales it holds itself (f32 norms, f16 or
     /// E8M0/E4M3 block scales).

@@ -22,8 +22,17 @@ use cudarc::nvrtc::CompileOptions;
 use crate::{AttnShape, Error, Result, SideKind, SideSpec};
 
 const SOURCE: &str = include_str!("kernels.cu");
+/// Threads of the SIMT attention kernel and of `tq_prep_q` (NT in kernels.cu).
 const NT: usize = 128;
 const TILE: usize = 128;
+/// Warps of a tensor-core attention block (MW in kernels.cu).
+const MMA_WARPS: usize = 8;
+/// Steps in flight per warp of the tensor-core kernel (STAGES in kernels.cu).
+const MMA_STAGES: usize = 4;
+/// Most score rows (query token × head) one block takes: tensor-core kernel
+/// (16 rows of one MMA), SIMT kernel (register accumulators per row).
+const MMA_ROWS: usize = 16;
+const SIMT_ROWS: usize = 8;
 /// Threads of `tq_combine` (CT in kernels.cu).
 const COMBINE_THREADS: u32 = 256;
 
@@ -76,6 +85,9 @@ pub struct DeviceKv {
     attend: CudaFunction,
     combine: CudaFunction,
     smem: u32,
+    threads: u32,
+    /// row blocks per KV head
+    ngr: usize,
     /// Which attention kernel runs: `mma-f16` (tensor cores) or `simt-f32`.
     pub kernel: &'static str,
 }
@@ -132,7 +144,7 @@ impl Gpu {
     }
 
     /// Caches made from now on use the plain fp32 (SIMT) attention kernel even
-    /// where the tensor-core one applies (TurboQuant K and V, GQA group ≤ 8).
+    /// where the tensor-core one applies (TurboQuant K and V).
     pub fn force_simt(&self, on: bool) {
         self.simt.store(on, Ordering::Relaxed);
     }
@@ -214,16 +226,20 @@ impl Gpu {
         if k.head_dim != d || v.head_dim != d {
             return Err(Error::Shape(format!("sides built for head_dim {}/{}, shape has {d}", k.head_dim, v.head_dim)));
         }
-        let (b, h, g) = (shape.batch(), shape.heads.kv_heads, shape.group());
+        let (b, h, nr) = (shape.batch(), shape.heads.kv_heads, shape.rows());
         let cap = shape.max_len().div_ceil(TILE) * TILE;
         let rows = copies * b * h * cap;
-        let defines = attention_defines(d, g, k.kind, v.kind);
+        let mma = k.rotated() && v.rotated() && !self.simt.load(Ordering::Relaxed);
+        // the rows of a KV head in as few equal blocks as the kernel takes
+        let ngr = nr.div_ceil(if mma { MMA_ROWS } else { SIMT_ROWS });
+        let rb = nr.div_ceil(ngr);
+        let kvsame = k.rotated() && v.rotated() && k.kind.bits() == v.kind.bits() && k.codebook().map(|c| c.0) == v.codebook().map(|c| c.0);
+        let defines = attention_defines(d, shape.group(), shape.q_tokens, rb, kvsame, k.kind, v.kind);
         let module = self.module(&defines)?;
-        let mma = k.rotated() && v.rotated() && g <= 8 && !self.simt.load(Ordering::Relaxed);
         let attend = cu(module.load_function(if mma { "tq_attend_mma" } else { "tq_attend" }))?;
         let combine = cu(module.load_function("tq_combine"))?;
         let prep = cu(module.load_function("tq_prep_q"))?;
-        let smem = if mma { 0 } else { attend_smem(d, g, k.kind, v.kind) };
+        let (smem, threads) = if mma { (mma_smem(d, rb, kvsame, k.kind, v.kind), 32 * MMA_WARPS) } else { (attend_smem(d, rb, k.kind, v.kind), NT) };
         if smem > 48 * 1024 {
             cu(attend.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32))?;
         }
@@ -231,16 +247,16 @@ impl Gpu {
         // to 90% at least (measured: short blocks lose to their setup, and a
         // nearly empty last wave costs a whole block's time)
         let tiles = cap / TILE;
-        let per_sm = cu(attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, smem, None))?.max(1) as usize;
+        let per_sm = cu(attend.occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None))?.max(1) as usize;
         let want = match self.splits.load(Ordering::Relaxed) {
-            0 => split_count(self.sms * per_sm, b * h),
+            0 => split_count(self.sms * per_sm, b * h * ngr),
             n => n,
         }
         .clamp(1, tiles);
         let split_len = tiles.div_ceil(want) * TILE;
         let nsplit = cap.div_ceil(split_len);
         let z8 = |n: usize| cu(self.stream.alloc_zeros::<u8>(n));
-        let hq = shape.heads.q_heads;
+        let (hq, nq) = (shape.heads.q_heads, shape.q_tokens);
         let lens: Vec<i32> = shape.lens.iter().map(|&l| l as i32).collect();
         Ok(DeviceKv {
             shape: shape.clone(),
@@ -259,16 +275,18 @@ impl Gpu {
             vtab: self.table(v)?,
             nsplit,
             split_len,
-            po: cu(self.stream.alloc_zeros::<f32>(b * hq * nsplit * d))?,
-            pm: cu(self.stream.alloc_zeros::<f32>(b * hq * nsplit))?,
-            pl: cu(self.stream.alloc_zeros::<f32>(b * hq * nsplit))?,
-            out: cu(self.stream.alloc_zeros::<f32>(b * hq * d))?,
-            q: cu(self.stream.alloc_zeros::<f32>(b * hq * d))?,
+            po: cu(self.stream.alloc_zeros::<f32>(b * h * nr * nsplit * d))?,
+            pm: cu(self.stream.alloc_zeros::<f32>(b * h * nr * nsplit))?,
+            pl: cu(self.stream.alloc_zeros::<f32>(b * h * nr * nsplit))?,
+            out: cu(self.stream.alloc_zeros::<f32>(b * nq * hq * d))?,
+            q: cu(self.stream.alloc_zeros::<f32>(b * nq * hq * d))?,
             prep,
             attend,
             combine,
-            qr: cu(self.stream.alloc_zeros::<f32>(b * hq * d))?,
+            qr: cu(self.stream.alloc_zeros::<f32>(b * nq * hq * d))?,
             smem: smem as u32,
+            threads: threads as u32,
+            ngr,
             kernel: if mma { "mma-f16" } else { "simt-f32" },
         })
     }
@@ -348,58 +366,63 @@ impl Gpu {
         let vs = kv.vs.slice(copy * per * vsb..(copy + 1) * per * vsb);
         let (cap, heads, split_len) = (kv.cap as i32, kv.shape.heads.kv_heads as i32, kv.split_len as i32);
         let mut b = self.stream.launch_builder(&kv.prep);
-        b.arg(&kv.q).arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&mut kv.qr);
+        b.arg(&kv.q).arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&heads).arg(&mut kv.qr);
         let cfg = LaunchConfig { grid_dim: ((kv.shape.batch() * kv.shape.heads.kv_heads) as u32, 1, 1), block_dim: (NT as u32, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: `tq_prep_q(q, ks1, ks2, ktotal, qr)` in order and type; block i
-        // < batch·kv_heads reads and writes the G·D floats at i·G·D of `q` and
-        // `qr` (batch·q_heads·D each); the signs hold D entries (or 1, unused
-        // unless ROTK).
+        // SAFETY: `tq_prep_q(q, ks1, ks2, ktotal, kv_heads, qr)` in order and type;
+        // block i < batch·kv_heads reads the NQ·G query vectors of its sequence
+        // and KV head from `q` and writes the NR·D floats at i·NR·D of `qr`
+        // (batch·q_tokens·q_heads·D each); the signs hold D entries (or 1,
+        // unused unless ROTK).
         cu(unsafe { b.launch(cfg) })?;
         let mut b = self.stream.launch_builder(&kv.attend);
         b.arg(&kv.qr).arg(&kc).arg(&ks).arg(&vc).arg(&vs).arg(&kv.lens).arg(&cap).arg(&heads).arg(&split_len);
         b.arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&kv.ktab).arg(&kv.vtab);
         b.arg(&mut kv.po).arg(&mut kv.pm).arg(&mut kv.pl);
         let cfg = LaunchConfig {
-            grid_dim: (kv.nsplit as u32, kv.shape.heads.kv_heads as u32, kv.shape.batch() as u32),
-            block_dim: (NT as u32, 1, 1),
+            grid_dim: (kv.nsplit as u32, (kv.shape.heads.kv_heads * kv.ngr) as u32, kv.shape.batch() as u32),
+            block_dim: (kv.threads, 1, 1),
             shared_mem_bytes: kv.smem,
         };
         // SAFETY: the arguments are the parameter list shared by `tq_attend` and
         // `tq_attend_mma` (q, kc, ks, vc, vs, lens, cap, kv_heads, split_len,
         // ks1, ks2, ktotal, ktab, vtab, po, pm, pl) in order and type. The code
-        // and scale views are one copy of batch·kv_heads·cap slots, `lens` has
-        // batch entries <= cap, the partial buffers hold batch·q_heads·nsplit
-        // (·D) floats for the nsplit·split_len >= cap grid, and the dynamic
-        // shared memory is what `attend_smem` computes (the limit raised above
-        // 48 KiB in `device_kv`).
+        // and scale views are one copy of batch·kv_heads·cap slots (cap a
+        // multiple of TILE, so every 16-token bulk copy of the tensor-core
+        // kernel stays inside them), `lens` has batch entries <= cap, the
+        // partial buffers hold batch·kv_heads·NR·nsplit (·D) floats for the
+        // nsplit·split_len >= cap grid, the grid's y is kv_heads·NGR with the
+        // NGR and RB of the defines, and the dynamic shared memory is what
+        // `mma_smem` / `attend_smem` compute (the limit raised above 48 KiB in
+        // `device_kv`).
         cu(unsafe { b.launch(cfg) })?;
         let nsplit = kv.nsplit as i32;
         let mut b = self.stream.launch_builder(&kv.combine);
-        b.arg(&kv.po).arg(&kv.pm).arg(&kv.pl).arg(&nsplit).arg(&kv.vrot.s1).arg(&kv.vrot.s2).arg(&kv.vrot.total);
+        b.arg(&kv.po).arg(&kv.pm).arg(&kv.pl).arg(&nsplit).arg(&kv.vrot.s1).arg(&kv.vrot.s2).arg(&kv.vrot.total).arg(&heads);
         b.arg(&mut kv.out);
         let cfg = LaunchConfig {
-            grid_dim: ((kv.shape.batch() * kv.shape.heads.q_heads) as u32, 1, 1),
+            grid_dim: ((kv.shape.batch() * kv.shape.heads.kv_heads * kv.shape.rows()) as u32, 1, 1),
             block_dim: (COMBINE_THREADS, 1, 1),
             shared_mem_bytes: 4 * kv.nsplit as u32,
         };
-        // SAFETY: `tq_combine(po, pm, pl, nsplit, vs1, vs2, vtotal, out)` in order
-        // and type; block i < batch·q_heads reads its nsplit partials and writes
-        // out[i·D..][..D]; `wsplit` gets its nsplit floats of shared memory.
+        // SAFETY: `tq_combine(po, pm, pl, nsplit, vs1, vs2, vtotal, kv_heads, out)`
+        // in order and type; block i < batch·kv_heads·NR reads its nsplit
+        // partials and writes one D-vector of `out` (batch·q_tokens·q_heads·D);
+        // `wsplit` gets its nsplit floats of shared memory.
         cu(unsafe { b.launch(cfg) })?;
         Ok(())
     }
 
     fn set_query(&self, kv: &mut DeviceKv, q: &[f32]) -> Result<()> {
-        let want = kv.shape.batch() * kv.shape.heads.q_heads * kv.shape.heads.head_dim;
+        let want = kv.shape.batch() * kv.shape.q_tokens * kv.shape.heads.q_heads * kv.shape.heads.head_dim;
         if q.len() != want {
-            return Err(Error::Shape(format!("{} query values given, {want} expected (batch × q_heads × head_dim)", q.len())));
+            return Err(Error::Shape(format!("{} query values given, {want} expected (batch × q_tokens × q_heads × head_dim)", q.len())));
         }
         tq_core::codec::check_vectors(q, kv.shape.heads.head_dim)?;
         cu(self.stream.memcpy_htod(q, &mut kv.q))
     }
 
-    /// Decode attention of one query token per sequence: `q` is
-    /// `[batch][q_heads][head_dim]`, the result likewise. The output buffer is
+    /// Decode attention of the shape's query tokens per sequence: `q` is
+    /// `[batch][q_tokens][q_heads][head_dim]`, the result likewise. The output buffer is
     /// poisoned (NaN) first, so an unwritten element cannot pass for a result.
     pub fn attend(&self, kv: &mut DeviceKv, q: &[f32]) -> Result<Vec<f32>> {
         self.set_query(kv, q)?;
@@ -458,9 +481,10 @@ fn compile(defines: &str, arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
     cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| Error::Compile(format!("{defines}: {e:?}")))
 }
 
-fn attention_defines(d: usize, g: usize, k: SideKind, v: SideKind) -> String {
+fn attention_defines(d: usize, g: usize, nq: usize, rb: usize, kvsame: bool, k: SideKind, v: SideKind) -> String {
     format!(
-        "#define ATTENTION\n#define D {d}\n#define G {g}\n#define KMODE {}\n#define VMODE {}\n#define KB {}\n#define VB {}\n#define ROTK {}\n#define ROTV {}\n",
+        "#define ATTENTION\n#define D {d}\n#define G {g}\n#define NQ {nq}\n#define RB {rb}\n#define KVSAME {}\n#define KMODE {}\n#define VMODE {}\n#define KB {}\n#define VB {}\n#define ROTK {}\n#define ROTV {}\n",
+        kvsame as u32,
         k.mode(),
         v.mode(),
         k.bits(),
@@ -471,7 +495,10 @@ fn attention_defines(d: usize, g: usize, k: SideKind, v: SideKind) -> String {
 }
 
 /// Compiles every kernel configuration the benchmarks use with NVRTC (no
-/// GPU or driver needed) and returns their PTX: a build check.
+/// GPU or driver needed) and returns their PTX: a build check. For each
+/// tensor-core configuration it also checks that the shared memory the host
+/// gives a block (`mma_smem`) is what the kernel's carve-up needs (the
+/// module's `tq_mma_smem_bytes`).
 pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
     // SAFETY: the probe only opens (and closes) the first `libnvrtc` found on
     // the loader path, running its initialisers; no symbol is called.
@@ -480,16 +507,52 @@ pub fn compile_all(arch: &'static str) -> Result<Vec<(String, String)>> {
     }
     let tq = |b| SideKind::Tq { bits: b, nc: false };
     let pairs = [(tq(4), tq(4)), (tq(3), tq(3)), (tq(2), tq(2)), (tq(4), tq(3)), (SideKind::Q8_0, SideKind::Q8_0), (SideKind::Q4_0, SideKind::Q4_0)];
-    let mut out = Vec::new();
+    // (defines, shared memory the host gives a tensor-core block)
+    let mut defines: Vec<(String, Option<usize>)> = Vec::new();
     for d in [64usize, 128] {
-        let defs = format!("#define D {d}\n#define G 1\n");
-        out.push((defs.clone(), compile(&defs, arch)?.to_src()));
-        for g in [1usize, 3, 4, 8] {
+        defines.push((format!("#define D {d}\n#define G 1\n"), None));
+        // (group, query tokens): one-token steps for the group sizes of the
+        // benchmark geometries (3, 4, 6 query heads per KV head) and others;
+        // multi-token steps at the geometries' own head_dim (SmolLM2 64,
+        // Llama 128); rows per block as `device_kv` picks them (the SIMT
+        // kernel forced on TurboQuant sides takes fewer rows per block)
+        let multi: &[(usize, usize)] = if d == 64 { &[(3, 4)] } else { &[(4, 2), (4, 8), (6, 2)] };
+        for &(g, nq) in [(1usize, 1usize), (3, 1), (4, 1), (6, 1), (8, 1)].iter().chain(multi) {
             for &(k, v) in &pairs {
-                let defs = attention_defines(d, g, k, v);
-                out.push((defs.clone(), compile(&defs, arch)?.to_src()));
+                let tq = k.rotated() && v.rotated();
+                if nq > 1 && !tq {
+                    continue;
+                }
+                let rb = |cap: usize| (g * nq).div_ceil((g * nq).div_ceil(cap));
+                let kvsame = tq && k.bits() == v.bits();
+                let mut blocks = vec![rb(if tq { MMA_ROWS } else { SIMT_ROWS })];
+                if tq && rb(SIMT_ROWS) != blocks[0] {
+                    blocks.push(rb(SIMT_ROWS));
+                }
+                defines.extend(blocks.into_iter().map(|rb| (attention_defines(d, g, nq, rb, kvsame, k, v), tq.then(|| mma_smem(d, rb, kvsame, k, v)))));
             }
         }
+    }
+    // NVRTC is thread-safe: compile on every core
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).min(defines.len());
+    let chunks: Vec<&[(String, Option<usize>)]> = defines.chunks(defines.len().div_ceil(workers)).collect();
+    let one = |defs: &str, smem: Option<usize>| -> Result<(String, String)> {
+        let ptx = compile(defs, arch)?.to_src();
+        if let Some(host) = smem {
+            let kernel = ptx.split("tq_mma_smem_bytes = ").nth(1).and_then(|x| x.split(';').next()).and_then(|x| x.trim().parse::<usize>().ok());
+            if kernel != Some(host) {
+                return Err(Error::Compile(format!("{defs}: the host gives the tensor-core block {host} bytes of shared memory, the kernel needs {kernel:?}")));
+            }
+        }
+        Ok((defs.to_string(), ptx))
+    };
+    let done: Vec<Result<Vec<(String, String)>>> = std::thread::scope(|s| {
+        let hs: Vec<_> = chunks.iter().map(|c| s.spawn(move || c.iter().map(|(d, m)| one(d, *m)).collect())).collect();
+        hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Compile("an NVRTC worker thread panicked".into())))).collect()
+    });
+    let mut out = Vec::new();
+    for r in done {
+        out.extend(r?);
     }
     Ok(out)
 }
@@ -511,7 +574,7 @@ impl DeviceKv {
     pub fn occupancy(&self) -> Result<(i32, i32, u32)> {
         let regs = cu(self.attend.num_regs())?;
         let local = cu(self.attend.get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES))?;
-        let blocks = cu(self.attend.occupancy_max_active_blocks_per_multiprocessor(NT as u32, self.smem as usize, None))?;
+        let blocks = cu(self.attend.occupancy_max_active_blocks_per_multiprocessor(self.threads, self.smem as usize, None))?;
         Ok((regs, local, blocks))
     }
 }
@@ -536,6 +599,19 @@ fn grid_for(n: u64) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.div_ceil(256).min(65_535 * 8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Dynamic shared memory of `tq_attend_mma` (MMA_SMEM in kernels.cu): the
+/// pair tables (32 copies of each entry; one table when K and V share it) and
+/// every warp's stages, or the merge area that reuses them if larger, then
+/// one mbarrier per stage.
+fn mma_smem(d: usize, rb: usize, kvsame: bool, k: SideKind, v: SideKind) -> usize {
+    let (kb, vb) = (k.bits() as usize, v.bits() as usize);
+    let stage = 16 * (k.code_bytes(d) + v.code_bytes(d)) + 16 * 8;
+    let tab = ((1 << (2 * kb)) + if kvsame && kb == vb { 0 } else { 1 << (2 * vb) }) * 32 * 4;
+    let pipe = MMA_WARPS * MMA_STAGES * stage;
+    let merge = MMA_WARPS * rb * (d + 2) * 4;
+    (tab + pipe).max(merge) + MMA_WARPS * MMA_STAGES * 8
+}
+
 /// Dynamic shared memory of `tq_attend` (mirrors the carve-up in kernels.cu).
 fn attend_smem(d: usize, g: usize, k: SideKind, v: SideKind) -> usize {
     let rsw = |p: usize| {
@@ -555,4 +631,28 @@ fn attend_smem(d: usize, g: usize, k: SideKind, v: SideKind) -> usize {
     let words = TILE * rsw(k.code_bytes(d)) + 4 + TILE * rsw(v.code_bytes(d)) + 4 + TILE * sc(v) + g * TILE + g * d + 512 + 3 * g;
     let groups = NT / (d / 8);
     4 * words.max(groups * g * d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every tensor-core configuration `compile_all` builds asks for no more
+    /// dynamic shared memory than a Hopper multiprocessor gives one block
+    /// (227 KiB), so its launch cannot fail for want of shared memory.
+    #[test]
+    fn tensor_core_blocks_fit_in_shared_memory() {
+        let tq = |b| SideKind::Tq { bits: b, nc: false };
+        for d in [64usize, 128] {
+            for (k, v) in [(tq(4), tq(4)), (tq(3), tq(3)), (tq(2), tq(2)), (tq(4), tq(3))] {
+                for rows in 1..=8 * 16usize {
+                    let rb = rows.div_ceil(rows.div_ceil(MMA_ROWS));
+                    for kvsame in [false, true] {
+                        let smem = mma_smem(d, rb, kvsame, k, v);
+                        assert!(smem <= 227 * 1024, "d={d} {k:?}/{v:?} rows={rows}: {smem} bytes of shared memory");
+                    }
+                }
+            }
+        }
+    }
 }

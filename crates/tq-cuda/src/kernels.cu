@@ -3,6 +3,11 @@
 // The host prepends a configuration block of #defines:
 //   D      head dimension (64 or 128)
 //   G      query heads per KV head (GQA group)
+//   NQ     query tokens per sequence (1 = plain decode; 2..8 = a step that
+//          verifies several tokens, each seeing the cache up to itself)
+//   RB     score rows (query token x head) one attention block takes; the
+//          NR = G*NQ rows of a KV head are split into NGR blocks of RB
+//   KVSAME 1 when K and V share one codebook (one pair table serves both)
 //   KMODE, VMODE   0 = TurboQuant (codebook + f32 norm), 1 = q4_0, 2 = q8_0
 //   KB, VB         bits per coordinate of the K and V codes
 //   ROTK, ROTV     1 when the side is Hadamard-rotated (TurboQuant)
@@ -178,22 +183,31 @@ extern "C" __global__ void fill_scales(void* p, u64 n, int f16, u32 seed) {
 
 #ifdef ATTENTION
 // ---------------------------------------------------------------------------
-// Fused decode attention (flash-decoding). Grid: (splits, kv_heads, batch).
-// Block: NT threads; each split walks its tokens in tiles of TILE.
-//   1. the G query heads of this KV head are rotated (K's rotation) and scaled
-//      by 1/sqrt(D) in shared memory;
+// Fused decode attention (flash-decoding). Grid: (splits, kv_heads * NGR,
+// batch). A block takes RB score rows of one KV head: row i of the head is
+// query token i / G, head i % G of the group (NR = G * NQ rows in all); query
+// token i of NQ sees the first len - NQ + 1 + i cached tokens (the step's own
+// tokens are the last NQ of the cache).
+// SIMT kernel (tq_attend), block of NT threads; each split walks its tokens in
+// tiles of TILE:
+//   1. the rows' queries, rotated (K's rotation) and scaled by 1/sqrt(D) by
+//      tq_prep_q, are read into shared memory;
 //   2. per tile: codes are copied to shared memory (rows padded to an odd
-//      number of words: conflict-free), thread t scores token t for all G
-//      heads straight from the codes, a warp per head updates the running
-//      max / sum (online softmax), and values are accumulated from their codes
-//      in V's rotated domain (8 coordinates per thread, tokens spread over
+//      number of words: conflict-free), thread t scores token t for all rows
+//      straight from the codes, a warp per row updates the running max / sum
+//      (online softmax), and values are accumulated from their codes in V's
+//      rotated domain (8 coordinates per thread, tokens spread over
 //      NT/(D/8) thread groups); the next tile's codes are loaded into
 //      registers while this one is computed;
 //   3. the unnormalized partial output, max and sum of the split are written;
 //      `combine` merges the splits and rotates back once.
 // Cache planes per side: codes [B][H][cap][P] bytes; scales: TurboQuant
-// [B][H][cap] f32, ggml [B][H][cap][D/32] f16.
+// [B][H][cap] f32, ggml [B][H][cap][D/32] f16. Prepared queries and partial
+// results are indexed by (sequence-head, row): qr [B][H][NR][D], partials
+// [B][H][NR][splits].
 // ---------------------------------------------------------------------------
+#define NR (G * NQ)
+#define NGR ((NR + RB - 1) / RB)
 #define PK (D * KB / 8)
 #define PV (D * VB / 8)
 #define RSW(p) ((((p) / 4) % 2 == 0) ? ((p) / 4 + 1) : ((p) / 4))
@@ -206,6 +220,12 @@ extern "C" __global__ void fill_scales(void* p, u64 n, int f16, u32 seed) {
 #define VVEC ((TILE * PV / 16 + NT - 1) / NT)
 #define CH (D / 8)          // 8-coordinate chunks per vector
 #define GROUPS (NT / CH)    // token groups in the value phase
+
+// Tokens [0, limit) of the cache that score row `row` (of NR) sees, clipped to
+// the split's end; rows past NR (padding of the last row block) see the split.
+__device__ __forceinline__ int row_limit(int row, int len, int t_end) {
+    return row < NR ? min(t_end, len - NQ + 1 + row / G) : t_end;
+}
 
 __device__ __forceinline__ float kdecode(u32 f, const float* tab) {
 #if KMODE == 0
@@ -272,24 +292,33 @@ _Pragma("unroll") \
         for (int c = 0; c < VSC; c++) vscl[tid * VSC + c] = vscr[c]; \
 } while (0)
 
-// Rotate (K's rotation) and scale (1/sqrt(D)) the queries once per step:
-// grid B*kv_heads, block NT; q and qr are [B][Hq][D].
+// Rotate (K's rotation) and scale (1/sqrt(D)) the queries once per step and
+// order them by (sequence-head, row): grid B*kv_heads, block NT; q is
+// [B][NQ][Hq][D], qr [B][kv_heads][NR][D].
+#define PREP_ROWS 8
 extern "C" __global__ void __launch_bounds__(NT) tq_prep_q(const float* __restrict__ q, const u32* __restrict__ ks1,
-                                                         const u32* __restrict__ ks2, float ktotal,
+                                                         const u32* __restrict__ ks2, float ktotal, int kv_heads,
                                                          float* __restrict__ qr) {
-    __shared__ float x[G * D];
-    u64 base = (u64)blockIdx.x * G * D;
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) x[i] = q[base + i];
-    __syncthreads();
-#if ROTK
-    rotate_smem(x, ks1, ks2, ktotal, D, G);
-#endif
+    __shared__ float x[PREP_ROWS * D];
+    int b = blockIdx.x / kv_heads, h = blockIdx.x % kv_heads, Hq = kv_heads * G;
     float sc = rsqrtf((float)D);
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) qr[base + i] = x[i] * sc;
+    for (int r0 = 0; r0 < NR; r0 += PREP_ROWS) {
+        int rows = min(PREP_ROWS, NR - r0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
+            int row = r0 + i / D;
+            x[i] = q[(((u64)b * NQ + row / G) * Hq + h * G + row % G) * D + i % D];
+        }
+        __syncthreads();
+#if ROTK
+        rotate_smem(x, ks1, ks2, ktotal, D, rows);
+#endif
+        for (int i = threadIdx.x; i < rows * D; i += blockDim.x) qr[((u64)blockIdx.x * NR + r0) * D + i] = x[i] * sc;
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(NT) tq_attend(
-    const float* __restrict__ q,        // [B][Hq][D]
+    const float* __restrict__ q,        // [B][H][NR][D], rotated and scaled (tq_prep_q)
     const u8* __restrict__ kc, const void* __restrict__ ks,
     const u8* __restrict__ vc, const void* __restrict__ vs,
     const int* __restrict__ lens, int cap, int kv_heads, int split_len,
@@ -300,22 +329,20 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
     u32* ktile = smem;                                   // TILE*KRS (+1) words
     u32* vtile = ktile + TILE * KRS + 4;                 // TILE*VRS (+1) words
     float* vscl = (float*)(vtile + TILE * VRS + 4);      // TILE*VSC
-    float* sc = vscl + TILE * VSC;                       // G*TILE scores, then weights
-    float* qr = sc + G * TILE;                           // G*D
-    float* ktab = qr + G * D;                            // 256
+    float* sc = vscl + TILE * VSC;                       // RB*TILE scores, then weights
+    float* qr = sc + RB * TILE;                          // RB*D
+    float* ktab = qr + RB * D;                           // 256
     float* vtab = ktab + 256;                            // 256
-    float* corr = vtab + 256;                            // G
-    float* mrun = corr + G;                              // G
-    float* lrun = mrun + G;                              // G
+    float* corr = vtab + 256;                            // RB
+    float* mrun = corr + RB;                             // RB
+    float* lrun = mrun + RB;                             // RB
 
-    int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    int split = blockIdx.x, h = blockIdx.y / NGR, row0 = (blockIdx.y % NGR) * RB, b = blockIdx.z;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int len = lens[b];
     int t_begin = split * split_len;
     int t_end = min(len, t_begin + split_len);
-    int hq0 = h * G;
     int nsplit = gridDim.x;
-    int Hq = kv_heads * G;
 
     u64 seq = (u64)b * kv_heads + h;
     const u8* kcs = kc + seq * cap * PK;
@@ -325,13 +352,13 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
         ktab[i] = KMODE == 0 && i < (1 << KB) ? ktab_g[i] : 0.0f;
         vtab[i] = VMODE == 0 && i < (1 << VB) ? vtab_g[i] : 0.0f;
     }
-    for (int i = tid; i < G * D; i += NT) qr[i] = q[((u64)b * Hq + hq0) * D + i];  // rotated and scaled (tq_prep_q)
-    if (tid < G) { mrun[tid] = NEG_INF; lrun[tid] = 0.0f; }
+    for (int i = tid; i < RB * D; i += NT) qr[i] = row0 + i / D < NR ? q[(seq * NR + row0) * D + i] : 0.0f;
+    if (tid < RB) { mrun[tid] = NEG_INF; lrun[tid] = 0.0f; }
     __syncthreads();
 
-    float acc[G][8];
+    float acc[RB][8];
 #pragma unroll
-    for (int g = 0; g < G; g++)
+    for (int g = 0; g < RB; g++)
 #pragma unroll
         for (int k = 0; k < 8; k++) acc[g][k] = 0.0f;
 
@@ -353,9 +380,9 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
 
         // ---- scores: thread tid <-> token t0 + tid ----
         if (tid < nvalid) {
-            float s[G];
+            float s[RB];
 #pragma unroll
-            for (int g = 0; g < G; g++) s[g] = 0.0f;
+            for (int g = 0; g < RB; g++) s[g] = 0.0f;
             const u32* row = ktile + tid * KRS;
 #pragma unroll
             for (int c = 0; c < NBLK; c++) {  // 32 coordinates = KB words
@@ -363,9 +390,9 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
 #pragma unroll
                 for (int i = 0; i < KB; i++) w[i] = row[c * KB + i];
                 w[KB] = 0;
-                float part[G];
+                float part[RB];
 #pragma unroll
-                for (int g = 0; g < G; g++) part[g] = 0.0f;
+                for (int g = 0; g < RB; g++) part[g] = 0.0f;
 #pragma unroll
                 for (int k = 0; k < 32; k += 4) {
                     float x[4];
@@ -378,24 +405,27 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
                         x[e] = kdecode(f & ((1u << KB) - 1), ktab);
                     }
 #pragma unroll
-                    for (int g = 0; g < G; g++) {
+                    for (int g = 0; g < RB; g++) {
                         float4 qq = ((const float4*)(qr + g * D))[(c * 32 + k) / 4];
                         part[g] += qq.x * x[0] + qq.y * x[1] + qq.z * x[2] + qq.w * x[3];
                     }
                 }
 #pragma unroll
-                for (int g = 0; g < G; g++) s[g] += KMODE == 0 ? part[g] : part[g] * kscale[c];
+                for (int g = 0; g < RB; g++) s[g] += KMODE == 0 ? part[g] : part[g] * kscale[c];
             }
 #pragma unroll
-            for (int g = 0; g < G; g++) sc[g * TILE + tid] = KMODE == 0 ? s[g] * kscale[0] : s[g];
+            for (int g = 0; g < RB; g++) {
+                bool seen = t0 + tid < row_limit(row0 + g, len, t_end);
+                sc[g * TILE + tid] = seen ? (KMODE == 0 ? s[g] * kscale[0] : s[g]) : NEG_INF;
+            }
         } else {
 #pragma unroll
-            for (int g = 0; g < G; g++) sc[g * TILE + tid] = NEG_INF;
+            for (int g = 0; g < RB; g++) sc[g * TILE + tid] = NEG_INF;
         }
         __syncthreads();
 
-        // ---- online softmax: a warp per head ----
-        for (int g = warp; g < G; g += NT / 32) {
+        // ---- online softmax: a warp per row ----
+        for (int g = warp; g < RB; g += NT / 32) {
             float v[TILE / 32];
             float mx = NEG_INF;
 #pragma unroll
@@ -404,11 +434,12 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
             for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
             float mold = mrun[g];
             float mnew = fmaxf(mold, mx);
+            float msafe = mnew == NEG_INF ? 0.0f : mnew;  // a row that has seen no token yet
             float sum = 0.0f;
 #pragma unroll
             for (int i = 0; i < TILE / 32; i++) {
                 int t = lane + 32 * i;
-                float p = __expf(v[i] - mnew);
+                float p = __expf(v[i] - msafe);
                 sum += p;
                 sc[g * TILE + t] = VMODE == 0 ? p * vscl[t] : p;
             }
@@ -416,7 +447,7 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
             for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
             __syncwarp();
             if (lane == 0) {
-                float cf = __expf(mold - mnew);
+                float cf = __expf(mold - msafe);
                 corr[g] = cf;
                 mrun[g] = mnew;
                 lrun[g] = lrun[g] * cf + sum;
@@ -424,9 +455,9 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
         }
         __syncthreads();
 
-        // ---- values: 8 coordinates x G heads per thread ----
+        // ---- values: 8 coordinates x RB rows per thread ----
 #pragma unroll
-        for (int g = 0; g < G; g++) {
+        for (int g = 0; g < RB; g++) {
             float cf = corr[g];
 #pragma unroll
             for (int k = 0; k < 8; k++) acc[g][k] *= cf;
@@ -445,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
             for (int k = 0; k < 8; k++) x[k] *= bs;
 #endif
 #pragma unroll
-            for (int g = 0; g < G; g++) {
+            for (int g = 0; g < RB; g++) {
                 float p = sc[g * TILE + t];
 #pragma unroll
                 for (int k = 0; k < 8; k++) acc[g][k] += p * x[k];
@@ -455,30 +486,30 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
     }
 
     // ---- reduce the token groups, write the split's partial result ----
-    int Hq_ = Hq;
-    if (tid < G) {
-        u64 o = (((u64)b * Hq_ + hq0 + tid) * nsplit + split);
+    if (tid < RB && row0 + tid < NR) {
+        u64 o = (seq * NR + row0 + tid) * nsplit + split;
         pm[o] = mrun[tid];
         pl[o] = lrun[tid];
     }
     __syncthreads();
-    float* redf = (float*)smem;  // GROUPS*G*D floats (the host sizes shared memory for it)
+    float* redf = (float*)smem;  // GROUPS*RB*D floats (the host sizes shared memory for it)
 #pragma unroll
-    for (int g = 0; g < G; g++)
+    for (int g = 0; g < RB; g++)
 #pragma unroll
-        for (int k = 0; k < 8; k++) redf[(grp * G + g) * D + chunk * 8 + k] = acc[g][k];
+        for (int k = 0; k < 8; k++) redf[(grp * RB + g) * D + chunk * 8 + k] = acc[g][k];
     __syncthreads();
-    for (int i = tid; i < G * D; i += NT) {
-        float s = 0.0f;
-        for (int r = 0; r < GROUPS; r++) s += redf[r * G * D + i];
+    for (int i = tid; i < RB * D; i += NT) {
         int g = i / D, j = i % D;
-        u64 o = (((u64)b * Hq + hq0 + g) * nsplit + split);
+        if (row0 + g >= NR) continue;
+        float s = 0.0f;
+        for (int r = 0; r < GROUPS; r++) s += redf[r * RB * D + i];
+        u64 o = (seq * NR + row0 + g) * nsplit + split;
         po[o * D + j] = s;
     }
 }
 
-// Merge the splits of each (sequence, query head), normalize, rotate back
-// (V's rotation) and write out [B][Hq][D]. Block: CT threads; the split
+// Merge the splits of each (sequence-head, row), normalize, rotate back (V's
+// rotation) and write out [B][NQ][Hq][D]. Block: CT threads; the split
 // weights go to shared memory (dynamic: nsplit floats), then thread groups
 // sum interleaved splits with many loads in flight.
 #define CT 256
@@ -497,12 +528,12 @@ __device__ float block_reduce(float v, bool is_max, float* tmp) {
 
 extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restrict__ po, const float* __restrict__ pm,
                                       const float* __restrict__ pl, int nsplit, const u32* __restrict__ vs1,
-                                      const u32* __restrict__ vs2, float vtotal, float* __restrict__ out) {
+                                      const u32* __restrict__ vs2, float vtotal, int kv_heads, float* __restrict__ out) {
     extern __shared__ float wsplit[];  // nsplit
     __shared__ float tmp[CT / 32];
     __shared__ float part[CT];
     __shared__ float x[D];
-    u64 bh = blockIdx.x;
+    u64 bh = blockIdx.x;  // (sequence-head, row)
     int tid = threadIdx.x;
     float mx = NEG_INF;
     for (int s = tid; s < nsplit; s += CT) mx = fmaxf(mx, pm[bh * nsplit + s]);
@@ -531,20 +562,33 @@ extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restr
 #if ROTV
     unrotate_smem(x, vs1, vs2, vtotal, D, 1);
 #endif
-    if (tid < D) out[bh * D + tid] = x[tid];
+    u64 sh = bh / NR;
+    int row = (int)(bh % NR);
+    u64 b = sh / kv_heads, h = sh % kv_heads;
+    u64 orow = (b * NQ + row / G) * (kv_heads * G) + h * G + row % G;
+    if (tid < D) out[orow * D + tid] = x[tid];
 }
 
-#if KMODE == 0 && VMODE == 0 && G <= 8
+#if KMODE == 0 && VMODE == 0 && RB <= 16
 // ---------------------------------------------------------------------------
-// Tensor-core variant for TurboQuant K and V (G <= 8), one warp per stream of
-// 16-token steps, 4 warps per block (their results merged in shared memory).
-//   S[g][t] = Q[g]·K̂[t]:  mma m16n8k16, A = Q (rows g, zero past G), B = K̂ᵀ
-//   (8 tokens); coordinates are permuted consistently in Q and K̂ so that
-//   thread (n = lane/4, r = lane%4) supplies token n's coordinates
-//   [r·D/4, (r+1)·D/4), which it loads as one contiguous piece of the row.
-//   K̂ values come in pairs from a table indexed by two packed fields.
-//   Oᵀ[j][g] += V̂ᵀ[j][t] · P[g][t]: A = V̂ᵀ (16 coordinates × 16 tokens), B =
-//   Pᵀ, which is exactly the C fragment of S (no shuffles, no shared memory);
+// Tensor-core kernel for TurboQuant K and V (tq_attend_mma): MW warps per
+// block, each an independent stream of 16-token steps over the block's split
+// (warp w takes steps w, w + MW, ...), the warps' results merged in shared
+// memory at the end.
+//   Codes and norms of a step are brought into shared memory by the bulk copy
+//   engine (cp.async.bulk, one lane issues four copies completing on the
+//   step's mbarrier), STAGES steps ahead per warp: the loads never wait for
+//   the arithmetic, and no thread holds codes in flight in registers.
+//   S[row][t] = Q[row]·K̂[t]: mma m16n8k16, A = Q (up to 16 rows: query token x
+//   head, zero past RB; fragments kept in registers), B = K̂ᵀ (8 tokens);
+//   coordinates are permuted consistently in Q and K̂ so that thread
+//   (n = lane/4, r = lane%4) supplies token n's coordinates [r·D/4, (r+1)·D/4),
+//   one contiguous piece of the row.
+//   K̂ and V̂ values come in f16 pairs from a table indexed by two packed fields
+//   (one table when K and V share a codebook), replicated 32 times so that
+//   lane l reads copy l: every lookup is free of bank conflicts.
+//   Oᵀ[j][row] += V̂ᵀ[j][t] · P[row][t]: A = V̂ᵀ (16 coordinates × 16 tokens), B =
+//   Pᵀ, which is exactly the C fragment of S (rows 8..15 a second MMA);
 //   thread n holds coordinates [n·D/8, (n+1)·D/8) of its four tokens.
 // f16 operands (Q, centroids, p·‖v‖), f32 accumulation.
 // ---------------------------------------------------------------------------
@@ -552,11 +596,22 @@ extern "C" __global__ void __launch_bounds__(CT) tq_combine(const float* __restr
 #define KWA ((CPT * KB + 31) / 32)         // aligned K words per thread
 #define CPV (D / 8)                        // V coordinates per thread
 #define VWA ((CPV * VB + 31) / 32)         // aligned V words per thread
-#define NWARP 4
-#define TREP 16
-#define TAB_WORDS (((1 << (2 * KB)) + (1 << (2 * VB))) * TREP)
-#define WO_WORDS (NWARP * 8 * D)
-#define SMEM_TABS (TAB_WORDS > WO_WORDS ? TAB_WORDS : WO_WORDS)
+#define RT (RB > 8 ? 2 : 1)                // 8-row halves of the MMA's 16 rows in use
+#define MW 8                               // warps per block
+#define STAGES 4                           // steps in flight per warp
+#define WT 16                              // tokens per warp step
+#define STG_K (WT * PK)
+#define STG_V (WT * PV)
+#define STG (STG_K + STG_V + WT * 8)       // bytes of one stage: codes, then K and V norms
+#define NPK (1 << (2 * KB))
+#define NPV (1 << (2 * VB))
+#define TABSHARE (KVSAME && KB == VB)
+#define TAB_BYTES ((NPK + (TABSHARE ? 0 : NPV)) * 32 * 4)
+#define PIPE_BYTES (MW * STAGES * STG)
+#define MERGE_BYTES (MW * RB * (D + 2) * 4)
+#define MMA_SMEM ((TAB_BYTES + PIPE_BYTES > MERGE_BYTES ? TAB_BYTES + PIPE_BYTES : MERGE_BYTES) + MW * STAGES * 8)
+// the carve-up's size, for the host's build check (compile_all)
+extern "C" __constant__ int tq_mma_smem_bytes = MMA_SMEM;
 
 __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     u32 r;
@@ -570,27 +625,44 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// `NBITS` bits starting at bit `bit` of a token row (u32 words), aligned into
-// NA words: out[i] = bits [bit + 32i, bit + 32i + 32). ALIGN: bytes of
-// alignment of the piece known at compile time (16/8/4: vector loads, no
-// shifting; otherwise a funnel-shifted window).
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    asm volatile("{\n .reg .pred p;\n WAIT_%=:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT_%=;\n}"
+                 ::"r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory, completing on `bar`
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, u32 bytes, u64* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+
+// `NBITS` bits starting at bit `bit` of a token row (u32 words in shared
+// memory), aligned into NA words: out[i] = bits [bit + 32i, bit + 32i + 32).
+// ALIGN: bytes of alignment of the piece known at compile time (16/8/4:
+// vector loads, no shifting; otherwise a funnel-shifted window).
 template <int NA, int NBITS, int ALIGN>
 __device__ __forceinline__ void load_window(const u32* row, int bit, u32* out) {
     if (ALIGN == 16 && NA == 4) {
-        uint4 v = __ldg((const uint4*)(row + (bit >> 5)));
+        uint4 v = *(const uint4*)(row + (bit >> 5));
         out[0] = v.x; out[1] = v.y; out[2] = v.z; out[3] = v.w;
     } else if (ALIGN >= 8 && NA == 2) {
-        uint2 v = __ldg((const uint2*)(row + (bit >> 5)));
+        uint2 v = *(const uint2*)(row + (bit >> 5));
         out[0] = v.x; out[1] = v.y;
     } else if (ALIGN >= 4 && NBITS % 32 == 0) {
 #pragma unroll
-        for (int i = 0; i < NA; i++) out[i] = __ldg(row + (bit >> 5) + i);
+        for (int i = 0; i < NA; i++) out[i] = row[(bit >> 5) + i];
     } else {
         int w0 = bit >> 5, sh = bit & 31;
         int need = (sh + NBITS + 31) >> 5;
         u32 w[NA + 1];
 #pragma unroll
-        for (int i = 0; i < NA + 1; i++) w[i] = i < need ? __ldg(row + w0 + i) : 0u;
+        for (int i = 0; i < NA + 1; i++) w[i] = i < need ? row[w0 + i] : 0u;
 #pragma unroll
         for (int i = 0; i < NA; i++) out[i] = __funnelshift_r(w[i], w[i + 1], sh);
     }
@@ -611,140 +683,182 @@ __device__ __forceinline__ u32 field(const u32* a, int pos) {
     return v & ((1u << BITS) - 1);
 }
 
-extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
+// Pair-table entry for the field at `pos` (compile time): the table holds 32
+// copies of each entry side by side (entry e, copy l at word 32e + l), so the
+// byte offset is field << 7 | lane << 2: a shift and one logic op.
+template <int BITS>
+__device__ __forceinline__ u32 lut(const u32* tab, const u32* a, int pos, u32 lane4) {
+    int wi = pos >> 5, sh = pos & 31;
+    const u32 mask = ((1u << BITS) - 1) << 7;
+    u32 off;
+    if (sh + BITS > 32) off = field<BITS>(a, pos) << 7;
+    else if (sh >= 7) off = (a[wi] >> (sh - 7)) & mask;
+    else off = (a[wi] << (7 - sh)) & mask;
+    return *(const u32*)((const char*)tab + (off | lane4));
+}
+
+extern "C" __global__ void __launch_bounds__(MW * 32, RB > 8 ? 1 : 2) tq_attend_mma(
     const float* __restrict__ q, const u8* __restrict__ kc, const float* __restrict__ ks,
     const u8* __restrict__ vc, const float* __restrict__ vs, const int* __restrict__ lens, int cap, int kv_heads,
     int split_len, const u32* __restrict__ ks1, const u32* __restrict__ ks2, float ktotal,
     const float* __restrict__ ktab_g, const float* __restrict__ vtab_g, float* __restrict__ po,
     float* __restrict__ pm, float* __restrict__ pl) {
-    __shared__ uint2 qfrag[(D / 16) * 32];
-    __shared__ float wm[NWARP][8], wl[NWARP][8];
-    // pair tables replicated TREP times (lane l reads copy l % TREP: at most
-    // 32/TREP lanes per bank), reused for the warps' partial outputs after the loop
-    __shared__ __align__(16) u32 tabs[SMEM_TABS];
-    u32* ktab2 = tabs;
-    u32* vtab2 = tabs + (1 << (2 * KB)) * TREP;
-    float (*wo)[8][D] = (float (*)[8][D])tabs;
-    const int rep = (threadIdx.x & 31) & (TREP - 1);
+    extern __shared__ __align__(128) unsigned char dsm[];
+    u32* ktab = (u32*)dsm;
+    u32* vtab = TABSHARE ? ktab : ktab + NPK * 32;
+    unsigned char* pipe = dsm + TAB_BYTES;
+    u64* bars = (u64*)(dsm + MMA_SMEM - MW * STAGES * 8);
 
-    int split = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    int split = blockIdx.x, h = blockIdx.y / NGR, row0 = (blockIdx.y % NGR) * RB, b = blockIdx.z;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int n = lane >> 2, r = lane & 3;
+    const u32 lane4 = (u32)lane << 2;
     int len = lens[b];
     int t_begin = split * split_len;
     int t_end = min(len, t_begin + split_len);
-    int hq0 = h * G, Hq = kv_heads * G, nsplit = gridDim.x;
+    int nsplit = gridDim.x;
     u64 seq = (u64)b * kv_heads + h;
-    const u32* kcs = (const u32*)(kc + seq * cap * PK);
-    const u32* vcs = (const u32*)(vc + seq * cap * PV);
+    const u8* kcs = kc + seq * cap * PK;
+    const u8* vcs = vc + seq * cap * PV;
     const float* kns = ks + seq * cap;
     const float* vns = vs + seq * cap;
 
-    for (int i = tid; i < (1 << (2 * KB)) * TREP; i += blockDim.x) {
-        int e = i / TREP;
-        ktab2[i] = pack_h2(ktab_g[e & ((1 << KB) - 1)], ktab_g[e >> KB]);
+    for (int i = tid; i < NPK * 32; i += blockDim.x) {
+        int e = i >> 5;
+        ktab[i] = pack_h2(ktab_g[e & ((1 << KB) - 1)], ktab_g[e >> KB]);
     }
-    for (int i = tid; i < (1 << (2 * VB)) * TREP; i += blockDim.x) {
-        int e = i / TREP;
-        vtab2[i] = pack_h2(vtab_g[e & ((1 << VB) - 1)], vtab_g[e >> VB]);
-    }
-    __syncthreads();
-    // A fragments of Q (rotated and scaled by tq_prep_q) in shared memory
-    // (registers are the scarce resource): step s, thread (n, r): row n,
-    // coordinates r*CPT + 4s + {0,1} and {2,3}
-    for (int i = tid; i < (D / 16) * 32; i += blockDim.x) {
-        int s = i / 32, ln = i % 32, nn = ln >> 2, rr = ln & 3;
-        int c0 = rr * CPT + 4 * s;
-        uint2 v = make_uint2(0u, 0u);
-        if (nn < G) {
-            float4 qq = __ldg((const float4*)(q + ((u64)b * Hq + hq0 + nn) * D + c0));
-            v = make_uint2(pack_h2(qq.x, qq.y), pack_h2(qq.z, qq.w));
+    if (!TABSHARE)
+        for (int i = tid; i < NPV * 32; i += blockDim.x) {
+            int e = i >> 5;
+            vtab[i] = pack_h2(vtab_g[e & ((1 << VB) - 1)], vtab_g[e >> VB]);
         }
-        qfrag[i] = v;
+    if (tid == 0) {
+        for (int i = 0; i < MW * STAGES; i++) mbar_init(bars + i, 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
 
-    float o[D / 16][4];
-#pragma unroll
-    for (int mb = 0; mb < D / 16; mb++)
-#pragma unroll
-        for (int i = 0; i < 4; i++) o[mb][i] = 0.0f;
-    float m = NEG_INF, l = 0.0f;  // head n (same in the 4 lanes of a group)
+    // this warp's steps: t0 = first + k * WT * MW, k < nsteps
+    u64* wb = bars + warp * STAGES;
+    unsigned char* wp = pipe + warp * STAGES * STG;
+    int first = t_begin + WT * warp;
+    int nsteps = first < t_end ? (t_end - first + WT * MW - 1) / (WT * MW) : 0;
+    auto issue = [&](int k) {
+        int t0 = first + k * WT * MW;
+        int sl = k % STAGES;
+        unsigned char* dst = wp + sl * STG;
+        mbar_expect_tx(wb + sl, STG);
+        bulk_g2s(dst, kcs + (u64)t0 * PK, STG_K, wb + sl);
+        bulk_g2s(dst + STG_K, vcs + (u64)t0 * PV, STG_V, wb + sl);
+        bulk_g2s(dst + STG_K + STG_V, kns + t0, WT * 4, wb + sl);
+        bulk_g2s(dst + STG_K + STG_V + WT * 4, vns + t0, WT * 4, wb + sl);
+    };
+    if (lane == 0)
+        for (int k = 0; k < STAGES && k < nsteps; k++) issue(k);
 
-    // token steps of 16, interleaved over the warps; the next step's codes and
-    // norms are loaded into registers while this one is computed
-    struct Buf {
+    // A fragments of Q (rotated and scaled by tq_prep_q) in registers: step s,
+    // thread (n, r): rows n (and n + 8), coordinates r*CPT + 4s + {0,1} and {2,3}
+    u32 qa[D / 16][2], qb[D / 16][2];
+#pragma unroll
+    for (int s = 0; s < D / 16; s++) {
+        int c0 = r * CPT + 4 * s;
+        qa[s][0] = qa[s][1] = qb[s][0] = qb[s][1] = 0u;
+        if (n < RB && row0 + n < NR) {
+            float4 x = __ldg((const float4*)(q + (seq * NR + row0 + n) * D + c0));
+            qa[s][0] = pack_h2(x.x, x.y);
+            qa[s][1] = pack_h2(x.z, x.w);
+        }
+        if (RT == 2 && n + 8 < RB && row0 + n + 8 < NR) {
+            float4 x = __ldg((const float4*)(q + (seq * NR + row0 + n + 8) * D + c0));
+            qb[s][0] = pack_h2(x.x, x.y);
+            qb[s][1] = pack_h2(x.z, x.w);
+        }
+    }
+    // tokens [0, lim) are seen by this thread's score rows n and n + 8
+    int lim[2] = {row_limit(row0 + n, len, t_end), row_limit(row0 + n + 8, len, t_end)};
+    int lim_min = min(lim[0], RT == 2 ? lim[1] : lim[0]);
+
+    float o[RT][D / 16][4];
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++)
+#pragma unroll
+        for (int mb = 0; mb < D / 16; mb++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) o[rt][mb][i] = 0.0f;
+    float m[RT], l[RT];  // rows rt*8 + n (the same in the 4 lanes of a group)
+#pragma unroll
+    for (int rt = 0; rt < RT; rt++) { m[rt] = NEG_INF; l[rt] = 0.0f; }
+
+    for (int k = 0; k < nsteps; k++) {
+        int sl = k % STAGES;
+        int t0 = first + k * WT * MW;
+        mbar_wait(wb + sl, (k / STAGES) & 1);
+        const u32* kcw = (const u32*)(wp + sl * STG);
+        const u32* vcw = (const u32*)(wp + sl * STG + STG_K);
+        const float* knw = (const float*)(wp + sl * STG + STG_K + STG_V);
+        const float* vnw = knw + WT;
+
         u32 kw[2][KWA];
+#pragma unroll
+        for (int j = 0; j < 2; j++) load_window<KWA, CPT * KB, ALIGN_OF(CPT * KB, PK)>(kcw + (8 * j + n) * (PK / 4), r * CPT * KB, kw[j]);
+        const int tl[4] = {2 * r, 2 * r + 1, 2 * r + 8, 2 * r + 9};
         u32 vw[4][VWA];
-        float2 kn0, kn1, vn0, vn1;
-    };
-    auto load = [&](Buf& x, int t0) {
 #pragma unroll
-        for (int j = 0; j < 2; j++)
-            load_window<KWA, CPT * KB, ALIGN_OF(CPT * KB, PK)>(kcs + (u64)(t0 + 8 * j + n) * (PK / 4), r * CPT * KB, x.kw[j]);
-        int tl[4] = {t0 + 2 * r, t0 + 2 * r + 1, t0 + 2 * r + 8, t0 + 2 * r + 9};
-#pragma unroll
-        for (int i = 0; i < 4; i++) load_window<VWA, CPV * VB, ALIGN_OF(CPV * VB, PV)>(vcs + (u64)tl[i] * (PV / 4), n * CPV * VB, x.vw[i]);
-        x.kn0 = __ldg((const float2*)(kns + t0 + 2 * r));
-        x.kn1 = __ldg((const float2*)(kns + t0 + 8 + 2 * r));
-        x.vn0 = __ldg((const float2*)(vns + t0 + 2 * r));
-        x.vn1 = __ldg((const float2*)(vns + t0 + 8 + 2 * r));
-    };
-    Buf cur, nxt;
-    int tstart = t_begin + 16 * warp;
-    if (tstart < t_end) load(cur, tstart);
-    for (int t0 = tstart; t0 < t_end; t0 += 16 * NWARP) {
-        if (t0 + 16 * NWARP < t_end) load(nxt, t0 + 16 * NWARP);
-        int tv[4] = {t0 + 2 * r, t0 + 2 * r + 1, t0 + 2 * r + 8, t0 + 2 * r + 9};
-        const u32 (*kw)[KWA] = cur.kw;
-        const u32 (*vw)[VWA] = cur.vw;
-        float2 kn0 = cur.kn0, kn1 = cur.kn1, vn0 = cur.vn0, vn1 = cur.vn1;
+        for (int i = 0; i < 4; i++) load_window<VWA, CPV * VB, ALIGN_OF(CPV * VB, PV)>(vcw + tl[i] * (PV / 4), n * CPV * VB, vw[i]);
+        float2 kn0 = *(const float2*)(knw + 2 * r), kn1 = *(const float2*)(knw + 8 + 2 * r);
+        float2 vn0 = *(const float2*)(vnw + 2 * r), vn1 = *(const float2*)(vnw + 8 + 2 * r);
 
-        // ---- scores: two blocks of 8 tokens ----
-        float sc[2][4];
-        float sc2[2][4];  // second accumulator: two independent MMA chains per block
+        // ---- scores: two blocks of 8 tokens, two independent MMA chains each ----
+        float sc[2][4], sc2[2][4];
 #pragma unroll
         for (int j = 0; j < 2; j++) {
 #pragma unroll
             for (int i = 0; i < 4; i++) { sc[j][i] = 0.0f; sc2[j][i] = 0.0f; }
 #pragma unroll
             for (int s = 0; s < D / 16; s++) {
-                u32 b0 = ktab2[field<2 * KB>(kw[j], (2 * s) * 2 * KB) * TREP + rep];
-                u32 b1 = ktab2[field<2 * KB>(kw[j], (2 * s + 1) * 2 * KB) * TREP + rep];
-                uint2 qa = qfrag[s * 32 + lane];
-                mma16816(s % 2 ? sc2[j] : sc[j], qa.x, 0u, qa.y, 0u, b0, b1);
+                u32 b0 = lut<2 * KB>(ktab, kw[j], (2 * s) * 2 * KB, lane4);
+                u32 b1 = lut<2 * KB>(ktab, kw[j], (2 * s + 1) * 2 * KB, lane4);
+                mma16816(s % 2 ? sc2[j] : sc[j], qa[s][0], RT == 2 ? qb[s][0] : 0u, qa[s][1], RT == 2 ? qb[s][1] : 0u, b0, b1);
             }
 #pragma unroll
             for (int i = 0; i < 4; i++) sc[j][i] += sc2[j][i];
         }
-        // sc[j][0..1]: head n, tokens t0 + 8j + 2r + {0,1}
-        float x[4] = {sc[0][0] * kn0.x, sc[0][1] * kn0.y, sc[1][0] * kn1.x, sc[1][1] * kn1.y};
-#pragma unroll
-        for (int i = 0; i < 4; i++) if (tv[i] >= t_end) x[i] = NEG_INF;
-        float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        float mnew = fmaxf(m, mx);
-        float cf = __expf(m - mnew);
-        m = mnew;
-        float p[4];
-#pragma unroll
-        for (int i = 0; i < 4; i++) p[i] = tv[i] < t_end ? __expf(x[i] - mnew) : 0.0f;
-        l = l * cf + (p[0] + p[1]) + (p[2] + p[3]);
-        // rescale O: this thread's O columns are heads 2r, 2r+1
-        float cfa = __shfl_sync(0xffffffffu, cf, 8 * r);
-        float cfb = __shfl_sync(0xffffffffu, cf, 8 * r + 4);
-        if (__any_sync(0xffffffffu, cfa != 1.0f || cfb != 1.0f)) {  // the max rarely moves
-#pragma unroll
-            for (int mb = 0; mb < D / 16; mb++) {
-                o[mb][0] *= cfa; o[mb][1] *= cfb; o[mb][2] *= cfa; o[mb][3] *= cfb;
-            }
-        }
+        // sc[j][0..1]: row n, tokens t0 + 8j + 2r + {0,1}; sc[j][2..3]: row n + 8
+        int tv[4] = {t0 + 2 * r, t0 + 2 * r + 1, t0 + 2 * r + 8, t0 + 2 * r + 9};
+        bool full = t0 + WT <= lim_min;  // no token of the step is masked for these rows
+        float knv[4] = {kn0.x, kn0.y, kn1.x, kn1.y};
         float vnv[4] = {vn0.x, vn0.y, vn1.x, vn1.y};
-        float pw[4];
+        u32 pb[RT][2];
 #pragma unroll
-        for (int i = 0; i < 4; i++) pw[i] = tv[i] < t_end ? p[i] * vnv[i] : 0.0f;
-        u32 pb0 = pack_h2(pw[0], pw[1]), pb1 = pack_h2(pw[2], pw[3]);
+        for (int rt = 0; rt < RT; rt++) {
+            float x[4] = {sc[0][2 * rt] * knv[0], sc[0][2 * rt + 1] * knv[1], sc[1][2 * rt] * knv[2], sc[1][2 * rt + 1] * knv[3]};
+            if (!full) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) if (tv[i] >= lim[rt]) x[i] = NEG_INF;
+            }
+            float mx = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float mnew = fmaxf(m[rt], mx);
+            float msafe = mnew == NEG_INF ? 0.0f : mnew;  // a row that has seen no token yet
+            float cf = __expf(m[rt] - msafe);
+            m[rt] = mnew;
+            float p[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) p[i] = __expf(x[i] - msafe);
+            l[rt] = l[rt] * cf + (p[0] + p[1]) + (p[2] + p[3]);
+            // rescale O: this thread's O columns are rows rt*8 + 2r, rt*8 + 2r + 1
+            float cfa = __shfl_sync(0xffffffffu, cf, 8 * r);
+            float cfb = __shfl_sync(0xffffffffu, cf, 8 * r + 4);
+            if (__any_sync(0xffffffffu, cfa != 1.0f || cfb != 1.0f)) {  // the max rarely moves
+#pragma unroll
+                for (int mb = 0; mb < D / 16; mb++) {
+                    o[rt][mb][0] *= cfa; o[rt][mb][1] *= cfb; o[rt][mb][2] *= cfa; o[rt][mb][3] *= cfb;
+                }
+            }
+            pb[rt][0] = pack_h2(p[0] * vnv[0], p[1] * vnv[1]);
+            pb[rt][1] = pack_h2(p[2] * vnv[2], p[3] * vnv[3]);
+        }
         // ---- values: A = V̂ᵀ rows (coordinates n*CPV + 2mb + {0 | 1}), columns tokens ----
 #if VB == 4
         // pair bytes four at a time: lo = coordinates 2i (token t | token t' << 4), hi = 2i+1
@@ -759,10 +873,11 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
             }
 #pragma unroll
         for (int mb = 0; mb < D / 16; mb++) {
-            int w = mb >> 2, sh = (mb & 3) * 8;
-            u32 a0 = vtab2[((plo[0][w] >> sh) & 255u) * TREP + rep], a1 = vtab2[((phi[0][w] >> sh) & 255u) * TREP + rep];
-            u32 a2 = vtab2[((plo[1][w] >> sh) & 255u) * TREP + rep], a3 = vtab2[((phi[1][w] >> sh) & 255u) * TREP + rep];
-            mma16816(o[mb], a0, a1, a2, a3, pb0, pb1);
+            int w = mb >> 2, pos = (mb & 3) * 8 + 32 * w;
+            u32 a0 = lut<8>(vtab, plo[0], pos, lane4), a1 = lut<8>(vtab, phi[0], pos, lane4);
+            u32 a2 = lut<8>(vtab, plo[1], pos, lane4), a3 = lut<8>(vtab, phi[1], pos, lane4);
+#pragma unroll
+            for (int rt = 0; rt < RT; rt++) mma16816(o[rt][mb], a0, a1, a2, a3, pb[rt][0], pb[rt][1]);
         }
 #else
 #pragma unroll
@@ -771,46 +886,60 @@ extern "C" __global__ void __launch_bounds__(NWARP * 32, 4) tq_attend_mma(
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 int pos = (2 * mb + e) * VB;
-                a[e] = vtab2[(field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)) * TREP + rep];
-                a[2 + e] = vtab2[(field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)) * TREP + rep];
+                a[e] = vtab[((field<VB>(vw[0], pos) | (field<VB>(vw[1], pos) << VB)) << 5) | lane];
+                a[2 + e] = vtab[((field<VB>(vw[2], pos) | (field<VB>(vw[3], pos) << VB)) << 5) | lane];
             }
-            mma16816(o[mb], a[0], a[1], a[2], a[3], pb0, pb1);
+#pragma unroll
+            for (int rt = 0; rt < RT; rt++) mma16816(o[rt][mb], a[0], a[1], a[2], a[3], pb[rt][0], pb[rt][1]);
         }
 #endif
-        cur = nxt;
+        __syncwarp();  // every lane is done with this stage
+        if (lane == 0 && k + STAGES < nsteps) {
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            issue(k + STAGES);
+        }
     }
 
-    // ---- merge the warps of the block ----
-    __syncthreads();  // every warp is done with the tables (wo reuses them)
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    if (r == 0) { wm[warp][n] = m; wl[warp][n] = l; }
-    // O fragment: c0,c1: coordinate n*CPV + 2mb, heads 2r, 2r+1; c2,c3: coordinate + 1
+    // ---- merge the warps of the block (the merge area reuses tables and stages) ----
+    __syncthreads();
+    float* wm = (float*)dsm;                 // [MW][RB]
+    float* wl = wm + MW * RB;                // [MW][RB]
+    float* wo = wl + MW * RB;                // [MW][RB][D]
 #pragma unroll
-    for (int mb = 0; mb < D / 16; mb++) {
-        int c = n * CPV + 2 * mb;
-        wo[warp][2 * r][c] = o[mb][0];
-        wo[warp][2 * r + 1][c] = o[mb][1];
-        wo[warp][2 * r][c + 1] = o[mb][2];
-        wo[warp][2 * r + 1][c + 1] = o[mb][3];
+    for (int rt = 0; rt < RT; rt++) {
+        float lt = l[rt];
+        lt += __shfl_xor_sync(0xffffffffu, lt, 1);
+        lt += __shfl_xor_sync(0xffffffffu, lt, 2);
+        int row = rt * 8 + n;
+        if (r == 0 && row < RB) { wm[warp * RB + row] = m[rt]; wl[warp * RB + row] = lt; }
+        // O fragment: c0,c1: coordinate n*CPV + 2mb, rows rt*8 + 2r, + 1; c2,c3: coordinate + 1
+        int ra = rt * 8 + 2 * r, rb = ra + 1;
+#pragma unroll
+        for (int mb = 0; mb < D / 16; mb++) {
+            int c = n * CPV + 2 * mb;
+            if (ra < RB) { wo[(warp * RB + ra) * D + c] = o[rt][mb][0]; wo[(warp * RB + ra) * D + c + 1] = o[rt][mb][2]; }
+            if (rb < RB) { wo[(warp * RB + rb) * D + c] = o[rt][mb][1]; wo[(warp * RB + rb) * D + c + 1] = o[rt][mb][3]; }
+        }
     }
     __syncthreads();
-    for (int i = tid; i < G * D; i += blockDim.x) {
+    for (int i = tid; i < RB * D; i += blockDim.x) {
         int g = i / D, j = i % D;
+        if (row0 + g >= NR) continue;
         float M = NEG_INF;
 #pragma unroll
-        for (int w = 0; w < NWARP; w++) M = fmaxf(M, wm[w][g]);
+        for (int w = 0; w < MW; w++) M = fmaxf(M, wm[w * RB + g]);
         float L = 0.0f, O = 0.0f;
         if (M != NEG_INF) {
 #pragma unroll
-            for (int w = 0; w < NWARP; w++) {
-                if (wm[w][g] == NEG_INF) continue;
-                float f = __expf(wm[w][g] - M);
-                L += f * wl[w][g];
-                O += f * wo[w][g][j];
+            for (int w = 0; w < MW; w++) {
+                float mw = wm[w * RB + g];
+                if (mw == NEG_INF) continue;
+                float f = __expf(mw - M);
+                L += f * wl[w * RB + g];
+                O += f * wo[(w * RB + g) * D + j];
             }
         }
-        u64 oi = (((u64)b * Hq + hq0 + g) * nsplit + split);
+        u64 oi = (seq * NR + row0 + g) * nsplit + split;
         po[oi * D + j] = O;
         if (j == 0) { pm[oi] = M; pl[oi] = L; }
     }

@@ -15,11 +15,11 @@
 //! blocks for `q8_0`/`q4_0`) into these planes and [`join_tq_codes`] back, so
 //! both sides can be compared byte for byte.
 //!
-//! These are not exactly the bytes `tq-kv` stores: for TurboQuant sides
-//! `tq-kv` keeps each code's scale as a bf16 (`tq_core::kv::kv_code_size`),
-//! while the GPU planes keep the codec's f32 norm per code (`q8_0`/`q4_0`
-//! codes are stored whole by both): a TurboQuant code stored by `tq-kv` has
-//! 2 scale bytes instead of 4, its norm rounded to bf16.
+//! These are not exactly the bytes `tq-kv` stores: for TurboQuant sides the
+//! CPU caches keep each code's scale as a bf16 ([`tq_core::KvLayout`], the
+//! owner of the stored layout), while the GPU planes keep the codec's f32 norm
+//! per code (`q8_0`/`q4_0` codes are stored whole by both): a TurboQuant code
+//! stored by `tq-kv` has 2 scale bytes instead of 4, its norm rounded to bf16.
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
@@ -241,17 +241,29 @@ pub fn join_tq_codes(d: usize, bits: u32, codes: &[u8], scales: &[f32]) -> Vec<u
     out
 }
 
+/// Most query tokens one decode step takes per sequence.
+pub const MAX_Q_TOKENS: usize = 8;
+
 /// Geometry of a batch of sequences for decode attention.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttnShape {
     /// Query heads, KV heads and head dimension of every sequence (the
     /// model's geometry; `layers` is not used: one call attends one layer).
     pub heads: KvGeometry,
-    /// Tokens in the cache of each sequence (1 or more each).
+    /// Tokens in the cache of each sequence (at least `q_tokens` each).
     pub lens: Vec<usize>,
+    /// Query tokens per sequence (1 for plain decoding; up to
+    /// [`MAX_Q_TOKENS`] when a step verifies several tokens): they are the
+    /// last `q_tokens` tokens of each cache, and query token `i` sees the
+    /// first `len - q_tokens + 1 + i` cached tokens.
+    pub q_tokens: usize,
 }
 
 impl AttnShape {
+    /// One query token per sequence (plain decoding).
+    pub fn decode(heads: KvGeometry, lens: Vec<usize>) -> Self {
+        Self { heads, lens, q_tokens: 1 }
+    }
     /// Sequences in the batch.
     pub fn batch(&self) -> usize {
         self.lens.len()
@@ -264,9 +276,14 @@ impl AttnShape {
     pub fn max_len(&self) -> usize {
         self.lens.iter().copied().max().unwrap_or(0)
     }
+    /// Score rows per KV head: query tokens × GQA group.
+    pub fn rows(&self) -> usize {
+        self.q_tokens * self.group()
+    }
     /// Whether the kernels take this shape: head_dim 64 or 128, query heads
-    /// grouped evenly over the KV heads, groups of at most 16, every sequence
-    /// at least one token long.
+    /// grouped evenly over the KV heads, groups of at most 16, 1 to
+    /// [`MAX_Q_TOKENS`] query tokens, every sequence at least as long as its
+    /// query tokens.
     pub fn check(&self) -> Result<()> {
         if self.heads.head_dim != 64 && self.heads.head_dim != 128 {
             return Err(Error::Unsupported(format!("head_dim {}: the GPU kernels take 64 or 128", self.heads.head_dim)));
@@ -277,8 +294,14 @@ impl AttnShape {
         if self.group() > 16 {
             return Err(Error::Unsupported(format!("a GQA group of {} query heads (at most 16)", self.group())));
         }
+        if self.q_tokens == 0 || self.q_tokens > MAX_Q_TOKENS {
+            return Err(Error::Unsupported(format!("{} query tokens per sequence (1 to {MAX_Q_TOKENS})", self.q_tokens)));
+        }
         if self.lens.is_empty() || self.lens.contains(&0) {
             return Err(Error::Shape("every sequence needs at least one cached token".into()));
+        }
+        if let Some(l) = self.lens.iter().find(|&&l| l < self.q_tokens) {
+            return Err(Error::Shape(format!("a sequence of {l} cached tokens cannot hold its {} query tokens", self.q_tokens)));
         }
         Ok(())
     }
@@ -286,26 +309,31 @@ impl AttnShape {
 
 /// Reference decode attention in f64 over dequantized caches: `k`, `v` are
 /// `[batch][kv_heads][max_len][head_dim]` decoded values (rows past a
-/// sequence's length unused), `q` is `[batch][q_heads][head_dim]`; returns
-/// `[batch][q_heads][head_dim]`.
+/// sequence's length unused), `q` is `[batch][q_tokens][q_heads][head_dim]`;
+/// returns `[batch][q_tokens][q_heads][head_dim]`. Query token `i` attends to
+/// the first `len - q_tokens + 1 + i` tokens (see [`AttnShape::q_tokens`]).
 pub fn reference_attention(shape: &AttnShape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f64> {
-    let (d, hq, g, t) = (shape.heads.head_dim, shape.heads.q_heads, shape.group(), shape.max_len());
+    let (d, hq, g, t, nq) = (shape.heads.head_dim, shape.heads.q_heads, shape.group(), shape.max_len(), shape.q_tokens);
     let scale = 1.0 / (d as f64).sqrt();
-    let mut out = vec![0.0f64; shape.batch() * hq * d];
+    let mut out = vec![0.0f64; shape.batch() * nq * hq * d];
     for (b, &len) in shape.lens.iter().enumerate() {
-        for h in 0..hq {
-            let kvh = h / g;
-            let base = (b * shape.heads.kv_heads + kvh) * t * d;
-            let qv = &q[(b * hq + h) * d..(b * hq + h + 1) * d];
-            let s: Vec<f64> =
-                (0..len).map(|i| qv.iter().zip(&k[base + i * d..base + (i + 1) * d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale).collect();
-            let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-            let z: f64 = w.iter().sum();
-            let o = &mut out[(b * hq + h) * d..(b * hq + h + 1) * d];
-            for (i, wi) in w.iter().enumerate() {
-                for (oj, &vj) in o.iter_mut().zip(&v[base + i * d..base + (i + 1) * d]) {
-                    *oj += wi / z * vj as f64;
+        for qi in 0..nq {
+            let seen = len - nq + 1 + qi;
+            for h in 0..hq {
+                let kvh = h / g;
+                let base = (b * shape.heads.kv_heads + kvh) * t * d;
+                let row = (b * nq + qi) * hq + h;
+                let qv = &q[row * d..(row + 1) * d];
+                let s: Vec<f64> =
+                    (0..seen).map(|i| qv.iter().zip(&k[base + i * d..base + (i + 1) * d]).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale).collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                let o = &mut out[row * d..(row + 1) * d];
+                for (i, wi) in w.iter().enumerate() {
+                    for (oj, &vj) in o.iter_mut().zip(&v[base + i * d..base + (i + 1) * d]) {
+                        *oj += wi / z * vj as f64;
+                    }
                 }
             }
         }
@@ -368,9 +396,28 @@ mod tests {
         assert!(matches!(SideSpec::new(lookup("q4_0-rot").unwrap(), 128, 1), Err(Error::Unsupported(_))));
         let (k, v) = kv_sides(lookup("tq-mse-4").unwrap(), lookup("tq-mse-3").unwrap(), 128, 1).unwrap();
         assert_eq!((k.kind, v.kind), (SideKind::Tq { bits: 4, nc: false }, SideKind::Tq { bits: 3, nc: false }));
-        let bad = AttnShape { heads: KvGeometry { layers: 1, q_heads: 9, kv_heads: 2, head_dim: 128 }, lens: vec![4] };
-        assert!(matches!(bad.check(), Err(Error::Shape(_))));
-        let empty = AttnShape { heads: KvGeometry { layers: 1, q_heads: 8, kv_heads: 2, head_dim: 128 }, lens: vec![4, 0] };
-        assert!(matches!(empty.check(), Err(Error::Shape(_))));
+        let geo = |q_heads, kv_heads| KvGeometry { layers: 1, q_heads, kv_heads, head_dim: 128 };
+        assert!(matches!(AttnShape::decode(geo(9, 2), vec![4]).check(), Err(Error::Shape(_))));
+        assert!(matches!(AttnShape::decode(geo(8, 2), vec![4, 0]).check(), Err(Error::Shape(_))));
+        let multi = |q_tokens, lens| AttnShape { heads: geo(8, 2), lens, q_tokens };
+        assert!(multi(4, vec![4, 9]).check().is_ok());
+        assert!(matches!(multi(4, vec![3, 9]).check(), Err(Error::Shape(_))));
+        assert!(matches!(multi(0, vec![9]).check(), Err(Error::Unsupported(_))));
+        assert!(matches!(multi(MAX_Q_TOKENS + 1, vec![99]).check(), Err(Error::Unsupported(_))));
+    }
+
+    #[test]
+    fn reference_attention_masks_each_query_token_causally() {
+        // one head, d = 64, 3 cached tokens, 2 query tokens: token 0 sees the
+        // first 2 cached tokens, token 1 all 3; with the same query for both and
+        // keys equal, the outputs are the means of the values they see
+        let d = 64;
+        let shape = AttnShape { heads: KvGeometry { layers: 1, q_heads: 1, kv_heads: 1, head_dim: d }, lens: vec![3], q_tokens: 2 };
+        let k = vec![0.5f32; 3 * d];
+        let v: Vec<f32> = (0..3 * d).map(|i| (i / d) as f32 * 3.0).collect(); // rows 0, 3, 6
+        let q = vec![1.0f32; 2 * d];
+        let out = reference_attention(&shape, &q, &k, &v);
+        assert!(out[..d].iter().all(|&x| (x - 1.5).abs() < 1e-12), "token 0 sees rows 0 and 3");
+        assert!(out[d..].iter().all(|&x| (x - 3.0).abs() < 1e-12), "token 1 sees rows 0, 3 and 6");
     }
 }

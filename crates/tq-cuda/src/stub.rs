@@ -37,7 +37,7 @@ impl Gpu {
         match self.0 {}
     }
     /// Caches made from now on use the plain fp32 (SIMT) attention kernel even
-    /// where the tensor-core one applies (TurboQuant K and V, GQA group ≤ 8).
+    /// where the tensor-core one applies (TurboQuant K and V).
     pub fn force_simt(&self, _on: bool) {
         match self.0 {}
     }
@@ -62,8 +62,8 @@ impl Gpu {
     pub fn random_kv(&self, _: &AttnShape, _: &SideSpec, _: &SideSpec, _: usize, _: u32) -> Result<DeviceKv> {
         match self.0 {}
     }
-    /// Decode attention of one query token per sequence: `q` is
-    /// `[batch][q_heads][head_dim]`, the result likewise. The output buffer is
+    /// Decode attention of the shape's query tokens per sequence: `q` is
+    /// `[batch][q_tokens][q_heads][head_dim]`, the result likewise. The output buffer is
     /// poisoned (NaN) first, so an unwritten element cannot pass for a result.
     pub fn attend(&self, _kv: &mut DeviceKv, _q: &[f32]) -> Result<Vec<f32>> {
         match self.0 {}

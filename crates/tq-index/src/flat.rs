@@ -11,6 +11,18 @@ use tq_core::{lookup, Codec, PreparedQuery};
 use crate::topk::TopK;
 use crate::{IndexError, IndexSpec, Metric, RawVectors, Result};
 
+/// Queries per work item of a batched fast-scan search (a multiple of the
+/// kernels' query groups: 2 on AVX2, 6 on AVX-512, 12 with VBMI/VNNI): every tile is read from
+/// memory once per chunk, then from L2 by the chunk's other query groups.
+const QCHUNK: usize = 48;
+
+/// Bytes of codes per tile: a tile stays in L2 while a chunk of queries passes over it.
+const TILE_BYTES: usize = 256 << 10;
+
+/// Bytes of the integer sums of a chunk of queries over a tile (the tile is
+/// shortened for short codes so that these stay in L2 too).
+const SUMS_BYTES: usize = 256 << 10;
+
 /// One search result. `score` is the similarity (inner product / cosine;
 /// larger is better) or the squared distance (L2; smaller is better).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -294,17 +306,158 @@ impl FlatIndex {
         Ok((self.codec.prepare_unchecked(&v), v))
     }
 
-    /// The `k` best hits for one query, best first.
+    /// The `k` best hits for one query, best first. A fast-scan search of a
+    /// large store splits the scan into tiles over the rayon pool (the result
+    /// does not depend on the number of threads).
     pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
         let (pq, qv) = self.prepare_query(q)?;
         let lut = self.lut(&pq);
+        if let (true, Some(lut)) = (self.approximate(p), &lut) {
+            let k = k.min(self.len());
+            let cand = self.scan_many(&[lut], p, 0, self.candidates(k, p)).pop().expect("one query, one heap");
+            return Ok(self.finish_candidates(&pq, &qv, cand, k, p));
+        }
         Ok(self.search_prepared(&pq, &qv, lut.as_ref(), k, p))
     }
 
-    /// Searches many queries (row-major) in parallel on the rayon pool.
+    /// Searches many queries (row-major) on the rayon pool. Fast-scan searches
+    /// score blocks of queries against tiles of codes held in cache (each code
+    /// block is loaded once per group of queries), threaded over query chunks
+    /// and code tiles, with one bounded top-k per query and tile range merged
+    /// afterwards: the same hits and scores as one `search` per query.
     pub fn search_batch(&self, qs: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Vec<Hit>>> {
         check_vectors(qs, self.spec.dim)?;
-        qs.par_chunks(self.spec.dim).map(|q| self.search(q, k, p)).collect()
+        if !self.approximate(p) {
+            return qs.par_chunks(self.spec.dim).map(|q| self.search(q, k, p)).collect();
+        }
+        let prepared = qs.par_chunks(self.spec.dim).map(|q| self.prepare_query(q)).collect::<Result<Vec<_>>>()?;
+        let luts: Vec<QuantizedLut> = prepared.par_iter().map(|(pq, _)| self.lut(pq).expect("fast-scan store")).collect();
+        let k = k.min(self.len());
+        let kc = self.candidates(k, p);
+        let lut_refs: Vec<&QuantizedLut> = luts.iter().collect();
+        let cands = self.scan_many(&lut_refs, p, 0, kc);
+        Ok(prepared.par_iter().zip(cands).map(|((pq, qv), cand)| self.finish_candidates(pq, qv, cand, k, p)).collect())
+    }
+
+    /// Candidates a fast-scan search of `k` (≤ len) results pre-ranks by the
+    /// tables: `rerank` per code-stage result, the code stage keeping
+    /// `rerank·k` results for a raw-vector re-rank.
+    pub(crate) fn candidates(&self, k: usize, p: &SearchParams<'_>) -> usize {
+        let n = self.len();
+        let kr = if self.raw_rerank(p) { k.saturating_mul(p.rerank.max(1)).min(n) } else { k };
+        kr.saturating_mul(p.rerank.max(1)).min(n)
+    }
+
+    /// The hits of a fast-scan search from its candidates: exact re-score to
+    /// `k` (or `rerank·k` for a raw re-rank, then the raw vectors decide `k`).
+    pub(crate) fn finish_candidates(&self, pq: &PreparedQuery, qv: &[f32], cand: TopK, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+        let raw = self.raw_rerank(p);
+        let kr = if raw { k.saturating_mul(p.rerank.max(1)).min(self.len()) } else { k };
+        let mut top = TopK::new(kr);
+        let mut buf = vec![0u8; self.codec.code_size()];
+        for e in cand.into_sorted() {
+            top.push(self.rescore(pq, e.slot, &mut buf), e.slot);
+        }
+        if raw {
+            let mut by_raw = TopK::new(k);
+            for e in top.into_sorted() {
+                by_raw.push(self.raw_similarity(qv, e.slot), e.slot);
+            }
+            top = by_raw;
+        }
+        top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect()
+    }
+
+    /// The `kc` best fast-scan candidates (tags `tag + slot`) of every query,
+    /// in query order. Work items are (chunk of `QCHUNK` queries, range of
+    /// tiles); a single query or a small batch splits the tiles over every
+    /// thread, a large batch only the queries. Per-item heaps are merged per
+    /// query; a heap keeps the `kc` best under (score, then lower tag), so the
+    /// merge equals one sequential scan whatever the split.
+    pub(crate) fn scan_many(&self, luts: &[&QuantizedLut], p: &SearchParams<'_>, tag: usize, kc: usize) -> Vec<TopK> {
+        self.scan_many_tiled(luts, p, tag, kc, TILE_BYTES)
+    }
+
+    /// [`Self::scan_many`] with tiles of about `tile_bytes` bytes of codes.
+    fn scan_many_tiled(&self, luts: &[&QuantizedLut], p: &SearchParams<'_>, tag: usize, kc: usize, tile_bytes: usize) -> Vec<TopK> {
+        let Store::Fast { codes, .. } = &self.store else { unreachable!("scan_many on a fast-scan store") };
+        let nq = luts.len();
+        let nb = codes.blocks();
+        // codes of a tile in L2, and the integer sums of a chunk over it too
+        let tile = (tile_bytes / codes.block_bytes()).min(SUMS_BYTES / (QCHUNK * BLOCK * 4)).clamp(1, nb.max(1));
+        let ntiles = nb.div_ceil(tile);
+        let nchunks = nq.div_ceil(QCHUNK);
+        if nq == 0 || nb == 0 {
+            return (0..nq).map(|_| TopK::new(kc)).collect();
+        }
+        let parts = (2 * rayon::current_num_threads()).div_ceil(nchunks).clamp(1, ntiles);
+        let item = |w: usize| {
+            let (c, part) = (w / parts, w % parts);
+            let qs = &luts[c * QCHUNK..((c + 1) * QCHUNK).min(nq)];
+            let mut heaps: Vec<TopK> = qs.iter().map(|_| TopK::new(kc)).collect();
+            self.scan_tiles(qs, part * ntiles / parts..(part + 1) * ntiles / parts, tile, p, tag, &mut heaps);
+            heaps
+        };
+        let mut per: Vec<Vec<TopK>> = if nchunks * parts == 1 { vec![item(0)] } else { (0..nchunks * parts).into_par_iter().map(item).collect() };
+        let mut out = Vec::with_capacity(nq);
+        for c in 0..nchunks {
+            let mut first = std::mem::take(&mut per[c * parts]);
+            for part in 1..parts {
+                for (h, o) in first.iter_mut().zip(std::mem::take(&mut per[c * parts + part])) {
+                    h.merge(o);
+                }
+            }
+            out.extend(first);
+        }
+        out
+    }
+
+    /// Offers the allowed codes of tiles `tiles` (of `tile` blocks) to the
+    /// heap of each query, scoring every tile for all queries in one pass.
+    fn scan_tiles(&self, luts: &[&QuantizedLut], tiles: std::ops::Range<usize>, tile: usize, p: &SearchParams<'_>, tag: usize, heaps: &mut [TopK]) {
+        let Store::Fast { codes, factors, .. } = &self.store else { unreachable!("scan_tiles on a fast-scan store") };
+        let mut tables = Vec::with_capacity(luts.iter().map(|l| l.tables().len()).sum());
+        luts.iter().for_each(|l| tables.extend_from_slice(l.tables()));
+        let mut sums = vec![0u32; luts.len() * tile * BLOCK];
+        let mut sims = vec![0.0f32; tile * BLOCK];
+        let mut maxes = vec![0.0f32; tile];
+        for t in tiles {
+            let (b0, b1) = (t * tile, ((t + 1) * tile).min(codes.blocks()));
+            let s = &mut sums[..luts.len() * (b1 - b0) * BLOCK];
+            codes.scan_blocks_multi(b0, b1, &tables, s);
+            let live = (b1 * BLOCK).min(self.ids.len()) - b0 * BLOCK;
+            for (qi, (lut, heap)) in luts.iter().zip(heaps.iter_mut()).enumerate() {
+                let at = qi * (b1 - b0) * BLOCK;
+                lut.values(&s[at..at + live], &factors[b0 * BLOCK..b0 * BLOCK + live], &mut sims[..live], &mut maxes[..b1 - b0]);
+                for (j, chunk) in sims[..live].chunks_mut(BLOCK).enumerate() {
+                    self.offer_block(chunk, maxes[j], b0 + j, p, tag, heap);
+                }
+            }
+        }
+    }
+
+    /// Offers the allowed codes of fast-scan block `b` to `heap` as
+    /// `(similarity estimate, tag + slot)`; `sims` holds the block's
+    /// `factor · value(sum)` (one per live code of the block) and `best` their
+    /// maximum (the per-slot work only runs for blocks with a contender).
+    #[inline]
+    fn offer_block(&self, sims: &mut [f32], mut best: f32, b: usize, p: &SearchParams<'_>, tag: usize, heap: &mut TopK) {
+        let base = b * BLOCK;
+        if self.spec.metric == Metric::L2 {
+            let len = sims.len();
+            for (o, &q) in sims.iter_mut().zip(&self.sqnorms[base..base + len]) {
+                *o = 2.0 * *o - q;
+            }
+            best = sims.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+        }
+        if !heap.may_accept(best) {
+            return;
+        }
+        for (i, &sim) in sims.iter().enumerate() {
+            if heap.accepts(sim, tag + base + i) && p.allow.is_none_or(|a| a.contains(&self.ids[base + i])) {
+                heap.push(sim, tag + base + i);
+            }
+        }
     }
 
     /// Exact re-score of one code: similarity (larger is better) for ranking.
@@ -331,6 +484,11 @@ impl FlatIndex {
         // nothing is sized by more than the live vectors (a huge `k` is no allocation)
         let n = self.len();
         let k = k.min(n);
+        if self.approximate(p) {
+            let mut cand = TopK::new(self.candidates(k, p));
+            self.scan_into(pq, lut, p, 0, &mut cand);
+            return self.finish_candidates(pq, qv, cand, k, p);
+        }
         if self.raw_rerank(p) {
             // candidates by the codes (as configured), final order by the raw vectors
             let kk = k.saturating_mul(p.rerank.max(1)).min(n);
@@ -343,16 +501,7 @@ impl FlatIndex {
             return top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect();
         }
         let mut top = TopK::new(k);
-        if self.approximate(p) {
-            let mut cand = TopK::new(k.saturating_mul(p.rerank.max(1)).min(n));
-            self.scan_into(pq, lut, p, 0, &mut cand);
-            let mut buf = vec![0u8; self.codec.code_size()];
-            for e in cand.into_sorted() {
-                top.push(self.rescore(pq, e.slot, &mut buf), e.slot);
-            }
-        } else {
-            self.scan_into(pq, lut, p, 0, &mut top);
-        }
+        self.scan_into(pq, lut, p, 0, &mut top);
         top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect()
     }
 
@@ -402,32 +551,13 @@ impl FlatIndex {
             Store::Fast { codes, factors, .. } if !p.exact => {
                 let lut = lut.expect("fast-scan tables for a fast-scan store");
                 let mut sums = [0u32; BLOCK];
-                let l2 = self.spec.metric == Metric::L2;
                 let mut sims = [0.0f32; BLOCK];
+                let mut best = [0.0f32];
                 for b in 0..codes.blocks() {
                     codes.scan_block(b, lut, &mut sums);
-                    let base = b * BLOCK;
-                    let len = BLOCK.min(n - base);
-                    // whole-block conversion and threshold test (vectorizable);
-                    // the per-slot work only runs for blocks with a contender
-                    let f = &factors[base..base + len];
-                    for ((o, &s), &f) in sims.iter_mut().zip(&sums).zip(f) {
-                        *o = f * lut.value(s);
-                    }
-                    if l2 {
-                        for (o, &q) in sims.iter_mut().zip(&self.sqnorms[base..base + len]) {
-                            *o = 2.0 * *o - q;
-                        }
-                    }
-                    let best = sims[..len].iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    if !heap.accepts(best) {
-                        continue;
-                    }
-                    for (i, &sim) in sims[..len].iter().enumerate() {
-                        if heap.accepts(sim) && allowed(base + i) {
-                            heap.push(sim, tag + base + i);
-                        }
-                    }
+                    let live = BLOCK.min(n - b * BLOCK);
+                    lut.values(&sums, &factors[b * BLOCK..b * BLOCK + live], &mut sims[..live], &mut best);
+                    self.offer_block(&mut sims[..live], best[0], b, p, tag, heap);
                 }
             }
             _ => {
@@ -435,7 +565,7 @@ impl FlatIndex {
                 for slot in 0..n {
                     if allowed(slot) {
                         let s = self.rescore(pq, slot, &mut buf);
-                        if heap.accepts(s) {
+                        if heap.accepts(s, tag + slot) {
                             heap.push(s, tag + slot);
                         }
                     }
@@ -493,5 +623,80 @@ impl SharedIndex {
     /// The index back (a lock poisoned by a panicking thread is ignored).
     pub fn into_inner(self) -> FlatIndex {
         self.inner.into_inner().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tq_core::rng::Xoshiro256;
+
+    fn gaussian(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+        let mut r = Xoshiro256::new(seed);
+        (0..n * dim).map(|_| r.gaussian() as f32).collect()
+    }
+
+    /// The per-query sequential scan (one block kernel call per code block).
+    fn sequential(idx: &FlatIndex, q: &[f32], k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+        let (pq, qv) = idx.prepare_query(q).unwrap();
+        let lut = idx.lut(&pq);
+        idx.search_prepared(&pq, &qv, lut.as_ref(), k, p)
+    }
+
+    /// Batched, tiled, threaded fast-scan search returns exactly the ids and
+    /// score bits of the sequential per-query scan: for every metric, with
+    /// filters, raw re-ranking, after removals, any tile size, any number of
+    /// threads and any number of queries (a partial chunk, one query).
+    #[test]
+    fn tiled_batched_search_equals_the_sequential_scan() {
+        let (n, dim) = (3000, 40);
+        let xs = gaussian(n, dim, 1);
+        let qs = gaussian(14, dim, 2);
+        for (codec, metric, raw) in [
+            ("tq-mse-4", Metric::Ip, RawVectors::None),
+            ("tq-mse-2-nc", Metric::Cosine, RawVectors::None),
+            ("tq-mse-4-nc", Metric::L2, RawVectors::F16),
+            ("tq-mse-1", Metric::Ip, RawVectors::None),
+        ] {
+            let mut spec = IndexSpec::new(codec, dim, metric);
+            spec.raw = raw;
+            let mut idx = FlatIndex::new(spec).unwrap();
+            let ids: Vec<u64> = (0..n as u64).map(|i| 5 + 3 * i).collect();
+            idx.add(&ids, &xs).unwrap();
+            // duplicate scores: the same vector under two ids (ties broken by slot)
+            idx.add(&[1, 2], &[&xs[..dim], &xs[..dim]].concat()).unwrap();
+            idx.remove(&[ids[7], ids[100], ids[2999]]).unwrap();
+            assert!(idx.is_fast_scan());
+            let allow: HashSet<u64> = ids.iter().copied().filter(|i| i % 5 != 0).chain([2]).collect();
+            for p in [
+                SearchParams::default(),
+                SearchParams { rerank: 3, ..Default::default() },
+                SearchParams { allow: Some(&allow), ..Default::default() },
+                SearchParams { raw_rerank: true, rerank: 2, ..Default::default() },
+            ] {
+                for k in [1usize, 10, 57, 5000] {
+                    let want: Vec<Vec<Hit>> = qs.chunks_exact(dim).map(|q| sequential(&idx, q, k, &p)).collect();
+                    let bits = |r: &[Vec<Hit>]| r.iter().map(|h| h.iter().map(|h| (h.id, h.score.to_bits())).collect::<Vec<_>>()).collect::<Vec<_>>();
+                    for threads in [1, 3, 8] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        pool.install(|| {
+                            assert_eq!(bits(&idx.search_batch(&qs, k, &p).unwrap()), bits(&want), "{codec} k={k} threads={threads}");
+                            let one: Vec<Vec<Hit>> = qs.chunks_exact(dim).take(3).map(|q| idx.search(q, k, &p).unwrap()).collect();
+                            assert_eq!(bits(&one), bits(&want[..3]), "{codec} single k={k} threads={threads}");
+                            // small tiles: many tiles per work item and many work items per query
+                            let prepared: Vec<_> = qs.chunks_exact(dim).map(|q| idx.prepare_query(q).unwrap()).collect();
+                            let luts: Vec<QuantizedLut> = prepared.iter().map(|(pq, _)| idx.lut(pq).unwrap()).collect();
+                            let refs: Vec<&QuantizedLut> = luts.iter().collect();
+                            let kk = k.min(idx.len());
+                            for tile_bytes in [1, 3 * idx.bytes_per_vector() * BLOCK] {
+                                let cands = idx.scan_many_tiled(&refs, &p, 0, idx.candidates(kk, &p), tile_bytes);
+                                let got: Vec<Vec<Hit>> = prepared.iter().zip(cands).map(|((pq, qv), c)| idx.finish_candidates(pq, qv, c, kk, &p)).collect();
+                                assert_eq!(bits(&got), bits(&want), "{codec} k={k} threads={threads} tile={tile_bytes}");
+                            }
+                        });
+                    }
+                }
+            }
+        }
     }
 }

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 use tq_core::codec::check_vectors;
+use tq_core::fastscan::QuantizedLut;
 use tq_core::kmeans::{nearest, row_norms};
+use tq_core::PreparedQuery;
 
 use crate::flat::{FlatIndex, Hit, SearchParams};
 use crate::topk::TopK;
@@ -166,61 +168,108 @@ impl IvfIndex {
     /// The `k` best hits, probing `p.nprobe` lists.
     pub fn search(&self, q: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Hit>> {
         let (pq, qv) = self.lists[0].prepare_query(q)?;
-        let dim = self.spec.dim;
-        let mut probe = TopK::new(p.nprobe.clamp(1, self.lists.len()));
-        for (c, cen) in self.centroids.chunks_exact(dim).enumerate() {
-            let s = match self.spec.metric {
-                Metric::L2 => -l2(&qv, cen),
-                _ => dot(&qv, cen),
-            };
-            probe.push(s, c);
-        }
         // one candidate set across the probed lists, tagged with the list
         // number in the high bits, then (fast-scan) one exact re-score and
         // (raw vectors) one re-rank by the stored copies
         let lut = self.lists[0].lut(&pq);
-        let approx = self.lists[0].approximate(p);
-        let raw = self.lists[0].raw_rerank(p);
-        // nothing is sized by more than the live vectors (a huge `k` is no allocation)
+        let sizes = self.sizes(k, p);
+        let mut heap = TopK::new(sizes.2);
+        for l in self.probes(&qv, p) {
+            self.lists[l].scan_into(&pq, lut.as_ref(), p, l << LIST_SHIFT, &mut heap);
+        }
+        Ok(self.finish(&pq, &qv, heap, sizes, p))
+    }
+
+    /// The lists a query probes, best first.
+    fn probes(&self, qv: &[f32], p: &SearchParams<'_>) -> Vec<usize> {
+        let mut probe = TopK::new(p.nprobe.clamp(1, self.lists.len()));
+        for (c, cen) in self.centroids.chunks_exact(self.spec.dim).enumerate() {
+            let s = match self.spec.metric {
+                Metric::L2 => -l2(qv, cen),
+                _ => dot(qv, cen),
+            };
+            probe.push(s, c);
+        }
+        probe.into_sorted().into_iter().map(|e| e.slot).collect()
+    }
+
+    /// `(k, kk, kc)`: results, results of the code stage (`rerank·k` for a
+    /// raw re-rank), candidates of the scan (`rerank·k` when fast-scan
+    /// pre-ranks). Nothing is sized by more than the live vectors (a huge `k`
+    /// is no allocation).
+    fn sizes(&self, k: usize, p: &SearchParams<'_>) -> (usize, usize, usize) {
         let n = self.len();
         let k = k.min(n);
-        let kk = if raw { k.saturating_mul(p.rerank.max(1)).min(n) } else { k };
-        let mut heap = TopK::new(if approx { k.saturating_mul(p.rerank.max(1)).min(n) } else { kk });
-        for e in probe.into_sorted() {
-            self.lists[e.slot].scan_into(&pq, lut.as_ref(), p, e.slot << LIST_SHIFT, &mut heap);
-        }
+        let kk = if self.lists[0].raw_rerank(p) { k.saturating_mul(p.rerank.max(1)).min(n) } else { k };
+        let kc = if self.lists[0].approximate(p) { k.saturating_mul(p.rerank.max(1)).min(n) } else { kk };
+        (k, kk, kc)
+    }
+
+    /// The hits from the scan's candidates (`sizes` as from [`Self::sizes`]).
+    fn finish(&self, pq: &PreparedQuery, qv: &[f32], heap: TopK, (k, kk, _): (usize, usize, usize), p: &SearchParams<'_>) -> Vec<Hit> {
         let split = |tagged: usize| (tagged >> LIST_SHIFT, tagged & ((1 << LIST_SHIFT) - 1));
-        let mut best = if approx {
+        let mut best = if self.lists[0].approximate(p) {
             let mut top = TopK::new(kk);
             let mut buf = vec![0u8; self.lists[0].codec().code_size()];
             for e in heap.into_sorted() {
                 let (l, slot) = split(e.slot);
-                top.push(self.lists[l].rescore(&pq, slot, &mut buf), e.slot);
+                top.push(self.lists[l].rescore(pq, slot, &mut buf), e.slot);
             }
             top.into_sorted()
         } else {
             heap.into_sorted()
         };
-        if raw {
+        if self.lists[0].raw_rerank(p) {
             let mut top = TopK::new(k);
             for e in best {
                 let (l, slot) = split(e.slot);
-                top.push(self.lists[l].raw_similarity(&qv, slot), e.slot);
+                top.push(self.lists[l].raw_similarity(qv, slot), e.slot);
             }
             best = top.into_sorted();
         }
-        Ok(best
-            .into_iter()
+        best.into_iter()
             .map(|e| {
                 let (l, slot) = split(e.slot);
                 self.lists[l].hit(slot, e.score)
             })
-            .collect())
+            .collect()
     }
 
-    /// Searches many queries (row-major) in parallel on the rayon pool.
+    /// Searches many queries (row-major) on the rayon pool. Fast-scan
+    /// searches scan each list once for all the queries that probe it (many
+    /// queries per pass over its codes, see [`FlatIndex::search_batch`]),
+    /// threaded over lists, and merge each query's candidates across its
+    /// lists: the same hits and scores as one `search` per query.
     pub fn search_batch(&self, qs: &[f32], k: usize, p: &SearchParams<'_>) -> Result<Vec<Vec<Hit>>> {
         check_vectors(qs, self.spec.dim)?;
-        qs.par_chunks(self.spec.dim).map(|q| self.search(q, k, p)).collect()
+        let first = &self.lists[0];
+        if !first.approximate(p) {
+            return qs.par_chunks(self.spec.dim).map(|q| self.search(q, k, p)).collect();
+        }
+        let prepared = qs.par_chunks(self.spec.dim).map(|q| first.prepare_query(q)).collect::<Result<Vec<_>>>()?;
+        let luts: Vec<QuantizedLut> = prepared.par_iter().map(|(pq, _)| first.lut(pq).expect("fast-scan lists")).collect();
+        let probes: Vec<Vec<usize>> = prepared.par_iter().map(|(_, qv)| self.probes(qv, p)).collect();
+        let sizes = self.sizes(k, p);
+        let mut by_list: Vec<Vec<usize>> = vec![Vec::new(); self.lists.len()];
+        for (qi, pr) in probes.iter().enumerate() {
+            for &l in pr {
+                by_list[l].push(qi);
+            }
+        }
+        let per_list: Vec<Vec<TopK>> = by_list
+            .par_iter()
+            .enumerate()
+            .map(|(l, qis)| {
+                let refs: Vec<&QuantizedLut> = qis.iter().map(|&q| &luts[q]).collect();
+                self.lists[l].scan_many(&refs, p, l << LIST_SHIFT, sizes.2)
+            })
+            .collect();
+        let mut heaps: Vec<TopK> = (0..prepared.len()).map(|_| TopK::new(sizes.2)).collect();
+        for (qis, hs) in by_list.iter().zip(per_list) {
+            for (&qi, h) in qis.iter().zip(hs) {
+                heaps[qi].merge(h);
+            }
+        }
+        Ok(prepared.par_iter().zip(heaps).map(|((pq, qv), h)| self.finish(pq, qv, h, sizes, p)).collect())
     }
 }

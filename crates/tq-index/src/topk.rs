@@ -40,10 +40,20 @@ impl TopK {
         Self { k, heap: BinaryHeap::with_capacity(k.min(1024) + 1) }
     }
 
-    /// Would `score` enter the set? (Cheap pre-test before filters.)
+    /// Could an entry of score `score` enter the set (whatever its slot)?
+    /// A cheap pre-test for a whole block of candidates (a float comparison:
+    /// -0 and +0 pass alike, and `accepts` then decides by the total order).
     #[inline]
-    pub fn accepts(&self, score: f32) -> bool {
-        self.k > 0 && (self.heap.len() < self.k || self.heap.peek().is_some_and(|w| score > w.score))
+    pub fn may_accept(&self, score: f32) -> bool {
+        self.k > 0 && (self.heap.len() < self.k || self.heap.peek().is_some_and(|w| score >= w.score))
+    }
+
+    /// Would `(score, slot)` enter the set? Exactly when `push` would keep it,
+    /// so the set is the k best under (score, then lower slot) whatever the
+    /// order entries are offered in (cheap pre-test before filters).
+    #[inline]
+    pub fn accepts(&self, score: f32, slot: usize) -> bool {
+        self.k > 0 && (self.heap.len() < self.k || self.heap.peek().is_some_and(|w| Entry { score, slot } < *w))
     }
 
     #[inline]
@@ -58,6 +68,14 @@ impl TopK {
             if e < *w {
                 *w = e;
             }
+        }
+    }
+
+    /// Adds every entry of `other` (the result equals pushing them one by one:
+    /// the k best under (score, then lower slot), whatever the order).
+    pub fn merge(&mut self, other: TopK) {
+        for e in other.heap {
+            self.push(e.score, e.slot);
         }
     }
 

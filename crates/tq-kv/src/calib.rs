@@ -102,24 +102,19 @@ impl KeyCalibration {
         if b.len() < MAGIC.len() + 4 || &b[..MAGIC.len()] != MAGIC {
             return Err(bad("not a calibration file (bad magic)".into()));
         }
-        let mut at = MAGIC.len();
-        let u32_at = |at: &mut usize, what: &str| -> Result<u32> {
-            let s = b.get(*at..*at + 4).ok_or_else(|| bad(format!("truncated in {what}")))?;
-            *at += 4;
-            Ok(u32::from_le_bytes(s.try_into().unwrap()))
-        };
-        let version = u32_at(&mut at, "the version")?;
+        let mut r = tq_io::LeReader::new(&b[MAGIC.len()..]);
+        let trunc = |e: tq_io::Truncated| bad(format!("truncated in {}", e.field));
+        let version = r.u32("the version").map_err(trunc)?;
         if version != VERSION {
             return Err(bad(format!("unsupported version {version} (this build reads version {VERSION})")));
         }
-        let layers = u32_at(&mut at, "the geometry")? as usize;
-        let kv_heads = u32_at(&mut at, "the geometry")? as usize;
-        let head_dim = u32_at(&mut at, "the geometry")? as usize;
-        let shrink = f32::from_bits(u32_at(&mut at, "the shrink")?);
-        let lo = u32_at(&mut at, "the token count")? as u64;
-        let hi = u32_at(&mut at, "the token count")? as u64;
-        let tokens = lo | (hi << 32);
-        let slen = u32_at(&mut at, "the source name")? as usize;
+        let layers = r.u32("the geometry").map_err(trunc)? as usize;
+        let kv_heads = r.u32("the geometry").map_err(trunc)? as usize;
+        let head_dim = r.u32("the geometry").map_err(trunc)? as usize;
+        let shrink = r.f32("the shrink").map_err(trunc)?;
+        let tokens = r.u64("the token count").map_err(trunc)?;
+        let slen = r.u32("the source name").map_err(trunc)? as usize;
+        let mut at = MAGIC.len() + r.position();
         if layers == 0 || kv_heads == 0 || head_dim == 0 || layers * kv_heads > 1 << 20 || head_dim > 4096 {
             return Err(bad(format!("implausible geometry {layers} layers × {kv_heads} KV heads × {head_dim}")));
         }

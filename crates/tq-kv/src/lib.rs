@@ -18,9 +18,10 @@ pub mod plan;
 pub mod spec;
 
 pub use calib::{CalibrationStats, KeyCalibration};
-pub use spec::{kv_code_size, KvSpec, Store, KV_SCALE_BYTES, PRECISIONS};
+pub use spec::{KvSpec, Store, PRECISIONS};
 use std::borrow::Cow;
 use std::sync::Arc;
+pub use tq_core::kv_layout::{KvLayout, KV_SCALE_BYTES};
 pub use tq_core::KvGeometry;
 use tq_core::{Codec, Result, RotationKind, TqError};
 
@@ -224,7 +225,7 @@ impl Side {
                         entry,
                         seed,
                         dim: head_dim,
-                        code_size: kv_code_size(c.as_ref()),
+                        code_size: KvLayout::of(c.as_ref()).bytes(),
                         codecs: (0..streams).map(|_| None).collect(),
                     });
                 }
@@ -237,7 +238,7 @@ impl Side {
     fn size(&self, d: usize) -> usize {
         match self {
             Side::F16 => 2 * d,
-            Side::Codec(c) => kv_code_size(c.as_ref()),
+            Side::Codec(c) => KvLayout::of(c.as_ref()).bytes(),
             Side::PerStream { code_size, .. } => *code_size,
         }
     }
@@ -277,13 +278,8 @@ impl Side {
                 let n = out.len();
                 out.resize(n + c.code_size(), 0);
                 c.encode_unchecked(x, &mut out[n..]);
-                if let Some(v) = c.codebook_view() {
-                    // [packed][f32 scale] -> [packed][bf16 scale] (`kv_code_size`)
-                    let p = n + v.packed;
-                    let s = f32::from_le_bytes([out[p], out[p + 1], out[p + 2], out[p + 3]]);
-                    out.truncate(p);
-                    out.extend_from_slice(&half::bf16::from_f32(s).to_bits().to_le_bytes());
-                }
+                // [packed][f32 scale] -> [packed][bf16 scale] for codebook codes
+                KvLayout::of(c).narrow_in_place(out, n);
             }
             None => unreachable!("encode before training"),
         }
@@ -552,7 +548,7 @@ impl CodecCache {
                     for (r, q) in qr.chunks_exact_mut(d).zip(qk.chunks_exact(d)) {
                         r.copy_from_slice(kc.prepare_unchecked(q).rotated());
                     }
-                    let kcs = kv.packed + KV_SCALE_BYTES;
+                    let kcs = KvLayout::of(*kc).bytes();
                     // rows of `len`: the kernel fills the first `nc` of each
                     (k.group_scores)(&self.k[i][..nc * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
                 }
@@ -593,7 +589,7 @@ impl CodecCache {
             out.iter_mut().for_each(|o| *o = 0.0);
             match (&values, vview) {
                 (SideRef::Codec(vc), Some(vv)) => {
-                    let vcs = vv.packed + KV_SCALE_BYTES;
+                    let vcs = KvLayout::of(*vc).bytes();
                     // the first `nc` weights of each row (window weights are already taken out)
                     (k.group_values)(&self.v[i][..nc * vcs], vcs, vv.bits, vv.table, p, d, out);
                     out.chunks_exact_mut(d).for_each(|o| vc.finish_accumulated(o));

@@ -8,8 +8,8 @@ use crate::spec::KvSpec;
 /// A model for memory planning.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelInfo {
-    /// Name for `--model`.
-    pub name: &'static str,
+    /// Name for `--model` (or the name of a GGUF model read at run time).
+    pub name: std::borrow::Cow<'static, str>,
     /// Parameters, in billions.
     pub params_b: f64,
     /// Attention geometry.
@@ -19,7 +19,7 @@ pub struct ModelInfo {
 }
 
 const fn m(name: &'static str, params_b: f64, layers: usize, q_heads: usize, kv_heads: usize, head_dim: usize, max_context: usize) -> ModelInfo {
-    ModelInfo { name, params_b, geometry: KvGeometry { layers, q_heads, kv_heads, head_dim }, max_context }
+    ModelInfo { name: std::borrow::Cow::Borrowed(name), params_b, geometry: KvGeometry { layers, q_heads, kv_heads, head_dim }, max_context }
 }
 
 /// Built-in models.
@@ -30,6 +30,7 @@ pub const MODELS: &[ModelInfo] = &[
     m("glm-4-9b-chat", 9.4, 40, 32, 2, 128, 131_072),
     m("mixtral-8x22b", 141.0, 56, 48, 8, 128, 65_536),
     m("smollm2-135m", 0.135, 30, 9, 3, 64, 8_192),
+    m("qwen2.5-1.5b", 1.54, 28, 12, 2, 128, 32_768),
 ];
 
 /// A built-in model by name.
@@ -37,7 +38,7 @@ pub fn model(name: &str) -> Result<&'static ModelInfo> {
     MODELS
         .iter()
         .find(|m| m.name == name)
-        .ok_or_else(|| TqError::BadParams(format!("unknown model '{name}' (known: {})", MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "))))
+        .ok_or_else(|| TqError::BadParams(format!("unknown model '{name}' (known: {})", MODELS.iter().map(|m| m.name.as_ref()).collect::<Vec<_>>().join(", "))))
 }
 
 /// Weight storage per parameter.
@@ -78,7 +79,7 @@ impl std::str::FromStr for Weights {
 #[derive(Clone, Debug, PartialEq)]
 pub struct VramPlan {
     /// The model's name.
-    pub model: &'static str,
+    pub model: String,
     /// The KV precision.
     pub kv: String,
     /// Tokens of context.
@@ -105,7 +106,7 @@ pub fn vram(model: &ModelInfo, weights: Weights, context: usize, kv: &KvSpec) ->
     let kv_gb = kv.bytes_per_token_per_layer(g.kv_heads, g.head_dim)? * g.layers as f64 * context as f64 / 1e9;
     let total_gb = weights_gb + kv_gb;
     Ok(VramPlan {
-        model: model.name,
+        model: model.name.to_string(),
         kv: kv.name.clone(),
         context,
         kv_bits_per_value: kv.bits_per_value(g.head_dim)?,

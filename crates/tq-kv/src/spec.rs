@@ -8,13 +8,13 @@
 //! after parsing looks a codec up by name again. Bytes per token are exact:
 //! every code's norms and scales are counted (KIVI's per-group scales are
 //! amortized over its group of 32 tokens). The CPU cache keeps the scale of
-//! codebook codes (TurboQuant MSE) as a bf16, see [`kv_code_size`].
+//! codebook codes (TurboQuant MSE) as a bf16, see [`tq_core::KvLayout`].
 
 use std::fmt;
 use std::str::FromStr;
 
 use tq_core::registry::{lookup, CodecEntry};
-use tq_core::{Codec, Result, RotationKind, TqError};
+use tq_core::{KvLayout, Result, RotationKind, TqError};
 
 /// How one of K or V is stored.
 #[derive(Clone, Copy, Debug)]
@@ -50,7 +50,7 @@ impl Store {
                 if head_dim < e.min_dim() {
                     return Err(TqError::BadDim(head_dim, e.min_dim()));
                 }
-                kv_code_size(e.build(head_dim, 0, RotationKind::Hadamard, &[])?.as_ref()) as f64
+                KvLayout::of(e.build(head_dim, 0, RotationKind::Hadamard, &[])?.as_ref()).bytes() as f64
             }
             Store::Kivi(bits) => {
                 let g = tq_core::baselines::kivi::DEFAULT_GROUP as f64;
@@ -64,22 +64,6 @@ impl Store {
             Store::Codec(e) => Some(e),
             _ => None,
         }
-    }
-}
-
-/// Bytes of the scale a KV cache stores with each codebook code (a bf16).
-pub const KV_SCALE_BYTES: usize = 2;
-
-/// Bytes a KV cache stores per vector coded by `codec`: codebook codecs
-/// (TurboQuant MSE, whose codes are a scale times centroids; see
-/// `Codec::codebook_view`) keep their packed indices and the scale as a bf16
-/// (relative error ≤ 2^-9, far below the quantization error; 16 bits per
-/// vector saved, 0.25 bits per value at head_dim 64); other codecs keep their
-/// whole code.
-pub fn kv_code_size(codec: &dyn Codec) -> usize {
-    match codec.codebook_view() {
-        Some(v) => v.packed + KV_SCALE_BYTES,
-        None => codec.code_size(),
     }
 }
 

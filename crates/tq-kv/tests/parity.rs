@@ -19,7 +19,7 @@ fn randv(r: &mut Xoshiro256, n: usize) -> Vec<f32> {
 }
 
 /// Encode then decode as the cache stores codes: codebook codes keep their
-/// scale as a bf16 (`tq_kv::kv_code_size`), so the reference rounds it too.
+/// scale as a bf16 (`tq_kv::KvLayout`), so the reference rounds it too.
 fn cache_roundtrip(c: &dyn Codec, x: &[f32]) -> Vec<f32> {
     let mut code = vec![0u8; c.code_size()];
     c.encode(x, &mut code).unwrap();
@@ -97,7 +97,7 @@ fn attention_on_codes_matches_dequantize_then_attend() {
                     }
                 }
             }
-            assert_eq!(cache.bytes(), n * (tq_kv::kv_code_size(kc.as_ref()) + tq_kv::kv_code_size(vc.as_ref())));
+            assert_eq!(cache.bytes(), n * (tq_kv::KvLayout::of(kc.as_ref()).bytes() + tq_kv::KvLayout::of(vc.as_ref()).bytes()));
             // the accounting of the precision string is the cache's own
             let per_token = tq_kv::KvSpec::parse(spec).unwrap().bytes_per_token_per_layer(1, d).unwrap();
             assert_eq!(cache.bytes() as f64, n as f64 * per_token, "{spec}");

@@ -2,7 +2,7 @@
 //! Austen text and tensors of the SmolLM2 GGUF. Everything else comes from
 //! `tq_data::datasets` as it is; [`load`] serves both.
 
-use anyhow::{bail, Result};
+use crate::error::{bail, Result};
 use tq_data::datasets::{self, Dataset, Source};
 use tq_data::Matrix;
 
@@ -19,7 +19,10 @@ pub fn ensure(name: &str, quiet: bool, progress: &dyn Fn(usize, usize)) -> Resul
 
 /// [`derive`] as the `tq_data::datasets::Derive` callback wants it.
 fn derive_for_data(d: &Dataset, quiet: bool, progress: &dyn Fn(usize, usize)) -> tq_data::Result<Matrix> {
-    derive(d, quiet, progress).map_err(|e| tq_data::DataError::Msg(format!("{e:#}")))
+    derive(d, quiet, progress).map_err(|e| match e {
+        crate::LlmError::Data(e) => e,
+        e => tq_data::DataError::Msg(e.to_string()),
+    })
 }
 
 fn derive(d: &Dataset, quiet: bool, progress: &dyn Fn(usize, usize)) -> Result<Matrix> {

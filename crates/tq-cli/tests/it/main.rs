@@ -360,6 +360,22 @@ fn bench_cuda_without_a_gpu_is_a_clear_error() {
     }
 }
 
+/// A benchmark grid the kernels cannot run is refused by name before any
+/// device is opened.
+#[test]
+fn bench_cuda_refuses_a_bad_grid() {
+    for (args, want) in [
+        (&["--q-tokens", "9"][..], "--q-tokens 9: 1 to 8 query tokens"),
+        (&["--q-tokens", "0"][..], "--q-tokens 0: 1 to 8 query tokens"),
+        (&["--geometries", "gpt-2"][..], "unknown geometry 'gpt-2'"),
+        (&["--kv", "tq-mse-4,int3"][..], "unknown KV precision 'int3'"),
+    ] {
+        let o = tq(&[&["bench", "cuda"][..], args].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
 /// Bad input to the LLM commands is refused before any model is loaded.
 #[test]
 fn generate_and_needle_refuse_bad_input() {

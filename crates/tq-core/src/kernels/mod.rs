@@ -8,7 +8,7 @@
 //! only; parity tests bound that difference.
 //!
 //! Set `TQ_SIMD=scalar` to force the reference path, `TQ_SIMD=avx2` to skip
-//! AVX-512 (e.g. to compare).
+//! AVX-512, `TQ_SIMD=avx512` to skip the VBMI/VNNI fast-scan kernels (e.g. to compare).
 //!
 //! Every `unsafe` block states, in a `// SAFETY:` comment, why it is sound
 //! (the target features a kernel needs were detected at run time, the
@@ -24,7 +24,7 @@ pub mod x86;
 
 /// A table of kernel entry points resolved once per process.
 pub struct Kernels {
-    /// Name of the path: `scalar`, `avx2` or `avx512`.
+    /// Name of the path: `scalar`, `avx2`, `avx512` or `avx512vnni`.
     pub name: &'static str,
     /// In-place unnormalized fast Walsh–Hadamard transform; `x.len()` is a power of two.
     pub fwht: fn(&mut [f32]),
@@ -57,6 +57,17 @@ pub struct Kernels {
     /// `(block, tables, out)` with `block.len() == tables.len() == 16·m` (16 bytes
     /// per sub-code). Exact integer arithmetic: identical on every path.
     pub fastscan_block: fn(&[u8], &[u8], &mut [u32; 32]),
+    /// Integer table sums of many queries over many fast-scan blocks in one
+    /// pass: `(blocks, tables, bb, out)` with blocks and per-query tables of
+    /// `bb = 16·m` bytes each, `out[(q·nb + b)·32 + i]` the sum of vector `i`
+    /// of block `b` under query `q` (see `scalar::fastscan_multi_ref`). Each
+    /// block is loaded once per group of queries whose tables stay in L1.
+    /// Exact integer arithmetic: identical on every path and to `fastscan_block`.
+    pub fastscan_multi: FastScanMultiFn,
+    /// Fast-scan estimates `factor · (bias + Δ · sum)` of integer sums and their
+    /// maxima per block of 32 (see `scalar::fastscan_values_ref`; element-wise,
+    /// the same bits on every path).
+    pub fastscan_values: FastScanValuesFn,
     /// Softmax in place (attention weights); the same bits on every path.
     pub softmax: fn(&mut [f32]),
 }
@@ -66,6 +77,12 @@ pub type GroupScoresFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, f32, &mut 
 
 /// Signature of `Kernels::group_values`: `(codes, code_size, bits, table, w, d, acc)`.
 pub type GroupValuesFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, &mut [f32]);
+
+/// Signature of `Kernels::fastscan_multi`: `(blocks, tables, bb, out)`.
+pub type FastScanMultiFn = fn(&[u8], &[u8], usize, &mut [u32]);
+
+/// Signature of `Kernels::fastscan_values`: `(sums, factors, bias, delta, out, maxes)`.
+pub type FastScanValuesFn = fn(&[u32], &[f32], f32, f32, &mut [f32], &mut [f32]);
 
 /// Signature of `Kernels::had2_quantize`.
 pub type Had2Fn = fn(&[f32], &Had2<'_>, &mut [f32], &mut [u8]) -> Option<f32>;
@@ -98,6 +115,8 @@ pub static SCALAR: Kernels = Kernels {
     group_values: scalar::group_values_ref,
     had2_quantize: scalar::had2_quantize_ref,
     fastscan_block: scalar::fastscan_block_ref,
+    fastscan_multi: scalar::fastscan_multi_ref,
+    fastscan_values: scalar::fastscan_values_ref,
     softmax: scalar::softmax_ref,
 };
 

@@ -228,3 +228,34 @@ pub fn fastscan_block_ref(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
         }
     }
 }
+
+/// Reference multi-query fast scan: `nq = tables.len() / bb` queries (tables of
+/// `bb = 16·m` bytes each) against `nb = blocks.len() / bb` consecutive blocks;
+/// `out[(q·nb + b)·32 + i]` is [`fastscan_block_ref`] of block `b` under the
+/// tables of query `q` (`out.len() == nq·nb·32`).
+pub fn fastscan_multi_ref(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    assert!(bb > 0 && bb.is_multiple_of(32) && blocks.len().is_multiple_of(bb) && tables.len().is_multiple_of(bb));
+    let nb = blocks.len() / bb;
+    assert_eq!(out.len(), nb * (tables.len() / bb) * 32, "fast-scan output size");
+    for (q, t) in tables.chunks_exact(bb).enumerate() {
+        for (b, blk) in blocks.chunks_exact(bb).enumerate() {
+            let o: &mut [u32; 32] = (&mut out[(q * nb + b) * 32..(q * nb + b + 1) * 32]).try_into().expect("32 sums");
+            fastscan_block_ref(blk, t, o);
+        }
+    }
+}
+
+/// Fast-scan estimates from integer sums: `out[i] = factors[i] · (bias + delta · sums[i])`
+/// for `i < out.len()` (`factors.len() == out.len() <= sums.len()`, sums below
+/// 2^31), and `maxes[j]` the largest of `out[32j..32j + 32]` (`maxes.len() ==
+/// out.len().div_ceil(32)`). Element-wise, no FMA: the same bits on every path
+/// (the maxima equal as numbers; +0 and -0 may differ).
+pub fn fastscan_values_ref(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32], maxes: &mut [f32]) {
+    assert!(factors.len() == out.len() && sums.len() >= out.len() && maxes.len() == out.len().div_ceil(32), "fast-scan value shapes");
+    for ((o, &s), &f) in out.iter_mut().zip(sums).zip(factors) {
+        *o = f * (bias + delta * s as f32);
+    }
+    for (m, c) in maxes.iter_mut().zip(out.chunks(32)) {
+        *m = c.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    }
+}

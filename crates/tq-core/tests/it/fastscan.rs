@@ -158,3 +158,70 @@ fn tq_fastscan_scores_match_the_exact_estimator() {
         assert!(build(name, 64, 1, RotationKind::Hadamard).unwrap().fastscan_m().is_none(), "{name}");
     }
 }
+
+/// The multi-query kernels give, on every path and for every query count
+/// (groups of any size and a remainder), exactly the single-block sums.
+#[test]
+fn multi_query_kernels_equal_the_block_kernel_on_every_path() {
+    let mut rng = Xoshiro256::new(24);
+    for m in [2usize, 4, 62, 576, 1536] {
+        let qmax = (65535 / (m / 2)).min(255) as u64;
+        let mut st = FastScanCodes::new(m).unwrap();
+        for _ in 0..(3 * BLOCK + 7) {
+            let c: Vec<u8> = (0..m / 2).map(|_| rng.below(256) as u8).collect();
+            st.push(&c);
+        }
+        let bb = st.block_bytes();
+        for nq in [1usize, 2, 3, 5, 7, 13] {
+            let tables: Vec<u8> = (0..nq * bb).map(|i| if i % 7 == 0 { qmax as u8 } else { rng.below(qmax + 1) as u8 }).collect();
+            let nb = st.blocks();
+            let mut want = vec![0u32; nq * nb * 32];
+            for q in 0..nq {
+                for b in 0..nb {
+                    let mut o = [0u32; BLOCK];
+                    scalar::fastscan_block_ref(&st.data()[b * bb..(b + 1) * bb], &tables[q * bb..(q + 1) * bb], &mut o);
+                    want[(q * nb + b) * 32..(q * nb + b + 1) * 32].copy_from_slice(&o);
+                }
+            }
+            for k in available() {
+                let mut got = vec![0u32; nq * nb * 32];
+                (k.fastscan_multi)(st.data(), &tables, bb, &mut got);
+                assert!(got == want, "{} m={m} nq={nq}", k.name);
+                // a sub-range of blocks, as a tile of a larger store
+                let mut part = vec![0u32; nq * 2 * 32];
+                (k.fastscan_multi)(&st.data()[bb..3 * bb], &tables, bb, &mut part);
+                for q in 0..nq {
+                    assert_eq!(part[q * 64..(q + 1) * 64], want[(q * nb + 1) * 32..(q * nb + 3) * 32], "{} m={m} nq={nq} tile", k.name);
+                }
+            }
+        }
+    }
+}
+
+/// The estimate kernels give the reference's bits on every path, for lengths
+/// that leave partial vectors and for sums up to the 16-bit lane limit and beyond.
+#[test]
+fn value_kernels_give_the_reference_bits_on_every_path() {
+    let mut rng = Xoshiro256::new(25);
+    for n in [0usize, 1, 7, 8, 15, 16, 31, 32, 33, 100] {
+        let sums: Vec<u32> = (0..n + 3).map(|i| if i % 5 == 0 { (1 << 30) + rng.below(1 << 20) as u32 } else { rng.below(65536) as u32 }).collect();
+        let factors: Vec<f32> = (0..n).map(|_| rng.gaussian() as f32).collect();
+        let (bias, delta) = (rng.gaussian() as f32, 1e-3 * (1.0 + rng.below(100) as f32));
+        let mut want = vec![0.0f32; n];
+        let mut want_max = vec![0.0f32; n.div_ceil(32)];
+        scalar::fastscan_values_ref(&sums, &factors, bias, delta, &mut want, &mut want_max);
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(w.to_bits(), (factors[i] * (bias + delta * sums[i] as f32)).to_bits());
+        }
+        for (j, m) in want_max.iter().enumerate() {
+            assert_eq!(*m, want[32 * j..(32 * j + 32).min(n)].iter().copied().fold(f32::NEG_INFINITY, f32::max));
+        }
+        for k in available() {
+            let mut got = vec![f32::NAN; n];
+            let mut got_max = vec![f32::NAN; n.div_ceil(32)];
+            (k.fastscan_values)(&sums, &factors, bias, delta, &mut got, &mut got_max);
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} n={n}", k.name);
+            assert_eq!(got_max, want_max, "{} n={n} maxima", k.name);
+        }
+    }
+}

@@ -1,7 +1,7 @@
 use std::collections::HashSet;
 
 use tq_core::Codec;
-use tq_index::{FlatIndex, Hit, IndexError, IndexSpec, IvfIndex, Metric, SearchParams, SharedIndex};
+use tq_index::{FlatIndex, Hit, IndexError, IndexSpec, IvfIndex, Metric, RawVectors, SearchParams, SharedIndex};
 
 use crate::data;
 
@@ -227,6 +227,43 @@ fn raw_vector_rerank_gives_the_exact_top_k() {
                 assert_eq!(v, want, "{raw:?} {metric:?} ivf");
             }
             assert_eq!(flat.entry_size(), flat.codec().code_size() + raw.bytes(dim));
+        }
+    }
+}
+
+/// IVF batch search (each list scanned once for all the queries probing it,
+/// threaded over lists) returns the ids and score bits of one `search` per
+/// query, on any number of threads, with filters, removals and raw re-ranking.
+#[test]
+fn ivf_batch_search_equals_per_query_search_on_any_thread_count() {
+    let (n, dim) = (4000, 32);
+    let xs = data(n, dim, 31);
+    let qs = data(17, dim, 32);
+    for (codec, metric, raw) in
+        [("tq-mse-4", Metric::Ip, RawVectors::None), ("tq-mse-2-nc", Metric::L2, RawVectors::F32), ("tq-mse-4-nc", Metric::Cosine, RawVectors::None)]
+    {
+        let mut spec = IndexSpec::new(codec, dim, metric);
+        spec.raw = raw;
+        let mut ivf = IvfIndex::train(spec, 9, &xs[..2000 * dim], 4).unwrap();
+        let ids: Vec<u64> = (0..n as u64).map(|i| 11 * i + 3).collect();
+        ivf.add(&ids, &xs).unwrap();
+        ivf.remove(&[ids[0], ids[1234], ids[3999]]).unwrap();
+        let allow: HashSet<u64> = ids.iter().copied().filter(|i| i % 3 != 0).collect();
+        let bits = |r: &[Vec<Hit>]| r.iter().map(|h| h.iter().map(|h| (h.id, h.score.to_bits())).collect::<Vec<_>>()).collect::<Vec<_>>();
+        for p in [
+            SearchParams { nprobe: 3, ..Default::default() },
+            SearchParams { nprobe: 9, rerank: 2, allow: Some(&allow), ..Default::default() },
+            SearchParams { nprobe: 4, raw_rerank: true, ..Default::default() },
+        ] {
+            for k in [1usize, 10, 300] {
+                let want: Vec<Vec<Hit>> = qs.chunks_exact(dim).map(|q| ivf.search(q, k, &p).unwrap()).collect();
+                assert!(want.iter().all(|h| h.len() == k), "{codec} k={k}");
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let got = pool.install(|| ivf.search_batch(&qs, k, &p).unwrap());
+                    assert_eq!(bits(&got), bits(&want), "{codec} {metric:?} k={k} threads={threads}");
+                }
+            }
         }
     }
 }

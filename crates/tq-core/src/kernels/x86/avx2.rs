@@ -992,3 +992,104 @@ pub(super) unsafe fn fastscan_finish_avx2(acc: [__m256i; 4], out: &mut [u32; 32]
         }
     }
 }
+
+/// Checks the shapes of a multi-query fast-scan call; returns `(nb, nq)`.
+pub(super) fn fastscan_multi_shape(blocks: &[u8], tables: &[u8], bb: usize, out: &[u32]) -> (usize, usize) {
+    assert!(bb > 0 && bb.is_multiple_of(32) && blocks.len().is_multiple_of(bb) && tables.len().is_multiple_of(bb), "fast-scan shapes");
+    let (nb, nq) = (blocks.len() / bb, tables.len() / bb);
+    assert_eq!(out.len(), nb * nq * 32, "fast-scan output size");
+    (nb, nq)
+}
+
+/// Queries per pass of the AVX2 multi-query kernel: 4 accumulators each, so
+/// that 2 queries, the nibble masks and a table fit the 16 registers (3 or 4
+/// spill and measure slower, `cargo run -p tq-core --release --example fastscan_multi`).
+const MULTI_G: usize = 2;
+
+pub(super) fn fastscan_multi(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    let (nb, nq) = fastscan_multi_shape(blocks, tables, bb, out);
+    let mut q = 0;
+    while q < nq {
+        let g = (nq - q).min(MULTI_G);
+        let (t, o) = (&tables[q * bb..(q + g) * bb], &mut out[q * nb * 32..(q + g) * nb * 32]);
+        // SAFETY: AVX2 was detected (`detect_all`); `t` holds g tables of bb
+        // bytes, `blocks` nb blocks of bb bytes (bb a multiple of 32) and `o`
+        // g·nb·32 sums (checked by `fastscan_multi_shape`).
+        unsafe {
+            match g {
+                1 => fastscan_multi_avx2::<1>(blocks, t, bb, o),
+                _ => fastscan_multi_avx2::<2>(blocks, t, bb, o),
+            }
+        }
+        q += g;
+    }
+}
+
+/// `G` queries over every block: each 32-byte load of codes and its two
+/// nibble masks serve the `G` tables (the accumulation of `fastscan_pair_avx2`).
+///
+/// # Safety
+/// The CPU supports AVX2; `tables` holds `G` tables of `bb` bytes, `blocks` a
+/// whole number of blocks of `bb` bytes (a multiple of 32), and
+/// `out.len() == G · (blocks.len() / bb) · 32`.
+#[target_feature(enable = "avx2")]
+unsafe fn fastscan_multi_avx2<const G: usize>(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    let (nb, pairs) = (blocks.len() / bb, bb / 32);
+    let mask = _mm256_set1_epi8(0x0F);
+    let z = _mm256_setzero_si256();
+    for b in 0..nb {
+        let mut acc = [[z; 4]; G];
+        for p in 0..pairs {
+            // SAFETY: AVX2; b·bb + 32·p + 32 <= nb·bb = blocks.len().
+            let c = unsafe { _mm256_loadu_si256(blocks.as_ptr().add(b * bb + 32 * p) as *const __m256i) };
+            let clo = _mm256_and_si256(c, mask);
+            let chi = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
+            for (g, a) in acc.iter_mut().enumerate() {
+                // SAFETY: AVX2; g·bb + 32·p + 32 <= G·bb = tables.len().
+                let t = unsafe { _mm256_loadu_si256(tables.as_ptr().add(g * bb + 32 * p) as *const __m256i) };
+                let rlo = _mm256_shuffle_epi8(t, clo);
+                let rhi = _mm256_shuffle_epi8(t, chi);
+                a[0] = _mm256_add_epi16(a[0], rlo);
+                a[1] = _mm256_add_epi16(a[1], _mm256_srli_epi16(rlo, 8));
+                a[2] = _mm256_add_epi16(a[2], rhi);
+                a[3] = _mm256_add_epi16(a[3], _mm256_srli_epi16(rhi, 8));
+            }
+        }
+        for (g, a) in acc.into_iter().enumerate() {
+            let o: &mut [u32; 32] = (&mut out[(g * nb + b) * 32..(g * nb + b + 1) * 32]).try_into().expect("32 sums");
+            // SAFETY: AVX2 (this function's contract).
+            unsafe { fastscan_finish_avx2(a, o) }
+        }
+    }
+}
+
+pub(super) fn fastscan_values(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32], maxes: &mut [f32]) {
+    assert!(factors.len() == out.len() && sums.len() >= out.len() && maxes.len() == out.len().div_ceil(32), "fast-scan value shapes");
+    // SAFETY: AVX2 was detected (`detect_all`); the lengths are checked above.
+    unsafe { fastscan_values_avx2(sums, factors, bias, delta, out) };
+    for (m, c) in maxes.iter_mut().zip(out.chunks(32)) {
+        *m = c.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    }
+}
+
+/// # Safety
+/// The CPU supports AVX2; `factors.len() == out.len() <= sums.len()`.
+#[target_feature(enable = "avx2")]
+unsafe fn fastscan_values_avx2(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32]) {
+    let n = out.len();
+    let (b, d) = (_mm256_set1_ps(bias), _mm256_set1_ps(delta));
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: AVX2; i + 8 <= n <= sums.len() and == factors.len() == out.len().
+        unsafe {
+            // sums are below 2^31: the signed conversion is exact as `s as f32`
+            let s = _mm256_cvtepi32_ps(_mm256_loadu_si256(sums.as_ptr().add(i) as *const __m256i));
+            let v = _mm256_add_ps(b, _mm256_mul_ps(d, s));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_loadu_ps(factors.as_ptr().add(i)), v));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        out[j] = factors[j] * (bias + delta * sums[j] as f32);
+    }
+}

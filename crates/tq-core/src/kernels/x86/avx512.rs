@@ -412,3 +412,223 @@ unsafe fn fastscan_block_avx512(block: &[u8], tables: &[u8], out: &mut [u32; 32]
     // SAFETY: AVX2 was detected (`detect_all` offers AVX-512 only on top of AVX2).
     unsafe { fastscan_finish_avx2(acc, out) }
 }
+
+/// Queries per pass of the AVX-512 multi-query kernel (4 accumulators each:
+/// 6 queries and the masks fit the 32 registers).
+const MULTI_G: usize = 6;
+
+pub(super) fn fastscan_multi_512(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    let (nb, nq) = super::avx2::fastscan_multi_shape(blocks, tables, bb, out);
+    let mut q = 0;
+    while q < nq {
+        let g = (nq - q).min(MULTI_G);
+        let (t, o) = (&tables[q * bb..(q + g) * bb], &mut out[q * nb * 32..(q + g) * nb * 32]);
+        // SAFETY: AVX-512F/BW and AVX2 were detected (`detect_all`); `t` holds
+        // g tables of bb bytes, `blocks` nb blocks of bb bytes (bb a multiple
+        // of 32) and `o` g·nb·32 sums (checked by `fastscan_multi_shape`).
+        unsafe {
+            match g {
+                1 => fastscan_multi_avx512::<1>(blocks, t, bb, o),
+                2 => fastscan_multi_avx512::<2>(blocks, t, bb, o),
+                3 => fastscan_multi_avx512::<3>(blocks, t, bb, o),
+                4 => fastscan_multi_avx512::<4>(blocks, t, bb, o),
+                5 => fastscan_multi_avx512::<5>(blocks, t, bb, o),
+                _ => fastscan_multi_avx512::<6>(blocks, t, bb, o),
+            }
+        }
+        q += g;
+    }
+}
+
+/// As `fastscan_block_avx512` for `G` queries at once: every 64-byte load of
+/// codes (two pairs of sub-codes) and its nibble masks serve the `G` tables.
+///
+/// # Safety
+/// The CPU supports AVX-512F/BW and AVX2; `tables` holds `G` tables of `bb`
+/// bytes, `blocks` a whole number of blocks of `bb` bytes (a multiple of 32),
+/// and `out.len() == G · (blocks.len() / bb) · 32`.
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn fastscan_multi_avx512<const G: usize>(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    let (nb, pairs) = (blocks.len() / bb, bb / 32);
+    let mask = _mm512_set1_epi8(0x0F);
+    let z = _mm512_setzero_si512();
+    for b in 0..nb {
+        let blk = b * bb;
+        let mut acc = [[z; 4]; G];
+        for p in 0..pairs / 2 {
+            // SAFETY: AVX-512F; blk + 64·p + 64 <= blk + 32·pairs <= blocks.len().
+            let c = unsafe { _mm512_loadu_si512(blocks.as_ptr().add(blk + 64 * p) as *const _) };
+            let clo = _mm512_and_si512(c, mask);
+            let chi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+            for (g, a) in acc.iter_mut().enumerate() {
+                // SAFETY: AVX-512F; g·bb + 64·p + 64 <= g·bb + bb <= tables.len().
+                let t = unsafe { _mm512_loadu_si512(tables.as_ptr().add(g * bb + 64 * p) as *const _) };
+                let rlo = _mm512_shuffle_epi8(t, clo);
+                let rhi = _mm512_shuffle_epi8(t, chi);
+                a[0] = _mm512_add_epi16(a[0], rlo);
+                a[1] = _mm512_add_epi16(a[1], _mm512_srli_epi16(rlo, 8));
+                a[2] = _mm512_add_epi16(a[2], rhi);
+                a[3] = _mm512_add_epi16(a[3], _mm512_srli_epi16(rhi, 8));
+            }
+        }
+        let fold = |v: __m512i| _mm256_add_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64::<1>(v));
+        for (g, a) in acc.into_iter().enumerate() {
+            let mut a256 = a.map(fold);
+            if pairs % 2 == 1 {
+                let p = pairs - 1;
+                // SAFETY: AVX2; the last pair's 32 bytes lie in block b and in table g.
+                unsafe { fastscan_pair_avx2(blocks.as_ptr().add(blk + 32 * p), tables.as_ptr().add(g * bb + 32 * p), &mut a256) };
+            }
+            let o: &mut [u32; 32] = (&mut out[(g * nb + b) * 32..(g * nb + b + 1) * 32]).try_into().expect("32 sums");
+            // SAFETY: AVX2 (this function's contract).
+            unsafe { fastscan_finish_avx2(a256, o) }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// AVX-512 VBMI + VNNI fast scan: byte permutes into 64-entry tables and
+// 4-byte dot products, on the same layout and with the same integer sums
+// ---------------------------------------------------------------------------
+
+/// Queries per pass of the VBMI/VNNI kernel (2 accumulators each).
+const VNNI_G: usize = 12;
+
+pub(super) fn fastscan_block_vnni(block: &[u8], tables: &[u8], out: &mut [u32; 32]) {
+    assert!(!block.is_empty() && block.len().is_multiple_of(32) && tables.len() == block.len(), "fast-scan shapes");
+    // SAFETY: AVX-512F/BW/VBMI/VNNI and AVX2 were detected (`detect_all`);
+    // one table and one block of block.len() bytes (a multiple of 32), and
+    // 32 sums: the contract of `fastscan_multi_vnni::<1>`.
+    unsafe { fastscan_multi_vnni::<1>(block, tables, block.len(), out) }
+}
+
+pub(super) fn fastscan_multi_vnni_entry(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    let (nb, nq) = super::avx2::fastscan_multi_shape(blocks, tables, bb, out);
+    let mut q = 0;
+    while q < nq {
+        let g = (nq - q).min(VNNI_G);
+        let (t, o) = (&tables[q * bb..(q + g) * bb], &mut out[q * nb * 32..(q + g) * nb * 32]);
+        // SAFETY: AVX-512F/BW/VBMI/VNNI and AVX2 were detected (`detect_all`);
+        // `t` holds g tables of bb bytes, `blocks` nb blocks of bb bytes (bb a
+        // multiple of 32) and `o` g·nb·32 sums (`fastscan_multi_shape`).
+        unsafe {
+            match g {
+                1 => fastscan_multi_vnni::<1>(blocks, t, bb, o),
+                2 => fastscan_multi_vnni::<2>(blocks, t, bb, o),
+                3 => fastscan_multi_vnni::<3>(blocks, t, bb, o),
+                4 => fastscan_multi_vnni::<4>(blocks, t, bb, o),
+                5 => fastscan_multi_vnni::<5>(blocks, t, bb, o),
+                6 => fastscan_multi_vnni::<6>(blocks, t, bb, o),
+                7 => fastscan_multi_vnni::<7>(blocks, t, bb, o),
+                8 => fastscan_multi_vnni::<8>(blocks, t, bb, o),
+                9 => fastscan_multi_vnni::<9>(blocks, t, bb, o),
+                10 => fastscan_multi_vnni::<10>(blocks, t, bb, o),
+                11 => fastscan_multi_vnni::<11>(blocks, t, bb, o),
+                _ => fastscan_multi_vnni::<12>(blocks, t, bb, o),
+            }
+        }
+        q += g;
+    }
+}
+
+/// `G` queries over every block. 64 code bytes hold sub-codes `4s..4s+4` of
+/// the 32 vectors (two pairs of the layout of `crate::fastscan`); one byte
+/// permute (shared by the queries) puts the four sub-codes of vector `i` in
+/// bytes `4i..4i+4`, the nibbles become indices `16·L + nibble` into the 64
+/// table bytes `T_4s..T_4s+3` (the query's tables there, as stored), one
+/// `vpermb` per nibble half looks them up and one `vpdpbusd` adds the four
+/// bytes of each vector into its 32-bit lane. Exact: the same integers as
+/// the block kernels. A last odd pair is read with the upper half masked to
+/// zero (zero codes meet zero table bytes).
+///
+/// # Safety
+/// The CPU supports AVX-512F/BW/VBMI/VNNI; `tables` holds `G` tables of `bb`
+/// bytes, `blocks` a whole number of blocks of `bb` bytes (a multiple of 32),
+/// and `out.len() == G · (blocks.len() / bb) · 32`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+unsafe fn fastscan_multi_vnni<const G: usize>(blocks: &[u8], tables: &[u8], bb: usize, out: &mut [u32]) {
+    let (nb, pairs) = (blocks.len() / bb, bb / 32);
+    let perm_bytes: [u8; 64] = std::array::from_fn(|j| (16 * (j % 4) + j / 4) as u8);
+    let pos_bytes: [u8; 64] = std::array::from_fn(|j| ((j % 4) << 4) as u8);
+    // SAFETY: AVX-512F; both arrays are 64 bytes.
+    let (perm, pos) = unsafe { (_mm512_loadu_si512(perm_bytes.as_ptr() as *const _), _mm512_loadu_si512(pos_bytes.as_ptr() as *const _)) };
+    let nib = _mm512_set1_epi8(0x0F);
+    let ones = _mm512_set1_epi8(1);
+    let z = _mm512_setzero_si512();
+    // (c & 0x0F) | pos: ternary-logic table of (A & B) | C
+    const AND_OR: i32 = 0xEA;
+    // one step of 64 code bytes (or 32, `half`) at byte offset `off` of the block and of each table
+    let step = |acc: &mut [[__m512i; 2]; G], off: usize, half: bool| {
+        let mask: u64 = if half { 0xFFFF_FFFF } else { u64::MAX };
+        // SAFETY: AVX-512BW; the `half` load reads the 32 bytes of the last
+        // pair (in bounds), a full one 64 bytes (off + 64 <= the block's end).
+        let c = unsafe { _mm512_maskz_loadu_epi8(mask, blocks.as_ptr().add(off) as *const i8) };
+        let c = _mm512_permutexvar_epi8(perm, c);
+        let lo = _mm512_ternarylogic_epi32::<AND_OR>(c, nib, pos);
+        let hi = _mm512_ternarylogic_epi32::<AND_OR>(_mm512_srli_epi16::<4>(c), nib, pos);
+        for (g, a) in acc.iter_mut().enumerate() {
+            // SAFETY: AVX-512BW; table g spans [g·bb, (g+1)·bb) and `off`
+            // is the block-relative offset plus b·bb, reduced below.
+            let t = unsafe { _mm512_maskz_loadu_epi8(mask, tables.as_ptr().add(g * bb + off % bb) as *const i8) };
+            a[0] = _mm512_dpbusd_epi32(a[0], _mm512_permutexvar_epi8(lo, t), ones);
+            a[1] = _mm512_dpbusd_epi32(a[1], _mm512_permutexvar_epi8(hi, t), ones);
+        }
+    };
+    for b in 0..nb {
+        let mut acc = [[z; 2]; G];
+        for s in 0..pairs / 2 {
+            step(&mut acc, b * bb + 64 * s, false);
+        }
+        if pairs % 2 == 1 {
+            step(&mut acc, b * bb + 64 * (pairs / 2), true);
+        }
+        for (g, a) in acc.iter().enumerate() {
+            let at = (g * nb + b) * 32;
+            // SAFETY: AVX-512F; out[at..at + 32] lies in `out` (length G·nb·32).
+            unsafe {
+                _mm512_storeu_si512(out.as_mut_ptr().add(at) as *mut _, a[0]);
+                _mm512_storeu_si512(out.as_mut_ptr().add(at + 16) as *mut _, a[1]);
+            }
+        }
+    }
+}
+
+pub(super) fn fastscan_values_512(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32], maxes: &mut [f32]) {
+    assert!(factors.len() == out.len() && sums.len() >= out.len() && maxes.len() == out.len().div_ceil(32), "fast-scan value shapes");
+    // SAFETY: AVX-512F was detected (`detect_all`); the lengths are checked above.
+    unsafe { fastscan_values_avx512(sums, factors, bias, delta, out, maxes) }
+}
+
+/// Blocks of 32 as two masked vectors of 16; the maximum of a block is that
+/// of the two vectors (absent lanes read as -inf).
+///
+/// # Safety
+/// The CPU supports AVX-512F; `factors.len() == out.len() <= sums.len()`,
+/// `maxes.len() == out.len().div_ceil(32)`.
+#[target_feature(enable = "avx512f")]
+unsafe fn fastscan_values_avx512(sums: &[u32], factors: &[f32], bias: f32, delta: f32, out: &mut [f32], maxes: &mut [f32]) {
+    let n = out.len();
+    let (b, d, ninf) = (_mm512_set1_ps(bias), _mm512_set1_ps(delta), _mm512_set1_ps(f32::NEG_INFINITY));
+    let mut half = |i: usize| -> __m512 {
+        let k: __mmask16 = if i >= n {
+            0
+        } else if n - i >= 16 {
+            0xFFFF
+        } else {
+            (1u16 << (n - i)) - 1
+        };
+        // SAFETY: AVX-512F; the masked loads and store touch only lanes
+        // i..min(i + 16, n), inside all three slices (none when i >= n).
+        unsafe {
+            let s = _mm512_cvtepu32_ps(_mm512_maskz_loadu_epi32(k, sums.as_ptr().add(i.min(n)) as *const i32));
+            let v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, factors.as_ptr().add(i.min(n))), _mm512_add_ps(b, _mm512_mul_ps(d, s)));
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(i.min(n)), k, v);
+            _mm512_mask_blend_ps(k, ninf, v)
+        }
+    };
+    for (j, m) in maxes.iter_mut().enumerate() {
+        let lo = half(32 * j);
+        let hi = half(32 * j + 16);
+        *m = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi));
+    }
+}

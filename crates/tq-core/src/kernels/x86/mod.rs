@@ -53,6 +53,8 @@ static AVX2: Kernels = Kernels {
     group_values: avx2::group_values,
     had2_quantize: avx2::had2_quantize,
     fastscan_block: avx2::fastscan_block,
+    fastscan_multi: avx2::fastscan_multi,
+    fastscan_values: avx2::fastscan_values,
     softmax: avx2::softmax,
 };
 
@@ -62,8 +64,15 @@ static AVX512: Kernels = Kernels {
     group_scores: avx512::group_scores_512,
     group_values: avx512::group_values_512,
     fastscan_block: avx512::fastscan_block_512,
+    fastscan_multi: avx512::fastscan_multi_512,
+    fastscan_values: avx512::fastscan_values_512,
     ..AVX2
 };
+
+/// AVX-512 plus the VBMI/VNNI fast-scan kernels (byte permutes into 64-entry
+/// tables, 4-byte dot products; the same integer sums).
+static AVX512_VNNI: Kernels =
+    Kernels { name: "avx512vnni", fastscan_block: avx512::fastscan_block_vnni, fastscan_multi: avx512::fastscan_multi_vnni_entry, ..AVX512 };
 
 /// The best table for this CPU.
 pub fn detect() -> Option<&'static Kernels> {
@@ -77,6 +86,9 @@ pub fn detect_all() -> Vec<&'static Kernels> {
         v.push(&AVX2);
         if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
             v.push(&AVX512);
+            if is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512vnni") {
+                v.push(&AVX512_VNNI);
+            }
         }
     }
     v
