@@ -17,7 +17,8 @@ Measured, per configuration (wall clock, best of `--repeat` where repeated):
   latency_ms        median and p90 of single-query search calls
   same_ids          fraction of exact=True results equal to one Index's
   rss / file bytes  per shard (actor's resident memory, .tqi size); one
-                    process: the memory a loaded index adds, and its load time
+                    process: the memory a loaded index adds (Index.load in a
+                    fresh process), and its load time
   merge_us          the driver's merge of S shards' top-k for S up to 1024
                     (synthetic scores: this times the merge, nothing else)
 
@@ -111,16 +112,25 @@ def single(args):
     with tempfile.TemporaryDirectory() as d:
         idx.save(os.path.join(d, "one.tqi"))
         size = os.path.getsize(os.path.join(d, "one.tqi"))
-        before = rss_bytes()
-        t_load = time.perf_counter()
-        again = tq.Index.load(os.path.join(d, "one.tqi"))  # what a restarted shard does
-        t_load = time.perf_counter() - t_load
-        index_bytes = rss_bytes() - before  # what a loaded index holds in memory
-        assert len(again) == len(ids)
+        # what a restarted shard does, in a fresh process so that no memory freed
+        # by the build above is reused: load time and the resident memory it adds
+        r = subprocess.run([sys.executable, __file__, "--load-only", os.path.join(d, "one.tqi")], check=True, capture_output=True, text=True)
+        t_load, index_bytes, n = json.loads(r.stdout.strip().splitlines()[-1])
+        assert n == len(ids)
     out = {"mode": "single", "threads": os.environ.get("RAYON_NUM_THREADS", "all"), "build_s": t, "file_bytes": size,
            "load_s": t_load, "loaded_index_bytes_per_vector": index_bytes / len(ids), **stats}  # fmt: skip
     np.save(args.exact_out, ie)
     print(json.dumps(out))
+
+
+def load_only(path):
+    import turboquant as tq
+
+    before = rss_bytes()
+    t = time.perf_counter()
+    idx = tq.Index.load(path)
+    t = time.perf_counter() - t
+    print(json.dumps([t, rss_bytes() - before, len(idx)]))
 
 
 def _built(tq, codec, x, ids):
@@ -186,7 +196,10 @@ def main():
     ap.add_argument("--json", help="write the results here too")
     ap.add_argument("--single-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--exact-out", help=argparse.SUPPRESS)
+    ap.add_argument("--load-only", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_only:
+        return load_only(args.load_only)
     if args.single_only:
         return single(args)
 

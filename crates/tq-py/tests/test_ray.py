@@ -4,7 +4,9 @@
 Data: real GloVe-50 word vectors (`tq data fetch glove50`, TQ_BIN names the
 `tq` binary): the first 20,000 rows as the base, rows 300,000..300,199 as
 queries, unit-normalized; plus 40 exact copies of base rows under new ids, so
-equal scores (ties) occur in every result that holds one of them.
+equal scores (ties) occur in every result that holds one of them. One test
+also uses SmolLM2-135M's token embeddings (`tq data fetch smollm-embed`,
+d = 576): the first 12,000 rows, 100 later rows as queries.
 """
 
 import json
@@ -189,6 +191,28 @@ def test_same_ids_and_scores_as_one_index(cluster, glove, tmp_path, num_shards):
         np.testing.assert_array_equal(I, I1)
         np.testing.assert_array_equal(D, D1)
         assert np.all(I[:, 3:] == -1) and np.all(np.isneginf(D[:, 3:]))
+
+
+def test_same_on_smollm2_token_embeddings_with_cosine(cluster, tmp_path):
+    # a second real set: SmolLM2-135M's token embeddings (d = 576, not a power of two)
+    r = subprocess.run([TQ, "data", "fetch", "smollm-embed"], check=True, capture_output=True, text=True)
+    path = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("smollm-embed: ")][-1].split(": ", 1)[1]
+    e = np.load(path, mmap_mode="r")
+    assert e.shape[1] == 576
+    base = np.array(e[:12_000], dtype=np.float32, order="C")
+    keep = np.linalg.norm(base, axis=1) > 0
+    xs, ids = base[keep], np.nonzero(keep)[0].astype(np.uint64)
+    q = np.array(e[40_000:40_100], dtype=np.float32, order="C")
+    q = q[np.linalg.norm(q, axis=1) > 0]
+    ref = tq.Index("tq-mse-4-nc", 576, metric="cosine")
+    ref.add(xs, ids)
+    with ShardedIndex(tmp_path / "idx", "tq-mse-4-nc", 576, 4, metric="cosine") as si:
+        add_shuffled(si, xs, ids, batches=6, seed=9)
+        for filt in (None, ids[::5]):
+            D, I = si.search(q, 10, filter=filt, exact=True)
+            D1, I1 = ref.search(q, 10, filter=filt, exact=True)
+            np.testing.assert_array_equal(I, I1)
+            np.testing.assert_array_equal(D, D1)
 
 
 def test_plain_codec_l2_and_remove_match_one_index(cluster, glove, tmp_path):
