@@ -22,7 +22,7 @@ fi
 for d in glove50 smollm-embed minilm; do
     [ -f "$CACHE/$d.npy" ] || { [ "$d" = glove50 ] && cargo run --release -q -p tq-cli -- data fetch glove50; } || true
 done
-grep -m1 "model name" /proc/cpuinfo | sed 's/.*: /CPU: /'
+echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //') (family $(grep -m1 'cpu family' /proc/cpuinfo | sed 's/.*: //'), model $(grep -m1 '^model[[:space:]]*:' /proc/cpuinfo | sed 's/.*: //'))"
 echo "cores: $(nproc); SIMD: $(grep -o -w -E 'avx2|avx512bw|avx512vbmi|avx512_vnni' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 : > "$OUT"
 for d in glove50 minilm smollm-embed; do
