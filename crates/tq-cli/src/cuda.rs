@@ -39,17 +39,15 @@ fn precisions<S: AsRef<str>>(names: &[S]) -> Result<Vec<Precision>> {
     names.iter().map(|n| precision(n.as_ref())).collect()
 }
 
-/// Real keys/values/queries dumped by `tq kv dump` (npy files in `dir`).
+/// Real keys/values/queries dumped by `tq kv dump` (last-position queries).
 fn read_dump(dir: &Path) -> Result<RealKv> {
-    let meta: Value = serde_json::from_slice(&std::fs::read(dir.join("meta.json")).with_context(|| format!("{}/meta.json", dir.display()))?)?;
-    let get = |k: &str| meta[k].as_u64().map(|x| x as usize).with_context(|| format!("meta.json lacks {k}"));
-    let (layers, kv_heads, q_heads, tokens, d) = (get("layers")?, get("kv_heads")?, get("q_heads")?, get("tokens")?, get("head_dim")?);
-    let m = |name: &str| tq_data::vectors::read_vectors(&dir.join(name));
-    let (k, v, q) = (m("k.npy")?, m("v.npy")?, m("q.npy")?);
-    if k.cols != d || k.data.len() != layers * kv_heads * tokens * d || v.data.len() != k.data.len() || q.data.len() != layers * q_heads * d {
+    let d = tq_llm::eval::KvDump::load(dir)?;
+    let get = |k: &str| d.meta[k].as_u64().map(|x| x as usize).with_context(|| format!("{}/meta.json lacks {k}", dir.display()));
+    let (layers, kv_heads, q_heads, tokens) = (get("layers")?, get("kv_heads")?, get("q_heads")?, get("tokens")?);
+    if d.k.len() != layers * kv_heads * tokens * d.head_dim || d.v.len() != d.k.len() || d.q.len() != layers * q_heads * d.head_dim {
         bail!("the dump in {} does not match its meta.json", dir.display());
     }
-    Ok(RealKv { layers, kv_heads, q_heads, tokens, head_dim: d, k: k.data, v: v.data, q: q.data })
+    Ok(RealKv { layers, kv_heads, q_heads, tokens, head_dim: d.head_dim, k: d.k, v: d.v, q: d.q })
 }
 
 /// `tq bench cuda --check`: every check, an error if any fails.

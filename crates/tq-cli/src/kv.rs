@@ -133,13 +133,7 @@ pub fn needle(
 /// `tq kv dump`: the arrays as npy files plus meta.json in `out`.
 pub fn dump(model: &Model, text: &str, tokens: usize, layers: &[usize], all_queries: bool, out: &Path) -> Result<()> {
     let d = eval::dump(model.get(false)?, text, tokens, layers, all_queries)?;
-    std::fs::create_dir_all(out).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", out.display()))?;
-    let n = d.head_dim;
-    for (name, data) in [("k.npy", d.k), ("v.npy", d.v), ("q.npy", d.q)] {
-        tq_data::vectors::write_npy(&out.join(name), &tq_data::Matrix { rows: data.len() / n, cols: n, data })?;
-    }
-    let meta = serde_json::to_string_pretty(&d.meta)?;
-    tq_io::write_atomic(&out.join("meta.json"), meta.as_bytes()).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.join("meta.json").display()))?;
-    eprintln!("dumped {} layers × {} KV heads × {tokens} tokens (d = {n}) to {}", layers.len(), d.meta["kv_heads"], out.display());
+    d.save(out)?;
+    eprintln!("dumped {} layers × {} KV heads × {tokens} tokens (d = {}) to {}", layers.len(), d.meta["kv_heads"], d.head_dim, out.display());
     Ok(())
 }

@@ -412,6 +412,7 @@ pub fn load_calibration(path: &std::path::Path) -> Result<tq_kv::KeyCalibration>
 }
 
 /// Real keys, values and queries of a run ([`dump`]).
+#[derive(Debug)]
 pub struct KvDump {
     /// `[layer][kv_head][token][head_dim]`.
     pub k: Vec<f32>,
@@ -424,6 +425,37 @@ pub struct KvDump {
     pub head_dim: usize,
     /// What was dumped (model, text, layers, heads, tokens, layout).
     pub meta: serde_json::Value,
+}
+
+impl KvDump {
+    /// Writes `k.npy`, `v.npy`, `q.npy` (rows of `head_dim`) and `meta.json`
+    /// into `dir` (created if missing; each file written atomically).
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| crate::error::err!("cannot create {}: {e}", dir.display()))?;
+        let n = self.head_dim;
+        for (name, data) in [("k.npy", &self.k), ("v.npy", &self.v), ("q.npy", &self.q)] {
+            tq_data::vectors::write_npy(&dir.join(name), &tq_data::Matrix { rows: data.len() / n, cols: n, data: data.clone() })?;
+        }
+        let meta = serde_json::to_string_pretty(&self.meta).map_err(|e| crate::error::err!("meta.json: {e}"))?;
+        let path = dir.join("meta.json");
+        tq_io::write_atomic(&path, meta.as_bytes()).map_err(|e| crate::error::err!("cannot write {}: {e}", path.display()))
+    }
+    /// Reads a dump written by [`KvDump::save`]: the arrays must have rows of
+    /// the `head_dim` of its `meta.json`.
+    pub fn load(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join("meta.json");
+        let bytes = std::fs::read(&path).map_err(|e| crate::error::err!("cannot read {}: {e}", path.display()))?;
+        let meta: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| crate::error::err!("{}: {e}", path.display()))?;
+        let head_dim = meta["head_dim"].as_u64().ok_or_else(|| crate::error::err!("{} lacks head_dim", path.display()))? as usize;
+        let read = |name: &str| -> Result<Vec<f32>> {
+            let m = tq_data::vectors::read_vectors(&dir.join(name))?;
+            if m.cols != head_dim {
+                crate::error::bail!("{} has rows of {}, meta.json says head_dim {head_dim}", dir.join(name).display(), m.cols);
+            }
+            Ok(m.data)
+        };
+        Ok(Self { k: read("k.npy")?, v: read("v.npy")?, q: read("q.npy")?, head_dim, meta })
+    }
 }
 
 /// `tq kv dump`: the model's real keys, values and last-position queries (f32
@@ -673,4 +705,29 @@ pub fn needle(
     let summary = json!({"kv": kv.name, "seed": seed, "format": format!("{format:?}").to_lowercase(), "sink": opts.sink, "recent": opts.recent, "recent_q8": opts.recent_q8, "delayed": opts.delayed, "center_keys": opts.center_keys, "calib": opts.calibration.as_ref().map(|c| c.source.clone()), "trials": trials, "pass_rate": pass as f64 / trials as f64,
         "f32_pass_rate": pass_ref as f64 / trials as f64, "lengths": lengths, "depths": depths});
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dump_reads_back_as_written_and_a_mismatched_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = KvDump {
+            k: (0..2 * 3 * 8).map(|i| i as f32 * 0.5).collect(),
+            v: (0..2 * 3 * 8).map(|i| -(i as f32)).collect(),
+            q: (0..2 * 8).map(|i| i as f32).collect(),
+            head_dim: 8,
+            meta: serde_json::json!({"layers": 1, "kv_heads": 1, "q_heads": 2, "tokens": 6, "head_dim": 8}),
+        };
+        d.save(dir.path()).unwrap();
+        let back = KvDump::load(dir.path()).unwrap();
+        assert_eq!((back.k, back.v, back.q, back.head_dim, back.meta), (d.k, d.v, d.q, 8, d.meta));
+        std::fs::write(dir.path().join("meta.json"), br#"{"head_dim": 16}"#).unwrap();
+        let e = KvDump::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("rows of 8") && e.contains("head_dim 16"), "{e}");
+        std::fs::remove_file(dir.path().join("meta.json")).unwrap();
+        assert!(KvDump::load(dir.path()).unwrap_err().to_string().contains("meta.json"));
+    }
 }
