@@ -10,7 +10,8 @@
 //! - the token ids of [`PASSAGE`] (the opening of Jane Austen's *Persuasion*)
 //!   and of [`CODE`] (Rust from this repository: a code model's own text);
 //! - a forward pass over the first [`CTX`] tokens of the passage with an
-//!   [`F32Cache`]: the argmax of every position, the mean NLL of the next token
+//!   [`F32Cache`]: the argmax of every position (the recorded one, or a token
+//!   whose logit it trails by less than the logit tolerance), the mean NLL of the next token
 //!   over positions [`NLL_FROM`]`..CTX-1` within [`NLL_TOL`], and the logits of
 //!   [`LOGIT_POSITIONS`] at their recorded top-8 token ids within
 //!   [`LOGIT_TOL`] × the position's logit scale.
@@ -288,8 +289,18 @@ fn forward_argmax() {
     let (g, r) = (golden(), run());
     let want = usizes(g, "argmax");
     assert_eq!(want.len(), CTX);
-    let bad: Vec<(usize, usize, usize)> = (0..CTX).map(|p| (p, argmax(row(r, p)), want[p])).filter(|x| x.1 != x.2).collect();
-    assert!(bad.is_empty(), "{} positions' argmax differ from the recording, (position, got, recorded): {bad:?}", bad.len());
+    // a different argmax is a failure unless the recorded one is within the
+    // logit tolerance of the top here (a near-tie: the closest recorded gap is
+    // 0.003, the order of f32 GEMM differences between CPUs)
+    let bad: Vec<(usize, usize, usize)> = (0..CTX)
+        .map(|p| (p, argmax(row(r, p)), want[p]))
+        .filter(|&(p, got, rec)| {
+            let v = row(r, p);
+            let scale = v.iter().fold(1.0f32, |m, x| m.max(x.abs())) as f64;
+            got != rec && (v[got] - v[rec]) as f64 > LOGIT_TOL * scale
+        })
+        .collect();
+    assert!(bad.is_empty(), "{} positions' argmax differ from the recording beyond a near-tie, (position, got, recorded): {bad:?}", bad.len());
 }
 
 #[test]
