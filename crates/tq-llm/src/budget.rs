@@ -228,7 +228,7 @@ fn calib_path(rt: &Runtime, ctx: usize, fit: &Fit) -> PathBuf {
 /// Reads a plan file (a clear error naming the file when it is bad).
 pub fn load_plan(path: &std::path::Path) -> Result<KvPlan> {
     let b = std::fs::read(path).with_context(|| format!("cannot read KV plan {}", path.display()))?;
-    Ok(KvPlan::from_bytes(&b).with_context(|| format!("in {}", path.display()))?)
+    KvPlan::from_bytes(&b).with_context(|| format!("in {}", path.display()))
 }
 
 fn save(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
