@@ -137,3 +137,59 @@ pub fn dump(model: &Model, text: &str, tokens: usize, layers: &[usize], all_quer
     eprintln!("dumped {} layers × {} KV heads × {tokens} tokens (d = {}) to {}", layers.len(), d.meta["kv_heads"], d.head_dim, out.display());
     Ok(())
 }
+
+/// A budget precision with its plan for the model (fitted and saved on first
+/// use, see `tq_llm::budget`), planned at `ctx` unless it names its own; any
+/// other precision as it is.
+pub fn resolve(model: &Model, kv: &KvSpec, ctx: usize, quiet: bool) -> Result<KvSpec> {
+    if kv.budget.is_none() {
+        return Ok(kv.clone());
+    }
+    Ok(tq_llm::budget::resolve(model.get(quiet)?, kv, ctx, &tq_llm::budget::Fit::default(), quiet, &logger(quiet))?)
+}
+
+/// `tq kv plan`: per budget, a table of the layers (or one JSON line per layer).
+pub fn plan(model: &Model, kvs: &[KvSpec], ctx: usize, json: bool) -> Result<()> {
+    if let Some(k) = kvs.iter().find(|k| k.budget.is_none()) {
+        bail!("'{k}' is not a budget (write B, budget:B or budget:B:ctx=N)");
+    }
+    for kv in kvs {
+        let spec = resolve(model, kv, ctx, json)?;
+        let rp = spec.plan.as_ref().expect("resolved");
+        let p = &rp.plan;
+        let name = |s: &tq_kv::Store| tq_kv::budget::store_name(s);
+        if json {
+            for (l, (c, s)) in p.layers.iter().zip(&p.sensitivity).enumerate() {
+                let row = serde_json::json!({"kv": kv.name, "ctx": p.ctx, "layer": l, "keys": name(&c.keys), "values": name(&c.values), "sink": c.sink,
+                    "recent": c.recent, "recent_q8": c.recent_q8, "delayed": c.delayed, "calibrated": c.calibrated,
+                    "kld_keys_probe": s[0], "kld_values_probe": s[1], "probe_bits": p.probe_bits, "plan_bits_per_value": p.bits_at(p.ctx)?, "source": p.source});
+                println!("{row}");
+            }
+            continue;
+        }
+        println!(
+            "budget {} bits per value at ctx {}: the plan holds {:.4} bits per value ({} bytes per sequence, every byte counted; \
+             the calibration is static per model); fitted on {}",
+            p.budget_bits,
+            p.ctx,
+            p.bits_at(p.ctx)?,
+            p.bytes_at(p.ctx)?,
+            p.source
+        );
+        println!("{:>5} {:<12} {:<12} {:>4} {:>7} {:<14} {:>10} {:>10}", "layer", "keys", "values", "sink", "recent", "window", "KLD K@probe", "KLD V@probe");
+        for (l, (c, s)) in p.layers.iter().zip(&p.sensitivity).enumerate() {
+            let win = if c.recent == 0 {
+                "-".to_string()
+            } else {
+                format!("{}{}", if c.recent_q8 { "q8_0" } else { "f32" }, if c.delayed { ", delayed" } else { "" })
+            };
+            println!("{l:>5} {:<12} {:<12} {:>4} {:>7} {:<14} {:>10.5} {:>10.5}", name(&c.keys), name(&c.values), c.sink, c.recent, win, s[0], s[1]);
+        }
+        println!(
+            "(keys calibrated: {}; KLD columns: the measured KLD with only that side of the layer as tq-mse-{}-nc)",
+            p.layers.iter().filter(|c| c.calibrated).count(),
+            p.probe_bits
+        );
+    }
+    Ok(())
+}

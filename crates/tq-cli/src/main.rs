@@ -324,6 +324,18 @@ enum KvCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The per-layer plan of a bit budget (`--kv 3.5`): fitted on a text that is
+    /// not evaluated (or read from its file next to the model), printed per layer.
+    Plan {
+        /// Comma-separated budgets (B, budget:B or budget:B:ctx=N).
+        #[arg(long, value_delimiter = ',', default_value = "3.5")]
+        kv: Vec<KvSpec>,
+        /// The context the budget holds at (unless the budget names its own).
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Capture real keys, values and last-position queries of the model (f32
     /// cache) for some layers into npy files (`tq bench cuda --check --real DIR`).
     Dump {
@@ -626,7 +638,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Vram { model, weights, context, kv, json } => vram(&model, weights, context, &kv, json),
         Cmd::Kv { what: KvCmd::Eval { text: t, kv, windows: w, json }, .. } => {
             let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx, &model)?, seed: w.seed };
-            kv::eval(&model, &cfg, &kv, json)
+            kv::eval(&model, &cfg, &kv::resolve(&model, &kv, t.ctx, json)?, json)
         }
         Cmd::Data { what: DataCmd::Fetch { name } } => {
             use tq_data::datasets as ds;
@@ -690,10 +702,12 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Generate { kv, prompt, max_tokens, raw, windows: w, .. } => {
+            let kv = kv::resolve(&model, &kv, tq_llm::eval::CALIB_CTX, false)?;
             kv::generate(&model, &kv, &prompt, max_tokens, raw, &w.opts(tq_llm::eval::CALIB_CTX, &model)?, w.seed)
         }
         Cmd::Kv { what: KvCmd::Sweep { text: t, kv, windows: w, out, json }, .. } => {
             let cfg = tq_llm::eval::PplConfig { text: &t.text, chars: t.chars, ctx: t.ctx, chunks: t.chunks, opts: w.opts(t.ctx, &model)?, seed: w.seed };
+            let kv = kv.iter().map(|k| kv::resolve(&model, k, t.ctx, true)).collect::<Result<Vec<_>>>()?;
             let (md, rows) = tq_report::sweep(model.get(true)?, model.spec(), &cfg, &kv, &out, &bars::Bars::new())?;
             if json {
                 for r in &rows {
@@ -707,11 +721,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Kv { what: KvCmd::Needle { kv, lengths, depths, format, windows: w, json }, .. } => {
             let lengths = lengths.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad length '{l}'"))).collect::<Result<Vec<_>>>()?;
             let depths = depths.split(',').map(|l| l.trim().parse::<f64>().with_context(|| format!("bad depth '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::needle(&model, &kv, &lengths, &depths, format, &w.opts(lengths.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX), &model)?, w.seed, json)
+            let longest = lengths.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX);
+            kv::needle(&model, &kv::resolve(&model, &kv, longest, json)?, &lengths, &depths, format, &w.opts(longest, &model)?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Bench { kv, ctx, steps, fill, windows: w, json }, .. } => {
             let ctxs = ctx.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad context length '{l}'"))).collect::<Result<Vec<_>>>()?;
-            kv::bench(&model, &kv, &ctxs, steps, fill, &w.opts(ctxs.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX), &model)?, w.seed, json)
+            let longest = ctxs.iter().copied().max().unwrap_or(tq_llm::eval::CALIB_CTX);
+            kv::bench(&model, &kv::resolve(&model, &kv, longest, json)?, &ctxs, steps, fill, &w.opts(longest, &model)?, w.seed, json)
         }
         Cmd::Kv { what: KvCmd::Calibrate { text, chunks, ctx, shrink, out }, .. } => {
             let c = tq_llm::eval::calibrate(model.get(false)?, &text, chunks, ctx, shrink, false, &|m| eprintln!("{m}"))?;
@@ -719,6 +735,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("key calibration from {} ({} keys per stream, shrink {}) written to {}", c.source, c.tokens, c.shrink, out.display());
             Ok(())
         }
+        Cmd::Kv { what: KvCmd::Plan { kv, ctx, json }, .. } => kv::plan(&model, &kv, ctx, json),
         Cmd::Kv { what: KvCmd::Dump { text, tokens, layers, all_queries, out }, .. } => {
             let layers = layers.split(',').map(|l| l.trim().parse::<usize>().with_context(|| format!("bad layer index '{l}'"))).collect::<Result<Vec<_>>>()?;
             kv::dump(&model, &text, tokens, &layers, all_queries, &out)

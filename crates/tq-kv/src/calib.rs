@@ -70,6 +70,24 @@ impl KeyCalibration {
         let d = self.shape.head_dim;
         &self.t_inv[i * d * d..(i + 1) * d * d]
     }
+    /// The calibration of layer `layer` alone (a one-layer geometry), for a
+    /// cache that holds one layer.
+    pub fn layer(&self, layer: usize) -> Result<Self> {
+        let (h, d) = (self.shape.kv_heads, self.shape.head_dim);
+        if layer >= self.shape.layers {
+            return Err(TqError::BadParams(format!("key calibration has {} layers, not layer {layer}", self.shape.layers)));
+        }
+        let (a, b) = (layer * h, (layer + 1) * h);
+        Ok(Self {
+            shape: KvGeometry { layers: 1, ..self.shape },
+            shrink: self.shrink,
+            tokens: self.tokens,
+            source: self.source.clone(),
+            mu: self.mu[a * d..b * d].to_vec(),
+            t: self.t[a * d * d..b * d * d].to_vec(),
+            t_inv: self.t_inv[a * d * d..b * d * d].to_vec(),
+        })
+    }
     /// Bytes of the transforms and offsets (static per model, like weights).
     pub fn bytes(&self) -> usize {
         4 * (self.mu.len() + self.t.len() + self.t_inv.len())

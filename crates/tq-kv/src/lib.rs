@@ -13,10 +13,12 @@
 
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod calib;
 pub mod plan;
 pub mod spec;
 
+pub use budget::{Budget, KvPlan, LayerChoice, LayeredCache, ResolvedPlan};
 pub use calib::{CalibrationStats, KeyCalibration};
 pub use spec::{KvSpec, Store, PRECISIONS};
 use std::borrow::Cow;
@@ -857,6 +859,20 @@ pub fn cache_for(shape: KvGeometry, spec: &KvSpec, seed: u64) -> Result<Box<dyn 
 /// A cache with options (see [`CacheOptions`]; the f32 cache is exact and
 /// ignores them).
 pub fn cache_with(shape: KvGeometry, s: &KvSpec, seed: u64, o: &CacheOptions) -> Result<Box<dyn KvCache>> {
+    if s.budget.is_some() {
+        let Some(plan) = &s.plan else {
+            return Err(TqError::BadParams(format!(
+                "the budget precision '{}' has no plan yet: plan it for the model first (tq kv plan, or tq_llm::budget::resolve)",
+                s.name
+            )));
+        };
+        if *o != CacheOptions::default() {
+            return Err(TqError::BadParams(
+                "a budget plan chooses its own windows and key transforms: drop --sink/--recent/--center-keys/--calib with a budget precision".into(),
+            ));
+        }
+        return Ok(Box::new(LayeredCache::new(shape, plan, seed)?));
+    }
     if s.is_f32() {
         return Ok(Box::new(F32Cache::new(shape)));
     }

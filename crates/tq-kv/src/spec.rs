@@ -12,6 +12,9 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::budget::{Budget, ResolvedPlan};
 
 use tq_core::registry::{lookup, CodecEntry};
 use tq_core::{KvLayout, Result, RotationKind, TqError};
@@ -67,26 +70,37 @@ impl Store {
     }
 }
 
-/// A parsed KV precision: the string it was parsed from and its two sides.
+/// A parsed KV precision: the string it was parsed from and its two sides,
+/// or a bit budget ([`Budget`]: `3.5`, `budget:3.5:ctx=4096`) whose per-layer
+/// plan is found for a model later (`tq_llm::budget::resolve`) and held in `plan`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvSpec {
     /// The precision string, as given.
     pub name: String,
-    /// How keys are stored.
+    /// How keys are stored (for a budget: f16, a placeholder; the plan decides per layer).
     pub keys: Store,
-    /// How values are stored.
+    /// How values are stored (for a budget: f16, a placeholder).
     pub values: Store,
+    /// A bit budget instead of one precision for every layer.
+    pub budget: Option<Budget>,
+    /// The budget's per-layer plan, once resolved for a model.
+    pub plan: Option<Arc<ResolvedPlan>>,
 }
 
 /// Every precision string family, for error messages and listings.
 pub const PRECISIONS: &str = "f32, f16, q8_0, q4_0, q8_0-rot, q4_0-rot, kivi-B, mxfp4, nvfp4, tq-mse-B, tq-mse-B-nc, tq-prod-B, \
-                              tq-mse-2.5, tq-mse-3.5, kBvC and kBvC-nc (B, C = 1..8: tq-mse keys at B bits, values at C; -nc: without the norm correction)";
+                              tq-mse-2.5, tq-mse-3.5, kBvC and kBvC-nc (B, C = 1..8: tq-mse keys at B bits, values at C; -nc: without the norm correction), \
+                              and a bit budget B, budget:B or budget:B:ctx=N (a per-layer plan, every byte counted)";
 
 impl KvSpec {
     /// Parses a precision string (see the module docs).
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || TqError::BadParams(format!("unknown KV precision '{s}' (valid: {PRECISIONS})"));
-        let both = |st: Store| Ok(KvSpec { name: s.to_string(), keys: st, values: st });
+        let both = |st: Store| Ok(KvSpec { name: s.to_string(), keys: st, values: st, budget: None, plan: None });
+        if s.starts_with("budget:") || s.parse::<f64>().is_ok() {
+            let b: Budget = s.parse()?;
+            return Ok(KvSpec { name: s.to_string(), keys: Store::F16, values: Store::F16, budget: Some(b), plan: None });
+        }
         match s {
             "f32" => return both(Store::F32),
             "f16" => return both(Store::F16),
@@ -116,6 +130,8 @@ impl KvSpec {
                         name: s.to_string(),
                         keys: Store::Codec(lookup(&format!("tq-mse-{kb}{nc}"))?),
                         values: Store::Codec(lookup(&format!("tq-mse-{vb}{nc}"))?),
+                        budget: None,
+                        plan: None,
                     });
                 }
             }
@@ -130,16 +146,33 @@ impl KvSpec {
 
     /// Both sides f32: the reference cache.
     pub fn is_f32(&self) -> bool {
-        self.keys == Store::F32 && self.values == Store::F32
+        self.budget.is_none() && self.keys == Store::F32 && self.values == Store::F32
     }
 
-    /// Cache bytes per token for one layer with `kv_heads` heads of `head_dim`.
+    /// The same budget with its plan (see [`ResolvedPlan`]).
+    pub fn with_plan(&self, plan: Arc<ResolvedPlan>) -> Self {
+        KvSpec { plan: Some(plan), ..self.clone() }
+    }
+
+    /// Cache bytes per token for one layer with `kv_heads` heads of `head_dim`
+    /// (a budget: its plan's bytes at the planned context averaged over layers,
+    /// or the budget itself, an upper bound, before it is planned).
     pub fn bytes_per_token_per_layer(&self, kv_heads: usize, head_dim: usize) -> Result<f64> {
+        if let Some(b) = &self.budget {
+            return Ok(self.bits_per_value(head_dim).unwrap_or(b.bits) * (2 * kv_heads * head_dim) as f64 / 8.0);
+        }
         Ok(kv_heads as f64 * (self.keys.bytes_per_vector(head_dim)? + self.values.bytes_per_vector(head_dim)?))
     }
 
-    /// Bits per cached value (K and V averaged), every overhead included.
+    /// Bits per cached value (K and V averaged), every overhead included (a
+    /// budget: its plan's bits at the planned context, or the budget before it is planned).
     pub fn bits_per_value(&self, head_dim: usize) -> Result<f64> {
+        if let Some(b) = &self.budget {
+            return match &self.plan {
+                Some(p) => p.plan.bits_at(p.plan.ctx),
+                None => Ok(b.bits),
+            };
+        }
         Ok(8.0 * (self.keys.bytes_per_vector(head_dim)? + self.values.bytes_per_vector(head_dim)?) / (2 * head_dim) as f64)
     }
 }

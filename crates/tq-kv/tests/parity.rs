@@ -537,3 +537,143 @@ fn absurd_windows_are_refused_by_name() {
         assert!(e.to_string().contains(field), "{e}");
     }
 }
+
+/// A per-layer plan: each layer of a [`tq_kv::LayeredCache`] attends exactly
+/// as a one-layer cache of that layer's choice (bit for bit: the same codes,
+/// windows and calibration slice; those caches are checked against
+/// dequantize-then-attend above), a plain layer matches dequantize-then-attend
+/// directly, the bytes held are the plan's predicted bytes at every length,
+/// and a plan that makes the same choice everywhere is the one-precision cache.
+#[test]
+fn layered_plan_attends_as_each_layer_stores() {
+    use std::sync::Arc;
+    use tq_kv::{LayerChoice, Store};
+    let mut r = Xoshiro256::new(17);
+    let d = 64;
+    let shape = KvGeometry { layers: 4, q_heads: 6, kv_heads: 2, head_dim: d };
+    let codec = |n: &str| Store::Codec(tq_core::registry::lookup(n).unwrap());
+    let mut st = tq_kv::CalibrationStats::new(shape);
+    for _ in 0..200 {
+        for i in 0..shape.layers * shape.kv_heads {
+            st.add_key(i, &randv(&mut r, d).iter().enumerate().map(|(j, x)| x * (1.0 + (j % 7) as f32) + 0.5).collect::<Vec<_>>());
+            st.add_query(i, &randv(&mut r, d));
+        }
+    }
+    let cal = Arc::new(st.finish(0.2, "test").unwrap());
+    let lc = |k: &str, v: &str, sink, recent, recent_q8, delayed, calibrated| LayerChoice {
+        keys: codec(k),
+        values: codec(v),
+        sink,
+        recent,
+        recent_q8,
+        delayed,
+        calibrated,
+    };
+    let layers = vec![
+        lc("tq-mse-4-nc", "tq-mse-2-nc", 0, 0, false, false, false),
+        LayerChoice::exact(),
+        lc("tq-mse-5-nc", "tq-mse-3-nc", 1, 6, true, true, true),
+        LayerChoice { keys: codec("q8_0"), values: Store::F16, sink: 2, recent: 3, recent_q8: false, delayed: false, calibrated: false },
+    ];
+    let plan = tq_kv::KvPlan {
+        shape,
+        ctx: 40,
+        budget_bits: 8.0,
+        source: "test".into(),
+        seed: 0,
+        probe_bits: 3,
+        sensitivity: vec![[0.0; 2]; 4],
+        layers: layers.clone(),
+    };
+    let rp = Arc::new(tq_kv::ResolvedPlan { plan: plan.clone(), calibration: Some(cal.clone()) });
+    let spec = "3.5".parse::<tq_kv::KvSpec>().unwrap();
+    // a budget without a plan, or with options of its own, is refused
+    assert!(tq_kv::cache_for(shape, &spec, 3).err().unwrap().to_string().contains("no plan"));
+    let spec = spec.with_plan(rp.clone());
+    let o = tq_kv::CacheOptions { sink: 1, ..Default::default() };
+    assert!(tq_kv::cache_with(shape, &spec, 3, &o).err().unwrap().to_string().contains("its own windows"));
+    let mut cache = tq_kv::cache_for(shape, &spec, 3).unwrap();
+    let mut alone: Vec<Box<dyn tq_kv::KvCache>> = layers
+        .iter()
+        .enumerate()
+        .map(|(l, c)| {
+            let one = KvGeometry { layers: 1, ..shape };
+            if c.is_exact() {
+                return Box::new(tq_kv::F32Cache::new(one)) as Box<dyn tq_kv::KvCache>;
+            }
+            let s = tq_kv::KvSpec { name: "x".into(), keys: c.keys, values: c.values, budget: None, plan: None };
+            let o = tq_kv::CacheOptions {
+                sink: c.sink,
+                recent: c.recent,
+                recent_q8: c.recent_q8,
+                delayed: c.delayed,
+                calibration: c.calibrated.then(|| Arc::new(cal.layer(l).unwrap())),
+                ..Default::default()
+            };
+            tq_kv::cache_with(one, &s, 3, &o).unwrap()
+        })
+        .collect();
+    let n = 40;
+    let (mut ks, mut vs) = (vec![Vec::new(); 4], vec![Vec::new(); 4]);
+    for t in 0..n {
+        for l in 0..4 {
+            for h in 0..2 {
+                let (k, v) = (randv(&mut r, d), randv(&mut r, d));
+                cache.append(l, h, &k, &v);
+                alone[l].append(0, h, &k, &v);
+                if h == 1 {
+                    ks[l].push(k);
+                    vs[l].push(v);
+                }
+            }
+        }
+        assert_eq!(cache.bytes(), plan.bytes_at(t + 1).unwrap(), "bytes after {} tokens", t + 1);
+        assert_eq!(cache.bytes(), alone.iter().map(|c| c.bytes()).sum::<usize>());
+    }
+    let qs = randv(&mut r, 3 * d);
+    for (l, one) in alone.iter().enumerate() {
+        let (mut a, mut b) = (vec![f32::NAN; 3 * d], vec![f32::NAN; 3 * d]);
+        cache.attend_group(l, 1, &qs, 3, n, &mut a);
+        one.attend_group(0, 1, &qs, 3, n, &mut b);
+        assert_eq!(a, b, "layer {l}");
+        assert_eq!(cache.prefix_stable(l), one.prefix_stable(0));
+    }
+    // layer 0 (no windows, no calibration) against dequantize-then-attend
+    let kc = build("tq-mse-4-nc", d, 3, RotationKind::Hadamard).unwrap();
+    let vc = build("tq-mse-2-nc", d, tq_core::rng::kv_value_seed(3), RotationKind::Hadamard).unwrap();
+    let mut out = vec![0.0f32; d];
+    cache.attend(0, 1, &qs[..d], n, &mut out);
+    let want = reference(kc.as_ref(), vc.as_ref(), &ks[0], &vs[0], &qs[..d]);
+    let scale = want.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-3);
+    for (a, b) in out.iter().zip(&want) {
+        assert!((*a as f64 - b).abs() <= 5e-4 * scale + 1e-5, "layer 0: {a} vs {b}");
+    }
+    // the exact layer is exact
+    cache.attend(1, 1, &qs[..d], n, &mut out);
+    for (a, b) in out.iter().zip(attend_f64(&ks[1], &vs[1], &qs[..d])) {
+        assert!((*a as f64 - b).abs() < 1e-4, "exact layer: {a} vs {b}");
+    }
+    // the same choice everywhere is the one-precision cache, bit for bit
+    let c = lc("tq-mse-4-nc", "tq-mse-3-nc", 1, 5, true, true, true);
+    let uniform = tq_kv::KvPlan { layers: vec![c; 4], ..plan.clone() };
+    let spec = "2.5".parse::<tq_kv::KvSpec>().unwrap().with_plan(Arc::new(tq_kv::ResolvedPlan { plan: uniform, calibration: Some(cal.clone()) }));
+    let mut a = tq_kv::cache_for(shape, &spec, 9).unwrap();
+    let o = tq_kv::CacheOptions { sink: 1, recent: 5, recent_q8: true, delayed: true, calibration: Some(cal.clone()), ..Default::default() };
+    let mut b = cache_with(shape, "k4v3-nc", 9, &o).unwrap();
+    for _ in 0..30 {
+        for l in 0..4 {
+            for h in 0..2 {
+                let (k, v) = (randv(&mut r, d), randv(&mut r, d));
+                a.append(l, h, &k, &v);
+                b.append(l, h, &k, &v);
+            }
+        }
+    }
+    assert_eq!(a.bytes(), b.bytes());
+    for l in 0..4 {
+        let (mut x, mut y) = (vec![0.0f32; 3 * d], vec![0.0f32; 3 * d]);
+        a.attend_group(l, 0, &qs, 3, 30, &mut x);
+        b.attend_group(l, 0, &qs, 3, 30, &mut y);
+        assert_eq!(x, y, "uniform plan, layer {l}");
+    }
+}

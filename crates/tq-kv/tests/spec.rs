@@ -59,3 +59,22 @@ fn vram_plans_add_weights_and_cache() {
     assert!(plan("llama-3.1-8b", "fp3", 1000, "f16").is_err());
     assert!(plan("llama-3.1-8b", "bf16", 0, "f16").is_err());
 }
+
+/// A budget parses wherever a precision does; before it is planned for a
+/// model it counts as its bound, and it is never the f32 reference.
+#[test]
+fn budgets_are_precisions() {
+    let b = KvSpec::parse("3.5").unwrap();
+    assert_eq!(b.budget, Some(tq_kv::Budget { bits: 3.5, ctx: None }));
+    assert!(!b.is_f32() && b.plan.is_none());
+    assert_eq!(b.bits_per_value(64).unwrap(), 3.5);
+    assert_eq!(b.bytes_per_token_per_layer(3, 64).unwrap(), 3.5 * 2.0 * 3.0 * 64.0 / 8.0);
+    let c: KvSpec = "budget:2.5:ctx=4096".parse().unwrap();
+    assert_eq!((c.budget.unwrap().bits, c.budget.unwrap().ctx), (2.5, Some(4096)));
+    assert_eq!(c.to_string(), "budget:2.5:ctx=4096");
+    for s in ["0", "-3", "budget:", "budget:33", "budget:3.5:ctx=2000000"] {
+        assert!(matches!(KvSpec::parse(s), Err(TqError::BadParams(_))), "{s}");
+    }
+    let p = vram(model("llama-3.1-8b").unwrap(), Weights::Bf16, 100_000, &b).unwrap();
+    assert_eq!(p.kv_bits_per_value, 3.5);
+}

@@ -390,6 +390,13 @@ pub fn calibrate(rt: &Runtime, text: &str, chunks: usize, ctx: usize, shrink: f3
         bail!("the calibration text is empty");
     }
     let ids = rt.encode(&body)?;
+    calibrate_ids(rt, &ids, chunks, ctx, shrink, text, log)
+}
+
+/// Key transforms calibrated on the first `chunks` chunks of `ctx` tokens of
+/// `ids` (`source` names them in the calibration).
+pub fn calibrate_ids(rt: &Runtime, ids: &[u32], chunks: usize, ctx: usize, shrink: f32, source: &str, log: Log<'_>) -> Result<tq_kv::KeyCalibration> {
+    let model = &rt.model;
     if ids.len() < chunks * ctx {
         bail!("the calibration text has {} tokens, fewer than {chunks} chunks of {ctx}", ids.len());
     }
@@ -400,8 +407,8 @@ pub fn calibrate(rt: &Runtime, text: &str, chunks: usize, ctx: usize, shrink: f3
         cache.inner = F32Cache::new(shape);
         model.forward(toks, &mut cache as &mut dyn KvCache, true)?;
     }
-    let c = cache.stats.into_inner().finish(shrink, text)?;
-    log(&format!("calibrated key transforms on {chunks} × {ctx} tokens of {text} in {:.1} s", t.elapsed().as_secs_f64()));
+    let c = cache.stats.into_inner().finish(shrink, source)?;
+    log(&format!("calibrated key transforms on {chunks} × {ctx} tokens of {source} in {:.1} s", t.elapsed().as_secs_f64()));
     Ok(c)
 }
 

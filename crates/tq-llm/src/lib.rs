@@ -3,10 +3,11 @@
 //! pluggable [`tq_kv::KvCache`] ([`llama`]), the GGUF's tokenizer
 //! ([`tokenizer`]), MiniLM sentence embeddings ([`minilm`]), the evaluations
 //! (perplexity and KL divergence, calibration, needle, decode timing:
-//! [`eval`]) and the datasets derived with these models ([`datasets`]).
+//! [`eval`]), budget plans fitted on the model ([`budget`]) and the datasets derived with these models ([`datasets`]).
 
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod datasets;
 pub mod error;
 pub mod eval;

@@ -345,6 +345,15 @@ fn kv_and_vram_bad_input_is_clear() {
     assert_eq!(rows.len(), 2);
     assert!((rows[0]["kv_gb"].as_f64().unwrap() - 13.1072).abs() < 1e-9);
     assert_eq!(rows[1]["kv_bits_per_value"], 4.125); // 4-bit indices + a bf16 norm per 128 values
+                                                     // bit budgets: absurd ones refused by name before any model loads; the planner takes one as its bound
+    assert_fails(&run(&["kv", "eval", "--kv", "0.5"]), "outside 1..=32");
+    assert_fails(&run(&["kv", "eval", "--kv", "budget:3.5:ctx=0"]), "ctx 0");
+    assert_fails(&run(&["kv", "eval", "--kv", "budget:3.5:win=2"]), "unknown part");
+    assert_fails(&run(&["kv", "plan", "--kv", "tq-mse-4"]), "is not a budget");
+    let o = run(&["vram", "--model", "llama-3.1-8b", "--context", "100000", "--kv", "3.5", "--json"]);
+    assert!(o.status.success());
+    let row: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap();
+    assert_eq!(row["kv_bits_per_value"], 3.5);
 }
 
 /// Without a GPU (CI), `tq bench cuda` fails with one clear line, never a
