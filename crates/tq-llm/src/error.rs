@@ -54,8 +54,9 @@ pub enum LlmError {
     /// A dataset or text could not be fetched or read.
     #[error("{0}")]
     Data(#[from] tq_data::DataError),
-    /// A codec or KV cache rejected its parameters or input.
-    #[error("{0}")]
+    /// A codec or KV cache rejected its parameters or input (its message
+    /// once: transparent, so an error chain does not repeat it).
+    #[error(transparent)]
     Kv(#[from] tq_core::TqError),
     /// A tensor operation failed.
     #[error("tensor operation: {0}")]
