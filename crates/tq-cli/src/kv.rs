@@ -155,7 +155,7 @@ pub fn plan(model: &Model, kvs: &[KvSpec], ctx: usize, json: bool) -> Result<()>
     }
     for kv in kvs {
         let spec = resolve(model, kv, ctx, json)?;
-        let rp = spec.plan.as_ref().expect("resolved");
+        let rp = spec.plan.as_ref().ok_or_else(|| anyhow::anyhow!("budget {kv}: no plan was fitted"))?;
         let p = &rp.plan;
         let name = |s: &tq_kv::Store| tq_kv::budget::store_name(s);
         if json {
