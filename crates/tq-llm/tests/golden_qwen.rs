@@ -25,81 +25,15 @@
 //! commit the file. Without the variable the tests compare, and a missing
 //! recording is a failure.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::sync::OnceLock;
+
+use common::*;
 
 use serde_json::{json, Value};
 use tq_kv::{F32Cache, KvCache};
 use tq_llm::eval::Runtime;
-
-/// Tokens of the forward pass.
-const CTX: usize = 256;
-/// First position whose next-token NLL is scored (`NLL_FROM..CTX-1`).
-const NLL_FROM: usize = 128;
-/// Positions whose logits are compared at their top-8 token ids.
-const LOGIT_POSITIONS: [usize; 4] = [0, 37, 150, 255];
-const TOP: usize = 8;
-/// Largest |Δ| of the mean NLL (nats).
-const NLL_TOL: f64 = 1e-3;
-/// Largest |Δ| of a logit, relative to the position's logit scale.
-const LOGIT_TOL: f64 = 1e-3;
-
-/// The opening of Jane Austen's *Persuasion* (1818; public domain), as in
-/// Project Gutenberg's text (Debian's r-cran-janeaustenr): digits, dates,
-/// punctuation, possessives, an indented line, runs of newlines.
-const PASSAGE: &str = r#"Persuasion
-
-
-by
-
-Jane Austen
-
-(1818)
-
-
-
-
-Chapter 1
-
-
-Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who,
-for his own amusement, never took up any book but the Baronetage; there
-he found occupation for an idle hour, and consolation in a distressed
-one; there his faculties were roused into admiration and respect, by
-contemplating the limited remnant of the earliest patents; there any
-unwelcome sensations, arising from domestic affairs changed naturally
-into pity and contempt as he turned over the almost endless creations
-of the last century; and there, if every other leaf were powerless, he
-could read his own history with an interest which never failed.  This
-was the page at which the favourite volume always opened:
-
-           "ELLIOT OF KELLYNCH HALL.
-
-"Walter Elliot, born March 1, 1760, married, July 15, 1784, Elizabeth,
-daughter of James Stevenson, Esq. of South Park, in the county of
-Gloucester, by which lady (who died 1800) he has issue Elizabeth, born
-June 1, 1785; Anne, born August 9, 1787; a still-born son, November 5,
-1789; Mary, born November 20, 1791."
-
-Precisely such had the paragraph originally stood from the printer's
-hands; but Sir Walter had improved it by adding, for the information of
-himself and his family, these words, after the date of Mary's birth--
-"Married, December 16, 1810, Charles, son and heir of Charles Musgrove,
-Esq. of Uppercross, in the county of Somerset," and by inserting most
-accurately the day of the month on which he had lost his wife.
-
-Then followed the history and rise of the ancient and respectable
-family, in the usual terms; how it had been first settled in Cheshire;
-how mentioned in Dugdale, serving the office of high sheriff,
-representing a borough in three successive parliaments, exertions of
-loyalty, and dignity of baronet, in the first year of Charles II, with
-all the Marys and Elizabeths they had married; forming altogether two
-handsome duodecimo pages, and concluding with the arms and
-motto:--"Principal seat, Kellynch Hall, in the county of Somerset," and
-Sir Walter's handwriting again in this finale:--
-
-"Heir presumptive, William Walter Elliot, Esq., great grandson of the
-second Sir Walter.""#;
 
 /// Rust source (from this repository's forward pass and data cache):
 /// indentation runs, operators, paths, a doc comment with backquotes.
@@ -157,31 +91,8 @@ fn row(r: &Run, pos: usize) -> &[f32] {
     &r.logits[pos * r.vocab..(pos + 1) * r.vocab]
 }
 
-/// Index of the first maximum.
-fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0
-}
-
-/// Mean NLL (nats) of token `pos+1` at positions `NLL_FROM..CTX-1`, log-softmax in f64.
 fn mean_nll(r: &Run) -> f64 {
-    let nll = |pos: usize| {
-        let v = row(r, pos);
-        let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = m + v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-        lse - v[r.ids[pos + 1] as usize] as f64
-    };
-    (NLL_FROM..CTX - 1).map(nll).sum::<f64>() / (CTX - 1 - NLL_FROM) as f64
-}
-
-/// The top-`TOP` token ids of a row and their logits.
-fn top(v: &[f32]) -> Vec<(usize, f32)> {
-    let mut ix: Vec<usize> = (0..v.len()).collect();
-    ix.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
-    ix.into_iter().take(TOP).map(|i| (i, v[i])).collect()
-}
-
-fn golden_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/qwen2.5-1.5b.json")
+    common::mean_nll(&r.logits, r.vocab, &r.ids)
 }
 
 /// The recording as JSON text, one key a line.
@@ -224,27 +135,6 @@ fn recording(r: &Run) -> String {
     format!("{{\n{}\n}}\n", lines.join(",\n"))
 }
 
-/// The recording: written from the current code when `TQ_RECORD_GOLDEN=1`,
-/// else read (a missing or unreadable file fails the test).
-fn golden() -> &'static Value {
-    static GOLDEN: OnceLock<Value> = OnceLock::new();
-    GOLDEN.get_or_init(|| {
-        let path = golden_path();
-        if std::env::var("TQ_RECORD_GOLDEN").is_ok_and(|v| v == "1") {
-            let text = recording(run());
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, &text).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
-            eprintln!("recorded {}", path.display());
-        }
-        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("no golden recording {} ({e}); record it with TQ_RECORD_GOLDEN=1", path.display()));
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()))
-    })
-}
-
-fn usizes(v: &Value, key: &str) -> Vec<usize> {
-    v[key].as_array().unwrap_or_else(|| panic!("recording: '{key}' is not an array")).iter().map(|x| x.as_u64().expect("an integer") as usize).collect()
-}
-
 fn same_ids(got: &[u32], want: &[usize], what: &str) {
     let got: Vec<usize> = got.iter().map(|&i| i as usize).collect();
     assert_eq!(got.len(), want.len(), "token count of the {what}");
@@ -257,6 +147,12 @@ fn same_ids(got: &[u32], want: &[usize], what: &str) {
             &want[i..(i + 8).min(want.len())]
         );
     }
+}
+
+/// The recording (`common::golden`).
+fn golden() -> &'static Value {
+    static GOLDEN: OnceLock<Value> = OnceLock::new();
+    common::golden(&GOLDEN, &common::golden_path("qwen2.5-1.5b.json"), || recording(run()))
 }
 
 #[test]
