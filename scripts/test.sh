@@ -5,7 +5,7 @@
 # against the `tq` binary of the same tree, then a short bounded fuzz run of
 # every file parser (scripts/fuzz.sh; the long run is documented in fuzz/README.md).
 # Needs: cargo, python3 (>= 3.9) with venv, and the PyPI index for
-# maturin/numpy/pytest/ray (installed once into target/pyenv).
+# maturin/numpy/pytest/ray/torch/transformers (installed once into target/pyenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,11 +32,14 @@ cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
 cargo clippy --workspace --all-targets --release -- -D warnings
 cargo test --workspace --release
-# Ray (with Ray Data) for turboquant.ray's tests: a local multi-process cluster on 127.0.0.1
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.7,<2" numpy pytest "ray[data]==2.60.0"
+# Ray (with Ray Data) for turboquant.ray's tests: a local multi-process cluster on 127.0.0.1;
+# torch, transformers, gguf and accelerate for turboquant.hf's tests (SmolLM2 read by
+# transformers from the GGUF file the Rust runtime uses; CPU only)
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.7,<2" numpy pytest "ray[data]==2.60.0" \
+  "torch==2.11.0" "transformers==5.17.0" "gguf==0.19.0" "accelerate==1.15.0"
 rm -rf target/wheels
 ( cd crates/tq-py && CARGO_TARGET_DIR=../../target/py "../../$VENV/bin/maturin" build --release --out ../../target/wheels )
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps target/wheels/turboquant-*.whl
-TQ_BIN="$PWD/target/release/tq" "$VENV/bin/python" -m pytest -q crates/tq-py/tests
+TQ_HF_TESTS=1 TQ_BIN="$PWD/target/release/tq" "$VENV/bin/python" -m pytest -q crates/tq-py/tests
 # a bounded fuzz run: every target for ${TQ_FUZZ_SECONDS:-20} s from the committed corpus
 scripts/fuzz.sh "${TQ_FUZZ_SECONDS:-20}"

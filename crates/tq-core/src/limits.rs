@@ -5,6 +5,7 @@
 //! | limit | value | what it bounds |
 //! |---|---|---|
 //! | [`MAX_DIM`] | 65,536 | vector dimension of every codec, file and index (checked by `CodecEntry::build` and `build_matrix`) |
+//! | [`MAX_KV_BATCH`], [`MAX_KV_TOKENS`] | 4,096, 1,048,576 | sequences of one KV cache object and tokens per sequence |
 //! | [`MAX_DENSE_DIM`] | 2,048 | dimension of a dense `d × d` transform: the Haar rotation (`O(d³)` to build) and the Gaussian QJL projection of `tq-prod-B` |
 //!
 //! Memory of the other per-codec tables, all linear in `dim` and so bounded by
@@ -26,6 +27,15 @@ pub const MAX_NLIST: usize = 1 << 20;
 /// Largest full-precision window (`sink` or `recent` tokens) a KV cache
 /// allocates: the longest context of the built-in models (131,072 tokens).
 pub const MAX_WINDOW_TOKENS: usize = 1 << 17;
+
+/// Largest number of sequences one KV cache object holds (the Python
+/// wheel's `KvCache(batch=…)`; each sequence has its own streams).
+pub const MAX_KV_BATCH: usize = 1 << 12;
+
+/// Longest sequence a KV cache object accepts tokens for (2^20 tokens, eight
+/// times the longest context of the built-in models): appends past it are
+/// refused before anything grows.
+pub const MAX_KV_TOKENS: usize = 1 << 20;
 
 /// Largest dimension of a dense `d × d` transform: the Haar rotation (built by
 /// Gram–Schmidt in `O(d³)`: about 7 s at 1,536, 131 s at 4,000) and

@@ -12,10 +12,10 @@ pub enum DataError {
     #[error("{0}")]
     Msg(String),
     /// A codec rejected its parameters or input.
-    #[error("{0}")]
+    #[error(transparent)]
     Codec(#[from] tq_core::TqError),
     /// The index rejected its parameters or input.
-    #[error("{0}")]
+    #[error(transparent)]
     Index(#[from] tq_index::IndexError),
 }
 

@@ -30,7 +30,7 @@ use tq_core::{Codec, Result, RotationKind, TqError};
 /// Where keys and values live. `append` stores one position's K and V for a
 /// (layer, KV head); `attend` writes softmax(q·Kᵀ/√d)·V over the first `len`
 /// positions of that head into `out`.
-pub trait KvCache {
+pub trait KvCache: Send {
     /// Stores the next position's key `k` and value `v` of (`layer`, `head`).
     fn append(&mut self, layer: usize, head: usize, k: &[f32], v: &[f32]);
     /// Writes softmax(q·Kᵀ/√d)·V of query `q` over the first `len` positions
@@ -77,6 +77,69 @@ pub trait KvCache {
     }
     /// Bytes held for keys and values (all layers and heads).
     fn bytes(&self) -> usize;
+}
+
+/// One layer's step of a model through a cache: appends `n` tokens' keys and
+/// values (`k`, `v`: `n` rows of `kv_heads · d`, token-major) to `layer` and
+/// writes the attention of their `n` queries (`q`: `n` rows of
+/// `kv_heads · group · d`, the query heads of KV head `kh` at
+/// `kh·group .. (kh+1)·group`) into `out` (same shape as `q`). Query `i`
+/// attends to the cached tokens up to and including its own, through the
+/// codes. Tokens go one at a time while the cache's state still depends on
+/// what comes next (windows, streams still training), then the rest as one
+/// batch ([`KvCache::attend_positions`]): the results equal one token at a
+/// time. The one implementation of a step, for the CPU runtime (`tq-llm`) and
+/// the Python wheel's transformers cache alike.
+#[allow(clippy::too_many_arguments)]
+pub fn append_attend(
+    cache: &mut dyn KvCache,
+    layer: usize,
+    k: &[f32],
+    v: &[f32],
+    q: &[f32],
+    kv_heads: usize,
+    group: usize,
+    d: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    let (kd, qd) = (kv_heads * d, kv_heads * group * d);
+    if kd == 0 || qd == 0 || !k.len().is_multiple_of(kd) {
+        return Err(TqError::BadParams(format!("keys of {} floats are not whole rows of {kv_heads} heads × {d}", k.len())));
+    }
+    let n = k.len() / kd;
+    if v.len() != k.len() || q.len() != n * qd || out.len() != q.len() {
+        return Err(TqError::BadParams(format!(
+            "{n} tokens need values of {} floats and queries/output of {} (got {}, {}, {})",
+            n * kd,
+            n * qd,
+            v.len(),
+            q.len(),
+            out.len()
+        )));
+    }
+    let start = cache.len(layer, 0);
+    let append = |cache: &mut dyn KvCache, i: usize| {
+        for kh in 0..kv_heads {
+            cache.append(layer, kh, &k[i * kd + kh * d..i * kd + (kh + 1) * d], &v[i * kd + kh * d..i * kd + (kh + 1) * d]);
+        }
+    };
+    let mut i0 = 0;
+    while i0 < n && !(n - i0 > 1 && cache.prefix_stable(layer)) {
+        append(cache, i0);
+        for kh in 0..kv_heads {
+            // the query heads kh·group .. (kh+1)·group share this KV head
+            let r = i0 * qd + kh * group * d..i0 * qd + (kh + 1) * group * d;
+            cache.attend_group(layer, kh, &q[r.clone()], group, start + i0 + 1, &mut out[r]);
+        }
+        i0 += 1;
+    }
+    if i0 < n {
+        for i in i0..n {
+            append(cache, i);
+        }
+        cache.attend_positions(layer, &q[i0 * qd..], kv_heads, group, d, start + i0, &mut out[i0 * qd..]);
+    }
+    Ok(())
 }
 
 /// Softmax of `scores` in place (max-subtracted), through the kernel table

@@ -52,14 +52,14 @@ pub enum LlmError {
     #[error("{0}")]
     Msg(String),
     /// A dataset or text could not be fetched or read.
-    #[error("{0}")]
+    #[error(transparent)]
     Data(#[from] tq_data::DataError),
     /// A codec or KV cache rejected its parameters or input (its message
     /// once: transparent, so an error chain does not repeat it).
     #[error(transparent)]
     Kv(#[from] tq_core::TqError),
     /// A tensor operation failed.
-    #[error("tensor operation: {0}")]
+    #[error("tensor operation")]
     Candle(#[from] candle_core::Error),
 }
 

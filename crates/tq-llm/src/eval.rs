@@ -133,6 +133,11 @@ pub fn perplexity(rt: &Runtime, a: &PplConfig<'_>, text: &str, specs: &[KvSpec],
     }
     let vocab = model.config.vocab;
     let shape = model.config.kv_shape();
+    // every precision with the cache options, before the first forward pass:
+    // a combination the caches refuse fails now, not after the f32 reference
+    for spec in specs.iter().filter(|s| !s.is_f32()) {
+        tq_kv::cache_with(shape, spec, a.seed, &a.opts)?;
+    }
     let (mut nll_ref, mut count) = (0.0f64, 0usize);
     let mut acc: Vec<Acc> = specs.iter().map(|_| Acc::default()).collect();
     let t = Instant::now();

@@ -323,29 +323,7 @@ impl Llama {
                 self.rope(&mut q[i * qd..(i + 1) * qd], start + i);
                 self.rope(&mut k[i * kd..(i + 1) * kd], start + i);
             }
-            let append = |cache: &mut dyn KvCache, i: usize| {
-                for kh in 0..c.kv_heads {
-                    cache.append(li, kh, &k[i * kd + kh * d..i * kd + (kh + 1) * d], &v[i * kd + kh * d..i * kd + (kh + 1) * d]);
-                }
-            };
-            // one token at a time while the cache's state still depends on
-            // what comes next (windows, training), then the rest as a batch
-            let mut i0 = 0;
-            while i0 < n && !(n - i0 > 1 && cache.prefix_stable(li)) {
-                append(cache, i0);
-                for kh in 0..c.kv_heads {
-                    // the query heads kh·group .. (kh+1)·group share this KV head
-                    let r = i0 * qd + kh * group * d..i0 * qd + (kh + 1) * group * d;
-                    cache.attend_group(li, kh, &q[r.clone()], group, start + i0 + 1, &mut att[r]);
-                }
-                i0 += 1;
-            }
-            if i0 < n {
-                for i in i0..n {
-                    append(cache, i);
-                }
-                cache.attend_positions(li, &q[i0 * qd..], c.kv_heads, group, d, start + i0, &mut att[i0 * qd..]);
-            }
+            tq_kv::append_attend(cache, li, &k, &v, &q, c.kv_heads, group, d, &mut att)?;
             let o = self.matmul(&l.wo, &att, n, qd)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let mut h = x.clone();

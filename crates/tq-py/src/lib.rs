@@ -515,6 +515,212 @@ impl PyIndex {
     }
 }
 
+/// A float32 (or float64, converted) C-contiguous array of `dims.len()`
+/// dimensions, each equal to its `Some` entry: (shape, values).
+fn nd_f32<'py>(obj: &Bound<'py, PyAny>, dims: &[Option<usize>], what: &str, layout: &str) -> PyResult<(Vec<usize>, Rows<'py>)> {
+    let expect = || format!("{what} must be a C-contiguous float32 numpy array of shape {layout}");
+    let check = |shape: &[usize]| -> PyResult<Vec<usize>> {
+        if shape.len() != dims.len() || shape.iter().zip(dims).any(|(s, d)| d.is_some_and(|d| d != *s)) {
+            return Err(PyValueError::new_err(format!("{}; got shape {shape:?}", expect())));
+        }
+        Ok(shape.to_vec())
+    };
+    if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f32>>() {
+        let shape = check(a.shape())?;
+        if !a.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!("{what} must be C-contiguous (numpy.ascontiguousarray, or .contiguous() on a torch tensor)")));
+        }
+        return Ok((shape, Rows::Borrowed(a.readonly())));
+    }
+    if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f64>>() {
+        let shape = check(a.shape())?;
+        let v: Vec<f32> = a.readonly().as_array().iter().map(|&x| x as f32).collect();
+        return Ok((shape, Rows::Owned(v)));
+    }
+    Err(PyTypeError::new_err(expect()))
+}
+
+/// A compressed KV cache for a batch of sequences of one model, attention
+/// computed on the codes (the Rust CPU caches of `tq kv`, one per sequence:
+/// the same codecs, seeds and results as the CPU runtime).
+#[pyclass(name = "KvCache", module = "turboquant")]
+struct PyKvCache {
+    /// One cache per sequence (in a `Mutex` to make the class `Sync`; Python
+    /// holds the object's borrow while a method runs, so it is never contended).
+    caches: std::sync::Mutex<Vec<Box<dyn tq_kv::KvCache>>>,
+    shape: tq_kv::KvGeometry,
+    spec: tq_kv::KvSpec,
+    options: tq_kv::CacheOptions,
+    seed: u64,
+}
+
+impl PyKvCache {
+    fn fresh(shape: tq_kv::KvGeometry, spec: &tq_kv::KvSpec, seed: u64, options: &tq_kv::CacheOptions, batch: usize) -> PyResult<Vec<Box<dyn tq_kv::KvCache>>> {
+        (0..batch).map(|_| tq_kv::cache_with(shape, spec, seed, options).map_err(value_err)).collect()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<dyn tq_kv::KvCache>>> {
+        self.caches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[pymethods]
+impl PyKvCache {
+    /// `precision`: a KV precision string (`kv_precisions()`; budget
+    /// precisions need a fitted plan and are refused here); the model's
+    /// `layers`, `q_heads`, `kv_heads`, `head_dim`; `batch` sequences; `seed`
+    /// of the codecs' rotations; the windows and key centering of `tq kv`.
+    #[new]
+    #[pyo3(signature = (precision, layers, q_heads, kv_heads, head_dim, batch = 1, seed = 0, sink = 0, recent = 0, center_keys = false, recent_q8 = false, delayed = false))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        precision: &str,
+        layers: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        batch: usize,
+        seed: u64,
+        sink: usize,
+        recent: usize,
+        center_keys: bool,
+        recent_q8: bool,
+        delayed: bool,
+    ) -> PyResult<Self> {
+        let spec: tq_kv::KvSpec = precision.parse().map_err(value_err)?;
+        let shape = tq_kv::KvGeometry::new(layers, q_heads, kv_heads, head_dim).map_err(value_err)?;
+        if batch == 0 || batch > tq_core::limits::MAX_KV_BATCH {
+            return Err(PyValueError::new_err(format!("batch {batch}: 1 to {} sequences", tq_core::limits::MAX_KV_BATCH)));
+        }
+        let options = tq_kv::CacheOptions { sink, recent, center_keys, recent_q8, delayed, calibration: None };
+        let caches = Self::fresh(shape, &spec, seed, &options, batch)?.into();
+        Ok(Self { caches, shape, spec, options, seed })
+    }
+
+    /// Appends `n` new tokens of every sequence to `layer` and returns the
+    /// attention of their queries over the cache (each query attends to the
+    /// cached tokens up to and including its own, causally, on the codes).
+    /// `keys`, `values`: float32 `(batch, n, kv_heads, head_dim)`; `queries`:
+    /// `(batch, n, q_heads, head_dim)` (RoPE applied); returns
+    /// `(batch, n, q_heads, head_dim)` float32. Scores are scaled by
+    /// 1/sqrt(head_dim).
+    fn update<'py>(
+        &mut self,
+        py: Python<'py>,
+        layer: usize,
+        keys: &Bound<'py, PyAny>,
+        values: &Bound<'py, PyAny>,
+        queries: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, numpy::PyArrayDyn<f32>>> {
+        let g = self.shape;
+        if layer >= g.layers {
+            return Err(PyValueError::new_err(format!("layer {layer} of a cache of {} layers", g.layers)));
+        }
+        let mut caches = self.lock();
+        let b = caches.len();
+        let kv_layout = format!("(batch={b}, n, kv_heads={}, head_dim={})", g.kv_heads, g.head_dim);
+        let (ks, k) = nd_f32(keys, &[Some(b), None, Some(g.kv_heads), Some(g.head_dim)], "keys", &kv_layout)?;
+        let n = ks[1];
+        if n == 0 {
+            return Err(PyValueError::new_err("keys hold no token (n = 0)"));
+        }
+        let (_, v) = nd_f32(values, &[Some(b), Some(n), Some(g.kv_heads), Some(g.head_dim)], "values", &kv_layout.replace(", n,", &format!(", n={n},")))?;
+        let q_layout = format!("(batch={b}, n={n}, q_heads={}, head_dim={})", g.q_heads, g.head_dim);
+        let (_, q) = nd_f32(queries, &[Some(b), Some(n), Some(g.q_heads), Some(g.head_dim)], "queries", &q_layout)?;
+        let len = caches[0].len(layer, 0);
+        if len + n > tq_core::limits::MAX_KV_TOKENS {
+            return Err(PyValueError::new_err(format!("{} tokens exceed the largest context of {}", len + n, tq_core::limits::MAX_KV_TOKENS)));
+        }
+        let (kd, qd) = (n * g.kv_heads * g.head_dim, n * g.q_heads * g.head_dim);
+        for (what, x) in [("keys", k.slice()), ("values", v.slice()), ("queries", q.slice())] {
+            if let Some(i) = x.iter().position(|x| !x.is_finite()) {
+                return Err(PyValueError::new_err(format!("{what} hold a non-finite value ({}) at flat index {i}", x[i])));
+            }
+        }
+        let mut out = vec![0.0f32; b * qd];
+        let group = g.q_heads / g.kv_heads;
+        let (ks, vs, qs) = (k.slice(), v.slice(), q.slice());
+        let seqs: &mut Vec<Box<dyn tq_kv::KvCache>> = &mut caches;
+        py.detach(|| -> tq_core::Result<()> {
+            for (s, cache) in seqs.iter_mut().enumerate() {
+                let (kr, qr) = (s * kd..(s + 1) * kd, s * qd..(s + 1) * qd);
+                tq_kv::append_attend(cache.as_mut(), layer, &ks[kr.clone()], &vs[kr], &qs[qr.clone()], g.kv_heads, group, g.head_dim, &mut out[qr])?;
+            }
+            Ok(())
+        })
+        .map_err(value_err)?;
+        let arr = numpy::PyArray1::from_vec(py, out);
+        arr.reshape(vec![b, n, g.q_heads, g.head_dim])
+    }
+
+    /// Tokens held by `layer` (the same for every sequence).
+    fn seq_len(&self, layer: usize) -> PyResult<usize> {
+        if layer >= self.shape.layers {
+            return Err(PyValueError::new_err(format!("layer {layer} of a cache of {} layers", self.shape.layers)));
+        }
+        Ok(self.lock()[0].len(layer, 0))
+    }
+
+    /// Bytes held for keys and values, every layer, head and sequence.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.lock().iter().map(|c| c.bytes()).sum()
+    }
+
+    /// Bits per value of the precision (codes and scales, no windows).
+    #[getter]
+    fn bits_per_value(&self) -> PyResult<f64> {
+        self.spec.bits_per_value(self.shape.head_dim).map_err(value_err)
+    }
+
+    /// Sequences in the batch.
+    #[getter]
+    fn batch(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The precision string.
+    #[getter]
+    fn precision(&self) -> String {
+        self.spec.to_string()
+    }
+
+    /// Empties the cache (every layer and sequence), keeping its settings;
+    /// `batch` changes the number of sequences.
+    #[pyo3(signature = (batch = None))]
+    fn reset(&mut self, batch: Option<usize>) -> PyResult<()> {
+        let b = batch.unwrap_or(self.lock().len());
+        if b == 0 || b > tq_core::limits::MAX_KV_BATCH {
+            return Err(PyValueError::new_err(format!("batch {b}: 1 to {} sequences", tq_core::limits::MAX_KV_BATCH)));
+        }
+        *self.lock() = Self::fresh(self.shape, &self.spec, self.seed, &self.options, b)?;
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        let g = self.shape;
+        let caches = self.lock();
+        let bytes: usize = caches.iter().map(|c| c.bytes()).sum();
+        format!(
+            "KvCache(precision='{}', layers={}, q_heads={}, kv_heads={}, head_dim={}, batch={}, len={}, nbytes={bytes})",
+            self.spec,
+            g.layers,
+            g.q_heads,
+            g.kv_heads,
+            g.head_dim,
+            caches.len(),
+            caches[0].len(0, 0),
+        )
+    }
+}
+
+/// The codec seed of a KV cache's values when its keys use `seed` (a cache
+/// seeded `s` codes keys with `Codec(keys, d, seed=s)` and values with
+/// `Codec(values, d, seed=kv_value_seed(s))`).
+#[pyfunction]
+fn kv_value_seed(seed: u64) -> u64 {
+    tq_core::rng::kv_value_seed(seed)
+}
+
 /// The KV-cache precision strings (`f32`, `tq-mse-4`, `k4v3`, ...).
 #[pyfunction]
 fn kv_precisions() -> &'static str {
@@ -559,9 +765,11 @@ fn _turboquant(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(codecs, m)?)?;
     m.add_function(wrap_pyfunction!(kv_precisions, m)?)?;
     m.add_function(wrap_pyfunction!(kv_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(kv_value_seed, m)?)?;
     m.add_function(wrap_pyfunction!(vram, m)?)?;
     m.add_class::<PyCodec>()?;
     m.add_class::<PyIndex>()?;
+    m.add_class::<PyKvCache>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -251,3 +251,136 @@ def test_durable_add_and_remove_append_to_the_file(tmp_path):
     assert len(tq.Index.load(p)) == 150
     with pytest.raises(TypeError, match="non-negative"):
         idx.contains([-1])
+
+
+# --- KvCache: the Rust CPU KV caches, attention on the codes -----------------
+
+
+@pytest.fixture(scope="module")
+def kv_dump(tmp_path_factory):
+    """Real keys, values and per-position queries of SmolLM2 (layers 0 and 5,
+    64 tokens of Austen) from `tq kv dump`, as (k, v, q) of shapes
+    (layers, tokens, kv_heads, d) and (layers, tokens, q_heads, d)."""
+    out = tmp_path_factory.mktemp("dump")
+    subprocess.run([TQ, "kv", "dump", "--tokens", "64", "--layers", "0,5", "--all-queries", "--out", str(out)], check=True, capture_output=True)
+    meta = json.loads((out / "meta.json").read_text())
+    L, H, Q, T, d = meta["layers"], meta["kv_heads"], meta["q_heads"], meta["tokens"], meta["head_dim"]
+    k = np.load(out / "k.npy").reshape(L, H, T, d).transpose(0, 2, 1, 3)
+    v = np.load(out / "v.npy").reshape(L, H, T, d).transpose(0, 2, 1, 3)
+    q = np.load(out / "q.npy").reshape(L, T, Q, d)
+    return np.ascontiguousarray(k), np.ascontiguousarray(v), np.ascontiguousarray(q)
+
+
+def causal_attention(k, v, q):
+    """Exact causal attention in float64: k, v (T, H, d), q (T, Q, d) -> (T, Q, d)."""
+    T, H, d = k.shape
+    g = q.shape[1] // H
+    out = np.zeros(q.shape)
+    for t in range(T):
+        for h in range(q.shape[1]):
+            s = k[: t + 1, h // g].astype(np.float64) @ q[t, h].astype(np.float64) / np.sqrt(d)
+            w = np.exp(s - s.max())
+            out[t, h] = (w / w.sum()) @ v[: t + 1, h // g]
+    return out
+
+
+def bf16_norms(codes, d, bits):
+    """TurboQuant codes with their f32 norm rounded to bf16 (what a KV cache stores)."""
+    c = codes.copy()
+    at = d * bits // 8
+    n = c[:, at : at + 4].copy().view(np.uint32)[:, 0]
+    n = ((n + 0x7FFF + ((n >> 16) & 1)) >> 16) << 16
+    c[:, at : at + 4] = n.astype(np.uint32)[:, None].view(np.uint8)
+    return c
+
+
+def test_kv_cache_f32_is_exact_attention_on_real_keys(kv_dump):
+    k, v, q = kv_dump
+    L, T, H, d = k.shape
+    c = tq.KvCache("f32", L, q.shape[2], H, d)
+    for layer in range(L):
+        out = c.update(layer, k[layer][None], v[layer][None], q[layer][None])
+        assert out.shape == (1, T, q.shape[2], d) and out.dtype == np.float32
+        np.testing.assert_allclose(out[0], causal_attention(k[layer], v[layer], q[layer]), rtol=1e-4, atol=1e-5)
+    assert c.seq_len(0) == T and c.nbytes == 2 * L * T * H * d * 4
+
+
+@pytest.mark.parametrize("precision, kb, vb", [("tq-mse-4", 4, 4), ("k4v3", 4, 3)])
+def test_kv_cache_attends_the_codes_of_the_codecs(kv_dump, precision, kb, vb):
+    # the attention on codes equals exact attention over the keys and values
+    # the codecs decode (their norms as stored: bf16), for a cache of seed 7
+    k, v, q = kv_dump
+    L, T, H, d = k.shape
+    c = tq.KvCache(precision, L, q.shape[2], H, d, seed=7)
+    kc, vc = tq.Codec(f"tq-mse-{kb}", d, seed=7), tq.Codec(f"tq-mse-{vb}", d, seed=tq.kv_value_seed(7))
+    for layer in range(L):
+        out = c.update(layer, k[layer][None], v[layer][None], q[layer][None])[0]
+        dk = kc.decode(bf16_norms(kc.encode(k[layer].reshape(-1, d)), d, kb)).reshape(k[layer].shape)
+        dv = vc.decode(bf16_norms(vc.encode(v[layer].reshape(-1, d)), d, vb)).reshape(v[layer].shape)
+        np.testing.assert_allclose(out, causal_attention(dk, dv, q[layer]), rtol=2e-3, atol=2e-4)
+        # and differs from exact attention over the real keys by the coding error only
+        exact = causal_attention(k[layer], v[layer], q[layer])
+        rel = np.linalg.norm(out - exact) / np.linalg.norm(exact)
+        assert 1e-3 < rel < 0.25, rel
+    per_token = tq.kv_bytes(precision, H, d)["bytes_per_token_per_layer"]
+    assert c.nbytes == round(per_token * T * L)
+    assert c.bits_per_value == tq.kv_bytes(precision, H, d)["bits_per_value"]
+
+
+def test_kv_cache_one_token_at_a_time_equals_one_batch_and_sequences_are_independent(kv_dump):
+    k, v, q = kv_dump
+    _, T, H, d = k.shape
+    Q = q.shape[2]
+    whole = tq.KvCache("tq-mse-3", 1, Q, H, d, seed=2).update(0, k[1][None], v[1][None], q[1][None])
+    step = tq.KvCache("tq-mse-3", 1, Q, H, d, seed=2)
+    rows = [step.update(0, k[1][None, t : t + 1], v[1][None, t : t + 1], q[1][None, t : t + 1]) for t in range(T)]
+    np.testing.assert_array_equal(np.concatenate(rows, axis=1), whole)
+    # two sequences in one batch: each as if alone (the second one is layer 0's)
+    both = tq.KvCache("tq-mse-3", 1, Q, H, d, seed=2, batch=2)
+    out = both.update(0, np.stack([k[1], k[0]]), np.stack([v[1], v[0]]), np.stack([q[1], q[0]]))
+    np.testing.assert_array_equal(out[0], whole[0])
+    alone = tq.KvCache("tq-mse-3", 1, Q, H, d, seed=2).update(0, k[0][None], v[0][None], q[0][None])
+    np.testing.assert_array_equal(out[1], alone[0])
+    # another seed codes differently
+    other = tq.KvCache("tq-mse-3", 1, Q, H, d, seed=3).update(0, k[1][None], v[1][None], q[1][None])
+    assert not np.array_equal(other, whole)
+    both.reset(batch=1)
+    assert both.batch == 1 and both.seq_len(0) == 0
+
+
+def test_kv_cache_refuses_bad_input():
+    k = rng_data(4 * 2 * 64, 1).reshape(1, 4, 2, 64)
+    q = rng_data(4 * 6 * 64, 1).reshape(1, 4, 6, 64)
+    c = tq.KvCache("tq-mse-4", 2, 6, 2, 64)
+    with pytest.raises(ValueError, match="bit width 9"):
+        tq.KvCache("tq-mse-9", 2, 6, 2, 64)
+    with pytest.raises(ValueError, match="multiple"):
+        tq.KvCache("tq-mse-4", 2, 5, 2, 64)
+    with pytest.raises(ValueError, match="batch"):
+        tq.KvCache("tq-mse-4", 2, 6, 2, 64, batch=0)
+    with pytest.raises(ValueError, match="batch"):
+        tq.KvCache("tq-mse-4", 2, 6, 2, 64, batch=10**9)
+    with pytest.raises(ValueError, match="plan"):
+        tq.KvCache("3.5", 2, 6, 2, 64)
+    with pytest.raises(ValueError, match="layer 2"):
+        c.update(2, k, k, q)
+    with pytest.raises(ValueError, match=r"keys must be .*kv_heads=2"):
+        c.update(0, k.reshape(1, 2, 4, 64), k, q)
+    with pytest.raises(ValueError, match="values"):
+        c.update(0, k, k[:, :3], q)
+    with pytest.raises(ValueError, match="queries"):
+        c.update(0, k, k, q[:, :, :4])
+    with pytest.raises(TypeError, match="float32"):
+        c.update(0, k.astype(np.int32), k, q)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        c.update(0, np.asfortranarray(k), k, q)
+    bad = k.copy()
+    bad[0, 1, 0, 3] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        c.update(0, bad, k, q)
+    with pytest.raises(ValueError, match="no token"):
+        c.update(0, k[:, :0], k[:, :0], q[:, :0])
+    # nothing was appended by the refused calls
+    assert c.seq_len(0) == 0
+    c.update(0, k, k, q)
+    assert c.seq_len(0) == 4 and c.seq_len(1) == 0

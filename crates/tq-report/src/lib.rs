@@ -30,16 +30,16 @@ pub enum ReportError {
     #[error("{0}")]
     Invalid(String),
     /// A codec rejected its parameters.
-    #[error("{0}")]
+    #[error(transparent)]
     Codec(#[from] tq_core::TqError),
     /// A dataset or evaluation failed.
-    #[error("{0}")]
+    #[error(transparent)]
     Data(#[from] tq_data::DataError),
     /// The model runtime failed (loading, tokenizing, a forward pass).
-    #[error("{0}")]
+    #[error(transparent)]
     Llm(#[from] tq_llm::LlmError),
     /// A file could not be written.
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}")]
     Write {
         /// The file.
         path: String,

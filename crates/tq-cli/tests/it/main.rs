@@ -426,3 +426,17 @@ fn a_closed_pipe_ends_quietly() {
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
     assert_eq!(o.status.signal(), Some(13), "status {:?}: {err}", o.status);
 }
+
+/// A sweep with cache options one of its precisions refuses fails before any
+/// forward pass (not after the f32 reference), and says why once.
+#[test]
+fn kv_sweep_refuses_options_a_precision_cannot_take_before_running() {
+    let out = tmpdir("sweep-refused");
+    let o = tq(&["kv", "sweep", "--chunks", "1", "--kv", "tq-mse-4,kivi-4", "--center-keys", "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err.trim_end().lines().last().unwrap_or("");
+    assert!(last.starts_with("error:") && last.contains("KIVI keeps its own"), "{err}");
+    assert_eq!(err.matches("KIVI keeps its own").count(), 1, "the message is repeated: {err}");
+    assert!(!out.join("kv_sweep.md").exists() && !err.contains("panicked"));
+}

@@ -22,6 +22,9 @@ IdArray = Union[npt.NDArray[np.uint64], npt.NDArray[np.int64], Sequence[int]]
 def codecs(dim: int = 128) -> list[dict]:
     """The codec registry at `dim`: dicts with name, id, bits_per_value, code_size, description."""
 
+def kv_value_seed(seed: int) -> int:
+    """The codec seed of a KV cache's values when its keys use `seed`."""
+
 def kv_precisions() -> str:
     """The KV-cache precision strings: f32, f16, q8_0, q4_0, -rot, kivi-B, mxfp4, nvfp4, tq-mse-B[-nc], tq-prod-B, tq-mse-2.5/3.5, kBvC."""
 
@@ -123,3 +126,41 @@ class Index:
         raw_rerank: bool = False,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """(D, I) as in FAISS: scores float32[q, k] and ids int64[q, k], padded with -1."""
+
+class KvCache:
+    """A compressed KV cache for a batch of sequences of one model: the Rust CPU
+    caches of `tq kv` (same codecs, seeds and results), attention on the codes.
+    The transformers integration (`turboquant.hf.TurboQuantCache`) is built on it."""
+
+    def __init__(
+        self,
+        precision: str,
+        layers: int,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        batch: int = 1,
+        seed: int = 0,
+        sink: int = 0,
+        recent: int = 0,
+        center_keys: bool = False,
+        recent_q8: bool = False,
+        delayed: bool = False,
+    ) -> None: ...
+    def update(self, layer: int, keys: FloatArray, values: FloatArray, queries: FloatArray) -> npt.NDArray[np.float32]:
+        """Append n tokens to `layer` (keys, values: float32 (batch, n, kv_heads, head_dim)) and
+        return the causal attention of their queries (batch, n, q_heads, head_dim, RoPE applied)
+        over the codes, float32 (batch, n, q_heads, head_dim); scores scaled by 1/sqrt(head_dim)."""
+    def seq_len(self, layer: int) -> int:
+        """Tokens held by `layer`."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for keys and values (codes, scales, windows), all layers and sequences."""
+    @property
+    def bits_per_value(self) -> float: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def precision(self) -> str: ...
+    def reset(self, batch: Optional[int] = None) -> None:
+        """Empty every layer and sequence; `batch` changes the number of sequences."""

@@ -1,0 +1,289 @@
+"""A TurboQuant KV cache for Hugging Face transformers.
+
+Keys and values are stored as codes (any precision of ``kv_precisions()``:
+``tq-mse-4``, ``k4v3``, ``q4_0-rot``, ...), encoded when their tokens are
+appended, and attention runs on the codes, in the same Rust caches as the
+``tq kv`` runtime (same codebooks, rotations, seeds and results), for the
+prompt and for every generated token::
+
+    import turboquant.hf  # registers attn_implementation="turboquant"
+    from turboquant.hf import TurboQuantCache
+
+    model = AutoModelForCausalLM.from_pretrained(..., attn_implementation="turboquant")
+    cache = TurboQuantCache(model.config, precision="k4v3")
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+
+The attention implementation ``"turboquant"`` attends on the codes when the
+layer's keys come from a :class:`TurboQuantCache` and is PyTorch's SDPA
+otherwise (no cache, or another cache). The codes live in host memory and
+attention runs on the CPU (tensors on a GPU are refused: the CUDA kernels of
+the ``tq-cuda`` crate are not reachable from here yet).
+
+Limits: causal decoder models with full attention (no sliding windows, no
+logit soft-capping), scores scaled by 1/sqrt(head_dim), no padding inside a
+batch (every sequence of a batch has the same length), greedy or sampled
+decoding (no beam search, no cropping).
+
+torch and transformers are imported by this module only: ``import
+turboquant`` never imports them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from ._turboquant import KvCache
+
+ATTN_IMPLEMENTATION = "turboquant"
+
+__all__ = ["ATTN_IMPLEMENTATION", "TurboQuantCache", "TurboQuantLayer", "turboquant_attention"]
+
+
+def _geometry(config) -> tuple[int, int, int, int]:
+    """(layers, query heads, KV heads, head_dim) of a transformers config."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        layers = int(cfg.num_hidden_layers)
+        q_heads = int(cfg.num_attention_heads)
+    except AttributeError as e:
+        raise ValueError(f"TurboQuantCache: the config has no {e.name}: not a decoder-only transformer") from None
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or q_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // q_heads
+    for field in ("sliding_window", "attn_logit_softcapping"):
+        value = getattr(cfg, field, None)
+        if value and (field != "sliding_window" or getattr(cfg, "use_sliding_window", True)):
+            raise ValueError(f"TurboQuantCache: the model uses {field}={value}, which the cache does not support")
+    return layers, q_heads, kv_heads, int(head_dim)
+
+
+class TurboQuantLayer(CacheLayerMixin):
+    """One layer of a :class:`TurboQuantCache`: ``update`` hands the new keys
+    and values to the attention, which appends them to the codes and attends
+    its queries in one call (:meth:`attend`)."""
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    supports_early_init = False
+
+    def __init__(self, cache: TurboQuantCache, layer_idx: int):
+        super().__init__()
+        self._cache = cache
+        self.layer_idx = layer_idx
+        self._length = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self._pending is not None:
+            raise RuntimeError(
+                f"TurboQuantCache layer {self.layer_idx}: the previous keys were never attended; load the model with "
+                f"attn_implementation='{ATTN_IMPLEMENTATION}' (after `import turboquant.hf`)"
+            )
+        if key_states.device.type != "cpu":
+            raise ValueError(
+                f"TurboQuantCache holds its codes in host memory and attends on the CPU; the keys are on {key_states.device}"
+            )
+        if key_states.dim() != 4 or key_states.shape != value_states.shape:
+            raise ValueError(
+                f"keys and values must both be (batch, kv_heads, n, head_dim); got {tuple(key_states.shape)} and {tuple(value_states.shape)}"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._pending = (key_states, value_states)
+        self._length += key_states.shape[2]
+        # the attention finds this layer on the tensor it receives as keys
+        key_states._turboquant_layer = self
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor) -> torch.Tensor:
+        """Appends the pending keys and values and returns the attention of
+        ``query`` ``(batch, q_heads, n, head_dim)`` over the codes, as
+        ``(batch, n, q_heads, head_dim)`` in the query's dtype."""
+        if self._pending is None:
+            raise RuntimeError(f"TurboQuantCache layer {self.layer_idx}: attention without new keys")
+        k, v = self._pending
+        self._pending = None
+        if query.shape[0] != k.shape[0] or query.shape[2] != k.shape[2]:
+            raise ValueError(f"queries {tuple(query.shape)} do not match the new keys {tuple(k.shape)}")
+        codes = self._cache._codes_for(k.shape[0])
+        order = self._cache._key_order
+        if order is not None:
+            # the same permutation of query and key coordinates: scores unchanged
+            k, query_in = k.index_select(-1, order), query.index_select(-1, order)
+        else:
+            query_in = query
+        host = lambda t: np.ascontiguousarray(t.detach().transpose(1, 2).to(torch.float32).numpy())  # noqa: E731
+        out = codes.update(self.layer_idx, host(k), host(v), host(query_in))
+        return torch.from_numpy(out).to(query.dtype)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._length = 0
+        self._pending = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("TurboQuantCache does not reorder sequences (beam search): use greedy or sampled decoding")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("TurboQuantCache cannot drop tokens once they are coded")
+
+
+class TurboQuantCache(Cache):
+    """A transformers ``Cache`` whose keys and values are TurboQuant (or
+    baseline) codes, attended on the codes by the ``"turboquant"`` attention.
+
+    ``config``: the model's config (its layers, heads and head_dim);
+    ``precision``: a KV precision string (``turboquant.kv_precisions()``);
+    ``seed``: the codecs' rotation seed; ``sink``, ``recent``,
+    ``center_keys``, ``recent_q8``, ``delayed``: the windows and key centering
+    of ``tq kv`` (see its help). The model must run the ``"turboquant"``
+    attention implementation.
+
+    ``gguf_key_order``: llama-family checkpoints rotate query/key coordinate
+    pairs ``(i, i + d/2)`` (transformers' ``rotate_half``), while GGUF files of
+    the ``llama`` architecture store them permuted to adjacent pairs
+    ``(2i, 2i + 1)`` — transformers undoes that permutation when it loads a
+    GGUF. Attention does not depend on the order, but a rotation codec's codes
+    do: with ``gguf_key_order`` (the default for ``model_type == "llama"``)
+    keys and queries are coded in GGUF order, so the codes, perplexity and
+    KLD equal those of the Rust runtime (``tq kv``) on the same GGUF file.
+    Qwen2 GGUFs keep the checkpoint's order, so nothing is permuted for them.
+    """
+
+    def __init__(
+        self,
+        config,
+        precision: str = "tq-mse-4",
+        seed: int = 0,
+        sink: int = 0,
+        recent: int = 0,
+        center_keys: bool = False,
+        recent_q8: bool = False,
+        delayed: bool = False,
+        gguf_key_order: bool | None = None,
+    ):
+        impl = getattr(config, "_attn_implementation", None)
+        if impl != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"TurboQuantCache needs the model to attend through attn_implementation='{ATTN_IMPLEMENTATION}' "
+                f"(after `import turboquant.hf`); this model uses {impl!r}"
+            )
+        self.geometry = _geometry(config)
+        head_dim = self.geometry[3]
+        if gguf_key_order is None:
+            gguf_key_order = getattr(config, "model_type", None) == "llama"
+        self._key_order = None
+        if gguf_key_order:
+            if head_dim % 2:
+                raise ValueError(f"gguf_key_order needs an even head_dim, not {head_dim}")
+            half = head_dim // 2
+            # GGUF coordinate 2j is the checkpoint's j, 2j + 1 is its j + d/2
+            self._key_order = torch.arange(head_dim).view(2, half).t().reshape(-1)
+        self._options = dict(seed=seed, sink=sink, recent=recent, center_keys=center_keys, recent_q8=recent_q8, delayed=delayed)
+        layers, q_heads, kv_heads, head_dim = self.geometry
+        # built now so that a bad precision or option fails here, not mid-forward
+        self._codes = KvCache(precision, layers, q_heads, kv_heads, head_dim, batch=1, **self._options)
+        self._fresh = True
+        super().__init__(layers=[TurboQuantLayer(self, i) for i in range(layers)])
+
+    def _codes_for(self, batch: int) -> KvCache:
+        if self._fresh:
+            if self._codes.batch != batch:
+                self._codes.reset(batch)
+            self._fresh = False
+        elif self._codes.batch != batch:
+            raise ValueError(f"a batch of {batch} sequences for a cache holding {self._codes.batch}")
+        return self._codes
+
+    @property
+    def precision(self) -> str:
+        """The precision string."""
+        return self._codes.precision
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of keys and values held (codes, scales and windows), all layers and sequences."""
+        return self._codes.nbytes
+
+    @property
+    def bits_per_value(self) -> float:
+        """Bits per cached value of the precision."""
+        return self._codes.bits_per_value
+
+    def reset(self) -> None:
+        super().reset()
+        self._codes.reset()
+        self._fresh = True
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("TurboQuantCache does not reorder sequences (beam search): use greedy or sampled decoding")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("TurboQuantCache cannot drop tokens once they are coded")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("TurboQuantCache does not expand batches (num_return_sequences > 1, beam search)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("TurboQuantCache does not select sequences out of its batch")
+
+    def __repr__(self) -> str:
+        return f"TurboQuantCache({self._codes!r})"
+
+
+def _check_causal(mask: torch.Tensor | None, n: int, past: int) -> None:
+    """Refuses a mask that is not plain causal attention over the whole cache."""
+    if mask is None:
+        return
+    if mask.dim() != 4 or mask.shape[-2] != n or mask.shape[-1] != past + n:
+        raise ValueError(f"TurboQuantCache: an attention mask of shape {tuple(mask.shape)} for {n} queries over {past + n} tokens")
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    causal = torch.arange(n)[:, None] + past >= torch.arange(past + n)[None, :]
+    if not bool((allowed == causal.to(allowed.device)).all()):
+        raise ValueError(
+            "TurboQuantCache attends causally over every cached token: padded batches and custom masks are not supported "
+            "(give every sequence of a batch the same length)"
+        )
+
+
+def turboquant_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """The ``"turboquant"`` attention: on the codes of a :class:`TurboQuantCache`
+    when ``key`` comes from one, PyTorch SDPA otherwise."""
+    layer = getattr(key, "_turboquant_layer", None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    d = query.shape[-1]
+    if scaling is not None and not math.isclose(scaling, d**-0.5, rel_tol=1e-6):
+        raise ValueError(f"TurboQuantCache scales scores by 1/sqrt({d}); this layer asks for {scaling}")
+    if dropout:
+        raise ValueError("TurboQuantCache attention has no dropout (evaluate or generate with model.eval())")
+    for field in ("sliding_window", "softcap"):
+        if kwargs.get(field):
+            raise ValueError(f"TurboQuantCache does not support {field}={kwargs[field]}")
+    n = query.shape[2]
+    if layer.layer_idx == 0:
+        _check_causal(attention_mask, n, layer.get_seq_length() - n)
+    return layer.attend(query), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, turboquant_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
