@@ -135,8 +135,15 @@ def test_misuse_is_refused_clearly(smollm):
         model.generate(ids[:, :16], max_new_tokens=2, num_beams=2, do_sample=False, past_key_values=TurboQuantCache(model.config, precision="k4v3"))
     padded = torch.ones(2, 16, dtype=torch.long)
     padded[0, :4] = 0
+    refused = TurboQuantCache(model.config, precision="k4v3")
     with pytest.raises(ValueError, match="padded"):
-        model(torch.cat([ids[:, :16], ids[:, 16:32]]), attention_mask=padded, past_key_values=TurboQuantCache(model.config, precision="k4v3"))
+        model(torch.cat([ids[:, :16], ids[:, 16:32]]), attention_mask=padded, past_key_values=refused)
+    # the refused step left nothing behind: the cache still runs from empty
+    assert refused.get_seq_length() == 0
+    np.testing.assert_allclose(
+        model(ids[:, :16], past_key_values=refused).logits,
+        model(ids[:, :16], past_key_values=TurboQuantCache(model.config, precision="k4v3")).logits,
+    )
     layer = TurboQuantCache(model.config).layers[0]
     with pytest.raises(ValueError, match="host memory"):
         layer.update(torch.zeros(1, 3, 4, 64, device="meta"), torch.zeros(1, 3, 4, 64, device="meta"))

@@ -113,7 +113,6 @@ class TurboQuantLayer(CacheLayerMixin):
         if self._pending is None:
             raise RuntimeError(f"TurboQuantCache layer {self.layer_idx}: attention without new keys")
         k, v = self._pending
-        self._pending = None
         if query.shape[0] != k.shape[0] or query.shape[2] != k.shape[2]:
             raise ValueError(f"queries {tuple(query.shape)} do not match the new keys {tuple(k.shape)}")
         codes = self._cache._codes_for(k.shape[0])
@@ -125,7 +124,13 @@ class TurboQuantLayer(CacheLayerMixin):
             query_in = query
         host = lambda t: np.ascontiguousarray(t.detach().transpose(1, 2).to(torch.float32).numpy())  # noqa: E731
         out = codes.update(self.layer_idx, host(k), host(v), host(query_in))
+        self._pending = None
         return torch.from_numpy(out).to(query.dtype)
+
+    def _discard_pending(self) -> None:
+        if self._pending is not None:
+            self._length -= self._pending[0].shape[2]
+            self._pending = None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._length + query_length, 0
@@ -280,9 +285,13 @@ def turboquant_attention(module, query, key, value, attention_mask, dropout: flo
         if kwargs.get(field):
             raise ValueError(f"TurboQuantCache does not support {field}={kwargs[field]}")
     n = query.shape[2]
-    if layer.layer_idx == 0:
-        _check_causal(attention_mask, n, layer.get_seq_length() - n)
-    return layer.attend(query), None
+    try:
+        if layer.layer_idx == 0:
+            _check_causal(attention_mask, n, layer.get_seq_length() - n)
+        return layer.attend(query), None
+    except Exception:
+        layer._discard_pending()  # a refused step leaves the cache as it was
+        raise
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, turboquant_attention)
