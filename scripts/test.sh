@@ -35,7 +35,7 @@ cargo test --workspace --release
 # Ray (with Ray Data) for turboquant.ray's tests: a local multi-process cluster on 127.0.0.1;
 # torch, transformers, gguf and accelerate for turboquant.hf's tests (SmolLM2 read by
 # transformers from the GGUF file the Rust runtime uses; CPU only)
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "maturin>=1.7,<2" numpy pytest "ray[data]==2.60.0" \
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir "maturin>=1.7,<2" numpy pytest "ray[data]==2.60.0" \
   "torch==2.11.0" "transformers==5.17.0" "gguf==0.19.0" "accelerate==1.15.0"
 rm -rf target/wheels
 ( cd crates/tq-py && CARGO_TARGET_DIR=../../target/py "../../$VENV/bin/maturin" build --release --out ../../target/wheels )
