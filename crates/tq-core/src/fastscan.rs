@@ -226,6 +226,13 @@ impl QuantizedLut {
     pub fn values(&self, sums: &[u32], factors: &[f32], out: &mut [f32], maxes: &mut [f32]) {
         (kernels().fastscan_values)(sums, factors, self.bias, self.delta, out, maxes)
     }
+    /// The estimates `factors[i] · value(sums[i])` (for L2 then
+    /// `2·v − sqnorms[i]`) of `factors.len()` codes that are not below `thr`:
+    /// values to `out`, positions to `idx`, in order; returns how many
+    /// (`kernels().fastscan_select`; the same bits as `values`).
+    pub fn select(&self, sums: &[u32], factors: &[f32], sqnorms: Option<&[f32]>, thr: f32, out: &mut [f32], idx: &mut [u32]) -> usize {
+        (kernels().fastscan_select)(sums, factors, sqnorms, (self.bias, self.delta), thr, out, idx)
+    }
     /// Bound on |estimate − exact table sum|: `m·Δ/2`.
     pub fn max_error(&self) -> f32 {
         self.m as f32 * self.delta * 0.5

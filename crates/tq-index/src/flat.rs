@@ -23,6 +23,9 @@ const TILE_BYTES: usize = 256 << 10;
 /// shortened for short codes so that these stay in L2 too).
 const SUMS_BYTES: usize = 256 << 10;
 
+/// Codes per call of the selection kernel (the heap's threshold is read anew for each call).
+const SELECT: usize = 256;
+
 /// One search result. `score` is the similarity (inner product / cosine;
 /// larger is better) or the squared distance (L2; smaller is better).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -415,12 +418,10 @@ impl FlatIndex {
     /// Offers the allowed codes of tiles `tiles` (of `tile` blocks) to the
     /// heap of each query, scoring every tile for all queries in one pass.
     fn scan_tiles(&self, luts: &[&QuantizedLut], tiles: std::ops::Range<usize>, tile: usize, p: &SearchParams<'_>, tag: usize, heaps: &mut [TopK]) {
-        let Store::Fast { codes, factors, .. } = &self.store else { unreachable!("scan_tiles on a fast-scan store") };
+        let Store::Fast { codes, .. } = &self.store else { unreachable!("scan_tiles on a fast-scan store") };
         let mut tables = Vec::with_capacity(luts.iter().map(|l| l.tables().len()).sum());
         luts.iter().for_each(|l| tables.extend_from_slice(l.tables()));
         let mut sums = vec![0u32; luts.len() * tile * BLOCK];
-        let mut sims = vec![0.0f32; tile * BLOCK];
-        let mut maxes = vec![0.0f32; tile];
         for t in tiles {
             let (b0, b1) = (t * tile, ((t + 1) * tile).min(codes.blocks()));
             let s = &mut sums[..luts.len() * (b1 - b0) * BLOCK];
@@ -428,34 +429,30 @@ impl FlatIndex {
             let live = (b1 * BLOCK).min(self.ids.len()) - b0 * BLOCK;
             for (qi, (lut, heap)) in luts.iter().zip(heaps.iter_mut()).enumerate() {
                 let at = qi * (b1 - b0) * BLOCK;
-                lut.values(&s[at..at + live], &factors[b0 * BLOCK..b0 * BLOCK + live], &mut sims[..live], &mut maxes[..b1 - b0]);
-                for (j, chunk) in sims[..live].chunks_mut(BLOCK).enumerate() {
-                    self.offer_block(chunk, maxes[j], b0 + j, p, tag, heap);
-                }
+                self.offer_sums(lut, &s[at..at + live], b0 * BLOCK, p, tag, heap);
             }
         }
     }
 
-    /// Offers the allowed codes of fast-scan block `b` to `heap` as
-    /// `(similarity estimate, tag + slot)`; `sims` holds the block's
-    /// `factor · value(sum)` (one per live code of the block) and `best` their
-    /// maximum (the per-slot work only runs for blocks with a contender).
+    /// Offers the allowed codes of slots `base..base + sums.len()` to `heap`
+    /// as `(similarity estimate, tag + slot)`, from their integer table sums:
+    /// the estimates not below the heap's threshold are selected in one
+    /// vectorized pass (`QuantizedLut::select`, the threshold refreshed every
+    /// `SELECT` codes), and only those meet the heap and the filter.
     #[inline]
-    fn offer_block(&self, sims: &mut [f32], mut best: f32, b: usize, p: &SearchParams<'_>, tag: usize, heap: &mut TopK) {
-        let base = b * BLOCK;
-        if self.spec.metric == Metric::L2 {
-            let len = sims.len();
-            for (o, &q) in sims.iter_mut().zip(&self.sqnorms[base..base + len]) {
-                *o = 2.0 * *o - q;
-            }
-            best = sims.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        }
-        if !heap.may_accept(best) {
-            return;
-        }
-        for (i, &sim) in sims.iter().enumerate() {
-            if heap.accepts(sim, tag + base + i) && p.allow.is_none_or(|a| a.contains(&self.ids[base + i])) {
-                heap.push(sim, tag + base + i);
+    fn offer_sums(&self, lut: &QuantizedLut, sums: &[u32], base: usize, p: &SearchParams<'_>, tag: usize, heap: &mut TopK) {
+        let Store::Fast { factors, .. } = &self.store else { unreachable!("offer_sums on a fast-scan store") };
+        let (mut vals, mut idx) = ([0.0f32; SELECT], [0u32; SELECT]);
+        for (c, part) in sums.chunks(SELECT).enumerate() {
+            let b = base + c * SELECT;
+            let f = &factors[b..b + part.len()];
+            let sq = (self.spec.metric == Metric::L2).then(|| &self.sqnorms[b..b + part.len()]);
+            let got = lut.select(part, f, sq, heap.threshold(), &mut vals, &mut idx);
+            for (&v, &i) in vals[..got].iter().zip(&idx[..got]) {
+                let slot = b + i as usize;
+                if heap.accepts(v, tag + slot) && p.allow.is_none_or(|a| a.contains(&self.ids[slot])) {
+                    heap.push(v, tag + slot);
+                }
             }
         }
     }
@@ -548,16 +545,13 @@ impl FlatIndex {
         let n = self.ids.len();
         let allowed = |slot: usize| p.allow.is_none_or(|a| a.contains(&self.ids[slot]));
         match &self.store {
-            Store::Fast { codes, factors, .. } if !p.exact => {
+            Store::Fast { codes, .. } if !p.exact => {
                 let lut = lut.expect("fast-scan tables for a fast-scan store");
                 let mut sums = [0u32; BLOCK];
-                let mut sims = [0.0f32; BLOCK];
-                let mut best = [0.0f32];
                 for b in 0..codes.blocks() {
                     codes.scan_block(b, lut, &mut sums);
                     let live = BLOCK.min(n - b * BLOCK);
-                    lut.values(&sums, &factors[b * BLOCK..b * BLOCK + live], &mut sims[..live], &mut best);
-                    self.offer_block(&mut sims[..live], best[0], b, p, tag, heap);
+                    self.offer_sums(lut, &sums[..live], b * BLOCK, p, tag, heap);
                 }
             }
             _ => {

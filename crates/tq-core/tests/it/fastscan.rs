@@ -225,3 +225,61 @@ fn value_kernels_give_the_reference_bits_on_every_path() {
         }
     }
 }
+
+/// The selection kernels pick the reference's values (same bits, same
+/// positions, same order) on every path: for lengths that leave partial
+/// vectors, with and without the L2 transform, thresholds that take none,
+/// some or all, ties with the threshold, ±0 and NaN estimates.
+#[test]
+fn select_kernels_give_the_reference_selection_on_every_path() {
+    let mut rng = Xoshiro256::new(26);
+    for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 1000] {
+        let sums: Vec<u32> = (0..n + 3).map(|i| if i % 7 == 0 { (1 << 30) + rng.below(1 << 20) as u32 } else { rng.below(65536) as u32 }).collect();
+        let mut factors: Vec<f32> = (0..n).map(|_| rng.gaussian() as f32).collect();
+        // zero factors give ±0 estimates; a NaN factor a NaN estimate
+        for (i, f) in factors.iter_mut().enumerate() {
+            match i % 11 {
+                3 => *f = 0.0,
+                5 => *f = -0.0,
+                9 if i % 3 == 0 => *f = f32::NAN,
+                _ => {}
+            }
+        }
+        let sq: Vec<f32> = (0..n).map(|_| rng.gaussian().abs() as f32).collect();
+        let bd = (rng.gaussian() as f32, 1e-3 * (1.0 + rng.below(100) as f32));
+        for sqn in [None, Some(&sq[..])] {
+            let plain: Vec<f32> = (0..n)
+                .map(|i| {
+                    let v = factors[i] * (bd.0 + bd.1 * sums[i] as f32);
+                    sqn.map_or(v, |q| 2.0 * v - q[i])
+                })
+                .collect();
+            let mut sorted: Vec<f32> = plain.iter().copied().filter(|v| !v.is_nan()).collect();
+            sorted.sort_by(f32::total_cmp);
+            let mut thrs = vec![f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0];
+            if !sorted.is_empty() {
+                // an exact tie with an estimate, and the median
+                thrs.extend([sorted[sorted.len() / 2], sorted[sorted.len() * 9 / 10]]);
+            }
+            for &thr in &thrs {
+                let (mut want, mut want_idx) = (vec![0.0f32; n], vec![0u32; n]);
+                let c = scalar::fastscan_select_ref(&sums, &factors, sqn, bd, thr, &mut want, &mut want_idx);
+                let expect: Vec<u32> = (0..n as u32).filter(|&i| !(plain[i as usize] < thr)).collect();
+                assert_eq!(want_idx[..c], expect[..], "reference n={n} thr={thr}");
+                assert!(want[..c].iter().zip(&expect).all(|(v, &i)| v.to_bits() == plain[i as usize].to_bits()), "reference values n={n}");
+                for k in available() {
+                    let (mut got, mut got_idx) = (vec![f32::NAN; n], vec![u32::MAX; n]);
+                    let g = (k.fastscan_select)(&sums, &factors, sqn, bd, thr, &mut got, &mut got_idx);
+                    assert_eq!(g, c, "{} n={n} thr={thr} l2={}", k.name, sqn.is_some());
+                    assert_eq!(got_idx[..g], want_idx[..c], "{} n={n} thr={thr}", k.name);
+                    assert_eq!(
+                        got[..g].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want[..c].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{} n={n} thr={thr}",
+                        k.name
+                    );
+                }
+            }
+        }
+    }
+}
