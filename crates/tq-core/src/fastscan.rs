@@ -104,6 +104,30 @@ impl FastScanCodes {
         }
     }
 
+    /// Writes codes `slots[j]` (ascending, each `< len()`) as `m/2` nibble
+    /// bytes each to `out[j·m/2..]`: the codes of one block are read in one
+    /// pass over its bytes (pair after pair), so a block holding several of
+    /// them is read once (the same bytes as `get` per slot).
+    pub fn get_many(&self, slots: &[usize], out: &mut [u8]) {
+        let h = self.m / 2;
+        assert!(out.len() == slots.len() * h && slots.windows(2).all(|w| w[0] < w[1]) && slots.last().is_none_or(|&s| s < self.n), "fast-scan get_many");
+        let bb = self.block_bytes();
+        let mut j = 0;
+        while j < slots.len() {
+            let b = slots[j] / BLOCK;
+            let run = slots[j..].iter().take_while(|&&s| s / BLOCK == b).count();
+            let block = &self.data[b * bb..(b + 1) * bb];
+            let outs = &mut out[j * h..(j + run) * h];
+            for (p, pair) in block.chunks_exact(32).enumerate() {
+                for (r, &s) in slots[j..j + run].iter().enumerate() {
+                    let (i, shift) = (s % 16, if s % BLOCK < 16 { 0 } else { 4 });
+                    outs[r * h + p] = ((pair[i] >> shift) & 0x0F) | (((pair[16 + i] >> shift) & 0x0F) << 4);
+                }
+            }
+            j += run;
+        }
+    }
+
     /// Overwrites code `i` (same format as `push`).
     pub fn set(&mut self, i: usize, nibbles: &[u8]) {
         assert!(i < self.n && nibbles.len() == self.m / 2);
@@ -188,18 +212,52 @@ pub struct QuantizedLut {
 
 impl QuantizedLut {
     /// Quantizes `m` float tables of 16 entries each (`lut.len() == 16 m`, finite).
+    ///
+    /// Per table `lo = min T_i` (the first of equal minima, as a fold of
+    /// `f32::min` from `+inf`), one step `Δ = max_i (max T_i − lo_i) / qmax`
+    /// for all tables, entries `round((T_i[v] − lo_i) / Δ)` clamped to
+    /// `0..=qmax` (rounded half away from zero), `bias = Σ lo_i` summed in f64.
+    /// Written so that the compiler vectorizes it (no call per entry); the
+    /// bytes equal those of the plain definition (`tests/it/fastscan.rs`).
     pub fn new(lut: &[f32]) -> Self {
         assert!(!lut.is_empty() && lut.len().is_multiple_of(32), "tables come in pairs of 16 entries");
         let m = lut.len() / 16;
         // largest entry so that a 16-bit lane summing m/2 entries cannot overflow
         let qmax = (65535 / (m / 2)).min(255) as f32;
-        let mins: Vec<f32> = lut.chunks_exact(16).map(|t| t.iter().copied().fold(f32::INFINITY, f32::min)).collect();
-        let range = lut.chunks_exact(16).zip(&mins).map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max)).fold(0.0f32, f32::max);
+        // minima: eight tables side by side, each one a sequential fold over
+        // its entries (`if v < acc` keeps the first of equal minima, as `f32::min`)
+        let mut mins = vec![f32::INFINITY; m];
+        for (mg, tg) in mins.chunks_mut(8).zip(lut.chunks(128)) {
+            for v in 0..16 {
+                for (j, acc) in mg.iter_mut().enumerate() {
+                    let x = tg[16 * j + v];
+                    *acc = if x < *acc { x } else { *acc };
+                }
+            }
+        }
+        // the largest spread (max is exact: the order does not matter but for ±0, which `range > 0` ignores)
+        let mut spread = [0.0f32; 16];
+        for (t, &lo) in lut.chunks_exact(16).zip(&mins) {
+            for (s, &v) in spread.iter_mut().zip(t) {
+                let d = v - lo;
+                *s = if d > *s { d } else { *s };
+            }
+        }
+        let range = spread.iter().fold(0.0f32, |a, &d| if d > a { d } else { a });
         let delta = if range > 0.0 { range / qmax } else { 1.0 };
         let mut tables = vec![0u8; lut.len()];
         for ((o, t), &lo) in tables.chunks_exact_mut(16).zip(lut.chunks_exact(16)).zip(&mins) {
             for (o, &v) in o.iter_mut().zip(t) {
-                *o = ((v - lo) / delta).round().clamp(0.0, qmax) as u8;
+                // x >= 0 (or NaN): round half away from zero is the truncation
+                // plus one when the (exact) fraction is at least 1/2
+                // (NaN, impossible for finite tables, becomes 0 as `as u8` makes it)
+                let x = (v - lo) / delta;
+                let x = if x >= 0.0 { x.min(256.0) } else { 0.0 };
+                // SAFETY: 0 <= x <= 256, inside i32 and not NaN.
+                let t = unsafe { x.to_int_unchecked::<i32>() } as f32;
+                let r = if x - t >= 0.5 { t + 1.0 } else { t }.min(qmax);
+                // SAFETY: 0 <= r <= qmax <= 255.
+                *o = unsafe { r.to_int_unchecked::<i32>() } as u8;
             }
         }
         let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;

@@ -8,7 +8,7 @@ use tq_core::codec::check_vectors;
 use tq_core::fastscan::{FastScanCodes, QuantizedLut, BLOCK};
 use tq_core::{lookup, Codec, PreparedQuery};
 
-use crate::topk::TopK;
+use crate::topk::{Entry, TopK};
 use crate::{IndexError, IndexSpec, Metric, RawVectors, Result};
 
 /// Queries per work item of a batched fast-scan search (a multiple of the
@@ -25,6 +25,9 @@ const SUMS_BYTES: usize = 256 << 10;
 
 /// Codes per call of the selection kernel (the heap's threshold is read anew for each call).
 const SELECT: usize = 256;
+
+/// Candidate codes a batched search extracts at once per group of queries.
+const GATHER_SLOTS: usize = 1 << 16;
 
 /// One search result. `score` is the similarity (inner product / cosine;
 /// larger is better) or the squared distance (L2; smaller is better).
@@ -339,7 +342,57 @@ impl FlatIndex {
         let kc = self.candidates(k, p);
         let lut_refs: Vec<&QuantizedLut> = luts.iter().collect();
         let cands = self.scan_many(&lut_refs, p, 0, kc);
-        Ok(prepared.par_iter().zip(cands).map(|((pq, qv), cand)| self.finish_candidates(pq, qv, cand, k, p)).collect())
+        Ok(self.finish_batch(&prepared, cands, k, p))
+    }
+
+    /// [`Self::finish_candidates`] for a batch: queries in groups (threaded
+    /// over groups), the codes of all candidates of a group extracted from the
+    /// store at once ([`FastScanCodes::get_many`]: each block read once for
+    /// the whole group instead of once per candidate), then re-scored per query.
+    fn finish_batch(&self, prepared: &[(PreparedQuery, Vec<f32>)], cands: Vec<TopK>, k: usize, p: &SearchParams<'_>) -> Vec<Vec<Hit>> {
+        let kc = self.candidates(k, p).max(1);
+        // codes held at once per group: at most about GATHER_SLOTS
+        let per = (GATHER_SLOTS / kc).clamp(1, prepared.len().div_ceil(rayon::current_num_threads()).max(1));
+        let mut cands: Vec<Vec<Entry>> = cands.into_par_iter().map(TopK::into_sorted).collect();
+        prepared
+            .par_chunks(per)
+            .zip(cands.par_chunks_mut(per))
+            .flat_map_iter(|(qs, cs)| {
+                let mut slots: Vec<usize> = cs.iter().flatten().map(|e| e.slot).collect();
+                slots.sort_unstable();
+                slots.dedup();
+                let codes = self.gather(&slots);
+                let size = self.codec.code_size();
+                let code = |slot: usize| {
+                    let j = slots.binary_search(&slot).expect("a gathered candidate");
+                    &codes[j * size..(j + 1) * size]
+                };
+                qs.iter().zip(cs.iter_mut()).map(|((pq, qv), c)| self.finish_entries(pq, qv, std::mem::take(c), k, p, &code)).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The stored codes of `slots` (ascending), `code_size` bytes each.
+    fn gather(&self, slots: &[usize]) -> Vec<u8> {
+        let cs = self.codec.code_size();
+        let mut out = vec![0u8; slots.len() * cs];
+        match &self.store {
+            Store::Fast { codes, tails, tail, .. } => {
+                let h = codes.m() / 2;
+                let mut nib = vec![0u8; slots.len() * h];
+                codes.get_many(slots, &mut nib);
+                for ((o, n), &s) in out.chunks_exact_mut(cs).zip(nib.chunks_exact(h)).zip(slots) {
+                    o[..h].copy_from_slice(n);
+                    o[h..].copy_from_slice(&tails[s * tail..(s + 1) * tail]);
+                }
+            }
+            Store::Plain { codes } => {
+                for (o, &s) in out.chunks_exact_mut(cs).zip(slots) {
+                    o.copy_from_slice(&codes[s * cs..(s + 1) * cs]);
+                }
+            }
+        }
+        out
     }
 
     /// Candidates a fast-scan search of `k` (≤ len) results pre-ranks by the
@@ -354,12 +407,34 @@ impl FlatIndex {
     /// The hits of a fast-scan search from its candidates: exact re-score to
     /// `k` (or `rerank·k` for a raw re-rank, then the raw vectors decide `k`).
     pub(crate) fn finish_candidates(&self, pq: &PreparedQuery, qv: &[f32], cand: TopK, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+        let mut cand = cand.into_sorted();
+        // in slot order, the codes are read in address order
+        cand.sort_unstable_by_key(|e| e.slot);
+        let slots: Vec<usize> = cand.iter().map(|e| e.slot).collect();
+        let codes = self.gather(&slots);
+        let cs = self.codec.code_size();
+        let code = |slot: usize| {
+            let j = slots.binary_search(&slot).expect("a gathered candidate");
+            &codes[j * cs..(j + 1) * cs]
+        };
+        self.finish_entries(pq, qv, cand, k, p, &code)
+    }
+
+    /// The hits from candidates `cand` whose codes `code(slot)` gives.
+    fn finish_entries<'c>(
+        &self,
+        pq: &PreparedQuery,
+        qv: &[f32],
+        cand: Vec<Entry>,
+        k: usize,
+        p: &SearchParams<'_>,
+        code: &dyn Fn(usize) -> &'c [u8],
+    ) -> Vec<Hit> {
         let raw = self.raw_rerank(p);
         let kr = if raw { k.saturating_mul(p.rerank.max(1)).min(self.len()) } else { k };
         let mut top = TopK::new(kr);
-        let mut buf = vec![0u8; self.codec.code_size()];
-        for e in cand.into_sorted() {
-            top.push(self.rescore(pq, e.slot, &mut buf), e.slot);
+        for e in cand {
+            top.push(self.exact_similarity(pq, code(e.slot)), e.slot);
         }
         if raw {
             let mut by_raw = TopK::new(k);

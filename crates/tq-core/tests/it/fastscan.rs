@@ -51,6 +51,13 @@ proptest! {
             st.get(i, &mut got);
             prop_assert_eq!(&got, want);
         }
+        // many codes at once (runs of slots within blocks and across them)
+        let slots: Vec<usize> = (0..model.len()).filter(|i| i % 3 != 1 || i % 32 == 31).collect();
+        let mut many = vec![0u8; slots.len() * half_m];
+        st.get_many(&slots, &mut many);
+        for (j, &i) in slots.iter().enumerate() {
+            prop_assert_eq!(&many[j * half_m..(j + 1) * half_m], &model[i][..]);
+        }
         let mut fresh = FastScanCodes::new(m).unwrap();
         for c in &model { fresh.push(c); }
         prop_assert_eq!(&fresh, &st, "unused slots must be zero after pop");
@@ -98,6 +105,53 @@ fn block_kernels_are_exact_on_every_path() {
                 }
             }
         }
+    }
+}
+
+/// The plain definition of the quantized tables (the fold of `f32::min`
+/// per table, the largest spread, `round` and `clamp` per entry): the
+/// oracle of `QuantizedLut::new`.
+fn quantize_plain(lut: &[f32]) -> (Vec<u8>, f32, f32) {
+    let m = lut.len() / 16;
+    let qmax = (65535 / (m / 2)).min(255) as f32;
+    let mins: Vec<f32> = lut.chunks_exact(16).map(|t| t.iter().copied().fold(f32::INFINITY, f32::min)).collect();
+    let range = lut.chunks_exact(16).zip(&mins).map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max)).fold(0.0f32, f32::max);
+    let delta = if range > 0.0 { range / qmax } else { 1.0 };
+    let mut tables = vec![0u8; lut.len()];
+    for ((o, t), &lo) in tables.chunks_exact_mut(16).zip(lut.chunks_exact(16)).zip(&mins) {
+        for (o, &v) in o.iter_mut().zip(t) {
+            *o = ((v - lo) / delta).round().clamp(0.0, qmax) as u8;
+        }
+    }
+    (tables, delta, mins.iter().map(|&v| v as f64).sum::<f64>() as f32)
+}
+
+/// `QuantizedLut::new` gives the plain definition's bytes, step and bias
+/// bits: Gaussian tables of every size class, all-zero and ±0 tables (the
+/// sign of a zero bias), tables whose entries fall exactly on half steps
+/// (rounding ties) and tables with repeated minima.
+#[test]
+fn quantized_tables_equal_the_plain_definition() {
+    let mut rng = Xoshiro256::new(27);
+    let mut cases: Vec<Vec<f32>> = Vec::new();
+    for m in [2usize, 6, 8, 10, 50, 64, 576, 1536] {
+        cases.push((0..16 * m).map(|_| rng.gaussian() as f32).collect());
+        // ±0 everywhere, in a random pattern
+        cases.push((0..16 * m).map(|_| if rng.below(2) == 0 { 0.0 } else { -0.0 }).collect());
+        // half steps: integers and halves with a spread of exactly qmax (Δ = 1)
+        let qmax = (65535 / (m / 2)).min(255) as u64;
+        let mut half: Vec<f32> = (0..16 * m).map(|_| rng.below(2 * qmax + 1) as f32 * 0.5).collect();
+        half[0] = 0.0;
+        half[1] = qmax as f32;
+        cases.push(half);
+        // few distinct values: repeated minima, zero tables beside others
+        cases.push((0..16 * m).map(|i| if (i / 16) % 3 == 0 { 0.0 } else { (rng.below(5) as f32 - 2.0) * 0.125 }).collect());
+    }
+    for lut in cases {
+        let (tables, delta, bias) = quantize_plain(&lut);
+        let q = QuantizedLut::new(&lut);
+        assert_eq!(q.tables(), &tables[..], "m={}", lut.len() / 16);
+        assert_eq!((q.delta.to_bits(), q.bias.to_bits()), (delta.to_bits(), bias.to_bits()), "m={}", lut.len() / 16);
     }
 }
 
