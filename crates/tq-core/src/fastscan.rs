@@ -104,30 +104,6 @@ impl FastScanCodes {
         }
     }
 
-    /// Writes codes `slots[j]` (ascending, each `< len()`) as `m/2` nibble
-    /// bytes each to `out[j·m/2..]`: the codes of one block are read in one
-    /// pass over its bytes (pair after pair), so a block holding several of
-    /// them is read once (the same bytes as `get` per slot).
-    pub fn get_many(&self, slots: &[usize], out: &mut [u8]) {
-        let h = self.m / 2;
-        assert!(out.len() == slots.len() * h && slots.windows(2).all(|w| w[0] < w[1]) && slots.last().is_none_or(|&s| s < self.n), "fast-scan get_many");
-        let bb = self.block_bytes();
-        let mut j = 0;
-        while j < slots.len() {
-            let b = slots[j] / BLOCK;
-            let run = slots[j..].iter().take_while(|&&s| s / BLOCK == b).count();
-            let block = &self.data[b * bb..(b + 1) * bb];
-            let outs = &mut out[j * h..(j + run) * h];
-            for (p, pair) in block.chunks_exact(32).enumerate() {
-                for (r, &s) in slots[j..j + run].iter().enumerate() {
-                    let (i, shift) = (s % 16, if s % BLOCK < 16 { 0 } else { 4 });
-                    outs[r * h + p] = ((pair[i] >> shift) & 0x0F) | (((pair[16 + i] >> shift) & 0x0F) << 4);
-                }
-            }
-            j += run;
-        }
-    }
-
     /// Overwrites code `i` (same format as `push`).
     pub fn set(&mut self, i: usize, nibbles: &[u8]) {
         assert!(i < self.n && nibbles.len() == self.m / 2);

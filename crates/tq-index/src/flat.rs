@@ -26,8 +26,8 @@ const SUMS_BYTES: usize = 256 << 10;
 /// Codes per call of the selection kernel (the heap's threshold is read anew for each call).
 const SELECT: usize = 256;
 
-/// Candidate codes a batched search extracts at once per group of queries.
-const GATHER_SLOTS: usize = 1 << 16;
+/// (candidate, query) pairs a batched search re-scores at once per group of queries.
+const GROUP_PAIRS: usize = 1 << 16;
 
 /// One search result. `score` is the similarity (inner product / cosine;
 /// larger is better) or the squared distance (L2; smaller is better).
@@ -346,53 +346,20 @@ impl FlatIndex {
     }
 
     /// [`Self::finish_candidates`] for a batch: queries in groups (threaded
-    /// over groups), the codes of all candidates of a group extracted from the
-    /// store at once ([`FastScanCodes::get_many`]: each block read once for
-    /// the whole group instead of once per candidate), then re-scored per query.
+    /// over groups), each group re-scored in slot order ([`Self::finish_group`]).
     fn finish_batch(&self, prepared: &[(PreparedQuery, Vec<f32>)], cands: Vec<TopK>, k: usize, p: &SearchParams<'_>) -> Vec<Vec<Hit>> {
         let kc = self.candidates(k, p).max(1);
-        // codes held at once per group: at most about GATHER_SLOTS
-        let per = (GATHER_SLOTS / kc).clamp(1, prepared.len().div_ceil(rayon::current_num_threads()).max(1));
-        let mut cands: Vec<Vec<Entry>> = cands.into_par_iter().map(TopK::into_sorted).collect();
+        // (slot, query) pairs held at once per group: at most about GROUP_PAIRS
+        let per = (GROUP_PAIRS / kc).clamp(1, prepared.len().div_ceil(rayon::current_num_threads()).max(1));
+        let cands: Vec<Vec<Entry>> = cands.into_par_iter().map(TopK::into_best).collect();
         prepared
             .par_chunks(per)
-            .zip(cands.par_chunks_mut(per))
+            .zip(cands.par_chunks(per))
             .flat_map_iter(|(qs, cs)| {
-                let mut slots: Vec<usize> = cs.iter().flatten().map(|e| e.slot).collect();
-                slots.sort_unstable();
-                slots.dedup();
-                let codes = self.gather(&slots);
-                let size = self.codec.code_size();
-                let code = |slot: usize| {
-                    let j = slots.binary_search(&slot).expect("a gathered candidate");
-                    &codes[j * size..(j + 1) * size]
-                };
-                qs.iter().zip(cs.iter_mut()).map(|((pq, qv), c)| self.finish_entries(pq, qv, std::mem::take(c), k, p, &code)).collect::<Vec<_>>()
+                let qs: Vec<(&PreparedQuery, &[f32])> = qs.iter().map(|(pq, qv)| (pq, &qv[..])).collect();
+                self.finish_group(&qs, cs, k, p)
             })
             .collect()
-    }
-
-    /// The stored codes of `slots` (ascending), `code_size` bytes each.
-    fn gather(&self, slots: &[usize]) -> Vec<u8> {
-        let cs = self.codec.code_size();
-        let mut out = vec![0u8; slots.len() * cs];
-        match &self.store {
-            Store::Fast { codes, tails, tail, .. } => {
-                let h = codes.m() / 2;
-                let mut nib = vec![0u8; slots.len() * h];
-                codes.get_many(slots, &mut nib);
-                for ((o, n), &s) in out.chunks_exact_mut(cs).zip(nib.chunks_exact(h)).zip(slots) {
-                    o[..h].copy_from_slice(n);
-                    o[h..].copy_from_slice(&tails[s * tail..(s + 1) * tail]);
-                }
-            }
-            Store::Plain { codes } => {
-                for (o, &s) in out.chunks_exact_mut(cs).zip(slots) {
-                    o.copy_from_slice(&codes[s * cs..(s + 1) * cs]);
-                }
-            }
-        }
-        out
     }
 
     /// Candidates a fast-scan search of `k` (≤ len) results pre-ranks by the
@@ -407,43 +374,41 @@ impl FlatIndex {
     /// The hits of a fast-scan search from its candidates: exact re-score to
     /// `k` (or `rerank·k` for a raw re-rank, then the raw vectors decide `k`).
     pub(crate) fn finish_candidates(&self, pq: &PreparedQuery, qv: &[f32], cand: TopK, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
-        let mut cand = cand.into_sorted();
-        // in slot order, the codes are read in address order
-        cand.sort_unstable_by_key(|e| e.slot);
-        let slots: Vec<usize> = cand.iter().map(|e| e.slot).collect();
-        let codes = self.gather(&slots);
-        let cs = self.codec.code_size();
-        let code = |slot: usize| {
-            let j = slots.binary_search(&slot).expect("a gathered candidate");
-            &codes[j * cs..(j + 1) * cs]
-        };
-        self.finish_entries(pq, qv, cand, k, p, &code)
+        self.finish_group(&[(pq, qv)], &[cand.into_best()], k, p).pop().expect("one query, one result")
     }
 
-    /// The hits from candidates `cand` whose codes `code(slot)` gives.
-    fn finish_entries<'c>(
-        &self,
-        pq: &PreparedQuery,
-        qv: &[f32],
-        cand: Vec<Entry>,
-        k: usize,
-        p: &SearchParams<'_>,
-        code: &dyn Fn(usize) -> &'c [u8],
-    ) -> Vec<Hit> {
+    /// The hits of queries `qs` from their candidates `cands` (one list per
+    /// query): every candidate code is read from the store once for all the
+    /// queries of the group that hold it, in slot order (consecutive codes of
+    /// one block are read while the block is in cache), and re-scored exactly
+    /// for each of them; the order of the pushes does not change a top-k.
+    fn finish_group(&self, qs: &[(&PreparedQuery, &[f32])], cands: &[Vec<Entry>], k: usize, p: &SearchParams<'_>) -> Vec<Vec<Hit>> {
         let raw = self.raw_rerank(p);
         let kr = if raw { k.saturating_mul(p.rerank.max(1)).min(self.len()) } else { k };
-        let mut top = TopK::new(kr);
-        for e in cand {
-            top.push(self.exact_similarity(pq, code(e.slot)), e.slot);
-        }
-        if raw {
-            let mut by_raw = TopK::new(k);
-            for e in top.into_sorted() {
-                by_raw.push(self.raw_similarity(qv, e.slot), e.slot);
+        let mut pairs: Vec<(usize, u32)> = cands.iter().enumerate().flat_map(|(q, c)| c.iter().map(move |e| (e.slot, q as u32))).collect();
+        pairs.sort_unstable();
+        let mut tops: Vec<TopK> = qs.iter().map(|_| TopK::new(kr)).collect();
+        let mut code = vec![0u8; self.codec.code_size()];
+        for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+            let slot = run[0].0;
+            self.code_at(slot, &mut code);
+            for &(_, q) in run {
+                tops[q as usize].push(self.exact_similarity(qs[q as usize].0, &code), slot);
             }
-            top = by_raw;
         }
-        top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect()
+        tops.into_iter()
+            .zip(qs)
+            .map(|(mut top, &(_, qv))| {
+                if raw {
+                    let mut by_raw = TopK::new(k);
+                    for e in top.into_sorted() {
+                        by_raw.push(self.raw_similarity(qv, e.slot), e.slot);
+                    }
+                    top = by_raw;
+                }
+                top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect()
+            })
+            .collect()
     }
 
     /// The `kc` best fast-scan candidates (tags `tag + slot`) of every query,
@@ -710,6 +675,69 @@ mod tests {
         let (pq, qv) = idx.prepare_query(q).unwrap();
         let lut = idx.lut(&pq);
         idx.search_prepared(&pq, &qv, lut.as_ref(), k, p)
+    }
+
+    /// The search by its definition, with none of the scan's machinery: every
+    /// code's estimate `factor · (bias + Δ · Σ table bytes)` (for L2 `2·v −
+    /// ‖x̂‖²`) from its nibbles, a full sort by (estimate, then lower slot),
+    /// the `rerank·k` best re-scored exactly, a full sort again, `k` kept.
+    fn by_definition(idx: &FlatIndex, q: &[f32], k: usize, p: &SearchParams<'_>) -> Vec<(u64, u32)> {
+        let (pq, _) = idx.prepare_query(q).unwrap();
+        let lut = idx.lut(&pq).unwrap();
+        let Store::Fast { codes, factors, .. } = &idx.store else { panic!("a fast-scan store") };
+        let t = lut.tables();
+        let mut nib = vec![0u8; codes.m() / 2];
+        let mut est: Vec<(f32, usize)> = (0..idx.len())
+            .map(|slot| {
+                codes.get(slot, &mut nib);
+                let sum: u32 = nib.iter().enumerate().map(|(k, &b)| t[32 * k + (b & 15) as usize] as u32 + t[32 * k + 16 + (b >> 4) as usize] as u32).sum();
+                let v = factors[slot] * (lut.bias + lut.delta * sum as f32);
+                (if idx.spec.metric == Metric::L2 { 2.0 * v - idx.sqnorms[slot] } else { v }, slot)
+            })
+            .filter(|&(_, slot)| p.allow.is_none_or(|a| a.contains(&idx.ids[slot])))
+            .collect();
+        let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        est.sort_by(order);
+        let mut buf = vec![0u8; idx.codec.code_size()];
+        let mut exact: Vec<(f32, usize)> = est.iter().take(k * p.rerank.max(1)).map(|&(_, slot)| (idx.rescore(&pq, slot, &mut buf), slot)).collect();
+        exact.sort_by(order);
+        exact.iter().take(k).map(|&(s, slot)| (idx.ids[slot], if idx.spec.metric == Metric::L2 { -s } else { s }.to_bits())).collect()
+    }
+
+    /// The scan (single and batched, any thread count) equals the search's
+    /// definition: the same candidates as a full sort of all estimates, the
+    /// same exact re-scores, for every metric, with filters and removals.
+    #[test]
+    fn search_equals_its_definition() {
+        let (n, dim) = (2500, 48);
+        let xs = gaussian(n, dim, 5);
+        let qs = gaussian(20, dim, 6);
+        for (codec, metric) in [("tq-mse-4-nc", Metric::Ip), ("tq-mse-2", Metric::Cosine), ("tq-mse-4", Metric::L2)] {
+            let mut idx = FlatIndex::new(IndexSpec::new(codec, dim, metric)).unwrap();
+            let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + 7 * i).collect();
+            idx.add(&ids, &xs).unwrap();
+            idx.remove(&[ids[3], ids[1234]]).unwrap();
+            let allow: HashSet<u64> = ids.iter().copied().filter(|i| i % 3 != 0).collect();
+            for p in [
+                SearchParams::default(),
+                SearchParams { rerank: 1, ..Default::default() },
+                SearchParams { allow: Some(&allow), rerank: 4, ..Default::default() },
+            ] {
+                for k in [1usize, 10, 33] {
+                    let want: Vec<Vec<(u64, u32)>> = qs.chunks_exact(dim).map(|q| by_definition(&idx, q, k, &p)).collect();
+                    let bits =
+                        |r: Vec<Vec<Hit>>| r.into_iter().map(|h| h.into_iter().map(|h| (h.id, h.score.to_bits())).collect::<Vec<_>>()).collect::<Vec<_>>();
+                    for threads in [1, 2] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        pool.install(|| {
+                            assert_eq!(bits(idx.search_batch(&qs, k, &p).unwrap()), want, "{codec} k={k} threads={threads}");
+                            let one: Vec<Vec<Hit>> = qs.chunks_exact(dim).map(|q| idx.search(q, k, &p).unwrap()).collect();
+                            assert_eq!(bits(one), want, "{codec} single k={k} threads={threads}");
+                        });
+                    }
+                }
+            }
+        }
     }
 
     /// Batched, tiled, threaded fast-scan search returns exactly the ids and

@@ -99,6 +99,12 @@ impl TopK {
         }
     }
 
+    /// The k best, in no particular order.
+    pub fn into_best(mut self) -> Vec<Entry> {
+        self.cut();
+        self.buf
+    }
+
     /// The k best, best first.
     pub fn into_sorted(mut self) -> Vec<Entry> {
         self.buf.sort_unstable();

@@ -51,13 +51,6 @@ proptest! {
             st.get(i, &mut got);
             prop_assert_eq!(&got, want);
         }
-        // many codes at once (runs of slots within blocks and across them)
-        let slots: Vec<usize> = (0..model.len()).filter(|i| i % 3 != 1 || i % 32 == 31).collect();
-        let mut many = vec![0u8; slots.len() * half_m];
-        st.get_many(&slots, &mut many);
-        for (j, &i) in slots.iter().enumerate() {
-            prop_assert_eq!(&many[j * half_m..(j + 1) * half_m], &model[i][..]);
-        }
         let mut fresh = FastScanCodes::new(m).unwrap();
         for c in &model { fresh.push(c); }
         prop_assert_eq!(&fresh, &st, "unused slots must be zero after pop");
@@ -318,7 +311,7 @@ fn select_kernels_give_the_reference_selection_on_every_path() {
             for &thr in &thrs {
                 let (mut want, mut want_idx) = (vec![0.0f32; n], vec![0u32; n]);
                 let c = scalar::fastscan_select_ref(&sums, &factors, sqn, bd, thr, &mut want, &mut want_idx);
-                let expect: Vec<u32> = (0..n as u32).filter(|&i| !(plain[i as usize] < thr)).collect();
+                let expect: Vec<u32> = (0..n as u32).filter(|&i| plain[i as usize] >= thr || plain[i as usize].is_nan()).collect();
                 assert_eq!(want_idx[..c], expect[..], "reference n={n} thr={thr}");
                 assert!(want[..c].iter().zip(&expect).all(|(v, &i)| v.to_bits() == plain[i as usize].to_bits()), "reference values n={n}");
                 for k in available() {
