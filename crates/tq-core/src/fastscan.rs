@@ -200,17 +200,24 @@ impl QuantizedLut {
         let m = lut.len() / 16;
         // largest entry so that a 16-bit lane summing m/2 entries cannot overflow
         let qmax = (65535 / (m / 2)).min(255) as f32;
-        // minima: eight tables side by side, each one a sequential fold over
-        // its entries (`if v < acc` keeps the first of equal minima, as `f32::min`)
-        let mut mins = vec![f32::INFINITY; m];
-        for (mg, tg) in mins.chunks_mut(8).zip(lut.chunks(128)) {
-            for v in 0..16 {
-                for (j, acc) in mg.iter_mut().enumerate() {
-                    let x = tg[16 * j + v];
-                    *acc = if x < *acc { x } else { *acc };
+        // minima by a vectorized tree (the value of a minimum does not depend
+        // on the order); only a zero minimum can differ in its sign from the
+        // fold of `f32::min` (the first of equal minima), so those tables are
+        // folded again in order
+        let mins: Vec<f32> = lut
+            .chunks_exact(16)
+            .map(|t| {
+                let lo = |a: f32, b: f32| if b < a { b } else { a };
+                let h: [f32; 8] = std::array::from_fn(|j| lo(t[j], t[j + 8]));
+                let q: [f32; 4] = std::array::from_fn(|j| lo(h[j], h[j + 4]));
+                let v = lo(lo(q[0], q[2]), lo(q[1], q[3]));
+                if v == 0.0 || v.is_nan() {
+                    t.iter().copied().fold(f32::INFINITY, f32::min)
+                } else {
+                    v
                 }
-            }
-        }
+            })
+            .collect();
         // the largest spread (max is exact: the order does not matter but for ±0, which `range > 0` ignores)
         let mut spread = [0.0f32; 16];
         for (t, &lo) in lut.chunks_exact(16).zip(&mins) {

@@ -33,6 +33,10 @@ fn main() {
     let t = Instant::now();
     idx.add(&ids, &base).expect("add");
     eprintln!("{codec}: {n} × {d}, built in {:.2} s, kernels {}", t.elapsed().as_secs_f64(), tq_core::kernels::kernels().name);
+    if std::env::var("FRONT").is_ok() {
+        front_end(&idx, &qs);
+        front_end(&idx, &qs);
+    }
     let p = SearchParams::default();
     let mut best = f64::INFINITY;
     let mut check = 0u64;
@@ -43,4 +47,30 @@ fn main() {
         check = res.iter().flatten().fold(0u64, |h, x| h.wrapping_mul(1_000_003).wrapping_add(x.id ^ x.score.to_bits() as u64));
     }
     println!("{codec} threads={} µs/query={:.1} checksum={check:016x}", rayon::current_num_threads(), best * 1e6 / nq as f64);
+}
+
+/// Per-query costs of the search's front end (µs/query, one thread): query preparation (rotation), float tables, quantized tables.
+#[allow(dead_code)]
+pub fn front_end(idx: &FlatIndex, qs: &[f32]) {
+    let d = idx.dim();
+    let nq = (qs.len() / d) as f64;
+    let t = Instant::now();
+    let pqs: Vec<_> = qs.chunks_exact(d).map(|q| idx.prepare(q).expect("query")).collect();
+    let t1 = t.elapsed().as_secs_f64();
+    let tabs: Vec<Vec<f32>> = pqs.iter().map(|pq| idx.codec().fastscan_tables(pq)).collect();
+    let t2 = t.elapsed().as_secs_f64();
+    let luts: Vec<_> = tabs.iter().map(|t| tq_core::fastscan::QuantizedLut::new(t)).collect();
+    let t3 = t.elapsed().as_secs_f64();
+    std::hint::black_box(luts);
+    let t = Instant::now();
+    for _ in 0..1000 {
+        std::hint::black_box(idx.codec().fastscan_tables(std::hint::black_box(&pqs[0])));
+    }
+    let t4 = t.elapsed().as_secs_f64();
+    for _ in 0..1000 {
+        std::hint::black_box(tq_core::fastscan::QuantizedLut::new(std::hint::black_box(&tabs[0])));
+    }
+    let t5 = t.elapsed().as_secs_f64();
+    eprintln!("hot, one query repeated: float tables {:.1}, quantized {:.1} µs", t4 * 1e3, (t5 - t4) * 1e3);
+    eprintln!("front end µs/query: prepare {:.1}, float tables {:.1}, quantized tables {:.1}", t1 * 1e6 / nq, (t2 - t1) * 1e6 / nq, (t3 - t2) * 1e6 / nq);
 }
