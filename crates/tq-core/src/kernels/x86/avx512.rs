@@ -644,9 +644,9 @@ pub(super) fn fastscan_select_512(sums: &[u32], factors: &[f32], sqnorms: Option
     unsafe { fastscan_select_avx512(sums, factors, sqnorms, bd, thr, out, idx) }
 }
 
-/// Sixteen estimates per step (masked loads for the last ones; the
-/// operations of the reference, no FMA); the lanes not below the threshold
-/// (`!(v < thr)`, NaN included) are compressed into `out` and `idx`.
+/// Thirty-two estimates per step (then sixteen, masked loads for the last
+/// ones; the operations of the reference, no FMA); the lanes not below the
+/// threshold (`!(v < thr)`, NaN included) are compressed into `out` and `idx`.
 ///
 /// # Safety
 /// The CPU supports AVX-512F; `sums`, `out`, `idx` (and `sqnorms`) hold at least `factors.len()` elements.
@@ -665,6 +665,33 @@ unsafe fn fastscan_select_avx512(
     let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     let mut c = 0;
     let mut i = 0;
+    // whole groups of 32: two vectors, one branch on both masks
+    while i + 32 <= n {
+        // SAFETY: AVX-512F; i + 32 <= n: the loads read inside every slice;
+        // the compressed stores write popcount(m0) + popcount(m1) elements at
+        // c, and c + that <= i + 32 <= n (c <= i: one output per lane at most).
+        unsafe {
+            let value = |j: usize| {
+                let s = _mm512_cvtepu32_ps(_mm512_loadu_si512(sums.as_ptr().add(j) as *const _));
+                let mut v = _mm512_mul_ps(_mm512_loadu_ps(factors.as_ptr().add(j)), _mm512_add_ps(b, _mm512_mul_ps(d, s)));
+                if let Some(q) = sqnorms {
+                    v = _mm512_sub_ps(_mm512_mul_ps(two, v), _mm512_loadu_ps(q.as_ptr().add(j)));
+                }
+                v
+            };
+            let (v0, v1) = (value(i), value(i + 16));
+            let (m0, m1) = (_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(v0, t), _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(v1, t));
+            if (m0 | m1) != 0 {
+                _mm512_mask_compressstoreu_ps(out.as_mut_ptr().add(c) as *mut _, m0, v0);
+                _mm512_mask_compressstoreu_epi32(idx.as_mut_ptr().add(c) as *mut _, m0, _mm512_add_epi32(iota, _mm512_set1_epi32(i as i32)));
+                c += m0.count_ones() as usize;
+                _mm512_mask_compressstoreu_ps(out.as_mut_ptr().add(c) as *mut _, m1, v1);
+                _mm512_mask_compressstoreu_epi32(idx.as_mut_ptr().add(c) as *mut _, m1, _mm512_add_epi32(iota, _mm512_set1_epi32(i as i32 + 16)));
+                c += m1.count_ones() as usize;
+            }
+        }
+        i += 32;
+    }
     while i < n {
         let k: __mmask16 = if n - i >= 16 { 0xFFFF } else { (1u16 << (n - i)) - 1 };
         // SAFETY: AVX-512F; the masked loads touch lanes i..min(i + 16, n)
