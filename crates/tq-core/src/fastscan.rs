@@ -188,18 +188,59 @@ pub struct QuantizedLut {
 
 impl QuantizedLut {
     /// Quantizes `m` float tables of 16 entries each (`lut.len() == 16 m`, finite).
+    ///
+    /// Per table `lo = min T_i` (the first of equal minima, as a fold of
+    /// `f32::min` from `+inf`), one step `Δ = max_i (max T_i − lo_i) / qmax`
+    /// for all tables, entries `round((T_i[v] − lo_i) / Δ)` clamped to
+    /// `0..=qmax` (rounded half away from zero), `bias = Σ lo_i` summed in f64.
+    /// Written so that the compiler vectorizes it (no call per entry); the
+    /// bytes equal those of the plain definition (`tests/it/fastscan.rs`).
     pub fn new(lut: &[f32]) -> Self {
         assert!(!lut.is_empty() && lut.len().is_multiple_of(32), "tables come in pairs of 16 entries");
         let m = lut.len() / 16;
         // largest entry so that a 16-bit lane summing m/2 entries cannot overflow
         let qmax = (65535 / (m / 2)).min(255) as f32;
-        let mins: Vec<f32> = lut.chunks_exact(16).map(|t| t.iter().copied().fold(f32::INFINITY, f32::min)).collect();
-        let range = lut.chunks_exact(16).zip(&mins).map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max)).fold(0.0f32, f32::max);
+        // minima by a vectorized tree (the value of a minimum does not depend
+        // on the order); only a zero minimum can differ in its sign from the
+        // fold of `f32::min` (the first of equal minima), so those tables are
+        // folded again in order
+        let mins: Vec<f32> = lut
+            .chunks_exact(16)
+            .map(|t| {
+                let lo = |a: f32, b: f32| if b < a { b } else { a };
+                let h: [f32; 8] = std::array::from_fn(|j| lo(t[j], t[j + 8]));
+                let q: [f32; 4] = std::array::from_fn(|j| lo(h[j], h[j + 4]));
+                let v = lo(lo(q[0], q[2]), lo(q[1], q[3]));
+                if v == 0.0 || v.is_nan() {
+                    t.iter().copied().fold(f32::INFINITY, f32::min)
+                } else {
+                    v
+                }
+            })
+            .collect();
+        // the largest spread (max is exact: the order does not matter but for ±0, which `range > 0` ignores)
+        let mut spread = [0.0f32; 16];
+        for (t, &lo) in lut.chunks_exact(16).zip(&mins) {
+            for (s, &v) in spread.iter_mut().zip(t) {
+                let d = v - lo;
+                *s = if d > *s { d } else { *s };
+            }
+        }
+        let range = spread.iter().fold(0.0f32, |a, &d| if d > a { d } else { a });
         let delta = if range > 0.0 { range / qmax } else { 1.0 };
         let mut tables = vec![0u8; lut.len()];
         for ((o, t), &lo) in tables.chunks_exact_mut(16).zip(lut.chunks_exact(16)).zip(&mins) {
             for (o, &v) in o.iter_mut().zip(t) {
-                *o = ((v - lo) / delta).round().clamp(0.0, qmax) as u8;
+                // x >= 0 (or NaN): round half away from zero is the truncation
+                // plus one when the (exact) fraction is at least 1/2
+                // (NaN, impossible for finite tables, becomes 0 as `as u8` makes it)
+                let x = (v - lo) / delta;
+                let x = if x >= 0.0 { x.min(256.0) } else { 0.0 };
+                // SAFETY: 0 <= x <= 256, inside i32 and not NaN.
+                let t = unsafe { x.to_int_unchecked::<i32>() } as f32;
+                let r = if x - t >= 0.5 { t + 1.0 } else { t }.min(qmax);
+                // SAFETY: 0 <= r <= qmax <= 255.
+                *o = unsafe { r.to_int_unchecked::<i32>() } as u8;
             }
         }
         let bias = mins.iter().map(|&v| v as f64).sum::<f64>() as f32;
@@ -225,6 +266,13 @@ impl QuantizedLut {
     /// (`kernels().fastscan_values`).
     pub fn values(&self, sums: &[u32], factors: &[f32], out: &mut [f32], maxes: &mut [f32]) {
         (kernels().fastscan_values)(sums, factors, self.bias, self.delta, out, maxes)
+    }
+    /// The estimates `factors[i] · value(sums[i])` (for L2 then
+    /// `2·v − sqnorms[i]`) of `factors.len()` codes that are not below `thr`:
+    /// values to `out`, positions to `idx`, in order; returns how many
+    /// (`kernels().fastscan_select`; the same bits as `values`).
+    pub fn select(&self, sums: &[u32], factors: &[f32], sqnorms: Option<&[f32]>, thr: f32, out: &mut [f32], idx: &mut [u32]) -> usize {
+        (kernels().fastscan_select)(sums, factors, sqnorms, (self.bias, self.delta), thr, out, idx)
     }
     /// Bound on |estimate − exact table sum|: `m·Δ/2`.
     pub fn max_error(&self) -> f32 {

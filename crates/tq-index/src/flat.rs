@@ -8,7 +8,7 @@ use tq_core::codec::check_vectors;
 use tq_core::fastscan::{FastScanCodes, QuantizedLut, BLOCK};
 use tq_core::{lookup, Codec, PreparedQuery};
 
-use crate::topk::TopK;
+use crate::topk::{Entry, TopK};
 use crate::{IndexError, IndexSpec, Metric, RawVectors, Result};
 
 /// Queries per work item of a batched fast-scan search (a multiple of the
@@ -22,6 +22,12 @@ const TILE_BYTES: usize = 256 << 10;
 /// Bytes of the integer sums of a chunk of queries over a tile (the tile is
 /// shortened for short codes so that these stay in L2 too).
 const SUMS_BYTES: usize = 256 << 10;
+
+/// Codes per call of the selection kernel (the heap's threshold is read anew for each call).
+const SELECT: usize = 256;
+
+/// (candidate, query) pairs a batched search re-scores at once per group of queries.
+const GROUP_PAIRS: usize = 1 << 16;
 
 /// One search result. `score` is the similarity (inner product / cosine;
 /// larger is better) or the squared distance (L2; smaller is better).
@@ -336,7 +342,24 @@ impl FlatIndex {
         let kc = self.candidates(k, p);
         let lut_refs: Vec<&QuantizedLut> = luts.iter().collect();
         let cands = self.scan_many(&lut_refs, p, 0, kc);
-        Ok(prepared.par_iter().zip(cands).map(|((pq, qv), cand)| self.finish_candidates(pq, qv, cand, k, p)).collect())
+        Ok(self.finish_batch(&prepared, cands, k, p))
+    }
+
+    /// [`Self::finish_candidates`] for a batch: queries in groups (threaded
+    /// over groups), each group re-scored in slot order ([`Self::finish_group`]).
+    fn finish_batch(&self, prepared: &[(PreparedQuery, Vec<f32>)], cands: Vec<TopK>, k: usize, p: &SearchParams<'_>) -> Vec<Vec<Hit>> {
+        let kc = self.candidates(k, p).max(1);
+        // (slot, query) pairs held at once per group: at most about GROUP_PAIRS
+        let per = (GROUP_PAIRS / kc).clamp(1, prepared.len().div_ceil(rayon::current_num_threads()).max(1));
+        let cands: Vec<Vec<Entry>> = cands.into_par_iter().map(TopK::into_best).collect();
+        prepared
+            .par_chunks(per)
+            .zip(cands.par_chunks(per))
+            .flat_map_iter(|(qs, cs)| {
+                let qs: Vec<(&PreparedQuery, &[f32])> = qs.iter().map(|(pq, qv)| (pq, &qv[..])).collect();
+                self.finish_group(&qs, cs, k, p)
+            })
+            .collect()
     }
 
     /// Candidates a fast-scan search of `k` (≤ len) results pre-ranks by the
@@ -351,21 +374,41 @@ impl FlatIndex {
     /// The hits of a fast-scan search from its candidates: exact re-score to
     /// `k` (or `rerank·k` for a raw re-rank, then the raw vectors decide `k`).
     pub(crate) fn finish_candidates(&self, pq: &PreparedQuery, qv: &[f32], cand: TopK, k: usize, p: &SearchParams<'_>) -> Vec<Hit> {
+        self.finish_group(&[(pq, qv)], &[cand.into_best()], k, p).pop().expect("one query, one result")
+    }
+
+    /// The hits of queries `qs` from their candidates `cands` (one list per
+    /// query): every candidate code is read from the store once for all the
+    /// queries of the group that hold it, in slot order (consecutive codes of
+    /// one block are read while the block is in cache), and re-scored exactly
+    /// for each of them; the order of the pushes does not change a top-k.
+    fn finish_group(&self, qs: &[(&PreparedQuery, &[f32])], cands: &[Vec<Entry>], k: usize, p: &SearchParams<'_>) -> Vec<Vec<Hit>> {
         let raw = self.raw_rerank(p);
         let kr = if raw { k.saturating_mul(p.rerank.max(1)).min(self.len()) } else { k };
-        let mut top = TopK::new(kr);
-        let mut buf = vec![0u8; self.codec.code_size()];
-        for e in cand.into_sorted() {
-            top.push(self.rescore(pq, e.slot, &mut buf), e.slot);
-        }
-        if raw {
-            let mut by_raw = TopK::new(k);
-            for e in top.into_sorted() {
-                by_raw.push(self.raw_similarity(qv, e.slot), e.slot);
+        let mut pairs: Vec<(usize, u32)> = cands.iter().enumerate().flat_map(|(q, c)| c.iter().map(move |e| (e.slot, q as u32))).collect();
+        pairs.sort_unstable();
+        let mut tops: Vec<TopK> = qs.iter().map(|_| TopK::new(kr)).collect();
+        let mut code = vec![0u8; self.codec.code_size()];
+        for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+            let slot = run[0].0;
+            self.code_at(slot, &mut code);
+            for &(_, q) in run {
+                tops[q as usize].push(self.exact_similarity(qs[q as usize].0, &code), slot);
             }
-            top = by_raw;
         }
-        top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect()
+        tops.into_iter()
+            .zip(qs)
+            .map(|(mut top, &(_, qv))| {
+                if raw {
+                    let mut by_raw = TopK::new(k);
+                    for e in top.into_sorted() {
+                        by_raw.push(self.raw_similarity(qv, e.slot), e.slot);
+                    }
+                    top = by_raw;
+                }
+                top.into_sorted().into_iter().map(|e| self.hit(e.slot, e.score)).collect()
+            })
+            .collect()
     }
 
     /// The `kc` best fast-scan candidates (tags `tag + slot`) of every query,
@@ -415,12 +458,10 @@ impl FlatIndex {
     /// Offers the allowed codes of tiles `tiles` (of `tile` blocks) to the
     /// heap of each query, scoring every tile for all queries in one pass.
     fn scan_tiles(&self, luts: &[&QuantizedLut], tiles: std::ops::Range<usize>, tile: usize, p: &SearchParams<'_>, tag: usize, heaps: &mut [TopK]) {
-        let Store::Fast { codes, factors, .. } = &self.store else { unreachable!("scan_tiles on a fast-scan store") };
+        let Store::Fast { codes, .. } = &self.store else { unreachable!("scan_tiles on a fast-scan store") };
         let mut tables = Vec::with_capacity(luts.iter().map(|l| l.tables().len()).sum());
         luts.iter().for_each(|l| tables.extend_from_slice(l.tables()));
         let mut sums = vec![0u32; luts.len() * tile * BLOCK];
-        let mut sims = vec![0.0f32; tile * BLOCK];
-        let mut maxes = vec![0.0f32; tile];
         for t in tiles {
             let (b0, b1) = (t * tile, ((t + 1) * tile).min(codes.blocks()));
             let s = &mut sums[..luts.len() * (b1 - b0) * BLOCK];
@@ -428,34 +469,30 @@ impl FlatIndex {
             let live = (b1 * BLOCK).min(self.ids.len()) - b0 * BLOCK;
             for (qi, (lut, heap)) in luts.iter().zip(heaps.iter_mut()).enumerate() {
                 let at = qi * (b1 - b0) * BLOCK;
-                lut.values(&s[at..at + live], &factors[b0 * BLOCK..b0 * BLOCK + live], &mut sims[..live], &mut maxes[..b1 - b0]);
-                for (j, chunk) in sims[..live].chunks_mut(BLOCK).enumerate() {
-                    self.offer_block(chunk, maxes[j], b0 + j, p, tag, heap);
-                }
+                self.offer_sums(lut, &s[at..at + live], b0 * BLOCK, p, tag, heap);
             }
         }
     }
 
-    /// Offers the allowed codes of fast-scan block `b` to `heap` as
-    /// `(similarity estimate, tag + slot)`; `sims` holds the block's
-    /// `factor · value(sum)` (one per live code of the block) and `best` their
-    /// maximum (the per-slot work only runs for blocks with a contender).
+    /// Offers the allowed codes of slots `base..base + sums.len()` to `heap`
+    /// as `(similarity estimate, tag + slot)`, from their integer table sums:
+    /// the estimates not below the heap's threshold are selected in one
+    /// vectorized pass (`QuantizedLut::select`, the threshold refreshed every
+    /// `SELECT` codes), and only those meet the heap and the filter.
     #[inline]
-    fn offer_block(&self, sims: &mut [f32], mut best: f32, b: usize, p: &SearchParams<'_>, tag: usize, heap: &mut TopK) {
-        let base = b * BLOCK;
-        if self.spec.metric == Metric::L2 {
-            let len = sims.len();
-            for (o, &q) in sims.iter_mut().zip(&self.sqnorms[base..base + len]) {
-                *o = 2.0 * *o - q;
-            }
-            best = sims.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-        }
-        if !heap.may_accept(best) {
-            return;
-        }
-        for (i, &sim) in sims.iter().enumerate() {
-            if heap.accepts(sim, tag + base + i) && p.allow.is_none_or(|a| a.contains(&self.ids[base + i])) {
-                heap.push(sim, tag + base + i);
+    fn offer_sums(&self, lut: &QuantizedLut, sums: &[u32], base: usize, p: &SearchParams<'_>, tag: usize, heap: &mut TopK) {
+        let Store::Fast { factors, .. } = &self.store else { unreachable!("offer_sums on a fast-scan store") };
+        let (mut vals, mut idx) = ([0.0f32; SELECT], [0u32; SELECT]);
+        for (c, part) in sums.chunks(SELECT).enumerate() {
+            let b = base + c * SELECT;
+            let f = &factors[b..b + part.len()];
+            let sq = (self.spec.metric == Metric::L2).then(|| &self.sqnorms[b..b + part.len()]);
+            let got = lut.select(part, f, sq, heap.threshold(), &mut vals, &mut idx);
+            for (&v, &i) in vals[..got].iter().zip(&idx[..got]) {
+                let slot = b + i as usize;
+                if heap.accepts(v, tag + slot) && p.allow.is_none_or(|a| a.contains(&self.ids[slot])) {
+                    heap.push(v, tag + slot);
+                }
             }
         }
     }
@@ -548,16 +585,13 @@ impl FlatIndex {
         let n = self.ids.len();
         let allowed = |slot: usize| p.allow.is_none_or(|a| a.contains(&self.ids[slot]));
         match &self.store {
-            Store::Fast { codes, factors, .. } if !p.exact => {
+            Store::Fast { codes, .. } if !p.exact => {
                 let lut = lut.expect("fast-scan tables for a fast-scan store");
                 let mut sums = [0u32; BLOCK];
-                let mut sims = [0.0f32; BLOCK];
-                let mut best = [0.0f32];
                 for b in 0..codes.blocks() {
                     codes.scan_block(b, lut, &mut sums);
                     let live = BLOCK.min(n - b * BLOCK);
-                    lut.values(&sums, &factors[b * BLOCK..b * BLOCK + live], &mut sims[..live], &mut best);
-                    self.offer_block(&mut sims[..live], best[0], b, p, tag, heap);
+                    self.offer_sums(lut, &sums[..live], b * BLOCK, p, tag, heap);
                 }
             }
             _ => {
@@ -641,6 +675,69 @@ mod tests {
         let (pq, qv) = idx.prepare_query(q).unwrap();
         let lut = idx.lut(&pq);
         idx.search_prepared(&pq, &qv, lut.as_ref(), k, p)
+    }
+
+    /// The search by its definition, with none of the scan's machinery: every
+    /// code's estimate `factor · (bias + Δ · Σ table bytes)` (for L2 `2·v −
+    /// ‖x̂‖²`) from its nibbles, a full sort by (estimate, then lower slot),
+    /// the `rerank·k` best re-scored exactly, a full sort again, `k` kept.
+    fn by_definition(idx: &FlatIndex, q: &[f32], k: usize, p: &SearchParams<'_>) -> Vec<(u64, u32)> {
+        let (pq, _) = idx.prepare_query(q).unwrap();
+        let lut = idx.lut(&pq).unwrap();
+        let Store::Fast { codes, factors, .. } = &idx.store else { panic!("a fast-scan store") };
+        let t = lut.tables();
+        let mut nib = vec![0u8; codes.m() / 2];
+        let mut est: Vec<(f32, usize)> = (0..idx.len())
+            .map(|slot| {
+                codes.get(slot, &mut nib);
+                let sum: u32 = nib.iter().enumerate().map(|(k, &b)| t[32 * k + (b & 15) as usize] as u32 + t[32 * k + 16 + (b >> 4) as usize] as u32).sum();
+                let v = factors[slot] * (lut.bias + lut.delta * sum as f32);
+                (if idx.spec.metric == Metric::L2 { 2.0 * v - idx.sqnorms[slot] } else { v }, slot)
+            })
+            .filter(|&(_, slot)| p.allow.is_none_or(|a| a.contains(&idx.ids[slot])))
+            .collect();
+        let order = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        est.sort_by(order);
+        let mut buf = vec![0u8; idx.codec.code_size()];
+        let mut exact: Vec<(f32, usize)> = est.iter().take(k * p.rerank.max(1)).map(|&(_, slot)| (idx.rescore(&pq, slot, &mut buf), slot)).collect();
+        exact.sort_by(order);
+        exact.iter().take(k).map(|&(s, slot)| (idx.ids[slot], if idx.spec.metric == Metric::L2 { -s } else { s }.to_bits())).collect()
+    }
+
+    /// The scan (single and batched, any thread count) equals the search's
+    /// definition: the same candidates as a full sort of all estimates, the
+    /// same exact re-scores, for every metric, with filters and removals.
+    #[test]
+    fn search_equals_its_definition() {
+        let (n, dim) = (2500, 48);
+        let xs = gaussian(n, dim, 5);
+        let qs = gaussian(20, dim, 6);
+        for (codec, metric) in [("tq-mse-4-nc", Metric::Ip), ("tq-mse-2", Metric::Cosine), ("tq-mse-4", Metric::L2)] {
+            let mut idx = FlatIndex::new(IndexSpec::new(codec, dim, metric)).unwrap();
+            let ids: Vec<u64> = (0..n as u64).map(|i| 1000 + 7 * i).collect();
+            idx.add(&ids, &xs).unwrap();
+            idx.remove(&[ids[3], ids[1234]]).unwrap();
+            let allow: HashSet<u64> = ids.iter().copied().filter(|i| i % 3 != 0).collect();
+            for p in [
+                SearchParams::default(),
+                SearchParams { rerank: 1, ..Default::default() },
+                SearchParams { allow: Some(&allow), rerank: 4, ..Default::default() },
+            ] {
+                for k in [1usize, 10, 33] {
+                    let want: Vec<Vec<(u64, u32)>> = qs.chunks_exact(dim).map(|q| by_definition(&idx, q, k, &p)).collect();
+                    let bits =
+                        |r: Vec<Vec<Hit>>| r.into_iter().map(|h| h.into_iter().map(|h| (h.id, h.score.to_bits())).collect::<Vec<_>>()).collect::<Vec<_>>();
+                    for threads in [1, 2] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        pool.install(|| {
+                            assert_eq!(bits(idx.search_batch(&qs, k, &p).unwrap()), want, "{codec} k={k} threads={threads}");
+                            let one: Vec<Vec<Hit>> = qs.chunks_exact(dim).map(|q| idx.search(q, k, &p).unwrap()).collect();
+                            assert_eq!(bits(one), want, "{codec} single k={k} threads={threads}");
+                        });
+                    }
+                }
+            }
+        }
     }
 
     /// Batched, tiled, threaded fast-scan search returns exactly the ids and

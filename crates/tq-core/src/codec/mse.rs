@@ -213,15 +213,16 @@ pub(crate) fn nibble_tables(qr: &[f32], bits: u32, table: &[f32]) -> Vec<f32> {
     let per = 4 / b;
     let mask = (1usize << b) - 1;
     let mut t = vec![0.0f32; 32 * packed_len(qr.len(), bits)];
+    // the entries of field k for each nibble value
+    let cols: Vec<[f32; 16]> = (0..per).map(|k| std::array::from_fn(|v| table[(v >> (k * b)) & mask])).collect();
     for (i, row) in t.chunks_exact_mut(16).enumerate() {
-        for (v, e) in row.iter_mut().enumerate() {
-            let mut s = 0.0f32;
-            for k in 0..per {
-                if let Some(&q) = qr.get(i * per + k) {
-                    s += q * table[(v >> (k * b)) & mask];
+        // each entry: 0.0, then + q·c for the fields in order (a vectorized row)
+        for (k, col) in cols.iter().enumerate() {
+            if let Some(&q) = qr.get(i * per + k) {
+                for (e, &c) in row.iter_mut().zip(col) {
+                    *e += q * c;
                 }
             }
-            *e = s;
         }
     }
     t
@@ -261,5 +262,39 @@ impl TurboQuantMse {
         let ip = (k.dot_codes)(qr, p, self.bits, &self.codebook.centroids) * scale;
         let cc = (k.dot_codes)(&self.ones, p, self.bits, &self.centroids_sq) * scale * scale;
         q_norm_sq - 2.0 * ip + cc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `nibble_tables` gives the bits of the plain definition (per entry
+    /// `0.0`, then `+ q·c` for the fields of the nibble in order; padding
+    /// zero) for every width, lengths that leave partial nibbles, and ±0.
+    #[test]
+    fn nibble_tables_equal_the_plain_definition() {
+        let mut r = crate::rng::Xoshiro256::new(9);
+        for bits in [1u32, 2, 4] {
+            let table: Vec<f32> = (0..1usize << bits).map(|i| if i == 1 { -0.0 } else { r.gaussian() as f32 }).collect();
+            for n in [1usize, 2, 3, 5, 8, 50, 576] {
+                let qr: Vec<f32> = (0..n).map(|i| if i % 7 == 3 { 0.0 } else { r.gaussian() as f32 }).collect();
+                let (b, per) = (bits as usize, 4 / bits as usize);
+                let want: Vec<u32> = (0..32 * packed_len(n, bits))
+                    .map(|e| {
+                        let (i, v) = (e / 16, e % 16);
+                        let mut s = 0.0f32;
+                        for k in 0..per {
+                            if let Some(&q) = qr.get(i * per + k) {
+                                s += q * table[(v >> (k * b)) & ((1 << b) - 1)];
+                            }
+                        }
+                        s.to_bits()
+                    })
+                    .collect();
+                let got: Vec<u32> = nibble_tables(&qr, bits, &table).iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "bits={bits} n={n}");
+            }
+        }
     }
 }

@@ -70,6 +70,14 @@ pub struct Kernels {
     pub fastscan_values: FastScanValuesFn,
     /// Softmax in place (attention weights); the same bits on every path.
     pub softmax: fn(&mut [f32]),
+    // --- batched fast-scan search: candidate selection ---
+    /// Fast-scan estimates of `fastscan_values` (for L2 then `2·v − sqnorm`)
+    /// that are not below a threshold, compressed: `(sums, factors, sqnorms,
+    /// (bias, Δ), thr, out, idx)` writes the selected values and their
+    /// positions and returns how many (see `scalar::fastscan_select_ref`;
+    /// element-wise, the same bits and selection on every path).
+    pub fastscan_select: FastScanSelectFn,
+    // --- end batched fast-scan search ---
 }
 
 /// Signature of `Kernels::group_scores`: `(codes, code_size, bits, table, qs, d, scale, out)`.
@@ -83,6 +91,9 @@ pub type FastScanMultiFn = fn(&[u8], &[u8], usize, &mut [u32]);
 
 /// Signature of `Kernels::fastscan_values`: `(sums, factors, bias, delta, out, maxes)`.
 pub type FastScanValuesFn = fn(&[u32], &[f32], f32, f32, &mut [f32], &mut [f32]);
+
+/// Signature of `Kernels::fastscan_select`: `(sums, factors, sqnorms, (bias, delta), thr, out, idx) -> count`.
+pub type FastScanSelectFn = fn(&[u32], &[f32], Option<&[f32]>, (f32, f32), f32, &mut [f32], &mut [u32]) -> usize;
 
 /// Signature of `Kernels::had2_quantize`.
 pub type Had2Fn = fn(&[f32], &Had2<'_>, &mut [f32], &mut [u8]) -> Option<f32>;
@@ -118,6 +129,7 @@ pub static SCALAR: Kernels = Kernels {
     fastscan_multi: scalar::fastscan_multi_ref,
     fastscan_values: scalar::fastscan_values_ref,
     softmax: scalar::softmax_ref,
+    fastscan_select: scalar::fastscan_select_ref,
 };
 
 /// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).

@@ -259,3 +259,35 @@ pub fn fastscan_values_ref(sums: &[u32], factors: &[f32], bias: f32, delta: f32,
         *m = c.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     }
 }
+
+/// The fast-scan estimates `v = factor · (bias + Δ · sum)` (for L2
+/// `2·v − sqnorm`) of `factors.len()` codes that are not below `thr` (NaN is
+/// not below anything): writes them to `out[..c]` and their positions to
+/// `idx[..c]`, in order, and returns `c`. `sums.len()`, `out.len()`,
+/// `idx.len()` (and `sqnorms.len()`) are at least `factors.len()`.
+pub fn fastscan_select_ref(
+    sums: &[u32],
+    factors: &[f32],
+    sqnorms: Option<&[f32]>,
+    (bias, delta): (f32, f32),
+    thr: f32,
+    out: &mut [f32],
+    idx: &mut [u32],
+) -> usize {
+    let n = factors.len();
+    assert!(sums.len() >= n && out.len() >= n && idx.len() >= n && sqnorms.is_none_or(|q| q.len() >= n), "fast-scan select shapes");
+    let mut c = 0;
+    for i in 0..n {
+        let mut v = factors[i] * (bias + delta * sums[i] as f32);
+        if let Some(q) = sqnorms {
+            v = 2.0 * v - q[i];
+        }
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        if !(v < thr) {
+            out[c] = v;
+            idx[c] = i as u32;
+            c += 1;
+        }
+    }
+    c
+}

@@ -101,6 +101,53 @@ fn block_kernels_are_exact_on_every_path() {
     }
 }
 
+/// The plain definition of the quantized tables (the fold of `f32::min`
+/// per table, the largest spread, `round` and `clamp` per entry): the
+/// oracle of `QuantizedLut::new`.
+fn quantize_plain(lut: &[f32]) -> (Vec<u8>, f32, f32) {
+    let m = lut.len() / 16;
+    let qmax = (65535 / (m / 2)).min(255) as f32;
+    let mins: Vec<f32> = lut.chunks_exact(16).map(|t| t.iter().copied().fold(f32::INFINITY, f32::min)).collect();
+    let range = lut.chunks_exact(16).zip(&mins).map(|(t, &lo)| t.iter().map(|&v| v - lo).fold(0.0f32, f32::max)).fold(0.0f32, f32::max);
+    let delta = if range > 0.0 { range / qmax } else { 1.0 };
+    let mut tables = vec![0u8; lut.len()];
+    for ((o, t), &lo) in tables.chunks_exact_mut(16).zip(lut.chunks_exact(16)).zip(&mins) {
+        for (o, &v) in o.iter_mut().zip(t) {
+            *o = ((v - lo) / delta).round().clamp(0.0, qmax) as u8;
+        }
+    }
+    (tables, delta, mins.iter().map(|&v| v as f64).sum::<f64>() as f32)
+}
+
+/// `QuantizedLut::new` gives the plain definition's bytes, step and bias
+/// bits: Gaussian tables of every size class, all-zero and ±0 tables (the
+/// sign of a zero bias), tables whose entries fall exactly on half steps
+/// (rounding ties) and tables with repeated minima.
+#[test]
+fn quantized_tables_equal_the_plain_definition() {
+    let mut rng = Xoshiro256::new(27);
+    let mut cases: Vec<Vec<f32>> = Vec::new();
+    for m in [2usize, 6, 8, 10, 50, 64, 576, 1536] {
+        cases.push((0..16 * m).map(|_| rng.gaussian() as f32).collect());
+        // ±0 everywhere, in a random pattern
+        cases.push((0..16 * m).map(|_| if rng.below(2) == 0 { 0.0 } else { -0.0 }).collect());
+        // half steps: integers and halves with a spread of exactly qmax (Δ = 1)
+        let qmax = (65535 / (m / 2)).min(255) as u64;
+        let mut half: Vec<f32> = (0..16 * m).map(|_| rng.below(2 * qmax + 1) as f32 * 0.5).collect();
+        half[0] = 0.0;
+        half[1] = qmax as f32;
+        cases.push(half);
+        // few distinct values: repeated minima, zero tables beside others
+        cases.push((0..16 * m).map(|i| if (i / 16) % 3 == 0 { 0.0 } else { (rng.below(5) as f32 - 2.0) * 0.125 }).collect());
+    }
+    for lut in cases {
+        let (tables, delta, bias) = quantize_plain(&lut);
+        let q = QuantizedLut::new(&lut);
+        assert_eq!(q.tables(), &tables[..], "m={}", lut.len() / 16);
+        assert_eq!((q.delta.to_bits(), q.bias.to_bits()), (delta.to_bits(), bias.to_bits()), "m={}", lut.len() / 16);
+    }
+}
+
 /// The quantized tables stay within their stated error bound.
 #[test]
 fn quantized_table_sums_are_within_the_bound() {
@@ -222,6 +269,64 @@ fn value_kernels_give_the_reference_bits_on_every_path() {
             (k.fastscan_values)(&sums, &factors, bias, delta, &mut got, &mut got_max);
             assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} n={n}", k.name);
             assert_eq!(got_max, want_max, "{} n={n} maxima", k.name);
+        }
+    }
+}
+
+/// The selection kernels pick the reference's values (same bits, same
+/// positions, same order) on every path: for lengths that leave partial
+/// vectors, with and without the L2 transform, thresholds that take none,
+/// some or all, ties with the threshold, ±0 and NaN estimates.
+#[test]
+fn select_kernels_give_the_reference_selection_on_every_path() {
+    let mut rng = Xoshiro256::new(26);
+    for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 100, 1000] {
+        let sums: Vec<u32> = (0..n + 3).map(|i| if i % 7 == 0 { (1 << 30) + rng.below(1 << 20) as u32 } else { rng.below(65536) as u32 }).collect();
+        let mut factors: Vec<f32> = (0..n).map(|_| rng.gaussian() as f32).collect();
+        // zero factors give ±0 estimates; a NaN factor a NaN estimate
+        for (i, f) in factors.iter_mut().enumerate() {
+            match i % 11 {
+                3 => *f = 0.0,
+                5 => *f = -0.0,
+                9 if i % 3 == 0 => *f = f32::NAN,
+                _ => {}
+            }
+        }
+        let sq: Vec<f32> = (0..n).map(|_| rng.gaussian().abs() as f32).collect();
+        let bd = (rng.gaussian() as f32, 1e-3 * (1.0 + rng.below(100) as f32));
+        for sqn in [None, Some(&sq[..])] {
+            let plain: Vec<f32> = (0..n)
+                .map(|i| {
+                    let v = factors[i] * (bd.0 + bd.1 * sums[i] as f32);
+                    sqn.map_or(v, |q| 2.0 * v - q[i])
+                })
+                .collect();
+            let mut sorted: Vec<f32> = plain.iter().copied().filter(|v| !v.is_nan()).collect();
+            sorted.sort_by(f32::total_cmp);
+            let mut thrs = vec![f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0];
+            if !sorted.is_empty() {
+                // an exact tie with an estimate, and the median
+                thrs.extend([sorted[sorted.len() / 2], sorted[sorted.len() * 9 / 10]]);
+            }
+            for &thr in &thrs {
+                let (mut want, mut want_idx) = (vec![0.0f32; n], vec![0u32; n]);
+                let c = scalar::fastscan_select_ref(&sums, &factors, sqn, bd, thr, &mut want, &mut want_idx);
+                let expect: Vec<u32> = (0..n as u32).filter(|&i| plain[i as usize] >= thr || plain[i as usize].is_nan()).collect();
+                assert_eq!(want_idx[..c], expect[..], "reference n={n} thr={thr}");
+                assert!(want[..c].iter().zip(&expect).all(|(v, &i)| v.to_bits() == plain[i as usize].to_bits()), "reference values n={n}");
+                for k in available() {
+                    let (mut got, mut got_idx) = (vec![f32::NAN; n], vec![u32::MAX; n]);
+                    let g = (k.fastscan_select)(&sums, &factors, sqn, bd, thr, &mut got, &mut got_idx);
+                    assert_eq!(g, c, "{} n={n} thr={thr} l2={}", k.name, sqn.is_some());
+                    assert_eq!(got_idx[..g], want_idx[..c], "{} n={n} thr={thr}", k.name);
+                    assert_eq!(
+                        got[..g].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        want[..c].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                        "{} n={n} thr={thr}",
+                        k.name
+                    );
+                }
+            }
         }
     }
 }

@@ -1093,3 +1093,66 @@ unsafe fn fastscan_values_avx2(sums: &[u32], factors: &[f32], bias: f32, delta: 
         out[j] = factors[j] * (bias + delta * sums[j] as f32);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Batched fast-scan search: candidate selection
+// ---------------------------------------------------------------------------
+
+pub(super) fn fastscan_select(sums: &[u32], factors: &[f32], sqnorms: Option<&[f32]>, bd: (f32, f32), thr: f32, out: &mut [f32], idx: &mut [u32]) -> usize {
+    let n = factors.len();
+    assert!(sums.len() >= n && out.len() >= n && idx.len() >= n && sqnorms.is_none_or(|q| q.len() >= n), "fast-scan select shapes");
+    // SAFETY: AVX2 was detected (`detect_all`); the lengths are checked above.
+    unsafe { fastscan_select_avx2(sums, factors, sqnorms, bd, thr, out, idx) }
+}
+
+/// Eight estimates per step (the operations of the reference, no FMA); the
+/// lanes not below the threshold (`!(v < thr)`, NaN included) are written out
+/// one by one from the comparison's bit mask, in order.
+///
+/// # Safety
+/// The CPU supports AVX2; `sums`, `out`, `idx` (and `sqnorms`) hold at least `factors.len()` elements.
+#[target_feature(enable = "avx2")]
+unsafe fn fastscan_select_avx2(
+    sums: &[u32],
+    factors: &[f32],
+    sqnorms: Option<&[f32]>,
+    (bias, delta): (f32, f32),
+    thr: f32,
+    out: &mut [f32],
+    idx: &mut [u32],
+) -> usize {
+    let n = factors.len();
+    let (b, d, t, two) = (_mm256_set1_ps(bias), _mm256_set1_ps(delta), _mm256_set1_ps(thr), _mm256_set1_ps(2.0));
+    let mut c = 0;
+    let mut i = 0;
+    while i + 8 <= n {
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: AVX2; i + 8 <= n, within every slice (the contract).
+        let mask = unsafe {
+            // sums are below 2^31: the signed conversion is exact as `s as f32`
+            let s = _mm256_cvtepi32_ps(_mm256_loadu_si256(sums.as_ptr().add(i) as *const __m256i));
+            let mut v = _mm256_mul_ps(_mm256_loadu_ps(factors.as_ptr().add(i)), _mm256_add_ps(b, _mm256_mul_ps(d, s)));
+            if let Some(q) = sqnorms {
+                v = _mm256_sub_ps(_mm256_mul_ps(two, v), _mm256_loadu_ps(q.as_ptr().add(i)));
+            }
+            let m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_NLT_UQ>(v, t)) as u32;
+            if m != 0 {
+                _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+            }
+            m
+        };
+        let mut m = mask;
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            out[c] = lanes[j];
+            idx[c] = (i + j) as u32;
+            c += 1;
+            m &= m - 1;
+        }
+        i += 8;
+    }
+    // the tail: the reference on the last elements, positions shifted back
+    let tail = scalar::fastscan_select_ref(&sums[i..n], &factors[i..], sqnorms.map(|q| &q[i..n]), (bias, delta), thr, &mut out[c..n], &mut idx[c..n]);
+    idx[c..c + tail].iter_mut().for_each(|j| *j += i as u32);
+    c + tail
+}

@@ -558,18 +558,18 @@ unsafe fn fastscan_multi_vnni<const G: usize>(blocks: &[u8], tables: &[u8], bb: 
     // (c & 0x0F) | pos: ternary-logic table of (A & B) | C
     const AND_OR: i32 = 0xEA;
     // one step of 64 code bytes (or 32, `half`) at byte offset `off` of the block and of each table
-    let step = |acc: &mut [[__m512i; 2]; G], off: usize, half: bool| {
+    let step = |acc: &mut [[__m512i; 2]; G], blk: usize, off: usize, half: bool| {
         let mask: u64 = if half { 0xFFFF_FFFF } else { u64::MAX };
         // SAFETY: AVX-512BW; the `half` load reads the 32 bytes of the last
         // pair (in bounds), a full one 64 bytes (off + 64 <= the block's end).
-        let c = unsafe { _mm512_maskz_loadu_epi8(mask, blocks.as_ptr().add(off) as *const i8) };
+        let c = unsafe { _mm512_maskz_loadu_epi8(mask, blocks.as_ptr().add(blk + off) as *const i8) };
         let c = _mm512_permutexvar_epi8(perm, c);
         let lo = _mm512_ternarylogic_epi32::<AND_OR>(c, nib, pos);
         let hi = _mm512_ternarylogic_epi32::<AND_OR>(_mm512_srli_epi16::<4>(c), nib, pos);
         for (g, a) in acc.iter_mut().enumerate() {
             // SAFETY: AVX-512BW; table g spans [g·bb, (g+1)·bb) and `off`
-            // is the block-relative offset plus b·bb, reduced below.
-            let t = unsafe { _mm512_maskz_loadu_epi8(mask, tables.as_ptr().add(g * bb + off % bb) as *const i8) };
+            // is the offset in the block (off + 64 <= bb, or 32 when `half`).
+            let t = unsafe { _mm512_maskz_loadu_epi8(mask, tables.as_ptr().add(g * bb + off) as *const i8) };
             a[0] = _mm512_dpbusd_epi32(a[0], _mm512_permutexvar_epi8(lo, t), ones);
             a[1] = _mm512_dpbusd_epi32(a[1], _mm512_permutexvar_epi8(hi, t), ones);
         }
@@ -577,10 +577,10 @@ unsafe fn fastscan_multi_vnni<const G: usize>(blocks: &[u8], tables: &[u8], bb: 
     for b in 0..nb {
         let mut acc = [[z; 2]; G];
         for s in 0..pairs / 2 {
-            step(&mut acc, b * bb + 64 * s, false);
+            step(&mut acc, b * bb, 64 * s, false);
         }
         if pairs % 2 == 1 {
-            step(&mut acc, b * bb + 64 * (pairs / 2), true);
+            step(&mut acc, b * bb, 64 * (pairs / 2), true);
         }
         for (g, a) in acc.iter().enumerate() {
             let at = (g * nb + b) * 32;
@@ -631,4 +631,86 @@ unsafe fn fastscan_values_avx512(sums: &[u32], factors: &[f32], bias: f32, delta
         let hi = half(32 * j + 16);
         *m = _mm512_reduce_max_ps(_mm512_max_ps(lo, hi));
     }
+}
+
+// ---------------------------------------------------------------------------
+// Batched fast-scan search: candidate selection
+// ---------------------------------------------------------------------------
+
+pub(super) fn fastscan_select_512(sums: &[u32], factors: &[f32], sqnorms: Option<&[f32]>, bd: (f32, f32), thr: f32, out: &mut [f32], idx: &mut [u32]) -> usize {
+    let n = factors.len();
+    assert!(sums.len() >= n && out.len() >= n && idx.len() >= n && sqnorms.is_none_or(|q| q.len() >= n), "fast-scan select shapes");
+    // SAFETY: AVX-512F was detected (`detect_all`); the lengths are checked above.
+    unsafe { fastscan_select_avx512(sums, factors, sqnorms, bd, thr, out, idx) }
+}
+
+/// Thirty-two estimates per step (then sixteen, masked loads for the last
+/// ones; the operations of the reference, no FMA); the lanes not below the
+/// threshold (`!(v < thr)`, NaN included) are compressed into `out` and `idx`.
+///
+/// # Safety
+/// The CPU supports AVX-512F; `sums`, `out`, `idx` (and `sqnorms`) hold at least `factors.len()` elements.
+#[target_feature(enable = "avx512f")]
+unsafe fn fastscan_select_avx512(
+    sums: &[u32],
+    factors: &[f32],
+    sqnorms: Option<&[f32]>,
+    (bias, delta): (f32, f32),
+    thr: f32,
+    out: &mut [f32],
+    idx: &mut [u32],
+) -> usize {
+    let n = factors.len();
+    let (b, d, t, two) = (_mm512_set1_ps(bias), _mm512_set1_ps(delta), _mm512_set1_ps(thr), _mm512_set1_ps(2.0));
+    let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let mut c = 0;
+    let mut i = 0;
+    // whole groups of 32: two vectors, one branch on both masks
+    while i + 32 <= n {
+        // SAFETY: AVX-512F; i + 32 <= n: the loads read inside every slice;
+        // the compressed stores write popcount(m0) + popcount(m1) elements at
+        // c, and c + that <= i + 32 <= n (c <= i: one output per lane at most).
+        unsafe {
+            let value = |j: usize| {
+                let s = _mm512_cvtepu32_ps(_mm512_loadu_si512(sums.as_ptr().add(j) as *const _));
+                let mut v = _mm512_mul_ps(_mm512_loadu_ps(factors.as_ptr().add(j)), _mm512_add_ps(b, _mm512_mul_ps(d, s)));
+                if let Some(q) = sqnorms {
+                    v = _mm512_sub_ps(_mm512_mul_ps(two, v), _mm512_loadu_ps(q.as_ptr().add(j)));
+                }
+                v
+            };
+            let (v0, v1) = (value(i), value(i + 16));
+            let (m0, m1) = (_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(v0, t), _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(v1, t));
+            if (m0 | m1) != 0 {
+                _mm512_mask_compressstoreu_ps(out.as_mut_ptr().add(c) as *mut _, m0, v0);
+                _mm512_mask_compressstoreu_epi32(idx.as_mut_ptr().add(c) as *mut _, m0, _mm512_add_epi32(iota, _mm512_set1_epi32(i as i32)));
+                c += m0.count_ones() as usize;
+                _mm512_mask_compressstoreu_ps(out.as_mut_ptr().add(c) as *mut _, m1, v1);
+                _mm512_mask_compressstoreu_epi32(idx.as_mut_ptr().add(c) as *mut _, m1, _mm512_add_epi32(iota, _mm512_set1_epi32(i as i32 + 16)));
+                c += m1.count_ones() as usize;
+            }
+        }
+        i += 32;
+    }
+    while i < n {
+        let k: __mmask16 = if n - i >= 16 { 0xFFFF } else { (1u16 << (n - i)) - 1 };
+        // SAFETY: AVX-512F; the masked loads touch lanes i..min(i + 16, n)
+        // only, inside every slice; the compressed stores write popcount(m)
+        // elements at c, and c + popcount(m) <= i + popcount(k) <= n.
+        unsafe {
+            let s = _mm512_cvtepu32_ps(_mm512_maskz_loadu_epi32(k, sums.as_ptr().add(i) as *const i32));
+            let mut v = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, factors.as_ptr().add(i)), _mm512_add_ps(b, _mm512_mul_ps(d, s)));
+            if let Some(q) = sqnorms {
+                v = _mm512_sub_ps(_mm512_mul_ps(two, v), _mm512_maskz_loadu_ps(k, q.as_ptr().add(i)));
+            }
+            let m = _mm512_mask_cmp_ps_mask::<_CMP_NLT_UQ>(k, v, t);
+            if m != 0 {
+                _mm512_mask_compressstoreu_ps(out.as_mut_ptr().add(c) as *mut _, m, v);
+                _mm512_mask_compressstoreu_epi32(idx.as_mut_ptr().add(c) as *mut _, m, _mm512_add_epi32(iota, _mm512_set1_epi32(i as i32)));
+                c += m.count_ones() as usize;
+            }
+        }
+        i += 16;
+    }
+    c
 }

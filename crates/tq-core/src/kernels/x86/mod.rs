@@ -56,6 +56,7 @@ static AVX2: Kernels = Kernels {
     fastscan_multi: avx2::fastscan_multi,
     fastscan_values: avx2::fastscan_values,
     softmax: avx2::softmax,
+    fastscan_select: avx2::fastscan_select,
 };
 
 /// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
@@ -66,6 +67,7 @@ static AVX512: Kernels = Kernels {
     fastscan_block: avx512::fastscan_block_512,
     fastscan_multi: avx512::fastscan_multi_512,
     fastscan_values: avx512::fastscan_values_512,
+    fastscan_select: avx512::fastscan_select_512,
     ..AVX2
 };
 
