@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Result, TqError};
-use crate::kernels::kernels;
+use crate::kernels::{kernels, scalar, HadRound, Kernels};
 use crate::rng::Xoshiro256;
 
 /// Which random rotation a codec uses (stored in file headers by [`RotationKind::id`]).
@@ -86,6 +86,13 @@ pub struct Hadamard {
     scale: f32,
     /// Powers of two: the single final scale `block^(-rounds/2)`.
     total: f32,
+    /// Non-powers of two: per round, the signs and permutation as one
+    /// gather (`x'[j] = x[perm[j]] ^ sign[perm[j]]`) with the block transforms
+    /// (`Kernels::had_round`).
+    fwd: Vec<HadRound>,
+    /// Non-powers of two: per round, the inverse gather (`x[i] = x'[perm⁻¹[i]] ^
+    /// sign[i]`) after the transposed block transforms (`Kernels::had_round_t`).
+    inv: Vec<HadRound>,
 }
 
 impl Hadamard {
@@ -94,7 +101,7 @@ impl Hadamard {
         let block = if dim.is_power_of_two() { dim } else { dim.next_power_of_two() / 2 };
         let rounds = if dim.is_power_of_two() && dim >= 64 { 2 } else { 3 };
         let mut rng = Xoshiro256::new(seed);
-        let signs = (0..rounds).map(|_| (0..dim).map(|_| if rng.next_u64() >> 63 == 1 { 0x8000_0000 } else { 0 }).collect()).collect();
+        let signs: Vec<Vec<u32>> = (0..rounds).map(|_| (0..dim).map(|_| if rng.next_u64() >> 63 == 1 { 0x8000_0000 } else { 0 }).collect()).collect();
         let perms = if dim == block {
             Vec::new()
         } else {
@@ -110,7 +117,18 @@ impl Hadamard {
                 .collect()
         };
         let total = (block as f64).powf(-(rounds as f64) / 2.0) as f32;
-        Self { dim, block, signs, perms, scale: (1.0 / (block as f64).sqrt()) as f32, total }
+        let scale = (1.0 / (block as f64).sqrt()) as f32;
+        let (mut fwd, mut inv) = (Vec::new(), Vec::new());
+        for (s, p) in signs.iter().zip(&perms) {
+            let masks = p.iter().map(|&j| s[j as usize]).collect();
+            fwd.push(HadRound::new(p.clone(), masks, block, scale).expect("a permutation of 0..dim"));
+            let mut q = vec![0u32; dim];
+            for (j, &pj) in p.iter().enumerate() {
+                q[pj as usize] = j as u32;
+            }
+            inv.push(HadRound::new(q, s.clone(), block, scale).expect("a permutation of 0..dim"));
+        }
+        Self { dim, block, signs, perms, scale, total, fwd, inv }
     }
 
     /// Number of rounds (2 or 3).
@@ -124,8 +142,7 @@ impl Hadamard {
         }
     }
 
-    fn block_transform(&self, x: &mut [f32]) {
-        let fwht = kernels().fwht;
+    fn block_transform(&self, fwht: fn(&mut [f32]), x: &mut [f32]) {
         let p = self.block;
         fwht(&mut x[..p]);
         for v in &mut x[..p] {
@@ -140,8 +157,7 @@ impl Hadamard {
         }
     }
 
-    fn block_transform_t(&self, x: &mut [f32]) {
-        let fwht = kernels().fwht;
+    fn block_transform_t(&self, fwht: fn(&mut [f32]), x: &mut [f32]) {
         let p = self.block;
         if self.dim != p {
             let off = self.dim - p;
@@ -158,8 +174,7 @@ impl Hadamard {
 
     /// Powers of two: all rounds unscaled, then one multiply by `p^(-rounds/2)`
     /// (a power of two when `rounds` is even, so the result equals per-round scaling).
-    fn pow2_rounds(&self, x: &mut [f32], reverse: bool) {
-        let fwht = kernels().fwht;
+    fn pow2_rounds(&self, fwht: fn(&mut [f32]), x: &mut [f32], reverse: bool) {
         if reverse {
             for s in self.signs.iter().rev() {
                 fwht(x);
@@ -183,9 +198,65 @@ impl Hadamard {
 
     /// `x ← Π x`; `scratch` holds `dim` floats (used for the permutations).
     pub fn rotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        self.rotate_with(kernels(), x, scratch)
+    }
+
+    /// `x ← Πᵀ x`.
+    pub fn unrotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        self.unrotate_with(kernels(), x, scratch)
+    }
+
+    /// [`Hadamard::rotate_in_place`] on the kernel table `k` (every table gives the same bits).
+    pub fn rotate_with(&self, k: &Kernels, x: &mut [f32], scratch: &mut [f32]) {
         if self.dim == self.block && self.signs.len() == 2 {
-            return self.pow2_rounds(x, false);
+            return self.pow2_rounds(k.fwht, x, false);
         }
+        if self.fwd.is_empty() {
+            return self.rotate_steps(k.fwht, x, scratch);
+        }
+        let (x, t) = (&mut x[..self.dim], &mut scratch[..self.dim]);
+        // rounds alternate between the two buffers; the result lands in `x`
+        for (r, round) in self.fwd.iter().enumerate() {
+            if r % 2 == 0 {
+                (k.had_round)(x, round, t);
+            } else {
+                (k.had_round)(t, round, x);
+            }
+        }
+        if self.fwd.len() % 2 == 1 {
+            x.copy_from_slice(t);
+        }
+    }
+
+    /// [`Hadamard::unrotate_in_place`] on the kernel table `k` (every table gives the same bits).
+    pub fn unrotate_with(&self, k: &Kernels, x: &mut [f32], scratch: &mut [f32]) {
+        if self.dim == self.block && self.signs.len() == 2 {
+            return self.pow2_rounds(k.fwht, x, true);
+        }
+        if self.inv.is_empty() {
+            return self.unrotate_steps(k.fwht, x, scratch);
+        }
+        let (x, t) = (&mut x[..self.dim], &mut scratch[..self.dim]);
+        for (r, round) in self.inv.iter().rev().enumerate() {
+            if r % 2 == 0 {
+                (k.had_round_t)(x, round, t);
+            } else {
+                (k.had_round_t)(t, round, x);
+            }
+        }
+        if self.inv.len() % 2 == 1 {
+            x.copy_from_slice(t);
+        }
+    }
+
+    /// `x ← Π x` as the construction states it, one step at a time (signs,
+    /// permutation, the two block transforms, on the scalar FWHT): the
+    /// reference the round kernels are tested against.
+    pub fn rotate_ref(&self, x: &mut [f32], scratch: &mut [f32]) {
+        self.rotate_steps(scalar::fwht_ref, x, scratch)
+    }
+
+    fn rotate_steps(&self, fwht: fn(&mut [f32]), x: &mut [f32], scratch: &mut [f32]) {
         for (r, s) in self.signs.iter().enumerate() {
             Self::apply_signs(x, s);
             if let Some(p) = self.perms.get(r) {
@@ -194,17 +265,18 @@ impl Hadamard {
                     *o = scratch[j as usize];
                 }
             }
-            self.block_transform(x);
+            self.block_transform(fwht, x);
         }
     }
 
-    /// `x ← Πᵀ x`.
-    pub fn unrotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
-        if self.dim == self.block && self.signs.len() == 2 {
-            return self.pow2_rounds(x, true);
-        }
+    /// `x ← Πᵀ x` step by step (the reference of [`Hadamard::unrotate_in_place`]).
+    pub fn unrotate_ref(&self, x: &mut [f32], scratch: &mut [f32]) {
+        self.unrotate_steps(scalar::fwht_ref, x, scratch)
+    }
+
+    fn unrotate_steps(&self, fwht: fn(&mut [f32]), x: &mut [f32], scratch: &mut [f32]) {
         for (r, s) in self.signs.iter().enumerate().rev() {
-            self.block_transform_t(x);
+            self.block_transform_t(fwht, x);
             if let Some(p) = self.perms.get(r) {
                 scratch[..self.dim].copy_from_slice(x);
                 for (&v, &j) in scratch.iter().zip(p) {

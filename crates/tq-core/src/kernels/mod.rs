@@ -70,7 +70,86 @@ pub struct Kernels {
     pub fastscan_values: FastScanValuesFn,
     /// Softmax in place (attention weights); the same bits on every path.
     pub softmax: fn(&mut [f32]),
+    // --- Hadamard rounds of dimensions that are not powers of two (`crate::rotation`) ---
+    /// One round of the two-block randomized Hadamard transform, `(src, round, dst)`:
+    /// `dst[j] = src[gather[j]] ^ mask[j]` (sign flips as bit masks), then
+    /// `dst[..p] ← scale·H dst[..p]` and `dst[n-p..] ← scale·H dst[n-p..]`
+    /// (`H` the unnormalized FWHT, `p` the block). Exact: the same bits on every
+    /// path as `scalar::had_round_ref` (the FWHT butterflies and the scaling in
+    /// the reference's order).
+    pub had_round: fn(&[f32], &HadRound, &mut [f32]),
+    /// The transposed round, `(src, round, dst)`: `src[n-p..] ← scale·H src[n-p..]`,
+    /// `src[..p] ← scale·H src[..p]`, then `dst[j] = src[gather[j]] ^ mask[j]`.
+    /// The same bits on every path as `scalar::had_round_t_ref`.
+    pub had_round_t: fn(&mut [f32], &HadRound, &mut [f32]),
+    // --- end of the Hadamard rounds ---
 }
+
+// --- Hadamard rounds of dimensions that are not powers of two (`crate::rotation`) ---
+
+/// One round of `Kernels::had_round` / `had_round_t` over `n = gather.len()`
+/// coordinates: a gather with sign masks, and the scaled FWHT of the two
+/// overlapping blocks `[0, p)` and `[n - p, n)`. Built by [`HadRound::new`],
+/// which checks what the kernels rely on (every index below `n`, one mask per
+/// index, a power-of-two block with `n/2 < p <= n`).
+#[derive(Clone, Debug)]
+pub struct HadRound {
+    gather: Vec<u32>,
+    masks: Vec<u32>,
+    block: usize,
+    scale: f32,
+}
+
+impl HadRound {
+    /// The round that gathers `src[gather[j]]`, XORs `masks[j]` into its bits and
+    /// transforms blocks of `block` scaled by `scale`; `None` unless `gather`
+    /// and `masks` have the same length `n >= 2`, every index is below `n`,
+    /// every mask is 0 or the sign bit, and `block` is a power of two with
+    /// `n/2 < block <= n`.
+    pub fn new(gather: Vec<u32>, masks: Vec<u32>, block: usize, scale: f32) -> Option<Self> {
+        let n = gather.len();
+        let ok = n >= 2
+            && masks.len() == n
+            && n <= u32::MAX as usize
+            && gather.iter().all(|&j| (j as usize) < n)
+            && masks.iter().all(|&m| m == 0 || m == 0x8000_0000)
+            && block.is_power_of_two()
+            && block <= n
+            && 2 * block > n;
+        ok.then_some(Self { gather, masks, block, scale })
+    }
+
+    /// Coordinates `n`.
+    pub fn len(&self) -> usize {
+        self.gather.len()
+    }
+
+    /// Always false (`n >= 2`).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// `dst[j] = src[gather[j]]` (before the mask).
+    pub fn gather(&self) -> &[u32] {
+        &self.gather
+    }
+
+    /// Sign masks (0 or `0x8000_0000`), one per output coordinate.
+    pub fn masks(&self) -> &[u32] {
+        &self.masks
+    }
+
+    /// Block length `p` (a power of two, `n/2 < p <= n`).
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// The factor applied after each block's unnormalized FWHT.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+}
+// --- end of the Hadamard rounds ---
 
 /// Signature of `Kernels::group_scores`: `(codes, code_size, bits, table, qs, d, scale, out)`.
 pub type GroupScoresFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, f32, &mut [f32]);
@@ -118,6 +197,8 @@ pub static SCALAR: Kernels = Kernels {
     fastscan_multi: scalar::fastscan_multi_ref,
     fastscan_values: scalar::fastscan_values_ref,
     softmax: scalar::softmax_ref,
+    had_round: scalar::had_round_ref,
+    had_round_t: scalar::had_round_t_ref,
 };
 
 /// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).

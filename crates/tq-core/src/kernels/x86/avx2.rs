@@ -3,7 +3,7 @@
 
 use super::scalar;
 use super::{group_phase_ok, per_byte, phase_permute, scale_at, scaled_weights, VBLOCK};
-use crate::kernels::Had2;
+use crate::kernels::{Had2, HadRound};
 use std::arch::x86_64::*;
 
 pub(super) fn fwht(x: &mut [f32]) {
@@ -83,6 +83,17 @@ unsafe fn high_stages(p: *mut f32, n: usize) {
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { butterfly_pass_s::<R, false>(p, n, h, _mm256_setzero_ps()) }
+}
+
+/// [`butterfly_pass`], multiplying every result by `scale` before it is stored when `S`.
+///
+/// # Safety
+/// As [`butterfly_pass`].
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn butterfly_pass_s<const R: usize, const S: bool>(p: *mut f32, n: usize, h: usize, scale: __m256) {
     for base in (0..n).step_by(R * h) {
         for j in (base..base + h).step_by(8) {
             let mut v = [_mm256_setzero_ps(); R];
@@ -102,12 +113,155 @@ unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
                 d *= 2;
             }
             for (r, reg) in v.iter().enumerate() {
+                let out = if S { _mm256_mul_ps(*reg, scale) } else { *reg };
                 // SAFETY: j + r·h + 8 <= base + R·h <= n, as for the load.
-                unsafe { _mm256_storeu_ps(p.add(j + r * h), *reg) };
+                unsafe { _mm256_storeu_ps(p.add(j + r * h), out) };
             }
         }
     }
 }
+
+// --- Hadamard rounds of dimensions that are not powers of two (`Kernels::had_round`) ---
+
+/// `x[..n] ← scale · H x[..n]` after its low three stages ran (`low3` on every
+/// 8 floats): the stages h = 8 .. n/2 as in `high_stages`, the multiply fused
+/// into the last pass (the same products, so the same bits as scaling after).
+///
+/// # Safety
+/// The CPU supports AVX2; `p` is valid for reads and writes of `n` floats, `n` a power
+/// of two >= 8.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn high_stages_scaled(p: *mut f32, n: usize, scale: f32) {
+    let sc = _mm256_set1_ps(scale);
+    if n == 8 {
+        // SAFETY: AVX2; n = 8 floats at `p`.
+        unsafe { _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), sc)) };
+        return;
+    }
+    let mut h = 8;
+    while h < n {
+        // SAFETY: AVX2; as in `high_stages`, R·h <= n with h >= 8, both powers of two.
+        unsafe {
+            if h * 8 <= n {
+                if h * 8 == n {
+                    butterfly_pass_s::<8, true>(p, n, h, sc)
+                } else {
+                    butterfly_pass::<8>(p, n, h)
+                }
+                h *= 8;
+            } else if h * 4 <= n {
+                // h·4 == n here (h·8 > n)
+                butterfly_pass_s::<4, true>(p, n, h, sc);
+                h *= 4;
+            } else {
+                butterfly_pass_s::<2, true>(p, n, h, sc);
+                h *= 2;
+            }
+        }
+    }
+}
+
+/// `dst[j] = src[gather[j]] ^ mask[j]` for `j` in `from..to`; 8 per gather,
+/// the rest one at a time; `low3` applied to whole groups of 8 when `LOW`.
+///
+/// # Safety
+/// The CPU supports AVX2; `src` and `dst` hold `r.len()` floats, `to <= r.len()`,
+/// and when `LOW`, `to - from` is a multiple of 8.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn gather_masked<const LOW: bool>(src: *const f32, r: &HadRound, dst: *mut f32, from: usize, to: usize) {
+    let (g, m) = (r.gather().as_ptr(), r.masks().as_ptr());
+    let mut c = from;
+    while c + 8 <= to {
+        // SAFETY: AVX2; c + 8 <= to <= n indices and masks; every index is below
+        // n (`HadRound::new`), so the gather reads inside `src`; the store is in `dst`.
+        unsafe {
+            let idx = _mm256_loadu_si256(g.add(c) as *const __m256i);
+            let mk = _mm256_castsi256_ps(_mm256_loadu_si256(m.add(c) as *const __m256i));
+            let v = _mm256_xor_ps(_mm256_i32gather_ps::<4>(src, idx), mk);
+            _mm256_storeu_ps(dst.add(c), if LOW { low3(v) } else { v });
+        }
+        c += 8;
+    }
+    while c < to {
+        // SAFETY: c < to <= n; the index is below n (`HadRound::new`).
+        unsafe { *dst.add(c) = f32::from_bits((*src.add(*g.add(c) as usize)).to_bits() ^ *m.add(c)) };
+        c += 1;
+    }
+}
+
+/// `x[..p] ← scale · H x[..p]` (all stages; `p` a power of two >= 8).
+///
+/// # Safety
+/// The CPU supports AVX2; `x` is valid for reads and writes of `p` floats.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fwht_scaled(x: *mut f32, p: usize, scale: f32) {
+    for c in (0..p).step_by(8) {
+        // SAFETY: AVX2; c + 8 <= p.
+        unsafe { _mm256_storeu_ps(x.add(c), low3(_mm256_loadu_ps(x.add(c)))) };
+    }
+    // SAFETY: AVX2; p floats at x, p a power of two >= 8.
+    unsafe { high_stages_scaled(x, p, scale) };
+}
+
+pub(super) fn had_round(src: &[f32], r: &HadRound, dst: &mut [f32]) {
+    let n = r.len();
+    assert!(src.len() == n && dst.len() == n, "a Hadamard round of {n} coordinates");
+    if r.block() < 8 {
+        return scalar::had_round_ref(src, r, dst);
+    }
+    // SAFETY: AVX2 was detected (`detect_all`); `src` and `dst` hold n floats
+    // (asserted); `HadRound::new` checked the indices, masks and block
+    // (n/2 < p <= n, a power of two), and p >= 8 here.
+    unsafe { had_round_avx2(src, r, dst) }
+}
+
+/// # Safety
+/// As `had_round` checks: AVX2, `src` and `dst` of `r.len()` floats, `r.block() >= 8`.
+#[target_feature(enable = "avx2")]
+unsafe fn had_round_avx2(src: &[f32], r: &HadRound, dst: &mut [f32]) {
+    let (n, p) = (r.len(), r.block());
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: AVX2; [0, p) and [p, n) lie in the n floats of both buffers, p a
+    // multiple of 8; the second block [n - p, n) too.
+    unsafe {
+        gather_masked::<true>(s, r, d, 0, p);
+        gather_masked::<false>(s, r, d, p, n);
+        high_stages_scaled(d, p, r.scale());
+        if n != p {
+            fwht_scaled(d.add(n - p), p, r.scale());
+        }
+    }
+}
+
+pub(super) fn had_round_t(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
+    let n = r.len();
+    assert!(src.len() == n && dst.len() == n, "a Hadamard round of {n} coordinates");
+    if r.block() < 8 {
+        return scalar::had_round_t_ref(src, r, dst);
+    }
+    // SAFETY: as in `had_round`.
+    unsafe { had_round_t_avx2(src, r, dst) }
+}
+
+/// # Safety
+/// As `had_round_t` checks: AVX2, `src` and `dst` of `r.len()` floats, `r.block() >= 8`.
+#[target_feature(enable = "avx2")]
+unsafe fn had_round_t_avx2(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
+    let (n, p) = (r.len(), r.block());
+    let s = src.as_mut_ptr();
+    // SAFETY: AVX2; both blocks lie in the n floats of `src`; the gather as in `had_round_avx2`.
+    unsafe {
+        if n != p {
+            fwht_scaled(s.add(n - p), p, r.scale());
+        }
+        fwht_scaled(s, p, r.scale());
+        gather_masked::<false>(s, r, dst.as_mut_ptr(), 0, n);
+    }
+}
+// --- end of the Hadamard rounds ---
 
 /// Both unnormalized signed transforms of `had2_quantize` for `n = 8·R` with
 /// the whole vector held in `R` registers (same operations as `high_stages`).

@@ -56,6 +56,8 @@ static AVX2: Kernels = Kernels {
     fastscan_multi: avx2::fastscan_multi,
     fastscan_values: avx2::fastscan_values,
     softmax: avx2::softmax,
+    had_round: avx2::had_round,
+    had_round_t: avx2::had_round_t,
 };
 
 /// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
