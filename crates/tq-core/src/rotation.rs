@@ -228,6 +228,26 @@ impl Hadamard {
         }
     }
 
+    /// `y ← Π x` (`x`, `y`, `scratch`: `dim` floats), on the kernel table `k`:
+    /// [`Hadamard::rotate_with`] without the copies.
+    pub fn rotate_into_with(&self, k: &Kernels, x: &[f32], y: &mut [f32], scratch: &mut [f32]) {
+        if self.fwd.is_empty() || self.dim == self.block {
+            y.copy_from_slice(x);
+            return self.rotate_with(k, y, scratch);
+        }
+        let (y, t) = (&mut y[..self.dim], &mut scratch[..self.dim]);
+        // round i writes `y` when an even number of rounds follows it
+        let rounds = self.fwd.len();
+        for (i, round) in self.fwd.iter().enumerate() {
+            match (i == 0, (rounds - 1 - i) % 2 == 0) {
+                (true, true) => (k.had_round)(x, round, y),
+                (true, false) => (k.had_round)(x, round, t),
+                (false, true) => (k.had_round)(t, round, y),
+                (false, false) => (k.had_round)(y, round, t),
+            }
+        }
+    }
+
     /// [`Hadamard::unrotate_in_place`] on the kernel table `k` (every table gives the same bits).
     pub fn unrotate_with(&self, k: &Kernels, x: &mut [f32], scratch: &mut [f32]) {
         if self.dim == self.block && self.signs.len() == 2 {
@@ -451,6 +471,14 @@ impl Rotation {
                 h.apply(x, scratch);
                 x.copy_from_slice(&scratch[..x.len()]);
             }
+        }
+    }
+
+    /// `y ← Π x` (the bits of `rotate_in_place` on a copy of `x`); `scratch` must hold `dim` floats.
+    pub fn rotate_into(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32]) {
+        match self {
+            Rotation::Hadamard(h) => h.rotate_into_with(kernels(), x, y, scratch),
+            Rotation::Haar(h) => h.apply(x, y),
         }
     }
 

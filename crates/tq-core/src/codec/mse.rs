@@ -105,9 +105,13 @@ impl Codec for TurboQuantMse {
             let scale = match fused {
                 Some(norm) => self.scale_for(norm, y, tmp, idx),
                 None => {
-                    y.copy_from_slice(x);
-                    self.rotation.rotate_in_place(y, tmp);
-                    self.encode_rotated(y, tmp, idx)
+                    self.rotation.rotate_into(x, y, tmp);
+                    // the norm, scaling and quantizer fused (same bits); None
+                    // (y unchanged) for zero, tiny or huge vectors
+                    match (k.norm_quantize)(y, &self.codebook.boundaries, self.bits, idx) {
+                        Some(norm) => self.scale_for(norm, y, tmp, idx),
+                        None => self.encode_rotated(y, tmp, idx),
+                    }
                 }
             };
             pack(idx, self.bits, &mut code[..self.packed]);

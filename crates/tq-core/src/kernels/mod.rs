@@ -82,6 +82,11 @@ pub struct Kernels {
     /// `src[..p] ← scale·H src[..p]`, then `dst[j] = src[gather[j]] ^ mask[j]`.
     /// The same bits on every path as `scalar::had_round_t_ref`.
     pub had_round_t: fn(&mut [f32], &HadRound, &mut [f32]),
+    /// `(y, boundaries, bits, idx)`: the end of `had2_quantize` for a rotated
+    /// `y`: `norm = √sum_sq(y)`, `y ← y·(1/norm)`, `idx ← quantize(y)`; `None`
+    /// (`y` unchanged) when `Σy²` is not a normal f32. The same bits on every
+    /// path as those three kernels in sequence.
+    pub norm_quantize: fn(&mut [f32], &[f32], u32, &mut [u8]) -> Option<f32>,
     // --- end of the Hadamard rounds ---
 }
 
@@ -199,6 +204,7 @@ pub static SCALAR: Kernels = Kernels {
     softmax: scalar::softmax_ref,
     had_round: scalar::had_round_ref,
     had_round_t: scalar::had_round_t_ref,
+    norm_quantize: scalar::norm_quantize_ref,
 };
 
 /// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).

@@ -302,4 +302,17 @@ pub fn had_round_t_ref(src: &mut [f32], r: &super::HadRound, dst: &mut [f32]) {
     had_blocks_ref(src, r.block(), r.scale(), false);
     gather_masked_ref(src, r, dst);
 }
+
+/// Reference of `Kernels::norm_quantize`.
+pub fn norm_quantize_ref(y: &mut [f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) -> Option<f32> {
+    let s = sum_sq_ref(y);
+    if !s.is_normal() {
+        return None;
+    }
+    let norm = s.sqrt();
+    let inv = 1.0 / norm;
+    y.iter_mut().for_each(|v| *v *= inv);
+    quantize_ref(y, boundaries, bits, idx);
+    Some(norm)
+}
 // --- end of the Hadamard rounds ---

@@ -342,3 +342,41 @@ fn hadamard_rounds_match_the_step_by_step_reference() {
         }
     }
 }
+
+/// The fused norm + scaling + quantizer of rotated vectors gives, on every
+/// path, the bits of the three kernels in sequence, and `None` with `y`
+/// untouched exactly when `Σy²` is not a normal f32.
+#[test]
+fn norm_quantize_matches_the_unfused_kernels_bit_for_bit() {
+    let mut rng = Xoshiro256::new(23);
+    for bits in 1..=8u32 {
+        let cb = tq_core::codebook::LloydMax::get(576, bits).unwrap();
+        for n in [2usize, 7, 8, 50, 64, 100, 384, 576, 1000] {
+            for scale in [1.0f32, 1e-3, 3e4, 1e-30, 1e30, 0.0] {
+                let y: Vec<f32> = randv(&mut rng, n).iter().map(|v| v * scale / (n as f32).sqrt()).collect();
+                let s = (SCALAR.sum_sq)(&y);
+                let want = s.is_normal().then(|| {
+                    let norm = s.sqrt();
+                    let u: Vec<f32> = y.iter().map(|v| v * (1.0 / norm)).collect();
+                    let mut idx = vec![0u8; n];
+                    (SCALAR.quantize)(&u, &cb.boundaries, bits, &mut idx);
+                    (norm.to_bits(), bits_of(&u), idx)
+                });
+                assert_eq!(want.is_some(), scale > 1e-20 && scale < 1e20, "n={n} scale={scale}");
+                for k in available() {
+                    let mut got_y = y.clone();
+                    let mut idx = vec![0u8; n];
+                    let got = (k.norm_quantize)(&mut got_y, &cb.boundaries, bits, &mut idx).map(|norm| (norm.to_bits(), bits_of(&got_y), idx));
+                    if got.is_none() {
+                        assert_eq!(bits_of(&got_y), bits_of(&y), "{} n={n}: y changed", k.name);
+                    }
+                    assert_eq!(got, want, "{} n={n} bits={bits} scale={scale}", k.name);
+                }
+            }
+        }
+    }
+}
+
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    bits(v)
+}

@@ -261,6 +261,17 @@ unsafe fn had_round_t_avx2(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
         gather_masked::<false>(s, r, dst.as_mut_ptr(), 0, n);
     }
 }
+
+pub(super) fn norm_quantize(y: &mut [f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) -> Option<f32> {
+    assert_eq!(boundaries.len(), (1usize << bits) - 1);
+    assert!(idx.len() >= y.len());
+    if !y.len().is_multiple_of(8) {
+        return scalar::norm_quantize_ref(y, boundaries, bits, idx);
+    }
+    // SAFETY: AVX2 was detected (`detect_all`); y.len() is a multiple of 8, the
+    // output length and the number of boundaries are asserted above.
+    unsafe { norm_quantize_tail::<false>(y, 1.0, boundaries, bits, idx) }
+}
 // --- end of the Hadamard rounds ---
 
 /// Both unnormalized signed transforms of `had2_quantize` for `n = 8·R` with
@@ -352,11 +363,35 @@ unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [
                 high_stages(yp, n);
             }
         }
-        let total = _mm256_set1_ps(p.total);
+        norm_quantize_tail::<true>(y, p.total, p.boundaries, p.bits, idx)
+    }
+}
+
+/// The end of `had2_quantize` and `norm_quantize` on the `n = y.len()`
+/// floats of `y`: `y ← total·y` when `SCALE`, `norm = √sum_sq(y)` (canonical
+/// order), `None` if `Σy²` is not normal (`y` then unchanged unless `SCALE`),
+/// else `y ← y·(1/norm)` and `idx ← quantize(y)` (4 bits by bisection).
+///
+/// # Safety
+/// The CPU supports AVX2; `n` is a multiple of 8, `idx` holds at least `n`
+/// bytes, `boundaries.len() == 2^bits - 1`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn norm_quantize_tail<const SCALE: bool>(y: &mut [f32], total: f32, boundaries: &[f32], bits: u32, idx: &mut [u8]) -> Option<f32> {
+    let n = y.len();
+    let yp = y.as_mut_ptr();
+    // SAFETY: AVX2 (this function's contract). Every pointer access below is
+    // at c + 8 <= n (c a multiple of 8, n too), or c + 32 <= full <= n for the
+    // 32-wide stores; y and idx hold at least n elements.
+    unsafe {
+        let total = _mm256_set1_ps(total);
         let mut acc = _mm256_setzero_ps();
         for c in (0..n).step_by(8) {
-            let v = _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), total);
-            _mm256_storeu_ps(yp.add(c), v);
+            let mut v = _mm256_loadu_ps(yp.add(c));
+            if SCALE {
+                v = _mm256_mul_ps(v, total);
+                _mm256_storeu_ps(yp.add(c), v);
+            }
             acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
         }
         let mut l = [0.0f32; 8];
@@ -367,26 +402,26 @@ unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [
         }
         let norm = s.sqrt();
         let inv = _mm256_set1_ps(1.0 / norm);
-        if p.bits > 4 {
+        if bits > 4 {
             for c in (0..n).step_by(8) {
                 _mm256_storeu_ps(yp.add(c), _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), inv));
             }
-            quantize_avx2(y, p.boundaries, p.bits, idx);
+            quantize_avx2(y, boundaries, bits, idx);
             return Some(norm);
         }
-        let nb = p.boundaries.len();
+        let nb = boundaries.len();
         let mut bv = [_mm256_setzero_ps(); 15];
-        for (r, &b) in bv.iter_mut().zip(p.boundaries) {
+        for (r, &b) in bv.iter_mut().zip(boundaries) {
             *r = _mm256_set1_ps(b);
         }
         // 4 bits: bisection. After the middle boundary b7, the 7 remaining
         // candidates of each lane are b0..b6 or b8..b14, one register each, so
         // each further step is two in-register permutes, a blend and a compare.
-        let (lo7, hi7) = if p.bits == 4 {
+        let (lo7, hi7) = if bits == 4 {
             let mut lo = [0.0f32; 8];
             let mut hi = [0.0f32; 8];
-            lo[..7].copy_from_slice(&p.boundaries[..7]);
-            hi[..7].copy_from_slice(&p.boundaries[8..15]);
+            lo[..7].copy_from_slice(&boundaries[..7]);
+            hi[..7].copy_from_slice(&boundaries[8..15]);
             (_mm256_loadu_ps(lo.as_ptr()), _mm256_loadu_ps(hi.as_ptr()))
         } else {
             (_mm256_setzero_ps(), _mm256_setzero_ps())
@@ -395,7 +430,7 @@ unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [
         let count8 = |c: usize| -> __m256i {
             let v = _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), inv);
             _mm256_storeu_ps(yp.add(c), v);
-            if p.bits == 4 {
+            if bits == 4 {
                 let up = _mm256_cmp_ps(v, bv[7], _CMP_GT_OQ);
                 let upper = _mm256_castps_si256(up);
                 let mut j = _mm256_setzero_si256();

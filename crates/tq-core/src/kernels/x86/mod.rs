@@ -36,6 +36,7 @@ macro_rules! dispatch_g {
 
 mod avx2;
 mod avx512;
+mod had512;
 
 use super::scalar;
 use super::Kernels;
@@ -58,6 +59,7 @@ static AVX2: Kernels = Kernels {
     softmax: avx2::softmax,
     had_round: avx2::had_round,
     had_round_t: avx2::had_round_t,
+    norm_quantize: avx2::norm_quantize,
 };
 
 /// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
@@ -68,6 +70,8 @@ static AVX512: Kernels = Kernels {
     fastscan_block: avx512::fastscan_block_512,
     fastscan_multi: avx512::fastscan_multi_512,
     fastscan_values: avx512::fastscan_values_512,
+    had_round: had512::had_round,
+    had_round_t: had512::had_round_t,
     ..AVX2
 };
 
