@@ -54,27 +54,21 @@ fn cross<const R: usize>(v: &mut [__m512; R]) {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: __m512) -> usize {
-    let last = p == 16 * R;
+    // x·1 is x (exactly): passes that are not the last multiply by 1, so that
+    // every store takes a computed value (no copy loops for the compiler to
+    // turn into memcpy calls around a stack array)
+    let sc = if p == 16 * R { scale } else { _mm512_set1_ps(1.0) };
     let mut base = 0;
     while base < p {
         let mut v = [_mm512_setzero_ps(); R];
         for (r, reg) in v.iter_mut().enumerate() {
-            let c = base + 16 * r;
-            // SAFETY: c + 16 <= p floats at `x`.
-            *reg = unsafe { _mm512_loadu_ps(x.add(c)) };
-        }
-        for reg in v.iter_mut() {
-            *reg = low4(*reg);
+            // SAFETY: base + 16·r + 16 <= p floats at `x`.
+            *reg = low4(unsafe { _mm512_loadu_ps(x.add(base + 16 * r)) });
         }
         cross(&mut v);
-        if last {
-            for reg in v.iter_mut() {
-                *reg = _mm512_mul_ps(*reg, scale);
-            }
-        }
         for (r, reg) in v.iter().enumerate() {
             // SAFETY: base + 16·r + 16 <= p floats at `x`.
-            unsafe { _mm512_storeu_ps(x.add(base + 16 * r), *reg) };
+            unsafe { _mm512_storeu_ps(x.add(base + 16 * r), _mm512_mul_ps(*reg, sc)) };
         }
         base += 16 * R;
     }
