@@ -13,13 +13,16 @@ fn fwht_simd_is_bit_identical_to_scalar() {
     let mut rng = Xoshiro256::new(3);
     for k in 0..=11 {
         let n = 1usize << k;
-        let x = randv(&mut rng, n);
-        let mut want = x.clone();
-        scalar::fwht_ref(&mut want);
-        for k in available() {
-            let mut got = x.clone();
-            (k.fwht)(&mut got);
-            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} n={n}", k.name);
+        // and signed zeros, subnormals and ties (a + b and a - b of equal values)
+        let edge: Vec<f32> = (0..n).map(|j| [0.0, -0.0, 1e-40, -1e-42, 1.0, 1.0, -1.0, 1e30, -3e29][(j * 5) % 9]).collect();
+        for x in [randv(&mut rng, n), edge] {
+            let mut want = x.clone();
+            scalar::fwht_ref(&mut want);
+            for k in available() {
+                let mut got = x.clone();
+                (k.fwht)(&mut got);
+                assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} n={n}", k.name);
+            }
         }
     }
 }
@@ -325,15 +328,30 @@ fn hadamard_rounds_match_the_step_by_step_reference() {
         for seed in [0u64, 77] {
             let h = Hadamard::new(dim, seed);
             let x: Vec<f32> = randv(&mut rng, dim).iter().map(|v| v * 3.0).collect();
+            // signed zeros, subnormals, ties and huge values (sums stay finite)
+            let edge: Vec<f32> = (0..dim).map(|j| [0.0, -0.0, 1e-40, -1e-42, 1.0, 1.0, -1.0, 1e30, -3e29][(j * 7 + seed as usize) % 9]).collect();
+            check_rounds(&h, &x, dim, seed);
+            check_rounds(&h, &edge, dim, seed);
+        }
+    }
+}
+
+fn check_rounds(h: &tq_core::rotation::Hadamard, x: &[f32], dim: usize, seed: u64) {
+    {
+        {
             let mut s = vec![0.0; dim];
-            let mut want = x.clone();
+            let mut want = x.to_vec();
             h.rotate_ref(&mut want, &mut s);
             let mut back = want.clone();
             h.unrotate_ref(&mut back, &mut s);
+            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let err = x.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-            assert!(err < 1e-4, "dim {dim}: the reference is not orthogonal ({err})");
+            assert!(err <= 1e-5 * scale, "dim {dim}: the reference is not orthogonal ({err})");
+            let mut into = vec![0.0; dim];
             for k in available() {
-                let mut got = x.clone();
+                h.rotate_into_with(k, x, &mut into, &mut s);
+                assert_eq!(bits(&into), bits(&want), "{} dim={dim} seed={seed} rotate_into", k.name);
+                let mut got = x.to_vec();
                 h.rotate_with(k, &mut got, &mut s);
                 assert_eq!(bits(&got), bits(&want), "{} dim={dim} seed={seed} rotate", k.name);
                 h.unrotate_with(k, &mut got, &mut s);

@@ -17,16 +17,16 @@ pub(super) fn fwht(x: &mut [f32]) {
 }
 
 /// # Safety
-/// The CPU supports AVX2; `x.len()` is a power of two >= 8.
-#[target_feature(enable = "avx2")]
+/// The CPU supports AVX2 and FMA; `x.len()` is a power of two >= 8.
+#[target_feature(enable = "avx2,fma")]
 unsafe fn fwht_avx2(x: &mut [f32]) {
     let n = x.len();
     let p = x.as_mut_ptr();
     for c in (0..n).step_by(8) {
-        // SAFETY: AVX2 (this function's contract); c + 8 <= n because n is a power of two >= 8.
+        // SAFETY: AVX2 and FMA (this function's contract); c + 8 <= n because n is a power of two >= 8.
         unsafe { _mm256_storeu_ps(p.add(c), low3(_mm256_loadu_ps(p.add(c)))) };
     }
-    // SAFETY: AVX2; `p` covers the n floats of `x`, n a power of two >= 8.
+    // SAFETY: AVX2 and FMA; `p` covers the n floats of `x`, n a power of two >= 8.
     unsafe { high_stages(p, n) };
 }
 
@@ -34,14 +34,18 @@ unsafe fn fwht_avx2(x: &mut [f32]) {
 /// of a pair gets x[j] + x[j^h]; the high lane gets x[j^h] - x[j] (= a - b of
 /// the reference).
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 fn low3(mut v: __m256) -> __m256 {
+    // every lane takes sw + ±1·v in one fused multiply-add: ±1·v is exact, so
+    // the single rounding gives sw + v on the low lanes and sw - v on the high
+    // ones, the reference's `a + b` and `a - b` bit for bit
+    let pm = |k: [f32; 8]| _mm256_setr_ps(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
     let sw = _mm256_permute_ps(v, 0b10_11_00_01);
-    v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1010_1010);
+    v = _mm256_fmadd_ps(v, pm([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0]), sw);
     let sw = _mm256_permute_ps(v, 0b01_00_11_10);
-    v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1100_1100);
+    v = _mm256_fmadd_ps(v, pm([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0]), sw);
     let sw = _mm256_permute2f128_ps(v, v, 1);
-    _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1111_0000)
+    _mm256_fmadd_ps(v, pm([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0]), sw)
 }
 
 /// FWHT stages h = 8 .. n/2 over `n` floats at `p` (n a power of two >= 8).
@@ -50,14 +54,14 @@ fn low3(mut v: __m256) -> __m256 {
 /// the result is bit-identical.
 ///
 /// # Safety
-/// The CPU supports AVX2; `p` is valid for reads and writes of `n` floats, `n` a power
+/// The CPU supports AVX2 and FMA; `p` is valid for reads and writes of `n` floats, `n` a power
 /// of two >= 8.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn high_stages(p: *mut f32, n: usize) {
     let mut h = 8;
     while h < n {
-        // SAFETY: AVX2; h < n, so the pass taken has R·h <= n with h >= 8, both
+        // SAFETY: AVX2 and FMA; h < n, so the pass taken has R·h <= n with h >= 8, both
         // powers of two: it stays inside the n floats at `p` (see `butterfly_pass`).
         unsafe {
             if h * 8 <= n {
@@ -78,10 +82,10 @@ unsafe fn high_stages(p: *mut f32, n: usize) {
 /// Requires `R·h <= n`, both powers of two, `h >= 8`.
 ///
 /// # Safety
-/// The CPU supports AVX2; `p` is valid for reads and writes of `n` floats; `R·h <= n`,
+/// The CPU supports AVX2 and FMA; `p` is valid for reads and writes of `n` floats; `R·h <= n`,
 /// both powers of two, `h >= 8`.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
     // SAFETY: the caller's contract is this function's.
     unsafe { butterfly_pass_s::<R, false>(p, n, h, _mm256_setzero_ps()) }
@@ -92,7 +96,7 @@ unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
 /// # Safety
 /// As [`butterfly_pass`].
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn butterfly_pass_s<const R: usize, const S: bool>(p: *mut f32, n: usize, h: usize, scale: __m256) {
     for base in (0..n).step_by(R * h) {
         for j in (base..base + h).step_by(8) {
@@ -123,39 +127,84 @@ unsafe fn butterfly_pass_s<const R: usize, const S: bool>(p: *mut f32, n: usize,
 
 // --- Hadamard rounds of dimensions that are not powers of two (`Kernels::had_round`) ---
 
-/// `x[..n] ← scale · H x[..n]` after its low three stages ran (`low3` on every
-/// 8 floats): the stages h = 8 .. n/2 as in `high_stages`, the multiply fused
-/// into the last pass (the same products, so the same bits as scaling after).
+/// The first pass of [`fwht_scaled`]: groups of `R` consecutive registers,
+/// stages h = 1 .. 4·R (`low3`, then across the registers), scaled when that
+/// is every stage (`p == 8·R`; other passes multiply by 1, which is exact).
 ///
 /// # Safety
-/// The CPU supports AVX2; `p` is valid for reads and writes of `n` floats, `n` a power
-/// of two >= 8.
+/// The CPU supports AVX2 and FMA; `x` is valid for reads and writes of `p` floats,
+/// `p = 8·R·k`.
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn high_stages_scaled(p: *mut f32, n: usize, scale: f32) {
-    let sc = _mm256_set1_ps(scale);
-    if n == 8 {
-        // SAFETY: AVX2; n = 8 floats at `p`.
-        unsafe { _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), sc)) };
-        return;
-    }
-    let mut h = 8;
-    while h < n {
-        // SAFETY: AVX2; as in `high_stages`, R·h <= n with h >= 8, both powers of two.
-        unsafe {
-            if h * 8 <= n {
-                if h * 8 == n {
-                    butterfly_pass_s::<8, true>(p, n, h, sc)
-                } else {
-                    butterfly_pass::<8>(p, n, h)
+#[target_feature(enable = "avx2,fma")]
+unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: f32) {
+    let sc = _mm256_set1_ps(if p == 8 * R { scale } else { 1.0 });
+    for base in (0..p).step_by(8 * R) {
+        let mut v = [_mm256_setzero_ps(); R];
+        for (r, reg) in v.iter_mut().enumerate() {
+            // SAFETY: base + 8·r + 8 <= p floats at `x`.
+            *reg = low3(unsafe { _mm256_loadu_ps(x.add(base + 8 * r)) });
+        }
+        let mut d = 1;
+        while d < R {
+            for r in 0..R {
+                if r & d == 0 {
+                    let (a, b) = (v[r], v[r + d]);
+                    v[r] = _mm256_add_ps(a, b);
+                    v[r + d] = _mm256_sub_ps(a, b);
                 }
+            }
+            d *= 2;
+        }
+        for (r, reg) in v.iter().enumerate() {
+            // SAFETY: as for the load.
+            unsafe { _mm256_storeu_ps(x.add(base + 8 * r), _mm256_mul_ps(*reg, sc)) };
+        }
+    }
+}
+
+/// `x[..p] ← scale · H x[..p]` (all stages; `p` a power of two >= 8): a first
+/// pass over up to 64 consecutive floats in registers, then `butterfly_pass`es
+/// (the multiply fused into the last: the same products, the same bits).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `x` is valid for reads and writes of `p` floats.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fwht_scaled(x: *mut f32, p: usize, scale: f32) {
+    let sc = _mm256_set1_ps(scale);
+    // SAFETY: AVX2 and FMA; p = 8·R·k for the R chosen; every later pass has R·h <= p
+    // with h >= 64 (the loop stops at h = p).
+    unsafe {
+        let mut h = match p {
+            8 => {
+                first_pass::<1>(x, p, scale);
+                8
+            }
+            16 => {
+                first_pass::<2>(x, p, scale);
+                16
+            }
+            32 => {
+                first_pass::<4>(x, p, scale);
+                32
+            }
+            _ => {
+                first_pass::<8>(x, p, scale);
+                64
+            }
+        };
+        while h < p {
+            if h * 8 < p {
+                butterfly_pass::<8>(x, p, h);
                 h *= 8;
-            } else if h * 4 <= n {
-                // h·4 == n here (h·8 > n)
-                butterfly_pass_s::<4, true>(p, n, h, sc);
+            } else if h * 8 == p {
+                butterfly_pass_s::<8, true>(x, p, h, sc);
+                h *= 8;
+            } else if h * 4 == p {
+                butterfly_pass_s::<4, true>(x, p, h, sc);
                 h *= 4;
             } else {
-                butterfly_pass_s::<2, true>(p, n, h, sc);
+                butterfly_pass_s::<2, true>(x, p, h, sc);
                 h *= 2;
             }
         }
@@ -163,24 +212,22 @@ unsafe fn high_stages_scaled(p: *mut f32, n: usize, scale: f32) {
 }
 
 /// `dst[j] = src[gather[j]] ^ mask[j]` for `j` in `from..to`; 8 per gather,
-/// the rest one at a time; `low3` applied to whole groups of 8 when `LOW`.
+/// the rest one at a time.
 ///
 /// # Safety
-/// The CPU supports AVX2; `src` and `dst` hold `r.len()` floats, `to <= r.len()`,
-/// and when `LOW`, `to - from` is a multiple of 8.
+/// The CPU supports AVX2 and FMA; `src` and `dst` hold `r.len()` floats, `to <= r.len()`.
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn gather_masked<const LOW: bool>(src: *const f32, r: &HadRound, dst: *mut f32, from: usize, to: usize) {
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gather_masked(src: *const f32, r: &HadRound, dst: *mut f32, from: usize, to: usize) {
     let (g, m) = (r.gather().as_ptr(), r.masks().as_ptr());
     let mut c = from;
     while c + 8 <= to {
-        // SAFETY: AVX2; c + 8 <= to <= n indices and masks; every index is below
+        // SAFETY: AVX2 and FMA; c + 8 <= to <= n indices and masks; every index is below
         // n (`HadRound::new`), so the gather reads inside `src`; the store is in `dst`.
         unsafe {
             let idx = _mm256_loadu_si256(g.add(c) as *const __m256i);
             let mk = _mm256_castsi256_ps(_mm256_loadu_si256(m.add(c) as *const __m256i));
-            let v = _mm256_xor_ps(_mm256_i32gather_ps::<4>(src, idx), mk);
-            _mm256_storeu_ps(dst.add(c), if LOW { low3(v) } else { v });
+            _mm256_storeu_ps(dst.add(c), _mm256_xor_ps(_mm256_i32gather_ps::<4>(src, idx), mk));
         }
         c += 8;
     }
@@ -191,28 +238,13 @@ unsafe fn gather_masked<const LOW: bool>(src: *const f32, r: &HadRound, dst: *mu
     }
 }
 
-/// `x[..p] ← scale · H x[..p]` (all stages; `p` a power of two >= 8).
-///
-/// # Safety
-/// The CPU supports AVX2; `x` is valid for reads and writes of `p` floats.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn fwht_scaled(x: *mut f32, p: usize, scale: f32) {
-    for c in (0..p).step_by(8) {
-        // SAFETY: AVX2; c + 8 <= p.
-        unsafe { _mm256_storeu_ps(x.add(c), low3(_mm256_loadu_ps(x.add(c)))) };
-    }
-    // SAFETY: AVX2; p floats at x, p a power of two >= 8.
-    unsafe { high_stages_scaled(x, p, scale) };
-}
-
 pub(super) fn had_round(src: &[f32], r: &HadRound, dst: &mut [f32]) {
     let n = r.len();
     assert!(src.len() == n && dst.len() == n, "a Hadamard round of {n} coordinates");
     if r.block() < 8 {
         return scalar::had_round_ref(src, r, dst);
     }
-    // SAFETY: AVX2 was detected (`detect_all`); `src` and `dst` hold n floats
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); `src` and `dst` hold n floats
     // (asserted); `HadRound::new` checked the indices, masks and block
     // (n/2 < p <= n, a power of two), and p >= 8 here.
     unsafe { had_round_avx2(src, r, dst) }
@@ -220,16 +252,15 @@ pub(super) fn had_round(src: &[f32], r: &HadRound, dst: &mut [f32]) {
 
 /// # Safety
 /// As `had_round` checks: AVX2, `src` and `dst` of `r.len()` floats, `r.block() >= 8`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn had_round_avx2(src: &[f32], r: &HadRound, dst: &mut [f32]) {
     let (n, p) = (r.len(), r.block());
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-    // SAFETY: AVX2; [0, p) and [p, n) lie in the n floats of both buffers, p a
+    // SAFETY: AVX2 and FMA; [0, p) and [p, n) lie in the n floats of both buffers, p a
     // multiple of 8; the second block [n - p, n) too.
     unsafe {
-        gather_masked::<true>(s, r, d, 0, p);
-        gather_masked::<false>(s, r, d, p, n);
-        high_stages_scaled(d, p, r.scale());
+        gather_masked(s, r, d, 0, n);
+        fwht_scaled(d, p, r.scale());
         if n != p {
             fwht_scaled(d.add(n - p), p, r.scale());
         }
@@ -248,17 +279,17 @@ pub(super) fn had_round_t(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
 
 /// # Safety
 /// As `had_round_t` checks: AVX2, `src` and `dst` of `r.len()` floats, `r.block() >= 8`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn had_round_t_avx2(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
     let (n, p) = (r.len(), r.block());
     let s = src.as_mut_ptr();
-    // SAFETY: AVX2; both blocks lie in the n floats of `src`; the gather as in `had_round_avx2`.
+    // SAFETY: AVX2 and FMA; both blocks lie in the n floats of `src`; the gather as in `had_round_avx2`.
     unsafe {
         if n != p {
             fwht_scaled(s.add(n - p), p, r.scale());
         }
         fwht_scaled(s, p, r.scale());
-        gather_masked::<false>(s, r, dst.as_mut_ptr(), 0, n);
+        gather_masked(s, r, dst.as_mut_ptr(), 0, n);
     }
 }
 
@@ -268,7 +299,7 @@ pub(super) fn norm_quantize(y: &mut [f32], boundaries: &[f32], bits: u32, idx: &
     if !y.len().is_multiple_of(8) {
         return scalar::norm_quantize_ref(y, boundaries, bits, idx);
     }
-    // SAFETY: AVX2 was detected (`detect_all`); y.len() is a multiple of 8, the
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); y.len() is a multiple of 8, the
     // output length and the number of boundaries are asserted above.
     unsafe { norm_quantize_tail::<false>(y, 1.0, boundaries, bits, idx) }
 }
@@ -278,17 +309,17 @@ pub(super) fn norm_quantize(y: &mut [f32], boundaries: &[f32], bits: u32, idx: &
 /// the whole vector held in `R` registers (same operations as `high_stages`).
 ///
 /// # Safety
-/// The CPU supports AVX2; `x` is valid for reads and `y` for writes of `8·R` floats;
+/// The CPU supports AVX2 and FMA; `x` is valid for reads and `y` for writes of `8·R` floats;
 /// `p.s1` and `p.s2` hold at least `8·R` masks each.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn rotate2_regs<const R: usize>(x: *const f32, p: &Had2<'_>, y: *mut f32) {
     let mut v = [_mm256_setzero_ps(); R];
     for (r, reg) in v.iter_mut().enumerate() {
         // SAFETY: 8·r + 8 <= 8·R floats, readable at `x` (the caller's contract).
         *reg = unsafe { _mm256_loadu_ps(x.add(8 * r)) };
     }
-    // SAFETY: AVX2; both sign arrays hold at least 8·R masks (the caller's contract).
+    // SAFETY: AVX2 and FMA; both sign arrays hold at least 8·R masks (the caller's contract).
     unsafe {
         signed_fwht_regs(&mut v, p.s1);
         signed_fwht_regs(&mut v, p.s2);
@@ -302,9 +333,9 @@ unsafe fn rotate2_regs<const R: usize>(x: *const f32, p: &Had2<'_>, y: *mut f32)
 /// `v ← H (s ⊙ v)` (unnormalized) on a vector held in `R` registers.
 ///
 /// # Safety
-/// The CPU supports AVX2; `s` holds at least `8·R` masks.
+/// The CPU supports AVX2 and FMA; `s` holds at least `8·R` masks.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn signed_fwht_regs<const R: usize>(v: &mut [__m256; R], s: &[u32]) {
     for (r, reg) in v.iter_mut().enumerate() {
         // SAFETY: 8·r + 8 <= 8·R masks, held by `s` (the caller's contract).
@@ -329,20 +360,20 @@ pub(super) fn had2_quantize(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u
     assert!(n >= 8 && n.is_power_of_two());
     assert!(p.s1.len() >= n && p.s2.len() >= n && y.len() >= n && idx.len() >= n);
     assert_eq!(p.boundaries.len(), (1usize << p.bits) - 1);
-    // SAFETY: AVX2 was detected (`detect_all`); the lengths and the number of
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); the lengths and the number of
     // boundaries `had2_quantize_avx2` needs are asserted above.
     unsafe { had2_quantize_avx2(x, p, &mut y[..n], &mut idx[..n]) }
 }
 
 /// # Safety
-/// The CPU supports AVX2; `x.len()` is a power of two >= 8, `p.s1`, `p.s2`, `y` and
+/// The CPU supports AVX2 and FMA; `x.len()` is a power of two >= 8, `p.s1`, `p.s2`, `y` and
 /// `idx` hold at least `x.len()` elements, `p.boundaries.len() == 2^p.bits - 1`
 /// (as `had2_quantize` asserts).
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
     let n = x.len();
     let yp = y.as_mut_ptr();
-    // SAFETY: AVX2 (this function's contract). Every pointer access below is
+    // SAFETY: AVX2 and FMA (this function's contract). Every pointer access below is
     // at c + 8 <= n (c a multiple of 8, or c + 32 <= full <= n for the 32-wide
     // stores), and x, y, s1, s2, idx all hold at least n elements (the caller's
     // contract); n = 64 / 128 hold 8 / 16 registers for `rotate2_regs`.

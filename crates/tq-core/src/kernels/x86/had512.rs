@@ -16,14 +16,18 @@ use std::arch::x86_64::*;
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn low4(mut v: __m512) -> __m512 {
+    // every lane takes sw + ±1·v in one fused multiply-add: ±1·v is exact, so
+    // the single rounding gives sw + v on the low lanes and sw - v on the
+    // high ones, the reference's `a + b` and `a - b` bit for bit
+    let pm = |k: __mmask16| _mm512_mask_blend_ps(k, _mm512_set1_ps(1.0), _mm512_set1_ps(-1.0));
     let sw = _mm512_permute_ps::<0b10_11_00_01>(v);
-    v = _mm512_mask_sub_ps(_mm512_add_ps(v, sw), 0xAAAA, sw, v);
+    v = _mm512_fmadd_ps(v, pm(0xAAAA), sw);
     let sw = _mm512_permute_ps::<0b01_00_11_10>(v);
-    v = _mm512_mask_sub_ps(_mm512_add_ps(v, sw), 0xCCCC, sw, v);
+    v = _mm512_fmadd_ps(v, pm(0xCCCC), sw);
     let sw = _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v);
-    v = _mm512_mask_sub_ps(_mm512_add_ps(v, sw), 0xF0F0, sw, v);
+    v = _mm512_fmadd_ps(v, pm(0xF0F0), sw);
     let sw = _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v);
-    _mm512_mask_sub_ps(_mm512_add_ps(v, sw), 0xFF00, sw, v)
+    _mm512_fmadd_ps(v, pm(0xFF00), sw)
 }
 
 /// Butterflies across the `R` registers of `v` at register distances 1, 2, ..
