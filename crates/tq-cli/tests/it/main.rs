@@ -426,3 +426,5 @@ fn a_closed_pipe_ends_quietly() {
     assert!(!err.contains("panicked") && !err.contains("Broken pipe"), "{err}");
     assert_eq!(o.status.signal(), Some(13), "status {:?}: {err}", o.status);
 }
+
+mod rotation_real;
