@@ -13,6 +13,13 @@
 //! Cost: `rounds · (dim + 2·p·log₂ p)` flops. Below 8 dimensions the signed
 //! Hadamard blocks form a small discrete group and mix poorly: use `haar` there.
 //!
+//! Kernels: a round of a non-power of two is one `Kernels::had_round` call
+//! (the sign flips folded into the permutation: `x'[j] = x[perm[j]] ^
+//! sign[perm[j]]`, one vector gather, then both scaled block FWHTs), the
+//! rounds alternating between two buffers; [`Hadamard::rotate_ref`] and
+//! [`Hadamard::unrotate_ref`] keep the construction step by step as the
+//! oracle the kernels are tested against (bit for bit).
+//!
 //! Determinism: signs come from xoshiro256** seeded by the rotation seed; the
 //! butterflies are exact IEEE adds/subtracts in a fixed order on every kernel
 //! path, so the same seed gives bit-identical output on every machine and

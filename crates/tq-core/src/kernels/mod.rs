@@ -1,9 +1,12 @@
 //! Hot kernels: a scalar reference (`*_ref`, always compiled, the test oracle)
 //! and SIMD variants chosen once at run time.
 //!
-//! Bit-exactness contract: `fwht`, `quantize`, `sum_sq` and `dot` give the
-//! *same bits* on every path (they perform the same IEEE operations in the
-//! same order; no FMA), because their results are baked into stored codes.
+//! Bit-exactness contract: `fwht`, `quantize`, `sum_sq`, `dot`, `had2_quantize`,
+//! `had_round`, `had_round_t` and `norm_quantize` give the *same bits* on
+//! every path (they perform the same IEEE operations in the same order; no
+//! FMA, except `sw + (±1)·v` in the FWHT's in-register stages: the product is
+//! exact, so the one rounding is that of `sw + v` or `sw - v`), because their
+//! results are baked into stored codes.
 //! `softmax` is bit-identical too (same body compiled per target). `dot_codes` (scoring) may differ from the reference by float reassociation
 //! only; parity tests bound that difference.
 //!

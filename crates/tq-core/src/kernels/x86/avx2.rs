@@ -129,7 +129,7 @@ unsafe fn butterfly_pass_s<const R: usize, const S: bool>(p: *mut f32, n: usize,
 
 /// The first pass of [`fwht_scaled`]: groups of `R` consecutive registers,
 /// stages h = 1 .. 4·R (`low3`, then across the registers), scaled when that
-/// is every stage (`p == 8·R`; other passes multiply by 1, which is exact).
+/// is every stage (`p == 8·R`).
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; `x` is valid for reads and writes of `p` floats,
@@ -137,7 +137,7 @@ unsafe fn butterfly_pass_s<const R: usize, const S: bool>(p: *mut f32, n: usize,
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: f32) {
-    let sc = _mm256_set1_ps(if p == 8 * R { scale } else { 1.0 });
+    let (last, sc) = (p == 8 * R, _mm256_set1_ps(scale));
     for base in (0..p).step_by(8 * R) {
         let mut v = [_mm256_setzero_ps(); R];
         for (r, reg) in v.iter_mut().enumerate() {
@@ -156,8 +156,9 @@ unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: f32) {
             d *= 2;
         }
         for (r, reg) in v.iter().enumerate() {
+            let out = if last { _mm256_mul_ps(*reg, sc) } else { *reg };
             // SAFETY: as for the load.
-            unsafe { _mm256_storeu_ps(x.add(base + 8 * r), _mm256_mul_ps(*reg, sc)) };
+            unsafe { _mm256_storeu_ps(x.add(base + 8 * r), out) };
         }
     }
 }

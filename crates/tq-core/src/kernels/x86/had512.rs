@@ -58,10 +58,9 @@ fn cross<const R: usize>(v: &mut [__m512; R]) {
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: __m512) -> usize {
-    // x·1 is x (exactly): passes that are not the last multiply by 1, so that
-    // every store takes a computed value (no copy loops for the compiler to
-    // turn into memcpy calls around a stack array)
-    let sc = if p == 16 * R { scale } else { _mm512_set1_ps(1.0) };
+    // loads and `low4` in one loop: a plain load loop into the array would be
+    // turned into a memcpy call around a stack copy
+    let last = p == 16 * R;
     let mut base = 0;
     while base < p {
         let mut v = [_mm512_setzero_ps(); R];
@@ -71,8 +70,9 @@ unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: __m512) -> us
         }
         cross(&mut v);
         for (r, reg) in v.iter().enumerate() {
+            let out = if last { _mm512_mul_ps(*reg, scale) } else { *reg };
             // SAFETY: base + 16·r + 16 <= p floats at `x`.
-            unsafe { _mm512_storeu_ps(x.add(base + 16 * r), _mm512_mul_ps(*reg, sc)) };
+            unsafe { _mm512_storeu_ps(x.add(base + 16 * r), out) };
         }
         base += 16 * R;
     }

@@ -1,9 +1,10 @@
 //! x86_64 SIMD kernels, selected at run time by `detect`: the `avx2` table
 //! (AVX2 + FMA, module `avx2`) and the `avx512` table (the AVX2 table with the
-//! AVX-512F/BW group-attention and fast-scan kernels of module `avx512`). This
-//! module holds the tables, their detection and the helpers both ISAs share.
+//! AVX-512F/BW group-attention and fast-scan kernels of module `avx512` and
+//! the Hadamard rounds of module `had512`). This module holds the tables,
+//! their detection and the helpers both ISAs share.
 //!
-//! Soundness: the safe entry points of `avx2` and `avx512` run
+//! Soundness: the safe entry points of `avx2`, `avx512` and `had512` run
 //! `#[target_feature]` code, so they must only run on a CPU with those
 //! features. They are `pub(super)`: only the tables below name them, and
 //! `detect_all` (hence `detect`, `kernels::kernels` and `kernels::available`)
