@@ -48,16 +48,28 @@ fn cross<const R: usize>(v: &mut [__m512; R]) {
     }
 }
 
+/// A masked gather `src[gather[j]] ^ masks[j]` read by the first pass of a block.
+#[derive(Clone, Copy)]
+struct Gather {
+    src: *const f32,
+    gather: *const u32,
+    masks: *const u32,
+}
+
 /// The first pass over the block of `p` floats at `x`: groups of `R` = min(16,
 /// p/16) consecutive registers, stages h = 1 .. 8·R, scaled by `scale` when
-/// that is every stage (`p == 16·R`). Returns the next stage `h = 16·R`.
+/// that is every stage (`p == 16·R`); it reads the block itself, or when `G`
+/// the gather `from` (position j of the block from `from`'s j-th index).
+/// Returns the next stage `h = 16·R`.
 ///
 /// # Safety
 /// The CPU supports AVX-512F; `x` is valid for reads and writes of `p` floats,
-/// `p = 16·R·k` (a power of two >= 16·R).
+/// `p = 16·R·k` (a power of two >= 16·R); when `G`, `from.gather` and
+/// `from.masks` hold `p` elements and every index is below the length of the
+/// buffer at `from.src`.
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: __m512) -> usize {
+unsafe fn first_pass<const R: usize, const G: bool>(x: *mut f32, p: usize, scale: __m512, from: Gather) -> usize {
     // loads and `low4` in one loop: a plain load loop into the array would be
     // turned into a memcpy call around a stack copy
     let last = p == 16 * R;
@@ -65,8 +77,18 @@ unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: __m512) -> us
     while base < p {
         let mut v = [_mm512_setzero_ps(); R];
         for (r, reg) in v.iter_mut().enumerate() {
-            // SAFETY: base + 16·r + 16 <= p floats at `x`.
-            *reg = low4(unsafe { _mm512_loadu_ps(x.add(base + 16 * r)) });
+            let c = base + 16 * r;
+            // SAFETY: c + 16 <= p floats at `x`; when G, c + 16 <= p indices and
+            // masks at `from`, every index inside `from.src` (the caller's contract).
+            *reg = low4(unsafe {
+                if G {
+                    let idx = _mm512_loadu_si512(from.gather.add(c) as *const __m512i);
+                    let m = _mm512_loadu_si512(from.masks.add(c) as *const __m512i);
+                    _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(_mm512_i32gather_ps::<4>(idx, from.src)), m))
+                } else {
+                    _mm512_loadu_ps(x.add(c))
+                }
+            });
         }
         cross(&mut v);
         for (r, reg) in v.iter().enumerate() {
@@ -105,24 +127,24 @@ unsafe fn pass<const R: usize, const S: bool>(x: *mut f32, p: usize, h: usize, s
     }
 }
 
-/// `x[..p] ← scale · H x[..p]`.
+/// `x[..p] ← scale · H x[..p]`, the input read from `from` when `G`.
 ///
 /// # Safety
 /// The CPU supports AVX-512F; `x` is valid for reads and writes of `p` floats,
-/// `p` a power of two >= 16.
+/// `p` a power of two >= 16; when `G`, as in [`first_pass`].
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn block(x: *mut f32, p: usize, scale: f32) {
+unsafe fn block<const G: bool>(x: *mut f32, p: usize, scale: f32, from: Gather) {
     let sc = _mm512_set1_ps(scale);
     // SAFETY: AVX-512F; p = 16·R·k for the R chosen, and every later pass has
-    // R·h <= p with h >= 16 (the loop stops at h = p).
+    // R·h <= p with h >= 16 (the loop stops at h = p); the gather as the caller's contract.
     unsafe {
         let mut h = match p {
-            16 => first_pass::<1>(x, p, sc),
-            32 => first_pass::<2>(x, p, sc),
-            64 => first_pass::<4>(x, p, sc),
-            128 => first_pass::<8>(x, p, sc),
-            _ => first_pass::<16>(x, p, sc),
+            16 => first_pass::<1, G>(x, p, sc, from),
+            32 => first_pass::<2, G>(x, p, sc, from),
+            64 => first_pass::<4, G>(x, p, sc, from),
+            128 => first_pass::<8, G>(x, p, sc, from),
+            _ => first_pass::<16, G>(x, p, sc, from),
         };
         while h < p {
             if h * 8 < p {
@@ -186,13 +208,16 @@ pub(super) fn had_round(src: &[f32], r: &HadRound, dst: &mut [f32]) {
 unsafe fn had_round_512(src: &[f32], r: &HadRound, dst: &mut [f32]) {
     let (n, p) = (r.len(), r.block());
     let d = dst.as_mut_ptr();
-    // SAFETY: AVX-512F; the gather covers 0..n of `dst`, its indices below n;
-    // both blocks lie in the n floats of `dst`.
+    // SAFETY: AVX-512F; the first block [0, p) is gathered (p <= n indices and
+    // masks, every index below n = src's length, `HadRound::new`) and
+    // transformed in `dst`, [p, n) gathered, then the block [n - p, n) of `dst`
+    // transformed.
     unsafe {
-        gather_masked(src.as_ptr(), r, d, 0, n);
-        block(d, p, r.scale());
+        let from = Gather { src: src.as_ptr(), gather: r.gather().as_ptr(), masks: r.masks().as_ptr() };
+        block::<true>(d, p, r.scale(), from);
+        gather_masked(src.as_ptr(), r, d, p, n);
         if n != p {
-            block(d.add(n - p), p, r.scale());
+            block::<false>(d.add(n - p), p, r.scale(), from);
         }
     }
 }
@@ -216,10 +241,11 @@ unsafe fn had_round_t_512(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
     // SAFETY: AVX-512F; both blocks lie in the n floats of `src`; the gather
     // covers 0..n of `dst`, its indices below n.
     unsafe {
+        let none = Gather { src: s, gather: std::ptr::null(), masks: std::ptr::null() };
         if n != p {
-            block(s.add(n - p), p, r.scale());
+            block::<false>(s.add(n - p), p, r.scale(), none);
         }
-        block(s, p, r.scale());
+        block::<false>(s, p, r.scale(), none);
         gather_masked(s, r, dst.as_mut_ptr(), 0, n);
     }
 }
