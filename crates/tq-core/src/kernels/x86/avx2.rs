@@ -127,22 +127,42 @@ unsafe fn butterfly_pass_s<const R: usize, const S: bool>(p: *mut f32, n: usize,
 
 // --- Hadamard rounds of dimensions that are not powers of two (`Kernels::had_round`) ---
 
+/// A masked gather `src[gather[j]] ^ masks[j]` read by the first pass of a block.
+#[derive(Clone, Copy)]
+struct Gather {
+    src: *const f32,
+    gather: *const u32,
+    masks: *const u32,
+}
+
 /// The first pass of [`fwht_scaled`]: groups of `R` consecutive registers,
 /// stages h = 1 .. 4·R (`low3`, then across the registers), scaled when that
-/// is every stage (`p == 8·R`).
+/// is every stage (`p == 8·R`); it reads the block itself, or when `G` the
+/// gather `from` (position j of the block from `from`'s j-th index).
 ///
 /// # Safety
 /// The CPU supports AVX2 and FMA; `x` is valid for reads and writes of `p` floats,
-/// `p = 8·R·k`.
+/// `p = 8·R·k`; when `G`, `from.gather` and `from.masks` hold `p` elements and
+/// every index is below the length of the buffer at `from.src`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: f32) {
+unsafe fn first_pass<const R: usize, const G: bool>(x: *mut f32, p: usize, scale: f32, from: Gather) {
     let (last, sc) = (p == 8 * R, _mm256_set1_ps(scale));
     for base in (0..p).step_by(8 * R) {
         let mut v = [_mm256_setzero_ps(); R];
         for (r, reg) in v.iter_mut().enumerate() {
-            // SAFETY: base + 8·r + 8 <= p floats at `x`.
-            *reg = low3(unsafe { _mm256_loadu_ps(x.add(base + 8 * r)) });
+            let c = base + 8 * r;
+            // SAFETY: c + 8 <= p floats at `x`; when G, c + 8 <= p indices and
+            // masks at `from`, every index inside `from.src` (the caller's contract).
+            *reg = low3(unsafe {
+                if G {
+                    let idx = _mm256_loadu_si256(from.gather.add(c) as *const __m256i);
+                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(from.masks.add(c) as *const __m256i));
+                    _mm256_xor_ps(_mm256_i32gather_ps::<4>(from.src, idx), m)
+                } else {
+                    _mm256_loadu_ps(x.add(c))
+                }
+            });
         }
         let mut d = 1;
         while d < R {
@@ -164,33 +184,35 @@ unsafe fn first_pass<const R: usize>(x: *mut f32, p: usize, scale: f32) {
 }
 
 /// `x[..p] ← scale · H x[..p]` (all stages; `p` a power of two >= 8): a first
-/// pass over up to 64 consecutive floats in registers, then `butterfly_pass`es
-/// (the multiply fused into the last: the same products, the same bits).
+/// pass over up to 64 consecutive floats in registers (read from `from` when
+/// `G`), then `butterfly_pass`es (the multiply fused into the last: the same
+/// products, the same bits).
 ///
 /// # Safety
-/// The CPU supports AVX2 and FMA; `x` is valid for reads and writes of `p` floats.
+/// The CPU supports AVX2 and FMA; `x` is valid for reads and writes of `p` floats;
+/// when `G`, as in [`first_pass`].
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fwht_scaled(x: *mut f32, p: usize, scale: f32) {
+unsafe fn fwht_scaled<const G: bool>(x: *mut f32, p: usize, scale: f32, from: Gather) {
     let sc = _mm256_set1_ps(scale);
     // SAFETY: AVX2 and FMA; p = 8·R·k for the R chosen; every later pass has R·h <= p
-    // with h >= 64 (the loop stops at h = p).
+    // with h >= 64 (the loop stops at h = p); the gather as the caller's contract.
     unsafe {
         let mut h = match p {
             8 => {
-                first_pass::<1>(x, p, scale);
+                first_pass::<1, G>(x, p, scale, from);
                 8
             }
             16 => {
-                first_pass::<2>(x, p, scale);
+                first_pass::<2, G>(x, p, scale, from);
                 16
             }
             32 => {
-                first_pass::<4>(x, p, scale);
+                first_pass::<4, G>(x, p, scale, from);
                 32
             }
             _ => {
-                first_pass::<8>(x, p, scale);
+                first_pass::<8, G>(x, p, scale, from);
                 64
             }
         };
@@ -257,13 +279,16 @@ pub(super) fn had_round(src: &[f32], r: &HadRound, dst: &mut [f32]) {
 unsafe fn had_round_avx2(src: &[f32], r: &HadRound, dst: &mut [f32]) {
     let (n, p) = (r.len(), r.block());
     let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-    // SAFETY: AVX2 and FMA; [0, p) and [p, n) lie in the n floats of both buffers, p a
-    // multiple of 8; the second block [n - p, n) too.
+    // SAFETY: AVX2 and FMA; the first block [0, p) is gathered (p <= n indices
+    // and masks, every index below n = src's length, `HadRound::new`) and
+    // transformed in `dst`, [p, n) gathered, then the block [n - p, n) of
+    // `dst` transformed.
     unsafe {
-        gather_masked(s, r, d, 0, n);
-        fwht_scaled(d, p, r.scale());
+        let from = Gather { src: s, gather: r.gather().as_ptr(), masks: r.masks().as_ptr() };
+        fwht_scaled::<true>(d, p, r.scale(), from);
+        gather_masked(s, r, d, p, n);
         if n != p {
-            fwht_scaled(d.add(n - p), p, r.scale());
+            fwht_scaled::<false>(d.add(n - p), p, r.scale(), from);
         }
     }
 }
@@ -286,10 +311,11 @@ unsafe fn had_round_t_avx2(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
     let s = src.as_mut_ptr();
     // SAFETY: AVX2 and FMA; both blocks lie in the n floats of `src`; the gather as in `had_round_avx2`.
     unsafe {
+        let none = Gather { src: s, gather: std::ptr::null(), masks: std::ptr::null() };
         if n != p {
-            fwht_scaled(s.add(n - p), p, r.scale());
+            fwht_scaled::<false>(s.add(n - p), p, r.scale(), none);
         }
-        fwht_scaled(s, p, r.scale());
+        fwht_scaled::<false>(s, p, r.scale(), none);
         gather_masked(s, r, dst.as_mut_ptr(), 0, n);
     }
 }
