@@ -224,13 +224,13 @@ impl Hadamard {
         let (x, t) = (&mut x[..self.dim], &mut scratch[..self.dim]);
         // rounds alternate between the two buffers; the result lands in `x`
         for (r, round) in self.fwd.iter().enumerate() {
-            if r % 2 == 0 {
+            if r.is_multiple_of(2) {
                 (k.had_round)(x, round, t);
             } else {
                 (k.had_round)(t, round, x);
             }
         }
-        if self.fwd.len() % 2 == 1 {
+        if !self.fwd.len().is_multiple_of(2) {
             x.copy_from_slice(t);
         }
     }
@@ -246,7 +246,7 @@ impl Hadamard {
         // round i writes `y` when an even number of rounds follows it
         let rounds = self.fwd.len();
         for (i, round) in self.fwd.iter().enumerate() {
-            match (i == 0, (rounds - 1 - i) % 2 == 0) {
+            match (i == 0, (rounds - 1 - i).is_multiple_of(2)) {
                 (true, true) => (k.had_round)(x, round, y),
                 (true, false) => (k.had_round)(x, round, t),
                 (false, true) => (k.had_round)(t, round, y),
@@ -265,13 +265,13 @@ impl Hadamard {
         }
         let (x, t) = (&mut x[..self.dim], &mut scratch[..self.dim]);
         for (r, round) in self.inv.iter().rev().enumerate() {
-            if r % 2 == 0 {
+            if r.is_multiple_of(2) {
                 (k.had_round_t)(x, round, t);
             } else {
                 (k.had_round_t)(t, round, x);
             }
         }
-        if self.inv.len() % 2 == 1 {
+        if !self.inv.len().is_multiple_of(2) {
             x.copy_from_slice(t);
         }
     }

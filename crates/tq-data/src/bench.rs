@@ -225,7 +225,11 @@ pub fn encode_dims_bench(name: &str, dims: &[usize], coords: usize, rotation: Ro
     let median = |s: &mut Vec<f64>| {
         s.sort_by(f64::total_cmp);
         let m = s.len() / 2;
-        if s.len() % 2 == 1 { s[m] } else { 0.5 * (s[m - 1] + s[m]) }
+        if s.len() % 2 == 1 {
+            s[m]
+        } else {
+            0.5 * (s[m - 1] + s[m])
+        }
     };
     let per_vec: Vec<f64> = samples.iter_mut().map(median).collect();
     let per_coord = |d: usize| all.iter().position(|&a| a == d).map(|i| per_vec[i] / d as f64);
@@ -235,7 +239,14 @@ pub fn encode_dims_bench(name: &str, dims: &[usize], coords: usize, rotation: Ro
         .map(|(&d, &ns)| {
             let pc = ns / d as f64;
             let (below, above) = if d.is_power_of_two() { (None, None) } else { (per_coord(d.next_power_of_two() / 2), per_coord(d.next_power_of_two())) };
-            EncodeDim { dim: d, vectors: coords / d, ns_per_vector: ns, ns_per_coord: pc, per_coord_vs_pow2_below: below.map(|b| pc / b), per_coord_vs_pow2_above: above.map(|a| pc / a) }
+            EncodeDim {
+                dim: d,
+                vectors: coords / d,
+                ns_per_vector: ns,
+                ns_per_coord: pc,
+                per_coord_vs_pow2_below: below.map(|b| pc / b),
+                per_coord_vs_pow2_above: above.map(|a| pc / a),
+            }
         })
         .collect();
     Ok(EncodeDims { codec: name.to_string(), kernels: kernels().name, rotation: rotation.name(), threads: 1, repeats, coords, dims: out })
@@ -299,5 +310,33 @@ mod tests {
         let b = encode_bench("tq-mse-3", 64, 256, RotationKind::Hadamard).unwrap();
         assert!(b.fastscan_vectors_per_s.is_none());
         assert!(encode_bench("tq-mse-9", 64, 16, RotationKind::Hadamard).is_err());
+    }
+
+    /// `--dims` times the requested dimensions and the powers of two around
+    /// them, the same coordinates at each, and its ratios are those of the
+    /// reported per-coordinate times; nonsense is refused.
+    #[test]
+    fn dims_bench_adds_the_powers_of_two_and_reports_consistent_ratios() {
+        let b = encode_dims_bench("tq-mse-2", &[96, 50, 64], 4096, RotationKind::Hadamard, 3).unwrap();
+        let dims: Vec<usize> = b.dims.iter().map(|d| d.dim).collect();
+        assert_eq!(dims, [32, 50, 64, 96, 128]);
+        assert_eq!((b.repeats, b.coords, b.threads), (3, 4096, 1));
+        let pc = |d: usize| b.dims.iter().find(|e| e.dim == d).unwrap().ns_per_coord;
+        for e in &b.dims {
+            assert_eq!(e.vectors, 4096 / e.dim);
+            assert!(e.ns_per_vector > 0.0 && (e.ns_per_coord - e.ns_per_vector / e.dim as f64).abs() < 1e-9);
+            if e.dim.is_power_of_two() {
+                assert!(e.per_coord_vs_pow2_below.is_none() && e.per_coord_vs_pow2_above.is_none());
+            } else {
+                let (lo, hi) = (e.dim.next_power_of_two() / 2, e.dim.next_power_of_two());
+                assert!((e.per_coord_vs_pow2_below.unwrap() - e.ns_per_coord / pc(lo)).abs() < 1e-9);
+                assert!((e.per_coord_vs_pow2_above.unwrap() - e.ns_per_coord / pc(hi)).abs() < 1e-9);
+            }
+        }
+        let err = |r: Result<EncodeDims>| r.unwrap_err().to_string();
+        assert!(err(encode_dims_bench("tq-mse-2", &[], 4096, RotationKind::Hadamard, 3)).contains("no dimension"));
+        assert!(err(encode_dims_bench("tq-mse-2", &[576], 1000, RotationKind::Hadamard, 3)).contains("do not hold one vector"));
+        assert!(err(encode_dims_bench("tq-mse-2", &[64], 4096, RotationKind::Hadamard, 0)).contains("at least one timed pass"));
+        assert!(encode_dims_bench("tq-mse-2", &[1], 4096, RotationKind::Hadamard, 1).is_err());
     }
 }

@@ -89,11 +89,14 @@ pub struct Kernels {
     /// `y`: `norm = √sum_sq(y)`, `y ← y·(1/norm)`, `idx ← quantize(y)`; `None`
     /// (`y` unchanged) when `Σy²` is not a normal f32. The same bits on every
     /// path as those three kernels in sequence.
-    pub norm_quantize: fn(&mut [f32], &[f32], u32, &mut [u8]) -> Option<f32>,
+    pub norm_quantize: NormQuantizeFn,
     // --- end of the Hadamard rounds ---
 }
 
 // --- Hadamard rounds of dimensions that are not powers of two (`crate::rotation`) ---
+
+/// Signature of `Kernels::norm_quantize`: `(y, boundaries, bits, idx) -> norm`.
+pub type NormQuantizeFn = fn(&mut [f32], &[f32], u32, &mut [u8]) -> Option<f32>;
 
 /// One round of `Kernels::had_round` / `had_round_t` over `n = gather.len()`
 /// coordinates: a gather with sign masks, and the scaled FWHT of the two

@@ -323,7 +323,8 @@ fn bits(v: &[f32]) -> Vec<u32> {
 fn hadamard_rounds_match_the_step_by_step_reference() {
     use tq_core::rotation::Hadamard;
     let mut rng = Xoshiro256::new(21);
-    let dims = [2usize, 3, 5, 6, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 48, 50, 63, 65, 96, 100, 127, 129, 200, 255, 257, 384, 576, 768, 1000, 1536, 3072, 4095];
+    let dims =
+        [2usize, 3, 5, 6, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 48, 50, 63, 65, 96, 100, 127, 129, 200, 255, 257, 384, 576, 768, 1000, 1536, 3072, 4095];
     for dim in dims {
         for seed in [0u64, 77] {
             let h = Hadamard::new(dim, seed);
