@@ -91,6 +91,11 @@ pub struct Kernels {
     /// path as those three kernels in sequence.
     pub norm_quantize: NormQuantizeFn,
     // --- end of the Hadamard rounds ---
+    // --- encode input check (`codec::check_vectors`) ---
+    /// `max_j (bits(x_j) & 0x7FFF_FFFF)`, 0 for no values: the largest `|x|`
+    /// as ordered bits (±inf and NaN above every finite value). Exact.
+    pub max_abs_bits: fn(&[f32]) -> u32,
+    // --- end of the encode input check ---
 }
 
 // --- Hadamard rounds of dimensions that are not powers of two (`crate::rotation`) ---
@@ -211,6 +216,7 @@ pub static SCALAR: Kernels = Kernels {
     had_round: scalar::had_round_ref,
     had_round_t: scalar::had_round_t_ref,
     norm_quantize: scalar::norm_quantize_ref,
+    max_abs_bits: scalar::max_abs_bits_ref,
 };
 
 /// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).

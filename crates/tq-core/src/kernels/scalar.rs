@@ -316,3 +316,11 @@ pub fn norm_quantize_ref(y: &mut [f32], boundaries: &[f32], bits: u32, idx: &mut
     Some(norm)
 }
 // --- end of the Hadamard rounds ---
+
+// --- encode input check (`codec::check_vectors`) ---
+
+/// Reference of `Kernels::max_abs_bits`.
+pub fn max_abs_bits_ref(x: &[f32]) -> u32 {
+    x.iter().fold(0u32, |m, &v| m.max(v.to_bits() & 0x7FFF_FFFF))
+}
+// --- end of the encode input check ---

@@ -399,3 +399,27 @@ fn norm_quantize_matches_the_unfused_kernels_bit_for_bit() {
 fn bits_of(v: &[f32]) -> Vec<u32> {
     bits(v)
 }
+
+/// The input check's largest-|x| scan is the same integer on every path,
+/// with ±inf and NaN (any payload, either sign) above every finite value.
+#[test]
+fn max_abs_bits_is_exact_on_every_path() {
+    let mut rng = Xoshiro256::new(29);
+    let special = [0.0f32, -0.0, 1e-42, -3e38, f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::from_bits(0xFFC0_0001)];
+    for n in (0..40).chain([100, 576, 1000]) {
+        for s in 0..=special.len() {
+            let mut x: Vec<f32> = randv(&mut rng, n);
+            if s < special.len() && n > 0 {
+                x[(s * 7) % n] = special[s];
+            }
+            let want = scalar::max_abs_bits_ref(&x);
+            assert_eq!(want, x.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0));
+            if s < special.len() && n > 0 && !special[s].is_finite() {
+                assert!(want >= 0x7F80_0000, "n={n}: a non-finite value must sort above the finite ones");
+            }
+            for k in available() {
+                assert_eq!((k.max_abs_bits)(&x), want, "{} n={n} special={s}", k.name);
+            }
+        }
+    }
+}

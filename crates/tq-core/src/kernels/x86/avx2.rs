@@ -332,6 +332,37 @@ pub(super) fn norm_quantize(y: &mut [f32], boundaries: &[f32], bits: u32, idx: &
 }
 // --- end of the Hadamard rounds ---
 
+// --- encode input check (`codec::check_vectors`) ---
+
+pub(super) fn max_abs_bits(x: &[f32]) -> u32 {
+    // SAFETY: AVX2 was detected (`detect_all`); every load is in bounds of `x`.
+    unsafe { max_abs_bits_avx2(x) }
+}
+
+/// # Safety
+/// The CPU supports AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn max_abs_bits_avx2(x: &[f32]) -> u32 {
+    let n = x.len();
+    let p = x.as_ptr() as *const __m256i;
+    let abs = _mm256_set1_epi32(0x7FFF_FFFF);
+    let (mut m0, mut m1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut c = 0;
+    while c + 16 <= n {
+        // SAFETY: floats c .. c + 16 lie in `x`.
+        unsafe {
+            m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256(p.add(c / 8)), abs));
+            m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_loadu_si256(p.add(c / 8 + 1)), abs));
+        }
+        c += 16;
+    }
+    let mut l = [0u32; 8];
+    // SAFETY: `l` holds the 8 lanes stored.
+    unsafe { _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, _mm256_max_epu32(m0, m1)) };
+    l.iter().copied().max().unwrap_or(0).max(scalar::max_abs_bits_ref(&x[c..]))
+}
+// --- end of the encode input check ---
+
 /// Both unnormalized signed transforms of `had2_quantize` for `n = 8·R` with
 /// the whole vector held in `R` registers (same operations as `high_stages`).
 ///

@@ -61,6 +61,7 @@ static AVX2: Kernels = Kernels {
     had_round: avx2::had_round,
     had_round_t: avx2::had_round_t,
     norm_quantize: avx2::norm_quantize,
+    max_abs_bits: avx2::max_abs_bits,
 };
 
 /// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
