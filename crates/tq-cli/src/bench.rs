@@ -1,4 +1,4 @@
-//! `tq bench encode`: printing around `tq_data::bench::encode_bench`.
+//! `tq bench encode`: printing around `tq_data::bench::encode_bench` and `encode_dims_bench`.
 
 use anyhow::Result;
 use tq_core::RotationKind;
@@ -18,6 +18,29 @@ pub fn encode(name: &str, dim: usize, n: usize, rot: RotationKind, json: bool) -
     println!("  score speed-up vs f32: {:.2}×; relative MSE {:.5}", b.score_speedup_vs_f32, b.relative_mse);
     if let (Some(v), Some(s), Some(e)) = (b.fastscan_vectors_per_s, b.fastscan_speedup_vs_f32, b.fastscan_relative_rms_error) {
         println!("  fast-scan {v:>10.0} vectors/s ({s:.2}× f32; u8 tables, rms error {e:.4} of the exact scores; re-score the top candidates)");
+    }
+    Ok(())
+}
+
+pub fn encode_dims(name: &str, dims: &[usize], coords: usize, rot: RotationKind, repeats: usize, json: bool) -> Result<()> {
+    let b = tq_data::bench::encode_dims_bench(name, dims, coords, rot, repeats)?;
+    if json {
+        println!("{}", serde_json::to_string(&serde_json::to_value(&b)?)?);
+        return Ok(());
+    }
+    println!("{name} encode, one core, kernels={}, rotation={}, {coords} coordinates per pass, median of {repeats} interleaved passes", b.kernels, b.rotation);
+    println!("{:>6} {:>9} {:>12} {:>10} {:>13} {:>13}", "dim", "vectors", "ns/vector", "ns/coord", "÷ pow2 below", "÷ pow2 above");
+    let ratio = |r: Option<f64>| r.map_or_else(|| "-".to_string(), |r| format!("{r:.2}×"));
+    for d in &b.dims {
+        println!(
+            "{:>6} {:>9} {:>12.1} {:>10.3} {:>13} {:>13}",
+            d.dim,
+            d.vectors,
+            d.ns_per_vector,
+            d.ns_per_coord,
+            ratio(d.per_coord_vs_pow2_below),
+            ratio(d.per_coord_vs_pow2_above)
+        );
     }
     Ok(())
 }

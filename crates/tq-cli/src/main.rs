@@ -505,6 +505,14 @@ enum BenchCmd {
         n: usize,
         #[arg(long, default_value = "hadamard")]
         rotation: RotationKind,
+        /// Time encode only, at each of these dimensions and the powers of two
+        /// around them, interleaved in one process; every pass encodes n·128
+        /// coordinates (the floats of `--dim 128 --n N`).
+        #[arg(long, value_delimiter = ',')]
+        dims: Vec<usize>,
+        /// With --dims: timed passes per dimension (medians are reported).
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
         #[arg(long)]
         json: bool,
     },
@@ -629,7 +637,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Distortion { codec, dim, n, seed, rotation, json } => distortion(&codec, dim, n, seed, rotation, json),
         Cmd::Encode { codec, input, out, seed, rotation, json } => encode(&codec, &input, &out, seed, rotation, json),
         Cmd::Decode { input, out } => decode(&input, &out),
-        Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, json } } => bench::encode(&codec, dim, n, rotation, json),
+        Cmd::Bench { what: BenchCmd::Encode { codec, dim, n, rotation, dims, repeats, json } } => {
+            if dims.is_empty() {
+                bench::encode(&codec, dim, n, rotation, json)
+            } else {
+                bench::encode_dims(&codec, &dims, n.saturating_mul(128), rotation, repeats, json)
+            }
+        }
         Cmd::Report { out, n, quick, full } => {
             tq_report::run(&out, n, tq_report::Size { quick, full }, &|| model.get(true), &bars::Bars::new())?;
             eprintln!("report written to {}/index.md (and index.html, results.json, *.svg)", out.display());

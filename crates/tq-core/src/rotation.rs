@@ -13,6 +13,13 @@
 //! Cost: `rounds · (dim + 2·p·log₂ p)` flops. Below 8 dimensions the signed
 //! Hadamard blocks form a small discrete group and mix poorly: use `haar` there.
 //!
+//! Kernels: a round of a non-power of two is one `Kernels::had_round` call
+//! (the sign flips folded into the permutation: `x'[j] = x[perm[j]] ^
+//! sign[perm[j]]`, one vector gather, then both scaled block FWHTs), the
+//! rounds alternating between two buffers; [`Hadamard::rotate_ref`] and
+//! [`Hadamard::unrotate_ref`] keep the construction step by step as the
+//! oracle the kernels are tested against (bit for bit).
+//!
 //! Determinism: signs come from xoshiro256** seeded by the rotation seed; the
 //! butterflies are exact IEEE adds/subtracts in a fixed order on every kernel
 //! path, so the same seed gives bit-identical output on every machine and
@@ -25,7 +32,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Result, TqError};
-use crate::kernels::kernels;
+use crate::kernels::{kernels, scalar, HadRound, Kernels};
 use crate::rng::Xoshiro256;
 
 /// Which random rotation a codec uses (stored in file headers by [`RotationKind::id`]).
@@ -86,6 +93,13 @@ pub struct Hadamard {
     scale: f32,
     /// Powers of two: the single final scale `block^(-rounds/2)`.
     total: f32,
+    /// Non-powers of two: per round, the signs and permutation as one
+    /// gather (`x'[j] = x[perm[j]] ^ sign[perm[j]]`) with the block transforms
+    /// (`Kernels::had_round`).
+    fwd: Vec<HadRound>,
+    /// Non-powers of two: per round, the inverse gather (`x[i] = x'[perm⁻¹[i]] ^
+    /// sign[i]`) after the transposed block transforms (`Kernels::had_round_t`).
+    inv: Vec<HadRound>,
 }
 
 impl Hadamard {
@@ -94,7 +108,7 @@ impl Hadamard {
         let block = if dim.is_power_of_two() { dim } else { dim.next_power_of_two() / 2 };
         let rounds = if dim.is_power_of_two() && dim >= 64 { 2 } else { 3 };
         let mut rng = Xoshiro256::new(seed);
-        let signs = (0..rounds).map(|_| (0..dim).map(|_| if rng.next_u64() >> 63 == 1 { 0x8000_0000 } else { 0 }).collect()).collect();
+        let signs: Vec<Vec<u32>> = (0..rounds).map(|_| (0..dim).map(|_| if rng.next_u64() >> 63 == 1 { 0x8000_0000 } else { 0 }).collect()).collect();
         let perms = if dim == block {
             Vec::new()
         } else {
@@ -110,7 +124,18 @@ impl Hadamard {
                 .collect()
         };
         let total = (block as f64).powf(-(rounds as f64) / 2.0) as f32;
-        Self { dim, block, signs, perms, scale: (1.0 / (block as f64).sqrt()) as f32, total }
+        let scale = (1.0 / (block as f64).sqrt()) as f32;
+        let (mut fwd, mut inv) = (Vec::new(), Vec::new());
+        for (s, p) in signs.iter().zip(&perms) {
+            let masks = p.iter().map(|&j| s[j as usize]).collect();
+            fwd.push(HadRound::new(p.clone(), masks, block, scale).expect("a permutation of 0..dim"));
+            let mut q = vec![0u32; dim];
+            for (j, &pj) in p.iter().enumerate() {
+                q[pj as usize] = j as u32;
+            }
+            inv.push(HadRound::new(q, s.clone(), block, scale).expect("a permutation of 0..dim"));
+        }
+        Self { dim, block, signs, perms, scale, total, fwd, inv }
     }
 
     /// Number of rounds (2 or 3).
@@ -124,8 +149,7 @@ impl Hadamard {
         }
     }
 
-    fn block_transform(&self, x: &mut [f32]) {
-        let fwht = kernels().fwht;
+    fn block_transform(&self, fwht: fn(&mut [f32]), x: &mut [f32]) {
         let p = self.block;
         fwht(&mut x[..p]);
         for v in &mut x[..p] {
@@ -140,8 +164,7 @@ impl Hadamard {
         }
     }
 
-    fn block_transform_t(&self, x: &mut [f32]) {
-        let fwht = kernels().fwht;
+    fn block_transform_t(&self, fwht: fn(&mut [f32]), x: &mut [f32]) {
         let p = self.block;
         if self.dim != p {
             let off = self.dim - p;
@@ -158,8 +181,7 @@ impl Hadamard {
 
     /// Powers of two: all rounds unscaled, then one multiply by `p^(-rounds/2)`
     /// (a power of two when `rounds` is even, so the result equals per-round scaling).
-    fn pow2_rounds(&self, x: &mut [f32], reverse: bool) {
-        let fwht = kernels().fwht;
+    fn pow2_rounds(&self, fwht: fn(&mut [f32]), x: &mut [f32], reverse: bool) {
         if reverse {
             for s in self.signs.iter().rev() {
                 fwht(x);
@@ -183,9 +205,85 @@ impl Hadamard {
 
     /// `x ← Π x`; `scratch` holds `dim` floats (used for the permutations).
     pub fn rotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        self.rotate_with(kernels(), x, scratch)
+    }
+
+    /// `x ← Πᵀ x`.
+    pub fn unrotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
+        self.unrotate_with(kernels(), x, scratch)
+    }
+
+    /// [`Hadamard::rotate_in_place`] on the kernel table `k` (every table gives the same bits).
+    pub fn rotate_with(&self, k: &Kernels, x: &mut [f32], scratch: &mut [f32]) {
         if self.dim == self.block && self.signs.len() == 2 {
-            return self.pow2_rounds(x, false);
+            return self.pow2_rounds(k.fwht, x, false);
         }
+        if self.fwd.is_empty() {
+            return self.rotate_steps(k.fwht, x, scratch);
+        }
+        let (x, t) = (&mut x[..self.dim], &mut scratch[..self.dim]);
+        // rounds alternate between the two buffers; the result lands in `x`
+        for (r, round) in self.fwd.iter().enumerate() {
+            if r.is_multiple_of(2) {
+                (k.had_round)(x, round, t);
+            } else {
+                (k.had_round)(t, round, x);
+            }
+        }
+        if !self.fwd.len().is_multiple_of(2) {
+            x.copy_from_slice(t);
+        }
+    }
+
+    /// `y ← Π x` (`x`, `y`, `scratch`: `dim` floats), on the kernel table `k`:
+    /// [`Hadamard::rotate_with`] without the copies.
+    pub fn rotate_into_with(&self, k: &Kernels, x: &[f32], y: &mut [f32], scratch: &mut [f32]) {
+        if self.fwd.is_empty() || self.dim == self.block {
+            y.copy_from_slice(x);
+            return self.rotate_with(k, y, scratch);
+        }
+        let (y, t) = (&mut y[..self.dim], &mut scratch[..self.dim]);
+        // round i writes `y` when an even number of rounds follows it
+        let rounds = self.fwd.len();
+        for (i, round) in self.fwd.iter().enumerate() {
+            match (i == 0, (rounds - 1 - i).is_multiple_of(2)) {
+                (true, true) => (k.had_round)(x, round, y),
+                (true, false) => (k.had_round)(x, round, t),
+                (false, true) => (k.had_round)(t, round, y),
+                (false, false) => (k.had_round)(y, round, t),
+            }
+        }
+    }
+
+    /// [`Hadamard::unrotate_in_place`] on the kernel table `k` (every table gives the same bits).
+    pub fn unrotate_with(&self, k: &Kernels, x: &mut [f32], scratch: &mut [f32]) {
+        if self.dim == self.block && self.signs.len() == 2 {
+            return self.pow2_rounds(k.fwht, x, true);
+        }
+        if self.inv.is_empty() {
+            return self.unrotate_steps(k.fwht, x, scratch);
+        }
+        let (x, t) = (&mut x[..self.dim], &mut scratch[..self.dim]);
+        for (r, round) in self.inv.iter().rev().enumerate() {
+            if r.is_multiple_of(2) {
+                (k.had_round_t)(x, round, t);
+            } else {
+                (k.had_round_t)(t, round, x);
+            }
+        }
+        if !self.inv.len().is_multiple_of(2) {
+            x.copy_from_slice(t);
+        }
+    }
+
+    /// `x ← Π x` as the construction states it, one step at a time (signs,
+    /// permutation, the two block transforms, on the scalar FWHT): the
+    /// reference the round kernels are tested against.
+    pub fn rotate_ref(&self, x: &mut [f32], scratch: &mut [f32]) {
+        self.rotate_steps(scalar::fwht_ref, x, scratch)
+    }
+
+    fn rotate_steps(&self, fwht: fn(&mut [f32]), x: &mut [f32], scratch: &mut [f32]) {
         for (r, s) in self.signs.iter().enumerate() {
             Self::apply_signs(x, s);
             if let Some(p) = self.perms.get(r) {
@@ -194,17 +292,18 @@ impl Hadamard {
                     *o = scratch[j as usize];
                 }
             }
-            self.block_transform(x);
+            self.block_transform(fwht, x);
         }
     }
 
-    /// `x ← Πᵀ x`.
-    pub fn unrotate_in_place(&self, x: &mut [f32], scratch: &mut [f32]) {
-        if self.dim == self.block && self.signs.len() == 2 {
-            return self.pow2_rounds(x, true);
-        }
+    /// `x ← Πᵀ x` step by step (the reference of [`Hadamard::unrotate_in_place`]).
+    pub fn unrotate_ref(&self, x: &mut [f32], scratch: &mut [f32]) {
+        self.unrotate_steps(scalar::fwht_ref, x, scratch)
+    }
+
+    fn unrotate_steps(&self, fwht: fn(&mut [f32]), x: &mut [f32], scratch: &mut [f32]) {
         for (r, s) in self.signs.iter().enumerate().rev() {
-            self.block_transform_t(x);
+            self.block_transform_t(fwht, x);
             if let Some(p) = self.perms.get(r) {
                 scratch[..self.dim].copy_from_slice(x);
                 for (&v, &j) in scratch.iter().zip(p) {
@@ -379,6 +478,14 @@ impl Rotation {
                 h.apply(x, scratch);
                 x.copy_from_slice(&scratch[..x.len()]);
             }
+        }
+    }
+
+    /// `y ← Π x` (the bits of `rotate_in_place` on a copy of `x`); `scratch` must hold `dim` floats.
+    pub fn rotate_into(&self, x: &[f32], y: &mut [f32], scratch: &mut [f32]) {
+        match self {
+            Rotation::Hadamard(h) => h.rotate_into_with(kernels(), x, y, scratch),
+            Rotation::Haar(h) => h.apply(x, y),
         }
     }
 

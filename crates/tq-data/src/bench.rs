@@ -10,7 +10,7 @@ use tq_core::kernels::kernels;
 use tq_core::rng::Xoshiro256;
 use tq_core::{Codec, PreparedQuery, RotationKind};
 
-use crate::error::{Context, Result};
+use crate::error::{bail, Context, Result};
 
 /// One `tq bench encode` run (field names as `--json` prints them).
 #[derive(Clone, Debug, serde::Serialize)]
@@ -141,6 +141,117 @@ pub fn encode_bench(name: &str, dim: usize, n: usize, rotation: RotationKind) ->
     })
 }
 
+/// One dimension of [`encode_dims_bench`]: medians over interleaved repeats.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EncodeDim {
+    /// Vector dimension.
+    pub dim: usize,
+    /// Vectors encoded per timed pass.
+    pub vectors: usize,
+    /// Median nanoseconds to encode one vector.
+    pub ns_per_vector: f64,
+    /// Median nanoseconds per coordinate (`ns_per_vector / dim`).
+    pub ns_per_coord: f64,
+    /// `ns_per_coord` over that of the largest power of two below `dim` (`None` for powers of two).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_coord_vs_pow2_below: Option<f64>,
+    /// `ns_per_coord` over that of the smallest power of two above `dim`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_coord_vs_pow2_above: Option<f64>,
+}
+
+/// `tq bench encode --dims`: encode time of one codec at several dimensions,
+/// timed in one process (field names as `--json` prints them).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EncodeDims {
+    /// Registry name.
+    pub codec: String,
+    /// The kernel table that ran.
+    pub kernels: &'static str,
+    /// Rotation of the codec.
+    pub rotation: &'static str,
+    /// Threads used (always 1).
+    pub threads: usize,
+    /// Timed passes per dimension (the reported values are their medians).
+    pub repeats: usize,
+    /// Coordinates encoded per pass at every dimension.
+    pub coords: usize,
+    /// Ascending by dimension; the powers of two around each requested one are added.
+    pub dims: Vec<EncodeDim>,
+}
+
+/// Encode time per vector and per coordinate of `name` at each of `dims` and
+/// at the powers of two around them, on one core: every pass encodes the same
+/// `coords` seeded Gaussian floats (`coords / dim` vectors), and the passes
+/// run interleaved (every dimension once, `repeats` times over), so that load
+/// on a shared machine hits all dimensions alike; the medians are reported.
+pub fn encode_dims_bench(name: &str, dims: &[usize], coords: usize, rotation: RotationKind, repeats: usize) -> Result<EncodeDims> {
+    let mut all: Vec<usize> = Vec::new();
+    for &d in dims {
+        all.push(d);
+        if d >= 2 && !d.is_power_of_two() {
+            all.extend([d.next_power_of_two() / 2, d.next_power_of_two()]);
+        }
+    }
+    all.sort_unstable();
+    all.dedup();
+    let Some(&hi) = all.last() else { bail!("no dimension to time") };
+    if coords < hi {
+        bail!("{coords} coordinates per pass do not hold one vector of dimension {hi}");
+    }
+    if repeats == 0 {
+        bail!("at least one timed pass per dimension is needed");
+    }
+    let codecs = all.iter().map(|&d| tq_core::build(name, d, 7, rotation)).collect::<std::result::Result<Vec<_>, _>>()?;
+    let mut rng = Xoshiro256::new(1);
+    let xs: Vec<f32> = (0..coords).map(|_| rng.gaussian() as f32).collect();
+    let mut codes: Vec<Vec<u8>> = codecs.iter().zip(&all).map(|(c, &d)| vec![0u8; coords / d * c.code_size()]).collect();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().context("cannot start a thread pool")?;
+    let mut samples = vec![Vec::with_capacity(repeats); all.len()];
+    pool.install(|| -> Result<()> {
+        // one untimed pass each (tables, caches, page faults)
+        for ((c, &d), out) in codecs.iter().zip(&all).zip(codes.iter_mut()) {
+            c.encode_batch(&xs[..coords / d * d], out)?;
+        }
+        for _ in 0..repeats {
+            for (((c, &d), out), s) in codecs.iter().zip(&all).zip(codes.iter_mut()).zip(samples.iter_mut()) {
+                let t = Instant::now();
+                c.encode_batch(&xs[..coords / d * d], out)?;
+                s.push(t.elapsed().as_secs_f64() * 1e9 / (coords / d) as f64);
+            }
+        }
+        Ok(())
+    })?;
+    let median = |s: &mut Vec<f64>| {
+        s.sort_by(f64::total_cmp);
+        let m = s.len() / 2;
+        if s.len() % 2 == 1 {
+            s[m]
+        } else {
+            0.5 * (s[m - 1] + s[m])
+        }
+    };
+    let per_vec: Vec<f64> = samples.iter_mut().map(median).collect();
+    let per_coord = |d: usize| all.iter().position(|&a| a == d).map(|i| per_vec[i] / d as f64);
+    let out = all
+        .iter()
+        .zip(&per_vec)
+        .map(|(&d, &ns)| {
+            let pc = ns / d as f64;
+            let (below, above) = if d.is_power_of_two() { (None, None) } else { (per_coord(d.next_power_of_two() / 2), per_coord(d.next_power_of_two())) };
+            EncodeDim {
+                dim: d,
+                vectors: coords / d,
+                ns_per_vector: ns,
+                ns_per_coord: pc,
+                per_coord_vs_pow2_below: below.map(|b| pc / b),
+                per_coord_vs_pow2_above: above.map(|a| pc / a),
+            }
+        })
+        .collect();
+    Ok(EncodeDims { codec: name.to_string(), kernels: kernels().name, rotation: rotation.name(), threads: 1, repeats, coords, dims: out })
+}
+
 struct FastTimes {
     t_layout: f64,
     t_scan: f64,
@@ -199,5 +310,33 @@ mod tests {
         let b = encode_bench("tq-mse-3", 64, 256, RotationKind::Hadamard).unwrap();
         assert!(b.fastscan_vectors_per_s.is_none());
         assert!(encode_bench("tq-mse-9", 64, 16, RotationKind::Hadamard).is_err());
+    }
+
+    /// `--dims` times the requested dimensions and the powers of two around
+    /// them, the same coordinates at each, and its ratios are those of the
+    /// reported per-coordinate times; nonsense is refused.
+    #[test]
+    fn dims_bench_adds_the_powers_of_two_and_reports_consistent_ratios() {
+        let b = encode_dims_bench("tq-mse-2", &[96, 50, 64], 4096, RotationKind::Hadamard, 3).unwrap();
+        let dims: Vec<usize> = b.dims.iter().map(|d| d.dim).collect();
+        assert_eq!(dims, [32, 50, 64, 96, 128]);
+        assert_eq!((b.repeats, b.coords, b.threads), (3, 4096, 1));
+        let pc = |d: usize| b.dims.iter().find(|e| e.dim == d).unwrap().ns_per_coord;
+        for e in &b.dims {
+            assert_eq!(e.vectors, 4096 / e.dim);
+            assert!(e.ns_per_vector > 0.0 && (e.ns_per_coord - e.ns_per_vector / e.dim as f64).abs() < 1e-9);
+            if e.dim.is_power_of_two() {
+                assert!(e.per_coord_vs_pow2_below.is_none() && e.per_coord_vs_pow2_above.is_none());
+            } else {
+                let (lo, hi) = (e.dim.next_power_of_two() / 2, e.dim.next_power_of_two());
+                assert!((e.per_coord_vs_pow2_below.unwrap() - e.ns_per_coord / pc(lo)).abs() < 1e-9);
+                assert!((e.per_coord_vs_pow2_above.unwrap() - e.ns_per_coord / pc(hi)).abs() < 1e-9);
+            }
+        }
+        let err = |r: Result<EncodeDims>| r.unwrap_err().to_string();
+        assert!(err(encode_dims_bench("tq-mse-2", &[], 4096, RotationKind::Hadamard, 3)).contains("no dimension"));
+        assert!(err(encode_dims_bench("tq-mse-2", &[576], 1000, RotationKind::Hadamard, 3)).contains("do not hold one vector"));
+        assert!(err(encode_dims_bench("tq-mse-2", &[64], 4096, RotationKind::Hadamard, 0)).contains("at least one timed pass"));
+        assert!(encode_dims_bench("tq-mse-2", &[1], 4096, RotationKind::Hadamard, 1).is_err());
     }
 }

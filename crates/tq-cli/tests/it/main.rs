@@ -440,3 +440,4 @@ fn kv_sweep_refuses_options_a_precision_cannot_take_before_running() {
     assert_eq!(err.matches("KIVI keeps its own").count(), 1, "the message is repeated: {err}");
     assert!(!out.join("kv_sweep.md").exists() && !err.contains("panicked"));
 }
+mod rotation_real;

@@ -379,12 +379,13 @@ fn scan_vectors(xs: &[f32], dim: usize, flag_above: f32, mut flagged: impl FnMut
     if dim == 0 || xs.is_empty() || !xs.len().is_multiple_of(dim) {
         return Err(TqError::DimMismatch { expected: dim, got: if xs.is_empty() || dim == 0 { 0 } else { xs.len() % dim } });
     }
-    // Largest |x| (as ordered bits) per vector: a branch-free, vectorizable scan.
+    // Largest |x| (as ordered bits) per vector: a branch-free scan (kernel).
     // Only vectors with a huge coordinate need the exact f64 norm check.
     const HUGE: u32 = 0x5D5E_0B6B; // 1e18 = SAFE_ABS: below it, Σx² cannot overflow f64 nor ‖x‖ f32
     let flag = flag_above.to_bits();
+    let max_abs_bits = kernels().max_abs_bits;
     for (i, v) in xs.chunks_exact(dim).enumerate() {
-        let m = v.iter().fold(0u32, |m, &x| m.max(x.to_bits() & 0x7FFF_FFFF));
+        let m = max_abs_bits(v);
         if m >= 0x7F80_0000 {
             let (j, &x) = v.iter().enumerate().find(|(_, x)| !x.is_finite()).expect("a non-finite value");
             return Err(TqError::NonFinite { vector: i, coord: j, value: x });

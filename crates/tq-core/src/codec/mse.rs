@@ -67,6 +67,18 @@ impl TurboQuantMse {
         self.scale_for(norm, y, tmp, idx)
     }
 
+    /// [`Self::scale_for`] from the packed indices (the centroids looked up by
+    /// the `lookup_codes` kernel: the same values, so the same bits).
+    fn scale_packed(&self, norm: f32, y: &[f32], tmp: &mut [f32], packed: &[u8]) -> f32 {
+        if self.norm_correction {
+            let k = kernels();
+            (k.lookup_codes)(packed, self.bits, &self.codebook.centroids, tmp);
+            norm / (k.dot)(y, tmp)
+        } else {
+            norm
+        }
+    }
+
     /// The stored scale for unit rotated `y` quantized to `idx`.
     fn scale_for(&self, norm: f32, y: &[f32], tmp: &mut [f32], idx: &[u8]) -> f32 {
         if self.norm_correction {
@@ -97,20 +109,27 @@ impl Codec for TurboQuantMse {
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
         with_scratch(self.dim, |y, tmp, idx| {
             let k = kernels();
-            // fused fast path (same bits as the general one); None for zero/extreme norms
+            // fused fast paths (same bits as the general one); None for zero/extreme norms
             let fused = self.rotation.two_round_pow2().and_then(|(s1, s2, total)| {
                 let p = Had2 { s1, s2, total, boundaries: &self.codebook.boundaries, bits: self.bits };
                 (k.had2_quantize)(x, &p, y, idx)
             });
+            let fused = fused.or_else(|| {
+                self.rotation.rotate_into(x, y, tmp);
+                // y unchanged when None
+                (k.norm_quantize)(y, &self.codebook.boundaries, self.bits, idx)
+            });
             let scale = match fused {
-                Some(norm) => self.scale_for(norm, y, tmp, idx),
+                Some(norm) => {
+                    pack(idx, self.bits, &mut code[..self.packed]);
+                    self.scale_packed(norm, y, tmp, &code[..self.packed])
+                }
                 None => {
-                    y.copy_from_slice(x);
-                    self.rotation.rotate_in_place(y, tmp);
-                    self.encode_rotated(y, tmp, idx)
+                    let scale = self.encode_rotated(y, tmp, idx);
+                    pack(idx, self.bits, &mut code[..self.packed]);
+                    scale
                 }
             };
-            pack(idx, self.bits, &mut code[..self.packed]);
             code[self.packed..self.packed + 4].copy_from_slice(&scale.to_le_bytes());
         })
     }

@@ -1,9 +1,12 @@
 //! Hot kernels: a scalar reference (`*_ref`, always compiled, the test oracle)
 //! and SIMD variants chosen once at run time.
 //!
-//! Bit-exactness contract: `fwht`, `quantize`, `sum_sq` and `dot` give the
-//! *same bits* on every path (they perform the same IEEE operations in the
-//! same order; no FMA), because their results are baked into stored codes.
+//! Bit-exactness contract: `fwht`, `quantize`, `sum_sq`, `dot`, `had2_quantize`,
+//! `had_round`, `had_round_t` and `norm_quantize` give the *same bits* on
+//! every path (they perform the same IEEE operations in the same order; no
+//! FMA, except `sw + (±1)·v` in the FWHT's in-register stages: the product is
+//! exact, so the one rounding is that of `sw + v` or `sw - v`), because their
+//! results are baked into stored codes.
 //! `softmax` is bit-identical too (same body compiled per target). `dot_codes` (scoring) may differ from the reference by float reassociation
 //! only; parity tests bound that difference.
 //!
@@ -78,7 +81,99 @@ pub struct Kernels {
     /// element-wise, the same bits and selection on every path).
     pub fastscan_select: FastScanSelectFn,
     // --- end batched fast-scan search ---
+    // --- Hadamard rounds of dimensions that are not powers of two (`crate::rotation`) ---
+    /// One round of the two-block randomized Hadamard transform, `(src, round, dst)`:
+    /// `dst[j] = src[gather[j]] ^ mask[j]` (sign flips as bit masks), then
+    /// `dst[..p] ← scale·H dst[..p]` and `dst[n-p..] ← scale·H dst[n-p..]`
+    /// (`H` the unnormalized FWHT, `p` the block). Exact: the same bits on every
+    /// path as `scalar::had_round_ref` (the FWHT butterflies and the scaling in
+    /// the reference's order).
+    pub had_round: fn(&[f32], &HadRound, &mut [f32]),
+    /// The transposed round, `(src, round, dst)`: `src[n-p..] ← scale·H src[n-p..]`,
+    /// `src[..p] ← scale·H src[..p]`, then `dst[j] = src[gather[j]] ^ mask[j]`.
+    /// The same bits on every path as `scalar::had_round_t_ref`.
+    pub had_round_t: fn(&mut [f32], &HadRound, &mut [f32]),
+    /// `(y, boundaries, bits, idx)`: the end of `had2_quantize` for a rotated
+    /// `y`: `norm = √sum_sq(y)`, `y ← y·(1/norm)`, `idx ← quantize(y)`; `None`
+    /// (`y` unchanged) when `Σy²` is not a normal f32. The same bits on every
+    /// path as those three kernels in sequence.
+    pub norm_quantize: NormQuantizeFn,
+    // --- end of the Hadamard rounds ---
+    // --- encode input check (`codec::check_vectors`) ---
+    /// `max_j (bits(x_j) & 0x7FFF_FFFF)`, 0 for no values: the largest `|x|`
+    /// as ordered bits (±inf and NaN above every finite value). Exact.
+    pub max_abs_bits: fn(&[f32]) -> u32,
+    // --- end of the encode input check ---
 }
+
+// --- Hadamard rounds of dimensions that are not powers of two (`crate::rotation`) ---
+
+/// Signature of `Kernels::norm_quantize`: `(y, boundaries, bits, idx) -> norm`.
+pub type NormQuantizeFn = fn(&mut [f32], &[f32], u32, &mut [u8]) -> Option<f32>;
+
+/// One round of `Kernels::had_round` / `had_round_t` over `n = gather.len()`
+/// coordinates: a gather with sign masks, and the scaled FWHT of the two
+/// overlapping blocks `[0, p)` and `[n - p, n)`. Built by [`HadRound::new`],
+/// which checks what the kernels rely on (every index below `n`, one mask per
+/// index, a power-of-two block with `n/2 < p <= n`).
+#[derive(Clone, Debug)]
+pub struct HadRound {
+    gather: Vec<u32>,
+    masks: Vec<u32>,
+    block: usize,
+    scale: f32,
+}
+
+impl HadRound {
+    /// The round that gathers `src[gather[j]]`, XORs `masks[j]` into its bits and
+    /// transforms blocks of `block` scaled by `scale`; `None` unless `gather`
+    /// and `masks` have the same length `n >= 2`, every index is below `n`,
+    /// every mask is 0 or the sign bit, and `block` is a power of two with
+    /// `n/2 < block <= n`.
+    pub fn new(gather: Vec<u32>, masks: Vec<u32>, block: usize, scale: f32) -> Option<Self> {
+        let n = gather.len();
+        let ok = n >= 2
+            && masks.len() == n
+            && n <= u32::MAX as usize
+            && gather.iter().all(|&j| (j as usize) < n)
+            && masks.iter().all(|&m| m == 0 || m == 0x8000_0000)
+            && block.is_power_of_two()
+            && block <= n
+            && 2 * block > n;
+        ok.then_some(Self { gather, masks, block, scale })
+    }
+
+    /// Coordinates `n`.
+    pub fn len(&self) -> usize {
+        self.gather.len()
+    }
+
+    /// Always false (`n >= 2`).
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// `dst[j] = src[gather[j]]` (before the mask).
+    pub fn gather(&self) -> &[u32] {
+        &self.gather
+    }
+
+    /// Sign masks (0 or `0x8000_0000`), one per output coordinate.
+    pub fn masks(&self) -> &[u32] {
+        &self.masks
+    }
+
+    /// Block length `p` (a power of two, `n/2 < p <= n`).
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// The factor applied after each block's unnormalized FWHT.
+    pub fn scale(&self) -> f32 {
+        self.scale
+    }
+}
+// --- end of the Hadamard rounds ---
 
 /// Signature of `Kernels::group_scores`: `(codes, code_size, bits, table, qs, d, scale, out)`.
 pub type GroupScoresFn = fn(&[u8], usize, u32, &[f32], &[f32], usize, f32, &mut [f32]);
@@ -130,6 +225,10 @@ pub static SCALAR: Kernels = Kernels {
     fastscan_values: scalar::fastscan_values_ref,
     softmax: scalar::softmax_ref,
     fastscan_select: scalar::fastscan_select_ref,
+    had_round: scalar::had_round_ref,
+    had_round_t: scalar::had_round_t_ref,
+    norm_quantize: scalar::norm_quantize_ref,
+    max_abs_bits: scalar::max_abs_bits_ref,
 };
 
 /// The best kernels this CPU supports (resolved once; `TQ_SIMD=scalar` overrides).

@@ -291,3 +291,67 @@ pub fn fastscan_select_ref(
     }
     c
 }
+// --- Hadamard rounds of dimensions that are not powers of two (`crate::rotation`) ---
+
+/// `x ← scale · H x` (unnormalized FWHT, then one multiply per element).
+pub fn fwht_scaled_ref(x: &mut [f32], scale: f32) {
+    fwht_ref(x);
+    x.iter_mut().for_each(|v| *v *= scale);
+}
+
+/// Both scaled blocks of a round, `[0, p)` first when `forward`, else `[n-p, n)` first.
+fn had_blocks_ref(x: &mut [f32], p: usize, scale: f32, forward: bool) {
+    let off = x.len() - p;
+    if forward || off == 0 {
+        fwht_scaled_ref(&mut x[..p], scale);
+    }
+    if off != 0 {
+        fwht_scaled_ref(&mut x[off..], scale);
+        if !forward {
+            fwht_scaled_ref(&mut x[..p], scale);
+        }
+    }
+}
+
+/// `dst[j] = src[gather[j]] ^ mask[j]`.
+fn gather_masked_ref(src: &[f32], r: &super::HadRound, dst: &mut [f32]) {
+    for ((o, &j), &m) in dst.iter_mut().zip(r.gather()).zip(r.masks()) {
+        *o = f32::from_bits(src[j as usize].to_bits() ^ m);
+    }
+}
+
+/// Reference of `Kernels::had_round` (`src`, `dst`: `r.len()` floats each).
+pub fn had_round_ref(src: &[f32], r: &super::HadRound, dst: &mut [f32]) {
+    assert!(src.len() == r.len() && dst.len() == r.len(), "a Hadamard round of {} coordinates", r.len());
+    gather_masked_ref(src, r, dst);
+    had_blocks_ref(dst, r.block(), r.scale(), true);
+}
+
+/// Reference of `Kernels::had_round_t` (`src`, `dst`: `r.len()` floats each).
+pub fn had_round_t_ref(src: &mut [f32], r: &super::HadRound, dst: &mut [f32]) {
+    assert!(src.len() == r.len() && dst.len() == r.len(), "a Hadamard round of {} coordinates", r.len());
+    had_blocks_ref(src, r.block(), r.scale(), false);
+    gather_masked_ref(src, r, dst);
+}
+
+/// Reference of `Kernels::norm_quantize`.
+pub fn norm_quantize_ref(y: &mut [f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) -> Option<f32> {
+    let s = sum_sq_ref(y);
+    if !s.is_normal() {
+        return None;
+    }
+    let norm = s.sqrt();
+    let inv = 1.0 / norm;
+    y.iter_mut().for_each(|v| *v *= inv);
+    quantize_ref(y, boundaries, bits, idx);
+    Some(norm)
+}
+// --- end of the Hadamard rounds ---
+
+// --- encode input check (`codec::check_vectors`) ---
+
+/// Reference of `Kernels::max_abs_bits`.
+pub fn max_abs_bits_ref(x: &[f32]) -> u32 {
+    x.iter().fold(0u32, |m, &v| m.max(v.to_bits() & 0x7FFF_FFFF))
+}
+// --- end of the encode input check ---

@@ -116,3 +116,29 @@ fn codes_and_scores_match_the_recorded_fingerprints() {
     }
     assert_eq!(got.lines().count(), want.lines().count());
 }
+
+/// Dimensions that are not powers of two (three Hadamard rounds over two
+/// overlapping blocks with permutations; their rotation has its own kernels)
+/// and a power of two beside them: codes, decodes and scores as recorded in
+/// `fingerprints-dims.txt`, for codecs that rotate forward (encode, queries)
+/// and back (decode, attention).
+#[test]
+fn non_power_of_two_dims_match_the_recorded_fingerprints() {
+    let mut lines = Vec::new();
+    for name in ["tq-mse-4-nc", "tq-mse-2", "tq-mse-8", "tq-mse-3.5", "tq-prod-3-orth", "rabitq-4"] {
+        for dim in [50usize, 100, 384, 512, 576, 768, 1536, 3072] {
+            let c = tq_core::build(name, dim, 7, RotationKind::Hadamard).unwrap();
+            lines.push(format!("{name} {dim} {:016x}", fingerprint(c.as_ref(), 24)));
+        }
+    }
+    let got = lines.join("\n") + "\n";
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/fingerprints-dims.txt");
+    if std::env::var_os("TQ_BLESS").is_some() {
+        std::fs::write(path, &got).unwrap();
+    }
+    let want = std::fs::read_to_string(path).expect("recorded fingerprints");
+    for (g, w) in got.lines().zip(want.lines()) {
+        assert_eq!(g, w, "a codec's bytes or scores changed");
+    }
+    assert_eq!(got.lines().count(), want.lines().count());
+}

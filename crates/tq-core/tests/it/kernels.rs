@@ -13,13 +13,16 @@ fn fwht_simd_is_bit_identical_to_scalar() {
     let mut rng = Xoshiro256::new(3);
     for k in 0..=11 {
         let n = 1usize << k;
-        let x = randv(&mut rng, n);
-        let mut want = x.clone();
-        scalar::fwht_ref(&mut want);
-        for k in available() {
-            let mut got = x.clone();
-            (k.fwht)(&mut got);
-            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} n={n}", k.name);
+        // and signed zeros, subnormals and ties (a + b and a - b of equal values)
+        let edge: Vec<f32> = (0..n).map(|j| [0.0, -0.0, 1e-40, -1e-42, 1.0, 1.0, -1.0, 1e30, -3e29][(j * 5) % 9]).collect();
+        for x in [randv(&mut rng, n), edge] {
+            let mut want = x.clone();
+            scalar::fwht_ref(&mut want);
+            for k in available() {
+                let mut got = x.clone();
+                (k.fwht)(&mut got);
+                assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{} n={n}", k.name);
+            }
         }
     }
 }
@@ -303,6 +306,120 @@ fn softmax_is_bit_identical_on_every_path() {
             let mut got = s.clone();
             (k.softmax)(&mut got);
             assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "{} len {len}", k.name);
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The Hadamard rotation of dimensions that are not powers of two (and small
+/// powers of two, three rounds) on every kernel path gives the bits of the
+/// step-by-step reference (signs, permutation, the two scaled block FWHTs,
+/// scalar), forward and back, at block sizes 2 to 2048 and dimensions just
+/// above and below powers of two.
+#[test]
+fn hadamard_rounds_match_the_step_by_step_reference() {
+    use tq_core::rotation::Hadamard;
+    let mut rng = Xoshiro256::new(21);
+    let dims =
+        [2usize, 3, 5, 6, 7, 8, 9, 12, 15, 16, 17, 24, 31, 32, 33, 48, 50, 63, 65, 96, 100, 127, 129, 200, 255, 257, 384, 576, 768, 1000, 1536, 3072, 4095];
+    for dim in dims {
+        for seed in [0u64, 77] {
+            let h = Hadamard::new(dim, seed);
+            let x: Vec<f32> = randv(&mut rng, dim).iter().map(|v| v * 3.0).collect();
+            // signed zeros, subnormals, ties and huge values (sums stay finite)
+            let edge: Vec<f32> = (0..dim).map(|j| [0.0, -0.0, 1e-40, -1e-42, 1.0, 1.0, -1.0, 1e30, -3e29][(j * 7 + seed as usize) % 9]).collect();
+            check_rounds(&h, &x, dim, seed);
+            check_rounds(&h, &edge, dim, seed);
+        }
+    }
+}
+
+fn check_rounds(h: &tq_core::rotation::Hadamard, x: &[f32], dim: usize, seed: u64) {
+    {
+        {
+            let mut s = vec![0.0; dim];
+            let mut want = x.to_vec();
+            h.rotate_ref(&mut want, &mut s);
+            let mut back = want.clone();
+            h.unrotate_ref(&mut back, &mut s);
+            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = x.iter().zip(&back).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(err <= 1e-5 * scale, "dim {dim}: the reference is not orthogonal ({err})");
+            let mut into = vec![0.0; dim];
+            for k in available() {
+                h.rotate_into_with(k, x, &mut into, &mut s);
+                assert_eq!(bits(&into), bits(&want), "{} dim={dim} seed={seed} rotate_into", k.name);
+                let mut got = x.to_vec();
+                h.rotate_with(k, &mut got, &mut s);
+                assert_eq!(bits(&got), bits(&want), "{} dim={dim} seed={seed} rotate", k.name);
+                h.unrotate_with(k, &mut got, &mut s);
+                assert_eq!(bits(&got), bits(&back), "{} dim={dim} seed={seed} unrotate", k.name);
+            }
+        }
+    }
+}
+
+/// The fused norm + scaling + quantizer of rotated vectors gives, on every
+/// path, the bits of the three kernels in sequence, and `None` with `y`
+/// untouched exactly when `Σy²` is not a normal f32.
+#[test]
+fn norm_quantize_matches_the_unfused_kernels_bit_for_bit() {
+    let mut rng = Xoshiro256::new(23);
+    for bits in 1..=8u32 {
+        let cb = tq_core::codebook::LloydMax::get(576, bits).unwrap();
+        for n in [2usize, 7, 8, 50, 64, 100, 384, 576, 1000] {
+            for scale in [1.0f32, 1e-3, 3e4, 1e-30, 1e30, 0.0] {
+                let y: Vec<f32> = randv(&mut rng, n).iter().map(|v| v * scale / (n as f32).sqrt()).collect();
+                let s = (SCALAR.sum_sq)(&y);
+                let want = s.is_normal().then(|| {
+                    let norm = s.sqrt();
+                    let u: Vec<f32> = y.iter().map(|v| v * (1.0 / norm)).collect();
+                    let mut idx = vec![0u8; n];
+                    (SCALAR.quantize)(&u, &cb.boundaries, bits, &mut idx);
+                    (norm.to_bits(), bits_of(&u), idx)
+                });
+                assert_eq!(want.is_some(), scale > 1e-20 && scale < 1e20, "n={n} scale={scale}");
+                for k in available() {
+                    let mut got_y = y.clone();
+                    let mut idx = vec![0u8; n];
+                    let got = (k.norm_quantize)(&mut got_y, &cb.boundaries, bits, &mut idx).map(|norm| (norm.to_bits(), bits_of(&got_y), idx));
+                    if got.is_none() {
+                        assert_eq!(bits_of(&got_y), bits_of(&y), "{} n={n}: y changed", k.name);
+                    }
+                    assert_eq!(got, want, "{} n={n} bits={bits} scale={scale}", k.name);
+                }
+            }
+        }
+    }
+}
+
+fn bits_of(v: &[f32]) -> Vec<u32> {
+    bits(v)
+}
+
+/// The input check's largest-|x| scan is the same integer on every path,
+/// with ±inf and NaN (any payload, either sign) above every finite value.
+#[test]
+fn max_abs_bits_is_exact_on_every_path() {
+    let mut rng = Xoshiro256::new(29);
+    let special = [0.0f32, -0.0, 1e-42, -3e38, f32::MAX, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::from_bits(0xFFC0_0001)];
+    for n in (0..40).chain([100, 576, 1000]) {
+        for s in 0..=special.len() {
+            let mut x: Vec<f32> = randv(&mut rng, n);
+            if s < special.len() && n > 0 {
+                x[(s * 7) % n] = special[s];
+            }
+            let want = scalar::max_abs_bits_ref(&x);
+            assert_eq!(want, x.iter().map(|v| v.to_bits() & 0x7FFF_FFFF).max().unwrap_or(0));
+            if s < special.len() && n > 0 && !special[s].is_finite() {
+                assert!(want >= 0x7F80_0000, "n={n}: a non-finite value must sort above the finite ones");
+            }
+            for k in available() {
+                assert_eq!((k.max_abs_bits)(&x), want, "{} n={n} special={s}", k.name);
+            }
         }
     }
 }

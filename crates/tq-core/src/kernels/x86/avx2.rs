@@ -3,7 +3,7 @@
 
 use super::scalar;
 use super::{group_phase_ok, per_byte, phase_permute, scale_at, scaled_weights, VBLOCK};
-use crate::kernels::Had2;
+use crate::kernels::{Had2, HadRound};
 use std::arch::x86_64::*;
 
 pub(super) fn fwht(x: &mut [f32]) {
@@ -17,16 +17,16 @@ pub(super) fn fwht(x: &mut [f32]) {
 }
 
 /// # Safety
-/// The CPU supports AVX2; `x.len()` is a power of two >= 8.
-#[target_feature(enable = "avx2")]
+/// The CPU supports AVX2 and FMA; `x.len()` is a power of two >= 8.
+#[target_feature(enable = "avx2,fma")]
 unsafe fn fwht_avx2(x: &mut [f32]) {
     let n = x.len();
     let p = x.as_mut_ptr();
     for c in (0..n).step_by(8) {
-        // SAFETY: AVX2 (this function's contract); c + 8 <= n because n is a power of two >= 8.
+        // SAFETY: AVX2 and FMA (this function's contract); c + 8 <= n because n is a power of two >= 8.
         unsafe { _mm256_storeu_ps(p.add(c), low3(_mm256_loadu_ps(p.add(c)))) };
     }
-    // SAFETY: AVX2; `p` covers the n floats of `x`, n a power of two >= 8.
+    // SAFETY: AVX2 and FMA; `p` covers the n floats of `x`, n a power of two >= 8.
     unsafe { high_stages(p, n) };
 }
 
@@ -34,14 +34,18 @@ unsafe fn fwht_avx2(x: &mut [f32]) {
 /// of a pair gets x[j] + x[j^h]; the high lane gets x[j^h] - x[j] (= a - b of
 /// the reference).
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 fn low3(mut v: __m256) -> __m256 {
+    // every lane takes sw + ±1·v in one fused multiply-add: ±1·v is exact, so
+    // the single rounding gives sw + v on the low lanes and sw - v on the high
+    // ones, the reference's `a + b` and `a - b` bit for bit
+    let pm = |k: [f32; 8]| _mm256_setr_ps(k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]);
     let sw = _mm256_permute_ps(v, 0b10_11_00_01);
-    v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1010_1010);
+    v = _mm256_fmadd_ps(v, pm([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0]), sw);
     let sw = _mm256_permute_ps(v, 0b01_00_11_10);
-    v = _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1100_1100);
+    v = _mm256_fmadd_ps(v, pm([1.0, 1.0, -1.0, -1.0, 1.0, 1.0, -1.0, -1.0]), sw);
     let sw = _mm256_permute2f128_ps(v, v, 1);
-    _mm256_blend_ps(_mm256_add_ps(v, sw), _mm256_sub_ps(sw, v), 0b1111_0000)
+    _mm256_fmadd_ps(v, pm([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0]), sw)
 }
 
 /// FWHT stages h = 8 .. n/2 over `n` floats at `p` (n a power of two >= 8).
@@ -50,14 +54,14 @@ fn low3(mut v: __m256) -> __m256 {
 /// the result is bit-identical.
 ///
 /// # Safety
-/// The CPU supports AVX2; `p` is valid for reads and writes of `n` floats, `n` a power
+/// The CPU supports AVX2 and FMA; `p` is valid for reads and writes of `n` floats, `n` a power
 /// of two >= 8.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn high_stages(p: *mut f32, n: usize) {
     let mut h = 8;
     while h < n {
-        // SAFETY: AVX2; h < n, so the pass taken has R·h <= n with h >= 8, both
+        // SAFETY: AVX2 and FMA; h < n, so the pass taken has R·h <= n with h >= 8, both
         // powers of two: it stays inside the n floats at `p` (see `butterfly_pass`).
         unsafe {
             if h * 8 <= n {
@@ -78,11 +82,22 @@ unsafe fn high_stages(p: *mut f32, n: usize) {
 /// Requires `R·h <= n`, both powers of two, `h >= 8`.
 ///
 /// # Safety
-/// The CPU supports AVX2; `p` is valid for reads and writes of `n` floats; `R·h <= n`,
+/// The CPU supports AVX2 and FMA; `p` is valid for reads and writes of `n` floats; `R·h <= n`,
 /// both powers of two, `h >= 8`.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
+    // SAFETY: the caller's contract is this function's.
+    unsafe { butterfly_pass_s::<R, false>(p, n, h, _mm256_setzero_ps()) }
+}
+
+/// [`butterfly_pass`], multiplying every result by `scale` before it is stored when `S`.
+///
+/// # Safety
+/// As [`butterfly_pass`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn butterfly_pass_s<const R: usize, const S: bool>(p: *mut f32, n: usize, h: usize, scale: __m256) {
     for base in (0..n).step_by(R * h) {
         for j in (base..base + h).step_by(8) {
             let mut v = [_mm256_setzero_ps(); R];
@@ -102,28 +117,267 @@ unsafe fn butterfly_pass<const R: usize>(p: *mut f32, n: usize, h: usize) {
                 d *= 2;
             }
             for (r, reg) in v.iter().enumerate() {
+                let out = if S { _mm256_mul_ps(*reg, scale) } else { *reg };
                 // SAFETY: j + r·h + 8 <= base + R·h <= n, as for the load.
-                unsafe { _mm256_storeu_ps(p.add(j + r * h), *reg) };
+                unsafe { _mm256_storeu_ps(p.add(j + r * h), out) };
             }
         }
     }
 }
 
+// --- Hadamard rounds of dimensions that are not powers of two (`Kernels::had_round`) ---
+
+/// A masked gather `src[gather[j]] ^ masks[j]` read by the first pass of a block.
+#[derive(Clone, Copy)]
+struct Gather {
+    src: *const f32,
+    gather: *const u32,
+    masks: *const u32,
+}
+
+/// The first pass of [`fwht_scaled`]: groups of `R` consecutive registers,
+/// stages h = 1 .. 4·R (`low3`, then across the registers), scaled when that
+/// is every stage (`p == 8·R`); it reads the block itself, or when `G` the
+/// gather `from` (position j of the block from `from`'s j-th index).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `x` is valid for reads and writes of `p` floats,
+/// `p = 8·R·k`; when `G`, `from.gather` and `from.masks` hold `p` elements and
+/// every index is below the length of the buffer at `from.src`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn first_pass<const R: usize, const G: bool>(x: *mut f32, p: usize, scale: f32, from: Gather) {
+    let (last, sc) = (p == 8 * R, _mm256_set1_ps(scale));
+    for base in (0..p).step_by(8 * R) {
+        let mut v = [_mm256_setzero_ps(); R];
+        for (r, reg) in v.iter_mut().enumerate() {
+            let c = base + 8 * r;
+            // SAFETY: c + 8 <= p floats at `x`; when G, c + 8 <= p indices and
+            // masks at `from`, every index inside `from.src` (the caller's contract).
+            *reg = low3(unsafe {
+                if G {
+                    let idx = _mm256_loadu_si256(from.gather.add(c) as *const __m256i);
+                    let m = _mm256_castsi256_ps(_mm256_loadu_si256(from.masks.add(c) as *const __m256i));
+                    _mm256_xor_ps(_mm256_i32gather_ps::<4>(from.src, idx), m)
+                } else {
+                    _mm256_loadu_ps(x.add(c))
+                }
+            });
+        }
+        let mut d = 1;
+        while d < R {
+            for r in 0..R {
+                if r & d == 0 {
+                    let (a, b) = (v[r], v[r + d]);
+                    v[r] = _mm256_add_ps(a, b);
+                    v[r + d] = _mm256_sub_ps(a, b);
+                }
+            }
+            d *= 2;
+        }
+        for (r, reg) in v.iter().enumerate() {
+            let out = if last { _mm256_mul_ps(*reg, sc) } else { *reg };
+            // SAFETY: as for the load.
+            unsafe { _mm256_storeu_ps(x.add(base + 8 * r), out) };
+        }
+    }
+}
+
+/// `x[..p] ← scale · H x[..p]` (all stages; `p` a power of two >= 8): a first
+/// pass over up to 64 consecutive floats in registers (read from `from` when
+/// `G`), then `butterfly_pass`es (the multiply fused into the last: the same
+/// products, the same bits).
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `x` is valid for reads and writes of `p` floats;
+/// when `G`, as in [`first_pass`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fwht_scaled<const G: bool>(x: *mut f32, p: usize, scale: f32, from: Gather) {
+    let sc = _mm256_set1_ps(scale);
+    // SAFETY: AVX2 and FMA; p = 8·R·k for the R chosen; every later pass has R·h <= p
+    // with h >= 64 (the loop stops at h = p); the gather as the caller's contract.
+    unsafe {
+        let mut h = match p {
+            8 => {
+                first_pass::<1, G>(x, p, scale, from);
+                8
+            }
+            16 => {
+                first_pass::<2, G>(x, p, scale, from);
+                16
+            }
+            32 => {
+                first_pass::<4, G>(x, p, scale, from);
+                32
+            }
+            _ => {
+                first_pass::<8, G>(x, p, scale, from);
+                64
+            }
+        };
+        while h < p {
+            if h * 8 < p {
+                butterfly_pass::<8>(x, p, h);
+                h *= 8;
+            } else if h * 8 == p {
+                butterfly_pass_s::<8, true>(x, p, h, sc);
+                h *= 8;
+            } else if h * 4 == p {
+                butterfly_pass_s::<4, true>(x, p, h, sc);
+                h *= 4;
+            } else {
+                butterfly_pass_s::<2, true>(x, p, h, sc);
+                h *= 2;
+            }
+        }
+    }
+}
+
+/// `dst[j] = src[gather[j]] ^ mask[j]` for `j` in `from..to`; 8 per gather,
+/// the rest one at a time.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `src` and `dst` hold `r.len()` floats, `to <= r.len()`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gather_masked(src: *const f32, r: &HadRound, dst: *mut f32, from: usize, to: usize) {
+    let (g, m) = (r.gather().as_ptr(), r.masks().as_ptr());
+    let mut c = from;
+    while c + 8 <= to {
+        // SAFETY: AVX2 and FMA; c + 8 <= to <= n indices and masks; every index is below
+        // n (`HadRound::new`), so the gather reads inside `src`; the store is in `dst`.
+        unsafe {
+            let idx = _mm256_loadu_si256(g.add(c) as *const __m256i);
+            let mk = _mm256_castsi256_ps(_mm256_loadu_si256(m.add(c) as *const __m256i));
+            _mm256_storeu_ps(dst.add(c), _mm256_xor_ps(_mm256_i32gather_ps::<4>(src, idx), mk));
+        }
+        c += 8;
+    }
+    while c < to {
+        // SAFETY: c < to <= n; the index is below n (`HadRound::new`).
+        unsafe { *dst.add(c) = f32::from_bits((*src.add(*g.add(c) as usize)).to_bits() ^ *m.add(c)) };
+        c += 1;
+    }
+}
+
+pub(super) fn had_round(src: &[f32], r: &HadRound, dst: &mut [f32]) {
+    let n = r.len();
+    assert!(src.len() == n && dst.len() == n, "a Hadamard round of {n} coordinates");
+    if r.block() < 8 {
+        return scalar::had_round_ref(src, r, dst);
+    }
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); `src` and `dst` hold n floats
+    // (asserted); `HadRound::new` checked the indices, masks and block
+    // (n/2 < p <= n, a power of two), and p >= 8 here.
+    unsafe { had_round_avx2(src, r, dst) }
+}
+
+/// # Safety
+/// As `had_round` checks: AVX2, `src` and `dst` of `r.len()` floats, `r.block() >= 8`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn had_round_avx2(src: &[f32], r: &HadRound, dst: &mut [f32]) {
+    let (n, p) = (r.len(), r.block());
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    // SAFETY: AVX2 and FMA; the first block [0, p) is gathered (p <= n indices
+    // and masks, every index below n = src's length, `HadRound::new`) and
+    // transformed in `dst`, [p, n) gathered, then the block [n - p, n) of
+    // `dst` transformed.
+    unsafe {
+        let from = Gather { src: s, gather: r.gather().as_ptr(), masks: r.masks().as_ptr() };
+        fwht_scaled::<true>(d, p, r.scale(), from);
+        gather_masked(s, r, d, p, n);
+        if n != p {
+            fwht_scaled::<false>(d.add(n - p), p, r.scale(), from);
+        }
+    }
+}
+
+pub(super) fn had_round_t(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
+    let n = r.len();
+    assert!(src.len() == n && dst.len() == n, "a Hadamard round of {n} coordinates");
+    if r.block() < 8 {
+        return scalar::had_round_t_ref(src, r, dst);
+    }
+    // SAFETY: as in `had_round`.
+    unsafe { had_round_t_avx2(src, r, dst) }
+}
+
+/// # Safety
+/// As `had_round_t` checks: AVX2, `src` and `dst` of `r.len()` floats, `r.block() >= 8`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn had_round_t_avx2(src: &mut [f32], r: &HadRound, dst: &mut [f32]) {
+    let (n, p) = (r.len(), r.block());
+    let s = src.as_mut_ptr();
+    // SAFETY: AVX2 and FMA; both blocks lie in the n floats of `src`; the gather as in `had_round_avx2`.
+    unsafe {
+        let none = Gather { src: s, gather: std::ptr::null(), masks: std::ptr::null() };
+        if n != p {
+            fwht_scaled::<false>(s.add(n - p), p, r.scale(), none);
+        }
+        fwht_scaled::<false>(s, p, r.scale(), none);
+        gather_masked(s, r, dst.as_mut_ptr(), 0, n);
+    }
+}
+
+pub(super) fn norm_quantize(y: &mut [f32], boundaries: &[f32], bits: u32, idx: &mut [u8]) -> Option<f32> {
+    assert_eq!(boundaries.len(), (1usize << bits) - 1);
+    assert!(idx.len() >= y.len());
+    if !y.len().is_multiple_of(8) {
+        return scalar::norm_quantize_ref(y, boundaries, bits, idx);
+    }
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); y.len() is a multiple of 8, the
+    // output length and the number of boundaries are asserted above.
+    unsafe { norm_quantize_tail::<false>(y, 1.0, boundaries, bits, idx) }
+}
+// --- end of the Hadamard rounds ---
+
+// --- encode input check (`codec::check_vectors`) ---
+
+pub(super) fn max_abs_bits(x: &[f32]) -> u32 {
+    // SAFETY: AVX2 was detected (`detect_all`); every load is in bounds of `x`.
+    unsafe { max_abs_bits_avx2(x) }
+}
+
+/// # Safety
+/// The CPU supports AVX2.
+#[target_feature(enable = "avx2")]
+unsafe fn max_abs_bits_avx2(x: &[f32]) -> u32 {
+    let n = x.len();
+    let p = x.as_ptr() as *const __m256i;
+    let abs = _mm256_set1_epi32(0x7FFF_FFFF);
+    let (mut m0, mut m1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    let mut c = 0;
+    while c + 16 <= n {
+        // SAFETY: floats c .. c + 16 lie in `x`.
+        unsafe {
+            m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256(p.add(c / 8)), abs));
+            m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_loadu_si256(p.add(c / 8 + 1)), abs));
+        }
+        c += 16;
+    }
+    let mut l = [0u32; 8];
+    // SAFETY: `l` holds the 8 lanes stored.
+    unsafe { _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, _mm256_max_epu32(m0, m1)) };
+    l.iter().copied().max().unwrap_or(0).max(scalar::max_abs_bits_ref(&x[c..]))
+}
+// --- end of the encode input check ---
+
 /// Both unnormalized signed transforms of `had2_quantize` for `n = 8·R` with
 /// the whole vector held in `R` registers (same operations as `high_stages`).
 ///
 /// # Safety
-/// The CPU supports AVX2; `x` is valid for reads and `y` for writes of `8·R` floats;
+/// The CPU supports AVX2 and FMA; `x` is valid for reads and `y` for writes of `8·R` floats;
 /// `p.s1` and `p.s2` hold at least `8·R` masks each.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn rotate2_regs<const R: usize>(x: *const f32, p: &Had2<'_>, y: *mut f32) {
     let mut v = [_mm256_setzero_ps(); R];
     for (r, reg) in v.iter_mut().enumerate() {
         // SAFETY: 8·r + 8 <= 8·R floats, readable at `x` (the caller's contract).
         *reg = unsafe { _mm256_loadu_ps(x.add(8 * r)) };
     }
-    // SAFETY: AVX2; both sign arrays hold at least 8·R masks (the caller's contract).
+    // SAFETY: AVX2 and FMA; both sign arrays hold at least 8·R masks (the caller's contract).
     unsafe {
         signed_fwht_regs(&mut v, p.s1);
         signed_fwht_regs(&mut v, p.s2);
@@ -137,9 +391,9 @@ unsafe fn rotate2_regs<const R: usize>(x: *const f32, p: &Had2<'_>, y: *mut f32)
 /// `v ← H (s ⊙ v)` (unnormalized) on a vector held in `R` registers.
 ///
 /// # Safety
-/// The CPU supports AVX2; `s` holds at least `8·R` masks.
+/// The CPU supports AVX2 and FMA; `s` holds at least `8·R` masks.
 #[inline]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn signed_fwht_regs<const R: usize>(v: &mut [__m256; R], s: &[u32]) {
     for (r, reg) in v.iter_mut().enumerate() {
         // SAFETY: 8·r + 8 <= 8·R masks, held by `s` (the caller's contract).
@@ -164,20 +418,20 @@ pub(super) fn had2_quantize(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u
     assert!(n >= 8 && n.is_power_of_two());
     assert!(p.s1.len() >= n && p.s2.len() >= n && y.len() >= n && idx.len() >= n);
     assert_eq!(p.boundaries.len(), (1usize << p.bits) - 1);
-    // SAFETY: AVX2 was detected (`detect_all`); the lengths and the number of
+    // SAFETY: AVX2 and FMA were detected (`detect_all`); the lengths and the number of
     // boundaries `had2_quantize_avx2` needs are asserted above.
     unsafe { had2_quantize_avx2(x, p, &mut y[..n], &mut idx[..n]) }
 }
 
 /// # Safety
-/// The CPU supports AVX2; `x.len()` is a power of two >= 8, `p.s1`, `p.s2`, `y` and
+/// The CPU supports AVX2 and FMA; `x.len()` is a power of two >= 8, `p.s1`, `p.s2`, `y` and
 /// `idx` hold at least `x.len()` elements, `p.boundaries.len() == 2^p.bits - 1`
 /// (as `had2_quantize` asserts).
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [u8]) -> Option<f32> {
     let n = x.len();
     let yp = y.as_mut_ptr();
-    // SAFETY: AVX2 (this function's contract). Every pointer access below is
+    // SAFETY: AVX2 and FMA (this function's contract). Every pointer access below is
     // at c + 8 <= n (c a multiple of 8, or c + 32 <= full <= n for the 32-wide
     // stores), and x, y, s1, s2, idx all hold at least n elements (the caller's
     // contract); n = 64 / 128 hold 8 / 16 registers for `rotate2_regs`.
@@ -198,11 +452,35 @@ unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [
                 high_stages(yp, n);
             }
         }
-        let total = _mm256_set1_ps(p.total);
+        norm_quantize_tail::<true>(y, p.total, p.boundaries, p.bits, idx)
+    }
+}
+
+/// The end of `had2_quantize` and `norm_quantize` on the `n = y.len()`
+/// floats of `y`: `y ← total·y` when `SCALE`, `norm = √sum_sq(y)` (canonical
+/// order), `None` if `Σy²` is not normal (`y` then unchanged unless `SCALE`),
+/// else `y ← y·(1/norm)` and `idx ← quantize(y)` (4 bits by bisection).
+///
+/// # Safety
+/// The CPU supports AVX2; `n` is a multiple of 8, `idx` holds at least `n`
+/// bytes, `boundaries.len() == 2^bits - 1`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn norm_quantize_tail<const SCALE: bool>(y: &mut [f32], total: f32, boundaries: &[f32], bits: u32, idx: &mut [u8]) -> Option<f32> {
+    let n = y.len();
+    let yp = y.as_mut_ptr();
+    // SAFETY: AVX2 (this function's contract). Every pointer access below is
+    // at c + 8 <= n (c a multiple of 8, n too), or c + 32 <= full <= n for the
+    // 32-wide stores; y and idx hold at least n elements.
+    unsafe {
+        let total = _mm256_set1_ps(total);
         let mut acc = _mm256_setzero_ps();
         for c in (0..n).step_by(8) {
-            let v = _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), total);
-            _mm256_storeu_ps(yp.add(c), v);
+            let mut v = _mm256_loadu_ps(yp.add(c));
+            if SCALE {
+                v = _mm256_mul_ps(v, total);
+                _mm256_storeu_ps(yp.add(c), v);
+            }
             acc = _mm256_add_ps(acc, _mm256_mul_ps(v, v));
         }
         let mut l = [0.0f32; 8];
@@ -213,26 +491,26 @@ unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [
         }
         let norm = s.sqrt();
         let inv = _mm256_set1_ps(1.0 / norm);
-        if p.bits > 4 {
+        if bits > 4 {
             for c in (0..n).step_by(8) {
                 _mm256_storeu_ps(yp.add(c), _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), inv));
             }
-            quantize_avx2(y, p.boundaries, p.bits, idx);
+            quantize_avx2(y, boundaries, bits, idx);
             return Some(norm);
         }
-        let nb = p.boundaries.len();
+        let nb = boundaries.len();
         let mut bv = [_mm256_setzero_ps(); 15];
-        for (r, &b) in bv.iter_mut().zip(p.boundaries) {
+        for (r, &b) in bv.iter_mut().zip(boundaries) {
             *r = _mm256_set1_ps(b);
         }
         // 4 bits: bisection. After the middle boundary b7, the 7 remaining
         // candidates of each lane are b0..b6 or b8..b14, one register each, so
         // each further step is two in-register permutes, a blend and a compare.
-        let (lo7, hi7) = if p.bits == 4 {
+        let (lo7, hi7) = if bits == 4 {
             let mut lo = [0.0f32; 8];
             let mut hi = [0.0f32; 8];
-            lo[..7].copy_from_slice(&p.boundaries[..7]);
-            hi[..7].copy_from_slice(&p.boundaries[8..15]);
+            lo[..7].copy_from_slice(&boundaries[..7]);
+            hi[..7].copy_from_slice(&boundaries[8..15]);
             (_mm256_loadu_ps(lo.as_ptr()), _mm256_loadu_ps(hi.as_ptr()))
         } else {
             (_mm256_setzero_ps(), _mm256_setzero_ps())
@@ -241,7 +519,7 @@ unsafe fn had2_quantize_avx2(x: &[f32], p: &Had2<'_>, y: &mut [f32], idx: &mut [
         let count8 = |c: usize| -> __m256i {
             let v = _mm256_mul_ps(_mm256_loadu_ps(yp.add(c)), inv);
             _mm256_storeu_ps(yp.add(c), v);
-            if p.bits == 4 {
+            if bits == 4 {
                 let up = _mm256_cmp_ps(v, bv[7], _CMP_GT_OQ);
                 let upper = _mm256_castps_si256(up);
                 let mut j = _mm256_setzero_si256();

@@ -1,9 +1,10 @@
 //! x86_64 SIMD kernels, selected at run time by `detect`: the `avx2` table
 //! (AVX2 + FMA, module `avx2`) and the `avx512` table (the AVX2 table with the
-//! AVX-512F/BW group-attention and fast-scan kernels of module `avx512`). This
-//! module holds the tables, their detection and the helpers both ISAs share.
+//! AVX-512F/BW group-attention and fast-scan kernels of module `avx512` and
+//! the Hadamard rounds of module `had512`). This module holds the tables,
+//! their detection and the helpers both ISAs share.
 //!
-//! Soundness: the safe entry points of `avx2` and `avx512` run
+//! Soundness: the safe entry points of `avx2`, `avx512` and `had512` run
 //! `#[target_feature]` code, so they must only run on a CPU with those
 //! features. They are `pub(super)`: only the tables below name them, and
 //! `detect_all` (hence `detect`, `kernels::kernels` and `kernels::available`)
@@ -36,6 +37,7 @@ macro_rules! dispatch_g {
 
 mod avx2;
 mod avx512;
+mod had512;
 
 use super::scalar;
 use super::Kernels;
@@ -57,6 +59,10 @@ static AVX2: Kernels = Kernels {
     fastscan_values: avx2::fastscan_values,
     softmax: avx2::softmax,
     fastscan_select: avx2::fastscan_select,
+    had_round: avx2::had_round,
+    had_round_t: avx2::had_round_t,
+    norm_quantize: avx2::norm_quantize,
+    max_abs_bits: avx2::max_abs_bits,
 };
 
 /// AVX2 plus the AVX-512 group-attention kernels (16 fields per `vpermps`).
@@ -68,6 +74,8 @@ static AVX512: Kernels = Kernels {
     fastscan_multi: avx512::fastscan_multi_512,
     fastscan_values: avx512::fastscan_values_512,
     fastscan_select: avx512::fastscan_select_512,
+    had_round: had512::had_round,
+    had_round_t: had512::had_round_t,
     ..AVX2
 };
 
