@@ -591,6 +591,15 @@ impl PyKvCache {
         if batch == 0 || batch > tq_core::limits::MAX_KV_BATCH {
             return Err(PyValueError::new_err(format!("batch {batch}: 1 to {} sequences", tq_core::limits::MAX_KV_BATCH)));
         }
+        // the recent windows are allocated up front, per stream and sequence
+        let window_bytes = (batch as u128) * (shape.streams() as u128) * (recent.min(tq_core::limits::MAX_WINDOW_TOKENS) as u128) * (head_dim as u128) * 8;
+        if window_bytes > 1 << 36 {
+            return Err(PyValueError::new_err(format!(
+                "recent windows of {recent} tokens for {batch} sequences × {} streams would take {} GiB",
+                shape.streams(),
+                window_bytes >> 30
+            )));
+        }
         let options = tq_kv::CacheOptions { sink, recent, center_keys, recent_q8, delayed, calibration: None };
         let caches = Self::fresh(shape, &spec, seed, &options, batch)?.into();
         Ok(Self { caches, shape, spec, options, seed })

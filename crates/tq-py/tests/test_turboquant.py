@@ -362,6 +362,8 @@ def test_kv_cache_refuses_bad_input():
         tq.KvCache("tq-mse-4", 2, 6, 2, 64, batch=10**9)
     with pytest.raises(ValueError, match="plan"):
         tq.KvCache("3.5", 2, 6, 2, 64)
+    with pytest.raises(ValueError, match="GiB"):
+        tq.KvCache("tq-mse-4", 32, 32, 8, 128, batch=4096, recent=100_000)
     with pytest.raises(ValueError, match="layer 2"):
         c.update(2, k, k, q)
     with pytest.raises(ValueError, match=r"keys must be .*kv_heads=2"):
