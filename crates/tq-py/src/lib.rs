@@ -35,29 +35,37 @@ impl Rows<'_> {
     }
 }
 
-fn rows<'py>(obj: &Bound<'py, PyAny>, cols: usize, what: &str) -> PyResult<(usize, Rows<'py>)> {
-    let expect = || format!("{what} must be a float32 (or float64) numpy array of shape (n, {cols})");
-    let shape_of = |shape: &[usize]| -> PyResult<usize> {
-        match shape {
-            [n, d] if *d == cols => Ok(*n),
-            [d] if *d == cols => Ok(1),
-            _ => Err(PyValueError::new_err(format!("{}; got shape {shape:?}", expect()))),
-        }
-    };
+/// The values of a float32 array (borrowed; it must be C-contiguous) or a
+/// float64 one (converted), once `shape_of` accepts its shape; anything else
+/// is a `TypeError` saying `expect`.
+fn float_values<'py, S>(
+    obj: &Bound<'py, PyAny>,
+    what: &str,
+    expect: impl Fn() -> String,
+    shape_of: impl Fn(&[usize]) -> PyResult<S>,
+) -> PyResult<(S, Rows<'py>)> {
     if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f32>>() {
-        let n = shape_of(a.shape())?;
+        let shape = shape_of(a.shape())?;
         if !a.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("{what} must be C-contiguous (numpy.ascontiguousarray)")));
+            return Err(PyValueError::new_err(format!("{what} must be C-contiguous (numpy.ascontiguousarray, or .contiguous() on a torch tensor)")));
         }
-        return Ok((n, Rows::Borrowed(a.readonly())));
+        return Ok((shape, Rows::Borrowed(a.readonly())));
     }
     if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f64>>() {
-        let n = shape_of(a.shape())?;
-        let r = a.readonly();
-        let v: Vec<f32> = r.as_array().iter().map(|&x| x as f32).collect();
-        return Ok((n, Rows::Owned(v)));
+        let shape = shape_of(a.shape())?;
+        let v: Vec<f32> = a.readonly().as_array().iter().map(|&x| x as f32).collect();
+        return Ok((shape, Rows::Owned(v)));
     }
     Err(PyTypeError::new_err(expect()))
+}
+
+fn rows<'py>(obj: &Bound<'py, PyAny>, cols: usize, what: &str) -> PyResult<(usize, Rows<'py>)> {
+    let expect = || format!("{what} must be a float32 (or float64) numpy array of shape (n, {cols})");
+    float_values(obj, what, expect, |shape| match shape {
+        [n, d] if *d == cols => Ok(*n),
+        [d] if *d == cols => Ok(1),
+        _ => Err(PyValueError::new_err(format!("{}; got shape {shape:?}", expect()))),
+    })
 }
 
 /// A C-contiguous uint8[n, code_size] array of codes (n, borrowed view).
@@ -519,25 +527,12 @@ impl PyIndex {
 /// dimensions, each equal to its `Some` entry: (shape, values).
 fn nd_f32<'py>(obj: &Bound<'py, PyAny>, dims: &[Option<usize>], what: &str, layout: &str) -> PyResult<(Vec<usize>, Rows<'py>)> {
     let expect = || format!("{what} must be a C-contiguous float32 numpy array of shape {layout}");
-    let check = |shape: &[usize]| -> PyResult<Vec<usize>> {
+    float_values(obj, what, expect, |shape| {
         if shape.len() != dims.len() || shape.iter().zip(dims).any(|(s, d)| d.is_some_and(|d| d != *s)) {
             return Err(PyValueError::new_err(format!("{}; got shape {shape:?}", expect())));
         }
         Ok(shape.to_vec())
-    };
-    if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f32>>() {
-        let shape = check(a.shape())?;
-        if !a.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!("{what} must be C-contiguous (numpy.ascontiguousarray, or .contiguous() on a torch tensor)")));
-        }
-        return Ok((shape, Rows::Borrowed(a.readonly())));
-    }
-    if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f64>>() {
-        let shape = check(a.shape())?;
-        let v: Vec<f32> = a.readonly().as_array().iter().map(|&x| x as f32).collect();
-        return Ok((shape, Rows::Owned(v)));
-    }
-    Err(PyTypeError::new_err(expect()))
+    })
 }
 
 /// A compressed KV cache for a batch of sequences of one model, attention
