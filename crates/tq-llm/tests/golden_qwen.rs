@@ -201,32 +201,11 @@ fn forward_argmax() {
 
 #[test]
 fn forward_mean_nll() {
-    let (g, r) = (golden(), run());
-    let want = g["mean_nll"].as_f64().expect("mean_nll");
-    let got = mean_nll(r);
-    assert!((got - want).abs() < NLL_TOL, "mean NLL over positions {NLL_FROM}..{} is {got} (ppl {}), recorded {want} (ppl {})", CTX - 1, got.exp(), want.exp());
+    check_mean_nll(golden(), mean_nll(run()));
 }
 
 #[test]
 fn forward_logits() {
-    let (g, r) = (golden(), run());
-    let recs = g["logits"].as_array().expect("logits");
-    assert_eq!(recs.len(), LOGIT_POSITIONS.len());
-    for (rec, &p) in recs.iter().zip(&LOGIT_POSITIONS) {
-        assert_eq!(rec["position"].as_u64(), Some(p as u64), "recorded with other logit positions");
-        let ids = usizes(rec, "ids");
-        let want: Vec<f64> = rec["logits"].as_array().expect("logits").iter().map(|x| x.as_f64().expect("a number")).collect();
-        assert_eq!((ids.len(), want.len()), (TOP, TOP));
-        let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
-        let v = row(r, p);
-        for (&id, &w) in ids.iter().zip(&want) {
-            let got = v[id] as f64;
-            assert!(
-                (got - w).abs() < LOGIT_TOL * scale,
-                "position {p}, token {id}: logit {got}, recorded {w} (|Δ| {:.3e}, allowed {:.3e})",
-                (got - w).abs(),
-                LOGIT_TOL * scale
-            );
-        }
-    }
+    let r = run();
+    check_logits(golden(), |p| row(r, p));
 }

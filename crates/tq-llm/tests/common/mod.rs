@@ -125,3 +125,33 @@ pub fn golden<'a>(cell: &'a OnceLock<Value>, path: &Path, record: impl FnOnce() 
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()))
     })
 }
+
+/// The mean NLL `got` against the recording's, within [`NLL_TOL`].
+pub fn check_mean_nll(g: &Value, got: f64) {
+    let want = g["mean_nll"].as_f64().expect("mean_nll");
+    assert!((got - want).abs() < NLL_TOL, "mean NLL over positions {NLL_FROM}..{} is {got} (ppl {}), recorded {want} (ppl {})", CTX - 1, got.exp(), want.exp());
+}
+
+/// The recorded top-[`TOP`] logits at [`LOGIT_POSITIONS`] against the rows
+/// `row(position)` of a run, within [`LOGIT_TOL`] of the largest recorded logit.
+pub fn check_logits<'a>(g: &Value, row: impl Fn(usize) -> &'a [f32]) {
+    let recs = g["logits"].as_array().expect("logits");
+    assert_eq!(recs.len(), LOGIT_POSITIONS.len());
+    for (rec, &p) in recs.iter().zip(&LOGIT_POSITIONS) {
+        assert_eq!(rec["position"].as_u64(), Some(p as u64), "recorded with other logit positions");
+        let ids = usizes(rec, "ids");
+        let want: Vec<f64> = rec["logits"].as_array().expect("logits").iter().map(|x| x.as_f64().expect("a number")).collect();
+        assert_eq!((ids.len(), want.len()), (TOP, TOP));
+        let scale = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
+        let v = row(p);
+        for (&id, &w) in ids.iter().zip(&want) {
+            let got = v[id] as f64;
+            assert!(
+                (got - w).abs() < LOGIT_TOL * scale,
+                "position {p}, token {id}: logit {got}, recorded {w} (|Δ| {:.3e}, allowed {:.3e})",
+                (got - w).abs(),
+                LOGIT_TOL * scale
+            );
+        }
+    }
+}
