@@ -248,8 +248,13 @@ fn slot_bytes(seq: u64, end: u64) -> [u8; 24] {
     s
 }
 
-/// The complete bytes of a snapshot of `index`.
+/// The complete bytes of a snapshot of `index` (commit number 1).
 pub fn to_bytes(index: &AnyIndex) -> Vec<u8> {
+    snapshot_bytes(index, 1)
+}
+
+/// A snapshot whose commit slot A holds `seq`.
+fn snapshot_bytes(index: &AnyIndex, seq: u64) -> Vec<u8> {
     let (kind, nlist) = match index {
         AnyIndex::Flat(_) => (0u8, 0u32),
         AnyIndex::Ivf(i) => (1u8, i.nlist() as u32),
@@ -281,7 +286,7 @@ pub fn to_bytes(index: &AnyIndex) -> Vec<u8> {
         }
     }
     let end = out.len() as u64;
-    out[SLOT_A..SLOT_A + 24].copy_from_slice(&slot_bytes(1, end));
+    out[SLOT_A..SLOT_A + 24].copy_from_slice(&slot_bytes(seq, end));
     out
 }
 
@@ -397,7 +402,9 @@ fn file_id(_: &Metadata) -> Option<FileId> {
 /// Where the committed records of a loaded file end, for appends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Commit {
-    /// Commit number: 1 for a saved snapshot, one more per append.
+    /// Commit number: one more per append, and a snapshot saved over a
+    /// file continues its numbering (1 for a new file), so under the write
+    /// lock a path never shows the same commit twice.
     pub seq: u64,
     /// Byte offset where the committed records end.
     pub end: u64,
@@ -896,7 +903,8 @@ impl Appender {
             let _ = f.set_len(end).and_then(|_| f.sync_data());
             return Err(io(&path)(e));
         }
-        let next = Commit { seq: cur.seq + 1, end: end + rec.len() as u64, slot: 1 - cur.slot, file: cur.file };
+        let seq = cur.seq.checked_add(1).ok_or_else(|| err(&path, "commit number overflow (u64::MAX commits); save a snapshot to a new file"))?;
+        let next = Commit { seq, end: end + rec.len() as u64, slot: 1 - cur.slot, file: cur.file };
         let at = SLOT_AT[next.slot as usize];
         // the slot may have landed even if this fails: the record stays
         f.seek(SeekFrom::Start(at as u64)).map_err(io(&path))?;
@@ -913,6 +921,20 @@ impl Appender {
 /// [`save`] / [`save_over`], which hold the write lock around this.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tq_io::write_atomic(path, bytes).map_err(io(path))
+}
+
+/// The number the next snapshot of `path` takes: one more than the newest
+/// commit a reader could have loaded from the file there, and one more again
+/// when a slot is corrupt (it may have held that newer commit); `None`
+/// without a readable header.
+fn previous_seq(path: &Path) -> Option<u64> {
+    let f = File::open(path).ok()?;
+    let head = read_head(&f, path).ok()?;
+    check_head(&head, path).ok()?;
+    let slots = slot_states(&head);
+    let valid = slots.iter().filter_map(|s| if let SlotState::Valid { seq, .. } = *s { Some(seq) } else { None }).max().unwrap_or(0);
+    let corrupt = slots.iter().any(|s| matches!(s, SlotState::Corrupt { .. }));
+    Some(valid.saturating_add(corrupt as u64))
 }
 
 /// Saves a snapshot, replacing whatever `path` holds (under the write lock,
@@ -938,10 +960,15 @@ pub fn save_over(index: &AnyIndex, path: &Path, view: Option<Commit>, wait: Lock
             Err(e) => return Err(io(path)(e)),
         }
     }
-    let bytes = to_bytes(index);
+    // the new file continues the replaced one's numbering, so a commit
+    // (seq, end) never repeats for this path: a view loaded before two
+    // snapshots of equal size is still refused, even when the file system
+    // hands the replaced file's inode number to the new one
+    let seq = previous_seq(path).map_or(1, |s| s.saturating_add(1));
+    let bytes = snapshot_bytes(index, seq);
     write_atomic(path, &bytes)?;
     let meta = std::fs::metadata(path).map_err(io(path))?;
-    Ok(Commit { seq: 1, end: bytes.len() as u64, slot: 0, file: file_id(&meta) })
+    Ok(Commit { seq, end: bytes.len() as u64, slot: 0, file: file_id(&meta) })
 }
 
 // ---------------------------------------------------------------------------
