@@ -45,6 +45,10 @@
 //! - **Save** writes a complete file to a temporary name in the same
 //!   directory, fsyncs it, renames it over the target and fsyncs the
 //!   directory: a crash leaves the old file or the new one, never a mix.
+//!   The new file's commit number is one more than the replaced file's
+//!   newest (1 for a new file), so under the lock a path never shows the
+//!   same commit twice: two snapshots of equal size cannot revive a stale
+//!   view, even on a file system that reuses the replaced inode's number.
 //! - **Append** writes a new ADD / REMOVE record at the committed end
 //!   (dropping any bytes there from an interrupted append), fsyncs, then
 //!   writes the *other* commit slot with `seq+1` and fsyncs again. A crash
