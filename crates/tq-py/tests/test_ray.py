@@ -355,7 +355,7 @@ def test_save_load_and_bad_manifests(cluster, glove, tmp_path):
 
 def test_a_dead_shard_is_named_or_left_out_when_asked(cluster, glove, tmp_path):
     xs, ids, queries = glove
-    si = ShardedIndex(tmp_path / "idx", "tq-mse-4-nc", DIM, 4, max_restarts=0, retry_timeout_s=1.0)
+    si = ShardedIndex(tmp_path / "idx", "tq-mse-4-nc", DIM, 4, max_restarts=0, retry_timeout_s=5.0)  # the live shards answer well inside it on a loaded machine
     si.add(xs, ids)
     os.kill(si.info()[1]["pid"], signal.SIGKILL)  # no restart allowed: shard 1 stays dead
     with pytest.raises(ShardUnavailableError, match=r"shard 1 of 4 .*shard-00001.tqi.* search") as e:
