@@ -21,7 +21,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribut
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::CompileOptions;
 
-use crate::{AttnShape, Error, Result, SideKind, SideSpec};
+use crate::{AttnShape, EncodeJob, Error, Result, SideKind, SideSpec, StepPtrs};
 
 const SOURCE: &str = include_str!("kernels.cu");
 /// Threads of the SIMT attention kernel and of `tq_prep_q` (NT in kernels.cu).
@@ -58,6 +58,7 @@ pub struct Gpu {
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     simt: AtomicBool,
     splits: AtomicUsize,
+    ordinal: usize,
 }
 
 /// A batch of KV caches on the device (see the crate docs for the planes),
@@ -70,26 +71,49 @@ pub struct DeviceKv {
     pub k: SideKind,
     /// How the values are coded.
     pub v: SideKind,
-    cap: usize,
+    /// Which attention kernel runs: `mma-f16` (tensor cores) or `simt-f32`.
+    pub kernel: &'static str,
+    plan: AttendPlan,
     copies: usize,
     kc: CudaSlice<u8>,
     ks: CudaSlice<u8>,
     vc: CudaSlice<u8>,
     vs: CudaSlice<u8>,
     lens: CudaSlice<i32>,
-    krot: Rot,
-    vrot: Rot,
-    ktab: CudaSlice<f32>,
-    vtab: CudaSlice<f32>,
-    nsplit: usize,
-    split_len: usize,
-    po: CudaSlice<f32>,
-    pm: CudaSlice<f32>,
-    pl: CudaSlice<f32>,
     out: CudaSlice<f32>,
     q: CudaSlice<f32>,
+}
+
+/// Everything one decode-attention step of a fixed shape launches: the
+/// compiled kernels, the split of each sequence, the rotations and codebooks
+/// on the device, and the scratch the splits merge through. It owns no
+/// cache: the planes, queries, lengths and output are the caller's
+/// ([`StepPtrs`]), so a framework's tensors (PyTorch) serve directly. The
+/// launch parameters never change, so a step can be captured in a CUDA graph.
+pub struct AttendPlan {
+    /// Batch, KV heads, query heads, head_dim and query tokens of a step
+    /// (the lengths are the cache capacity; the step's own are on the device).
+    pub shape: AttnShape,
+    /// How the keys are coded.
+    pub k: SideKind,
+    /// How the values are coded.
+    pub v: SideKind,
+    /// Token slots per (sequence, KV head) of the planes.
+    pub cap: usize,
+    /// Which attention kernel runs: `mma-f16` (tensor cores) or `simt-f32`.
+    pub kernel: &'static str,
+    ctx: Arc<CudaContext>,
+    krot: Rot,
+    vrot: Rot,
+    ktab: Buf<f32>,
+    vtab: Buf<f32>,
+    nsplit: usize,
+    split_len: usize,
+    po: Buf<f32>,
+    pm: Buf<f32>,
+    pl: Buf<f32>,
     /// the queries rotated and scaled (tq_prep_q)
-    qr: CudaSlice<f32>,
+    qr: Buf<f32>,
     prep: CudaFunction,
     attend: CudaFunction,
     combine: CudaFunction,
@@ -97,14 +121,36 @@ pub struct DeviceKv {
     threads: u32,
     /// row blocks per KV head
     ngr: usize,
-    /// Which attention kernel runs: `mma-f16` (tensor cores) or `simt-f32`.
-    pub kernel: &'static str,
+}
+
+/// The encode kernel for one TurboQuant side, writing into caller-owned
+/// planes ([`Encoder::launch`]).
+pub struct Encoder {
+    /// The side's head_dim.
+    pub head_dim: usize,
+    /// Bytes of one code in the code plane.
+    pub code_bytes: usize,
+    ctx: Arc<CudaContext>,
+    f: CudaFunction,
+    bits: i32,
+    nc: i32,
+    bf16: i32,
+    rot: Rot,
+    cent: Buf<f32>,
+    bounds: Buf<f32>,
 }
 
 struct Rot {
-    s1: CudaSlice<u32>,
-    s2: CudaSlice<u32>,
+    s1: Buf<u32>,
+    s2: Buf<u32>,
     total: f32,
+}
+
+/// A device buffer and its address (taken once: event tracking is off, so
+/// the address is all a launch needs).
+struct Buf<T> {
+    _slice: CudaSlice<T>,
+    p: u64,
 }
 
 impl Gpu {
@@ -140,7 +186,7 @@ impl Gpu {
         let sms = cu(ctx.attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT))? as usize;
         // a stream of our own (the legacy default stream cannot be captured into a graph)
         let stream = cu(ctx.new_stream())?;
-        Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false), splits: AtomicUsize::new(0) })
+        Ok(Self { ctx, stream, arch, sms, modules: Mutex::new(HashMap::new()), simt: AtomicBool::new(false), splits: AtomicUsize::new(0), ordinal })
     }
 
     /// The device's name (as the driver reports it).
@@ -151,6 +197,41 @@ impl Gpu {
     /// Streaming multiprocessors of the device.
     pub fn sm_count(&self) -> usize {
         self.sms
+    }
+
+    /// Checks that `bytes` bytes from device address `p` lie inside one
+    /// allocation of this device (a PyTorch tensor's storage, say): an error
+    /// naming `what` for host memory, memory of another device, or a buffer
+    /// too small for what a launch will touch.
+    pub fn check_range(&self, p: u64, bytes: usize, what: &str) -> Result<()> {
+        use cudarc::driver::sys;
+        if bytes == 0 {
+            return Ok(());
+        }
+        cu(self.ctx.bind_to_thread())?;
+        let (mut base, mut size, mut ordinal) = (0u64, 0usize, -1i32);
+        // SAFETY: out-pointers to locals of the types the driver writes
+        // (CUdeviceptr, size_t, int); `p` is only looked up, never accessed.
+        let found = unsafe {
+            sys::cuPointerGetAttribute((&mut ordinal as *mut i32).cast(), sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, p as sys::CUdeviceptr)
+                .result()
+                .and_then(|_| sys::cuMemGetAddressRange_v2(&mut base, &mut size, p as sys::CUdeviceptr).result())
+        };
+        if found.is_err() {
+            return Err(Error::Shape(format!("{what}: address {p:#x} is not CUDA device memory (a CPU tensor?)")));
+        }
+        if ordinal != self.ordinal as i32 {
+            return Err(Error::Shape(format!("{what} is on CUDA device {ordinal}, this cache on device {}", self.ordinal)));
+        }
+        if p.checked_add(bytes as u64).is_none_or(|e| e > base + size as u64) {
+            return Err(Error::Shape(format!("{what}: {bytes} bytes from {p:#x} run past the end of its allocation ({size} bytes at {base:#x})")));
+        }
+        Ok(())
+    }
+
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
     }
 
     /// Caches made from now on use the plain fp32 (SIMT) attention kernel even
@@ -183,54 +264,92 @@ impl Gpu {
 
     fn rot(&self, side: &SideSpec) -> Result<Rot> {
         match side.hadamard() {
-            Some((s1, s2, total)) => Ok(Rot { s1: self.upload(s1)?, s2: self.upload(s2)?, total }),
-            None => Ok(Rot { s1: self.upload(&[0u32])?, s2: self.upload(&[0u32])?, total: 1.0 }),
+            Some((s1, s2, total)) => Ok(Rot { s1: self.buf(s1)?, s2: self.buf(s2)?, total }),
+            None => Ok(Rot { s1: self.buf(&[0u32])?, s2: self.buf(&[0u32])?, total: 1.0 }),
         }
     }
 
-    fn table(&self, side: &SideSpec) -> Result<CudaSlice<f32>> {
+    fn table(&self, side: &SideSpec) -> Result<Buf<f32>> {
         match side.codebook() {
-            Some((c, _)) => self.upload(c),
-            None => self.upload(&[0.0f32]),
+            Some((c, _)) => self.buf(c),
+            None => self.buf(&[0.0f32]),
         }
+    }
+
+    fn buf<T: cudarc::driver::DeviceRepr>(&self, x: &[T]) -> Result<Buf<T>> {
+        let s = self.upload(x)?;
+        Ok(Buf { p: self.ptr(&s), _slice: s })
+    }
+
+    fn zeros<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, n: usize) -> Result<Buf<T>> {
+        let s = cu(self.stream.alloc_zeros::<T>(n.max(1)))?;
+        Ok(Buf { p: self.ptr(&s), _slice: s })
+    }
+
+    /// The encode kernel of a TurboQuant side, for planes the caller owns
+    /// ([`Encoder::launch`]). `bf16_scales`: store each norm rounded to bf16
+    /// (round to nearest even) and widened back to f32 — the values the CPU KV
+    /// cache (`tq-kv`, [`tq_core::KvLayout`]) stores and attends with.
+    pub fn encoder(&self, side: &SideSpec, bf16_scales: bool) -> Result<Encoder> {
+        let d = side.head_dim;
+        let SideKind::Tq { bits, nc } = side.kind else {
+            return Err(Error::Unsupported(format!("GPU encode takes tq-mse-B sides, not {}", side.name)));
+        };
+        let module = self.module(&format!("#define D {d}\n#define G 1\n"))?;
+        let f = cu(module.load_function("tq_encode"))?;
+        let (cent, bounds) = side.codebook().expect("TurboQuant sides have a codebook");
+        let enc = Encoder {
+            head_dim: d,
+            code_bytes: side.kind.code_bytes(d),
+            ctx: self.ctx.clone(),
+            f,
+            bits: bits as i32,
+            nc: nc as i32,
+            bf16: bf16_scales as i32,
+            rot: self.rot(side)?,
+            cent: self.buf(cent)?,
+            bounds: self.buf(bounds)?,
+        };
+        // the uploads are complete before any other stream launches with them
+        cu(self.stream.synchronize())?;
+        Ok(enc)
     }
 
     /// Encodes row-major `xs` (`n × head_dim`) with a TurboQuant side on the
     /// GPU; returns the CPU codec's code bytes (`[packed][f32 scale]` each).
     pub fn encode(&self, side: &SideSpec, xs: &[f32]) -> Result<Vec<u8>> {
         let d = side.head_dim;
-        let SideKind::Tq { bits, nc } = side.kind else {
+        let SideKind::Tq { bits, .. } = side.kind else {
             return Err(Error::Unsupported(format!("GPU encode takes tq-mse-B sides, not {}", side.name)));
         };
         tq_core::codec::check_vectors(xs, d)?;
         let n = xs.len() / d;
-        let module = self.module(&format!("#define D {d}\n#define G 1\n"))?;
-        let f = cu(module.load_function("tq_encode"))?;
-        let (s1, s2, total) = side.hadamard().expect("TurboQuant sides are rotated");
-        let (cent, bounds) = side.codebook().expect("TurboQuant sides have a codebook");
+        let enc = self.encoder(side, false)?;
         let x = self.upload(xs)?;
-        let (s1, s2) = (self.upload(s1)?, self.upload(s2)?);
-        let (cent, bounds) = (self.upload(cent)?, self.upload(bounds)?);
         let pb = side.kind.code_bytes(d);
-        let mut codes = cu(self.stream.alloc_zeros::<u8>(n * pb))?;
-        let mut scales = cu(self.stream.alloc_zeros::<f32>(n))?;
-        let (n32, bits32, nc32) = (n as i32, bits as i32, nc as i32);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x).arg(&n32).arg(&s1).arg(&s2).arg(&total).arg(&bounds).arg(&cent).arg(&bits32).arg(&nc32);
-        b.arg(&mut codes).arg(&mut scales);
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (d as u32, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: the arguments are `tq_encode`'s parameters in order and type
-        // (xs, n, s1, s2, total, boundaries, centroids, bits, nc, codes, scales);
-        // block i < n encodes x[i·D..][..D] into codes[i·pb..][..pb] and
-        // scales[i], and the buffers hold n vectors, d signs each, the side's
-        // 2^bits - 1 boundaries and 2^bits centroids.
-        cu(unsafe { b.launch(cfg) })?;
+        let codes = cu(self.stream.alloc_zeros::<u8>(n * pb))?;
+        let scales = cu(self.stream.alloc_zeros::<f32>(n))?;
+        let job = EncodeJob { x: self.ptr(&x), seqs: 1, per: n, cap: n, heads: 1, lens: 0, codes: self.ptr(&codes), scales: self.ptr(&scales) };
+        // SAFETY: `x` holds n vectors of d floats, `codes` n·pb bytes and
+        // `scales` n floats: one sequence of n slots, no lengths; all three were
+        // made on this stream, which the launch uses.
+        unsafe { enc.launch(self.stream.cu_stream() as u64, &job) }?;
         let codes = cu(self.stream.clone_dtoh(&codes))?;
         let scales = cu(self.stream.clone_dtoh(&scales))?;
         Ok(crate::join_tq_codes(d, bits, &codes, &scales))
     }
 
-    fn device_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, copies: usize) -> Result<DeviceKv> {
+    fn ptr<T>(&self, x: &CudaSlice<T>) -> u64 {
+        use cudarc::driver::DevicePtr;
+        // event tracking is off (see `new`): the guard records nothing
+        let (p, _guard) = x.device_ptr(&self.stream);
+        p
+    }
+
+    /// The plan of one decode-attention step: `shape` gives batch, heads,
+    /// head_dim and query tokens, and its longest length the planes' capacity
+    /// (rounded up to whole 128-token tiles: [`AttendPlan::cap`]).
+    pub fn attend_plan(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec) -> Result<AttendPlan> {
         shape.check()?;
         let d = shape.heads.head_dim;
         if k.head_dim != d || v.head_dim != d {
@@ -238,7 +357,6 @@ impl Gpu {
         }
         let (b, h, nr) = (shape.batch(), shape.heads.kv_heads, shape.rows());
         let cap = shape.max_len().div_ceil(TILE) * TILE;
-        let rows = copies * b * h * cap;
         let mma = k.rotated() && v.rotated() && !self.simt.load(Ordering::Relaxed);
         // the rows of a KV head in as few equal blocks as the kernel takes
         let ngr = nr.div_ceil(if mma { MMA_ROWS } else { SIMT_ROWS });
@@ -265,6 +383,39 @@ impl Gpu {
         .clamp(1, tiles);
         let split_len = tiles.div_ceil(want) * TILE;
         let nsplit = cap.div_ceil(split_len);
+        let (hq, nq) = (shape.heads.q_heads, shape.q_tokens);
+        let plan = AttendPlan {
+            shape: shape.clone(),
+            k: k.kind,
+            v: v.kind,
+            cap,
+            kernel: if mma { "mma-f16" } else { "simt-f32" },
+            ctx: self.ctx.clone(),
+            krot: self.rot(k)?,
+            vrot: self.rot(v)?,
+            ktab: self.table(k)?,
+            vtab: self.table(v)?,
+            nsplit,
+            split_len,
+            po: self.zeros(b * h * nr * nsplit * d)?,
+            pm: self.zeros(b * h * nr * nsplit)?,
+            pl: self.zeros(b * h * nr * nsplit)?,
+            qr: self.zeros(b * nq * hq * d)?,
+            prep,
+            attend,
+            combine,
+            smem: smem as u32,
+            threads: threads as u32,
+            ngr,
+        };
+        // the uploads are complete before any other stream launches with them
+        cu(self.stream.synchronize())?;
+        Ok(plan)
+    }
+
+    fn device_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, copies: usize) -> Result<DeviceKv> {
+        let plan = self.attend_plan(shape, k, v)?;
+        let (d, rows) = (shape.heads.head_dim, copies * shape.batch() * shape.heads.kv_heads * plan.cap);
         let z8 = |n: usize| cu(self.stream.alloc_zeros::<u8>(n));
         let (hq, nq) = (shape.heads.q_heads, shape.q_tokens);
         let lens: Vec<i32> = shape.lens.iter().map(|&l| l as i32).collect();
@@ -272,32 +423,16 @@ impl Gpu {
             shape: shape.clone(),
             k: k.kind,
             v: v.kind,
-            cap,
+            kernel: plan.kernel,
             copies,
             kc: z8(rows * k.kind.code_bytes(d))?,
             ks: z8(rows * k.kind.scale_bytes(d))?,
             vc: z8(rows * v.kind.code_bytes(d))?,
             vs: z8(rows * v.kind.scale_bytes(d))?,
             lens: self.upload(&lens)?,
-            krot: self.rot(k)?,
-            vrot: self.rot(v)?,
-            ktab: self.table(k)?,
-            vtab: self.table(v)?,
-            nsplit,
-            split_len,
-            po: cu(self.stream.alloc_zeros::<f32>(b * h * nr * nsplit * d))?,
-            pm: cu(self.stream.alloc_zeros::<f32>(b * h * nr * nsplit))?,
-            pl: cu(self.stream.alloc_zeros::<f32>(b * h * nr * nsplit))?,
-            out: cu(self.stream.alloc_zeros::<f32>(b * nq * hq * d))?,
-            q: cu(self.stream.alloc_zeros::<f32>(b * nq * hq * d))?,
-            prep,
-            attend,
-            combine,
-            qr: cu(self.stream.alloc_zeros::<f32>(b * nq * hq * d))?,
-            smem: smem as u32,
-            threads: threads as u32,
-            ngr,
-            kernel: if mma { "mma-f16" } else { "simt-f32" },
+            out: cu(self.stream.alloc_zeros::<f32>(shape.batch() * nq * hq * d))?,
+            q: cu(self.stream.alloc_zeros::<f32>(shape.batch() * nq * hq * d))?,
+            plan,
         })
     }
 
@@ -306,7 +441,7 @@ impl Gpu {
     /// (slots past a sequence's length are ignored).
     pub fn upload_kv(&self, shape: &AttnShape, k: &SideSpec, v: &SideSpec, k_codes: &[u8], v_codes: &[u8]) -> Result<DeviceKv> {
         let mut kv = self.device_kv(shape, k, v, 1)?;
-        let (d, t) = (shape.heads.head_dim, shape.max_len());
+        let (d, t, cap) = (shape.heads.head_dim, shape.max_len(), kv.plan.cap);
         let seqs = shape.batch() * shape.heads.kv_heads;
         for (side, codes, is_k) in [(k, k_codes, true), (v, v_codes, false)] {
             let want = seqs * t * side.kind.bytes_per_vector(d);
@@ -321,9 +456,9 @@ impl Gpu {
             let (plane, scales) = crate::split_codes(side.kind, d, codes)?;
             // pad every sequence from t to cap slots
             let pad = |x: &[u8], per: usize| {
-                let mut o = vec![0u8; seqs * kv.cap * per];
+                let mut o = vec![0u8; seqs * cap * per];
                 for (s, src) in x.chunks_exact(t * per).enumerate() {
-                    o[s * kv.cap * per..s * kv.cap * per + t * per].copy_from_slice(src);
+                    o[s * cap * per..s * cap * per + t * per].copy_from_slice(src);
                 }
                 o
             };
@@ -368,58 +503,24 @@ impl Gpu {
 
     fn launch_attend(&self, kv: &mut DeviceKv, copy: usize) -> Result<()> {
         let d = kv.shape.heads.head_dim;
-        let per = kv.shape.batch() * kv.shape.heads.kv_heads * kv.cap;
+        let per = (kv.shape.batch() * kv.shape.heads.kv_heads * kv.plan.cap) as u64;
         let (kcb, ksb, vcb, vsb) = (kv.k.code_bytes(d), kv.k.scale_bytes(d), kv.v.code_bytes(d), kv.v.scale_bytes(d));
-        let kc = kv.kc.slice(copy * per * kcb..(copy + 1) * per * kcb);
-        let ks = kv.ks.slice(copy * per * ksb..(copy + 1) * per * ksb);
-        let vc = kv.vc.slice(copy * per * vcb..(copy + 1) * per * vcb);
-        let vs = kv.vs.slice(copy * per * vsb..(copy + 1) * per * vsb);
-        let (cap, heads, split_len) = (kv.cap as i32, kv.shape.heads.kv_heads as i32, kv.split_len as i32);
-        let mut b = self.stream.launch_builder(&kv.prep);
-        b.arg(&kv.q).arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&heads).arg(&mut kv.qr);
-        let cfg = LaunchConfig { grid_dim: ((kv.shape.batch() * kv.shape.heads.kv_heads) as u32, 1, 1), block_dim: (NT as u32, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: `tq_prep_q(q, ks1, ks2, ktotal, kv_heads, qr)` in order and type;
-        // block i < batch·kv_heads reads the NQ·G query vectors of its sequence
-        // and KV head from `q` and writes the NR·D floats at i·NR·D of `qr`
-        // (batch·q_tokens·q_heads·D each); the signs hold D entries (or 1,
-        // unused unless ROTK).
-        cu(unsafe { b.launch(cfg) })?;
-        let mut b = self.stream.launch_builder(&kv.attend);
-        b.arg(&kv.qr).arg(&kc).arg(&ks).arg(&vc).arg(&vs).arg(&kv.lens).arg(&cap).arg(&heads).arg(&split_len);
-        b.arg(&kv.krot.s1).arg(&kv.krot.s2).arg(&kv.krot.total).arg(&kv.ktab).arg(&kv.vtab);
-        b.arg(&mut kv.po).arg(&mut kv.pm).arg(&mut kv.pl);
-        let cfg = LaunchConfig {
-            grid_dim: (kv.nsplit as u32, (kv.shape.heads.kv_heads * kv.ngr) as u32, kv.shape.batch() as u32),
-            block_dim: (kv.threads, 1, 1),
-            shared_mem_bytes: kv.smem,
+        let c = copy as u64;
+        let p = StepPtrs {
+            q: self.ptr(&kv.q),
+            kc: self.ptr(&kv.kc) + c * per * kcb as u64,
+            ks: self.ptr(&kv.ks) + c * per * ksb as u64,
+            vc: self.ptr(&kv.vc) + c * per * vcb as u64,
+            vs: self.ptr(&kv.vs) + c * per * vsb as u64,
+            lens: self.ptr(&kv.lens),
+            out: self.ptr(&kv.out),
         };
-        // SAFETY: the arguments are the parameter list shared by `tq_attend` and
-        // `tq_attend_mma` (q, kc, ks, vc, vs, lens, cap, kv_heads, split_len,
-        // ks1, ks2, ktotal, ktab, vtab, po, pm, pl) in order and type. The code
-        // and scale views are one copy of batch·kv_heads·cap slots (cap a
-        // multiple of TILE, so every 16-token bulk copy of the tensor-core
-        // kernel stays inside them), `lens` has batch entries <= cap, the
-        // partial buffers hold batch·kv_heads·NR·nsplit (·D) floats for the
-        // nsplit·split_len >= cap grid, the grid's y is kv_heads·NGR with the
-        // NGR and RB of the defines, and the dynamic shared memory is what
-        // `mma_smem` / `attend_smem` compute (the limit raised above 48 KiB in
-        // `device_kv`).
-        cu(unsafe { b.launch(cfg) })?;
-        let nsplit = kv.nsplit as i32;
-        let mut b = self.stream.launch_builder(&kv.combine);
-        b.arg(&kv.po).arg(&kv.pm).arg(&kv.pl).arg(&nsplit).arg(&kv.vrot.s1).arg(&kv.vrot.s2).arg(&kv.vrot.total).arg(&heads);
-        b.arg(&mut kv.out);
-        let cfg = LaunchConfig {
-            grid_dim: ((kv.shape.batch() * kv.shape.heads.kv_heads * kv.shape.rows()) as u32, 1, 1),
-            block_dim: (COMBINE_THREADS, 1, 1),
-            shared_mem_bytes: 4 * kv.nsplit as u32,
-        };
-        // SAFETY: `tq_combine(po, pm, pl, nsplit, vs1, vs2, vtotal, kv_heads, out)`
-        // in order and type; block i < batch·kv_heads·NR reads its nsplit
-        // partials and writes one D-vector of `out` (batch·q_tokens·q_heads·D);
-        // `wsplit` gets its nsplit floats of shared memory.
-        cu(unsafe { b.launch(cfg) })?;
-        Ok(())
+        // SAFETY: the planes hold `copies` replicas of batch·kv_heads·cap slots
+        // of the plan's sides (`device_kv` sized them from the same plan) and
+        // copy < copies; q and out hold batch·q_tokens·q_heads·head_dim floats,
+        // lens batch lengths ≤ cap (`AttnShape::check`); everything was made on
+        // this stream, which the launch uses.
+        unsafe { kv.plan.launch(self.stream.cu_stream() as u64, &p) }
     }
 
     fn set_query(&self, kv: &mut DeviceKv, q: &[f32]) -> Result<()> {
@@ -617,15 +718,133 @@ impl DeviceKv {
     }
     /// Parts each sequence is split into (blocks per sequence-head).
     pub fn splits(&self) -> usize {
-        self.nsplit
+        self.plan.nsplit
     }
     /// (registers per thread, local-memory bytes per thread (spills), resident
     /// blocks per multiprocessor) of the attention kernel.
     pub fn occupancy(&self) -> Result<(i32, i32, u32)> {
-        let regs = cu(self.attend.num_regs())?;
-        let local = cu(self.attend.get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES))?;
-        let blocks = cu(self.attend.occupancy_max_active_blocks_per_multiprocessor(self.threads, self.smem as usize, None))?;
+        let regs = cu(self.plan.attend.num_regs())?;
+        let local = cu(self.plan.attend.get_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES))?;
+        let blocks = cu(self.plan.attend.occupancy_max_active_blocks_per_multiprocessor(self.plan.threads, self.plan.smem as usize, None))?;
         Ok((regs, local, blocks))
+    }
+}
+
+/// Launches `f` on the raw stream with `args` (pointers to each parameter's value).
+///
+/// # Safety
+/// `args` are the kernel's parameters in order and type, every device
+/// address among them is valid on `stream` for what the grid indexes, and
+/// `stream` is a live stream of the context current on this thread.
+unsafe fn launch_raw(f: &CudaFunction, grid: (u32, u32, u32), block: u32, smem: u32, stream: u64, args: &mut [*mut std::ffi::c_void]) -> Result<()> {
+    let stream = stream as cudarc::driver::sys::CUstream;
+    // SAFETY: the caller's contract.
+    cu(unsafe { cudarc::driver::result::launch_kernel(f.cu_function(), grid, (block, 1, 1), smem, stream, args) })
+}
+
+macro_rules! params {
+    ($($x:expr),* $(,)?) => { [$((&$x) as *const _ as *mut std::ffi::c_void),*] };
+}
+
+impl Encoder {
+    /// Queues the encode of `job` on `stream` (a `CUstream` of this device's
+    /// primary context, e.g. PyTorch's current stream); returns at once.
+    ///
+    /// # Safety
+    /// The job's addresses are device memory of this context, valid on
+    /// `stream`: `x` holds `seqs · per · head_dim` f32, the planes `seqs ·
+    /// cap` slots (`code_bytes` and 4 bytes each), `lens` (if not 0) `seqs /
+    /// heads` i32. The kernel skips any slot outside `[0, cap)`.
+    pub unsafe fn launch(&self, stream: u64, job: &EncodeJob) -> Result<()> {
+        let n = job.seqs * job.per;
+        if n == 0 {
+            return Ok(());
+        }
+        if job.heads == 0 || !job.seqs.is_multiple_of(job.heads) || job.per > job.cap || n > i32::MAX as usize || job.seqs * job.cap > i32::MAX as usize {
+            return Err(Error::Shape(format!(
+                "encode of {} sequences × {} vectors into {} slots ({} heads per length)",
+                job.seqs, job.per, job.cap, job.heads
+            )));
+        }
+        cu(self.ctx.bind_to_thread())?;
+        let (n, per, cap, heads) = (n as i32, job.per as i32, job.cap as i32, job.heads as i32);
+        let mut args = params![
+            job.x,
+            n,
+            per,
+            cap,
+            heads,
+            job.lens,
+            self.rot.s1.p,
+            self.rot.s2.p,
+            self.rot.total,
+            self.bounds.p,
+            self.cent.p,
+            self.bits,
+            self.nc,
+            self.bf16,
+            job.codes,
+            job.scales
+        ];
+        // SAFETY: the arguments are `tq_encode`'s parameters in order and type
+        // (xs, n, per, cap, heads, lens, s1, s2, total, boundaries, centroids,
+        // bits, nc, bf16, codes, scales); block v < n reads x[v·D..][..D] and
+        // writes one slot < seqs·cap of each plane (the kernel checks the slot);
+        // the signs and codebook are this encoder's, uploaded and synchronized.
+        unsafe { launch_raw(&self.f, (n as u32, 1, 1), self.head_dim as u32, 0, stream, &mut args) }
+    }
+}
+
+impl AttendPlan {
+    /// Parts each sequence is split into.
+    pub fn splits(&self) -> usize {
+        self.nsplit
+    }
+
+    /// Queues one decode-attention step (rotate the queries, attend per
+    /// split, merge and rotate back) on `stream` (a `CUstream` of this
+    /// device's primary context, e.g. PyTorch's current stream); returns at
+    /// once, synchronizes nothing. Query token `i` of `q_tokens` sees the
+    /// first `lens[b] − q_tokens + 1 + i` tokens of its sequence.
+    ///
+    /// # Safety
+    /// Every address of `p` is device memory of this context, valid on
+    /// `stream`, as large as [`StepPtrs`] says for this plan's shape and
+    /// `cap`; the lengths are ≥ q_tokens and ≤ cap. The plan's scratch is
+    /// reused by every launch: launches of one plan must be ordered (one
+    /// stream, or synchronized).
+    pub unsafe fn launch(&self, stream: u64, p: &StepPtrs) -> Result<()> {
+        cu(self.ctx.bind_to_thread())?;
+        let (b, h) = (self.shape.batch(), self.shape.heads.kv_heads);
+        let (cap, heads, split_len, nsplit) = (self.cap as i32, h as i32, self.split_len as i32, self.nsplit as i32);
+        let (qr, po, pm, pl) = (self.qr.p, self.po.p, self.pm.p, self.pl.p);
+        let (k, v) = (&self.krot, &self.vrot);
+        let mut args = params![p.q, k.s1.p, k.s2.p, k.total, heads, qr];
+        // SAFETY: `tq_prep_q(q, ks1, ks2, ktotal, kv_heads, qr)` in order and type;
+        // block i < batch·kv_heads reads the NQ·G query vectors of its sequence
+        // and KV head from `q` and writes the NR·D floats at i·NR·D of `qr`
+        // (batch·q_tokens·q_heads·D each); the signs hold D entries (or 1,
+        // unused unless ROTK).
+        unsafe { launch_raw(&self.prep, ((b * h) as u32, 1, 1), NT as u32, 0, stream, &mut args) }?;
+        let mut args = params![qr, p.kc, p.ks, p.vc, p.vs, p.lens, cap, heads, split_len, k.s1.p, k.s2.p, k.total, self.ktab.p, self.vtab.p, po, pm, pl];
+        // SAFETY: the arguments are the parameter list shared by `tq_attend` and
+        // `tq_attend_mma` (q, kc, ks, vc, vs, lens, cap, kv_heads, split_len,
+        // ks1, ks2, ktotal, ktab, vtab, po, pm, pl) in order and type. The code
+        // and scale planes hold batch·kv_heads·cap slots (the caller's
+        // contract; cap a multiple of TILE, so every 16-token bulk copy of the
+        // tensor-core kernel stays inside them), `lens` has batch entries <=
+        // cap, the partial buffers hold batch·kv_heads·NR·nsplit (·D) floats
+        // for the nsplit·split_len >= cap grid, the grid's y is kv_heads·NGR
+        // with the NGR and RB of the defines, and the dynamic shared memory is
+        // what `mma_smem` / `attend_smem` compute (the limit raised above 48
+        // KiB in `attend_plan`).
+        unsafe { launch_raw(&self.attend, (self.nsplit as u32, (h * self.ngr) as u32, b as u32), self.threads, self.smem, stream, &mut args) }?;
+        let mut args = params![po, pm, pl, nsplit, v.s1.p, v.s2.p, v.total, heads, p.out];
+        // SAFETY: `tq_combine(po, pm, pl, nsplit, vs1, vs2, vtotal, kv_heads, out)`
+        // in order and type; block i < batch·kv_heads·NR reads its nsplit
+        // partials and writes one D-vector of `out` (batch·q_tokens·q_heads·D);
+        // `wsplit` gets its nsplit floats of shared memory.
+        unsafe { launch_raw(&self.combine, ((b * h * self.shape.rows()) as u32, 1, 1), COMBINE_THREADS, 4 * self.nsplit as u32, stream, &mut args) }
     }
 }
 

@@ -81,9 +81,16 @@ __device__ void unrotate_smem(float* x, const u32* s1, const u32* s2, float tota
 // vector. Output planes: codes [n][D*B/8] bytes (LSB-first bit stream) and
 // scales [n] f32 (the norm, or norm/<u, u_hat> with norm correction).
 // ---------------------------------------------------------------------------
-extern "C" __global__ void tq_encode(const float* __restrict__ xs, int n, const u32* __restrict__ s1,
+// Block v < n encodes xs[v·D..][..D], vector t = v % per of sequence
+// s = v / per, into slot s·cap + slot of the planes: slot t, or with `lens`
+// (one length per batch entry, sequences s = batch·heads + head, already
+// counting these `per` tokens) slot lens[s / heads] − per + t; a slot outside
+// [0, cap) is not written. bf16: the scale is stored rounded to bf16 (round
+// to nearest even, as the CPU KV cache stores it), widened back to f32.
+extern "C" __global__ void tq_encode(const float* __restrict__ xs, int n, int per, int cap, int heads,
+                                     const int* __restrict__ lens, const u32* __restrict__ s1,
                                      const u32* __restrict__ s2, float total, const float* __restrict__ boundaries,
-                                     const float* __restrict__ centroids, int bits, int nc,
+                                     const float* __restrict__ centroids, int bits, int nc, int bf16,
                                      u8* __restrict__ codes, float* __restrict__ scales) {
     __shared__ float y[D];
     __shared__ float lanes[8];
@@ -92,6 +99,10 @@ extern "C" __global__ void tq_encode(const float* __restrict__ xs, int n, const 
     __shared__ u8 idx[D];
     int v = blockIdx.x;
     if (v >= n) return;
+    int seq = v / per, t = v % per;
+    int slot = lens ? lens[seq / heads] - per + t : t;
+    if (slot < 0 || slot >= cap) return;
+    u64 dst = (u64)seq * cap + slot;
     int j = threadIdx.x;
     y[j] = xs[(u64)v * D + j];
     rotate_smem(y, s1, s2, total, D, 1);
@@ -141,7 +152,13 @@ extern "C" __global__ void tq_encode(const float* __restrict__ xs, int n, const 
                                 __fadd_rn(__fadd_rn(l[4], l[5]), __fadd_rn(l[6], l[7])));
             scale = __fdiv_rn(norm, d);
         }
-        scales[v] = scale;
+        if (bf16) {
+            u32 u = __float_as_uint(scale);
+            if ((u & 0x7f800000u) != 0x7f800000u) u += 0x7fffu + ((u >> 16) & 1u);
+            else if (u & 0x007fffffu) u |= 0x00400000u;  // NaN stays NaN
+            scale = __uint_as_float(u & 0xffff0000u);
+        }
+        scales[dst] = scale;
     }
     // pack: thread j < D*bits/8 writes byte j
     int nbytes = D * bits / 8;
@@ -153,7 +170,7 @@ extern "C" __global__ void tq_encode(const float* __restrict__ xs, int n, const 
             int f = bit / bits, o = bit % bits;
             byte |= ((idx[f] >> o) & 1u) << b;
         }
-        codes[(u64)v * nbytes + j] = (u8)byte;
+        codes[dst * nbytes + j] = (u8)byte;
     }
 }
 
@@ -339,7 +356,7 @@ extern "C" __global__ void __launch_bounds__(NT) tq_attend(
 
     int split = blockIdx.x, h = blockIdx.y / NGR, row0 = (blockIdx.y % NGR) * RB, b = blockIdx.z;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    int len = lens[b];
+    int len = min(lens[b], cap);  // never a slot past the planes
     int t_begin = split * split_len;
     int t_end = min(len, t_begin + split_len);
     int nsplit = gridDim.x;
@@ -750,7 +767,7 @@ extern "C" __global__ void __launch_bounds__(MW * 32, 1) tq_attend_mma(
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int n = lane >> 2, r = lane & 3;
     const u32 lane4 = (u32)lane << 2;
-    int len = lens[b];
+    int len = min(lens[b], cap);  // never a slot past the planes
     int t_begin = split * split_len;
     int t_end = min(len, t_begin + split_len);
     int nsplit = gridDim.x;

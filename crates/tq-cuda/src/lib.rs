@@ -134,6 +134,54 @@ impl SideKind {
     }
 }
 
+/// Device addresses of one decode-attention step's buffers, for
+/// [`AttendPlan::launch`] (planes and layouts as the crate docs give them):
+/// `q` and `out` `[batch][q_tokens][q_heads][head_dim]` f32; `kc`/`vc` code
+/// planes and `ks`/`vs` scale planes of `batch · kv_heads · cap` slots;
+/// `lens` `batch` i32 lengths (each ≤ cap, ≥ q_tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepPtrs {
+    /// Queries (f32).
+    pub q: u64,
+    /// Key codes (u8 plane).
+    pub kc: u64,
+    /// Key scales (f32 norms, or f16 block scales of `q8_0`/`q4_0`).
+    pub ks: u64,
+    /// Value codes.
+    pub vc: u64,
+    /// Value scales.
+    pub vs: u64,
+    /// Sequence lengths (i32, on the device).
+    pub lens: u64,
+    /// Output (f32).
+    pub out: u64,
+}
+
+/// Device addresses of one [`Encoder::launch`]: `seqs · per` input vectors
+/// (f32, `head_dim` each, sequence-major), written into planes of `seqs ·
+/// cap` slots, vector `t` of sequence `s` into slot `t`, or with `lens` (the
+/// address of `seqs / heads` i32 lengths that already count the `per` new
+/// tokens; 0 for none) into slot `lens[s / heads] − per + t`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncodeJob {
+    /// Input vectors (f32).
+    pub x: u64,
+    /// Sequences (batch · kv_heads).
+    pub seqs: usize,
+    /// New vectors per sequence.
+    pub per: usize,
+    /// Slots per sequence in the planes.
+    pub cap: usize,
+    /// Sequences per length (KV heads).
+    pub heads: usize,
+    /// Lengths (i32), or 0.
+    pub lens: u64,
+    /// Code plane (u8).
+    pub codes: u64,
+    /// Scale plane (f32).
+    pub scales: u64,
+}
+
 /// One side: its kind and, for TurboQuant, the CPU codec it must match.
 pub struct SideSpec {
     /// The codec name (as `tq_core::build` takes it).

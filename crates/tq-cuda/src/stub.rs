@@ -1,7 +1,7 @@
 //! Built without the `cuda` feature: the same API, every entry point returns
 //! [`Error::NoCuda`].
 
-use crate::{AttnShape, Error, Result, SideKind, SideSpec};
+use crate::{AttnShape, EncodeJob, Error, Result, SideKind, SideSpec, StepPtrs};
 
 enum Never {}
 
@@ -21,7 +21,71 @@ pub struct DeviceKv {
     never: Never,
 }
 
+/// The encode kernel of one side (never constructed in this build).
+pub struct Encoder {
+    /// The side's head_dim.
+    pub head_dim: usize,
+    /// Bytes of one code in the code plane.
+    pub code_bytes: usize,
+    never: Never,
+}
+
+/// One decode-attention step's kernels and scratch (never constructed in this build).
+pub struct AttendPlan {
+    /// Batch, heads, head_dim and query tokens of a step.
+    pub shape: AttnShape,
+    /// How the keys are coded.
+    pub k: SideKind,
+    /// How the values are coded.
+    pub v: SideKind,
+    /// Token slots per (sequence, KV head) of the planes.
+    pub cap: usize,
+    /// Which attention kernel runs.
+    pub kernel: &'static str,
+    never: Never,
+}
+
+impl Encoder {
+    /// Queues an encode on `stream`.
+    ///
+    /// # Safety
+    /// As in a CUDA build (nothing runs in this one).
+    pub unsafe fn launch(&self, _stream: u64, _job: &EncodeJob) -> Result<()> {
+        match self.never {}
+    }
+}
+
+impl AttendPlan {
+    /// Parts each sequence is split into.
+    pub fn splits(&self) -> usize {
+        match self.never {}
+    }
+    /// Queues one decode-attention step on `stream`.
+    ///
+    /// # Safety
+    /// As in a CUDA build (nothing runs in this one).
+    pub unsafe fn launch(&self, _stream: u64, _p: &StepPtrs) -> Result<()> {
+        match self.never {}
+    }
+}
+
 impl Gpu {
+    /// Checks that a device range lies inside one allocation of this device.
+    pub fn check_range(&self, _p: u64, _bytes: usize, _what: &str) -> Result<()> {
+        match self.0 {}
+    }
+    /// The device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        match self.0 {}
+    }
+    /// The encode kernel of a TurboQuant side for caller-owned planes.
+    pub fn encoder(&self, _side: &SideSpec, _bf16_scales: bool) -> Result<Encoder> {
+        match self.0 {}
+    }
+    /// The plan of one decode-attention step.
+    pub fn attend_plan(&self, _shape: &AttnShape, _k: &SideSpec, _v: &SideSpec) -> Result<AttendPlan> {
+        match self.0 {}
+    }
     /// Opens device `ordinal`. In a CUDA build: without a CUDA driver or
     /// NVRTC, or without a device, returns [`Error::NoDevice`] (never panics).
     /// In this build: always [`Error::NoCuda`].

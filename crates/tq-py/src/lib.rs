@@ -7,6 +7,8 @@
 
 use std::path::PathBuf;
 
+mod cuda;
+
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -774,6 +776,7 @@ fn _turboquant(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCodec>()?;
     m.add_class::<PyIndex>()?;
     m.add_class::<PyKvCache>()?;
+    m.add_class::<cuda::PyCudaKv>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

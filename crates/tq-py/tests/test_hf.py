@@ -145,8 +145,10 @@ def test_misuse_is_refused_clearly(smollm):
         model(ids[:, :16], past_key_values=TurboQuantCache(model.config, precision="k4v3")).logits,
     )
     layer = TurboQuantCache(model.config).layers[0]
-    with pytest.raises(ValueError, match="host memory"):
+    with pytest.raises(ValueError, match="CPU or a CUDA device, not meta"):
         layer.update(torch.zeros(1, 3, 4, 64, device="meta"), torch.zeros(1, 3, 4, 64, device="meta"))
+    with pytest.raises(ValueError, match="prefill='fast'"):
+        TurboQuantCache(model.config, prefill="fast")
     # generation with codes runs and holds what its precision accounts for
     cache = TurboQuantCache(model.config, precision="k4v3")
     out = model.generate(ids[:, :40], max_new_tokens=8, do_sample=False, past_key_values=cache)

@@ -386,3 +386,22 @@ def test_kv_cache_refuses_bad_input():
     assert c.seq_len(0) == 0
     c.update(0, k, k, q)
     assert c.seq_len(0) == 4 and c.seq_len(1) == 0
+
+
+def test_cuda_kv_refuses_clearly_without_a_gpu_or_for_what_it_cannot_code():
+    # precision and geometry are refused before any driver call
+    with pytest.raises(ValueError, match="TurboQuant sides only, not q4_0"):
+        tq.CudaKv("q4_0", 9, 3, 64)
+    with pytest.raises(ValueError, match="head_dim 96: the GPU kernels take 64 or 128"):
+        tq.CudaKv("tq-mse-4", 9, 3, 96)
+    with pytest.raises(ValueError, match="tq-mse-2/3/4"):
+        tq.CudaKv("tq-mse-5", 9, 3, 64)
+    with pytest.raises(ValueError, match="takes tq-mse-B"):
+        tq.CudaKv("f16", 9, 3, 64)
+    try:
+        kv = tq.CudaKv("k4v3", 9, 3, 64)
+    except ValueError as e:  # no NVIDIA driver (or no NVRTC, or no device) here
+        assert "CUDA" in str(e) and "not found" in str(e) or "device" in str(e), str(e)
+    else:  # a machine with a GPU
+        assert kv.kernel == "mma-f16" and kv.key_code_bytes == 32 and kv.value_code_bytes == 24
+        assert kv.bits_per_value == (32 + 4 + 24 + 4) * 8 / 128

@@ -8,6 +8,6 @@ transformers, ``pip install turboquant[hf]``) is imported the same way: only
 it imports torch and transformers.
 """
 
-from ._turboquant import Codec, Index, KvCache, __version__, codecs, kv_bytes, kv_precisions, kv_value_seed, vram
+from ._turboquant import Codec, CudaKv, Index, KvCache, __version__, codecs, kv_bytes, kv_precisions, kv_value_seed, vram
 
-__all__ = ["Codec", "Index", "KvCache", "__version__", "codecs", "kv_bytes", "kv_precisions", "kv_value_seed", "vram"]
+__all__ = ["Codec", "CudaKv", "Index", "KvCache", "__version__", "codecs", "kv_bytes", "kv_precisions", "kv_value_seed", "vram"]

@@ -9,7 +9,7 @@ or wrong shapes raise ValueError. Heavy calls release the GIL.
 """
 
 from os import PathLike
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -126,6 +126,44 @@ class Index:
         raw_rerank: bool = False,
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """(D, I) as in FAISS: scores float32[q, k] and ids int64[q, k], padded with -1."""
+
+class CudaKv:
+    """The CUDA kernels for one KV precision on GPU arrays of another framework
+    (PyTorch CUDA tensors, through `__cuda_array_interface__`): encode into code
+    and scale planes, attention on the codes; launches on the caller's stream,
+    no copy through the host, no synchronisation. `turboquant.hf` uses it for
+    CUDA models. Needs the NVIDIA driver and libnvrtc at run time."""
+
+    def __init__(
+        self,
+        precision: str,
+        q_heads: int,
+        kv_heads: int,
+        head_dim: int,
+        seed: int = 0,
+        device: int = 0,
+        bf16_scales: bool = True,
+        exact: bool = False,
+    ) -> None: ...
+    def encode(self, side: str, x: Any, codes: Any, scales: Any, stream: int, lens: Any = None) -> None:
+        """Encode float32 x (batch, kv_heads, n, head_dim) into codes uint8 (batch, kv_heads, cap,
+        code_bytes) and scales float32 (batch, kv_heads, cap): token t to slot lens[b] - n + t
+        (lens int32 (batch,) counting the n new tokens) or slot t without lens."""
+    def attend(self, q: Any, k_codes: Any, k_scales: Any, v_codes: Any, v_scales: Any, lens: Any, out: Any, stream: int) -> None:
+        """Attention of q float32 (batch, q_tokens <= 8, q_heads, head_dim), the last q_tokens
+        tokens of each sequence (causal), over the planes; writes out (like q)."""
+    @property
+    def precision(self) -> str: ...
+    @property
+    def device_name(self) -> str: ...
+    @property
+    def kernel(self) -> str: ...
+    @property
+    def key_code_bytes(self) -> int: ...
+    @property
+    def value_code_bytes(self) -> int: ...
+    @property
+    def bits_per_value(self) -> float: ...
 
 class KvCache:
     """A compressed KV cache for a batch of sequences of one model: the Rust CPU

@@ -15,9 +15,22 @@ prompt and for every generated token::
 
 The attention implementation ``"turboquant"`` attends on the codes when the
 layer's keys come from a :class:`TurboQuantCache` and is PyTorch's SDPA
-otherwise (no cache, or another cache). The codes live in host memory and
-attention runs on the CPU (tensors on a GPU are refused: the CUDA kernels of
-the ``tq-cuda`` crate are not reachable from here yet).
+otherwise (no cache, or another cache).
+
+Where the codes live follows the model: for a model on the CPU they are in
+host memory and attention runs in the Rust CPU caches; for a model on a CUDA
+device they are in GPU memory (torch tensors: one code plane and one scale
+plane per side and layer), encoded on append by the ``tq-cuda`` encode kernel
+and attended by its fused decode-attention kernel on the codes, launched on
+torch's current stream with no copy through the host and no synchronisation.
+The GPU path takes ``tq-mse-B``, ``tq-mse-B-nc``, ``kBvC`` and ``kBvC-nc``
+(B, C = 2..4) at head_dim 64 or 128, without windows or key centering; it
+stores each norm rounded to bf16 like the CPU cache (in an f32 plane). A step
+of up to 8 new tokens attends in one launch; a longer prompt attends on the
+codes 8 query tokens at a time (``prefill="codes"``, the default: the same
+computation as the CPU cache) or, on an empty cache, with SDPA on the exact
+keys and values before they are encoded (``prefill="sdpa"``: faster, the
+prompt's own attention then sees no coding error).
 
 Limits: causal decoder models with full attention (no sliding windows, no
 logit soft-capping), scores scaled by 1/sqrt(head_dim), no padding inside a
@@ -39,7 +52,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
-from ._turboquant import KvCache
+from ._turboquant import CudaKv, KvCache
 
 ATTN_IMPLEMENTATION = "turboquant"
 
@@ -62,6 +75,98 @@ def _geometry(config) -> tuple[int, int, int, int]:
             raise ValueError(f"TurboQuantCache: the model uses {field}={value}, which the cache does not support")
     return layers, q_heads, kv_heads, int(head_dim)
 
+_MAX_Q_TOKENS = 8  # query tokens one launch of the GPU attention takes
+_TILE = 128  # the GPU planes hold a multiple of this many slots per sequence
+
+
+class _GpuPlanes:
+    """One layer's codes on a CUDA device: per side a code plane (uint8
+    ``(batch, kv_heads, cap, code_bytes)``) and a scale plane (float32
+    ``(batch, kv_heads, cap)``), and the sequence lengths (int32, on the
+    device). Capacity grows by doubling (a device copy)."""
+
+    def __init__(self, kernels: CudaKv, key_order: torch.Tensor | None, prefill: str, device: torch.device):
+        self.kernels, self.prefill, self.device = kernels, prefill, device
+        self.order = key_order.to(device) if key_order is not None else None
+        self.cap = 0
+        self.length = 0
+        self.batch: int | None = None
+        self.planes: list[torch.Tensor] = []
+        self.lens: torch.Tensor | None = None
+
+    def _grow(self, batch: int, heads: int, need: int) -> None:
+        if self.batch is not None and batch != self.batch:
+            raise ValueError(f"a batch of {batch} sequences for a cache holding {self.batch}")
+        if need <= self.cap:
+            return
+        cap = max(-(-need // _TILE) * _TILE, 2 * self.cap)
+        kb, vb = self.kernels.key_code_bytes, self.kernels.value_code_bytes
+        new = [
+            torch.zeros((batch, heads, cap, kb), dtype=torch.uint8, device=self.device),
+            torch.zeros((batch, heads, cap), dtype=torch.float32, device=self.device),
+            torch.zeros((batch, heads, cap, vb), dtype=torch.uint8, device=self.device),
+            torch.zeros((batch, heads, cap), dtype=torch.float32, device=self.device),
+        ]
+        for n, o in zip(new, self.planes):
+            n[:, :, : self.cap] = o
+        if self.lens is None:
+            self.lens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.planes, self.cap, self.batch = new, cap, batch
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        b, h, n, _ = k.shape
+        self._grow(b, h, self.length + n)
+        kx = (k.index_select(-1, self.order) if self.order is not None else k).to(torch.float32).contiguous()
+        vx = v.to(torch.float32).contiguous()
+        self.lens.add_(n)
+        self.length += n
+        kc, ks, vc, vs = self.planes
+        stream = self._stream()
+        try:
+            self.kernels.encode("k", kx, kc, ks, stream, self.lens)
+            self.kernels.encode("v", vx, vc, vs, stream, self.lens)
+        except Exception:
+            self.rollback(n)
+            raise
+
+    def rollback(self, n: int) -> None:
+        self.length -= n
+        self.lens.sub_(n)
+
+    def attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of ``query`` ``(batch, q_heads, n, head_dim)`` (the last n
+        tokens) as ``(batch, n, q_heads, head_dim)`` in the query's dtype."""
+        b, hq, n, d = query.shape
+        if n > _MAX_Q_TOKENS and self.prefill == "sdpa" and self.length == n:
+            # the prompt of an empty cache: exact keys and values (its codes are stored)
+            o = torch.nn.functional.scaled_dot_product_attention(query, k, v, is_causal=True, enable_gqa=True)
+            return o.transpose(1, 2)
+        q = (query.index_select(-1, self.order) if self.order is not None else query).transpose(1, 2).to(torch.float32).contiguous()
+        kc, ks, vc, vs = self.planes
+        stream = self._stream()
+        if n <= _MAX_Q_TOKENS:
+            out = torch.empty_like(q)
+            self.kernels.attend(q, kc, ks, vc, vs, self.lens, out, stream)
+            return out.to(query.dtype)
+        out = torch.empty_like(q)
+        for s in range(0, n, _MAX_Q_TOKENS):
+            e = min(n, s + _MAX_Q_TOKENS)
+            part = torch.empty((b, e - s, hq, d), dtype=torch.float32, device=self.device)
+            # query tokens s..e see the cache up to their own position
+            self.kernels.attend(q[:, s:e].contiguous(), kc, ks, vc, vs, self.lens - (n - e), part, stream)
+            out[:, s:e] = part
+        return out.to(query.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes of the codes and scales of the cached tokens (not the spare capacity)."""
+        if self.batch is None:
+            return 0
+        h = self.planes[0].shape[1]
+        return self.length * self.batch * h * (self.kernels.key_code_bytes + self.kernels.value_code_bytes + 8)
+
 
 class TurboQuantLayer(CacheLayerMixin):
     """One layer of a :class:`TurboQuantCache`: ``update`` hands the new keys
@@ -79,6 +184,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self._length = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._gpu: _GpuPlanes | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -90,16 +196,18 @@ class TurboQuantLayer(CacheLayerMixin):
                 f"TurboQuantCache layer {self.layer_idx}: the previous keys were never attended; load the model with "
                 f"attn_implementation='{ATTN_IMPLEMENTATION}' (after `import turboquant.hf`)"
             )
-        if key_states.device.type != "cpu":
-            raise ValueError(
-                f"TurboQuantCache holds its codes in host memory and attends on the CPU; the keys are on {key_states.device}"
-            )
         if key_states.dim() != 4 or key_states.shape != value_states.shape:
             raise ValueError(
                 f"keys and values must both be (batch, kv_heads, n, head_dim); got {tuple(key_states.shape)} and {tuple(value_states.shape)}"
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.device != self.device or value_states.device != key_states.device:
+            raise ValueError(f"TurboQuantCache layer {self.layer_idx} holds codes on {self.device}; the new keys are on {key_states.device}")
+        if key_states.device.type == "cuda":
+            self._gpu_planes().append(key_states, value_states)
+        elif key_states.device.type != "cpu":
+            raise ValueError(f"TurboQuantCache runs on the CPU or a CUDA device, not {key_states.device}")
         self._pending = (key_states, value_states)
         self._length += key_states.shape[2]
         # the attention finds this layer on the tensor it receives as keys
@@ -115,6 +223,10 @@ class TurboQuantLayer(CacheLayerMixin):
         k, v = self._pending
         if query.shape[0] != k.shape[0] or query.shape[2] != k.shape[2]:
             raise ValueError(f"queries {tuple(query.shape)} do not match the new keys {tuple(k.shape)}")
+        if self._gpu is not None:
+            out = self._gpu.attend(query, k, v)
+            self._pending = None
+            return out
         codes = self._cache._codes_for(k.shape[0])
         order = self._cache._key_order
         if order is not None:
@@ -129,8 +241,16 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _discard_pending(self) -> None:
         if self._pending is not None:
-            self._length -= self._pending[0].shape[2]
+            n = self._pending[0].shape[2]
+            self._length -= n
+            if self._gpu is not None:
+                self._gpu.rollback(n)
             self._pending = None
+
+    def _gpu_planes(self) -> _GpuPlanes:
+        if self._gpu is None:
+            self._gpu = _GpuPlanes(self._cache._cuda_kernels(self.device), self._cache._key_order, self._cache._prefill, self.device)
+        return self._gpu
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self._length + query_length, 0
@@ -144,6 +264,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         self._length = 0
         self._pending = None
+        self._gpu = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("TurboQuantCache does not reorder sequences (beam search): use greedy or sampled decoding")
@@ -172,6 +293,12 @@ class TurboQuantCache(Cache):
     keys and queries are coded in GGUF order, so the codes, perplexity and
     KLD equal those of the Rust runtime (``tq kv``) on the same GGUF file.
     Qwen2 GGUFs keep the checkpoint's order, so nothing is permuted for them.
+
+    On a CUDA model (see the module docs): ``prefill``: ``"codes"`` (attend
+    a prompt on its codes, 8 query tokens per launch, as the CPU cache does)
+    or ``"sdpa"`` (the prompt of an empty cache attends its exact keys and
+    values with SDPA, then they are encoded); ``exact_attention``: the fp32
+    SIMT attention kernel instead of the tensor-core one.
     """
 
     def __init__(
@@ -185,6 +312,8 @@ class TurboQuantCache(Cache):
         recent_q8: bool = False,
         delayed: bool = False,
         gguf_key_order: bool | None = None,
+        prefill: str = "codes",
+        exact_attention: bool = False,
     ):
         impl = getattr(config, "_attn_implementation", None)
         if impl != ATTN_IMPLEMENTATION:
@@ -203,12 +332,31 @@ class TurboQuantCache(Cache):
             half = head_dim // 2
             # GGUF coordinate 2j is the checkpoint's j, 2j + 1 is its j + d/2
             self._key_order = torch.arange(head_dim).view(2, half).t().reshape(-1)
+        if prefill not in ("codes", "sdpa"):
+            raise ValueError(f"prefill={prefill!r}: 'codes' (attend on the codes) or 'sdpa' (exact attention of an empty cache's prompt)")
+        self._prefill = prefill
+        self._exact = exact_attention
+        self._kernels: dict[int, CudaKv] = {}
         self._options = dict(seed=seed, sink=sink, recent=recent, center_keys=center_keys, recent_q8=recent_q8, delayed=delayed)
         layers, q_heads, kv_heads, head_dim = self.geometry
         # built now so that a bad precision or option fails here, not mid-forward
         self._codes = KvCache(precision, layers, q_heads, kv_heads, head_dim, batch=1, **self._options)
         self._fresh = True
         super().__init__(layers=[TurboQuantLayer(self, i) for i in range(layers)])
+
+    def _cuda_kernels(self, device: torch.device) -> CudaKv:
+        """The GPU kernels of this cache's precision on ``device`` (made once)."""
+        o = self._options
+        if o["sink"] or o["recent"] or o["center_keys"] or o["recent_q8"] or o["delayed"]:
+            raise ValueError("the GPU cache takes plain precisions: no sink/recent windows, key centering or delayed coding")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._kernels:
+            _, q_heads, kv_heads, head_dim = self.geometry
+            self._kernels[index] = CudaKv(self.precision, q_heads, kv_heads, head_dim, seed=o["seed"], device=index, exact=self._exact)
+        return self._kernels[index]
+
+    def _gpu_layers(self) -> list[_GpuPlanes]:
+        return [layer._gpu for layer in self.layers if layer._gpu is not None]
 
     def _codes_for(self, batch: int) -> KvCache:
         if self._fresh:
@@ -227,11 +375,14 @@ class TurboQuantCache(Cache):
     @property
     def nbytes(self) -> int:
         """Bytes of keys and values held (codes, scales and windows), all layers and sequences."""
-        return self._codes.nbytes
+        gpu = self._gpu_layers()
+        return sum(g.nbytes() for g in gpu) if gpu else self._codes.nbytes
 
     @property
     def bits_per_value(self) -> float:
-        """Bits per cached value of the precision."""
+        """Bits per cached value of the precision (on a GPU: with its f32 scale planes)."""
+        if self._kernels:
+            return next(iter(self._kernels.values())).bits_per_value
         return self._codes.bits_per_value
 
     def reset(self) -> None:
@@ -286,8 +437,13 @@ def turboquant_attention(module, query, key, value, attention_mask, dropout: flo
             raise ValueError(f"TurboQuantCache does not support {field}={kwargs[field]}")
     n = query.shape[2]
     try:
-        if layer.layer_idx == 0:
-            _check_causal(attention_mask, n, layer.get_seq_length() - n)
+        past = layer.get_seq_length() - n
+        # on a GPU the mask's values are read (a host sync) only for a prompt
+        # on an empty cache, where padding would show; later steps check its shape
+        if layer.layer_idx == 0 and (query.device.type == "cpu" or past == 0):
+            _check_causal(attention_mask, n, past)
+        elif layer.layer_idx == 0 and attention_mask is not None and attention_mask.shape[-1] != past + n:
+            raise ValueError(f"TurboQuantCache: an attention mask of shape {tuple(attention_mask.shape)} for {n} queries over {past + n} tokens")
         return layer.attend(query), None
     except Exception:
         layer._discard_pending()  # a refused step leaves the cache as it was
