@@ -7,6 +7,7 @@ decode throughput against transformers' DynamicCache.
     scripts/hf_gpu.py eval --gguf M.gguf --text austen.txt --chunks 8 --kv tq-mse-4,k4v3 [--cpu]
     scripts/hf_gpu.py decode --gguf M.gguf --contexts 512,4096 --batches 1,8 --kv tq-mse-4
     scripts/hf_gpu.py decode --config llama3-8b --contexts 8192,32768 --batches 8 --kv tq-mse-4
+    scripts/hf_gpu.py decode --config llama3-8b --contexts 32768 --capacity --kv tq-mse-4
 
 ``check`` needs no model: random normal keys/values/queries (a parity test:
 the expected answer is the CPU's), every GPU precision at head_dim 64 and
@@ -188,56 +189,148 @@ def evaluate(a) -> None:
                 print(json.dumps(meta | row), flush=True)
 
 
-def llama3_8b_config():
-    from transformers import LlamaConfig
+def random_config(name: str):
+    """A model of a real geometry with random weights (speed does not depend on weight values)."""
+    from transformers import LlamaConfig, Qwen2Config
 
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, head_dim=128)
+    if name == "llama3-8b":
+        return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                           vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5, head_dim=128)
+    if name == "qwen2.5-1.5b":
+        return Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                           vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                       vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+def kv_bytes_of(cache) -> int:
+    if isinstance(cache, TurboQuantCache):
+        return cache.nbytes
+    return sum(l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
+
+
+def fill_random(model, cache, b: int, t: int) -> None:
+    """Fills every layer with t random tokens per sequence (no prefill: a
+    decode step's cost does not depend on what is cached)."""
+    cfg = model.config
+    h, d = cfg.num_key_value_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        if isinstance(cache, TurboQuantCache):
+            layer = cache.layers[i]
+            for s in range(0, t, 2048):
+                n = min(2048, t - s)
+                k = torch.randn((b, h, n, d), device="cuda", dtype=torch.bfloat16)
+                if not layer.is_initialized:
+                    layer.lazy_initialization(k, k)
+                layer._gpu_planes().append(k, torch.randn_like(k))
+                layer._length += n
+        else:
+            k = torch.randn((b, h, t, d), device="cuda", dtype=torch.bfloat16)
+            cache.update(k, torch.randn_like(k), i)
+
+
+def step_ms(model, cache, nxt, warmup: int, steps: int) -> tuple[float, torch.Tensor]:
+    for _ in range(warmup):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(steps):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    ev[1].record()
+    torch.cuda.synchronize()
+    return ev[0].elapsed_time(ev[1]) / steps, nxt
+
+
+ATTENTION_KERNELS = ("tq_", "flash", "fmha", "attention", "softmax", "sdpa", "efficient")
+
+
+def profile_steps(model, cache, nxt, steps: int) -> dict:
+    """GPU time per decode step (CUDA kernels, by the torch profiler) and the
+    share of it in attention kernels (ours: tq_*; SDPA's fused or unfused ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in kernels) / 1e3 / steps
+    attn = sum(e.self_device_time_total for e in kernels if any(k in e.key.lower() for k in ATTENTION_KERNELS)) / 1e3 / steps
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]
+    return {"gpu_ms_per_step": total, "attention_gpu_ms_per_step": attn,
+            "top_kernels": [[e.key[:60], round(e.self_device_time_total / 1e3 / steps, 3)] for e in top]}
 
 
 @torch.no_grad()
 def decode(a) -> None:
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    if a.config == "llama3-8b":
-        cfg = llama3_8b_config()
-        cfg._attn_implementation = "turboquant"
+    if a.config:
+        cfg = random_config(a.config)
         with torch.device("cuda"):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="turboquant").eval()
-        label = "llama3.1-8b geometry, random weights"
+        label = f"{a.config} geometry, random weights"
     else:
         model = load(a.gguf, torch.bfloat16, "cuda")[1]
         label = os.path.basename(a.gguf)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    for b in [int(x) for x in a.batches.split(",")]:
-        for t in [int(x) for x in a.contexts.split(",")]:
-            prompt = torch.randint(0, vocab, (b, t), generator=g).cuda()
-            for p in ["bf16 DynamicCache"] + a.kv.split(","):
+    kinds = ["bf16 DynamicCache"] + a.kv.split(",")
+    extra = a.warmup + a.steps + 1
+
+    def make(p: str, t: int):
+        if p.startswith("bf16"):
+            return DynamicCache(config=model.config)
+        return TurboQuantCache(model.config, precision=p, prefill="sdpa", max_length=t + extra)
+
+    def per_sequence(p: str, t: int) -> int:
+        cfg = model.config
+        h = cfg.num_key_value_heads
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if p.startswith("bf16"):
+            return 2 * cfg.num_hidden_layers * h * (t + extra) * d * 2
+        kv = tq.CudaKv(p, cfg.num_attention_heads, h, d)
+        cap = -(-(t + extra) // 128) * 128
+        return cfg.num_hidden_layers * h * cap * (kv.key_code_bytes + kv.value_code_bytes + 8)
+
+    for t in [int(x) for x in a.contexts.split(",")]:
+        if a.capacity:
+            batches = {}
+            free = torch.cuda.mem_get_info()[0]
+            for p in kinds:
+                # the most sequences whose cache fits, leaving room for a step's activations
+                batches[p] = max(1, int((free - a.reserve_gib * 2**30) // per_sequence(p, t)))
+        for b in [None] if a.capacity else [int(x) for x in a.batches.split(",")]:
+            prompt = None
+            for p in kinds:
+                bb = batches[p] if a.capacity else b
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                cache = DynamicCache(config=model.config) if p.startswith("bf16") else TurboQuantCache(model.config, precision=p, prefill="sdpa")
+                torch.cuda.reset_peak_memory_stats()
+                row = {"batch": bb, "context": t}
                 try:
-                    out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                    for _ in range(a.warmup):
-                        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-                    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-                    ev[0].record()
-                    for _ in range(a.steps):
-                        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
-                    ev[1].record()
-                    torch.cuda.synchronize()
-                    ms = ev[0].elapsed_time(ev[1]) / a.steps
-                    kv_bytes = cache.nbytes if hasattr(cache, "nbytes") else sum(
-                        l.keys.numel() * l.keys.element_size() + l.values.numel() * l.values.element_size() for l in cache.layers)
-                    row = {"batch": b, "context": t, "ms_per_step": ms, "tokens_per_s": b * 1e3 / ms, "kv_bytes": kv_bytes,
-                           "peak_gib_above_weights": (torch.cuda.max_memory_allocated() - base) / 2**30}
+                    cache = make(p, t)
+                    if a.capacity:
+                        fill_random(model, cache, bb, t)
+                        nxt = torch.randint(0, vocab, (bb, 1), generator=g).cuda()
+                    else:
+                        if prompt is None:
+                            prompt = torch.randint(0, vocab, (bb, t), generator=g).cuda()
+                        out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                        del out
+                    held = torch.cuda.memory_allocated() - base
+                    ms, nxt = step_ms(model, cache, nxt, a.warmup, a.steps)
+                    row |= {"ms_per_step": ms, "tokens_per_s": bb * 1e3 / ms, "kv_bytes": kv_bytes_of(cache), "held_after_fill": held,
+                            "peak_above_start": torch.cuda.max_memory_allocated() - base}
+                    if isinstance(cache, TurboQuantCache):
+                        row["allocated_bytes"] = cache.allocated_bytes
+                    if a.profile:
+                        row |= profile_steps(model, cache, nxt, 3)
                 except torch.cuda.OutOfMemoryError as e:
-                    row = {"batch": b, "context": t, "error": f"out of memory: {str(e)[:120]}"}
-                print(json.dumps({"card": card(), "model": label, "kv": p, "steps": a.steps} | row), flush=True)
-                del cache
+                    row |= {"error": f"out of memory: {str(e)[:160]}"}
+                print(json.dumps({"card": card(), "model": label, "kv": p, "steps": a.steps, "mode": "capacity" if a.capacity else "prefill"} | row), flush=True)
+                cache = None
                 torch.cuda.empty_cache()
 
 
@@ -259,12 +352,15 @@ def main() -> None:
     e.add_argument("--cpu-kv", default="tq-mse-4", help="precisions of the CPU runs")
     d = sub.add_parser("decode")
     d.add_argument("--gguf")
-    d.add_argument("--config", choices=["llama3-8b"])
+    d.add_argument("--config", choices=["llama3-8b", "qwen2.5-1.5b", "smollm2"])
     d.add_argument("--contexts", default="512,4096")
     d.add_argument("--batches", default="1,8")
     d.add_argument("--kv", default="tq-mse-4,k4v3")
     d.add_argument("--steps", type=int, default=32)
     d.add_argument("--warmup", type=int, default=4)
+    d.add_argument("--profile", action="store_true", help="also profile 3 steps: GPU time per step and its attention share")
+    d.add_argument("--capacity", action="store_true", help="per cache, the largest batch that fits at each context (filled with random tokens, no prefill)")
+    d.add_argument("--reserve-gib", type=float, default=10.0, help="memory left free for a step's activations in --capacity")
     a = ap.parse_args()
     if a.cmd == "check":
         sys.exit(1 if check(a) else 0)

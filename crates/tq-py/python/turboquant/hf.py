@@ -85,8 +85,8 @@ class _GpuPlanes:
     ``(batch, kv_heads, cap)``), and the sequence lengths (int32, on the
     device). Capacity grows by doubling (a device copy)."""
 
-    def __init__(self, kernels: CudaKv, key_order: torch.Tensor | None, prefill: str, device: torch.device):
-        self.kernels, self.prefill, self.device = kernels, prefill, device
+    def __init__(self, kernels: CudaKv, key_order: torch.Tensor | None, prefill: str, device: torch.device, max_length: int | None):
+        self.kernels, self.prefill, self.device, self.max_length = kernels, prefill, device, max_length
         self.order = key_order.to(device) if key_order is not None else None
         self.cap = 0
         self.length = 0
@@ -99,7 +99,9 @@ class _GpuPlanes:
             raise ValueError(f"a batch of {batch} sequences for a cache holding {self.batch}")
         if need <= self.cap:
             return
-        cap = max(-(-need // _TILE) * _TILE, 2 * self.cap)
+        # the first allocation holds max_length tokens if given; growth is by half
+        want = max(need, self.max_length or 0) if self.cap == 0 else max(need, self.cap + self.cap // 2)
+        cap = -(-want // _TILE) * _TILE
         kb, vb = self.kernels.key_code_bytes, self.kernels.value_code_bytes
         new = [
             torch.zeros((batch, heads, cap, kb), dtype=torch.uint8, device=self.device),
@@ -159,6 +161,10 @@ class _GpuPlanes:
             self.kernels.attend(q[:, s:e].contiguous(), kc, ks, vc, vs, self.lens - (n - e), part, stream)
             out[:, s:e] = part
         return out.to(query.dtype)
+
+    def allocated(self) -> int:
+        """Bytes of the planes and lengths allocated (the spare capacity too)."""
+        return sum(t.numel() * t.element_size() for t in self.planes) + (4 * self.batch if self.batch else 0)
 
     def nbytes(self) -> int:
         """Bytes of the codes and scales of the cached tokens (not the spare capacity)."""
@@ -249,7 +255,8 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def _gpu_planes(self) -> _GpuPlanes:
         if self._gpu is None:
-            self._gpu = _GpuPlanes(self._cache._cuda_kernels(self.device), self._cache._key_order, self._cache._prefill, self.device)
+            c = self._cache
+            self._gpu = _GpuPlanes(c._cuda_kernels(self.device), c._key_order, c._prefill, self.device, c._max_length)
         return self._gpu
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -298,7 +305,9 @@ class TurboQuantCache(Cache):
     a prompt on its codes, 8 query tokens per launch, as the CPU cache does)
     or ``"sdpa"`` (the prompt of an empty cache attends its exact keys and
     values with SDPA, then they are encoded); ``exact_attention``: the fp32
-    SIMT attention kernel instead of the tensor-core one.
+    SIMT attention kernel instead of the tensor-core one; ``max_length``:
+    tokens per sequence the GPU planes are first allocated for (they grow by
+    half, with a device copy, when a step needs more).
     """
 
     def __init__(
@@ -314,6 +323,7 @@ class TurboQuantCache(Cache):
         gguf_key_order: bool | None = None,
         prefill: str = "codes",
         exact_attention: bool = False,
+        max_length: int | None = None,
     ):
         impl = getattr(config, "_attn_implementation", None)
         if impl != ATTN_IMPLEMENTATION:
@@ -336,6 +346,9 @@ class TurboQuantCache(Cache):
             raise ValueError(f"prefill={prefill!r}: 'codes' (attend on the codes) or 'sdpa' (exact attention of an empty cache's prompt)")
         self._prefill = prefill
         self._exact = exact_attention
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length={max_length}: a positive number of tokens")
+        self._max_length = max_length
         self._kernels: dict[int, CudaKv] = {}
         self._options = dict(seed=seed, sink=sink, recent=recent, center_keys=center_keys, recent_q8=recent_q8, delayed=delayed)
         layers, q_heads, kv_heads, head_dim = self.geometry
@@ -377,6 +390,11 @@ class TurboQuantCache(Cache):
         """Bytes of keys and values held (codes, scales and windows), all layers and sequences."""
         gpu = self._gpu_layers()
         return sum(g.nbytes() for g in gpu) if gpu else self._codes.nbytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        """GPU memory the cache's planes hold (capacity included); 0 on the CPU."""
+        return sum(g.allocated() for g in self._gpu_layers())
 
     @property
     def bits_per_value(self) -> float:
