@@ -103,6 +103,34 @@ def check(a) -> int:
                 failures += not ok
                 print(json.dumps({"check": "cuda-kv", "card": card(), "precision": p, "geometry": [hq, h, d], "kernel": kv.kernel,
                                   "codes_differing": bad_codes, "codes": 2 * b * h * (n0 + n1), "attention_rel_err": err, "tol": tol, "ok": ok}), flush=True)
+    # the transformers layer path (turboquant.hf): a 250-token prompt attended on
+    # its codes 8 queries per launch, then a 3-token step, with and without key
+    # centering, against the CPU cache on the same keys, values and queries
+    from turboquant.hf import _GpuPlanes
+
+    for hq, h, d in [(9, 3, 64), (12, 2, 128)]:
+        for p in ["tq-mse-4", "k4v3"]:
+            for center in (False, True):
+                for exact in (False, True):
+                    kv = tq.CudaKv(p, hq, h, d, seed=a.seed, exact=exact)
+                    planes = _GpuPlanes(kv, None, "codes", dev, None, center_keys=center)
+                    cpu = tq.KvCache(p, 1, hq, h, d, batch=2, seed=a.seed, center_keys=center)
+                    x = torch.randn((2, h, 253, d), generator=g) + 3 * torch.randn((1, h, 1, d), generator=g)  # an offset per head
+                    y = torch.randn((2, h, 253, d), generator=g)
+                    q = torch.randn((2, hq, 253, d), generator=g)
+                    errs = []
+                    for s0, e0 in [(0, 250), (250, 253)]:
+                        xs, ys, qs = x[:, :, s0:e0], y[:, :, s0:e0], q[:, :, s0:e0]
+                        planes.append(xs.to(dev), ys.to(dev))
+                        got = planes.attend(qs.to(dev), xs.to(dev), ys.to(dev)).cpu().numpy()
+                        ref = cpu.update(0, xs.transpose(1, 2).contiguous().numpy(), ys.transpose(1, 2).contiguous().numpy(),
+                                         qs.transpose(1, 2).contiguous().numpy())
+                        errs.append(float(np.abs(got - ref).max() / np.abs(ref).max()))
+                    tol = 1e-5 if exact else 3e-3
+                    ok = max(errs) < tol
+                    failures += not ok
+                    print(json.dumps({"check": "hf-layer", "card": card(), "precision": p, "geometry": [hq, h, d], "center_keys": center,
+                                      "kernel": kv.kernel, "prompt_rel_err": errs[0], "step_rel_err": errs[1], "tol": tol, "ok": ok}), flush=True)
     # refusals: each must raise, naming the problem
     kv = tq.CudaKv("tq-mse-4", 9, 3, 64)
     good = dict(x=torch.zeros((1, 3, 4, 64), device=dev), codes=torch.zeros((1, 3, 128, 32), dtype=torch.uint8, device=dev),

@@ -139,7 +139,9 @@ impl PyCudaKv {
         let spec: tq_kv::KvSpec = precision.parse().map_err(value_err)?;
         let heads = KvGeometry::new(1, q_heads, kv_heads, head_dim).map_err(value_err)?;
         let (Some(ke), Some(ve)) = (spec.keys.codec(), spec.values.codec()) else {
-            return Err(PyValueError::new_err(format!("KV precision '{precision}': the GPU cache takes tq-mse-B, tq-mse-B-nc, kBvC and kBvC-nc (B, C = 2..4)")));
+            return Err(PyValueError::new_err(format!(
+                "KV precision '{precision}': the GPU cache takes tq-mse-B, tq-mse-B-nc, kBvC and kBvC-nc (B, C = 2..4)"
+            )));
         };
         let (k, v) = tq_cuda::kv_sides(ke, ve, head_dim, seed).map_err(value_err)?;
         for s in [&k, &v] {
@@ -197,15 +199,28 @@ impl PyCudaKv {
     /// `(batch,)`, on the GPU, already counting these `n` tokens) token `t`
     /// goes to slot `lens[b] − n + t`, else to slot `t`. Returns at once.
     #[pyo3(signature = (side, x, codes, scales, stream, lens = None))]
-    fn encode(&self, side: &str, x: &Bound<'_, PyAny>, codes: &Bound<'_, PyAny>, scales: &Bound<'_, PyAny>, stream: u64, lens: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    fn encode(
+        &self,
+        side: &str,
+        x: &Bound<'_, PyAny>,
+        codes: &Bound<'_, PyAny>,
+        scales: &Bound<'_, PyAny>,
+        stream: u64,
+        lens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         let (_, enc) = self.side(side)?;
-        let iface = x.getattr("__cuda_array_interface__").map_err(|_| PyTypeError::new_err("x must be a float32 CUDA tensor (batch, kv_heads, n, head_dim); got a CPU object"))?;
+        let iface = x
+            .getattr("__cuda_array_interface__")
+            .map_err(|_| PyTypeError::new_err("x must be a float32 CUDA tensor (batch, kv_heads, n, head_dim); got a CPU object"))?;
         let shape: Vec<usize> = iface.get_item("shape")?.extract()?;
         let [b, h, n, d] = shape[..] else {
             return Err(PyValueError::new_err(format!("x must be (batch, kv_heads, n, head_dim); got shape {shape:?}")));
         };
         if h != self.heads.kv_heads || d != self.heads.head_dim {
-            return Err(PyValueError::new_err(format!("x has {h} heads of {d}; this cache takes {} KV heads of head_dim {}", self.heads.kv_heads, self.heads.head_dim)));
+            return Err(PyValueError::new_err(format!(
+                "x has {h} heads of {d}; this cache takes {} KV heads of head_dim {}",
+                self.heads.kv_heads, self.heads.head_dim
+            )));
         }
         let cshape: Vec<usize> = codes.getattr("__cuda_array_interface__").and_then(|i| i.get_item("shape")?.extract()).unwrap_or_default();
         let cap = cshape.get(2).copied().unwrap_or(0);
@@ -247,7 +262,9 @@ impl PyCudaKv {
         stream: u64,
     ) -> PyResult<()> {
         let g = self.heads;
-        let iface = q.getattr("__cuda_array_interface__").map_err(|_| PyTypeError::new_err("q must be a float32 CUDA tensor (batch, q_tokens, q_heads, head_dim); got a CPU object"))?;
+        let iface = q
+            .getattr("__cuda_array_interface__")
+            .map_err(|_| PyTypeError::new_err("q must be a float32 CUDA tensor (batch, q_tokens, q_heads, head_dim); got a CPU object"))?;
         let shape: Vec<usize> = iface.get_item("shape")?.extract()?;
         let [b, nq, hq, d] = shape[..] else {
             return Err(PyValueError::new_err(format!("q must be (batch, q_tokens, q_heads, head_dim); got shape {shape:?}")));
@@ -256,7 +273,10 @@ impl PyCudaKv {
             return Err(PyValueError::new_err(format!("q has {hq} heads of {d}; this cache takes {} query heads of head_dim {}", g.q_heads, g.head_dim)));
         }
         if !(1..=8).contains(&nq) || b == 0 || b > tq_core::limits::MAX_KV_BATCH {
-            return Err(PyValueError::new_err(format!("q: {nq} query tokens for {b} sequences (1 to 8 query tokens, 1 to {} sequences)", tq_core::limits::MAX_KV_BATCH)));
+            return Err(PyValueError::new_err(format!(
+                "q: {nq} query tokens for {b} sequences (1 to 8 query tokens, 1 to {} sequences)",
+                tq_core::limits::MAX_KV_BATCH
+            )));
         }
         let kshape: Vec<usize> = k_codes.getattr("__cuda_array_interface__").and_then(|i| i.get_item("shape")?.extract()).unwrap_or_default();
         let cap = kshape.get(2).copied().unwrap_or(0);

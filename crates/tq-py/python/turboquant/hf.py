@@ -24,8 +24,8 @@ plane per side and layer), encoded on append by the ``tq-cuda`` encode kernel
 and attended by its fused decode-attention kernel on the codes, launched on
 torch's current stream with no copy through the host and no synchronisation.
 The GPU path takes ``tq-mse-B``, ``tq-mse-B-nc``, ``kBvC`` and ``kBvC-nc``
-(B, C = 2..4) at head_dim 64 or 128, without windows or key centering; it
-stores each norm rounded to bf16 like the CPU cache (in an f32 plane). A step
+(B, C = 2..4) at head_dim 64 or 128, with key centering but without windows;
+it stores each norm rounded to bf16 like the CPU cache (in an f32 plane). A step
 of up to 8 new tokens attends in one launch; a longer prompt attends on the
 codes 8 query tokens at a time (``prefill="codes"``, the default: the same
 computation as the CPU cache) or, on an empty cache, with SDPA on the exact
@@ -76,6 +76,7 @@ def _geometry(config) -> tuple[int, int, int, int]:
     return layers, q_heads, kv_heads, int(head_dim)
 
 _MAX_Q_TOKENS = 8  # query tokens one launch of the GPU attention takes
+_CENTER_TOKENS = 32  # tokens a stream's key offset is learned from (tq_kv::TRAIN_TOKENS)
 _TILE = 128  # the GPU planes hold a multiple of this many slots per sequence
 
 
@@ -85,8 +86,12 @@ class _GpuPlanes:
     ``(batch, kv_heads, cap)``), and the sequence lengths (int32, on the
     device). Capacity grows by doubling (a device copy)."""
 
-    def __init__(self, kernels: CudaKv, key_order: torch.Tensor | None, prefill: str, device: torch.device, max_length: int | None):
+    def __init__(
+        self, kernels: CudaKv, key_order: torch.Tensor | None, prefill: str, device: torch.device, max_length: int | None, center_keys: bool = False
+    ):
         self.kernels, self.prefill, self.device, self.max_length = kernels, prefill, device, max_length
+        self.center_keys = center_keys
+        self.mu: torch.Tensor | None = None  # (batch, kv_heads, 1, head_dim) f32 key offsets
         self.order = key_order.to(device) if key_order is not None else None
         self.cap = 0
         self.length = 0
@@ -121,7 +126,20 @@ class _GpuPlanes:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         b, h, n, _ = k.shape
         self._grow(b, h, self.length + n)
-        kx = (k.index_select(-1, self.order) if self.order is not None else k).to(torch.float32).contiguous()
+        kx = (k.index_select(-1, self.order) if self.order is not None else k).to(torch.float32)
+        if self.center_keys:
+            if self.mu is None:
+                # as the CPU cache: the mean of each head's tokens 1..31 (token 0 is
+                # often an attention sink), in f64; scores then drop q·mu, a constant
+                # per query, which softmax ignores
+                if n < _CENTER_TOKENS:
+                    raise ValueError(
+                        f"center_keys on a GPU learns each head's key offset from the first {_CENTER_TOKENS} tokens: "
+                        f"the first step holds {n}; give a longer prompt"
+                    )
+                self.mu = (kx[:, :, 1:_CENTER_TOKENS].double().sum(2, keepdim=True) / (_CENTER_TOKENS - 1)).float()
+            kx = kx - self.mu
+        kx = kx.contiguous()
         vx = v.to(torch.float32).contiguous()
         self.lens.add_(n)
         self.length += n
@@ -137,6 +155,8 @@ class _GpuPlanes:
     def rollback(self, n: int) -> None:
         self.length -= n
         self.lens.sub_(n)
+        if self.length == 0:
+            self.mu = None
 
     def attend(self, query: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of ``query`` ``(batch, q_heads, n, head_dim)`` (the last n
@@ -256,7 +276,7 @@ class TurboQuantLayer(CacheLayerMixin):
     def _gpu_planes(self) -> _GpuPlanes:
         if self._gpu is None:
             c = self._cache
-            self._gpu = _GpuPlanes(c._cuda_kernels(self.device), c._key_order, c._prefill, self.device, c._max_length)
+            self._gpu = _GpuPlanes(c._cuda_kernels(self.device), c._key_order, c._prefill, self.device, c._max_length, c._options["center_keys"])
         return self._gpu
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -360,8 +380,8 @@ class TurboQuantCache(Cache):
     def _cuda_kernels(self, device: torch.device) -> CudaKv:
         """The GPU kernels of this cache's precision on ``device`` (made once)."""
         o = self._options
-        if o["sink"] or o["recent"] or o["center_keys"] or o["recent_q8"] or o["delayed"]:
-            raise ValueError("the GPU cache takes plain precisions: no sink/recent windows, key centering or delayed coding")
+        if o["sink"] or o["recent"] or o["recent_q8"] or o["delayed"]:
+            raise ValueError("the GPU cache takes no sink/recent windows or delayed coding (key centering it does)")
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in self._kernels:
             _, q_heads, kv_heads, head_dim = self.geometry
