@@ -61,7 +61,7 @@ def check(a) -> int:
     dev = torch.device("cuda")
     stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
     g = torch.Generator().manual_seed(7)
-    for hq, h, d in [(9, 3, 64), (12, 2, 128), (32, 8, 128)]:
+    for hq, h, d in [] if a.layer_only else [(9, 3, 64), (12, 2, 128), (32, 8, 128)]:
         for p in GPU_PRECISIONS:
             for exact in (False, True):
                 kv = tq.CudaKv(p, hq, h, d, seed=a.seed, exact=exact)
@@ -367,6 +367,7 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--layer-only", action="store_true", help="only the transformers layer checks and the refusals")
     e = sub.add_parser("eval")
     e.add_argument("--gguf", required=True)
     e.add_argument("--text", required=True)
