@@ -120,7 +120,8 @@ pub enum Family {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KvScale {
     /// Codebook codes: the packed indices and the f32 scale as a bf16
-    /// ([`crate::kv_layout::KV_SCALE_BYTES`]).
+    /// ([`crate::kv_layout::KV_SCALE_BYTES`]); two-part codes (fractional
+    /// rates) both scales.
     Bf16,
     /// The whole code, with the scales it holds itself (f32 norms, f16 or
     /// E8M0/E4M3 block scales).
@@ -317,7 +318,7 @@ fn prod(id: u16, bits: u32, orth: bool) -> CodecEntry {
 }
 
 fn fractional(id: u16, name: &str, hi: u32, lo: u32) -> CodecEntry {
-    let caps = Caps { online: false, trainable: true, kv: Some(KvScale::InCode), ..ONLINE };
+    let caps = Caps { online: false, trainable: true, kv: Some(KvScale::Bf16), ..ONLINE };
     let mut e = entry(
         id,
         name.to_string(),

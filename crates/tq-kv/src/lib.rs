@@ -399,6 +399,19 @@ fn key_input(x: &[f32], mu: &[f32], t: Option<&[f32]>, out: &mut Vec<f32>) {
     }
 }
 
+/// The first `n` stored codes of a stream as the codec's own codes: borrowed
+/// when the cache stores them whole, widened (bf16 scales back to f32) when
+/// it narrows them ([`KvLayout::narrows`]; codecs without a codebook view).
+fn codec_codes<'a>(c: &dyn Codec, stored: &'a [u8], n: usize) -> Cow<'a, [u8]> {
+    let l = KvLayout::of(c);
+    if !l.narrows() {
+        return Cow::Borrowed(&stored[..n * c.code_size()]);
+    }
+    let mut out = Vec::with_capacity(n * c.code_size());
+    stored[..n * l.bytes()].chunks_exact(l.bytes()).for_each(|s| l.widen(s, &mut out));
+    Cow::Owned(out)
+}
+
 /// `m·x` (row-major `m` with `x.len()` columns) appended to `out`.
 fn mat_vec(m: &[f32], x: &[f32], out: &mut Vec<f32>) {
     let dot = tq_core::kernels::kernels().dot;
@@ -618,10 +631,11 @@ impl CodecCache {
                     (k.group_scores)(&self.k[i][..nc * kcs], kcs, kv.bits, kv.table, qr, d, scale, p);
                 }
                 (SideRef::Codec(kc), None) => {
+                    let codes = codec_codes(*kc, &self.k[i], nc);
                     for (g, q) in qk.chunks_exact(d).enumerate() {
                         let pq = kc.prepare_unchecked(q);
                         let row = &mut p[g * len..g * len + nc];
-                        kc.score_ip_many(&pq, &self.k[i][..nc * kc.code_size()], row);
+                        kc.score_ip_many(&pq, &codes, row);
                         row.iter_mut().for_each(|s| *s *= scale);
                     }
                 }
@@ -661,9 +675,10 @@ impl CodecCache {
                 }
                 (SideRef::Codec(vc), None) => {
                     let cs = vc.code_size();
+                    let codes = codec_codes(*vc, &self.v[i], nc);
                     for (g, o) in out.chunks_exact_mut(d).enumerate() {
                         for t in 0..nc {
-                            vc.accumulate(&self.v[i][t * cs..(t + 1) * cs], p[g * len + t], o);
+                            vc.accumulate(&codes[t * cs..(t + 1) * cs], p[g * len + t], o);
                         }
                         vc.finish_accumulated(o);
                     }

@@ -18,13 +18,17 @@ fn randv(r: &mut Xoshiro256, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.gaussian() as f32).collect()
 }
 
-/// Encode then decode as the cache stores codes: codebook codes keep their
-/// scale as a bf16 (`tq_kv::KvLayout`), so the reference rounds it too.
+/// Encode then decode as the cache stores codes: codebook codes (and both
+/// parts of a fractional code) keep their scales as bf16 (`tq_kv::KvLayout`),
+/// so the reference rounds them too.
 fn cache_roundtrip(c: &dyn Codec, x: &[f32]) -> Vec<f32> {
     let mut code = vec![0u8; c.code_size()];
     c.encode(x, &mut code).unwrap();
-    if let Some(v) = c.codebook_view() {
-        let p = v.packed;
+    let mut scales: Vec<usize> = c.codebook_view().map(|v| vec![v.packed]).unwrap_or_default();
+    if let Some((a, b)) = c.two_scaled_parts() {
+        scales = vec![a, a + 4 + b];
+    }
+    for p in scales {
         let s = f32::from_le_bytes([code[p], code[p + 1], code[p + 2], code[p + 3]]);
         code[p..p + 4].copy_from_slice(&half::bf16::from_f32(s).to_f32().to_le_bytes());
     }
@@ -376,7 +380,8 @@ fn fractional_caches_train_per_stream_then_encode() {
     for (a, b) in out.iter().zip(&want) {
         assert!((*a as f64 - b).abs() <= 2e-4 * scale + 1e-5, "{a} vs {b}");
     }
-    assert_eq!(cache.bytes(), n * 2 * kc.code_size());
+    // two bf16 norms per code instead of two f32 ones
+    assert_eq!(cache.bytes(), n * 2 * (kc.code_size() - 4));
     assert!(cache_for(shape, "pq-4", 0).is_err(), "trained codebooks cannot encode online");
 }
 

@@ -27,8 +27,9 @@ fn kv_bytes_per_token_are_exact() {
     assert_eq!(KvSpec::parse("q4_0-rot").unwrap().bits_per_value(128).unwrap(), 4.5);
     assert_eq!(KvSpec::parse("q8_0").unwrap().bits_per_value(128).unwrap(), 8.5);
     assert_eq!(KvSpec::parse("kivi-2").unwrap().bits_per_value(128).unwrap(), 3.0);
-    // 3.5 bits: 64 channels at 4 bits (32 B) + 64 at 3 bits (24 B) + two f32 norms = 64 B per 128 values
-    assert_eq!(KvSpec::parse("tq-mse-3.5").unwrap().bits_per_value(128).unwrap(), 4.0);
+    // 3.5 bits: 64 channels at 4 bits (32 B) + 64 at 3 bits (24 B) + two bf16 norms = 60 B per 128 values
+    assert_eq!(KvSpec::parse("tq-mse-3.5").unwrap().bits_per_value(128).unwrap(), 3.75);
+    assert_eq!(KvSpec::parse("tq-mse-2.5").unwrap().bits_per_value(64).unwrap(), (12.0 + 8.0 + 4.0) * 8.0 / 64.0);
     for s in ["nvfp4", "mxfp4", "tq-prod-3", "tq-mse-2-nc", "tq-mse-2.5"] {
         assert!(KvSpec::parse(s).unwrap().bits_per_value(128).unwrap() > 2.0, "{s}");
     }

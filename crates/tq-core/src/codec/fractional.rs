@@ -106,6 +106,10 @@ impl Codec for TurboQuantFractional {
         Ok(())
     }
 
+    fn two_scaled_parts(&self) -> Option<(usize, usize)> {
+        Some((self.hi.code_size() - 4, self.lo.code_size() - 4))
+    }
+
     fn encode_unchecked(&self, x: &[f32], code: &mut [u8]) {
         with_split(self.dim, |buf| {
             let (a, b) = buf.split_at_mut(self.outliers.len());

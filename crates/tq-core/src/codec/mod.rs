@@ -195,6 +195,13 @@ pub trait Codec: Send + Sync {
     fn attention(&self) -> Option<&dyn AttentionCodec> {
         None
     }
+    /// For a code made of two codebook codes back to back, each its packed
+    /// indices then an f32 scale (the fractional codecs: `[hi][norm][lo][norm]`):
+    /// the packed bytes of each. A KV cache stores both scales as bf16
+    /// ([`crate::KvLayout`]).
+    fn two_scaled_parts(&self) -> Option<(usize, usize)> {
+        None
+    }
 
     // ---- checked, provided API ----
 

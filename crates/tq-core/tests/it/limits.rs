@@ -209,7 +209,7 @@ fn registry_capabilities_match_the_codecs() {
         assert_eq!(e.caps.needs_training, !c.is_trained(), "{}", e.name);
         assert_eq!(e.caps.fastscan, c.fastscan().is_some(), "{}", e.name);
         assert_eq!(e.caps.codebook, c.codebook_view().is_some(), "{}", e.name);
-        assert_eq!(e.caps.kv == Some(KvScale::Bf16), e.caps.codebook, "{}", e.name);
+        assert_eq!(e.caps.kv == Some(KvScale::Bf16), e.caps.codebook || c.two_scaled_parts().is_some(), "{}", e.name);
         assert_eq!(e.family, e.kind.family());
         assert_eq!(e.caps.online, !e.caps.trainable || e.family == Family::RaBitQ, "{}", e.name);
         let gpu = matches!(e.name.as_str(), "q8_0" | "q4_0" | "tq-mse-2" | "tq-mse-3" | "tq-mse-4" | "tq-mse-2-nc" | "tq-mse-3-nc" | "tq-mse-4-nc");

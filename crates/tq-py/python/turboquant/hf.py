@@ -84,7 +84,7 @@ class _GpuPlanes:
     """One layer's codes on a CUDA device: per side a code plane (uint8
     ``(batch, kv_heads, cap, code_bytes)``) and a scale plane (float32
     ``(batch, kv_heads, cap)``), and the sequence lengths (int32, on the
-    device). Capacity grows by doubling (a device copy)."""
+    device). Capacity grows by half (a device copy) when a step needs more."""
 
     def __init__(
         self, kernels: CudaKv, key_order: torch.Tensor | None, prefill: str, device: torch.device, max_length: int | None, center_keys: bool = False
