@@ -149,6 +149,11 @@ def test_misuse_is_refused_clearly(smollm):
         layer.update(torch.zeros(1, 3, 4, 64, device="meta"), torch.zeros(1, 3, 4, 64, device="meta"))
     with pytest.raises(ValueError, match="prefill='fast'"):
         TurboQuantCache(model.config, prefill="fast")
+    with pytest.raises(ValueError, match="max_length=0"):
+        TurboQuantCache(model.config, max_length=0)
+    # the GPU path's option checks come before any CUDA call
+    with pytest.raises(ValueError, match="no sink/recent windows"):
+        TurboQuantCache(model.config, precision="k4v3", sink=1)._cuda_kernels(torch.device("cuda", 0))
     # generation with codes runs and holds what its precision accounts for
     cache = TurboQuantCache(model.config, precision="k4v3")
     out = model.generate(ids[:, :40], max_new_tokens=8, do_sample=False, past_key_values=cache)
