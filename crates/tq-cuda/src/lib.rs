@@ -20,6 +20,13 @@
 //! owner of the stored layout), while the GPU planes keep the codec's f32 norm
 //! per code (`q8_0`/`q4_0` codes are stored whole by both): a TurboQuant code
 //! stored by `tq-kv` has 2 scale bytes instead of 4, its norm rounded to bf16.
+//! An [`Encoder`] made with `bf16_scales` stores that rounded norm (still in
+//! the f32 plane), so attention sees the CPU cache's values.
+//!
+//! Two ways to hold a cache: [`DeviceKv`] owns its planes (the checks and
+//! benchmarks of `tq bench cuda`); [`AttendPlan`] and [`Encoder`] launch on
+//! planes, queries, lengths and outputs another framework owns (the Python
+//! wheel's `CudaKv` on PyTorch tensors), on the caller's stream.
 #![warn(missing_docs)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
