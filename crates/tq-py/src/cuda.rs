@@ -53,48 +53,70 @@ impl Dtype {
     }
 }
 
-/// A checked GPU array: its device address.
-struct DevArray {
-    ptr: u64,
+/// An array's `__cuda_array_interface__`, read once: its shape (empty and no
+/// dict when the object has none: a CPU tensor), checked by [`Iface::check`].
+struct Iface<'py> {
+    what: &'static str,
+    obj: Bound<'py, PyAny>,
+    dict: Option<Bound<'py, PyDict>>,
+    shape: Vec<usize>,
 }
 
-/// Reads `obj.__cuda_array_interface__` and checks it against `dtype` and
-/// `shape` (C-contiguous, writable when `write`), then the device range.
-fn dev_array(gpu: &Gpu, obj: &Bound<'_, PyAny>, what: &str, dtype: Dtype, shape: &[usize], write: bool) -> PyResult<DevArray> {
-    let want = || format!("{what} must be a C-contiguous {} CUDA tensor of shape {shape:?}", dtype.name());
-    let Ok(iface) = obj.getattr("__cuda_array_interface__") else {
-        return Err(PyTypeError::new_err(format!("{}; got {} (a CPU tensor or array?)", want(), obj.get_type().name()?)));
-    };
-    let iface = iface.cast_into::<PyDict>().map_err(|_| PyTypeError::new_err(format!("{what}: __cuda_array_interface__ is not a dict")))?;
-    let get = |k: &str| iface.get_item(k).ok().flatten().ok_or_else(|| PyTypeError::new_err(format!("{what}: __cuda_array_interface__ has no '{k}'")));
-    let typestr: String = get("typestr")?.extract()?;
-    let got: Vec<usize> = get("shape")?.extract()?;
-    if typestr != dtype.typestr() {
-        return Err(PyTypeError::new_err(format!("{}; got dtype '{typestr}' (convert with .float(), .to(torch.uint8), .int())", want())));
+impl<'py> Iface<'py> {
+    fn read(obj: &Bound<'py, PyAny>, what: &'static str) -> PyResult<Self> {
+        let Ok(iface) = obj.getattr("__cuda_array_interface__") else {
+            return Ok(Self { what, obj: obj.clone(), dict: None, shape: Vec::new() });
+        };
+        let dict = iface.cast_into::<PyDict>().map_err(|_| PyTypeError::new_err(format!("{what}: __cuda_array_interface__ is not a dict")))?;
+        let shape: Vec<usize> = Self::item(&dict, what, "shape")?.extract()?;
+        Ok(Self { what, obj: obj.clone(), dict: Some(dict), shape })
     }
-    if got != shape {
-        return Err(PyValueError::new_err(format!("{}; got shape {got:?}", want())));
+
+    fn item(dict: &Bound<'py, PyDict>, what: &str, k: &str) -> PyResult<Bound<'py, PyAny>> {
+        dict.get_item(k).ok().flatten().ok_or_else(|| PyTypeError::new_err(format!("{what}: __cuda_array_interface__ has no '{k}'")))
     }
-    if let Some(strides) = iface.get_item("strides")?.filter(|s| !s.is_none()) {
-        let strides: Vec<isize> = strides.extract()?;
-        let mut expect = vec![0isize; shape.len()];
-        let mut acc = dtype.size() as isize;
-        for i in (0..shape.len()).rev() {
-            expect[i] = acc;
-            acc *= shape[i] as isize;
+
+    /// Checks the array against `dtype` and `shape` (C-contiguous, writable
+    /// when `write`), then its device range; returns its device address.
+    fn check(&self, gpu: &Gpu, dtype: Dtype, shape: &[usize], write: bool) -> PyResult<u64> {
+        let what = self.what;
+        let want = || format!("{what} must be a C-contiguous {} CUDA tensor of shape {shape:?}", dtype.name());
+        let Some(iface) = &self.dict else {
+            return Err(PyTypeError::new_err(format!("{}; got {} (a CPU tensor or array?)", want(), self.obj.get_type().name()?)));
+        };
+        let typestr: String = Self::item(iface, what, "typestr")?.extract()?;
+        if typestr != dtype.typestr() {
+            return Err(PyTypeError::new_err(format!("{}; got dtype '{typestr}' (convert with .float(), .to(torch.uint8), .int())", want())));
         }
-        // strides of dimensions of length 1 do not matter
-        if strides.iter().zip(&expect).zip(shape).any(|((s, e), &n)| n > 1 && s != e) {
-            return Err(PyValueError::new_err(format!("{} (call .contiguous()); got strides {strides:?}", want())));
+        if self.shape != shape {
+            return Err(PyValueError::new_err(format!("{}; got shape {:?}", want(), self.shape)));
         }
+        if let Some(strides) = iface.get_item("strides")?.filter(|s| !s.is_none()) {
+            let strides: Vec<isize> = strides.extract()?;
+            let mut expect = vec![0isize; shape.len()];
+            let mut acc = dtype.size() as isize;
+            for i in (0..shape.len()).rev() {
+                expect[i] = acc;
+                acc *= shape[i] as isize;
+            }
+            // strides of dimensions of length 1 do not matter
+            if strides.iter().zip(&expect).zip(shape).any(|((s, e), &n)| n > 1 && s != e) {
+                return Err(PyValueError::new_err(format!("{} (call .contiguous()); got strides {strides:?}", want())));
+            }
+        }
+        let (ptr, readonly): (u64, bool) = Self::item(iface, what, "data")?.extract()?;
+        if write && readonly {
+            return Err(PyValueError::new_err(format!("{what} is read-only; the kernel writes it")));
+        }
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        gpu.check_range(ptr, bytes, what).map_err(value_err)?;
+        Ok(ptr)
     }
-    let (ptr, readonly): (u64, bool) = get("data")?.extract()?;
-    if write && readonly {
-        return Err(PyValueError::new_err(format!("{what} is read-only; the kernel writes it")));
-    }
-    let bytes = shape.iter().product::<usize>() * dtype.size();
-    gpu.check_range(ptr, bytes, what).map_err(value_err)?;
-    Ok(DevArray { ptr })
+}
+
+/// The device address of `obj` once it passes [`Iface::check`].
+fn dev_array(gpu: &Gpu, obj: &Bound<'_, PyAny>, what: &'static str, dtype: Dtype, shape: &[usize], write: bool) -> PyResult<u64> {
+    Iface::read(obj, what)?.check(gpu, dtype, shape, write)
 }
 
 /// The GPU kernels for one KV precision and head geometry. See the module docs.
@@ -209,12 +231,12 @@ impl PyCudaKv {
         lens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let (_, enc) = self.side(side)?;
-        let iface = x
-            .getattr("__cuda_array_interface__")
-            .map_err(|_| PyTypeError::new_err("x must be a float32 CUDA tensor (batch, kv_heads, n, head_dim); got a CPU object"))?;
-        let shape: Vec<usize> = iface.get_item("shape")?.extract()?;
-        let [b, h, n, d] = shape[..] else {
-            return Err(PyValueError::new_err(format!("x must be (batch, kv_heads, n, head_dim); got shape {shape:?}")));
+        let xi = Iface::read(x, "x")?;
+        if xi.dict.is_none() {
+            return Err(PyTypeError::new_err("x must be a float32 CUDA tensor (batch, kv_heads, n, head_dim); got a CPU object"));
+        }
+        let [b, h, n, d] = xi.shape[..] else {
+            return Err(PyValueError::new_err(format!("x must be (batch, kv_heads, n, head_dim); got shape {:?}", xi.shape)));
         };
         if h != self.heads.kv_heads || d != self.heads.head_dim {
             return Err(PyValueError::new_err(format!(
@@ -222,21 +244,21 @@ impl PyCudaKv {
                 self.heads.kv_heads, self.heads.head_dim
             )));
         }
-        let cshape: Vec<usize> = codes.getattr("__cuda_array_interface__").and_then(|i| i.get_item("shape")?.extract()).unwrap_or_default();
-        let cap = cshape.get(2).copied().unwrap_or(0);
-        let x = dev_array(&self.gpu, x, "x", Dtype::F32, &[b, h, n, d], false)?;
-        let c = dev_array(&self.gpu, codes, "codes", Dtype::U8, &[b, h, cap, enc.code_bytes], true)?;
-        let s = dev_array(&self.gpu, scales, "scales", Dtype::F32, &[b, h, cap], true)?;
+        let ci = Iface::read(codes, "codes")?;
+        let cap = ci.shape.get(2).copied().unwrap_or(0);
+        let xp = xi.check(&self.gpu, Dtype::F32, &[b, h, n, d], false)?;
+        let cp = ci.check(&self.gpu, Dtype::U8, &[b, h, cap, enc.code_bytes], true)?;
+        let sp = dev_array(&self.gpu, scales, "scales", Dtype::F32, &[b, h, cap], true)?;
         let l = match lens {
-            Some(l) => dev_array(&self.gpu, l, "lens", Dtype::I32, &[b], false)?.ptr,
+            Some(l) => dev_array(&self.gpu, l, "lens", Dtype::I32, &[b], false)?,
             None => 0,
         };
         if n > cap {
             return Err(PyValueError::new_err(format!("{n} tokens for planes of {cap} slots")));
         }
-        let job = EncodeJob { x: x.ptr, seqs: b * h, per: n, cap, heads: h, lens: l, codes: c.ptr, scales: s.ptr };
+        let job = EncodeJob { x: xp, seqs: b * h, per: n, cap, heads: h, lens: l, codes: cp, scales: sp };
         // SAFETY: every address was checked to lie in device memory of this
-        // context with the bytes the job touches (`dev_array`); the kernel skips
+        // context with the bytes the job touches (`Iface::check`); the kernel skips
         // slots outside [0, cap); `stream` is the caller's stream of this
         // device (a foreign or dead stream makes the launch fail with a CUDA error).
         unsafe { enc.launch(stream, &job) }.map_err(value_err)
@@ -262,12 +284,12 @@ impl PyCudaKv {
         stream: u64,
     ) -> PyResult<()> {
         let g = self.heads;
-        let iface = q
-            .getattr("__cuda_array_interface__")
-            .map_err(|_| PyTypeError::new_err("q must be a float32 CUDA tensor (batch, q_tokens, q_heads, head_dim); got a CPU object"))?;
-        let shape: Vec<usize> = iface.get_item("shape")?.extract()?;
-        let [b, nq, hq, d] = shape[..] else {
-            return Err(PyValueError::new_err(format!("q must be (batch, q_tokens, q_heads, head_dim); got shape {shape:?}")));
+        let qi = Iface::read(q, "q")?;
+        if qi.dict.is_none() {
+            return Err(PyTypeError::new_err("q must be a float32 CUDA tensor (batch, q_tokens, q_heads, head_dim); got a CPU object"));
+        }
+        let [b, nq, hq, d] = qi.shape[..] else {
+            return Err(PyValueError::new_err(format!("q must be (batch, q_tokens, q_heads, head_dim); got shape {:?}", qi.shape)));
         };
         if hq != g.q_heads || d != g.head_dim {
             return Err(PyValueError::new_err(format!("q has {hq} heads of {d}; this cache takes {} query heads of head_dim {}", g.q_heads, g.head_dim)));
@@ -278,20 +300,20 @@ impl PyCudaKv {
                 tq_core::limits::MAX_KV_BATCH
             )));
         }
-        let kshape: Vec<usize> = k_codes.getattr("__cuda_array_interface__").and_then(|i| i.get_item("shape")?.extract()).unwrap_or_default();
-        let cap = kshape.get(2).copied().unwrap_or(0);
+        let kci = Iface::read(k_codes, "k_codes")?;
+        let cap = kci.shape.get(2).copied().unwrap_or(0);
         if cap == 0 || cap % 128 != 0 {
             return Err(PyValueError::new_err(format!("the planes hold {cap} slots per sequence; the kernels take a positive multiple of 128")));
         }
         let h = g.kv_heads;
         let p = StepPtrs {
-            q: dev_array(&self.gpu, q, "q", Dtype::F32, &[b, nq, hq, d], false)?.ptr,
-            kc: dev_array(&self.gpu, k_codes, "k_codes", Dtype::U8, &[b, h, cap, self.kenc.code_bytes], false)?.ptr,
-            ks: dev_array(&self.gpu, k_scales, "k_scales", Dtype::F32, &[b, h, cap], false)?.ptr,
-            vc: dev_array(&self.gpu, v_codes, "v_codes", Dtype::U8, &[b, h, cap, self.venc.code_bytes], false)?.ptr,
-            vs: dev_array(&self.gpu, v_scales, "v_scales", Dtype::F32, &[b, h, cap], false)?.ptr,
-            lens: dev_array(&self.gpu, lens, "lens", Dtype::I32, &[b], false)?.ptr,
-            out: dev_array(&self.gpu, out, "out", Dtype::F32, &[b, nq, hq, d], true)?.ptr,
+            q: qi.check(&self.gpu, Dtype::F32, &[b, nq, hq, d], false)?,
+            kc: kci.check(&self.gpu, Dtype::U8, &[b, h, cap, self.kenc.code_bytes], false)?,
+            ks: dev_array(&self.gpu, k_scales, "k_scales", Dtype::F32, &[b, h, cap], false)?,
+            vc: dev_array(&self.gpu, v_codes, "v_codes", Dtype::U8, &[b, h, cap, self.venc.code_bytes], false)?,
+            vs: dev_array(&self.gpu, v_scales, "v_scales", Dtype::F32, &[b, h, cap], false)?,
+            lens: dev_array(&self.gpu, lens, "lens", Dtype::I32, &[b], false)?,
+            out: dev_array(&self.gpu, out, "out", Dtype::F32, &[b, nq, hq, d], true)?,
         };
         let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
         let plan = match plans.entry((b, nq, cap)) {
@@ -302,7 +324,7 @@ impl PyCudaKv {
             }
         };
         // SAFETY: every address was checked to lie in device memory of this
-        // context with the bytes the plan's shape touches (`dev_array`); the
+        // context with the bytes the plan's shape touches (`Iface::check`); the
         // plan's scratch is used by launches on the caller's stream in the
         // order they are queued (the lock orders the queueing). The kernels
         // clamp each length to cap, so a wrong length reads slots of the

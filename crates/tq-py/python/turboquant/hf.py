@@ -169,11 +169,10 @@ class _GpuPlanes:
         q = (query.index_select(-1, self.order) if self.order is not None else query).transpose(1, 2).to(torch.float32).contiguous()
         kc, ks, vc, vs = self.planes
         stream = self._stream()
+        out = torch.empty_like(q)
         if n <= _MAX_Q_TOKENS:
-            out = torch.empty_like(q)
             self.kernels.attend(q, kc, ks, vc, vs, self.lens, out, stream)
             return out.to(query.dtype)
-        out = torch.empty_like(q)
         for s in range(0, n, _MAX_Q_TOKENS):
             e = min(n, s + _MAX_Q_TOKENS)
             part = torch.empty((b, e - s, hq, d), dtype=torch.float32, device=self.device)
